@@ -1,0 +1,355 @@
+//! Courier's certificates and keys: creating them, loading them and reading identities out of them.
+//!
+//! A PKI directory holds three independent trust roots:
+//! - the **cluster CA** signs node and gateway certificates (gRPC between them, and the TLS servers devices
+//!   and providers connect to);
+//! - the **device CA** signs device certificates at activation; only it is trusted for device links;
+//! - the **provider signing key** is an ES256 key pair in Apple's `.p8` form, with a team id and key id,
+//!   whose public half the gateway checks provider JWTs against.
+//!
+//! Plus the token-key file (see `token`). This module does files and X.509; it opens no sockets.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::ids::DeviceId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {detail}")]
+    Invalid { path: PathBuf, detail: String },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("the certificate signing request is not valid: {0}")]
+    BadCsr(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes a file only its owner can read, creating parent directories.
+pub fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    use std::io::Write;
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+fn write_public(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    std::fs::write(path, contents).map_err(io_err(path))
+}
+
+fn read_text(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(io_err(path))
+}
+
+/// Reads every certificate in a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| PkiError::Invalid { path: path.into(), detail: e.to_string() })?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::Invalid { path: path.into(), detail: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(PkiError::Invalid { path: path.into(), detail: "no certificate in file".into() });
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key (PKCS#8, SEC1 or PKCS#1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| PkiError::Invalid { path: path.into(), detail: e.to_string() })
+}
+
+/// The file names inside a PKI directory; one place, so nothing else spells them.
+#[derive(Debug, Clone)]
+pub struct PkiDir {
+    pub dir: PathBuf,
+}
+
+impl PkiDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        PkiDir { dir: dir.into() }
+    }
+    pub fn cluster_ca_cert(&self) -> PathBuf {
+        self.dir.join("cluster-ca.pem")
+    }
+    pub fn cluster_ca_key(&self) -> PathBuf {
+        self.dir.join("cluster-ca.key")
+    }
+    pub fn device_ca_cert(&self) -> PathBuf {
+        self.dir.join("device-ca.pem")
+    }
+    pub fn device_ca_key(&self) -> PathBuf {
+        self.dir.join("device-ca.key")
+    }
+    /// Certificate of a cluster member (`node` or `gateway`).
+    pub fn member_cert(&self, role: &str) -> PathBuf {
+        self.dir.join(format!("{role}.pem"))
+    }
+    pub fn member_key(&self, role: &str) -> PathBuf {
+        self.dir.join(format!("{role}.key"))
+    }
+    pub fn token_keys(&self) -> PathBuf {
+        self.dir.join("token-keys.json")
+    }
+    pub fn provider_credential(&self) -> PathBuf {
+        self.dir.join("provider.json")
+    }
+    pub fn provider_signing_key(&self, key_id: &str) -> PathBuf {
+        self.dir.join(format!("AuthKey_{key_id}.p8"))
+    }
+}
+
+/// A provider's signing credential as APNs issues it: team id, key id and an ES256 key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProviderCredential {
+    /// The `iss` claim of the provider's JWTs (10 characters, as Apple's team ids).
+    pub team_id: String,
+    /// The `kid` header of the provider's JWTs.
+    pub key_id: String,
+    /// SPKI PEM of the public key the gateway verifies against.
+    pub public_key_pem: String,
+    /// Topics the team may push to; empty means any.
+    #[serde(default)]
+    pub topics: Vec<String>,
+}
+
+impl ProviderCredential {
+    pub fn load(path: &Path) -> Result<Self, PkiError> {
+        let text = read_text(path)?;
+        serde_json::from_str(&text).map_err(|e| PkiError::Invalid { path: path.into(), detail: e.to_string() })
+    }
+}
+
+/// What `init` should put in the certificates beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct PkiOptions {
+    /// Extra DNS names or IP addresses for node and gateway certificates.
+    pub extra_sans: Vec<String>,
+}
+
+fn random_apple_style_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    (0..10).map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char).collect()
+}
+
+fn ca_params(common_name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Courier");
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::from_secs(3600);
+    params.not_after = now + Duration::from_secs(10 * 365 * 86400);
+    params
+}
+
+fn san(name: &str) -> Result<SanType, PkiError> {
+    Ok(match name.parse::<IpAddr>() {
+        Ok(ip) => SanType::IpAddress(ip),
+        Err(_) => SanType::DnsName(
+            name.try_into()
+                .map_err(|_| PkiError::Invalid { path: PathBuf::new(), detail: format!("bad DNS name {name:?}") })?,
+        ),
+    })
+}
+
+fn member_params(role: &str, extra_sans: &[String]) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Courier");
+    dn.push(DnType::CommonName, format!("courier-{role}"));
+    params.distinguished_name = dn;
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string(), format!("courier-{role}")];
+    names.extend(extra_sans.iter().cloned());
+    params.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_, _>>()?;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::from_secs(3600);
+    params.not_after = now + Duration::from_secs(2 * 365 * 86400);
+    Ok(params)
+}
+
+/// Loads a CA from its certificate and key files, or creates both if neither exists.
+fn load_or_create_ca(cert_path: &Path, key_path: &Path, name: &str) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    if cert_path.exists() && key_path.exists() {
+        return load_issuer(cert_path, key_path);
+    }
+    let key = KeyPair::generate()?;
+    let cert = ca_params(name).self_signed(&key)?;
+    write_secret(key_path, key.serialize_pem().as_bytes()).map_err(io_err(key_path))?;
+    write_public(cert_path, cert.pem().as_bytes())?;
+    load_issuer(cert_path, key_path)
+}
+
+fn load_issuer(cert_path: &Path, key_path: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let key = KeyPair::from_pem(&read_text(key_path)?)
+        .map_err(|e| PkiError::Invalid { path: key_path.into(), detail: e.to_string() })?;
+    Issuer::from_ca_cert_pem(&read_text(cert_path)?, key)
+        .map_err(|e| PkiError::Invalid { path: cert_path.into(), detail: e.to_string() })
+}
+
+/// Creates whatever is missing in a PKI directory and leaves what exists alone, so running it twice is
+/// harmless and a dev cluster keeps its identities across restarts.
+pub fn init(dir: &Path, options: &PkiOptions) -> Result<ProviderCredential, PkiError> {
+    let pki = PkiDir::new(dir);
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let cluster_ca = load_or_create_ca(&pki.cluster_ca_cert(), &pki.cluster_ca_key(), "Courier cluster CA")?;
+    load_or_create_ca(&pki.device_ca_cert(), &pki.device_ca_key(), "Courier device CA")?;
+    for role in ["node", "gateway"] {
+        let (cert_path, key_path) = (pki.member_cert(role), pki.member_key(role));
+        if cert_path.exists() && key_path.exists() {
+            continue;
+        }
+        let key = KeyPair::generate()?;
+        let cert = member_params(role, &options.extra_sans)?.signed_by(&key, &cluster_ca)?;
+        write_secret(&key_path, key.serialize_pem().as_bytes()).map_err(io_err(&key_path))?;
+        write_public(&cert_path, cert.pem().as_bytes())?;
+    }
+    crate::token::Keyring::load_or_create(&pki.token_keys())
+        .map_err(|e| PkiError::Invalid { path: pki.token_keys(), detail: e.to_string() })?;
+    let credential_path = pki.provider_credential();
+    if credential_path.exists() {
+        return ProviderCredential::load(&credential_path);
+    }
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let credential = ProviderCredential {
+        team_id: random_apple_style_id(),
+        key_id: random_apple_style_id(),
+        public_key_pem: key.public_key_pem(),
+        topics: Vec::new(),
+    };
+    let p8 = pki.provider_signing_key(&credential.key_id);
+    write_secret(&p8, key.serialize_pem().as_bytes()).map_err(io_err(&p8))?;
+    let json = serde_json::to_string_pretty(&credential).map_err(|e| PkiError::Invalid {
+        path: credential_path.clone(),
+        detail: e.to_string(),
+    })?;
+    write_public(&credential_path, json.as_bytes())?;
+    Ok(credential)
+}
+
+/// Signs device certificates. Each carries the device id as its subject common name.
+pub struct DeviceCa {
+    issuer: Issuer<'static, KeyPair>,
+    /// How long an issued device certificate is valid.
+    validity: Duration,
+}
+
+impl DeviceCa {
+    pub fn load(pki: &PkiDir) -> Result<Self, PkiError> {
+        Ok(DeviceCa {
+            issuer: load_issuer(&pki.device_ca_cert(), &pki.device_ca_key())?,
+            validity: Duration::from_secs(5 * 365 * 86400),
+        })
+    }
+
+    /// Issues a certificate for `device` over the public key in `csr_der`. Only the key is taken from the
+    /// request; names, extensions and lifetime are the CA's choice.
+    pub fn issue(&self, csr_der: &[u8], device: DeviceId) -> Result<CertificateDer<'static>, PkiError> {
+        let mut request = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Courier device");
+        dn.push(DnType::CommonName, device.to_string());
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&device.to_bytes()));
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::from_secs(300);
+        params.not_after = now + self.validity;
+        request.params = params;
+        Ok(request.signed_by(&self.issuer)?.der().clone())
+    }
+}
+
+/// Reads the device id out of a device certificate the TLS layer has already verified.
+pub fn device_id_from_cert(cert: &CertificateDer<'_>) -> Option<DeviceId> {
+    use x509_parser::prelude::FromDer;
+    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?;
+    cn.parse().ok()
+}
+
+/// A fresh P-256 key and a CSR for it, as a device makes before activation.
+pub fn new_device_key_and_csr() -> Result<(KeyPair, Vec<u8>), PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params.serialize_request(&key)?;
+    Ok((key, csr.der().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_is_idempotent_and_issues_device_certificates_carrying_the_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = init(dir.path(), &PkiOptions::default()).unwrap();
+        let node_cert = std::fs::read(dir.path().join("node.pem")).unwrap();
+        let second = init(dir.path(), &PkiOptions::default()).unwrap();
+        assert_eq!(first, second);
+        assert_eq!(node_cert, std::fs::read(dir.path().join("node.pem")).unwrap());
+        assert!(PkiDir::new(dir.path()).provider_signing_key(&first.key_id).exists());
+
+        let ca = DeviceCa::load(&PkiDir::new(dir.path())).unwrap();
+        let (_key, csr) = new_device_key_and_csr().unwrap();
+        let device = DeviceId(0xfeed);
+        let cert = ca.issue(&csr, device).unwrap();
+        assert_eq!(device_id_from_cert(&cert), Some(device));
+    }
+
+    #[test]
+    fn member_certificates_name_localhost_and_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &PkiOptions { extra_sans: vec!["node-0.courier".into()] }).unwrap();
+        let certs = load_certs(&dir.path().join("node.pem")).unwrap();
+        use x509_parser::prelude::FromDer;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(certs[0].as_ref()).unwrap();
+        let sans = format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value.general_names);
+        assert!(sans.contains("localhost"), "{sans}");
+        assert!(sans.contains("127.0.0.1") || sans.contains("[127, 0, 0, 1]"), "{sans}");
+        assert!(sans.contains("node-0.courier"), "{sans}");
+    }
+
+    #[test]
+    fn garbage_csr_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &PkiOptions::default()).unwrap();
+        let ca = DeviceCa::load(&PkiDir::new(dir.path())).unwrap();
+        assert!(matches!(ca.issue(b"not a csr", DeviceId(1)), Err(PkiError::BadCsr(_))));
+    }
+}
