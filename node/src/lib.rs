@@ -1,8 +1,21 @@
 //! A Courier node: terminates device links, mints device tokens, stores notifications for offline
 //! devices and serves the cluster gRPC API that gateways forward pushes through.
+//!
+//! Follow a notification: `api` (gRPC `Deliver`) → `delivery` → `store` (durable queue) and
+//! `edge::registry` → `edge::session` (the device's link) → ack → `store` deletes it.
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod delivery;
+pub mod edge;
 pub mod ids;
+pub mod node;
 pub mod pki;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+
+pub use config::NodeConfig;
+pub use node::{NodeError, RunningNode, start};

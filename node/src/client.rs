@@ -1,0 +1,342 @@
+//! The device side of a link: activation, connecting, registering topics, receiving and acking.
+//!
+//! Used by `courier device`, the tests and the load generator, so it is the reference client of the
+//! frame protocol. It answers pings, keeps the link alive, and drops notifications whose apns-id it has
+//! recently surfaced: delivery on the wire is at-least-once, to the app it is once.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_proto::device::{self as wire, DeviceFrame, GoodbyeReason, ServerFrame, device_frame, server_frame};
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_util::codec::Framed;
+
+use crate::edge::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError};
+use crate::ids::DeviceId;
+use crate::pki::{self, PkiError};
+use crate::tls::{self, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("link: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the node said goodbye: {reason:?} ({detail})")]
+    Goodbye { reason: GoodbyeReason, detail: String },
+    #[error("the node closed the link")]
+    Closed,
+    #[error("unexpected frame: {0}")]
+    Unexpected(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("device credentials in {path}: {detail}")]
+    Credentials { path: PathBuf, detail: String },
+}
+
+/// Where and how to reach a node's device port.
+#[derive(Debug, Clone)]
+pub struct DeviceEndpoint {
+    pub addr: SocketAddr,
+    /// Name checked against the node's certificate.
+    pub server_name: String,
+    /// The cluster CA, which signs node certificates.
+    pub ca_path: PathBuf,
+}
+
+/// A device's identity: the certificate the device CA issued and its private key.
+#[derive(Clone)]
+pub struct DeviceCredentials {
+    pub device_id: DeviceId,
+    pub cert_der: Vec<u8>,
+    /// PKCS#8 DER.
+    pub key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for DeviceCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceCredentials").field("device_id", &self.device_id).finish_non_exhaustive()
+    }
+}
+
+impl DeviceCredentials {
+    /// Writes `device.pem` and `device.key` into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<(), ClientError> {
+        let err = |e: std::io::Error| ClientError::Credentials { path: dir.into(), detail: e.to_string() };
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let cert = pem::encode(&pem::Pem::new("CERTIFICATE", self.cert_der.clone()));
+        std::fs::write(dir.join("device.pem"), cert).map_err(err)?;
+        let key = pem::encode(&pem::Pem::new("PRIVATE KEY", self.key_der.clone()));
+        pki::write_secret(&dir.join("device.key"), key.as_bytes()).map_err(err)
+    }
+
+    /// Reads credentials saved by `save`; `None` if `dir` has none.
+    pub fn load(dir: &Path) -> Result<Option<Self>, ClientError> {
+        let (cert_path, key_path) = (dir.join("device.pem"), dir.join("device.key"));
+        if !cert_path.exists() || !key_path.exists() {
+            return Ok(None);
+        }
+        let cert = pki::load_certs(&cert_path)?.remove(0);
+        let key = match pki::load_key(&key_path)? {
+            PrivateKeyDer::Pkcs8(key) => key.secret_pkcs8_der().to_vec(),
+            _ => return Err(ClientError::Credentials { path: key_path, detail: "expected a PKCS#8 key".into() }),
+        };
+        let device_id = pki::device_id_from_cert(&cert)
+            .ok_or_else(|| ClientError::Credentials { path: cert_path, detail: "certificate names no device id".into() })?;
+        Ok(Some(DeviceCredentials { device_id, cert_der: cert.to_vec(), key_der: key }))
+    }
+}
+
+type ClientLink = Framed<TlsStream<TcpStream>, FrameCodec<ServerFrame>>;
+
+async fn open(
+    endpoint: &DeviceEndpoint,
+    identity: Option<&DeviceCredentials>,
+) -> Result<ClientLink, ClientError> {
+    let identity = identity.map(|c| {
+        (
+            vec![CertificateDer::from(c.cert_der.clone())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key_der.clone())),
+        )
+    });
+    let config = tls::client_config(&endpoint.ca_path, identity, &[])?;
+    let server_name = ServerName::try_from(endpoint.server_name.clone())
+        .map_err(|e| ClientError::Unexpected(format!("server name {:?}: {e}", endpoint.server_name)))?;
+    let tcp = TcpStream::connect(endpoint.addr)
+        .await
+        .map_err(|source| ClientError::Connect { addr: endpoint.addr, source })?;
+    let _ = tcp.set_nodelay(true);
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|source| ClientError::Connect { addr: endpoint.addr, source })?;
+    Ok(Framed::new(tls, FrameCodec::new(DEFAULT_MAX_FRAME)))
+}
+
+fn device_frame(kind: device_frame::Kind) -> DeviceFrame {
+    DeviceFrame { kind: Some(kind) }
+}
+
+async fn next_frame(link: &mut ClientLink, wait: Duration) -> Result<server_frame::Kind, ClientError> {
+    match tokio::time::timeout(wait, link.next()).await {
+        Err(_) => Err(ClientError::Timeout(wait)),
+        Ok(None) => Err(ClientError::Closed),
+        Ok(Some(frame)) => match frame?.kind {
+            Some(server_frame::Kind::Goodbye(bye)) => Err(ClientError::Goodbye {
+                reason: GoodbyeReason::try_from(bye.reason).unwrap_or(GoodbyeReason::Unspecified),
+                detail: bye.detail,
+            }),
+            Some(kind) => Ok(kind),
+            None => Err(ClientError::Unexpected("empty frame".into())),
+        },
+    }
+}
+
+/// Asks the node for a device certificate: a fresh key, a CSR, and the enrolment secret.
+pub async fn activate(endpoint: &DeviceEndpoint, enrolment_secret: &str) -> Result<DeviceCredentials, ClientError> {
+    let (key, csr_der) = pki::new_device_key_and_csr()?;
+    let mut link = open(endpoint, None).await?;
+    let request = wire::Activate { csr_der, enrolment_secret: enrolment_secret.to_string() };
+    link.send(device_frame(device_frame::Kind::Activate(request))).await?;
+    match next_frame(&mut link, Duration::from_secs(10)).await? {
+        server_frame::Kind::Activated(activated) => {
+            let device_id = activated
+                .device_id
+                .parse()
+                .map_err(|_| ClientError::Unexpected(format!("device id {:?}", activated.device_id)))?;
+            Ok(DeviceCredentials { device_id, cert_der: activated.certificate_der, key_der: key.serialize_der() })
+        }
+        other => Err(ClientError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// Something the node sent that the app may care about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkEvent {
+    Notification(wire::Notification),
+    TokenUpdated { topic: String, token: String },
+    Redirect(String),
+}
+
+/// Remembers the last `capacity` apns-ids surfaced, to drop redeliveries.
+struct RecentIds {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    fn new(capacity: usize) -> Self {
+        RecentIds { order: VecDeque::new(), set: HashSet::new(), capacity }
+    }
+
+    /// `true` if `id` is new (and now remembered).
+    fn insert(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        if self.order.len() == self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.set.remove(&oldest);
+        }
+        self.order.push_back(id.to_string());
+        self.set.insert(id.to_string());
+        true
+    }
+}
+
+/// A live, authenticated link.
+pub struct DeviceLink {
+    link: ClientLink,
+    pub device_id: DeviceId,
+    pub keepalive: Duration,
+    /// Frames that arrived while waiting for a specific answer.
+    buffered: VecDeque<server_frame::Kind>,
+    recent: RecentIds,
+    last_sent: Instant,
+}
+
+impl DeviceLink {
+    /// Opens a mutual-TLS link and says hello, asking for `keepalive_secs` (0 = the node's default).
+    pub async fn connect(
+        endpoint: &DeviceEndpoint,
+        credentials: &DeviceCredentials,
+        keepalive_secs: u32,
+    ) -> Result<Self, ClientError> {
+        let mut link = open(endpoint, Some(credentials)).await?;
+        let hello = wire::Hello { keepalive_secs, client: concat!("courier/", env!("CARGO_PKG_VERSION")).into() };
+        link.send(device_frame(device_frame::Kind::Hello(hello))).await?;
+        match next_frame(&mut link, Duration::from_secs(10)).await? {
+            server_frame::Kind::Welcome(welcome) => Ok(DeviceLink {
+                link,
+                device_id: credentials.device_id,
+                keepalive: Duration::from_secs(u64::from(welcome.keepalive_secs.max(1))),
+                buffered: VecDeque::new(),
+                recent: RecentIds::new(4096),
+                last_sent: Instant::now(),
+            }),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn send(&mut self, kind: device_frame::Kind) -> Result<(), ClientError> {
+        self.link.send(device_frame(kind)).await?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    /// Reads frames until `want` picks one out, buffering the rest for `next_event`.
+    async fn wait_for<T>(
+        &mut self,
+        mut want: impl FnMut(&server_frame::Kind) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let kind = next_frame(&mut self.link, deadline.saturating_duration_since(Instant::now())).await?;
+            if let Some(found) = want(&kind) {
+                return Ok(found);
+            }
+            self.buffered.push_back(kind);
+        }
+    }
+
+    /// Registers a topic and returns the device token for it.
+    pub async fn register(&mut self, topic: &str) -> Result<String, ClientError> {
+        self.send(device_frame::Kind::RegisterTopic(wire::RegisterTopic { topic: topic.into() })).await?;
+        self.wait_for(|kind| match kind {
+            server_frame::Kind::TokenIssued(issued) if issued.topic == topic => Some(issued.token.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn unregister(&mut self, topic: &str) -> Result<(), ClientError> {
+        self.send(device_frame::Kind::UnregisterTopic(wire::UnregisterTopic { topic: topic.into() })).await?;
+        self.wait_for(|kind| matches!(kind, server_frame::Kind::TopicUnregistered(t) if t.topic == topic).then_some(()))
+            .await
+    }
+
+    pub async fn ack(&mut self, apns_id: &str) -> Result<(), ClientError> {
+        self.send(device_frame::Kind::Ack(wire::Ack { apns_id: apns_id.into() })).await
+    }
+
+    /// The next event, answering pings and keeping the link alive meanwhile. Every notification is
+    /// returned, duplicates included; `next_notification` is the app-level view.
+    pub async fn next_event(&mut self) -> Result<LinkEvent, ClientError> {
+        loop {
+            let kind = match self.buffered.pop_front() {
+                Some(kind) => kind,
+                None => {
+                    let ping_at = self.last_sent + self.keepalive;
+                    tokio::select! {
+                        frame = next_frame(&mut self.link, Duration::from_secs(365 * 86400)) => frame?,
+                        _ = tokio::time::sleep_until(ping_at) => {
+                            self.send(device_frame::Kind::Ping(wire::Ping { nonce: rand::random() })).await?;
+                            continue;
+                        }
+                    }
+                }
+            };
+            match kind {
+                server_frame::Kind::Notification(n) => return Ok(LinkEvent::Notification(n)),
+                server_frame::Kind::TokenUpdated(t) => {
+                    return Ok(LinkEvent::TokenUpdated { topic: t.topic, token: t.token });
+                }
+                server_frame::Kind::Redirect(r) => return Ok(LinkEvent::Redirect(r.device_addr)),
+                server_frame::Kind::Ping(ping) => {
+                    self.send(device_frame::Kind::Pong(wire::Pong { nonce: ping.nonce })).await?;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The next notification the app has not seen, acked on receipt; redeliveries are acked and dropped.
+    pub async fn next_notification(&mut self) -> Result<wire::Notification, ClientError> {
+        loop {
+            if let LinkEvent::Notification(n) = self.next_event().await? {
+                self.ack(&n.apns_id).await?;
+                if self.recent.insert(&n.apns_id) {
+                    return Ok(n);
+                }
+            }
+        }
+    }
+
+    /// Says goodbye and closes.
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        let bye = wire::Goodbye { reason: GoodbyeReason::ClientClosing as i32, detail: String::new() };
+        self.send(device_frame::Kind::Goodbye(bye)).await?;
+        SinkExt::<DeviceFrame>::close(&mut self.link).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_ids_forget_the_oldest() {
+        let mut recent = RecentIds::new(2);
+        assert!(recent.insert("a"));
+        assert!(!recent.insert("a"));
+        assert!(recent.insert("b"));
+        assert!(recent.insert("c"));
+        assert!(recent.insert("a"), "a was evicted by c");
+        assert!(!recent.insert("c"));
+    }
+}

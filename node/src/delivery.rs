@@ -1,0 +1,68 @@
+//! What happens to a notification once it reaches the node that owns its device.
+//!
+//! A notification with a future expiration is committed to the store first and then handed to the
+//! device's link if it has one: the gateway hears `STORED` only once it is durable, and the device acks it
+//! off the queue. A notification with expiration 0 (or already past) is never stored: it goes to a live
+//! link (`SENT`) or is dropped (`DISCARDED`), as APNs does.
+
+use std::sync::Arc;
+
+use courier_proto::cluster::{DeliverOutcome, DeliverResult, Notification};
+
+use crate::edge::registry::{Handoff, Registry};
+use crate::ids::{DeviceId, unix_millis};
+use crate::store::{Inserted, Store};
+
+#[derive(Clone)]
+pub struct Delivery {
+    pub store: Store,
+    pub registry: Arc<Registry>,
+}
+
+fn result(apns_id: &str, outcome: DeliverOutcome, reason: &str) -> DeliverResult {
+    DeliverResult { apns_id: apns_id.to_string(), outcome: outcome as i32, reason: reason.to_string() }
+}
+
+impl Delivery {
+    pub async fn deliver(&self, notification: Notification) -> DeliverResult {
+        let apns_id = notification.apns_id.clone();
+        let Some(device) = DeviceId::from_slice(&notification.device_id) else {
+            metrics::counter!("courier_node_notifications_rejected_total", "reason" => "BadDeviceToken").increment(1);
+            return result(&apns_id, DeliverOutcome::Rejected, "BadDeviceToken");
+        };
+        let storable = notification.expiration > unix_millis() / 1000;
+        let notification = Arc::new(notification);
+        if storable {
+            match self.store.insert((*notification).clone()).await {
+                Ok(Inserted::Duplicate) => {
+                    metrics::counter!("courier_node_notifications_duplicate_total").increment(1);
+                    return result(&apns_id, DeliverOutcome::Stored, "");
+                }
+                Ok(inserted) => {
+                    if inserted == Inserted::Collapsed {
+                        metrics::counter!("courier_node_notifications_collapsed_total").increment(1);
+                    }
+                    metrics::counter!("courier_node_notifications_stored_total").increment(1);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "storing a notification failed");
+                    metrics::counter!("courier_node_notifications_rejected_total", "reason" => "InternalServerError")
+                        .increment(1);
+                    return result(&apns_id, DeliverOutcome::Rejected, "InternalServerError");
+                }
+            }
+            self.registry.hand_off(device, notification);
+            return result(&apns_id, DeliverOutcome::Stored, "");
+        }
+        match self.registry.hand_off(device, notification) {
+            Handoff::Sent => {
+                metrics::counter!("courier_node_notifications_sent_total").increment(1);
+                result(&apns_id, DeliverOutcome::Sent, "")
+            }
+            Handoff::NotConnected | Handoff::SlowConsumer => {
+                metrics::counter!("courier_node_notifications_discarded_total").increment(1);
+                result(&apns_id, DeliverOutcome::Discarded, "")
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The device-link frame codec: a 4-byte big-endian length, then one protobuf message.
+//!
+//! This is the only code on the device link that sees raw bytes. The length is checked against a hard
+//! limit before any buffering, so a hostile peer cannot make the node allocate more than one frame.
+
+use std::io;
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut, BytesMut};
+use courier_proto::device::GoodbyeReason;
+use tokio_util::codec::{Decoder, Encoder};
+
+const LENGTH_PREFIX: usize = 4;
+/// The default hard limit on one frame's body, in bytes. A 5 KiB VoIP payload plus headers fits easily.
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame does not decode: {0}")]
+    Malformed(#[from] prost::DecodeError),
+    #[error("link I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl FrameError {
+    /// The reason to give the peer before closing, if the link can still carry one.
+    pub fn goodbye_reason(&self) -> Option<GoodbyeReason> {
+        match self {
+            FrameError::TooLarge { .. } => Some(GoodbyeReason::FrameTooLarge),
+            FrameError::Malformed(_) => Some(GoodbyeReason::MalformedFrame),
+            FrameError::Io(_) => None,
+        }
+    }
+}
+
+/// Decodes `In` messages and encodes any message, each as one length-prefixed frame.
+#[derive(Debug)]
+pub struct FrameCodec<In> {
+    max_frame: usize,
+    _decodes: PhantomData<fn() -> In>,
+}
+
+impl<In> FrameCodec<In> {
+    pub fn new(max_frame: usize) -> Self {
+        FrameCodec { max_frame, _decodes: PhantomData }
+    }
+}
+
+impl<In: prost::Message + Default> Decoder for FrameCodec<In> {
+    type Item = In;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
+        let Some(prefix) = src.get(..LENGTH_PREFIX) else { return Ok(None) };
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge { len, max: self.max_frame });
+        }
+        if src.len() < LENGTH_PREFIX + len {
+            src.reserve(LENGTH_PREFIX + len - src.len());
+            return Ok(None);
+        }
+        src.advance(LENGTH_PREFIX);
+        let body = src.split_to(len).freeze();
+        Ok(Some(In::decode(body)?))
+    }
+}
+
+impl<In, Out: prost::Message> Encoder<Out> for FrameCodec<In> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let len = item.encoded_len();
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge { len, max: self.max_frame });
+        }
+        dst.reserve(LENGTH_PREFIX + len);
+        dst.put_u32(len as u32);
+        item.encode(dst).map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_proto::device::{DeviceFrame, Ping, device_frame};
+
+    fn ping(nonce: u64) -> DeviceFrame {
+        DeviceFrame { kind: Some(device_frame::Kind::Ping(Ping { nonce })) }
+    }
+
+    #[test]
+    fn round_trips_and_waits_for_whole_frames() {
+        let mut codec = FrameCodec::<DeviceFrame>::new(64);
+        let mut buf = BytesMut::new();
+        codec.encode(ping(7), &mut buf).unwrap();
+        codec.encode(ping(8), &mut buf).unwrap();
+        let whole = buf.clone();
+        let mut partial = BytesMut::from(&whole[..3]);
+        assert!(codec.decode(&mut partial).unwrap().is_none());
+        let mut partial = BytesMut::from(&whole[..6]);
+        assert!(codec.decode(&mut partial).unwrap().is_none());
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(ping(7)));
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(ping(8)));
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_buffering() {
+        let mut codec = FrameCodec::<DeviceFrame>::new(1024);
+        let mut buf = BytesMut::from(&(1u32 << 20).to_be_bytes()[..]);
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { len: 1_048_576, max: 1024 }));
+        assert_eq!(err.goodbye_reason(), Some(GoodbyeReason::FrameTooLarge));
+        assert!(buf.capacity() < 4096, "must not reserve room for the hostile frame");
+        let mut max = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
+        assert!(codec.decode(&mut max).is_err());
+    }
+
+    #[test]
+    fn garbage_bodies_are_malformed_not_panics() {
+        let mut codec = FrameCodec::<DeviceFrame>::new(1024);
+        for garbage in [&[0xffu8, 0xff, 0xff][..], &[0x0a, 0x05, 0x01], &[0x12, 0xff, 0xff, 0xff, 0xff, 0x0f], &[0x07]] {
+            let mut buf = BytesMut::new();
+            buf.put_u32(garbage.len() as u32);
+            buf.extend_from_slice(garbage);
+            let err = codec.decode(&mut buf).unwrap_err();
+            assert_eq!(err.goodbye_reason(), Some(GoodbyeReason::MalformedFrame), "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn encoding_refuses_frames_over_the_limit() {
+        let mut codec = FrameCodec::<DeviceFrame>::new(8);
+        let big = courier_proto::device::ServerFrame {
+            kind: Some(courier_proto::device::server_frame::Kind::Goodbye(courier_proto::device::Goodbye {
+                reason: 0,
+                detail: "x".repeat(100),
+            })),
+        };
+        assert!(matches!(codec.encode(big, &mut BytesMut::new()), Err(FrameError::TooLarge { .. })));
+    }
+}

@@ -1,0 +1,420 @@
+//! The node's durable store: per-device queues of notifications waiting for an ack, and the register of
+//! device ids ever issued.
+//!
+//! It is one redb database in the node's data directory. All writes go through a single writer thread
+//! that group-commits: it takes every operation waiting in its channel, applies them in one write
+//! transaction and commits once (fsync), then answers each caller. Callers see a notification as stored
+//! only after that commit. Reads use redb's MVCC read transactions and never wait for the writer.
+//!
+//! This module knows nothing about sockets or devices' links; it deals in `cluster::Notification`s.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use courier_proto::cluster::Notification;
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ids::{DeviceId, unix_millis};
+
+/// (device id, sequence number) → encoded `cluster::Notification`. Sequence numbers only grow, so a
+/// device's range reads back in arrival order.
+const QUEUE: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("queue");
+/// (device id, apns-id) → sequence number: finds the entry an ack refers to, and makes a provider's
+/// retry of the same apns-id idempotent.
+const BY_APNS_ID: TableDefinition<(u128, &str), u64> = TableDefinition::new("queue_by_apns_id");
+/// (device id, topic, collapse id) → sequence number of the newest notification with that collapse id.
+const BY_COLLAPSE: TableDefinition<(u128, &str, &str), u64> = TableDefinition::new("queue_by_collapse_id");
+/// Counters that must survive restarts.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Every device id ever issued → activation time (UNIX ms); guarantees ids are never handed out twice.
+const DEVICES: TableDefinition<u128, u64> = TableDefinition::new("devices");
+
+const NEXT_SEQ: &str = "next_seq";
+/// Upper bound on operations folded into one commit, to bound the latency of the first one.
+const MAX_GROUP: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening the store at {path}: {source}")]
+    Open { path: String, source: redb::DatabaseError },
+    #[error("store: {0}")]
+    Db(String),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+/// What inserting a notification did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// Stored as a new queue entry.
+    New,
+    /// Stored, replacing an earlier notification with the same collapse id.
+    Collapsed,
+    /// An entry with this apns-id is already queued for the device; nothing changed.
+    Duplicate,
+}
+
+enum WriteOp {
+    Insert(Box<Notification>, oneshot::Sender<Result<Inserted, StoreError>>),
+    Remove(DeviceId, String, Option<oneshot::Sender<Result<bool, StoreError>>>),
+    ClaimDeviceId(DeviceId, oneshot::Sender<Result<bool, StoreError>>),
+    /// Commit what came before, then end the writer thread.
+    Stop,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    writer: mpsc::Sender<WriteOp>,
+    thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(db_err)?;
+        }
+        let db = Database::create(path)
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        let txn = db.begin_write().map_err(db_err)?;
+        {
+            txn.open_table(QUEUE).map_err(db_err)?;
+            txn.open_table(BY_APNS_ID).map_err(db_err)?;
+            txn.open_table(BY_COLLAPSE).map_err(db_err)?;
+            txn.open_table(META).map_err(db_err)?;
+            txn.open_table(DEVICES).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        let db = Arc::new(db);
+        let (writer, ops) = mpsc::channel(MAX_GROUP * 4);
+        let writer_db = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_loop(writer_db, ops))
+            .map_err(db_err)?;
+        Ok(Store { db, writer, thread: Arc::new(std::sync::Mutex::new(Some(thread))) })
+    }
+
+    async fn submit<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Durably queues `notification` for its device; returns once committed.
+    pub async fn insert(&self, notification: Notification) -> Result<Inserted, StoreError> {
+        self.submit(|reply| WriteOp::Insert(Box::new(notification), reply)).await
+    }
+
+    /// Deletes the queued notification `apns_id` of `device`; `false` if there was none.
+    pub async fn remove(&self, device: DeviceId, apns_id: &str) -> Result<bool, StoreError> {
+        let apns_id = apns_id.to_string();
+        self.submit(|reply| WriteOp::Remove(device, apns_id, Some(reply))).await
+    }
+
+    /// Queues the removal without waiting for it (device acks: losing one only means a redelivery).
+    pub fn remove_later(&self, device: DeviceId, apns_id: &str) {
+        let _ = self.writer.try_send(WriteOp::Remove(device, apns_id.to_string(), None));
+    }
+
+    /// Records `device` as issued; `false` if that id was issued before.
+    pub async fn claim_device_id(&self, device: DeviceId) -> Result<bool, StoreError> {
+        self.submit(|reply| WriteOp::ClaimDeviceId(device, reply)).await
+    }
+
+    /// The device's queued, unexpired notifications in arrival order. Expired ones are deleted.
+    pub async fn pending(&self, device: DeviceId) -> Result<Vec<Notification>, StoreError> {
+        let db = self.db.clone();
+        let entries = tokio::task::spawn_blocking(move || -> Result<Vec<Notification>, StoreError> {
+            let txn = db.begin_read().map_err(db_err)?;
+            let queue = txn.open_table(QUEUE).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in queue.range((device.0, 0)..=(device.0, u64::MAX)).map_err(db_err)? {
+                let (_, value) = entry.map_err(db_err)?;
+                out.push(Notification::decode(value.value()).map_err(db_err)?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(db_err)??;
+        let now_secs = unix_millis() / 1000;
+        let (live, expired): (Vec<_>, Vec<_>) = entries.into_iter().partition(|n| n.expiration > now_secs);
+        for n in expired {
+            metrics::counter!("courier_node_notifications_expired_total").increment(1);
+            self.remove_later(device, &n.apns_id);
+        }
+        Ok(live)
+    }
+
+    /// Number of queued notifications across all devices.
+    pub async fn queued(&self) -> Result<u64, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(db_err)?;
+            let queue = txn.open_table(QUEUE).map_err(db_err)?;
+            queue.len().map_err(db_err)
+        })
+        .await
+        .map_err(db_err)?
+    }
+
+    /// Stops the writer after it has committed everything already submitted.
+    pub fn close(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            // Clones of this handle may still hold senders, so the writer is told to stop rather than
+            // waiting for every sender to drop. Operations queued before the stop are still committed.
+            if self.writer.try_send(WriteOp::Stop).is_err() {
+                let writer = self.writer.clone();
+                let _ = std::thread::spawn(move || writer.blocking_send(WriteOp::Stop)).join();
+            }
+            let _ = thread.join();
+        }
+    }
+}
+
+fn write_loop(db: Arc<Database>, mut ops: mpsc::Receiver<WriteOp>) {
+    let mut batch = Vec::with_capacity(MAX_GROUP);
+    loop {
+        let Some(first) = ops.blocking_recv() else { return };
+        batch.push(first);
+        while batch.len() < MAX_GROUP {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let stop = batch.iter().any(|op| matches!(op, WriteOp::Stop));
+        apply_batch(&db, &mut batch);
+        if stop {
+            return;
+        }
+    }
+}
+
+enum Outcome {
+    Inserted(Result<Inserted, StoreError>),
+    Removed(Result<bool, StoreError>),
+}
+
+fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>) {
+    let started = std::time::Instant::now();
+    let result = (|| -> Result<Vec<Outcome>, StoreError> {
+        let txn = db.begin_write().map_err(db_err)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        {
+            let mut queue = txn.open_table(QUEUE).map_err(db_err)?;
+            let mut by_id = txn.open_table(BY_APNS_ID).map_err(db_err)?;
+            let mut by_collapse = txn.open_table(BY_COLLAPSE).map_err(db_err)?;
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            let mut devices = txn.open_table(DEVICES).map_err(db_err)?;
+            let mut next_seq = meta.get(NEXT_SEQ).map_err(db_err)?.map(|v| v.value()).unwrap_or(1);
+            for op in batch.iter() {
+                let outcome = match op {
+                    WriteOp::Insert(n, _) => Outcome::Inserted(insert_one(
+                        n,
+                        &mut next_seq,
+                        &mut queue,
+                        &mut by_id,
+                        &mut by_collapse,
+                    )),
+                    WriteOp::Remove(device, apns_id, _) => {
+                        Outcome::Removed(remove_one(*device, apns_id, &mut queue, &mut by_id, &mut by_collapse))
+                    }
+                    WriteOp::ClaimDeviceId(device, _) => {
+                        let fresh = devices.get(device.0).map_err(db_err)?.is_none();
+                        if fresh {
+                            devices.insert(device.0, unix_millis()).map_err(db_err)?;
+                        }
+                        Outcome::Removed(Ok(fresh))
+                    }
+                    WriteOp::Stop => Outcome::Removed(Ok(true)),
+                };
+                outcomes.push(outcome);
+            }
+            meta.insert(NEXT_SEQ, next_seq).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(outcomes)
+    })();
+    metrics::histogram!("courier_node_store_commit_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("courier_node_store_commit_batch_size").record(batch.len() as f64);
+    match result {
+        Ok(outcomes) => {
+            for (op, outcome) in batch.drain(..).zip(outcomes) {
+                match (op, outcome) {
+                    (WriteOp::Insert(_, reply), Outcome::Inserted(r)) => {
+                        let _ = reply.send(r);
+                    }
+                    (WriteOp::Remove(_, _, Some(reply)), Outcome::Removed(r))
+                    | (WriteOp::ClaimDeviceId(_, reply), Outcome::Removed(r)) => {
+                        let _ = reply.send(r);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "store commit failed");
+            for op in batch.drain(..) {
+                let err = StoreError::Db(e.to_string());
+                match op {
+                    WriteOp::Insert(_, reply) => {
+                        let _ = reply.send(Err(err));
+                    }
+                    WriteOp::Remove(_, _, Some(reply)) | WriteOp::ClaimDeviceId(_, reply) => {
+                        let _ = reply.send(Err(err));
+                    }
+                    WriteOp::Remove(_, _, None) | WriteOp::Stop => {}
+                }
+            }
+        }
+    }
+}
+
+type Table<'t, K, V> = redb::Table<'t, K, V>;
+
+fn insert_one(
+    n: &Notification,
+    next_seq: &mut u64,
+    queue: &mut Table<(u128, u64), &[u8]>,
+    by_id: &mut Table<(u128, &str), u64>,
+    by_collapse: &mut Table<(u128, &str, &str), u64>,
+) -> Result<Inserted, StoreError> {
+    let device = DeviceId::from_slice(&n.device_id).ok_or_else(|| StoreError::Db("device id is not 16 bytes".into()))?;
+    if by_id.get((device.0, n.apns_id.as_str())).map_err(db_err)?.is_some() {
+        return Ok(Inserted::Duplicate);
+    }
+    let mut inserted = Inserted::New;
+    if !n.collapse_id.is_empty() {
+        let previous = by_collapse
+            .get((device.0, n.topic.as_str(), n.collapse_id.as_str()))
+            .map_err(db_err)?
+            .map(|v| v.value());
+        if let Some(old_seq) = previous {
+            let old = queue.remove((device.0, old_seq)).map_err(db_err)?.map(|v| Notification::decode(v.value()));
+            if let Some(Ok(old)) = old {
+                by_id.remove((device.0, old.apns_id.as_str())).map_err(db_err)?;
+                inserted = Inserted::Collapsed;
+            }
+        }
+    }
+    let seq = *next_seq;
+    *next_seq += 1;
+    queue.insert((device.0, seq), n.encode_to_vec().as_slice()).map_err(db_err)?;
+    by_id.insert((device.0, n.apns_id.as_str()), seq).map_err(db_err)?;
+    if !n.collapse_id.is_empty() {
+        by_collapse.insert((device.0, n.topic.as_str(), n.collapse_id.as_str()), seq).map_err(db_err)?;
+    }
+    Ok(inserted)
+}
+
+fn remove_one(
+    device: DeviceId,
+    apns_id: &str,
+    queue: &mut Table<(u128, u64), &[u8]>,
+    by_id: &mut Table<(u128, &str), u64>,
+    by_collapse: &mut Table<(u128, &str, &str), u64>,
+) -> Result<bool, StoreError> {
+    let Some(seq) = by_id.remove((device.0, apns_id)).map_err(db_err)?.map(|v| v.value()) else {
+        return Ok(false);
+    };
+    let removed = queue.remove((device.0, seq)).map_err(db_err)?.map(|v| Notification::decode(v.value()));
+    if let Some(Ok(old)) = removed
+        && !old.collapse_id.is_empty()
+    {
+        let key = (device.0, old.topic.as_str(), old.collapse_id.as_str());
+        let current = by_collapse.get(key).map_err(db_err)?.map(|v| v.value());
+        if current == Some(seq) {
+            by_collapse.remove(key).map_err(db_err)?;
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notification(device: DeviceId, apns_id: &str, collapse: &str, expiration: u64) -> Notification {
+        Notification {
+            device_id: device.to_bytes().to_vec(),
+            topic: "com.example.app".into(),
+            apns_id: apns_id.into(),
+            payload: br#"{"aps":{}}"#.to_vec(),
+            priority: 10,
+            expiration,
+            collapse_id: collapse.into(),
+            push_type: "alert".into(),
+            accepted_at_ms: unix_millis(),
+        }
+    }
+
+    fn later() -> u64 {
+        unix_millis() / 1000 + 3600
+    }
+
+    #[tokio::test]
+    async fn queue_survives_reopen_collapses_and_deletes_on_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let device = DeviceId(7);
+        {
+            let store = Store::open(&path).unwrap();
+            assert_eq!(store.insert(notification(device, "a", "", later())).await.unwrap(), Inserted::New);
+            assert_eq!(store.insert(notification(device, "a", "", later())).await.unwrap(), Inserted::Duplicate);
+            assert_eq!(store.insert(notification(device, "b", "score", later())).await.unwrap(), Inserted::New);
+            assert_eq!(store.insert(notification(device, "c", "score", later())).await.unwrap(), Inserted::Collapsed);
+            assert_eq!(store.insert(notification(device, "d", "", 1)).await.unwrap(), Inserted::New);
+            store.close();
+        }
+        let store = Store::open(&path).unwrap();
+        let ids: Vec<_> = store.pending(device).await.unwrap().into_iter().map(|n| n.apns_id).collect();
+        assert_eq!(ids, ["a", "c"], "collapsed b and expired d must not come back");
+        assert!(store.remove(device, "a").await.unwrap());
+        assert!(!store.remove(device, "a").await.unwrap());
+        assert!(store.remove(device, "c").await.unwrap());
+        assert!(store.pending(device).await.unwrap().is_empty());
+        assert!(store.pending(DeviceId(8)).await.unwrap().is_empty());
+        // After its collapse entry was acked, the same collapse id starts afresh.
+        assert_eq!(store.insert(notification(device, "e", "score", later())).await.unwrap(), Inserted::New);
+        store.close();
+    }
+
+    #[tokio::test]
+    async fn device_ids_are_claimed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("node.redb")).unwrap();
+        assert!(store.claim_device_id(DeviceId(1)).await.unwrap());
+        assert!(!store.claim_device_id(DeviceId(1)).await.unwrap());
+        assert!(store.claim_device_id(DeviceId(2)).await.unwrap());
+        store.close();
+    }
+
+    #[tokio::test]
+    async fn concurrent_inserts_are_group_committed_and_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("node.redb")).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..500u32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store.insert(notification(DeviceId(u128::from(i % 10)), &format!("id-{i}"), "", later())).await
+            }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.unwrap().unwrap(), Inserted::New);
+        }
+        assert_eq!(store.queued().await.unwrap(), 500);
+        assert_eq!(store.pending(DeviceId(3)).await.unwrap().len(), 50);
+        store.close();
+    }
+}
