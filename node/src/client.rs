@@ -316,6 +316,30 @@ impl DeviceLink {
         }
     }
 
+    /// Sends a ping and returns every notification that arrives before its pong, acking none. The node
+    /// answers frames in order, so once the pong is back nothing queued before the ping is still on the way.
+    pub async fn sync(&mut self) -> Result<Vec<wire::Notification>, ClientError> {
+        let nonce: u64 = rand::random();
+        self.send(device_frame::Kind::Ping(wire::Ping { nonce })).await?;
+        let mut arrived = Vec::new();
+        while let Some(kind) = self.buffered.pop_front() {
+            if let server_frame::Kind::Notification(n) = kind {
+                arrived.push(n);
+            }
+        }
+        self.wait_for(|kind| match kind {
+            server_frame::Kind::Pong(pong) if pong.nonce == nonce => Some(()),
+            _ => None,
+        })
+        .await?;
+        while let Some(kind) = self.buffered.pop_front() {
+            if let server_frame::Kind::Notification(n) = kind {
+                arrived.push(n);
+            }
+        }
+        Ok(arrived)
+    }
+
     /// Says goodbye and closes.
     pub async fn close(mut self) -> Result<(), ClientError> {
         let bye = wire::Goodbye { reason: GoodbyeReason::ClientClosing as i32, detail: String::new() };

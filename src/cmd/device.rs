@@ -1,0 +1,112 @@
+//! `courier device`: a demo device. Activates once (the certificate is kept under
+//! `<dir>/devices/<name>/`), connects, registers a topic, prints its token and then every notification as
+//! one JSON line on stdout, acking each. It reconnects with backoff when the link drops.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use courier_node::client::{ClientError, DeviceCredentials, DeviceEndpoint, DeviceLink};
+use courier_node::pki::PkiDir;
+use courier_proto::device::GoodbyeReason;
+
+#[derive(clap::Args)]
+pub struct DeviceArgs {
+    /// The cluster directory (`courier dev`'s `--dir`, or a PKI directory holding `cluster-ca.pem`).
+    #[arg(long, default_value = "courier-dev")]
+    dir: PathBuf,
+    /// App topic to register.
+    #[arg(long)]
+    topic: String,
+    /// This demo device's name; its certificate lives in `<dir>/devices/<name>/`.
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// The node's device port.
+    #[arg(long, default_value = "127.0.0.1:5223")]
+    node: SocketAddr,
+    /// Name to check on the node's certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Enrolment secret for activation (dev clusters accept any).
+    #[arg(long, env = "COURIER_ENROLMENT_SECRET", default_value = "", hide_env_values = true)]
+    enrolment_secret: String,
+    /// Keepalive to ask for, in seconds (0 = the node's default).
+    #[arg(long, default_value_t = 0)]
+    keepalive: u32,
+}
+
+/// Where `device` remembers the token it got for a topic, so `courier send` can default to it.
+pub fn token_file(dir: &Path, name: &str, topic: &str) -> PathBuf {
+    dir.join("devices").join(name).join(format!("token-{topic}"))
+}
+
+pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
+    let endpoint = DeviceEndpoint {
+        addr: args.node,
+        server_name: args.server_name.clone(),
+        ca_path: PkiDir::new(&args.dir).cluster_ca_cert(),
+    };
+    let home = args.dir.join("devices").join(&args.name);
+    let credentials = match DeviceCredentials::load(&home)? {
+        Some(credentials) => credentials,
+        None => {
+            let credentials = courier_node::client::activate(&endpoint, &args.enrolment_secret)
+                .await
+                .context("activating the device")?;
+            credentials.save(&home)?;
+            eprintln!("activated as device {}", credentials.device_id);
+            credentials
+        }
+    };
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match session(&args, &endpoint, &credentials).await {
+            Err(ClientError::Goodbye { reason: GoodbyeReason::Revoked, detail }) => {
+                anyhow::bail!("this device was revoked: {detail}")
+            }
+            Err(error) => eprintln!("link lost: {error}; reconnecting in {backoff:?}"),
+            Ok(()) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = super::terminated() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn session(args: &DeviceArgs, endpoint: &DeviceEndpoint, credentials: &DeviceCredentials) -> Result<(), ClientError> {
+    let mut link = DeviceLink::connect(endpoint, credentials, args.keepalive).await?;
+    let token = link.register(&args.topic).await?;
+    let _ = std::fs::write(token_file(&args.dir, &args.name, &args.topic), &token);
+    println!(
+        "{}",
+        serde_json::json!({"event": "registered", "device_id": credentials.device_id.to_string(), "topic": args.topic, "token": token})
+    );
+    loop {
+        let n = tokio::select! {
+            n = link.next_notification() => n?,
+            _ = super::terminated() => {
+                let _ = link.close().await;
+                std::process::exit(0);
+            }
+        };
+        let payload: serde_json::Value = serde_json::from_slice(&n.payload)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&n.payload).into_owned()));
+        println!(
+            "{}",
+            serde_json::json!({
+                "event": "notification",
+                "apns_id": n.apns_id,
+                "topic": n.topic,
+                "priority": n.priority,
+                "expiration": n.expiration,
+                "collapse_id": n.collapse_id,
+                "push_type": n.push_type,
+                "accepted_at_ms": n.accepted_at_ms,
+                "payload": payload,
+            })
+        );
+    }
+}

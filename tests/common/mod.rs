@@ -1,0 +1,202 @@
+//! A real local cluster for integration tests: PKI in a temp dir, a node and a gateway on loopback with
+//! OS-chosen ports, a provider client with a real JWT signer, and helpers for raw device links.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_gateway::provider::{JwtSigner, ProviderClient, Push, PushResponse};
+use courier_gateway::{GatewayConfig, RunningGateway};
+use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink};
+use courier_node::edge::codec::FrameCodec;
+use courier_node::pki::{self, PkiDir, PkiOptions};
+use courier_node::{NodeConfig, RunningNode};
+use courier_proto::device::{GoodbyeReason, ServerFrame, server_frame};
+use futures_util::StreamExt;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_util::codec::Framed;
+
+pub const TOPIC: &str = "com.example.app";
+
+/// Waits for `check` to hold, polling, failing the test after `deadline`.
+pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let give_up = tokio::time::Instant::now() + deadline;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub node: Option<RunningNode>,
+    pub node_config: NodeConfig,
+    pub gateway: RunningGateway,
+    pub signer: JwtSigner,
+    pub provider: ProviderClient,
+}
+
+impl TestCluster {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a cluster, letting the test adjust the node's configuration first.
+    pub async fn start_with(adjust: impl FnOnce(&mut NodeConfig)) -> Self {
+        courier_node::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
+        let mut node_config = NodeConfig::local(dir.path().to_path_buf(), dir.path().join("node"));
+        adjust(&mut node_config);
+        let node = courier_node::start(node_config.clone()).await.expect("node starts");
+        // Restarts reuse the ports the OS picked, so the gateway and devices find the node again.
+        node_config.device_addr = node.device_addr;
+        node_config.cluster_addr = node.cluster_addr;
+        let gateway = courier_gateway::start(GatewayConfig::local(dir.path().to_path_buf(), node.cluster_addr))
+            .await
+            .expect("gateway starts");
+        let signer = JwtSigner::from_pki(&PkiDir::new(dir.path())).expect("signer");
+        let provider = ProviderClient::connect(gateway.provider_addr, "localhost", &PkiDir::new(dir.path()).cluster_ca_cert())
+            .await
+            .expect("provider connects");
+        TestCluster { dir, node: Some(node), node_config, gateway, signer, provider }
+    }
+
+    pub fn pki(&self) -> PkiDir {
+        PkiDir::new(self.dir.path())
+    }
+
+    pub fn node(&self) -> &RunningNode {
+        self.node.as_ref().expect("node is running")
+    }
+
+    pub fn endpoint(&self) -> DeviceEndpoint {
+        DeviceEndpoint {
+            addr: self.node_config.device_addr,
+            server_name: "localhost".into(),
+            ca_path: self.pki().cluster_ca_cert(),
+        }
+    }
+
+    pub async fn stop_node(&mut self) {
+        if let Some(node) = self.node.take() {
+            node.shutdown().await;
+        }
+    }
+
+    pub async fn start_node(&mut self) {
+        assert!(self.node.is_none());
+        self.node = Some(courier_node::start(self.node_config.clone()).await.expect("node restarts"));
+    }
+
+    pub async fn activate(&self) -> DeviceCredentials {
+        courier_node::client::activate(&self.endpoint(), "").await.expect("activation")
+    }
+
+    /// Activates a device, connects it and registers `TOPIC`; returns the link and its token.
+    pub async fn device(&self) -> (DeviceLink, String) {
+        let credentials = self.activate().await;
+        let mut link = DeviceLink::connect(&self.endpoint(), &credentials, 0).await.expect("device connects");
+        let token = link.register(TOPIC).await.expect("register");
+        (link, token)
+    }
+
+    pub fn push(&self, token: &str, payload: &str) -> Push {
+        Push {
+            token: token.to_string(),
+            topic: Some(TOPIC.to_string()),
+            authorization: Some(format!("bearer {}", self.signer.sign())),
+            payload: payload.as_bytes().to_vec(),
+            ..Push::default()
+        }
+    }
+
+    pub async fn send(&self, push: &Push) -> PushResponse {
+        self.provider.push(push).await.expect("request reaches the gateway")
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(&format!("http://{}/metrics", self.node().metrics_addr)).await
+    }
+
+    pub async fn shutdown(mut self) {
+        self.gateway.shutdown().await;
+        self.stop_node().await;
+    }
+}
+
+/// A plain HTTP/1.1 GET over loopback, enough for metrics endpoints.
+pub async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut tcp = TcpStream::connect(host).await.expect("metrics port");
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut body = String::new();
+    tcp.read_to_string(&mut body).await.expect("read");
+    body
+}
+
+/// A device link at the byte level, for hostile input.
+pub type RawLink = Framed<TlsStream<TcpStream>, FrameCodec<ServerFrame>>;
+
+pub async fn raw_link(
+    endpoint: &DeviceEndpoint,
+    identity: Option<&DeviceCredentials>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let identity = identity.map(|c| {
+        (
+            vec![CertificateDer::from(c.cert_der.clone())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key_der.clone())),
+        )
+    });
+    let config = courier_node::tls::client_config(&endpoint.ca_path, identity, &[]).expect("client config");
+    let tcp = TcpStream::connect(endpoint.addr).await?;
+    let mut tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await?;
+    // TLS 1.3 reports a rejected client certificate only on the first read after the handshake.
+    use tokio::io::AsyncWriteExt;
+    tls.flush().await?;
+    Ok(tls)
+}
+
+/// Reads frames until a goodbye (returning its reason) or the end of the link (`None`).
+pub async fn read_goodbye(link: &mut RawLink) -> Option<GoodbyeReason> {
+    let deadline = Duration::from_secs(15);
+    loop {
+        match tokio::time::timeout(deadline, link.next()).await.expect("link neither said goodbye nor closed") {
+            Some(Ok(ServerFrame { kind: Some(server_frame::Kind::Goodbye(bye)) })) => {
+                return Some(GoodbyeReason::try_from(bye.reason).unwrap_or(GoodbyeReason::Unspecified));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+/// Device credentials signed by a device CA the cluster does not know.
+pub fn foreign_credentials(dir: &Path) -> DeviceCredentials {
+    pki::init(dir, &PkiOptions::default()).expect("foreign PKI");
+    let ca = pki::DeviceCa::load(&PkiDir::new(dir)).expect("foreign CA");
+    let (key, csr) = pki::new_device_key_and_csr().expect("csr");
+    let device_id = courier_node::ids::DeviceId::random();
+    let cert = ca.issue(&csr, device_id).expect("issue");
+    DeviceCredentials { device_id, cert_der: cert.to_vec(), key_der: key.serialize_der() }
+}

@@ -1,0 +1,102 @@
+//! Store and forward: notifications for a disconnected device survive a node restart and arrive once on
+//! reconnect; expired ones and collapsed-over ones do not.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TOPIC, TestCluster};
+use courier_node::client::DeviceLink;
+
+fn now_secs() -> u64 {
+    courier_node::ids::unix_millis() / 1000
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_notifications_survive_a_node_restart_and_arrive_once() {
+    let mut cluster = TestCluster::start().await;
+    let credentials = cluster.activate().await;
+    let mut link = DeviceLink::connect(&cluster.endpoint(), &credentials, 0).await.unwrap();
+    let token = link.register(TOPIC).await.unwrap();
+    link.close().await.unwrap();
+    let store = cluster.node().store.clone();
+    let registry = cluster.node().registry.clone();
+    common::eventually(Duration::from_secs(10), "the node sees the link close", || {
+        let registry = registry.clone();
+        async move { !registry.is_connected(credentials.device_id) }
+    })
+    .await;
+
+    let later = (now_secs() + 3600).to_string();
+    let send = |apns_id: &str, expiration: String, collapse: Option<&str>, body: &str| {
+        let mut push = cluster.push(&token, body);
+        push.apns_id = Some(apns_id.into());
+        push.expiration = Some(expiration);
+        push.collapse_id = collapse.map(str::to_string);
+        push
+    };
+    let kept = "00000000-0000-4000-8000-000000000001";
+    let expired_soon = "00000000-0000-4000-8000-000000000002";
+    let never_stored = "00000000-0000-4000-8000-000000000003";
+    let collapsed_old = "00000000-0000-4000-8000-000000000004";
+    let collapsed_new = "00000000-0000-4000-8000-000000000005";
+    let already_expired = "00000000-0000-4000-8000-000000000006";
+    for push in [
+        send(kept, later.clone(), None, r#"{"n":"kept"}"#),
+        send(expired_soon, (now_secs() + 2).to_string(), None, r#"{"n":"expires"}"#),
+        send(never_stored, "0".into(), None, r#"{"n":"now-or-never"}"#),
+        send(collapsed_old, later.clone(), Some("score"), r#"{"score":"1-0"}"#),
+        send(collapsed_new, later.clone(), Some("score"), r#"{"score":"2-0"}"#),
+        send(already_expired, (now_secs() - 60).to_string(), None, r#"{"n":"stale"}"#),
+    ] {
+        let response = cluster.send(&push).await;
+        assert_eq!(response.status, 200, "{response:?}");
+        assert_eq!(response.apns_id, push.apns_id);
+    }
+    let queued: Vec<_> = store.pending(credentials.device_id).await.unwrap().into_iter().map(|n| n.apns_id).collect();
+    assert_eq!(queued, [kept, expired_soon, collapsed_new]);
+
+    cluster.stop_node().await;
+    // Let the short-lived one pass its expiration while the node is down.
+    let expires_at = tokio::time::Instant::now() + Duration::from_secs(3);
+    tokio::time::sleep_until(expires_at).await;
+    cluster.start_node().await;
+
+    let mut link = DeviceLink::connect(&cluster.endpoint(), &credentials, 0).await.unwrap();
+    let arrived = link.sync().await.unwrap();
+    let ids: Vec<_> = arrived.iter().map(|n| n.apns_id.as_str()).collect();
+    assert_eq!(ids, [kept, collapsed_new], "exactly the live, newest notifications, once each, in order");
+    assert_eq!(arrived[1].payload, br#"{"score":"2-0"}"#);
+    for n in &arrived {
+        link.ack(&n.apns_id).await.unwrap();
+    }
+    assert!(link.sync().await.unwrap().is_empty());
+    link.close().await.unwrap();
+
+    // Acked means gone: a further reconnect, even across another restart, brings nothing back.
+    cluster.stop_node().await;
+    cluster.start_node().await;
+    let mut link = DeviceLink::connect(&cluster.endpoint(), &credentials, 0).await.unwrap();
+    assert!(link.sync().await.unwrap().is_empty(), "acked notifications must not return");
+    link.close().await.unwrap();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_notifications_are_redelivered_but_surface_once() {
+    let cluster = TestCluster::start().await;
+    let credentials = cluster.activate().await;
+    let mut link = DeviceLink::connect(&cluster.endpoint(), &credentials, 0).await.unwrap();
+    let token = link.register(TOPIC).await.unwrap();
+    let response = cluster.send(&cluster.push(&token, r#"{"n":1}"#)).await;
+    assert_eq!(response.status, 200);
+    // Received on the wire but never acked: the node keeps it.
+    let first = link.sync().await.unwrap();
+    assert_eq!(first.len(), 1);
+    drop(link);
+
+    let mut link = DeviceLink::connect(&cluster.endpoint(), &credentials, 0).await.unwrap();
+    let again = link.next_notification().await.unwrap();
+    assert_eq!(again.apns_id, first[0].apns_id, "unacked notification is redelivered");
+    cluster.shutdown().await;
+}
