@@ -22,8 +22,11 @@ use jwt::JwtVerifier;
 
 /// What a request handler needs; shared by every connection.
 pub struct PushService {
+    /// Decides who the provider is; remembers tokens it has verified.
     pub(crate) verifier: JwtVerifier,
+    /// Opens device tokens locally, so routing needs no database read.
     pub(crate) keyring: Keyring,
+    /// The shared gRPC channel to the node.
     pub(crate) router: NodeRouter,
     /// A provider that starts a body and never finishes it must not hold a stream forever.
     pub(crate) body_timeout: Duration,
