@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use common::{TOPIC, TestCluster, read_goodbye};
+use courier_gateway::provider::Push;
 use courier_node::client::DeviceLink;
 use courier_node::edge::codec::FrameCodec;
 use courier_proto::device::{DeviceFrame, GoodbyeReason, Hello, device_frame};
@@ -36,59 +37,35 @@ async fn provider_errors_carry_apns_reasons_and_reach_no_device() {
     flipped[40] = if flipped[40] == b'0' { b'1' } else { b'0' };
     let forged = String::from_utf8(flipped).unwrap();
 
-    let mut cases: Vec<(&str, courier_gateway::provider::Push, u16, &str)> = Vec::new();
-    cases.push(("malformed token", courier_gateway::provider::Push { token: "abc".into(), ..good() }, 400, "BadDeviceToken"));
-    cases.push(("forged token", courier_gateway::provider::Push { token: forged, ..good() }, 400, "BadDeviceToken"));
-    cases.push((
-        "another topic",
-        courier_gateway::provider::Push { topic: Some("com.example.other".into()), ..good() },
-        400,
-        "DeviceTokenNotForTopic",
-    ));
-    cases.push(("no topic", courier_gateway::provider::Push { topic: None, ..good() }, 400, "MissingTopic"));
-    cases.push((
-        "4097-byte payload",
-        courier_gateway::provider::Push { payload: vec![b' '; 4097], ..good() },
-        413,
-        "PayloadTooLarge",
-    ));
-    cases.push(("empty payload", courier_gateway::provider::Push { payload: Vec::new(), ..good() }, 400, "PayloadEmpty"));
-    cases.push((
-        "no authorization",
-        courier_gateway::provider::Push { authorization: None, ..good() },
-        403,
-        "MissingProviderToken",
-    ));
-    cases.push((
-        "garbage JWT",
-        courier_gateway::provider::Push { authorization: Some("bearer not.a.jwt".into()), ..good() },
-        403,
-        "InvalidProviderToken",
-    ));
     let two_hours_ago = (courier_node::ids::unix_millis() / 1000) as i64 - 7200;
-    cases.push((
-        "old JWT",
-        courier_gateway::provider::Push {
-            authorization: Some(format!("bearer {}", cluster.signer.sign_at(two_hours_ago))),
-            ..good()
-        },
-        403,
-        "ExpiredProviderToken",
-    ));
+    let old_jwt = format!("bearer {}", cluster.signer.sign_at(two_hours_ago));
     let stranger = tempfile::tempdir().unwrap();
     courier_node::pki::init(stranger.path(), &Default::default()).unwrap();
     let stranger_signer =
         courier_gateway::provider::JwtSigner::from_pki(&courier_node::pki::PkiDir::new(stranger.path())).unwrap();
-    cases.push((
-        "JWT from an unknown key",
-        courier_gateway::provider::Push { authorization: Some(format!("bearer {}", stranger_signer.sign())), ..good() },
-        403,
-        "InvalidProviderToken",
-    ));
+    let stranger_jwt = format!("bearer {}", stranger_signer.sign());
+    let other_topic = Some("com.example.other".to_string());
+
+    let cases: Vec<(&str, Push, u16, &str)> = vec![
+        ("malformed token", Push { token: "abc".into(), ..good() }, 400, "BadDeviceToken"),
+        ("forged token", Push { token: forged, ..good() }, 400, "BadDeviceToken"),
+        ("another topic", Push { topic: other_topic, ..good() }, 400, "DeviceTokenNotForTopic"),
+        ("no topic", Push { topic: None, ..good() }, 400, "MissingTopic"),
+        ("4097-byte payload", Push { payload: vec![b' '; 4097], ..good() }, 413, "PayloadTooLarge"),
+        ("empty payload", Push { payload: Vec::new(), ..good() }, 400, "PayloadEmpty"),
+        ("no authorization", Push { authorization: None, ..good() }, 403, "MissingProviderToken"),
+        ("garbage JWT", Push { authorization: Some("bearer not.a.jwt".into()), ..good() }, 403, "InvalidProviderToken"),
+        ("old JWT", Push { authorization: Some(old_jwt), ..good() }, 403, "ExpiredProviderToken"),
+        ("unknown signing key", Push { authorization: Some(stranger_jwt), ..good() }, 403, "InvalidProviderToken"),
+        ("bad apns-id", Push { apns_id: Some("not-a-uuid".into()), ..good() }, 400, "BadMessageId"),
+        ("bad priority", Push { priority: Some("7".into()), ..good() }, 400, "BadPriority"),
+        ("bad expiration", Push { expiration: Some("soon".into()), ..good() }, 400, "BadExpirationDate"),
+        ("long collapse id", Push { collapse_id: Some("c".repeat(65)), ..good() }, 400, "BadCollapseId"),
+    ];
 
     for (what, push, status, reason) in cases {
-        let apns_id = uuid::Uuid::new_v4().to_string();
-        let push = courier_gateway::provider::Push { apns_id: Some(apns_id.clone()), ..push };
+        let apns_id = push.apns_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let push = Push { apns_id: Some(apns_id.clone()), ..push };
         let response = cluster.send(&push).await;
         assert_eq!((response.status, response.reason.as_deref()), (status, Some(reason)), "{what}: {response:?}");
         assert_eq!(response.apns_id.as_deref(), Some(apns_id.as_str()), "{what}: apns-id echoed on errors");
@@ -97,7 +74,8 @@ async fn provider_errors_carry_apns_reasons_and_reach_no_device() {
     }
 
     let auth = vec![("authorization".to_string(), format!("bearer {}", cluster.signer.sign()))];
-    let response = cluster.provider.request(http::Method::POST, "/3/nothing", auth.clone(), b"{}".to_vec()).await.unwrap();
+    let response =
+        cluster.provider.request(http::Method::POST, "/3/nothing", auth.clone(), b"{}".to_vec()).await.unwrap();
     assert_eq!((response.status, response.reason.as_deref()), (404, Some("BadPath")));
     let path = format!("/3/device/{token}");
     let response = cluster.provider.request(http::Method::GET, &path, auth.clone(), Vec::new()).await.unwrap();

@@ -55,6 +55,7 @@ async fn offline_notifications_survive_a_node_restart_and_arrive_once() {
     }
     let queued: Vec<_> = store.pending(credentials.device_id).await.unwrap().into_iter().map(|n| n.apns_id).collect();
     assert_eq!(queued, [kept, expired_soon, collapsed_new]);
+    drop((store, registry));
 
     cluster.stop_node().await;
     // Let the short-lived one pass its expiration while the node is down.

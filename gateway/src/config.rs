@@ -10,59 +10,31 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug, Clone)]
 pub struct GatewayConfig {
     /// Address the APNs-compatible provider API (HTTPS, HTTP/2 only) listens on.
-    #[arg(
-        long = "provider-addr",
-        env = "COURIER_PROVIDER_ADDR",
-        default_value = "0.0.0.0:8443"
-    )]
+    #[arg(long = "provider-addr", env = "COURIER_PROVIDER_ADDR", default_value = "0.0.0.0:8443")]
     pub provider_addr: SocketAddr,
 
     /// Address the gateway's Prometheus metrics and health endpoints listen on.
-    #[arg(
-        long = "gateway-metrics-addr",
-        env = "COURIER_GATEWAY_METRICS_ADDR",
-        default_value = "0.0.0.0:9401"
-    )]
+    #[arg(long = "gateway-metrics-addr", env = "COURIER_GATEWAY_METRICS_ADDR", default_value = "0.0.0.0:9401")]
     pub metrics_addr: SocketAddr,
 
     /// Directory holding the cluster CA, the gateway certificate, token keys and provider credentials.
-    #[arg(
-        long = "pki-dir",
-        env = "COURIER_PKI_DIR",
-        default_value = "courier-pki"
-    )]
+    #[arg(long = "pki-dir", env = "COURIER_PKI_DIR", default_value = "courier-pki")]
     pub pki_dir: PathBuf,
 
     /// Cluster gRPC address (host:port) of the node notifications are forwarded to.
-    #[arg(
-        long = "node-addr",
-        env = "COURIER_NODE_ADDR",
-        default_value = "127.0.0.1:7400"
-    )]
+    #[arg(long = "node-addr", env = "COURIER_NODE_ADDR", default_value = "127.0.0.1:7400")]
     pub node_addr: String,
 
     /// Name the node's certificate must carry; checked during the mutual-TLS handshake.
-    #[arg(
-        long = "node-server-name",
-        env = "COURIER_NODE_SERVER_NAME",
-        default_value = "localhost"
-    )]
+    #[arg(long = "node-server-name", env = "COURIER_NODE_SERVER_NAME", default_value = "localhost")]
     pub node_server_name: String,
 
     /// How long a forwarded notification may take before the provider gets 503 ServiceUnavailable.
-    #[arg(
-        long = "request-timeout-ms",
-        env = "COURIER_REQUEST_TIMEOUT_MS",
-        default_value_t = 10_000
-    )]
+    #[arg(long = "request-timeout-ms", env = "COURIER_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
 
     /// Oldest provider JWT `iat` accepted, in seconds (APNs allows one hour).
-    #[arg(
-        long = "max-jwt-age-secs",
-        env = "COURIER_MAX_JWT_AGE_SECS",
-        default_value_t = 3600
-    )]
+    #[arg(long = "max-jwt-age-secs", env = "COURIER_MAX_JWT_AGE_SECS", default_value_t = 3600)]
     pub max_jwt_age_secs: u64,
 }
 
@@ -105,14 +77,7 @@ mod tests {
 
     #[test]
     fn flags_override_defaults() {
-        let cli = Cli::try_parse_from([
-            "courier",
-            "--node-addr",
-            "node-0:7400",
-            "--max-jwt-age-secs",
-            "60",
-        ])
-        .unwrap();
+        let cli = Cli::try_parse_from(["courier", "--node-addr", "node-0:7400", "--max-jwt-age-secs", "60"]).unwrap();
         assert_eq!(cli.gateway.node_addr, "node-0:7400");
         assert_eq!(cli.gateway.max_jwt_age_secs, 60);
     }

@@ -45,10 +45,7 @@ pub enum GatewayError {
     #[error(transparent)]
     Route(#[from] RouteError),
     #[error("binding {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
 }
 
 /// A started gateway. Dropping it leaves its tasks running; call `shutdown` to stop them.
@@ -80,10 +77,7 @@ fn describe_metrics() {
         "courier_gateway_notifications_rejected_total",
         "Pushes answered with an error, by APNs reason."
     );
-    metrics::describe_gauge!(
-        "courier_gateway_provider_connections",
-        "Open provider HTTP/2 connections."
-    );
+    metrics::describe_gauge!("courier_gateway_provider_connections", "Open provider HTTP/2 connections.");
     metrics::describe_histogram!(
         "courier_gateway_forward_latency_seconds",
         metrics::Unit::Seconds,
@@ -92,15 +86,11 @@ fn describe_metrics() {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| GatewayError::Bind { addr, source })
+    TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { addr, source })
 }
 
 fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, GatewayError> {
-    listener
-        .local_addr()
-        .map_err(|source| GatewayError::Bind { addr, source })
+    listener.local_addr().map_err(|source| GatewayError::Bind { addr, source })
 }
 
 /// Loads keys and certificates from the PKI directory, binds both ports and starts serving.
@@ -114,8 +104,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let key = courier_node::pki::load_key(&pki.member_key("gateway"))?;
     let tls = courier_node::tls::server_config(chain, key, &[b"h2"])?;
     let keyring = Keyring::load_or_create(&pki.token_keys())?;
-    let credentials =
-        ProviderCredentials::new(vec![ProviderCredential::load(&pki.provider_credential())?])?;
+    let credentials = ProviderCredentials::new(vec![ProviderCredential::load(&pki.provider_credential())?])?;
     let timeout = Duration::from_millis(config.request_timeout_ms);
     let router = NodeRouter::new(&pki, &config.node_addr, &config.node_server_name, timeout)?;
     let service = Arc::new(PushService {
@@ -149,46 +138,27 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         let stop = async move {
             let _ = metrics_shutdown.wait_for(|stop| *stop).await;
         };
-        if let Err(error) =
-            courier_node::telemetry::serve(metrics_listener, vec![readiness], stop).await
-        {
+        if let Err(error) = courier_node::telemetry::serve(metrics_listener, vec![readiness], stop).await {
             tracing::error!(%error, "gateway metrics server failed");
         }
     });
 
     tracing::info!(%provider_addr, %metrics_addr, node = %config.node_addr, "gateway started");
-    Ok(RunningGateway {
-        provider_addr,
-        metrics_addr,
-        shutdown,
-        provider_task,
-        metrics_task,
-    })
+    Ok(RunningGateway { provider_addr, metrics_addr, shutdown, provider_task, metrics_task })
 }
 
 impl RunningGateway {
     /// Stops accepting, lets in-flight requests finish (for a few seconds at most) and joins every task.
     pub async fn shutdown(self) {
-        let RunningGateway {
-            shutdown,
-            mut provider_task,
-            mut metrics_task,
-            ..
-        } = self;
+        let RunningGateway { shutdown, mut provider_task, mut metrics_task, .. } = self;
         let _ = shutdown.send(true);
         // The provider server bounds its own drain; the margin covers a task that ignores the signal.
         let limit = SHUTDOWN_GRACE + Duration::from_secs(1);
-        if tokio::time::timeout(limit, &mut provider_task)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(limit, &mut provider_task).await.is_err() {
             provider_task.abort();
             let _ = provider_task.await;
         }
-        if tokio::time::timeout(limit, &mut metrics_task)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(limit, &mut metrics_task).await.is_err() {
             metrics_task.abort();
             let _ = metrics_task.await;
         }

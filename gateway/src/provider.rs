@@ -30,17 +30,11 @@ pub enum ProviderError {
     #[error(transparent)]
     Tls(#[from] courier_node::tls::TlsError),
     #[error("reading {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{0:?} is not a valid TLS server name")]
     BadServerName(String),
     #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Connect { addr: SocketAddr, source: std::io::Error },
     #[error("the gateway did not negotiate HTTP/2 (ALPN h2)")]
     NoHttp2,
     #[error("HTTP/2: {0}")]
@@ -67,25 +61,16 @@ pub struct JwtSigner {
 
 impl std::fmt::Debug for JwtSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtSigner")
-            .field("team_id", &self.team_id)
-            .field("key_id", &self.key_id)
-            .finish()
+        f.debug_struct("JwtSigner").field("team_id", &self.team_id).field("key_id", &self.key_id).finish()
     }
 }
 
 impl JwtSigner {
     pub fn new(team_id: &str, key_id: &str, p8_pem: &[u8]) -> Result<Self, ProviderError> {
         let key = EncodingKey::from_ec_pem(p8_pem).map_err(ProviderError::BadSigningKey)?;
-        let signer = JwtSigner {
-            team_id: team_id.into(),
-            key_id: key_id.into(),
-            key,
-        };
+        let signer = JwtSigner { team_id: team_id.into(), key_id: key_id.into(), key };
         // Sign once now so that `sign` can promise never to fail.
-        signer
-            .try_sign_at(0)
-            .map_err(ProviderError::BadSigningKey)?;
+        signer.try_sign_at(0).map_err(ProviderError::BadSigningKey)?;
         Ok(signer)
     }
 
@@ -93,10 +78,8 @@ impl JwtSigner {
     pub fn from_pki(pki: &PkiDir) -> Result<Self, ProviderError> {
         let credential = ProviderCredential::load(&pki.provider_credential())?;
         let path = pki.provider_signing_key(&credential.key_id);
-        let p8 = std::fs::read(&path).map_err(|source| ProviderError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let p8 =
+            std::fs::read(&path).map_err(|source| ProviderError::Io { path: path.display().to_string(), source })?;
         JwtSigner::new(&credential.team_id, &credential.key_id, &p8)
     }
 
@@ -107,22 +90,14 @@ impl JwtSigner {
 
     /// A token claiming to be issued at `iat` (UNIX seconds); tests use it to make stale tokens.
     pub fn sign_at(&self, iat: i64) -> String {
-        self.try_sign_at(iat)
-            .expect("the key signed a token when the signer was built")
+        self.try_sign_at(iat).expect("the key signed a token when the signer was built")
     }
 
     fn try_sign_at(&self, iat: i64) -> Result<String, jsonwebtoken::errors::Error> {
         let mut header = Header::new(Algorithm::ES256);
         header.typ = None;
         header.kid = Some(self.key_id.clone());
-        jsonwebtoken::encode(
-            &header,
-            &Claims {
-                iss: &self.team_id,
-                iat,
-            },
-            &self.key,
-        )
+        jsonwebtoken::encode(&header, &Claims { iss: &self.team_id, iat }, &self.key)
     }
 
     pub fn team_id(&self) -> &str {
@@ -172,25 +147,17 @@ pub struct ProviderClient {
 
 impl std::fmt::Debug for ProviderClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProviderClient")
-            .field("origin", &self.origin)
-            .finish()
+        f.debug_struct("ProviderClient").field("origin", &self.origin).finish()
     }
 }
 
 impl ProviderClient {
     /// Connects over TLS, trusting only the CA in `ca_pem_path`, and insists on HTTP/2.
-    pub async fn connect(
-        addr: SocketAddr,
-        server_name: &str,
-        ca_pem_path: &Path,
-    ) -> Result<Self, ProviderError> {
+    pub async fn connect(addr: SocketAddr, server_name: &str, ca_pem_path: &Path) -> Result<Self, ProviderError> {
         let config = courier_node::tls::client_config(ca_pem_path, None, &[b"h2"])?;
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|_| ProviderError::BadServerName(server_name.to_string()))?;
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ProviderError::Connect { addr, source })?;
+        let tcp = TcpStream::connect(addr).await.map_err(|source| ProviderError::Connect { addr, source })?;
         // Pushes are small and latency-bound.
         let _ = tcp.set_nodelay(true);
         let tls = TlsConnector::from(Arc::new(config))
@@ -212,10 +179,7 @@ impl ProviderClient {
         } else {
             format!("https://{server_name}:{}", addr.port())
         };
-        Ok(ProviderClient {
-            sender,
-            origin: origin.into(),
-        })
+        Ok(ProviderClient { sender, origin: origin.into() })
     }
 
     /// Sends `push` to `POST /3/device/{token}`.
@@ -234,8 +198,7 @@ impl ProviderClient {
             .filter_map(|(name, value)| value.as_ref().map(|v| (name.to_string(), v.clone())))
             .collect();
         let path = format!("/3/device/{}", push.token);
-        self.request(http::Method::POST, &path, headers, push.payload.clone())
-            .await
+        self.request(http::Method::POST, &path, headers, push.payload.clone()).await
     }
 
     /// Sends an arbitrary request; for tests that need requests `push` cannot express.
@@ -246,9 +209,7 @@ impl ProviderClient {
         headers: Vec<(String, String)>,
         body: Vec<u8>,
     ) -> Result<PushResponse, ProviderError> {
-        let mut builder = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{}", self.origin, path));
+        let mut builder = http::Request::builder().method(method).uri(format!("{}{}", self.origin, path));
         for (name, value) in headers {
             builder = builder.header(name, value);
         }
@@ -257,11 +218,7 @@ impl ProviderClient {
         sender.ready().await?;
         let response = sender.send_request(request).await?;
         let status = response.status().as_u16();
-        let apns_id = response
-            .headers()
-            .get("apns-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let apns_id = response.headers().get("apns-id").and_then(|v| v.to_str().ok()).map(str::to_string);
         let body = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
             .collect()
             .await
@@ -299,8 +256,7 @@ mod tests {
         let header = jsonwebtoken::decode_header(&jwt).unwrap();
         assert_eq!(header.alg, Algorithm::ES256);
         assert_eq!(header.kid.as_deref(), Some("KID"));
-        let claims: serde_json::Value =
-            jsonwebtoken::dangerous::insecure_decode_claims(&jwt).unwrap();
+        let claims: serde_json::Value = jsonwebtoken::dangerous::insecure_decode_claims(&jwt).unwrap();
         assert_eq!(claims, serde_json::json!({"iss": "TEAM", "iat": 1234}));
         assert_eq!((signer.team_id(), signer.key_id()), ("TEAM", "KID"));
     }

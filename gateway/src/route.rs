@@ -14,15 +14,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
     #[error("reading {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("node address {addr:?}: {source}")]
-    Endpoint {
-        addr: String,
-        source: tonic::transport::Error,
-    },
+    Endpoint { addr: String, source: tonic::transport::Error },
 }
 
 /// How the owner node disposed of one notification.
@@ -46,29 +40,15 @@ pub struct NodeRouter {
 impl NodeRouter {
     /// Prepares a mutual-TLS channel to `node_addr` presenting the gateway's cluster certificate. The
     /// connection itself is made on first use, so a gateway can start before its node.
-    pub fn new(
-        pki: &PkiDir,
-        node_addr: &str,
-        node_server_name: &str,
-        timeout: Duration,
-    ) -> Result<Self, RouteError> {
+    pub fn new(pki: &PkiDir, node_addr: &str, node_server_name: &str, timeout: Duration) -> Result<Self, RouteError> {
         let read = |path: std::path::PathBuf| {
-            std::fs::read(&path).map_err(|source| RouteError::Io {
-                path: path.display().to_string(),
-                source,
-            })
+            std::fs::read(&path).map_err(|source| RouteError::Io { path: path.display().to_string(), source })
         };
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(pki.cluster_ca_cert())?))
-            .identity(Identity::from_pem(
-                read(pki.member_cert("gateway"))?,
-                read(pki.member_key("gateway"))?,
-            ))
+            .identity(Identity::from_pem(read(pki.member_cert("gateway"))?, read(pki.member_key("gateway"))?))
             .domain_name(node_server_name);
-        let endpoint_error = |source| RouteError::Endpoint {
-            addr: node_addr.to_string(),
-            source,
-        };
+        let endpoint_error = |source| RouteError::Endpoint { addr: node_addr.to_string(), source };
         let channel = Endpoint::from_shared(format!("https://{node_addr}"))
             .map_err(endpoint_error)?
             .tls_config(tls)
@@ -78,19 +58,14 @@ impl NodeRouter {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true)
             .connect_lazy();
-        Ok(NodeRouter {
-            client: ClusterClient::new(channel),
-            timeout,
-        })
+        Ok(NodeRouter { client: ClusterClient::new(channel), timeout })
     }
 
     /// Hands one notification to its owner and waits, at most the configured timeout, for the outcome.
     pub async fn deliver(&self, notification: Notification) -> Delivery {
         let apns_id = notification.apns_id.clone();
         let mut client = self.client.clone();
-        let mut request = tonic::Request::new(DeliverRequest {
-            notifications: vec![notification],
-        });
+        let mut request = tonic::Request::new(DeliverRequest { notifications: vec![notification] });
         request.set_timeout(self.timeout);
         let response = match tokio::time::timeout(self.timeout, client.deliver(request)).await {
             Err(_) => return Delivery::Unavailable("timed out".into()),
@@ -101,20 +76,13 @@ impl NodeRouter {
             return Delivery::Unavailable("the node answered with no result".into());
         };
         if result.apns_id != apns_id {
-            return Delivery::Unavailable(format!(
-                "the node answered for apns-id {:?}",
-                result.apns_id
-            ));
+            return Delivery::Unavailable(format!("the node answered for apns-id {:?}", result.apns_id));
         }
         match DeliverOutcome::try_from(result.outcome) {
-            Ok(
-                outcome @ (DeliverOutcome::Stored
-                | DeliverOutcome::Sent
-                | DeliverOutcome::Discarded),
-            ) => Delivery::Accepted(outcome),
-            Ok(DeliverOutcome::Rejected) if !result.reason.is_empty() => {
-                Delivery::Rejected(result.reason)
+            Ok(outcome @ (DeliverOutcome::Stored | DeliverOutcome::Sent | DeliverOutcome::Discarded)) => {
+                Delivery::Accepted(outcome)
             }
+            Ok(DeliverOutcome::Rejected) if !result.reason.is_empty() => Delivery::Rejected(result.reason),
             Ok(DeliverOutcome::Rejected) => Delivery::Rejected("InternalServerError".into()),
             Ok(DeliverOutcome::Unspecified) | Err(_) => {
                 Delivery::Unavailable(format!("the node answered with outcome {}", result.outcome))

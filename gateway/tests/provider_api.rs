@@ -15,9 +15,7 @@ use courier_node::ids::DeviceId;
 use courier_node::pki::PkiDir;
 use courier_node::token::Keyring;
 use courier_proto::cluster::cluster_server::{Cluster, ClusterServer};
-use courier_proto::cluster::{
-    DeliverOutcome, DeliverRequest, DeliverResponse, DeliverResult, Notification,
-};
+use courier_proto::cluster::{DeliverOutcome, DeliverRequest, DeliverResponse, DeliverResult, Notification};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -76,9 +74,7 @@ impl TestNode {
                 std::fs::read(pki.member_cert("node")).unwrap(),
                 std::fs::read(pki.member_key("node")).unwrap(),
             ))
-            .client_ca_root(Certificate::from_pem(
-                std::fs::read(pki.cluster_ca_cert()).unwrap(),
-            ));
+            .client_ca_root(Certificate::from_pem(std::fs::read(pki.cluster_ca_cert()).unwrap()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let recorder = RecordingNode::default();
@@ -90,12 +86,7 @@ impl TestNode {
             .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
                 let _ = stopped.await;
             });
-        TestNode {
-            addr,
-            recorder,
-            stop: Some(stop),
-            task: Some(tokio::spawn(server)),
-        }
+        TestNode { addr, recorder, stop: Some(stop), task: Some(tokio::spawn(server)) }
     }
 
     /// Stops serving and waits until the listener is closed; calling it again does nothing.
@@ -158,26 +149,18 @@ impl Harness {
     }
 
     async fn push(&self, push: &Push) -> PushResponse {
-        tokio::time::timeout(DEADLINE, self.client.push(push))
-            .await
-            .expect("push timed out")
-            .unwrap()
+        tokio::time::timeout(DEADLINE, self.client.push(push)).await.expect("push timed out").unwrap()
     }
 }
 
 async fn connect(addr: SocketAddr, ca: &Path) -> ProviderClient {
-    ProviderClient::connect(addr, "localhost", ca)
-        .await
-        .unwrap()
+    ProviderClient::connect(addr, "localhost", ca).await.unwrap()
 }
 
 fn assert_refused(response: &PushResponse, status: u16, reason: &str) {
     assert_eq!(response.status, status, "{response:?}");
     assert_eq!(response.reason.as_deref(), Some(reason), "{response:?}");
-    assert!(
-        response.apns_id.is_some(),
-        "every response carries an apns-id: {response:?}"
-    );
+    assert!(response.apns_id.is_some(), "every response carries an apns-id: {response:?}");
 }
 
 #[tokio::test]
@@ -219,9 +202,7 @@ async fn a_valid_push_reaches_the_node_and_echoes_its_apns_id() {
     assert_eq!(received[1].apns_id, generated);
     assert_eq!(received[1].expiration, 0);
 
-    let Harness {
-        gateway, mut node, ..
-    } = h;
+    let Harness { gateway, mut node, .. } = h;
     gateway.shutdown().await;
     node.stop().await;
 }
@@ -237,215 +218,76 @@ async fn every_bad_input_is_refused_before_the_node() {
     let forged_token = String::from_utf8(forged_token).unwrap();
 
     let cases: Vec<(&str, Push, u16, &str)> = vec![
-        (
-            "garbage token",
-            Push {
-                token: "abc".into(),
-                ..good.clone()
-            },
-            400,
-            "BadDeviceToken",
-        ),
-        (
-            "flipped hex digit",
-            Push {
-                token: forged_token,
-                ..good.clone()
-            },
-            400,
-            "BadDeviceToken",
-        ),
+        ("garbage token", Push { token: "abc".into(), ..good.clone() }, 400, "BadDeviceToken"),
+        ("flipped hex digit", Push { token: forged_token, ..good.clone() }, 400, "BadDeviceToken"),
         (
             "token for another topic",
-            Push {
-                token: h.token(device, "com.example.other"),
-                ..good.clone()
-            },
+            Push { token: h.token(device, "com.example.other"), ..good.clone() },
             400,
             "DeviceTokenNotForTopic",
         ),
-        (
-            "no topic",
-            Push {
-                topic: None,
-                ..good.clone()
-            },
-            400,
-            "MissingTopic",
-        ),
-        (
-            "payload too large",
-            Push {
-                payload: big_payload(4097),
-                ..good.clone()
-            },
-            413,
-            "PayloadTooLarge",
-        ),
-        (
-            "empty payload",
-            Push {
-                payload: Vec::new(),
-                ..good.clone()
-            },
-            400,
-            "PayloadEmpty",
-        ),
-        (
-            "not a JSON object",
-            Push {
-                payload: b"[1,2]".to_vec(),
-                ..good.clone()
-            },
-            400,
-            "InvalidPayload",
-        ),
-        (
-            "no authorization",
-            Push {
-                authorization: None,
-                ..good.clone()
-            },
-            403,
-            "MissingProviderToken",
-        ),
+        ("no topic", Push { topic: None, ..good.clone() }, 400, "MissingTopic"),
+        ("payload too large", Push { payload: big_payload(4097), ..good.clone() }, 413, "PayloadTooLarge"),
+        ("empty payload", Push { payload: Vec::new(), ..good.clone() }, 400, "PayloadEmpty"),
+        ("not a JSON object", Push { payload: b"[1,2]".to_vec(), ..good.clone() }, 400, "InvalidPayload"),
+        ("no authorization", Push { authorization: None, ..good.clone() }, 403, "MissingProviderToken"),
         (
             "garbage JWT",
-            Push {
-                authorization: Some("bearer not.a.jwt".into()),
-                ..good.clone()
-            },
+            Push { authorization: Some("bearer not.a.jwt".into()), ..good.clone() },
             403,
             "InvalidProviderToken",
         ),
         (
             "stale JWT",
-            Push {
-                authorization: Some(format!("bearer {}", h.signer.sign_at(unix_secs() - 7200))),
-                ..good.clone()
-            },
+            Push { authorization: Some(format!("bearer {}", h.signer.sign_at(unix_secs() - 7200))), ..good.clone() },
             403,
             "ExpiredProviderToken",
         ),
-        (
-            "bad apns-id",
-            Push {
-                apns_id: Some("not-a-uuid".into()),
-                ..good.clone()
-            },
-            400,
-            "BadMessageId",
-        ),
-        (
-            "bad priority",
-            Push {
-                priority: Some("7".into()),
-                ..good.clone()
-            },
-            400,
-            "BadPriority",
-        ),
-        (
-            "bad expiration",
-            Push {
-                expiration: Some("tomorrow".into()),
-                ..good.clone()
-            },
-            400,
-            "BadExpirationDate",
-        ),
-        (
-            "long collapse id",
-            Push {
-                collapse_id: Some("c".repeat(65)),
-                ..good.clone()
-            },
-            400,
-            "BadCollapseId",
-        ),
-        (
-            "empty token",
-            Push {
-                token: String::new(),
-                ..good.clone()
-            },
-            400,
-            "MissingDeviceToken",
-        ),
+        ("bad apns-id", Push { apns_id: Some("not-a-uuid".into()), ..good.clone() }, 400, "BadMessageId"),
+        ("bad priority", Push { priority: Some("7".into()), ..good.clone() }, 400, "BadPriority"),
+        ("bad expiration", Push { expiration: Some("tomorrow".into()), ..good.clone() }, 400, "BadExpirationDate"),
+        ("long collapse id", Push { collapse_id: Some("c".repeat(65)), ..good.clone() }, 400, "BadCollapseId"),
+        ("empty token", Push { token: String::new(), ..good.clone() }, 400, "MissingDeviceToken"),
     ];
     for (what, push, status, reason) in cases {
         let response = h.push(&push).await;
         assert_eq!(response.status, status, "{what}: {response:?}");
-        assert_eq!(
-            response.reason.as_deref(),
-            Some(reason),
-            "{what}: {response:?}"
-        );
+        assert_eq!(response.reason.as_deref(), Some(reason), "{what}: {response:?}");
         if let Some(apns_id) = &push.apns_id {
-            assert_eq!(
-                response.apns_id.as_ref(),
-                Some(apns_id),
-                "{what}: the apns-id is echoed byte for byte"
-            );
+            assert_eq!(response.apns_id.as_ref(), Some(apns_id), "{what}: the apns-id is echoed byte for byte");
         }
     }
 
     let auth = good.authorization.clone().unwrap();
-    let base_headers = vec![
-        ("authorization".to_string(), auth.clone()),
-        ("apns-topic".to_string(), TOPIC.to_string()),
-    ];
+    let base_headers = vec![("authorization".to_string(), auth.clone()), ("apns-topic".to_string(), TOPIC.to_string())];
     let payload = good.payload.clone();
     let raw = |method: http::Method, path: String, headers: Vec<(String, String)>| {
         let client = h.client.clone();
         let payload = payload.clone();
         async move {
-            tokio::time::timeout(DEADLINE, client.request(method, &path, headers, payload))
-                .await
-                .unwrap()
-                .unwrap()
+            tokio::time::timeout(DEADLINE, client.request(method, &path, headers, payload)).await.unwrap().unwrap()
         }
     };
-    let response = raw(
-        http::Method::POST,
-        "/3/devices/abc".into(),
-        base_headers.clone(),
-    )
-    .await;
+    let response = raw(http::Method::POST, "/3/devices/abc".into(), base_headers.clone()).await;
     assert_refused(&response, 404, "BadPath");
-    let response = raw(
-        http::Method::GET,
-        format!("/3/device/{}", good.token),
-        base_headers.clone(),
-    )
-    .await;
+    let response = raw(http::Method::GET, format!("/3/device/{}", good.token), base_headers.clone()).await;
     assert_refused(&response, 405, "MethodNotAllowed");
     let mut duplicated = base_headers.clone();
     duplicated.push(("apns-priority".into(), "10".into()));
     duplicated.push(("apns-priority".into(), "5".into()));
-    let response = raw(
-        http::Method::POST,
-        format!("/3/device/{}", good.token),
-        duplicated,
-    )
-    .await;
+    let response = raw(http::Method::POST, format!("/3/device/{}", good.token), duplicated).await;
     assert_refused(&response, 400, "DuplicateHeaders");
     let mut error_body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
     assert_eq!(error_body["reason"].take(), "DuplicateHeaders");
 
-    assert!(
-        h.node.recorder.received().is_empty(),
-        "a refused push reached the node"
-    );
+    assert!(h.node.recorder.received().is_empty(), "a refused push reached the node");
 
     // The connection survived all of that, and a good push still goes through.
     let response = h.push(&good).await;
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(h.node.recorder.received().len(), 1);
 
-    let Harness {
-        gateway, mut node, ..
-    } = h;
+    let Harness { gateway, mut node, .. } = h;
     gateway.shutdown().await;
     node.stop().await;
 }
@@ -456,15 +298,9 @@ async fn a_topic_outside_the_credentials_list_is_disallowed() {
     let mut credential = courier_node::pki::init(dir.path(), &Default::default()).unwrap();
     credential.topics = vec!["com.example.allowed".into()];
     let pki = PkiDir::new(dir.path());
-    std::fs::write(
-        pki.provider_credential(),
-        serde_json::to_vec(&credential).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(pki.provider_credential(), serde_json::to_vec(&credential).unwrap()).unwrap();
     let mut node = TestNode::start(&pki).await;
-    let gateway = courier_gateway::start(GatewayConfig::local(dir.path().to_path_buf(), node.addr))
-        .await
-        .unwrap();
+    let gateway = courier_gateway::start(GatewayConfig::local(dir.path().to_path_buf(), node.addr)).await.unwrap();
     let client = connect(gateway.provider_addr, &pki.cluster_ca_cert()).await;
     let keyring = Keyring::load_or_create(&pki.token_keys()).unwrap();
     let signer = JwtSigner::from_pki(&pki).unwrap();
@@ -496,35 +332,17 @@ async fn many_concurrent_pushes_share_one_connection() {
         })
         .collect();
     for push in pushes {
-        assert_eq!(
-            tokio::time::timeout(DEADLINE, push).await.unwrap().unwrap(),
-            200
-        );
+        assert_eq!(tokio::time::timeout(DEADLINE, push).await.unwrap().unwrap(), 200);
     }
     assert_eq!(h.node.recorder.received().len(), 200);
 
     let metrics = http_get(h.gateway.metrics_addr, "/metrics").await;
-    assert!(
-        metrics.contains("courier_gateway_notifications_accepted_total"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("courier_gateway_provider_connections"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("courier_gateway_forward_latency_seconds"),
-        "{metrics}"
-    );
-    assert!(
-        http_get(h.gateway.metrics_addr, "/readyz")
-            .await
-            .starts_with("HTTP/1.1 200")
-    );
+    assert!(metrics.contains("courier_gateway_notifications_accepted_total"), "{metrics}");
+    assert!(metrics.contains("courier_gateway_provider_connections"), "{metrics}");
+    assert!(metrics.contains("courier_gateway_forward_latency_seconds"), "{metrics}");
+    assert!(http_get(h.gateway.metrics_addr, "/readyz").await.starts_with("HTTP/1.1 200"));
 
-    let Harness {
-        gateway, mut node, ..
-    } = h;
+    let Harness { gateway, mut node, .. } = h;
     gateway.shutdown().await;
     node.stop().await;
 }
@@ -546,20 +364,9 @@ async fn shutdown_stops_accepting_and_returns_promptly() {
     let h = Harness::start().await;
     let addr = h.gateway.provider_addr;
     assert_eq!(h.push(&h.valid_push(DeviceId(1))).await.status, 200);
-    let Harness {
-        gateway,
-        mut node,
-        pki,
-        ..
-    } = h;
-    tokio::time::timeout(DEADLINE, gateway.shutdown())
-        .await
-        .expect("shutdown hung");
-    assert!(
-        ProviderClient::connect(addr, "localhost", &pki.cluster_ca_cert())
-            .await
-            .is_err()
-    );
+    let Harness { gateway, mut node, pki, .. } = h;
+    tokio::time::timeout(DEADLINE, gateway.shutdown()).await.expect("shutdown hung");
+    assert!(ProviderClient::connect(addr, "localhost", &pki.cluster_ca_cert()).await.is_err());
     node.stop().await;
 }
 
@@ -580,9 +387,6 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
     let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut response))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut response)).await.unwrap().unwrap();
     response
 }

@@ -91,20 +91,21 @@ impl DeviceCredentials {
         let cert = pki::load_certs(&cert_path)?.remove(0);
         let key = match pki::load_key(&key_path)? {
             PrivateKeyDer::Pkcs8(key) => key.secret_pkcs8_der().to_vec(),
-            _ => return Err(ClientError::Credentials { path: key_path, detail: "expected a PKCS#8 key".into() }),
+            _ => {
+                return Err(ClientError::Credentials { path: key_path, detail: "expected a PKCS#8 key".into() });
+            }
         };
-        let device_id = pki::device_id_from_cert(&cert)
-            .ok_or_else(|| ClientError::Credentials { path: cert_path, detail: "certificate names no device id".into() })?;
+        let device_id = pki::device_id_from_cert(&cert).ok_or_else(|| ClientError::Credentials {
+            path: cert_path,
+            detail: "certificate names no device id".into(),
+        })?;
         Ok(Some(DeviceCredentials { device_id, cert_der: cert.to_vec(), key_der: key }))
     }
 }
 
 type ClientLink = Framed<TlsStream<TcpStream>, FrameCodec<ServerFrame>>;
 
-async fn open(
-    endpoint: &DeviceEndpoint,
-    identity: Option<&DeviceCredentials>,
-) -> Result<ClientLink, ClientError> {
+async fn open(endpoint: &DeviceEndpoint, identity: Option<&DeviceCredentials>) -> Result<ClientLink, ClientError> {
     let identity = identity.map(|c| {
         (
             vec![CertificateDer::from(c.cert_der.clone())],
@@ -239,10 +240,7 @@ impl DeviceLink {
     }
 
     /// Reads frames until `want` picks one out, buffering the rest for `next_event`.
-    async fn wait_for<T>(
-        &mut self,
-        mut want: impl FnMut(&server_frame::Kind) -> Option<T>,
-    ) -> Result<T, ClientError> {
+    async fn wait_for<T>(&mut self, mut want: impl FnMut(&server_frame::Kind) -> Option<T>) -> Result<T, ClientError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let kind = next_frame(&mut self.link, deadline.saturating_duration_since(Instant::now())).await?;

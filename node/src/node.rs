@@ -92,14 +92,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         registry: registry.clone(),
         device_ca,
     });
-    tracker.spawn(edge::serve(
-        device_listener,
-        acceptor,
-        edge,
-        config.max_links,
-        shutdown_rx.clone(),
-        tracker.clone(),
-    ));
+    tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown_rx.clone(), tracker.clone()));
 
     let service = ClusterService { delivery: Delivery { store: store.clone(), registry: registry.clone() } };
     let grpc = Server::builder()

@@ -188,7 +188,8 @@ fn member_params(role: &str, extra_sans: &[String]) -> Result<CertificateParams,
     dn.push(DnType::OrganizationName, "Courier");
     dn.push(DnType::CommonName, format!("courier-{role}"));
     params.distinguished_name = dn;
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string(), format!("courier-{role}")];
+    let mut names =
+        vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string(), format!("courier-{role}")];
     names.extend(extra_sans.iter().cloned());
     params.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_, _>>()?;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -250,10 +251,8 @@ pub fn init(dir: &Path, options: &PkiOptions) -> Result<ProviderCredential, PkiE
     };
     let p8 = pki.provider_signing_key(&credential.key_id);
     write_secret(&p8, key.serialize_pem().as_bytes()).map_err(io_err(&p8))?;
-    let json = serde_json::to_string_pretty(&credential).map_err(|e| PkiError::Invalid {
-        path: credential_path.clone(),
-        detail: e.to_string(),
-    })?;
+    let json = serde_json::to_string_pretty(&credential)
+        .map_err(|e| PkiError::Invalid { path: credential_path.clone(), detail: e.to_string() })?;
     write_public(&credential_path, json.as_bytes())?;
     Ok(credential)
 }

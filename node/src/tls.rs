@@ -43,12 +43,10 @@ pub fn roots_from(path: &Path) -> Result<RootCertStore, TlsError> {
 /// The device port: the node's certificate; a client certificate from the device CA is verified when
 /// offered, and its absence is allowed so that unactivated devices can ask for one.
 pub fn device_server_config(pki: &PkiDir, role: &str) -> Result<ServerConfig, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots_from(&pki.device_ca_cert())?),
-        crypto_provider(),
-    )
-    .allow_unauthenticated()
-    .build()?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots_from(&pki.device_ca_cert())?), crypto_provider())
+            .allow_unauthenticated()
+            .build()?;
     let config = ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)

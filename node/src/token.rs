@@ -113,12 +113,9 @@ impl TokenKey {
 
     fn open_sealed(&self, key_id: &[u8], sealed: &[u8]) -> Result<OpenedToken, TokenError> {
         let plaintext = self.cipher().decrypt([key_id], sealed).map_err(|_| TokenError::Forged)?;
-        let device_id = DeviceId::from_slice(plaintext.get(..16).ok_or(TokenError::Forged)?)
-            .ok_or(TokenError::Forged)?;
-        let topic: [u8; 8] = plaintext
-            .get(16..)
-            .and_then(|t| t.try_into().ok())
-            .ok_or(TokenError::Forged)?;
+        let device_id =
+            DeviceId::from_slice(plaintext.get(..16).ok_or(TokenError::Forged)?).ok_or(TokenError::Forged)?;
+        let topic: [u8; 8] = plaintext.get(16..).and_then(|t| t.try_into().ok()).ok_or(TokenError::Forged)?;
         Ok(OpenedToken { key_id: self.id, device_id, topic: TopicDigest(topic) })
     }
 }
@@ -211,10 +208,8 @@ impl Keyring {
         if !path.exists() {
             let key = TokenKey::generate(TokenKeyId(1));
             let state = KeyringState { active: Some(key.id), keys: [(key.id, key)].into() };
-            let text = serde_json::to_string_pretty(&state).map_err(|source| KeyringError::Format {
-                path: path.display().to_string(),
-                source,
-            })?;
+            let text = serde_json::to_string_pretty(&state)
+                .map_err(|source| KeyringError::Format { path: path.display().to_string(), source })?;
             crate::pki::write_secret(path, text.as_bytes()).map_err(io)?;
         }
         let text = std::fs::read_to_string(path).map_err(io)?;

@@ -47,9 +47,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let topic = &args.topic;
     println!("Courier dev cluster is up; PKI and data live in {dir}/ and are reused next time.");
     println!();
-    println!("  provider API  https://{}  (HTTP/2, APNs wire format; CA {})", gateway.provider_addr, paths.cluster_ca_cert().display());
+    println!(
+        "  provider API  https://{}  (HTTP/2, APNs wire format; CA {})",
+        gateway.provider_addr,
+        paths.cluster_ca_cert().display()
+    );
     println!("  device port   {}  (mutual TLS)", node.device_addr);
-    println!("  metrics       http://{}/metrics (node), http://{}/metrics (gateway)", node.metrics_addr, gateway.metrics_addr);
+    println!(
+        "  metrics       http://{}/metrics (node), http://{}/metrics (gateway)",
+        node.metrics_addr, gateway.metrics_addr
+    );
     println!("  team id       {}", credential.team_id);
     println!("  key id        {}", credential.key_id);
     println!("  signing key   {}", paths.provider_signing_key(&credential.key_id).display());
@@ -58,7 +65,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("In a second terminal, start a demo device (it prints its token, then each notification):");
     println!("  cargo run --release -- device --dir {dir} --topic {topic}");
     println!("In a third, send it a push (the token defaults to the demo device's):");
-    println!("  cargo run --release -- send --dir {dir} --topic {topic} '{{\"aps\":{{\"alert\":\"Hello from Courier\"}}}}'");
+    println!(
+        "  cargo run --release -- send --dir {dir} --topic {topic} '{{\"aps\":{{\"alert\":\"Hello from Courier\"}}}}'"
+    );
     println!();
     println!("Ctrl-C stops the cluster.");
 

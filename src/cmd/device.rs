@@ -76,7 +76,11 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn session(args: &DeviceArgs, endpoint: &DeviceEndpoint, credentials: &DeviceCredentials) -> Result<(), ClientError> {
+async fn session(
+    args: &DeviceArgs,
+    endpoint: &DeviceEndpoint,
+    credentials: &DeviceCredentials,
+) -> Result<(), ClientError> {
     let mut link = DeviceLink::connect(endpoint, credentials, args.keepalive).await?;
     let token = link.register(&args.topic).await?;
     let _ = std::fs::write(token_file(&args.dir, &args.name, &args.topic), &token);

@@ -69,9 +69,10 @@ impl TestCluster {
             .await
             .expect("gateway starts");
         let signer = JwtSigner::from_pki(&PkiDir::new(dir.path())).expect("signer");
-        let provider = ProviderClient::connect(gateway.provider_addr, "localhost", &PkiDir::new(dir.path()).cluster_ca_cert())
-            .await
-            .expect("provider connects");
+        let provider =
+            ProviderClient::connect(gateway.provider_addr, "localhost", &PkiDir::new(dir.path()).cluster_ca_cert())
+                .await
+                .expect("provider connects");
         TestCluster { dir, node: Some(node), node_config, gateway, signer, provider }
     }
 
@@ -133,9 +134,15 @@ impl TestCluster {
     }
 
     pub async fn shutdown(mut self) {
-        self.gateway.shutdown().await;
         self.stop_node().await;
+        self.gateway.shutdown().await;
     }
+}
+
+/// The value of an unlabelled sample in Prometheus text. Metrics are per process and tests in one binary
+/// share a process, so tests compare against lower bounds, not exact values.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// A plain HTTP/1.1 GET over loopback, enough for metrics endpoints.
@@ -168,9 +175,8 @@ pub async fn raw_link(
     });
     let config = courier_node::tls::client_config(&endpoint.ca_path, identity, &[]).expect("client config");
     let tcp = TcpStream::connect(endpoint.addr).await?;
-    let mut tls = TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").expect("name"), tcp)
-        .await?;
+    let mut tls =
+        TlsConnector::from(Arc::new(config)).connect(ServerName::try_from("localhost").expect("name"), tcp).await?;
     // TLS 1.3 reports a rejected client certificate only on the first read after the handshake.
     use tokio::io::AsyncWriteExt;
     tls.flush().await?;

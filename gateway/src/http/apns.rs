@@ -83,9 +83,9 @@ impl Reason {
     /// The HTTP status APNs pairs with this reason.
     pub fn status(self) -> StatusCode {
         match self {
-            Reason::ExpiredProviderToken
-            | Reason::InvalidProviderToken
-            | Reason::MissingProviderToken => StatusCode::FORBIDDEN,
+            Reason::ExpiredProviderToken | Reason::InvalidProviderToken | Reason::MissingProviderToken => {
+                StatusCode::FORBIDDEN
+            }
             Reason::BadPath => StatusCode::NOT_FOUND,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -132,11 +132,7 @@ pub struct PushHead {
 impl PushHead {
     /// The payload cap for this push's topic.
     pub fn payload_limit(&self) -> usize {
-        if self.topic.ends_with(".voip") {
-            MAX_VOIP_PAYLOAD
-        } else {
-            MAX_PAYLOAD
-        }
+        if self.topic.ends_with(".voip") { MAX_VOIP_PAYLOAD } else { MAX_PAYLOAD }
     }
 }
 
@@ -149,10 +145,7 @@ pub struct ApnsId {
 
 impl ApnsId {
     fn generate() -> Self {
-        ApnsId {
-            value: uuid::Uuid::new_v4().hyphenated().to_string(),
-            generated: true,
-        }
+        ApnsId { value: uuid::Uuid::new_v4().hyphenated().to_string(), generated: true }
     }
 }
 
@@ -167,10 +160,7 @@ pub struct Refusal {
 /// that even refusals carry it. A value that is not text is replaced by a generated one.
 pub fn response_apns_id(headers: &HeaderMap) -> ApnsId {
     match headers.get("apns-id").map(|v| v.to_str()) {
-        Some(Ok(value)) => ApnsId {
-            value: value.to_string(),
-            generated: false,
-        },
+        Some(Ok(value)) => ApnsId { value: value.to_string(), generated: false },
         _ => ApnsId::generate(),
     }
 }
@@ -193,32 +183,19 @@ fn text<'a>(headers: &'a HeaderMap, name: &str, bad: Reason) -> Result<Option<&'
 }
 
 /// Validates path, method and headers. `apns_id` is the value chosen by `response_apns_id`.
-pub fn parse_head(
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    apns_id: &ApnsId,
-) -> Result<PushHead, Reason> {
-    let device_token = uri
-        .path()
-        .strip_prefix(DEVICE_PATH_PREFIX)
-        .ok_or(Reason::BadPath)?;
+pub fn parse_head(method: &Method, uri: &Uri, headers: &HeaderMap, apns_id: &ApnsId) -> Result<PushHead, Reason> {
+    let device_token = uri.path().strip_prefix(DEVICE_PATH_PREFIX).ok_or(Reason::BadPath)?;
     if method != Method::POST {
         return Err(Reason::MethodNotAllowed);
     }
     if device_token.is_empty() {
         return Err(Reason::MissingDeviceToken);
     }
-    if SINGLE_VALUED
-        .iter()
-        .any(|name| headers.get_all(*name).iter().nth(1).is_some())
-    {
+    if SINGLE_VALUED.iter().any(|name| headers.get_all(*name).iter().nth(1).is_some()) {
         return Err(Reason::DuplicateHeaders);
     }
     // A non-text authorization value is as good as a wrong one; `jwt` will refuse the empty string.
-    let authorization = headers
-        .get(http::header::AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or("").to_string());
+    let authorization = headers.get(http::header::AUTHORIZATION).map(|v| v.to_str().unwrap_or("").to_string());
 
     let topic = match text(headers, "apns-topic", Reason::BadTopic)? {
         None => return Err(Reason::MissingTopic),
@@ -246,12 +223,7 @@ pub fn parse_head(
     let collapse_id = match headers.get("apns-collapse-id") {
         None => None,
         Some(value) if value.len() > MAX_COLLAPSE_ID => return Err(Reason::BadCollapseId),
-        Some(value) => Some(
-            value
-                .to_str()
-                .map_err(|_| Reason::BadCollapseId)?
-                .to_string(),
-        ),
+        Some(value) => Some(value.to_str().map_err(|_| Reason::BadCollapseId)?.to_string()),
     };
     let push_type = match text(headers, "apns-push-type", Reason::InvalidPushType)? {
         None => "alert".to_string(),
@@ -284,10 +256,8 @@ pub async fn read_payload<B>(headers: &HeaderMap, body: B, limit: usize) -> Resu
 where
     B: hyper::body::Body<Data = Bytes>,
 {
-    let declared = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(Reason::PayloadTooLarge);
     }
@@ -332,8 +302,7 @@ mod tests {
     use http::HeaderValue;
     use http_body_util::{Full, StreamBody};
 
-    const TOKEN: &str =
-        "00000001aabbccddeeff00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff0011";
+    const TOKEN: &str = "00000001aabbccddeeff00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff0011";
 
     fn uri(path: &str) -> Uri {
         path.parse().unwrap()
@@ -373,10 +342,7 @@ mod tests {
         assert!(is_canonical_uuid(&head.apns_id.value));
         assert_eq!(head.apns_id.value, head.apns_id.value.to_lowercase());
         let now = courier_node::ids::unix_millis() / 1000;
-        assert!(
-            head.expiration >= now + DEFAULT_STORAGE_SECS - 5
-                && head.expiration <= now + DEFAULT_STORAGE_SECS + 5
-        );
+        assert!(head.expiration >= now + DEFAULT_STORAGE_SECS - 5 && head.expiration <= now + DEFAULT_STORAGE_SECS + 5);
         assert_eq!(head.authorization.as_deref(), Some("bearer x.y.z"));
         assert_eq!(head.payload_limit(), MAX_PAYLOAD);
     }
@@ -384,20 +350,11 @@ mod tests {
     #[test]
     fn every_header_is_carried_through() {
         let mut headers = base_headers();
-        headers.insert(
-            "apns-topic",
-            HeaderValue::from_static("com.example.app.voip"),
-        );
-        headers.insert(
-            "apns-id",
-            HeaderValue::from_static("123E4567-e89b-12d3-a456-426614174000"),
-        );
+        headers.insert("apns-topic", HeaderValue::from_static("com.example.app.voip"));
+        headers.insert("apns-id", HeaderValue::from_static("123E4567-e89b-12d3-a456-426614174000"));
         headers.insert("apns-expiration", HeaderValue::from_static("0"));
         headers.insert("apns-priority", HeaderValue::from_static("5"));
-        headers.insert(
-            "apns-collapse-id",
-            HeaderValue::from_bytes(&[b'c'; 64]).unwrap(),
-        );
+        headers.insert("apns-collapse-id", HeaderValue::from_bytes(&[b'c'; 64]).unwrap());
         headers.insert("apns-push-type", HeaderValue::from_static("voip"));
         let head = post(&headers).unwrap();
         assert_eq!(head.apns_id.value, "123E4567-e89b-12d3-a456-426614174000");
@@ -414,37 +371,14 @@ mod tests {
     fn paths_and_methods() {
         let headers = base_headers();
         assert_eq!(parse(Method::POST, "/", &headers), Err(Reason::BadPath));
-        assert_eq!(
-            parse(Method::POST, "/3/device", &headers),
-            Err(Reason::BadPath)
-        );
-        assert_eq!(
-            parse(Method::POST, "/3/devices/abc", &headers),
-            Err(Reason::BadPath)
-        );
-        assert_eq!(
-            parse(Method::POST, "/2/device/abc", &headers),
-            Err(Reason::BadPath)
-        );
-        assert_eq!(
-            parse(Method::GET, &format!("/3/device/{TOKEN}"), &headers),
-            Err(Reason::MethodNotAllowed)
-        );
-        assert_eq!(
-            parse(Method::PUT, "/3/device/", &headers),
-            Err(Reason::MethodNotAllowed)
-        );
-        assert_eq!(
-            parse(Method::POST, "/3/device/", &headers),
-            Err(Reason::MissingDeviceToken)
-        );
+        assert_eq!(parse(Method::POST, "/3/device", &headers), Err(Reason::BadPath));
+        assert_eq!(parse(Method::POST, "/3/devices/abc", &headers), Err(Reason::BadPath));
+        assert_eq!(parse(Method::POST, "/2/device/abc", &headers), Err(Reason::BadPath));
+        assert_eq!(parse(Method::GET, &format!("/3/device/{TOKEN}"), &headers), Err(Reason::MethodNotAllowed));
+        assert_eq!(parse(Method::PUT, "/3/device/", &headers), Err(Reason::MethodNotAllowed));
+        assert_eq!(parse(Method::POST, "/3/device/", &headers), Err(Reason::MissingDeviceToken));
         // The token is not judged here; the keyring refuses it later.
-        assert_eq!(
-            parse(Method::POST, "/3/device/not/hex", &headers)
-                .unwrap()
-                .device_token,
-            "not/hex"
-        );
+        assert_eq!(parse(Method::POST, "/3/device/not/hex", &headers).unwrap().device_token, "not/hex");
     }
 
     #[test]
@@ -453,10 +387,7 @@ mod tests {
         headers.remove("apns-topic");
         assert_eq!(post(&headers), Err(Reason::MissingTopic));
         assert_eq!(post(&with("apns-topic", b"")), Err(Reason::MissingTopic));
-        assert_eq!(
-            post(&with("apns-topic", b"com.\xffexample")),
-            Err(Reason::BadTopic)
-        );
+        assert_eq!(post(&with("apns-topic", b"com.\xffexample")), Err(Reason::BadTopic));
     }
 
     #[test]
@@ -471,11 +402,7 @@ mod tests {
             b"",
             b"\xff23e4567-e89b-12d3-a456-426614174000",
         ] {
-            assert_eq!(
-                post(&with("apns-id", bad)),
-                Err(Reason::BadMessageId),
-                "{bad:?}"
-            );
+            assert_eq!(post(&with("apns-id", bad)), Err(Reason::BadMessageId), "{bad:?}");
         }
     }
 
@@ -489,64 +416,29 @@ mod tests {
 
     #[test]
     fn expirations() {
-        for bad in [
-            &b"-1"[..],
-            b"+5",
-            b"1.5",
-            b"soon",
-            b"",
-            b"18446744073709551616",
-            b" 5",
-        ] {
-            assert_eq!(
-                post(&with("apns-expiration", bad)),
-                Err(Reason::BadExpirationDate),
-                "{bad:?}"
-            );
+        for bad in [&b"-1"[..], b"+5", b"1.5", b"soon", b"", b"18446744073709551616", b" 5"] {
+            assert_eq!(post(&with("apns-expiration", bad)), Err(Reason::BadExpirationDate), "{bad:?}");
         }
-        assert_eq!(
-            post(&with("apns-expiration", b"18446744073709551615"))
-                .unwrap()
-                .expiration,
-            u64::MAX
-        );
+        assert_eq!(post(&with("apns-expiration", b"18446744073709551615")).unwrap().expiration, u64::MAX);
     }
 
     #[test]
     fn priorities() {
         for bad in [&b"0"[..], b"2", b"11", b"010", b"high", b"", b"5 "] {
-            assert_eq!(
-                post(&with("apns-priority", bad)),
-                Err(Reason::BadPriority),
-                "{bad:?}"
-            );
+            assert_eq!(post(&with("apns-priority", bad)), Err(Reason::BadPriority), "{bad:?}");
         }
     }
 
     #[test]
     fn collapse_ids() {
-        assert_eq!(
-            post(&with("apns-collapse-id", &[b'x'; 65])),
-            Err(Reason::BadCollapseId)
-        );
-        assert_eq!(
-            post(&with("apns-collapse-id", b"caf\xc3\xa9")),
-            Err(Reason::BadCollapseId)
-        );
+        assert_eq!(post(&with("apns-collapse-id", &[b'x'; 65])), Err(Reason::BadCollapseId));
+        assert_eq!(post(&with("apns-collapse-id", b"caf\xc3\xa9")), Err(Reason::BadCollapseId));
     }
 
     #[test]
     fn push_types() {
-        assert_eq!(
-            post(&with("apns-push-type", b"")),
-            Err(Reason::InvalidPushType)
-        );
-        assert_eq!(
-            post(&with("apns-push-type", b"background"))
-                .unwrap()
-                .push_type,
-            "background"
-        );
+        assert_eq!(post(&with("apns-push-type", b"")), Err(Reason::InvalidPushType));
+        assert_eq!(post(&with("apns-push-type", b"background")).unwrap().push_type, "background");
     }
 
     #[test]
@@ -563,16 +455,7 @@ mod tests {
     fn payload_contents() {
         assert_eq!(check_payload(b""), Err(Reason::PayloadEmpty));
         assert_eq!(check_payload(br#"{"aps":{"alert":"hi"}}"#), Ok(()));
-        for bad in [
-            &b"[]"[..],
-            b"\"text\"",
-            b"42",
-            b"null",
-            b"{",
-            b"{\"a\":1}x",
-            b"\xff\xfe",
-            b" ",
-        ] {
+        for bad in [&b"[]"[..], b"\"text\"", b"42", b"null", b"{", b"{\"a\":1}x", b"\xff\xfe", b" "] {
             assert_eq!(check_payload(bad), Err(Reason::InvalidPayload), "{bad:?}");
         }
         let deep = format!("{{\"a\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
@@ -582,34 +465,21 @@ mod tests {
     #[tokio::test]
     async fn payload_reading_is_capped() {
         let headers = HeaderMap::new();
-        let ok = read_payload(
-            &headers,
-            Full::new(Bytes::from(vec![b' '; MAX_PAYLOAD])),
-            MAX_PAYLOAD,
-        )
-        .await;
+        let ok = read_payload(&headers, Full::new(Bytes::from(vec![b' '; MAX_PAYLOAD])), MAX_PAYLOAD).await;
         assert_eq!(ok.unwrap().len(), MAX_PAYLOAD);
-        let big = read_payload(
-            &headers,
-            Full::new(Bytes::from(vec![b' '; MAX_PAYLOAD + 1])),
-            MAX_PAYLOAD,
-        )
-        .await;
+        let big = read_payload(&headers, Full::new(Bytes::from(vec![b' '; MAX_PAYLOAD + 1])), MAX_PAYLOAD).await;
         assert_eq!(big, Err(Reason::PayloadTooLarge));
 
         // Many small frames add up, and reading stops at the cap rather than at the end.
         let endless = futures_util::stream::repeat_with(|| {
-            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from_static(
-                b"0123456789",
-            )))
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from_static(b"0123456789")))
         });
         let result = read_payload(&headers, StreamBody::new(endless), MAX_PAYLOAD).await;
         assert_eq!(result, Err(Reason::PayloadTooLarge));
 
         let mut declared = HeaderMap::new();
         declared.insert("content-length", HeaderValue::from_static("1000000"));
-        let result =
-            read_payload(&declared, Full::new(Bytes::from_static(b"{}")), MAX_PAYLOAD).await;
+        let result = read_payload(&declared, Full::new(Bytes::from_static(b"{}")), MAX_PAYLOAD).await;
         assert_eq!(result, Err(Reason::PayloadTooLarge));
     }
 
@@ -618,23 +488,11 @@ mod tests {
         assert_eq!(Reason::MissingProviderToken.status(), StatusCode::FORBIDDEN);
         assert_eq!(Reason::ExpiredProviderToken.status(), StatusCode::FORBIDDEN);
         assert_eq!(Reason::BadPath.status(), StatusCode::NOT_FOUND);
-        assert_eq!(
-            Reason::MethodNotAllowed.status(),
-            StatusCode::METHOD_NOT_ALLOWED
-        );
-        assert_eq!(
-            Reason::PayloadTooLarge.status(),
-            StatusCode::PAYLOAD_TOO_LARGE
-        );
-        assert_eq!(
-            Reason::ServiceUnavailable.status(),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
+        assert_eq!(Reason::MethodNotAllowed.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(Reason::PayloadTooLarge.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(Reason::ServiceUnavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(Reason::TopicDisallowed.status(), StatusCode::BAD_REQUEST);
         assert_eq!(error_body("BadPath", None), br#"{"reason":"BadPath"}"#);
-        assert_eq!(
-            error_body("Unregistered", Some(5)),
-            br#"{"reason":"Unregistered","timestamp":5}"#
-        );
+        assert_eq!(error_body("Unregistered", Some(5)), br#"{"reason":"Unregistered","timestamp":5}"#);
     }
 }

@@ -26,10 +26,7 @@ const CACHE_CAPACITY: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
     #[error("provider key {key_id} has an unusable public key: {source}")]
-    BadPublicKey {
-        key_id: String,
-        source: jsonwebtoken::errors::Error,
-    },
+    BadPublicKey { key_id: String, source: jsonwebtoken::errors::Error },
 }
 
 /// A provider the gateway has authenticated: who it is and where it may push.
@@ -67,9 +64,7 @@ pub struct ProviderCredentials {
 impl std::fmt::Debug for ProviderCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let set = self.snapshot();
-        f.debug_struct("ProviderCredentials")
-            .field("key_ids", &set.by_key_id.keys().collect::<Vec<_>>())
-            .finish()
+        f.debug_struct("ProviderCredentials").field("key_ids", &set.by_key_id.keys().collect::<Vec<_>>()).finish()
     }
 }
 
@@ -84,32 +79,19 @@ impl ProviderCredentials {
     pub fn replace(&self, credentials: Vec<ProviderCredential>) -> Result<(), CredentialError> {
         let mut by_key_id = HashMap::new();
         for credential in credentials {
-            let key = DecodingKey::from_ec_pem(credential.public_key_pem.as_bytes()).map_err(
-                |source| CredentialError::BadPublicKey {
-                    key_id: credential.key_id.clone(),
-                    source,
-                },
-            )?;
-            let provider = AuthorizedProvider {
-                team_id: credential.team_id.into(),
-                topics: credential.topics.into(),
-            };
+            let key = DecodingKey::from_ec_pem(credential.public_key_pem.as_bytes())
+                .map_err(|source| CredentialError::BadPublicKey { key_id: credential.key_id.clone(), source })?;
+            let provider = AuthorizedProvider { team_id: credential.team_id.into(), topics: credential.topics.into() };
             by_key_id.insert(credential.key_id, Arc::new(VerifyingKey { provider, key }));
         }
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         let generation = current.generation + 1;
-        *current = Arc::new(CredentialSet {
-            generation,
-            by_key_id,
-        });
+        *current = Arc::new(CredentialSet { generation, by_key_id });
         Ok(())
     }
 
     fn snapshot(&self) -> Arc<CredentialSet> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -137,11 +119,7 @@ impl JwtVerifier {
     }
 
     /// Authenticates a push given its `authorization` header (None when absent), at UNIX time `now`.
-    pub fn authenticate(
-        &self,
-        authorization: Option<&str>,
-        now: i64,
-    ) -> Result<AuthorizedProvider, Reason> {
+    pub fn authenticate(&self, authorization: Option<&str>, now: i64) -> Result<AuthorizedProvider, Reason> {
         let header = authorization.ok_or(Reason::MissingProviderToken)?;
         let token = bearer_token(header).ok_or(Reason::InvalidProviderToken)?;
         let set = self.credentials.snapshot();
@@ -171,8 +149,7 @@ impl JwtVerifier {
 fn bearer_token(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim().split_once(' ')?;
     let token = token.trim_start();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && token.len() <= MAX_JWT_LEN)
-        .then_some(token)
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && token.len() <= MAX_JWT_LEN).then_some(token)
 }
 
 fn check_age(iat: i64, now: i64, max_age_secs: i64) -> Result<(), Reason> {
@@ -192,10 +169,7 @@ fn verify(set: &CredentialSet, token: &str) -> Result<VerifiedToken, Reason> {
         return Err(Reason::InvalidProviderToken);
     }
     let key_id = header.kid.ok_or(Reason::InvalidProviderToken)?;
-    let key = set
-        .by_key_id
-        .get(&key_id)
-        .ok_or(Reason::InvalidProviderToken)?;
+    let key = set.by_key_id.get(&key_id).ok_or(Reason::InvalidProviderToken)?;
 
     // APNs tokens have no `exp`; expiry is `iat` + max age, checked by us on every use.
     let mut validation = Validation::new(Algorithm::ES256);
@@ -203,27 +177,16 @@ fn verify(set: &CredentialSet, token: &str) -> Result<VerifiedToken, Reason> {
     validation.validate_nbf = false;
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
-    let claims = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
-        token,
-        &key.key,
-        &validation,
-    )
-    .map_err(invalid)?
-    .claims;
+    let claims = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &key.key, &validation)
+        .map_err(invalid)?
+        .claims;
 
     match claims.get("iss") {
         Some(serde_json::Value::String(iss)) if *iss == *key.provider.team_id => {}
         _ => return Err(Reason::InvalidProviderToken),
     }
-    let iat = claims
-        .get("iat")
-        .and_then(parse_iat)
-        .ok_or(Reason::InvalidProviderToken)?;
-    Ok(VerifiedToken {
-        generation: set.generation,
-        iat,
-        provider: key.provider.clone(),
-    })
+    let iat = claims.get("iat").and_then(parse_iat).ok_or(Reason::InvalidProviderToken)?;
+    Ok(VerifiedToken { generation: set.generation, iat, provider: key.provider.clone() })
 }
 
 /// Providers in the wild send `iat` as an integer, a float or a numeric string; all mean UNIX seconds.
@@ -253,12 +216,7 @@ mod tests {
         credentials: ProviderCredentials,
     }
 
-    fn credential(
-        kid: &str,
-        team: &str,
-        key: &rcgen::KeyPair,
-        topics: &[&str],
-    ) -> ProviderCredential {
+    fn credential(kid: &str, team: &str, key: &rcgen::KeyPair, topics: &[&str]) -> ProviderCredential {
         ProviderCredential {
             team_id: team.into(),
             key_id: kid.into(),
@@ -294,10 +252,7 @@ mod tests {
         let f = fixture();
         let jwt = f.signer.sign();
         for scheme in ["bearer", "Bearer", "BEARER", "bEaReR"] {
-            let provider = f
-                .verifier
-                .authenticate(Some(&format!("{scheme} {jwt}")), now())
-                .unwrap();
+            let provider = f.verifier.authenticate(Some(&format!("{scheme} {jwt}")), now()).unwrap();
             assert_eq!(&*provider.team_id, TEAM);
             assert!(provider.may_push_to("anything"));
         }
@@ -307,10 +262,7 @@ mod tests {
     fn missing_and_malformed_headers() {
         let f = fixture();
         let jwt = f.signer.sign();
-        assert_eq!(
-            f.verifier.authenticate(None, now()).unwrap_err(),
-            Reason::MissingProviderToken
-        );
+        assert_eq!(f.verifier.authenticate(None, now()).unwrap_err(), Reason::MissingProviderToken);
         for header in [
             String::new(),
             "bearer".into(),
@@ -339,16 +291,11 @@ mod tests {
         let wrong_team = JwtSigner::new("OTHERTEAM0", KID, &f.p8).unwrap();
         for signer in [wrong_key, wrong_kid, wrong_team] {
             let header = format!("bearer {}", signer.sign());
-            assert_eq!(
-                f.verifier.authenticate(Some(&header), now()).unwrap_err(),
-                Reason::InvalidProviderToken
-            );
+            assert_eq!(f.verifier.authenticate(Some(&header), now()).unwrap_err(), Reason::InvalidProviderToken);
         }
         let no_kid = custom(&f.p8, None, serde_json::json!({"iss": TEAM, "iat": now()}));
         assert_eq!(
-            f.verifier
-                .authenticate(Some(&format!("bearer {no_kid}")), now())
-                .unwrap_err(),
+            f.verifier.authenticate(Some(&format!("bearer {no_kid}")), now()).unwrap_err(),
             Reason::InvalidProviderToken
         );
     }
@@ -360,19 +307,11 @@ mod tests {
         header.kid = Some(KID.into());
         let claims = serde_json::json!({"iss": TEAM, "iat": now()});
         // The classic confusion attack: an HMAC keyed with the public key.
-        let public = rcgen::KeyPair::from_pem(std::str::from_utf8(&f.p8).unwrap())
-            .unwrap()
-            .public_key_pem();
-        let jwt = jsonwebtoken::encode(
-            &header,
-            &claims,
-            &EncodingKey::from_secret(public.as_bytes()).unwrap(),
-        )
-        .unwrap();
+        let public = rcgen::KeyPair::from_pem(std::str::from_utf8(&f.p8).unwrap()).unwrap().public_key_pem();
+        let jwt =
+            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(public.as_bytes()).unwrap()).unwrap();
         assert_eq!(
-            f.verifier
-                .authenticate(Some(&format!("bearer {jwt}")), now())
-                .unwrap_err(),
+            f.verifier.authenticate(Some(&format!("bearer {jwt}")), now()).unwrap_err(),
             Reason::InvalidProviderToken
         );
     }
@@ -382,23 +321,11 @@ mod tests {
         let f = fixture();
         let issued = now();
         let header = format!("bearer {}", f.signer.sign_at(issued));
-        assert!(
-            f.verifier
-                .authenticate(Some(&header), issued + 3600)
-                .is_ok()
-        );
+        assert!(f.verifier.authenticate(Some(&header), issued + 3600).is_ok());
         // Same token, now cached, a second too old.
-        assert_eq!(
-            f.verifier
-                .authenticate(Some(&header), issued + 3601)
-                .unwrap_err(),
-            Reason::ExpiredProviderToken
-        );
+        assert_eq!(f.verifier.authenticate(Some(&header), issued + 3601).unwrap_err(), Reason::ExpiredProviderToken);
         let old = format!("bearer {}", f.signer.sign_at(issued - 7200));
-        assert_eq!(
-            f.verifier.authenticate(Some(&old), issued).unwrap_err(),
-            Reason::ExpiredProviderToken
-        );
+        assert_eq!(f.verifier.authenticate(Some(&old), issued).unwrap_err(), Reason::ExpiredProviderToken);
     }
 
     #[test]
@@ -408,64 +335,31 @@ mod tests {
         let near = format!("bearer {}", f.signer.sign_at(issued + 60));
         assert!(f.verifier.authenticate(Some(&near), issued).is_ok());
         let far = format!("bearer {}", f.signer.sign_at(issued + 600));
-        assert_eq!(
-            f.verifier.authenticate(Some(&far), issued).unwrap_err(),
-            Reason::InvalidProviderToken
-        );
+        assert_eq!(f.verifier.authenticate(Some(&far), issued).unwrap_err(), Reason::InvalidProviderToken);
     }
 
     #[test]
     fn iat_may_be_an_integer_a_float_or_a_string() {
         let f = fixture();
         let t = now();
-        for iat in [
-            serde_json::json!(t),
-            serde_json::json!(t as f64 + 0.5),
-            serde_json::json!(t.to_string()),
-        ] {
-            let jwt = custom(
-                &f.p8,
-                Some(KID),
-                serde_json::json!({"iss": TEAM, "iat": iat}),
-            );
-            assert!(
-                f.verifier
-                    .authenticate(Some(&format!("bearer {jwt}")), t)
-                    .is_ok(),
-                "{iat}"
-            );
+        for iat in [serde_json::json!(t), serde_json::json!(t as f64 + 0.5), serde_json::json!(t.to_string())] {
+            let jwt = custom(&f.p8, Some(KID), serde_json::json!({"iss": TEAM, "iat": iat}));
+            assert!(f.verifier.authenticate(Some(&format!("bearer {jwt}")), t).is_ok(), "{iat}");
         }
-        for iat in [
-            serde_json::json!("soon"),
-            serde_json::json!(null),
-            serde_json::json!(1e300),
-            serde_json::json!([t]),
-        ] {
-            let jwt = custom(
-                &f.p8,
-                Some(KID),
-                serde_json::json!({"iss": TEAM, "iat": iat}),
-            );
+        for iat in
+            [serde_json::json!("soon"), serde_json::json!(null), serde_json::json!(1e300), serde_json::json!([t])]
+        {
+            let jwt = custom(&f.p8, Some(KID), serde_json::json!({"iss": TEAM, "iat": iat}));
             assert_eq!(
-                f.verifier
-                    .authenticate(Some(&format!("bearer {jwt}")), t)
-                    .unwrap_err(),
+                f.verifier.authenticate(Some(&format!("bearer {jwt}")), t).unwrap_err(),
                 Reason::InvalidProviderToken,
                 "{iat}"
             );
         }
         let no_iat = custom(&f.p8, Some(KID), serde_json::json!({"iss": TEAM}));
-        assert!(
-            f.verifier
-                .authenticate(Some(&format!("bearer {no_iat}")), t)
-                .is_err()
-        );
+        assert!(f.verifier.authenticate(Some(&format!("bearer {no_iat}")), t).is_err());
         let no_iss = custom(&f.p8, Some(KID), serde_json::json!({"iat": t}));
-        assert!(
-            f.verifier
-                .authenticate(Some(&format!("bearer {no_iss}")), t)
-                .is_err()
-        );
+        assert!(f.verifier.authenticate(Some(&format!("bearer {no_iss}")), t).is_err());
     }
 
     #[test]
@@ -474,19 +368,11 @@ mod tests {
         let header = format!("bearer {}", f.signer.sign());
         assert!(f.verifier.authenticate(Some(&header), now()).is_ok());
         let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        f.credentials
-            .replace(vec![credential(KID, TEAM, &other, &["com.example.app"])])
-            .unwrap();
-        assert_eq!(
-            f.verifier.authenticate(Some(&header), now()).unwrap_err(),
-            Reason::InvalidProviderToken
-        );
+        f.credentials.replace(vec![credential(KID, TEAM, &other, &["com.example.app"])]).unwrap();
+        assert_eq!(f.verifier.authenticate(Some(&header), now()).unwrap_err(), Reason::InvalidProviderToken);
 
         let signer = JwtSigner::new(TEAM, KID, other.serialize_pem().as_bytes()).unwrap();
-        let provider = f
-            .verifier
-            .authenticate(Some(&format!("bearer {}", signer.sign())), now())
-            .unwrap();
+        let provider = f.verifier.authenticate(Some(&format!("bearer {}", signer.sign())), now()).unwrap();
         assert!(provider.may_push_to("com.example.app"));
         assert!(!provider.may_push_to("com.example.other"));
     }
@@ -501,10 +387,6 @@ mod tests {
             topics: vec![],
         };
         assert!(f.credentials.replace(vec![broken]).is_err());
-        assert!(
-            f.verifier
-                .authenticate(Some(&format!("bearer {}", f.signer.sign())), now())
-                .is_ok()
-        );
+        assert!(f.verifier.authenticate(Some(&format!("bearer {}", f.signer.sign())), now()).is_ok());
     }
 }

@@ -43,27 +43,18 @@ impl PushService {
         let outcome = async {
             let head = apns::parse_head(&parts.method, &parts.uri, &parts.headers, &apns_id)?;
             let now = (courier_node::ids::unix_millis() / 1000) as i64;
-            let provider = self
-                .verifier
-                .authenticate(head.authorization.as_deref(), now)?;
+            let provider = self.verifier.authenticate(head.authorization.as_deref(), now)?;
             if !provider.may_push_to(&head.topic) {
                 return Err(Reason::TopicDisallowed);
             }
-            let token = self
-                .keyring
-                .open(&head.device_token)
-                .map_err(|_| Reason::BadDeviceToken)?;
+            let token = self.keyring.open(&head.device_token).map_err(|_| Reason::BadDeviceToken)?;
             if !token.is_for_topic(&head.topic) {
                 return Err(Reason::DeviceTokenNotForTopic);
             }
             let read = apns::read_payload(&parts.headers, body, head.payload_limit());
-            let payload = tokio::time::timeout(self.body_timeout, read)
-                .await
-                .map_err(|_| Reason::IdleTimeout)??;
+            let payload = tokio::time::timeout(self.body_timeout, read).await.map_err(|_| Reason::IdleTimeout)??;
             apns::check_payload(&payload)?;
-            Ok(self
-                .forward(&head, token.device_id.to_bytes().to_vec(), payload)
-                .await)
+            Ok(self.forward(&head, token.device_id.to_bytes().to_vec(), payload).await)
         }
         .await;
         match outcome {
@@ -77,12 +68,7 @@ impl PushService {
     }
 
     /// Forwards an accepted push; `Err` carries the reason the node gave, or ServiceUnavailable.
-    async fn forward(
-        &self,
-        head: &PushHead,
-        device_id: Vec<u8>,
-        payload: Bytes,
-    ) -> Result<(), ForwardRefusal> {
+    async fn forward(&self, head: &PushHead, device_id: Vec<u8>, payload: Bytes) -> Result<(), ForwardRefusal> {
         let notification = Notification {
             device_id,
             topic: head.topic.clone(),
@@ -96,8 +82,7 @@ impl PushService {
         };
         let started = Instant::now();
         let delivery = self.router.deliver(notification).await;
-        metrics::histogram!("courier_gateway_forward_latency_seconds")
-            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("courier_gateway_forward_latency_seconds").record(started.elapsed().as_secs_f64());
         match delivery {
             Delivery::Accepted(_) => Ok(()),
             Delivery::Rejected(reason) => Err(ForwardRefusal::Node(reason)),
@@ -122,11 +107,7 @@ impl ForwardRefusal {
         match self {
             // The node only speaks for the device (e.g. Unregistered is 410); all its refusals but that
             // one are request errors.
-            ForwardRefusal::Node(reason)
-                if reason == "Unregistered" || reason == "ExpiredToken" =>
-            {
-                StatusCode::GONE
-            }
+            ForwardRefusal::Node(reason) if reason == "Unregistered" || reason == "ExpiredToken" => StatusCode::GONE,
             ForwardRefusal::Node(_) => StatusCode::BAD_REQUEST,
             ForwardRefusal::Unavailable => Reason::ServiceUnavailable.status(),
         }
@@ -144,11 +125,7 @@ impl std::fmt::Display for ForwardRefusal {
 
 fn refuse_with(status: StatusCode, reason: &str, apns_id: &ApnsId) -> Response<Full<Bytes>> {
     // The node's reasons are free text from our point of view; keep the label set bounded.
-    let label = if reason.len() <= 40 && reason.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        reason
-    } else {
-        "Other"
-    };
+    let label = if reason.len() <= 40 && reason.bytes().all(|b| b.is_ascii_alphanumeric()) { reason } else { "Other" };
     metrics::counter!("courier_gateway_notifications_rejected_total", "reason" => label.to_string()).increment(1);
     let timestamp = (status == StatusCode::GONE).then(courier_node::ids::unix_millis);
     respond(status, apns_id, Some(apns::error_body(reason, timestamp)))
@@ -163,10 +140,7 @@ fn respond(status: StatusCode, apns_id: &ApnsId, body: Option<Vec<u8>>) -> Respo
         headers.insert("apns-id", value);
     }
     if has_body {
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     response
 }

@@ -49,13 +49,7 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 impl ProviderServer {
     /// Accepts connections until shutdown, then waits (at most `SHUTDOWN_GRACE`) for them to drain.
     pub async fn run(self) {
-        let ProviderServer {
-            listener,
-            acceptor,
-            service,
-            connections,
-            mut shutdown,
-        } = self;
+        let ProviderServer { listener, acceptor, service, connections, mut shutdown } = self;
         let mut tasks = JoinSet::new();
         loop {
             // Reap finished connections so the set only holds live ones.
@@ -79,24 +73,12 @@ impl ProviderServer {
                 },
             };
             tracing::debug!(%peer, "provider connected");
-            tasks.spawn(serve_connection(
-                tcp,
-                acceptor.clone(),
-                service.clone(),
-                shutdown.clone(),
-                permit,
-            ));
+            tasks.spawn(serve_connection(tcp, acceptor.clone(), service.clone(), shutdown.clone(), permit));
         }
         drop(listener);
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
-            tracing::warn!(
-                remaining = tasks.len(),
-                "provider connections did not drain in time; closing them"
-            );
+            tracing::warn!(remaining = tasks.len(), "provider connections did not drain in time; closing them");
             tasks.shutdown().await;
         }
     }

@@ -53,7 +53,9 @@ impl<In: prost::Message + Default> Decoder for FrameCodec<In> {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
-        let Some(prefix) = src.get(..LENGTH_PREFIX) else { return Ok(None) };
+        let Some(prefix) = src.get(..LENGTH_PREFIX) else {
+            return Ok(None);
+        };
         let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
         if len > self.max_frame {
             return Err(FrameError::TooLarge { len, max: self.max_frame });
@@ -123,7 +125,8 @@ mod tests {
     #[test]
     fn garbage_bodies_are_malformed_not_panics() {
         let mut codec = FrameCodec::<DeviceFrame>::new(1024);
-        for garbage in [&[0xffu8, 0xff, 0xff][..], &[0x0a, 0x05, 0x01], &[0x12, 0xff, 0xff, 0xff, 0xff, 0x0f], &[0x07]] {
+        for garbage in [&[0xffu8, 0xff, 0xff][..], &[0x0a, 0x05, 0x01], &[0x12, 0xff, 0xff, 0xff, 0xff, 0x0f], &[0x07]]
+        {
             let mut buf = BytesMut::new();
             buf.put_u32(garbage.len() as u32);
             buf.extend_from_slice(garbage);

@@ -76,7 +76,9 @@ impl Registry {
 
     pub fn hand_off(&self, device: DeviceId, notification: Arc<Notification>) -> Handoff {
         let mut links = self.lock();
-        let Some(entry) = links.get(&device) else { return Handoff::NotConnected };
+        let Some(entry) = links.get(&device) else {
+            return Handoff::NotConnected;
+        };
         match entry.notifications.try_send(notification) {
             Ok(()) => Handoff::Sent,
             Err(mpsc::error::TrySendError::Closed(_)) => Handoff::NotConnected,

@@ -11,9 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_proto::cluster::Notification;
-use courier_proto::device::{
-    self as wire, DeviceFrame, GoodbyeReason, ServerFrame, device_frame, server_frame,
-};
+use courier_proto::device::{self as wire, DeviceFrame, GoodbyeReason, ServerFrame, device_frame, server_frame};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -215,7 +213,9 @@ impl DeviceLink<'_> {
 async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, mut shutdown: watch::Receiver<bool>) {
     let hello = match first_frame(link, edge).await {
         Some(device_frame::Kind::Hello(hello)) => hello,
-        Some(_) => return goodbye(link, GoodbyeReason::ProtocolViolation, "the first frame must be Hello").await,
+        Some(_) => {
+            return goodbye(link, GoodbyeReason::ProtocolViolation, "the first frame must be Hello").await;
+        }
         None => return,
     };
     let keepalive = edge.settings.negotiate_keepalive(hello.keepalive_secs);

@@ -82,8 +82,8 @@ impl Store {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(db_err)?;
         }
-        let db = Database::create(path)
-            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        let db =
+            Database::create(path).map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         let txn = db.begin_write().map_err(db_err)?;
         {
             txn.open_table(QUEUE).map_err(db_err)?;
@@ -103,7 +103,10 @@ impl Store {
         Ok(Store { db, writer, thread: Arc::new(std::sync::Mutex::new(Some(thread))) })
     }
 
-    async fn submit<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp) -> Result<T, StoreError> {
+    async fn submit<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
+    ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writer.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -184,7 +187,9 @@ impl Store {
 fn write_loop(db: Arc<Database>, mut ops: mpsc::Receiver<WriteOp>) {
     let mut batch = Vec::with_capacity(MAX_GROUP);
     loop {
-        let Some(first) = ops.blocking_recv() else { return };
+        let Some(first) = ops.blocking_recv() else {
+            return;
+        };
         batch.push(first);
         while batch.len() < MAX_GROUP {
             match ops.try_recv() {
@@ -219,13 +224,9 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>) {
             let mut next_seq = meta.get(NEXT_SEQ).map_err(db_err)?.map(|v| v.value()).unwrap_or(1);
             for op in batch.iter() {
                 let outcome = match op {
-                    WriteOp::Insert(n, _) => Outcome::Inserted(insert_one(
-                        n,
-                        &mut next_seq,
-                        &mut queue,
-                        &mut by_id,
-                        &mut by_collapse,
-                    )),
+                    WriteOp::Insert(n, _) => {
+                        Outcome::Inserted(insert_one(n, &mut next_seq, &mut queue, &mut by_id, &mut by_collapse))
+                    }
                     WriteOp::Remove(device, apns_id, _) => {
                         Outcome::Removed(remove_one(*device, apns_id, &mut queue, &mut by_id, &mut by_collapse))
                     }
@@ -289,16 +290,15 @@ fn insert_one(
     by_id: &mut Table<(u128, &str), u64>,
     by_collapse: &mut Table<(u128, &str, &str), u64>,
 ) -> Result<Inserted, StoreError> {
-    let device = DeviceId::from_slice(&n.device_id).ok_or_else(|| StoreError::Db("device id is not 16 bytes".into()))?;
+    let device =
+        DeviceId::from_slice(&n.device_id).ok_or_else(|| StoreError::Db("device id is not 16 bytes".into()))?;
     if by_id.get((device.0, n.apns_id.as_str())).map_err(db_err)?.is_some() {
         return Ok(Inserted::Duplicate);
     }
     let mut inserted = Inserted::New;
     if !n.collapse_id.is_empty() {
-        let previous = by_collapse
-            .get((device.0, n.topic.as_str(), n.collapse_id.as_str()))
-            .map_err(db_err)?
-            .map(|v| v.value());
+        let previous =
+            by_collapse.get((device.0, n.topic.as_str(), n.collapse_id.as_str())).map_err(db_err)?.map(|v| v.value());
         if let Some(old_seq) = previous {
             let old = queue.remove((device.0, old_seq)).map_err(db_err)?.map(|v| Notification::decode(v.value()));
             if let Some(Ok(old)) = old {
