@@ -103,7 +103,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let chain = courier_node::pki::load_certs(&pki.member_cert("gateway"))?;
     let key = courier_node::pki::load_key(&pki.member_key("gateway"))?;
     let tls = courier_node::tls::server_config(chain, key, &[b"h2"])?;
-    let keyring = Keyring::load_or_create(&pki.token_keys())?;
+    let keyring = Keyring::load(&pki.token_keys())?;
     let credentials = ProviderCredentials::new(vec![ProviderCredential::load(&pki.provider_credential())?])?;
     let timeout = Duration::from_millis(config.request_timeout_ms);
     let router = NodeRouter::new(&pki, &config.node_addr, &config.node_server_name, timeout)?;

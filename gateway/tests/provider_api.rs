@@ -123,7 +123,7 @@ impl Harness {
         let client = connect(gateway.provider_addr, &pki.cluster_ca_cert()).await;
         Harness {
             signer: JwtSigner::from_pki(&pki).unwrap(),
-            keyring: Keyring::load_or_create(&pki.token_keys()).unwrap(),
+            keyring: Keyring::load(&pki.token_keys()).unwrap(),
             _dir: dir,
             pki,
             node,
@@ -302,7 +302,7 @@ async fn a_topic_outside_the_credentials_list_is_disallowed() {
     let mut node = TestNode::start(&pki).await;
     let gateway = courier_gateway::start(GatewayConfig::local(dir.path().to_path_buf(), node.addr)).await.unwrap();
     let client = connect(gateway.provider_addr, &pki.cluster_ca_cert()).await;
-    let keyring = Keyring::load_or_create(&pki.token_keys()).unwrap();
+    let keyring = Keyring::load(&pki.token_keys()).unwrap();
     let signer = JwtSigner::from_pki(&pki).unwrap();
     let push = |topic: &str| Push {
         token: keyring.mint(DeviceId(7), topic).unwrap(),

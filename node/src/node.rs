@@ -65,7 +65,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     tls::install_crypto_provider();
     telemetry::prometheus();
     let pki = PkiDir::new(&config.pki_dir);
-    let keyring = Keyring::load_or_create(&pki.token_keys())?;
+    let keyring = Keyring::load(&pki.token_keys())?;
     let device_ca = DeviceCa::load(&pki)?;
     let store = Store::open(&config.data_dir.join("courier.redb"))?;
     let registry = Arc::new(Registry::default());

@@ -157,7 +157,7 @@ impl fmt::Debug for Keyring {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
-    #[error("reading token keys from {path}: {source}")]
+    #[error("reading token keys from {path} (create them with `courier pki init`): {source}")]
     Io { path: String, source: std::io::Error },
     #[error("token key file {path} is not valid: {source}")]
     Format { path: String, source: serde_json::Error },
@@ -202,17 +202,24 @@ impl Keyring {
         key.open_sealed(prefix, sealed)
     }
 
-    /// Loads the key file at `path`, creating it with one fresh key if it does not exist.
+    /// Creates the key file at `path` with one fresh key unless it exists, then loads it.
     pub fn load_or_create(path: &Path) -> Result<Self, KeyringError> {
-        let io = |source| KeyringError::Io { path: path.display().to_string(), source };
         if !path.exists() {
             let key = TokenKey::generate(TokenKeyId(1));
             let state = KeyringState { active: Some(key.id), keys: [(key.id, key)].into() };
             let text = serde_json::to_string_pretty(&state)
                 .map_err(|source| KeyringError::Format { path: path.display().to_string(), source })?;
-            crate::pki::write_secret(path, text.as_bytes()).map_err(io)?;
+            crate::pki::write_secret(path, text.as_bytes())
+                .map_err(|source| KeyringError::Io { path: path.display().to_string(), source })?;
         }
-        let text = std::fs::read_to_string(path).map_err(io)?;
+        Self::load(path)
+    }
+
+    /// Loads the key file at `path` (written by `courier pki init`); a missing file is an error, since
+    /// keys made up on the spot would be shared with no other process.
+    pub fn load(path: &Path) -> Result<Self, KeyringError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| KeyringError::Io { path: path.display().to_string(), source })?;
         let state: KeyringState = serde_json::from_str(&text)
             .map_err(|source| KeyringError::Format { path: path.display().to_string(), source })?;
         let active = state.active.ok_or_else(|| KeyringError::NoActiveKey(path.display().to_string()))?;
