@@ -12,6 +12,7 @@ pub mod edge;
 pub mod ids;
 pub mod node;
 pub mod pki;
+pub mod raft;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
