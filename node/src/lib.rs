@@ -13,6 +13,7 @@ pub mod ids;
 pub mod node;
 pub mod pki;
 pub mod raft;
+pub mod ring;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
