@@ -21,13 +21,14 @@ pub struct GatewayConfig {
     #[arg(long = "pki-dir", env = "COURIER_PKI_DIR", default_value = "courier-pki")]
     pub pki_dir: PathBuf,
 
-    /// Cluster gRPC address (host:port) of the node notifications are forwarded to.
-    #[arg(long = "node-addr", env = "COURIER_NODE_ADDR", default_value = "127.0.0.1:7400")]
-    pub node_addr: String,
+    /// Cluster gRPC addresses (host:port, comma-separated) of nodes to learn the cluster from. Any one
+    /// reachable member is enough: the rest are learned from its `WatchCluster` stream.
+    #[arg(long = "node-addr", env = "COURIER_NODE_ADDR", value_delimiter = ',', default_value = "127.0.0.1:7400")]
+    pub node_addrs: Vec<String>,
 
-    /// Name the node's certificate must carry; checked during the mutual-TLS handshake.
-    #[arg(long = "node-server-name", env = "COURIER_NODE_SERVER_NAME", default_value = "localhost")]
-    pub node_server_name: String,
+    /// Name every node's certificate must carry, if not the host of its address.
+    #[arg(long = "node-server-name", env = "COURIER_NODE_SERVER_NAME")]
+    pub node_server_name: Option<String>,
 
     /// How long a forwarded notification may take before the provider gets 503 ServiceUnavailable.
     #[arg(long = "request-timeout-ms", env = "COURIER_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
@@ -46,8 +47,8 @@ impl GatewayConfig {
             provider_addr: loopback,
             metrics_addr: loopback,
             pki_dir,
-            node_addr: node_addr.to_string(),
-            node_server_name: "localhost".to_string(),
+            node_addrs: vec![node_addr.to_string()],
+            node_server_name: None,
             request_timeout_ms: 10_000,
             max_jwt_age_secs: 3600,
         }
@@ -70,15 +71,17 @@ mod tests {
         let cli = Cli::try_parse_from(["courier"]).unwrap();
         assert_eq!(cli.gateway.provider_addr.port(), 8443);
         assert_eq!(cli.gateway.metrics_addr.port(), 9401);
-        assert_eq!(cli.gateway.node_addr, "127.0.0.1:7400");
+        assert_eq!(cli.gateway.node_addrs, ["127.0.0.1:7400"]);
         assert_eq!(cli.gateway.request_timeout_ms, 10_000);
         assert_eq!(cli.gateway.max_jwt_age_secs, 3600);
     }
 
     #[test]
     fn flags_override_defaults() {
-        let cli = Cli::try_parse_from(["courier", "--node-addr", "node-0:7400", "--max-jwt-age-secs", "60"]).unwrap();
-        assert_eq!(cli.gateway.node_addr, "node-0:7400");
+        let cli =
+            Cli::try_parse_from(["courier", "--node-addr", "node-0:7400,node-1:7400", "--max-jwt-age-secs", "60"])
+                .unwrap();
+        assert_eq!(cli.gateway.node_addrs, ["node-0:7400", "node-1:7400"]);
         assert_eq!(cli.gateway.max_jwt_age_secs, 60);
     }
 }

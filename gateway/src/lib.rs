@@ -9,25 +9,28 @@ pub mod config;
 pub mod http;
 pub mod provider;
 pub mod route;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_node::pki::{PkiDir, PkiError, ProviderCredential};
+use courier_node::peer::{PeerError, Peers};
+use courier_node::pki::{PkiDir, PkiError};
 use courier_node::telemetry::Readiness;
 use courier_node::tls::TlsError;
-use courier_node::token::{Keyring, KeyringError};
+use courier_node::token::Keyring;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::http::PushService;
-use crate::http::jwt::{CredentialError, JwtVerifier, ProviderCredentials};
+use crate::http::jwt::{JwtVerifier, ProviderCredentials};
 use crate::http::server::{ProviderServer, SHUTDOWN_GRACE};
 pub use config::GatewayConfig;
-use route::{NodeRouter, RouteError};
+use route::NodeRouter;
+use watch::{ClusterWatch, ViewReceiver};
 
 /// Provider connections one gateway holds at once; beyond this, new connections wait to be accepted.
 const MAX_PROVIDER_CONNECTIONS: usize = 10_000;
@@ -39,11 +42,7 @@ pub enum GatewayError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
-    Keyring(#[from] KeyringError),
-    #[error(transparent)]
-    Credential(#[from] CredentialError),
-    #[error(transparent)]
-    Route(#[from] RouteError),
+    Peers(#[from] PeerError),
     #[error("binding {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
@@ -54,9 +53,13 @@ pub struct RunningGateway {
     pub provider_addr: SocketAddr,
     /// Where metrics and health endpoints actually listen.
     pub metrics_addr: SocketAddr,
+    /// The latest view of the cluster this gateway routes by.
+    pub view: ViewReceiver,
     shutdown: watch::Sender<bool>,
     provider_task: JoinHandle<()>,
     metrics_task: JoinHandle<()>,
+    watch_task: JoinHandle<()>,
+    readiness_task: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for RunningGateway {
@@ -103,10 +106,19 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let chain = courier_node::pki::load_certs(&pki.member_cert("gateway"))?;
     let key = courier_node::pki::load_key(&pki.member_key("gateway"))?;
     let tls = courier_node::tls::server_config(chain, key, &[b"h2"])?;
-    let keyring = Keyring::load(&pki.token_keys())?;
-    let credentials = ProviderCredentials::new(vec![ProviderCredential::load(&pki.provider_credential())?])?;
+    // Keys and credentials arrive with the first view from the cluster; until then every push is refused.
+    let keyring = Keyring::default();
+    let credentials = ProviderCredentials::default();
     let timeout = Duration::from_millis(config.request_timeout_ms);
-    let router = NodeRouter::new(&pki, &config.node_addr, &config.node_server_name, timeout)?;
+    let peers = Arc::new(Peers::new(&pki, "gateway", config.node_server_name.clone(), timeout)?);
+    let (views, view) = watch::channel(None);
+    let cluster_watch = ClusterWatch {
+        seeds: config.node_addrs.clone(),
+        peers: peers.clone(),
+        keyring: keyring.clone(),
+        credentials: credentials.clone(),
+    };
+    let router = NodeRouter { peers, view: view.clone(), timeout };
     let service = Arc::new(PushService {
         verifier: JwtVerifier::new(credentials, config.max_jwt_age_secs),
         keyring,
@@ -128,11 +140,16 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         shutdown: shutdown_rx.clone(),
     };
     let provider_task = tokio::spawn(server.run());
+    let watch_task = tokio::spawn(cluster_watch.run(views, shutdown_rx.clone()));
 
-    // Ready as soon as the provider port accepts; the node connection is made lazily and its absence
-    // shows as 503s, which a load balancer should not mistake for a dead gateway.
+    // Ready once it has a view of the cluster to route by.
     let readiness = Readiness::default();
-    readiness.set(true);
+    let mut ready_view = view.clone();
+    let ready_flag = readiness.clone();
+    let readiness_task = tokio::spawn(async move {
+        let _ = ready_view.wait_for(|v| v.is_some()).await;
+        ready_flag.set(true);
+    });
     let mut metrics_shutdown = shutdown_rx;
     let metrics_task = tokio::spawn(async move {
         let stop = async move {
@@ -143,14 +160,31 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         }
     });
 
-    tracing::info!(%provider_addr, %metrics_addr, node = %config.node_addr, "gateway started");
-    Ok(RunningGateway { provider_addr, metrics_addr, shutdown, provider_task, metrics_task })
+    tracing::info!(%provider_addr, %metrics_addr, nodes = ?config.node_addrs, "gateway started");
+    Ok(RunningGateway {
+        provider_addr,
+        metrics_addr,
+        view,
+        shutdown,
+        provider_task,
+        metrics_task,
+        watch_task,
+        readiness_task,
+    })
 }
 
 impl RunningGateway {
+    /// The epoch of the view it routes by, once it has one.
+    pub fn epoch(&self) -> Option<u64> {
+        self.view.borrow().as_ref().map(|v| v.epoch.0)
+    }
+
     /// Stops accepting, lets in-flight requests finish (for a few seconds at most) and joins every task.
     pub async fn shutdown(self) {
-        let RunningGateway { shutdown, mut provider_task, mut metrics_task, .. } = self;
+        let RunningGateway { shutdown, mut provider_task, mut metrics_task, watch_task, readiness_task, .. } = self;
+        readiness_task.abort();
+        let _ = shutdown.send(true);
+        let _ = watch_task.await;
         let _ = shutdown.send(true);
         // The provider server bounds its own drain; the margin covers a task that ignores the signal.
         let limit = SHUTDOWN_GRACE + Duration::from_secs(1);

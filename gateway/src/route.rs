@@ -1,23 +1,20 @@
 //! Forwarding accepted notifications to the node that owns their device, over the cluster gRPC API.
 //!
-//! Today there is one node to forward to; the ring that picks among many arrives with `WatchCluster`.
-//! The gRPC channel is made once and shared: every push is one more HTTP/2 stream on the same mutual-TLS
-//! connection, never a connection of its own.
+//! The owner comes from the ring of the gateway's latest view (see `watch`). Channels are made once per
+//! node and shared: every push is one more HTTP/2 stream on a mutual-TLS connection that already exists.
+//! When the owner is unreachable, or says it no longer owns the device, the push is retried on whoever
+//! owns it in the next view, until the request's deadline; only then does the provider hear 503.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use courier_node::pki::PkiDir;
-use courier_proto::cluster::cluster_client::ClusterClient;
+use courier_node::delivery::NOT_OWNER;
+use courier_node::ids::DeviceId;
+use courier_node::peer::Peers;
 use courier_proto::cluster::{DeliverOutcome, DeliverRequest, Notification};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tokio::time::Instant;
 
-#[derive(Debug, thiserror::Error)]
-pub enum RouteError {
-    #[error("reading {path}: {source}")]
-    Io { path: String, source: std::io::Error },
-    #[error("node address {addr:?}: {source}")]
-    Endpoint { addr: String, source: tonic::transport::Error },
-}
+use crate::watch::ViewReceiver;
 
 /// How the owner node disposed of one notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,67 +23,75 @@ pub enum Delivery {
     Accepted(DeliverOutcome),
     /// The node refused it with this APNs reason.
     Rejected(String),
-    /// The node could not be reached or did not answer in time; the provider should retry.
+    /// No owner could take it before the deadline; the provider should retry.
     Unavailable(String),
 }
 
 /// The gateway's way to the cluster.
 #[derive(Clone)]
 pub struct NodeRouter {
-    client: ClusterClient<Channel>,
-    timeout: Duration,
+    pub peers: Arc<Peers>,
+    pub view: ViewReceiver,
+    pub timeout: Duration,
 }
 
+/// Pause between attempts when no newer view has arrived.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
 impl NodeRouter {
-    /// Prepares a mutual-TLS channel to `node_addr` presenting the gateway's cluster certificate. The
-    /// connection itself is made on first use, so a gateway can start before its node.
-    pub fn new(pki: &PkiDir, node_addr: &str, node_server_name: &str, timeout: Duration) -> Result<Self, RouteError> {
-        let read = |path: std::path::PathBuf| {
-            std::fs::read(&path).map_err(|source| RouteError::Io { path: path.display().to_string(), source })
+    /// Hands one notification to its owner, retrying across owners until the configured timeout.
+    pub async fn deliver(&self, notification: Notification) -> Delivery {
+        let deadline = Instant::now() + self.timeout;
+        let Some(device) = DeviceId::from_slice(&notification.device_id) else {
+            return Delivery::Rejected("BadDeviceToken".into());
         };
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(pki.cluster_ca_cert())?))
-            .identity(Identity::from_pem(read(pki.member_cert("gateway"))?, read(pki.member_key("gateway"))?))
-            .domain_name(node_server_name);
-        let endpoint_error = |source| RouteError::Endpoint { addr: node_addr.to_string(), source };
-        let channel = Endpoint::from_shared(format!("https://{node_addr}"))
-            .map_err(endpoint_error)?
-            .tls_config(tls)
-            .map_err(endpoint_error)?
-            .connect_timeout(timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
-        Ok(NodeRouter { client: ClusterClient::new(channel), timeout })
+        let mut view = self.view.clone();
+        let mut attempts = 0u32;
+        loop {
+            let target = view.borrow_and_update().as_ref().and_then(|v| v.owner(device).map(|(_, a)| a.to_string()));
+            let failure = match target {
+                None => "no active member owns the device yet".to_string(),
+                Some(addr) => match self.try_deliver(&addr, notification.clone(), deadline).await {
+                    Ok(Delivery::Rejected(reason)) if reason == NOT_OWNER => format!("{addr} no longer owns it"),
+                    Ok(done) => return done,
+                    Err(failure) => format!("{addr}: {failure}"),
+                },
+            };
+            attempts += 1;
+            if Instant::now() >= deadline {
+                return Delivery::Unavailable(format!("{failure} (after {attempts} attempts)"));
+            }
+            metrics::counter!("courier_gateway_forward_retries_total").increment(1);
+            // A newer view usually explains the failure; otherwise try again shortly.
+            let wait = RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()));
+            let _ = tokio::time::timeout(wait, view.changed()).await;
+        }
     }
 
-    /// Hands one notification to its owner and waits, at most the configured timeout, for the outcome.
-    pub async fn deliver(&self, notification: Notification) -> Delivery {
+    async fn try_deliver(&self, addr: &str, notification: Notification, deadline: Instant) -> Result<Delivery, String> {
         let apns_id = notification.apns_id.clone();
-        let mut client = self.client.clone();
+        let mut client = self.peers.client(addr).map_err(|e| e.to_string())?;
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
         let mut request = tonic::Request::new(DeliverRequest { notifications: vec![notification] });
-        request.set_timeout(self.timeout);
-        let response = match tokio::time::timeout(self.timeout, client.deliver(request)).await {
-            Err(_) => return Delivery::Unavailable("timed out".into()),
-            Ok(Err(status)) => return Delivery::Unavailable(status.to_string()),
+        request.set_timeout(remaining);
+        let response = match tokio::time::timeout(remaining, client.deliver(request)).await {
+            Err(_) => return Err("timed out".into()),
+            Ok(Err(status)) => return Err(status.to_string()),
             Ok(Ok(response)) => response.into_inner(),
         };
         let Some(result) = response.results.into_iter().next() else {
-            return Delivery::Unavailable("the node answered with no result".into());
+            return Err("the node answered with no result".into());
         };
         if result.apns_id != apns_id {
-            return Delivery::Unavailable(format!("the node answered for apns-id {:?}", result.apns_id));
+            return Err(format!("the node answered for apns-id {:?}", result.apns_id));
         }
         match DeliverOutcome::try_from(result.outcome) {
             Ok(outcome @ (DeliverOutcome::Stored | DeliverOutcome::Sent | DeliverOutcome::Discarded)) => {
-                Delivery::Accepted(outcome)
+                Ok(Delivery::Accepted(outcome))
             }
-            Ok(DeliverOutcome::Rejected) if !result.reason.is_empty() => Delivery::Rejected(result.reason),
-            Ok(DeliverOutcome::Rejected) => Delivery::Rejected("InternalServerError".into()),
-            Ok(DeliverOutcome::Unspecified) | Err(_) => {
-                Delivery::Unavailable(format!("the node answered with outcome {}", result.outcome))
-            }
+            Ok(DeliverOutcome::Rejected) if !result.reason.is_empty() => Ok(Delivery::Rejected(result.reason)),
+            Ok(DeliverOutcome::Rejected) => Ok(Delivery::Rejected("InternalServerError".into())),
+            Ok(DeliverOutcome::Unspecified) | Err(_) => Err(format!("the node answered with outcome {}", result.outcome)),
         }
     }
 }

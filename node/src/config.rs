@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::edge::{Enrolment, LinkSettings};
+use crate::raft::control::ControlSettings;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct NodeConfig {
@@ -25,6 +26,42 @@ pub struct NodeConfig {
     /// Where gateways and other nodes call the cluster gRPC API (mutual TLS, cluster CA).
     #[arg(long, env = "COURIER_CLUSTER_ADDR", default_value = "0.0.0.0:7400")]
     pub cluster_addr: SocketAddr,
+    /// Cluster API address other members and gateways use to reach this node, if it differs from
+    /// --cluster-addr (a wildcard bind address, a DNS name in Kubernetes).
+    #[arg(long, env = "COURIER_ADVERTISE_CLUSTER_ADDR")]
+    pub advertise_cluster_addr: Option<String>,
+    /// Device address given out in redirects, if it differs from --device-addr.
+    #[arg(long, env = "COURIER_ADVERTISE_DEVICE_ADDR")]
+    pub advertise_device_addr: Option<String>,
+    /// Cluster API addresses of existing members to join through (comma-separated). Without any, a node
+    /// with an empty data directory starts a new cluster; a node with Raft state resumes it either way.
+    #[arg(long, env = "COURIER_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// Raft heartbeat interval, in milliseconds.
+    #[arg(long, env = "COURIER_RAFT_HEARTBEAT_MS", default_value_t = 250)]
+    pub raft_heartbeat_ms: u64,
+    /// Shortest Raft election timeout, in milliseconds (the longest is twice this).
+    #[arg(long, env = "COURIER_RAFT_ELECTION_TIMEOUT_MS", default_value_t = 1000)]
+    pub raft_election_timeout_ms: u64,
+    /// Build a Raft snapshot (and compact the log) every this many entries.
+    #[arg(long, env = "COURIER_RAFT_SNAPSHOT_LOGS", default_value_t = 1000)]
+    pub raft_snapshot_logs: u64,
+    /// How often the leader probes each member, in milliseconds.
+    #[arg(long, env = "COURIER_PROBE_INTERVAL_MS", default_value_t = 500)]
+    pub probe_interval_ms: u64,
+    /// A member that answers no probe for this long is marked down, in milliseconds.
+    #[arg(long, env = "COURIER_FAILURE_TIMEOUT_MS", default_value_t = 3000)]
+    pub failure_timeout_ms: u64,
+    /// Rotate the token key automatically this often, in seconds (unset: only on `courier ctl keys rotate`).
+    #[arg(long, env = "COURIER_KEY_ROTATION_SECS")]
+    pub key_rotation_secs: Option<u64>,
+    /// How long a rotated-out token key still opens its tokens before they answer 410 ExpiredToken, in
+    /// seconds.
+    #[arg(long, env = "COURIER_KEY_GRACE_SECS", default_value_t = 7 * 86400)]
+    pub key_grace_secs: u64,
+    /// Most device links per second this node redirects when the ring moves them elsewhere.
+    #[arg(long, env = "COURIER_REDIRECT_RATE", default_value_t = 1000)]
+    pub redirect_rate: u32,
     /// Prometheus metrics and health endpoints.
     #[arg(long = "node-metrics-addr", env = "COURIER_NODE_METRICS_ADDR", default_value = "0.0.0.0:9400")]
     pub metrics_addr: SocketAddr,
@@ -55,6 +92,15 @@ pub struct NodeConfig {
     pub max_links: usize,
 }
 
+/// A bound address others can dial: a wildcard IP becomes loopback.
+fn reachable(bound: SocketAddr) -> String {
+    if bound.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], bound.port())).to_string()
+    } else {
+        bound.to_string()
+    }
+}
+
 #[derive(Parser)]
 struct DefaultsOnly {
     #[command(flatten)]
@@ -65,6 +111,15 @@ impl NodeConfig {
     /// The defaults (and any `COURIER_…` environment variables), as if no flag were given.
     pub fn from_defaults() -> Self {
         DefaultsOnly::parse_from(["courier-node"]).config
+    }
+
+    /// Where others reach the cluster API: the advertised address, else the bound one.
+    pub fn advertised_cluster_addr(&self, bound: SocketAddr) -> String {
+        self.advertise_cluster_addr.clone().unwrap_or_else(|| reachable(bound))
+    }
+
+    pub fn advertised_device_addr(&self, bound: SocketAddr) -> String {
+        self.advertise_device_addr.clone().unwrap_or_else(|| reachable(bound))
     }
 
     /// A node on loopback with OS-chosen ports, open enrolment: for tests and `dev`.
@@ -79,6 +134,30 @@ impl NodeConfig {
             open_enrolment: true,
             ..Self::from_defaults()
         }
+    }
+
+    pub fn control_settings(&self) -> ControlSettings {
+        ControlSettings {
+            probe_interval: Duration::from_millis(self.probe_interval_ms.max(10)),
+            failure_timeout: Duration::from_millis(self.failure_timeout_ms),
+            key_rotation: self.key_rotation_secs.map(Duration::from_secs),
+            key_grace: Duration::from_secs(self.key_grace_secs),
+        }
+    }
+
+    pub fn raft_config(&self) -> Result<openraft::Config, openraft::ConfigError> {
+        let election = self.raft_election_timeout_ms.max(self.raft_heartbeat_ms * 3);
+        openraft::Config {
+            cluster_name: "courier".into(),
+            heartbeat_interval: self.raft_heartbeat_ms,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.raft_snapshot_logs.max(1)),
+            max_in_snapshot_log_to_keep: self.raft_snapshot_logs / 2,
+            purge_batch_size: 64,
+            ..Default::default()
+        }
+        .validate()
     }
 
     pub fn link_settings(&self) -> LinkSettings {

@@ -12,11 +12,17 @@ use courier_proto::cluster::{DeliverOutcome, DeliverResult, Notification};
 use crate::edge::registry::{Handoff, Registry};
 use crate::ids::{DeviceId, unix_millis};
 use crate::store::{Inserted, Store};
+use crate::view::{LocalView, Placement};
+
+/// The reason a node gives for a notification whose device it does not own in its current epoch; the
+/// gateway retries on the owner of its newer view and never shows it to a provider.
+pub const NOT_OWNER: &str = "NotOwner";
 
 #[derive(Clone)]
 pub struct Delivery {
     pub store: Store,
     pub registry: Arc<Registry>,
+    pub view: Arc<LocalView>,
 }
 
 fn result(apns_id: &str, outcome: DeliverOutcome, reason: &str) -> DeliverResult {
@@ -30,6 +36,10 @@ impl Delivery {
             metrics::counter!("courier_node_notifications_rejected_total", "reason" => "BadDeviceToken").increment(1);
             return result(&apns_id, DeliverOutcome::Rejected, "BadDeviceToken");
         };
+        if self.view.placement(device) != Placement::Here {
+            metrics::counter!("courier_node_notifications_rejected_total", "reason" => NOT_OWNER).increment(1);
+            return result(&apns_id, DeliverOutcome::Rejected, NOT_OWNER);
+        }
         let storable = notification.expiration > unix_millis() / 1000;
         let notification = Arc::new(notification);
         if storable {

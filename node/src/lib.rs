@@ -11,6 +11,7 @@ pub mod delivery;
 pub mod edge;
 pub mod ids;
 pub mod node;
+pub mod peer;
 pub mod pki;
 pub mod raft;
 pub mod ring;
@@ -18,6 +19,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod view;
 
 pub use config::NodeConfig;
 pub use node::{NodeError, RunningNode, start};

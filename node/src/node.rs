@@ -1,9 +1,12 @@
-//! Starting and stopping a node: binds its three listeners and wires the edge, the store and the cluster
-//! API together. Shutdown is one broadcast: every link says goodbye, the gRPC server drains, the store's
-//! writer commits what it holds, and `shutdown` returns only when all of that has finished.
+//! Starting and stopping a node: opens its databases, starts its Raft replica, binds its three listeners
+//! and wires the edge, the store, the control plane and the cluster API together. A state watcher keeps
+//! the node's keyring, ring and links in step with each applied epoch. Shutdown is one broadcast: every
+//! link says goodbye, the gRPC server drains, Raft stops, the store's writer commits what it holds, and
+//! `shutdown` returns only when all of that has finished.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use courier_proto::cluster::cluster_server::ClusterServer;
 use tokio::net::TcpListener;
@@ -14,6 +17,15 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::ClusterService;
+use crate::edge::registry::LinkEnd;
+use crate::peer::{PeerError, Peers};
+use crate::raft::control::{Control, ControlError};
+use crate::raft::network::Network;
+use crate::raft::state::{ClusterState, MemberState};
+use crate::raft::store::RaftStoreError;
+use crate::view::{LocalView, Placement};
+use courier_proto::cluster::JoinRequest;
+use courier_proto::device::GoodbyeReason;
 use crate::config::NodeConfig;
 use crate::delivery::Delivery;
 use crate::edge::registry::Registry;
@@ -40,6 +52,16 @@ pub enum NodeError {
     Read { path: String, source: std::io::Error },
     #[error("cluster API TLS: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    RaftStore(#[from] RaftStoreError),
+    #[error("raft configuration: {0}")]
+    RaftConfig(#[from] openraft::ConfigError),
+    #[error("starting raft: {0}")]
+    Raft(String),
+    #[error(transparent)]
+    Peers(#[from] PeerError),
+    #[error("bootstrapping the cluster: {0}")]
+    Bootstrap(#[from] ControlError),
 }
 
 /// A started node. Dropping it without `shutdown` leaves its tasks running until the runtime ends.
@@ -49,6 +71,8 @@ pub struct RunningNode {
     pub metrics_addr: SocketAddr,
     pub registry: Arc<Registry>,
     pub store: Store,
+    pub control: Arc<Control>,
+    pub view: Arc<LocalView>,
     shutdown: watch::Sender<bool>,
     tracker: TaskTracker,
 }
@@ -65,7 +89,6 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     tls::install_crypto_provider();
     telemetry::prometheus();
     let pki = PkiDir::new(&config.pki_dir);
-    let keyring = Keyring::load(&pki.token_keys())?;
     let device_ca = DeviceCa::load(&pki)?;
     let store = Store::open(&config.data_dir.join("courier.redb"))?;
     let registry = Arc::new(Registry::default());
@@ -77,6 +100,31 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let device_addr = local(&device_listener, config.device_addr);
     let cluster_addr = local(&cluster_listener, config.cluster_addr);
     let metrics_addr = local(&metrics_listener, config.metrics_addr);
+    let advertised_cluster = config.advertised_cluster_addr(cluster_addr);
+    let advertised_device = config.advertised_device_addr(device_addr);
+
+    // The control plane: Raft over the cluster API, its state published on a watch channel.
+    let (log_store, state_machine, state) = crate::raft::store::open(&config.data_dir.join("raft.redb"))?;
+    let peers = Arc::new(Peers::new(&pki, "node", None, Duration::from_secs(2))?);
+    let raft = crate::raft::Raft::new(
+        config.node_id,
+        Arc::new(config.raft_config()?),
+        Network { peers: peers.clone() },
+        log_store,
+        state_machine,
+    )
+    .await
+    .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let control = Arc::new(Control {
+        id: config.node_id,
+        raft: raft.clone(),
+        state: state.clone(),
+        peers,
+        settings: config.control_settings(),
+    });
+    let view = Arc::new(LocalView::new(config.node_id, state.borrow().clone()));
+    let keyring = Keyring::default();
+    apply_keys(&keyring, &state.borrow());
 
     let acceptor = TlsAcceptor::from(Arc::new(tls::device_server_config(&pki, "node")?));
     let grpc_tls = ServerTlsConfig::new()
@@ -85,19 +133,38 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
+    tracker.spawn(follow_state(
+        state.clone(),
+        view.clone(),
+        keyring.clone(),
+        registry.clone(),
+        config.redirect_rate,
+        shutdown_rx.clone(),
+    ));
     let edge = Arc::new(Edge {
         settings: config.link_settings(),
         keyring,
         store: store.clone(),
         registry: registry.clone(),
         device_ca,
+        view: view.clone(),
     });
-    tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown_rx.clone(), tracker.clone()));
+    tracker.spawn(edge::serve(
+        device_listener,
+        acceptor,
+        edge,
+        config.max_links,
+        shutdown_rx.clone(),
+        tracker.clone(),
+    ));
 
-    let service = ClusterService { delivery: Delivery { store: store.clone(), registry: registry.clone() } };
+    let delivery = Delivery { store: store.clone(), registry: registry.clone(), view: view.clone() };
+    let service = ClusterService { delivery, control: control.clone() };
     let grpc = Server::builder()
         .tls_config(grpc_tls)?
-        .add_service(ClusterServer::new(service))
+        .add_service(
+            ClusterServer::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(cluster_listener), {
             let mut rx = shutdown_rx.clone();
             async move { stopped(&mut rx).await }
@@ -108,8 +175,23 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         }
     });
 
+    let initialized = raft.is_initialized().await.map_err(|e| NodeError::Raft(e.to_string()))?;
+    if !initialized && config.join.is_empty() {
+        control.initialize(&advertised_cluster, &advertised_device, &pki).await?;
+    } else if !initialized {
+        let request = JoinRequest {
+            node_id: config.node_id,
+            cluster_addr: advertised_cluster.clone(),
+            device_addr: advertised_device.clone(),
+        };
+        let (control, seeds, stop) = (control.clone(), config.join.clone(), shutdown_rx.clone());
+        tracker.spawn(async move { control.join_through(&seeds, request, stop).await });
+    }
+    tracker.spawn(control.clone().run_leader_duties(shutdown_rx.clone()));
+    tracker.spawn(crate::raft::status::export_metrics(control.clone(), shutdown_rx.clone()));
+
     let readiness = Readiness::default();
-    readiness.set(true);
+    tracker.spawn(track_readiness(control.clone(), readiness.clone(), shutdown_rx.clone()));
     let mut metrics_stop = shutdown_rx.clone();
     tracker.spawn(async move {
         let stop = async move { stopped(&mut metrics_stop).await };
@@ -119,7 +201,60 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     });
 
     tracing::info!(node_id = config.node_id, %device_addr, %cluster_addr, %metrics_addr, "node started");
-    Ok(RunningNode { device_addr, cluster_addr, metrics_addr, registry, store, shutdown, tracker })
+    Ok(RunningNode { device_addr, cluster_addr, metrics_addr, registry, store, control, view, shutdown, tracker })
+}
+
+fn apply_keys(keyring: &Keyring, state: &ClusterState) {
+    if state.token_keys.is_empty() {
+        return;
+    }
+    keyring.replace_with_states(state.token_keys.values().map(|r| (r.key.clone(), r.state)));
+}
+
+/// Keeps the keyring, the ring and the live links in step with every applied epoch: revoked devices are
+/// closed, and devices the new ring places elsewhere are redirected there, at most `redirect_rate` a
+/// second so a membership change does not become a reconnect storm.
+async fn follow_state(
+    mut state: watch::Receiver<Arc<ClusterState>>,
+    view: Arc<LocalView>,
+    keyring: Keyring,
+    registry: Arc<Registry>,
+    redirect_rate: u32,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let pause = Duration::from_secs(1) / redirect_rate.max(1);
+    loop {
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { return },
+            _ = stopped(&mut shutdown) => return,
+        }
+        let current = state.borrow_and_update().clone();
+        view.update(current.clone());
+        apply_keys(&keyring, &current);
+        for device in registry.devices() {
+            if current.revoked.contains(&device) {
+                registry.close(device, LinkEnd::Goodbye(GoodbyeReason::Revoked));
+                continue;
+            }
+            if let Placement::Elsewhere { device_addr, .. } = view.placement(device) {
+                registry.close(device, LinkEnd::Redirect(device_addr));
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// Ready once this node is an active member of an epoch it has applied and a leader is known.
+async fn track_readiness(control: Arc<Control>, readiness: Readiness, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let state = control.current();
+        let active = state.members.get(&control.id).is_some_and(|m| m.state == MemberState::Active);
+        readiness.set(active && control.leader().is_some());
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+    }
 }
 
 impl RunningNode {
@@ -129,6 +264,16 @@ impl RunningNode {
         let _ = self.shutdown.send(true);
         self.tracker.close();
         self.tracker.wait().await;
+        if let Err(error) = self.control.raft.shutdown().await {
+            tracing::warn!(%error, "raft did not stop cleanly");
+        }
         self.store.close();
+    }
+
+    /// Whether this node is an active member with a known leader (what `/readyz` says).
+    pub fn is_ready(&self) -> bool {
+        let state = self.control.current();
+        state.members.get(&self.control.id).is_some_and(|m| m.state == MemberState::Active)
+            && self.control.leader().is_some()
     }
 }

@@ -52,6 +52,31 @@ pub enum TokenError {
     UnknownKey(TokenKeyId),
     #[error("token failed authentication")]
     Forged,
+    /// Authentic, but minted under a key past its grace period: `ExpiredToken` to a provider.
+    #[error("token was minted under retired key {0:?}")]
+    Retired(TokenKeyId),
+}
+
+/// What a key may still do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// Mints new tokens and opens old ones. Exactly one key is active.
+    Active,
+    /// Opens tokens it minted; devices holding them are given fresh ones.
+    Accepting,
+    /// Its tokens are recognised but refused: 410 ExpiredToken.
+    Retired,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Accepting => "accepting",
+            KeyState::Retired => "retired",
+        }
+    }
 }
 
 /// What a valid token says.
@@ -135,8 +160,11 @@ pub fn parse_token(hex_token: &str) -> Result<(TokenKeyId, Vec<u8>), TokenError>
 struct KeyringState {
     /// The key that mints new tokens.
     active: Option<TokenKeyId>,
-    /// Every key that may still open tokens, the active one included.
+    /// Every key known, the active one included.
     keys: BTreeMap<TokenKeyId, TokenKey>,
+    /// Keys whose tokens are refused as expired.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    retired: std::collections::BTreeSet<TokenKeyId>,
 }
 
 /// The set of token keys a process knows. Cheap to clone; every clone sees replacements.
@@ -175,10 +203,31 @@ impl Keyring {
 
     /// Replaces the whole key set; `active` must be among `keys`.
     pub fn replace(&self, active: TokenKeyId, keys: Vec<TokenKey>) {
-        let keys: BTreeMap<_, _> = keys.into_iter().map(|k| (k.id, k)).collect();
-        let active = keys.contains_key(&active).then_some(active);
-        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-        *state = KeyringState { active, keys };
+        self.replace_with_states(keys.into_iter().map(|k| {
+            let state = if k.id == active { KeyState::Active } else { KeyState::Accepting };
+            (k, state)
+        }));
+    }
+
+    /// Replaces the whole key set with keys in the given states (as the Raft state holds them).
+    pub fn replace_with_states(&self, keys: impl IntoIterator<Item = (TokenKey, KeyState)>) {
+        let mut next = KeyringState::default();
+        for (key, key_state) in keys {
+            match key_state {
+                KeyState::Active => next.active = Some(key.id),
+                KeyState::Retired => {
+                    next.retired.insert(key.id);
+                }
+                KeyState::Accepting => {}
+            }
+            next.keys.insert(key.id, key);
+        }
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = next;
+    }
+
+    /// The key that mints now, if any.
+    pub fn active_id(&self) -> Option<TokenKeyId> {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).active
     }
 
     pub fn active(&self) -> Option<TokenKey> {
@@ -191,22 +240,49 @@ impl Keyring {
         self.active().map(|key| key.mint(device, topic))
     }
 
+    /// Opens an authentic token whatever its key's state, and says that state; for deciding whether a
+    /// device needs a fresh token.
+    pub fn open_any(&self, hex_token: &str) -> Result<(OpenedToken, KeyState), TokenError> {
+        match self.open(hex_token) {
+            Ok(opened) => {
+                let state =
+                    if self.active_id() == Some(opened.key_id) { KeyState::Active } else { KeyState::Accepting };
+                Ok((opened, state))
+            }
+            Err(TokenError::Retired(key_id)) => {
+                let (_, bytes) = parse_token(hex_token)?;
+                let key = {
+                    let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+                    state.keys.get(&key_id).cloned().ok_or(TokenError::UnknownKey(key_id))?
+                };
+                let (prefix, sealed) = bytes.split_at(KEY_ID_LEN);
+                Ok((key.open_sealed(prefix, sealed)?, KeyState::Retired))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
     /// Opens a hex token with whichever known key minted it.
     pub fn open(&self, hex_token: &str) -> Result<OpenedToken, TokenError> {
         let (key_id, bytes) = parse_token(hex_token)?;
-        let key = {
+        let (key, retired) = {
             let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-            state.keys.get(&key_id).cloned().ok_or(TokenError::UnknownKey(key_id))?
+            let key = state.keys.get(&key_id).cloned().ok_or(TokenError::UnknownKey(key_id))?;
+            (key, state.retired.contains(&key_id))
         };
         let (prefix, sealed) = bytes.split_at(KEY_ID_LEN);
-        key.open_sealed(prefix, sealed)
+        let opened = key.open_sealed(prefix, sealed)?;
+        if retired {
+            return Err(TokenError::Retired(key_id));
+        }
+        Ok(opened)
     }
 
     /// Creates the key file at `path` with one fresh key unless it exists, then loads it.
     pub fn load_or_create(path: &Path) -> Result<Self, KeyringError> {
         if !path.exists() {
             let key = TokenKey::generate(TokenKeyId(1));
-            let state = KeyringState { active: Some(key.id), keys: [(key.id, key)].into() };
+            let state = KeyringState { active: Some(key.id), keys: [(key.id, key)].into(), ..Default::default() };
             let text = serde_json::to_string_pretty(&state)
                 .map_err(|source| KeyringError::Format { path: path.display().to_string(), source })?;
             crate::pki::write_secret(path, text.as_bytes())
@@ -224,7 +300,16 @@ impl Keyring {
             .map_err(|source| KeyringError::Format { path: path.display().to_string(), source })?;
         let active = state.active.ok_or_else(|| KeyringError::NoActiveKey(path.display().to_string()))?;
         let keyring = Keyring::default();
-        keyring.replace(active, state.keys.into_values().collect());
+        keyring.replace_with_states(state.keys.into_values().map(|key| {
+            let key_state = if key.id == active {
+                KeyState::Active
+            } else if state.retired.contains(&key.id) {
+                KeyState::Retired
+            } else {
+                KeyState::Accepting
+            };
+            (key, key_state)
+        }));
         if keyring.active().is_none() {
             return Err(KeyringError::NoActiveKey(path.display().to_string()));
         }
@@ -288,6 +373,22 @@ mod tests {
             assert!(keys.open(input).is_err(), "{input:?}");
         }
         assert_eq!(keys.open(&"0".repeat(TOKEN_LEN * 2)), Err(TokenError::UnknownKey(TokenKeyId(0))));
+    }
+
+    #[test]
+    fn retired_keys_are_recognised_only_for_authentic_tokens() {
+        let old = TokenKey::from_secret(TokenKeyId(1), [1; 32]);
+        let new = TokenKey::from_secret(TokenKeyId(2), [2; 32]);
+        let keys = Keyring::with_active(old.clone());
+        let token = keys.mint(DeviceId(4), "t").unwrap();
+        keys.replace_with_states([(old.clone(), KeyState::Accepting), (new.clone(), KeyState::Active)]);
+        assert_eq!(keys.open(&token).unwrap().key_id, TokenKeyId(1), "accepting keys still open");
+        assert_eq!(keys.active_id(), Some(TokenKeyId(2)));
+        keys.replace_with_states([(old, KeyState::Retired), (new, KeyState::Active)]);
+        assert_eq!(keys.open(&token), Err(TokenError::Retired(TokenKeyId(1))));
+        let mut forged = hex::decode(&token).unwrap();
+        forged[10] ^= 1;
+        assert_eq!(keys.open(&hex::encode(forged)), Err(TokenError::Forged), "forgeries stay BadDeviceToken");
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub enum Reason {
     BadPath,
     MethodNotAllowed,
     PayloadTooLarge,
+    /// 410: the token was minted under a token key that has since retired; the device has a newer one.
+    ExpiredToken,
     InternalServerError,
     ServiceUnavailable,
     /// Courier extension, not an APNs reason: the body is not a JSON object. APNs itself answers such
@@ -74,6 +76,7 @@ impl Reason {
             Reason::BadPath => "BadPath",
             Reason::MethodNotAllowed => "MethodNotAllowed",
             Reason::PayloadTooLarge => "PayloadTooLarge",
+            Reason::ExpiredToken => "ExpiredToken",
             Reason::InternalServerError => "InternalServerError",
             Reason::ServiceUnavailable => "ServiceUnavailable",
             Reason::InvalidPayload => "InvalidPayload",
@@ -89,6 +92,7 @@ impl Reason {
             Reason::BadPath => StatusCode::NOT_FOUND,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reason::ExpiredToken => StatusCode::GONE,
             Reason::InternalServerError => StatusCode::INTERNAL_SERVER_ERROR,
             Reason::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,

@@ -11,7 +11,7 @@ pub mod server;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier_node::token::Keyring;
+use courier_node::token::{Keyring, TokenError};
 use courier_proto::cluster::Notification;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -47,7 +47,10 @@ impl PushService {
             if !provider.may_push_to(&head.topic) {
                 return Err(Reason::TopicDisallowed);
             }
-            let token = self.keyring.open(&head.device_token).map_err(|_| Reason::BadDeviceToken)?;
+            let token = self.keyring.open(&head.device_token).map_err(|error| match error {
+                TokenError::Retired(_) => Reason::ExpiredToken,
+                _ => Reason::BadDeviceToken,
+            })?;
             if !token.is_for_topic(&head.topic) {
                 return Err(Reason::DeviceTokenNotForTopic);
             }

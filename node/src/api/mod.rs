@@ -1,20 +1,37 @@
-//! The node's side of the cluster gRPC API (mutual TLS, cluster CA).
+//! The node's side of the cluster gRPC API (mutual TLS, cluster CA): delivery, Raft transport,
+//! membership, admin and the cluster watch.
 //!
 //! `Deliver` takes a batch and delivers its notifications concurrently, so they share the store's group
-//! commits; results come back in request order.
+//! commits; results come back in request order. Everything else hands off to `raft::control` or
+//! `raft::network`; this module only translates between protobuf and those.
+
+use std::pin::Pin;
+use std::sync::Arc;
 
 use courier_proto::cluster::cluster_server::Cluster;
-use courier_proto::cluster::{DeliverRequest, DeliverResponse};
+use courier_proto::cluster::{
+    ClusterView, DeliverRequest, DeliverResponse, JoinRequest, JoinResponse, ProbeRequest, ProbeResponse,
+    ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, StatusRequest, StatusResponse, WatchRequest,
+};
 use futures_util::future::join_all;
+use futures_util::{Stream, StreamExt};
+use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use crate::delivery::Delivery;
+use crate::raft::control::Control;
+use crate::raft::{Command, network};
 
 /// Largest batch one `Deliver` may carry.
 pub const MAX_DELIVER_BATCH: usize = 1024;
 
 pub struct ClusterService {
     pub delivery: Delivery,
+    pub control: Arc<Control>,
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Status> {
+    serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))
 }
 
 #[tonic::async_trait]
@@ -26,5 +43,63 @@ impl Cluster for ClusterService {
         }
         let results = join_all(batch.into_iter().map(|n| self.delivery.deliver(n))).await;
         Ok(Response::new(DeliverResponse { results }))
+    }
+
+    async fn raft_append(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        network::serve_append(&self.control.raft, request.get_ref()).await.map(Response::new)
+    }
+
+    async fn raft_vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        network::serve_vote(&self.control.raft, request.get_ref()).await.map(Response::new)
+    }
+
+    async fn raft_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        network::serve_snapshot(&self.control.raft, request.get_ref()).await.map(Response::new)
+    }
+
+    async fn probe(&self, _request: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        Ok(Response::new(ProbeResponse { node_id: self.control.id }))
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let request = request.into_inner();
+        if request.cluster_addr.is_empty() || request.device_addr.is_empty() {
+            return Err(Status::invalid_argument("a joining node must give its cluster and device addresses"));
+        }
+        Ok(Response::new(self.control.join(request).await?))
+    }
+
+    async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
+        let command: Command = serde_json::from_slice(&request.get_ref().command_json)
+            .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
+        tracing::info!(%command, "proposal received");
+        let response = self.control.propose(command).await?;
+        Ok(Response::new(ProposeResponse { response_json: json(&response)? }))
+    }
+
+    async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<ProposeResponse>, Status> {
+        self.control.remove(request.get_ref().node_id).await?;
+        let epoch = self.control.current().epoch;
+        let response = crate::raft::CommandResponse::Applied { epoch };
+        Ok(Response::new(ProposeResponse { response_json: json(&response)? }))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(StatusResponse { json: json(&crate::raft::status::status(&self.control))? }))
+    }
+
+    type WatchClusterStream = Pin<Box<dyn Stream<Item = Result<ClusterView, Status>> + Send + 'static>>;
+
+    async fn watch_cluster(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchClusterStream>, Status> {
+        tracing::debug!(watcher = %request.get_ref().watcher, "cluster watch opened");
+        let control = self.control.clone();
+        let views = WatchStream::new(self.control.state.clone()).map(move |state| {
+            Ok(ClusterView {
+                epoch: state.epoch.0,
+                leader_id: control.leader().unwrap_or(0),
+                state_json: json(&*state)?,
+            })
+        });
+        Ok(Response::new(Box::pin(views)))
     }
 }

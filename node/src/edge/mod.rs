@@ -88,6 +88,8 @@ pub struct Edge {
     pub store: Store,
     pub registry: Arc<Registry>,
     pub device_ca: DeviceCa,
+    /// Placement and revocations of the current epoch.
+    pub view: Arc<crate::view::LocalView>,
 }
 
 /// Completes when `shutdown` turns true (or its sender is gone).

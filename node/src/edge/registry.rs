@@ -18,10 +18,18 @@ use crate::ids::DeviceId;
 /// How many notifications may wait for one link's task before the device counts as too slow.
 const LINK_QUEUE: usize = 1024;
 
+/// How the registry asks a link to end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEnd {
+    Goodbye(GoodbyeReason),
+    /// Send the device to another node's device address.
+    Redirect(String),
+}
+
 struct Entry {
     serial: u64,
     notifications: mpsc::Sender<Arc<Notification>>,
-    close: oneshot::Sender<GoodbyeReason>,
+    close: oneshot::Sender<LinkEnd>,
 }
 
 /// What a link task receives from the registry.
@@ -29,7 +37,7 @@ pub struct Attachment {
     pub serial: u64,
     pub notifications: mpsc::Receiver<Arc<Notification>>,
     /// Fires when the registry wants the link closed, with the reason to give.
-    pub close: oneshot::Receiver<GoodbyeReason>,
+    pub close: oneshot::Receiver<LinkEnd>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +65,7 @@ impl Registry {
         if let Some(previous) = previous {
             metrics::counter!("courier_node_link_replacements_total").increment(1);
             tracing::warn!(%device, "a newer link presented the same device certificate; closing the older one");
-            let _ = previous.close.send(GoodbyeReason::Replaced);
+            let _ = previous.close.send(LinkEnd::Goodbye(GoodbyeReason::Replaced));
         }
         metrics::gauge!("courier_node_device_links").set(self.len() as f64);
         Attachment { serial, notifications: rx, close: close_rx }
@@ -84,11 +92,29 @@ impl Registry {
             Err(mpsc::error::TrySendError::Closed(_)) => Handoff::NotConnected,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if let Some(entry) = links.remove(&device) {
-                    let _ = entry.close.send(GoodbyeReason::SlowConsumer);
+                    let _ = entry.close.send(LinkEnd::Goodbye(GoodbyeReason::SlowConsumer));
                 }
                 Handoff::SlowConsumer
             }
         }
+    }
+
+    /// Ends the device's link, if it has one; `true` if it had.
+    pub fn close(&self, device: DeviceId, end: LinkEnd) -> bool {
+        let entry = self.lock().remove(&device);
+        metrics::gauge!("courier_node_device_links").set(self.len() as f64);
+        match entry {
+            Some(entry) => {
+                let _ = entry.close.send(end);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Devices with a live link here.
+    pub fn devices(&self) -> Vec<DeviceId> {
+        self.lock().keys().copied().collect()
     }
 
     pub fn is_connected(&self, device: DeviceId) -> bool {
@@ -118,7 +144,7 @@ mod tests {
         let device = DeviceId(1);
         let old = registry.attach(device);
         let mut new = registry.attach(device);
-        assert_eq!(old.close.await.unwrap(), GoodbyeReason::Replaced);
+        assert_eq!(old.close.await.unwrap(), LinkEnd::Goodbye(GoodbyeReason::Replaced));
         registry.detach(device, old.serial);
         assert!(registry.is_connected(device), "the old link's detach must not remove the new link");
         assert_eq!(registry.hand_off(device, Arc::new(Notification::default())), Handoff::Sent);
@@ -136,7 +162,7 @@ mod tests {
             assert_eq!(registry.hand_off(device, Arc::new(Notification::default())), Handoff::Sent);
         }
         assert_eq!(registry.hand_off(device, Arc::new(Notification::default())), Handoff::SlowConsumer);
-        assert_eq!(attachment.close.await.unwrap(), GoodbyeReason::SlowConsumer);
+        assert_eq!(attachment.close.await.unwrap(), LinkEnd::Goodbye(GoodbyeReason::SlowConsumer));
         assert!(!registry.is_connected(device));
     }
 }

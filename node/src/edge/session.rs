@@ -21,6 +21,9 @@ use tokio_util::codec::Framed;
 
 use super::Edge;
 use super::codec::FrameCodec;
+use super::registry::LinkEnd;
+use crate::token::KeyState;
+use crate::view::Placement;
 use crate::ids::{DeviceId, unix_millis};
 use crate::pki;
 
@@ -117,6 +120,25 @@ async fn activate(link: &mut Link, edge: &Edge) {
             goodbye(link, GoodbyeReason::ActivationRefused, &error.to_string()).await;
         }
     }
+}
+
+/// Sends the device to the node that owns it; the link closes after.
+async fn redirect(link: &mut Link, device_addr: String) {
+    metrics::counter!("courier_node_link_redirects_total").increment(1);
+    let redirect = frame(server_frame::Kind::Redirect(wire::Redirect { device_addr }));
+    let _ = tokio::time::timeout(Duration::from_secs(1), link.send(redirect)).await;
+}
+
+/// A fresh token for a held one minted under a key that no longer mints, if the held token is this
+/// device's and for that topic.
+fn replacement_token(edge: &Edge, device: DeviceId, held: &wire::HeldToken) -> Option<wire::TokenUpdated> {
+    let (opened, key_state) = edge.keyring.open_any(&held.token).ok()?;
+    if opened.device_id != device || !opened.is_for_topic(&held.topic) || key_state == KeyState::Active {
+        return None;
+    }
+    let token = edge.keyring.mint(device, &held.topic)?;
+    metrics::counter!("courier_node_tokens_updated_total").increment(1);
+    Some(wire::TokenUpdated { topic: held.topic.clone(), token })
 }
 
 fn valid_topic(topic: &str) -> bool {
@@ -218,6 +240,14 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, mut shutdo
         }
         None => return,
     };
+    if edge.view.is_revoked(device) {
+        return goodbye(link, GoodbyeReason::Revoked, "this device was revoked").await;
+    }
+    match edge.view.placement(device) {
+        Placement::Here => {}
+        Placement::Elsewhere { device_addr, .. } => return redirect(link, device_addr).await,
+        Placement::Nowhere => return goodbye(link, GoodbyeReason::Unavailable, "the cluster is not ready").await,
+    }
     let keepalive = edge.settings.negotiate_keepalive(hello.keepalive_secs);
     let idle_limit = keepalive.mul_f64(2.5);
     // Attach before reading the queue: a notification stored after this point is also handed to the link,
@@ -233,6 +263,13 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, mut shutdo
     'link: {
         if link.send(frame(server_frame::Kind::Welcome(welcome))).await.is_err() {
             break 'link;
+        }
+        for held in &hello.held_tokens {
+            if let Some(fresh) = replacement_token(edge, device, held)
+                && link.send(frame(server_frame::Kind::TokenUpdated(fresh))).await.is_err()
+            {
+                break 'link;
+            }
         }
         match edge.store.pending(device).await {
             Ok(queued) => {
@@ -251,8 +288,11 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, mut shutdo
                     goodbye(link, GoodbyeReason::Shutdown, "node shutting down").await;
                     break;
                 }
-                reason = &mut attachment.close => {
-                    goodbye(link, reason.unwrap_or(GoodbyeReason::Shutdown), "closed by the node").await;
+                end = &mut attachment.close => {
+                    match end.unwrap_or(LinkEnd::Goodbye(GoodbyeReason::Shutdown)) {
+                        LinkEnd::Goodbye(reason) => goodbye(link, reason, "closed by the node").await,
+                        LinkEnd::Redirect(device_addr) => redirect(link, device_addr).await,
+                    }
                     break;
                 }
                 incoming = link.next() => match incoming {

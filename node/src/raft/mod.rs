@@ -4,7 +4,10 @@
 //! machine in the node's redb database; `network` carries Raft RPCs over the cluster gRPC service. The type
 //! configuration is declared here, once.
 
+pub mod control;
+pub mod network;
 pub mod state;
+pub mod status;
 pub mod store;
 
 use std::io::Cursor;

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::DeviceId;
+pub use crate::token::KeyState;
 use crate::token::{TokenKey, TokenKeyId};
 
 pub type NodeId = u64;
@@ -65,17 +66,6 @@ impl Default for RingParams {
     fn default() -> Self {
         RingParams { vnodes: 128, replication_factor: 2 }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KeyState {
-    /// Mints new tokens and opens old ones. Exactly one key is active.
-    Active,
-    /// Opens tokens it minted; devices holding them are given fresh ones.
-    Accepting,
-    /// Opens nothing: its tokens answer 410 ExpiredToken.
-    Retired,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,0 +1,369 @@
+//! Using the Raft group: proposing commands (forwarded to the leader from any node), joining and
+//! removing members, bootstrapping a new cluster, and the duties only the leader performs — failure
+//! detection by probing members, and token-key rotation and retirement on their schedule.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_proto::cluster::{JoinRequest, JoinResponse, ProbeRequest, ProposeRequest, RemoveNodeRequest};
+use futures_util::future::join_all;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::state::{ClusterState, Command, CommandResponse, KeyState, MemberState, NodeId};
+use super::Raft;
+use crate::ids::unix_millis;
+use crate::peer::Peers;
+use crate::pki::{PkiDir, ProviderCredential};
+use crate::token::{Keyring, TokenKey, TokenKeyId};
+
+/// Most voters the group keeps; further members are learners.
+pub const MAX_VOTERS: usize = 5;
+/// How long a proposal may wait for a leader to exist.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no Raft leader within {0:?}")]
+    NoLeader(Duration),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("forwarding to the leader: {0}")]
+    Forward(String),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+impl From<ControlError> for tonic::Status {
+    fn from(error: ControlError) -> Self {
+        match error {
+            ControlError::Refused(reason) => tonic::Status::failed_precondition(reason),
+            ControlError::NoLeader(_) => tonic::Status::unavailable(error.to_string()),
+            other => tonic::Status::internal(other.to_string()),
+        }
+    }
+}
+
+/// Timings of the leader's duties.
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    /// How often the leader probes each member.
+    pub probe_interval: Duration,
+    /// A member unanswered for this long is marked down.
+    pub failure_timeout: Duration,
+    /// Rotate the token key automatically this often; `None` = only on `courier ctl keys rotate`.
+    pub key_rotation: Option<Duration>,
+    /// How long a rotated-out key keeps opening tokens before it retires.
+    pub key_grace: Duration,
+}
+
+/// This node's handle on the Raft group.
+pub struct Control {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub state: watch::Receiver<Arc<ClusterState>>,
+    pub peers: Arc<Peers>,
+    pub settings: ControlSettings,
+}
+
+impl Control {
+    pub fn current(&self) -> Arc<ClusterState> {
+        self.state.borrow().clone()
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.id)
+    }
+
+    /// Cluster API address of `node` as Raft's membership knows it.
+    fn raft_addr(&self, node: NodeId) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics.membership_config.membership().get_node(&node).map(|n| n.addr.clone())
+    }
+
+    /// Voter and learner ids of the current Raft membership.
+    fn raft_members(&self) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners = membership.learner_ids().filter(|id| !voters.contains(id)).collect();
+        (voters, learners)
+    }
+
+    /// Waits until some node is leader; returns its id and address.
+    async fn wait_for_leader(&self) -> Result<(NodeId, String), ControlError> {
+        let give_up = Instant::now() + LEADER_WAIT;
+        loop {
+            if let Some(leader) = self.leader()
+                && let Some(addr) = self.raft_addr(leader)
+            {
+                return Ok((leader, addr));
+            }
+            if Instant::now() > give_up {
+                return Err(ControlError::NoLeader(LEADER_WAIT));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Commits `command` through Raft, from whichever node this is.
+    pub async fn propose(&self, command: Command) -> Result<CommandResponse, ControlError> {
+        let (leader, addr) = self.wait_for_leader().await?;
+        if leader == self.id {
+            return match self.raft.client_write(command.clone()).await {
+                Ok(written) => Ok(written.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => match to.leader_node {
+                    Some(node) => self.forward_propose(&node.addr, &command).await,
+                    None => Err(ControlError::NoLeader(LEADER_WAIT)),
+                },
+                Err(error) => Err(ControlError::Raft(error.to_string())),
+            };
+        }
+        self.forward_propose(&addr, &command).await
+    }
+
+    async fn forward_propose(&self, addr: &str, command: &Command) -> Result<CommandResponse, ControlError> {
+        let command_json = serde_json::to_vec(command).map_err(|e| ControlError::Forward(e.to_string()))?;
+        let mut client = self.peers.client(addr).map_err(|e| ControlError::Forward(e.to_string()))?;
+        let answer = client
+            .propose(ProposeRequest { command_json })
+            .await
+            .map_err(|status| ControlError::Forward(status.message().to_string()))?
+            .into_inner();
+        serde_json::from_slice(&answer.response_json).map_err(|e| ControlError::Forward(e.to_string()))
+    }
+
+    /// Proposes and turns a state-machine refusal into an error.
+    pub async fn apply(&self, command: Command) -> Result<super::Epoch, ControlError> {
+        match self.propose(command).await? {
+            CommandResponse::Applied { epoch } => Ok(epoch),
+            CommandResponse::Refused { reason } => Err(ControlError::Refused(reason)),
+        }
+    }
+
+    /// Adds a node to the group and the control state; run on the leader, forwarded from elsewhere.
+    pub async fn join(&self, request: JoinRequest) -> Result<JoinResponse, ControlError> {
+        let (leader, addr) = self.wait_for_leader().await?;
+        if leader != self.id {
+            let mut client = self.peers.client(&addr).map_err(|e| ControlError::Forward(e.to_string()))?;
+            return client
+                .join(request)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|status| ControlError::Forward(status.message().to_string()));
+        }
+        let id = request.node_id;
+        let (voters, learners) = self.raft_members();
+        if !voters.contains(&id) && !learners.contains(&id) {
+            self.raft
+                .add_learner(id, BasicNode::new(&request.cluster_addr), true)
+                .await
+                .map_err(|e| ControlError::Raft(e.to_string()))?;
+        }
+        let (voters, _) = self.raft_members();
+        let voter = voters.contains(&id) || voters.len() < MAX_VOTERS;
+        if voter && !voters.contains(&id) {
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+                .await
+                .map_err(|e| ControlError::Raft(e.to_string()))?;
+        }
+        let now_ms = unix_millis();
+        self.apply(Command::PutMember {
+            id,
+            device_addr: request.device_addr,
+            cluster_addr: request.cluster_addr,
+            now_ms,
+        })
+        .await?;
+        self.apply(Command::SetMemberState { id, state: MemberState::Active, now_ms }).await?;
+        tracing::info!(node = id, voter, "node joined the cluster");
+        Ok(JoinResponse { leader_id: self.id, voter })
+    }
+
+    /// Takes a node out of the group and the control state, promoting a learner if a voter left.
+    pub async fn remove(&self, id: NodeId) -> Result<(), ControlError> {
+        let (leader, addr) = self.wait_for_leader().await?;
+        if leader != self.id {
+            let mut client = self.peers.client(&addr).map_err(|e| ControlError::Forward(e.to_string()))?;
+            client
+                .remove_node(RemoveNodeRequest { node_id: id })
+                .await
+                .map_err(|status| ControlError::Forward(status.message().to_string()))?;
+            return Ok(());
+        }
+        let raft_err = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| ControlError::Raft(e.to_string());
+        let (voters, learners) = self.raft_members();
+        if voters.contains(&id) {
+            if voters.len() == 1 {
+                return Err(ControlError::Refused("cannot remove the last voter".into()));
+            }
+            self.raft.change_membership(ChangeMembers::RemoveVoters([id].into()), false).await.map_err(raft_err)?;
+            if let Some(learner) = learners.iter().find(|l| **l != id) {
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds([*learner].into()), false)
+                    .await
+                    .map_err(raft_err)?;
+            }
+        }
+        if voters.contains(&id) || learners.contains(&id) {
+            self.raft.change_membership(ChangeMembers::RemoveNodes([id].into()), false).await.map_err(raft_err)?;
+        }
+        if self.current().members.contains_key(&id) {
+            self.apply(Command::RemoveMember { id }).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new cluster with this node as its only voter, seeding the token keys and the provider
+    /// credential from the PKI directory.
+    pub async fn initialize(&self, cluster_addr: &str, device_addr: &str, pki: &PkiDir) -> Result<(), ControlError> {
+        let members = BTreeMap::from([(self.id, BasicNode::new(cluster_addr))]);
+        self.raft.initialize(members).await.map_err(|e| ControlError::Raft(e.to_string()))?;
+        let now_ms = unix_millis();
+        self.apply(Command::PutMember {
+            id: self.id,
+            device_addr: device_addr.to_string(),
+            cluster_addr: cluster_addr.to_string(),
+            now_ms,
+        })
+        .await?;
+        self.apply(Command::SetMemberState { id: self.id, state: MemberState::Active, now_ms }).await?;
+        if self.current().token_keys.is_empty() {
+            let keyring = Keyring::load(&pki.token_keys()).map_err(|e| ControlError::Refused(e.to_string()))?;
+            if let Some(active) = keyring.active() {
+                self.apply(Command::RotateTokenKey { key: active, now_ms }).await?;
+            }
+        }
+        if self.current().providers.is_empty()
+            && let Ok(credential) = ProviderCredential::load(&pki.provider_credential())
+        {
+            self.apply(Command::PutProviderKey {
+                team_id: credential.team_id,
+                key_id: credential.key_id,
+                public_key_pem: credential.public_key_pem,
+                topics: credential.topics,
+            })
+            .await?;
+        }
+        tracing::info!(node = self.id, "initialized a new cluster");
+        Ok(())
+    }
+
+    /// A new token key, numbered after every existing one.
+    pub fn next_token_key(&self) -> TokenKey {
+        let next = self.current().token_keys.keys().map(|id| id.0).max().unwrap_or(0) + 1;
+        TokenKey::generate(TokenKeyId(next))
+    }
+
+    /// The leader's periodic duties; runs on every node and acts only while it leads.
+    pub async fn run_leader_duties(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut last_answer: HashMap<NodeId, Instant> = HashMap::new();
+        let mut leading_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.probe_interval) => {}
+                _ = crate::edge::stopped(&mut shutdown) => return,
+            }
+            if !self.is_leader() {
+                leading_since = None;
+                continue;
+            }
+            let since = *leading_since.get_or_insert_with(|| {
+                last_answer.clear();
+                Instant::now()
+            });
+            if let Err(error) = self.leader_tick(&mut last_answer, since).await {
+                tracing::warn!(%error, "leader duties");
+            }
+        }
+    }
+
+    async fn leader_tick(&self, last_answer: &mut HashMap<NodeId, Instant>, since: Instant) -> Result<(), ControlError> {
+        let state = self.current();
+        let now_ms = unix_millis();
+        if let Some(me) = state.members.get(&self.id)
+            && matches!(me.state, MemberState::Down | MemberState::Joining)
+        {
+            self.apply(Command::SetMemberState { id: self.id, state: MemberState::Active, now_ms }).await?;
+        }
+        let others: Vec<_> = state.members.values().filter(|m| m.id != self.id).cloned().collect();
+        let probe_timeout = self.settings.probe_interval.max(Duration::from_millis(500));
+        let answers = join_all(others.iter().map(|member| async move {
+            let Ok(mut client) = self.peers.client(&member.cluster_addr) else { return false };
+            let mut request = tonic::Request::new(ProbeRequest { from_node: self.id });
+            request.set_timeout(probe_timeout);
+            matches!(
+                tokio::time::timeout(probe_timeout, client.probe(request)).await,
+                Ok(Ok(answer)) if answer.get_ref().node_id == member.id
+            )
+        }))
+        .await;
+        for (member, answered) in others.iter().zip(answers) {
+            if answered {
+                last_answer.insert(member.id, Instant::now());
+                if matches!(member.state, MemberState::Down | MemberState::Joining) {
+                    tracing::info!(node = member.id, "member answers again; marking it active");
+                    self.apply(Command::SetMemberState { id: member.id, state: MemberState::Active, now_ms }).await?;
+                }
+                continue;
+            }
+            let silent_since = last_answer.get(&member.id).copied().unwrap_or(since);
+            if member.state == MemberState::Active && silent_since.elapsed() >= self.settings.failure_timeout {
+                tracing::warn!(node = member.id, "member missed its probes; marking it down");
+                self.apply(Command::SetMemberState { id: member.id, state: MemberState::Down, now_ms }).await?;
+            }
+        }
+        if let Some(period) = self.settings.key_rotation
+            && let Some(active) = state.active_key()
+            && active.created_ms + period.as_millis() as u64 <= now_ms
+        {
+            let key = self.next_token_key();
+            tracing::info!(key = key.id.0, "rotating the token key on schedule");
+            self.apply(Command::RotateTokenKey { key, now_ms }).await?;
+        }
+        let grace = self.settings.key_grace.as_millis() as u64;
+        for record in state.token_keys.values() {
+            if record.state == KeyState::Accepting && record.state_since_ms + grace <= now_ms {
+                tracing::info!(key = record.key.id.0, "retiring a token key after its grace period");
+                self.apply(Command::RetireTokenKey { id: record.key.id, now_ms }).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Joins through `seeds` (tried in turn, again and again) until a member accepts.
+    pub async fn join_through(&self, seeds: &[String], request: JoinRequest, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            for seed in seeds {
+                let attempt = async {
+                    let mut client = self.peers.client(seed).map_err(|e| e.to_string())?;
+                    client.join(request.clone()).await.map_err(|s| s.message().to_string())
+                };
+                match attempt.await {
+                    Ok(answer) => {
+                        let answer = answer.into_inner();
+                        tracing::info!(leader = answer.leader_id, voter = answer.voter, %seed, "joined the cluster");
+                        return;
+                    }
+                    Err(error) => tracing::info!(%seed, %error, "join attempt failed; will retry"),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = crate::edge::stopped(&mut shutdown) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}

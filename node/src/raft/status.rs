@@ -1,0 +1,97 @@
+//! What `courier ctl status` shows and what Prometheus scrapes about the control plane: Raft role and
+//! indexes, the epoch, members with their states and ring shares, token keys (ids and states only, never
+//! secrets) and provider teams.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::control::Control;
+use super::state::MemberState;
+use crate::ring::Ring;
+
+/// The node's view as a JSON document. Contains no secret.
+pub fn status(control: &Control) -> Value {
+    let state = control.current();
+    let metrics = control.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    let shares = Ring::from_state(&state).shares();
+    let members: Vec<Value> = state
+        .members
+        .values()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "state": m.state.as_str(),
+                "since_ms": m.since_ms,
+                "device_addr": m.device_addr,
+                "cluster_addr": m.cluster_addr,
+                "voter": voters.contains(&m.id),
+                "ring_share": shares.get(&m.id).copied().unwrap_or(0.0),
+            })
+        })
+        .collect();
+    let keys: Vec<Value> = state
+        .token_keys
+        .values()
+        .map(|r| {
+            json!({
+                "id": r.key.id.0,
+                "state": r.state.as_str(),
+                "created_ms": r.created_ms,
+                "state_since_ms": r.state_since_ms,
+            })
+        })
+        .collect();
+    let providers: Vec<Value> = state
+        .providers
+        .iter()
+        .map(|(team, p)| json!({"team_id": team, "key_ids": p.keys.keys().collect::<Vec<_>>(), "topics": p.topics}))
+        .collect();
+    json!({
+        "node_id": control.id,
+        "raft": {
+            "state": format!("{:?}", metrics.state),
+            "term": metrics.current_term,
+            "leader": metrics.current_leader,
+            "last_log_index": metrics.last_log_index,
+            "applied_index": metrics.last_applied.map(|l| l.index),
+            "snapshot_index": metrics.snapshot.map(|l| l.index),
+            "voters": voters,
+        },
+        "epoch": state.epoch.0,
+        "ring": {"vnodes": state.ring.vnodes, "replication_factor": state.ring.replication_factor},
+        "members": members,
+        "token_keys": keys,
+        "providers": providers,
+        "revoked_devices": state.revoked.len(),
+    })
+}
+
+/// Keeps the control-plane gauges current until `shutdown`.
+pub async fn export_metrics(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let metrics = control.raft.metrics().borrow().clone();
+        let state = control.current();
+        metrics::gauge!("courier_raft_term").set(metrics.current_term as f64);
+        metrics::gauge!("courier_raft_leader_id").set(metrics.current_leader.map_or(-1.0, |l| l as f64));
+        metrics::gauge!("courier_raft_is_leader").set(if metrics.current_leader == Some(control.id) { 1.0 } else { 0.0 });
+        metrics::gauge!("courier_raft_last_log_index").set(metrics.last_log_index.unwrap_or(0) as f64);
+        metrics::gauge!("courier_raft_applied_index").set(metrics.last_applied.map_or(0, |l| l.index) as f64);
+        metrics::gauge!("courier_cluster_epoch").set(state.epoch.0 as f64);
+        for member_state in [MemberState::Joining, MemberState::Active, MemberState::Draining, MemberState::Down] {
+            let count = state.members_in(member_state).count();
+            metrics::gauge!("courier_cluster_members", "state" => member_state.as_str()).set(count as f64);
+        }
+        if let Some(active) = state.active_key() {
+            metrics::gauge!("courier_token_key_active_id").set(f64::from(active.key.id.0));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = crate::edge::stopped(&mut shutdown) => return,
+        }
+    }
+}
