@@ -69,6 +69,8 @@ pub enum RaftStoreError {
     Task(#[from] tokio::task::JoinError),
     #[error("snapshot {snapshot_id} does not match its metadata")]
     SnapshotMismatch { snapshot_id: String },
+    #[error("snapshot {snapshot_id} has metadata but no data")]
+    SnapshotDataMissing { snapshot_id: String },
 }
 
 // redb's errors are large; boxing them keeps every `Result` in this module small.
@@ -344,7 +346,7 @@ pub struct StateMachineStore {
     last_membership: Membership,
     /// Shared with the watch channel, so publishing costs no copy; `apply` copies on write.
     state: Arc<ClusterState>,
-    /// Shared by clones so a builder could publish too, though only the original applies.
+    /// Behind an `Arc` because snapshot builders are clones of this struct; only the original publishes.
     published: Arc<watch::Sender<Arc<ClusterState>>>,
 }
 
@@ -414,11 +416,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         // Applied to copies first, so a failed write leaves this state machine as it was on disk.
         let mut state = self.state.clone();
-        let mut last_applied = self.last_applied;
+        let mut batch_last = None;
         let mut last_membership = self.last_membership.clone();
         let mut responses = Vec::new();
         for entry in entries {
-            last_applied = Some(entry.log_id);
+            batch_last = Some(entry.log_id);
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Applied { epoch: state.epoch },
                 EntryPayload::Normal(command) => {
@@ -433,12 +435,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             };
             responses.push(response);
         }
-        let Some(last) = last_applied.filter(|_| !responses.is_empty()) else {
+        let Some(last) = batch_last else {
             return Ok(responses);
         };
 
         let bytes = serde_json::to_vec(&MachineImage {
-            last_applied,
+            last_applied: Some(last),
             last_membership: last_membership.clone(),
             state: &*state,
         })
@@ -453,7 +455,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         .await
         .map_err(|e| StorageIOError::apply(last, &e))?;
 
-        self.last_applied = last_applied;
+        self.last_applied = Some(last);
         self.last_membership = last_membership;
         self.state = state;
         self.published.send_replace(self.state.clone());
@@ -517,7 +519,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let Some(meta) = read_json::<SnapshotMeta<NodeId, BasicNode>>(&machine, SNAPSHOT_META)? else {
                 return Ok(None);
             };
-            let data = machine.get(SNAPSHOT_DATA)?.map(|value| value.value().to_vec()).unwrap_or_default();
+            // Both are written in one transaction, so one without the other means the file is damaged.
+            let Some(data) = machine.get(SNAPSHOT_DATA)? else {
+                return Err(RaftStoreError::SnapshotDataMissing { snapshot_id: meta.snapshot_id });
+            };
+            let data = data.value().to_vec();
             Ok(Some((meta, data)))
         })
         .await
@@ -676,6 +682,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stale_builder_does_not_replace_an_installed_snapshot() {
+        let dir = TempDir::new().expect("tempdir");
+        let (_log, mut leader, _leader_watch) = open(&dir.path().join("leader.redb")).expect("open leader");
+        populate(&mut leader).await;
+        let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.expect("build");
+
+        let (_log, mut follower, _follower_watch) = open(&dir.path().join("follower.redb")).expect("open follower");
+        let mut stale = follower.get_snapshot_builder().await;
+        follower.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("install");
+        let late = stale.build_snapshot().await.expect("stale build");
+        assert_eq!(late.meta.last_log_id, None);
+        let current = follower.get_current_snapshot().await.expect("current").expect("a snapshot");
+        assert_eq!(current.meta, snapshot.meta);
+    }
+
+    #[tokio::test]
     async fn hostile_snapshot_bytes_change_nothing() {
         let dir = TempDir::new().expect("tempdir");
         let (_log, mut machine, watch) = open(&dir.path().join("raft.redb")).expect("open");
@@ -734,6 +756,10 @@ mod tests {
         let expected: Vec<_> = (5..=8).map(|i| log_id(1, 1, i)).chain([log_id(3, 2, 9)]).collect();
         assert_eq!(ids, expected);
         assert_eq!(reader.try_get_log_entries(6..=7).await.expect("read").len(), 2);
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = 8..6;
+        assert!(reader.try_get_log_entries(backwards).await.expect("read backwards").is_empty());
+        assert!(reader.try_get_log_entries(7..7).await.expect("read empty").is_empty());
 
         // Purging everything leaves the last purged id standing in for the last log id.
         log.purge(log_id(3, 2, 9)).await.expect("purge all");
