@@ -1,1 +1,772 @@
-//! placeholder
+//! Durable storage for the node's Raft replica: the log, the vote and the state machine, in one redb file.
+//!
+//! `open` returns the two halves openraft's storage-v2 API asks for. `LogStore` keeps log entries by index
+//! plus the vote, the committed log id and the last purged log id; every write is committed (fsync) before
+//! openraft is told it happened. `StateMachineStore` keeps the applied `ClusterState` together with the last
+//! applied log id and membership, rewritten in one transaction per `apply` batch so a restarted node resumes
+//! where it stopped instead of replaying the log; it also keeps the current snapshot, and publishes every
+//! new `ClusterState` on a watch channel for the rest of the node.
+//!
+//! This is a separate database from the notification queues (`crate::store`): the control plane's write
+//! pattern (small, rare, must be fsynced one by one) has nothing in common with the queue's group commits.
+//! Nothing here interprets commands; that is `state::ClusterState::apply`. Records hold token-key secrets,
+//! so they are never logged: only `Command`'s `Display` (which hides secrets) reaches the logs.
+
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, LogState, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{ClusterState, CommandResponse, NodeId, TypeConfig};
+
+/// Log index → serde_json of the `Entry`. Indexes are contiguous between the last purged and the last entry.
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// The log's own bookkeeping (vote, committed, last purged), serde_json.
+const LOG_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_log_meta");
+/// The applied state machine and the current snapshot, serde_json (snapshot data as raw bytes).
+const MACHINE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_machine");
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const LAST_PURGED: &str = "last_purged";
+/// The `MachineImage` as of the last applied batch or installed snapshot.
+const APPLIED: &str = "applied";
+const SNAPSHOT_META: &str = "snapshot_meta";
+const SNAPSHOT_DATA: &str = "snapshot_data";
+/// How many snapshots this node has built: keeps snapshot ids unique across rebuilds at the same log id,
+/// and across restarts.
+const SNAPSHOT_SEQ: &str = "snapshot_seq";
+
+type Membership = StoredMembership<NodeId, BasicNode>;
+type RaftError = StorageError<NodeId>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RaftStoreError {
+    #[error("creating the directory of {path}: {source}")]
+    CreateDir { path: String, source: std::io::Error },
+    #[error("opening the Raft database at {path}: {source}")]
+    Open { path: String, source: redb::DatabaseError },
+    #[error("Raft database transaction: {0}")]
+    Transaction(#[from] Box<redb::TransactionError>),
+    #[error("Raft database table: {0}")]
+    Table(#[from] Box<redb::TableError>),
+    #[error("Raft database: {0}")]
+    Storage(#[from] Box<redb::StorageError>),
+    #[error("Raft database commit: {0}")]
+    Commit(#[from] Box<redb::CommitError>),
+    #[error("encoding or decoding a Raft record: {0}")]
+    Codec(#[from] serde_json::Error),
+    #[error("the storage task ended abnormally: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("snapshot {snapshot_id} does not match its metadata")]
+    SnapshotMismatch { snapshot_id: String },
+    #[error("snapshot {snapshot_id} has metadata but no data")]
+    SnapshotDataMissing { snapshot_id: String },
+}
+
+// redb's errors are large; boxing them keeps every `Result` in this module small.
+impl From<redb::TransactionError> for RaftStoreError {
+    fn from(e: redb::TransactionError) -> Self {
+        RaftStoreError::Transaction(Box::new(e))
+    }
+}
+
+impl From<redb::TableError> for RaftStoreError {
+    fn from(e: redb::TableError) -> Self {
+        RaftStoreError::Table(Box::new(e))
+    }
+}
+
+impl From<redb::StorageError> for RaftStoreError {
+    fn from(e: redb::StorageError) -> Self {
+        RaftStoreError::Storage(Box::new(e))
+    }
+}
+
+impl From<redb::CommitError> for RaftStoreError {
+    fn from(e: redb::CommitError) -> Self {
+        RaftStoreError::Commit(Box::new(e))
+    }
+}
+
+/// Everything the state machine is, as persisted after each apply batch and as carried in a snapshot.
+/// Generic over how the state is held so it serializes from a borrow and deserializes into an owned value.
+#[derive(Serialize, Deserialize)]
+struct MachineImage<S> {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: Membership,
+    state: S,
+}
+
+/// Just the log id of a stored entry, so finding the last log id does not decode its command.
+#[derive(Deserialize)]
+struct EntryLogId {
+    log_id: LogId<NodeId>,
+}
+
+/// Opens (creating if needed) the Raft database at `path` and returns the log store, the state machine and
+/// a receiver that always holds the latest applied `ClusterState`, starting with what was persisted.
+pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, watch::Receiver<Arc<ClusterState>>), RaftStoreError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|source| RaftStoreError::CreateDir { path: path.display().to_string(), source })?;
+    }
+    let db =
+        Database::create(path).map_err(|source| RaftStoreError::Open { path: path.display().to_string(), source })?;
+    let txn = db.begin_write()?;
+    {
+        // Created up front so read transactions never meet a missing table.
+        txn.open_table(LOG)?;
+        txn.open_table(LOG_META)?;
+        txn.open_table(MACHINE)?;
+    }
+    txn.commit()?;
+
+    let image: MachineImage<ClusterState> = {
+        let txn = db.begin_read()?;
+        let machine = txn.open_table(MACHINE)?;
+        read_json(&machine, APPLIED)?.unwrap_or_else(|| MachineImage {
+            last_applied: None,
+            last_membership: Membership::default(),
+            state: ClusterState::default(),
+        })
+    };
+    let state = Arc::new(image.state);
+    let (published, receiver) = watch::channel(state.clone());
+    let db = Arc::new(db);
+    let log = LogStore { db: db.clone() };
+    let machine = StateMachineStore {
+        db,
+        last_applied: image.last_applied,
+        last_membership: image.last_membership,
+        state,
+        published: Arc::new(published),
+    };
+    Ok((log, machine, receiver))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, RaftStoreError> {
+    match table.get(key)? {
+        Some(value) => Ok(Some(serde_json::from_slice(value.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Runs redb work off the async workers: commits fsync, and openraft's core and state-machine tasks share
+/// the runtime with the node's network I/O.
+async fn blocking<T, F>(work: F) -> Result<T, RaftStoreError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, RaftStoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work).await?
+}
+
+/// The Raft log and vote. Clones share the database and serve as openraft's log readers.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    /// Writes one log-meta record durably.
+    async fn put_meta<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), RaftStoreError> {
+        let bytes = serde_json::to_vec(value)?;
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write()?;
+            txn.open_table(LOG_META)?.insert(key, bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_meta<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        key: &'static str,
+    ) -> Result<Option<T>, RaftStoreError> {
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_read()?;
+            read_json(&txn.open_table(LOG_META)?, key)
+        })
+        .await
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, RaftError> {
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_read()?;
+            let log = txn.open_table(LOG)?;
+            let mut entries = Vec::new();
+            for row in log.range::<u64>(bounds)? {
+                let (_, value) = row?;
+                entries.push(serde_json::from_slice(value.value())?);
+            }
+            Ok(entries)
+        })
+        .await
+        .map_err(|e| StorageIOError::read_logs(&e).into())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftError> {
+        let db = self.db.clone();
+        let (last_purged_log_id, last_entry) = blocking(move || {
+            let txn = db.begin_read()?;
+            let last_purged: Option<LogId<NodeId>> = read_json(&txn.open_table(LOG_META)?, LAST_PURGED)?;
+            let last_entry = match txn.open_table(LOG)?.last()? {
+                Some((_, value)) => Some(serde_json::from_slice::<EntryLogId>(value.value())?.log_id),
+                None => None,
+            };
+            Ok((last_purged, last_entry))
+        })
+        .await
+        .map_err(|e| StorageIOError::read_logs(&e))?;
+        Ok(LogState { last_purged_log_id, last_log_id: last_entry.or(last_purged_log_id) })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftError> {
+        self.put_meta(VOTE, vote).await.map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftError> {
+        self.get_meta(VOTE).await.map_err(|e| StorageIOError::read_vote(&e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), RaftError> {
+        self.put_meta(COMMITTED, &committed)
+            .await
+            .map_err(|e| StorageIOError::new(ErrorSubject::Store, ErrorVerb::Write, &e).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, RaftError> {
+        // Stored as `Option` itself, so "never saved" and "saved as None" both read back as None.
+        let committed: Option<Option<LogId<NodeId>>> = self
+            .get_meta(COMMITTED)
+            .await
+            .map_err(|e| StorageIOError::new(ErrorSubject::Store, ErrorVerb::Read, &e))?;
+        Ok(committed.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), RaftError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let rows = entries
+            .into_iter()
+            .map(|entry| Ok((entry.log_id.index, serde_json::to_vec(&entry)?)))
+            .collect::<Result<Vec<_>, serde_json::Error>>()
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write()?;
+            {
+                let mut log = txn.open_table(LOG)?;
+                for (index, bytes) in &rows {
+                    log.insert(*index, bytes.as_slice())?;
+                }
+            }
+            // Default durability is immediate: once this returns the entries are on disk, which is what
+            // the callback below promises openraft.
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageIOError::write_logs(&e))?;
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftError> {
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write()?;
+            txn.open_table(LOG)?.retain_in(log_id.index.., |_, _| false)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Delete, &e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftError> {
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write()?;
+            {
+                let mut meta = txn.open_table(LOG_META)?;
+                let previous: Option<LogId<NodeId>> = read_json(&meta, LAST_PURGED)?;
+                // Openraft only purges forwards; keeping the maximum makes a replayed purge harmless.
+                if previous < Some(log_id) {
+                    meta.insert(LAST_PURGED, serde_json::to_vec(&log_id)?.as_slice())?;
+                }
+                txn.open_table(LOG)?.retain_in(..=log_id.index, |_, _| false)?;
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Delete, &e).into())
+    }
+}
+
+/// The applied control state. Clones are snapshot builders: they capture the state as of the clone.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: Membership,
+    /// Shared with the watch channel, so publishing costs no copy; `apply` copies on write.
+    state: Arc<ClusterState>,
+    /// Behind an `Arc` because snapshot builders are clones of this struct; only the original publishes.
+    published: Arc<watch::Sender<Arc<ClusterState>>>,
+}
+
+impl StateMachineStore {
+    /// The state as of the last apply or snapshot install.
+    pub fn state(&self) -> Arc<ClusterState> {
+        self.state.clone()
+    }
+
+    fn image_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&MachineImage {
+            last_applied: self.last_applied,
+            last_membership: self.last_membership.clone(),
+            state: &*self.state,
+        })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftError> {
+        let data = self.image_bytes().map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let last_log_id = self.last_applied;
+        let last_membership = self.last_membership.clone();
+        let db = self.db.clone();
+        let stored_data = data.clone();
+        let meta = blocking(move || {
+            let txn = db.begin_write()?;
+            let meta = {
+                let mut machine = txn.open_table(MACHINE)?;
+                let seq = read_json::<u64>(&machine, SNAPSHOT_SEQ)?.unwrap_or(0) + 1;
+                machine.insert(SNAPSHOT_SEQ, serde_json::to_vec(&seq)?.as_slice())?;
+                let snapshot_id = match last_log_id {
+                    Some(id) => format!("{}-{}-{seq}", id.leader_id.term, id.index),
+                    None => format!("0-0-{seq}"),
+                };
+                let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
+                // A builder holds the state as of when it was made; if a newer snapshot was installed
+                // meanwhile, it stays the current one.
+                let current: Option<SnapshotMeta<NodeId, BasicNode>> = read_json(&machine, SNAPSHOT_META)?;
+                if current.is_none_or(|current| current.last_log_id <= meta.last_log_id) {
+                    machine.insert(SNAPSHOT_META, serde_json::to_vec(&meta)?.as_slice())?;
+                    machine.insert(SNAPSHOT_DATA, stored_data.as_slice())?;
+                }
+                meta
+            };
+            txn.commit()?;
+            Ok(meta)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        tracing::info!(snapshot = %meta.snapshot_id, epoch = self.state.epoch.0, "built Raft snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership), RaftError> {
+        Ok((self.last_applied, self.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResponse>, RaftError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        // Applied to copies first, so a failed write leaves this state machine as it was on disk.
+        let mut state = self.state.clone();
+        let mut batch_last = None;
+        let mut last_membership = self.last_membership.clone();
+        let mut responses = Vec::new();
+        for entry in entries {
+            batch_last = Some(entry.log_id);
+            let response = match entry.payload {
+                EntryPayload::Blank => CommandResponse::Applied { epoch: state.epoch },
+                EntryPayload::Normal(command) => {
+                    let response = Arc::make_mut(&mut state).apply(&command);
+                    tracing::debug!(index = entry.log_id.index, %command, ?response, "applied");
+                    response
+                }
+                EntryPayload::Membership(membership) => {
+                    last_membership = StoredMembership::new(Some(entry.log_id), membership);
+                    CommandResponse::Applied { epoch: state.epoch }
+                }
+            };
+            responses.push(response);
+        }
+        let Some(last) = batch_last else {
+            return Ok(responses);
+        };
+
+        let bytes = serde_json::to_vec(&MachineImage {
+            last_applied: Some(last),
+            last_membership: last_membership.clone(),
+            state: &*state,
+        })
+        .map_err(|e| StorageIOError::apply(last, &e))?;
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write()?;
+            txn.open_table(MACHINE)?.insert(APPLIED, bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageIOError::apply(last, &e))?;
+
+        self.last_applied = Some(last);
+        self.last_membership = last_membership;
+        self.state = state;
+        self.published.send_replace(self.state.clone());
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), RaftError> {
+        let signature = meta.signature();
+        let data = snapshot.into_inner();
+        // The bytes came from another node: decode and check them before anything is replaced.
+        let image: MachineImage<ClusterState> =
+            serde_json::from_slice(&data).map_err(|e| StorageIOError::read_snapshot(Some(signature.clone()), &e))?;
+        if image.last_applied != meta.last_log_id || image.last_membership != meta.last_membership {
+            let e = RaftStoreError::SnapshotMismatch { snapshot_id: meta.snapshot_id.clone() };
+            return Err(StorageIOError::read_snapshot(Some(signature), &e).into());
+        }
+
+        let meta_bytes =
+            serde_json::to_vec(meta).map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write()?;
+            {
+                let mut machine = txn.open_table(MACHINE)?;
+                // The snapshot's data is a `MachineImage`, the same record `apply` keeps.
+                machine.insert(APPLIED, data.as_slice())?;
+                machine.insert(SNAPSHOT_META, meta_bytes.as_slice())?;
+                machine.insert(SNAPSHOT_DATA, data.as_slice())?;
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(signature), &e))?;
+
+        self.last_applied = image.last_applied;
+        self.last_membership = image.last_membership;
+        self.state = Arc::new(image.state);
+        self.published.send_replace(self.state.clone());
+        tracing::info!(snapshot = %meta.snapshot_id, epoch = self.state.epoch.0, "installed Raft snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftError> {
+        let db = self.db.clone();
+        let stored = blocking(move || {
+            let txn = db.begin_read()?;
+            let machine = txn.open_table(MACHINE)?;
+            let Some(meta) = read_json::<SnapshotMeta<NodeId, BasicNode>>(&machine, SNAPSHOT_META)? else {
+                return Ok(None);
+            };
+            // Both are written in one transaction, so one without the other means the file is damaged.
+            let Some(data) = machine.get(SNAPSHOT_DATA)? else {
+                return Err(RaftStoreError::SnapshotDataMissing { snapshot_id: meta.snapshot_id });
+            };
+            let data = data.value().to_vec();
+            Ok(Some((meta, data)))
+        })
+        .await
+        .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(stored.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::testing::{StoreBuilder, Suite, blank_ent, log_id, membership_ent};
+    use openraft::{CommittedLeaderId, Membership};
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::raft::state::{Command, Epoch, MemberState};
+    use crate::token::{TokenKey, TokenKeyId};
+
+    /// Opens a fresh store in its own directory; the directory lives as long as the suite's guard.
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder {
+        async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), RaftError> {
+            let dir = TempDir::new().map_err(|e| StorageIOError::write(&e))?;
+            let (log, machine, _) = open(&dir.path().join("raft.redb")).map_err(|e| StorageIOError::write(&e))?;
+            Ok((dir, log, machine))
+        }
+    }
+
+    #[test]
+    fn passes_openraft_storage_suite() {
+        // The suite builds its own runtimes, so this is a plain test.
+        if let Err(e) = Suite::test_all(Builder) {
+            panic!("openraft storage suite: {e}");
+        }
+    }
+
+    fn normal(term: u64, index: u64, command: Command) -> Entry<TypeConfig> {
+        Entry { log_id: log_id(term, 1, index), payload: EntryPayload::Normal(command) }
+    }
+
+    fn put_member(id: NodeId) -> Command {
+        Command::PutMember {
+            id,
+            device_addr: format!("10.0.0.{id}:5223"),
+            cluster_addr: format!("10.0.0.{id}:7000"),
+            now_ms: 1_000 + id,
+        }
+    }
+
+    fn voters(ids: &[NodeId]) -> Vec<BTreeSet<NodeId>> {
+        vec![ids.iter().copied().collect()]
+    }
+
+    /// The state as JSON: `ClusterState` has no `PartialEq` (token keys are not comparable).
+    fn as_json(state: &ClusterState) -> serde_json::Value {
+        serde_json::to_value(state).expect("cluster state serializes")
+    }
+
+    /// A state machine with two members, one token key and a membership change, at log index 5.
+    async fn populate(machine: &mut StateMachineStore) -> Vec<CommandResponse> {
+        let key = TokenKey::from_secret(TokenKeyId(7), [0x5a; 32]);
+        let entries = vec![
+            blank_ent::<TypeConfig>(1, 1, 1),
+            membership_ent::<TypeConfig>(1, 1, 2, voters(&[1, 2])),
+            normal(1, 3, put_member(1)),
+            normal(1, 4, put_member(2)),
+            normal(1, 5, Command::RotateTokenKey { key, now_ms: 2_000 }),
+            normal(1, 6, Command::SetMemberState { id: 9, state: MemberState::Active, now_ms: 3_000 }),
+        ];
+        machine.apply(entries).await.expect("apply")
+    }
+
+    #[tokio::test]
+    async fn apply_answers_each_entry_in_order() {
+        let dir = TempDir::new().expect("tempdir");
+        let (_log, mut machine, _watch) = open(&dir.path().join("raft.redb")).expect("open");
+        let responses = populate(&mut machine).await;
+        assert_eq!(
+            responses,
+            [
+                CommandResponse::Applied { epoch: Epoch(0) },
+                CommandResponse::Applied { epoch: Epoch(0) },
+                CommandResponse::Applied { epoch: Epoch(1) },
+                CommandResponse::Applied { epoch: Epoch(2) },
+                CommandResponse::Applied { epoch: Epoch(3) },
+                CommandResponse::Refused { reason: "no such member".into() },
+            ]
+        );
+        assert!(machine.apply(Vec::new()).await.expect("empty batch").is_empty());
+    }
+
+    #[tokio::test]
+    async fn state_machine_survives_a_reopen() {
+        let dir = TempDir::new().expect("tempdir");
+        let path = dir.path().join("raft.redb");
+        let (expected_state, expected_applied) = {
+            let (_log, mut machine, mut watch) = open(&path).expect("open");
+            populate(&mut machine).await;
+            let published = watch.borrow_and_update().clone();
+            assert_eq!(as_json(&published), as_json(&machine.state()), "apply publishes its state");
+            (as_json(&machine.state()), machine.applied_state().await.expect("applied state"))
+        };
+
+        let (_log, mut machine, watch) = open(&path).expect("reopen");
+        assert_eq!(machine.applied_state().await.expect("applied state"), expected_applied);
+        assert_eq!(expected_applied.0, Some(log_id(1, 1, 6)));
+        assert_eq!(expected_applied.1.log_id(), &Some(log_id(1, 1, 2)));
+        assert_eq!(expected_applied.1.membership(), &Membership::new(voters(&[1, 2]), None));
+        assert_eq!(as_json(&machine.state()), expected_state);
+        assert_eq!(as_json(&watch.borrow()), expected_state, "the receiver starts from the persisted state");
+        assert_eq!(machine.state().epoch, Epoch(3));
+        assert_eq!(machine.state().active_key().map(|r| r.key.id), Some(TokenKeyId(7)));
+    }
+
+    #[tokio::test]
+    async fn snapshot_moves_the_state_to_a_fresh_store() {
+        let dir = TempDir::new().expect("tempdir");
+        let (_log, mut leader, _leader_watch) = open(&dir.path().join("leader.redb")).expect("open leader");
+        populate(&mut leader).await;
+        let built = leader.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        assert_eq!(built.meta.last_log_id, Some(log_id(1, 1, 6)));
+        let again = leader.get_snapshot_builder().await.build_snapshot().await.expect("rebuild");
+        assert_ne!(again.meta.snapshot_id, built.meta.snapshot_id, "snapshot ids are unique");
+        let current = leader.get_current_snapshot().await.expect("current").expect("a snapshot");
+        assert_eq!(current.meta, again.meta);
+
+        let follower_path = dir.path().join("follower.redb");
+        {
+            let (_log, mut follower, mut follower_watch) = open(&follower_path).expect("open follower");
+            let mut received = follower.begin_receiving_snapshot().await.expect("begin");
+            assert!(received.get_ref().is_empty());
+            *received = *current.snapshot;
+            follower.install_snapshot(&current.meta, received).await.expect("install");
+
+            assert!(follower_watch.has_changed().expect("sender alive"), "install publishes");
+            let published = follower_watch.borrow_and_update().clone();
+            assert_eq!(as_json(&published), as_json(&leader.state()));
+            assert_eq!(
+                follower.applied_state().await.expect("applied"),
+                leader.applied_state().await.expect("applied")
+            );
+            let installed = follower.get_current_snapshot().await.expect("current").expect("a snapshot");
+            assert_eq!(installed.meta, current.meta);
+        }
+
+        // The installed state is the follower's applied state from now on, restarts included.
+        let (_log, mut follower, follower_watch) = open(&follower_path).expect("reopen follower");
+        assert_eq!(follower.applied_state().await.expect("applied"), leader.applied_state().await.expect("applied"));
+        assert_eq!(as_json(&follower_watch.borrow()), as_json(&leader.state()));
+        let responses = follower.apply([normal(2, 7, put_member(3))]).await.expect("apply after install");
+        assert_eq!(responses, [CommandResponse::Applied { epoch: Epoch(4) }]);
+    }
+
+    #[tokio::test]
+    async fn a_stale_builder_does_not_replace_an_installed_snapshot() {
+        let dir = TempDir::new().expect("tempdir");
+        let (_log, mut leader, _leader_watch) = open(&dir.path().join("leader.redb")).expect("open leader");
+        populate(&mut leader).await;
+        let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.expect("build");
+
+        let (_log, mut follower, _follower_watch) = open(&dir.path().join("follower.redb")).expect("open follower");
+        let mut stale = follower.get_snapshot_builder().await;
+        follower.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("install");
+        let late = stale.build_snapshot().await.expect("stale build");
+        assert_eq!(late.meta.last_log_id, None);
+        let current = follower.get_current_snapshot().await.expect("current").expect("a snapshot");
+        assert_eq!(current.meta, snapshot.meta);
+    }
+
+    #[tokio::test]
+    async fn hostile_snapshot_bytes_change_nothing() {
+        let dir = TempDir::new().expect("tempdir");
+        let (_log, mut machine, watch) = open(&dir.path().join("raft.redb")).expect("open");
+        populate(&mut machine).await;
+        let before = (as_json(&machine.state()), machine.applied_state().await.expect("applied"));
+        let genuine = machine.get_snapshot_builder().await.build_snapshot().await.expect("build");
+
+        let mut lying_meta = genuine.meta.clone();
+        lying_meta.last_log_id = Some(log_id(9, 9, 99));
+        let hostile: [(SnapshotMeta<NodeId, BasicNode>, Vec<u8>); 4] = [
+            (genuine.meta.clone(), Vec::new()),
+            (genuine.meta.clone(), vec![0xff; 64]),
+            (genuine.meta.clone(), b"{\"last_applied\":null,\"state\":[1,2,3]}".to_vec()),
+            (lying_meta, genuine.snapshot.get_ref().clone()),
+        ];
+        for (meta, bytes) in hostile {
+            let result = machine.install_snapshot(&meta, Box::new(Cursor::new(bytes))).await;
+            assert!(result.is_err(), "installed a hostile snapshot");
+        }
+        assert_eq!((as_json(&machine.state()), machine.applied_state().await.expect("applied")), before);
+        assert_eq!(as_json(&watch.borrow()), before.0);
+        let current = machine.get_current_snapshot().await.expect("current").expect("a snapshot");
+        assert_eq!(current.meta, genuine.meta);
+    }
+
+    #[tokio::test]
+    async fn log_survives_a_reopen() {
+        let dir = TempDir::new().expect("tempdir");
+        let path = dir.path().join("raft.redb");
+        let vote = Vote::new_committed(3, 2);
+        {
+            let (mut log, _machine, _watch) = open(&path).expect("open");
+            assert_eq!(log.read_vote().await.expect("vote"), None);
+            let state = log.get_log_state().await.expect("log state");
+            assert_eq!((state.last_purged_log_id, state.last_log_id), (None, None));
+
+            log.save_vote(&vote).await.expect("save vote");
+            let entries: Vec<_> = (1..=10).map(|i| blank_ent::<TypeConfig>(1, 1, i)).collect();
+            log.blocking_append(entries).await.expect("append");
+            log.blocking_append([normal(2, 11, put_member(4))]).await.expect("append normal");
+            log.truncate(log_id(1, 1, 9)).await.expect("truncate");
+            log.blocking_append([blank_ent::<TypeConfig>(3, 2, 9)]).await.expect("append after truncate");
+            log.purge(log_id(1, 1, 4)).await.expect("purge");
+            log.save_committed(Some(log_id(1, 1, 8))).await.expect("save committed");
+        }
+
+        let (mut log, _machine, _watch) = open(&path).expect("reopen");
+        assert_eq!(log.read_vote().await.expect("vote"), Some(vote));
+        assert_eq!(log.read_committed().await.expect("committed"), Some(log_id(1, 1, 8)));
+        let state = log.get_log_state().await.expect("log state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 4)));
+        assert_eq!(state.last_log_id, Some(log_id(3, 2, 9)));
+        let mut reader = log.get_log_reader().await;
+        let entries = reader.try_get_log_entries(0..100).await.expect("read");
+        let ids: Vec<_> = entries.iter().map(|e| e.log_id).collect();
+        let expected: Vec<_> = (5..=8).map(|i| log_id(1, 1, i)).chain([log_id(3, 2, 9)]).collect();
+        assert_eq!(ids, expected);
+        assert_eq!(reader.try_get_log_entries(6..=7).await.expect("read").len(), 2);
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = 8..6;
+        assert!(reader.try_get_log_entries(backwards).await.expect("read backwards").is_empty());
+        assert!(reader.try_get_log_entries(7..7).await.expect("read empty").is_empty());
+
+        // Purging everything leaves the last purged id standing in for the last log id.
+        log.purge(log_id(3, 2, 9)).await.expect("purge all");
+        let state = log.get_log_state().await.expect("log state");
+        assert_eq!(state.last_log_id, Some(log_id(3, 2, 9)));
+        assert!(reader.try_get_log_entries(..).await.expect("read").is_empty());
+        let leader = CommittedLeaderId::new(3, 2);
+        assert_eq!(state.last_purged_log_id.map(|id| id.leader_id), Some(leader));
+    }
+}
