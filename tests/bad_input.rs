@@ -98,7 +98,9 @@ async fn hostile_device_links_are_closed_and_harm_no_other_link() {
     // No client certificate: anything but Activate is refused with NOT_ACTIVATED.
     let tls = common::raw_link(&endpoint, None).await.unwrap();
     let mut link: common::RawLink = Framed::new(tls, FrameCodec::new(1 << 16));
-    let hello = DeviceFrame { kind: Some(device_frame::Kind::Hello(Hello { keepalive_secs: 30, client: "t".into() })) };
+    let hello = DeviceFrame {
+        kind: Some(device_frame::Kind::Hello(Hello { keepalive_secs: 30, client: "t".into(), held_tokens: vec![] })),
+    };
     link.send(hello).await.unwrap();
     assert_eq!(read_goodbye(&mut link).await, Some(GoodbyeReason::NotActivated));
     still_delivers(&cluster, &mut healthy, &token, "no certificate").await;

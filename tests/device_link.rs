@@ -55,7 +55,9 @@ async fn a_silent_link_is_closed_after_two_and_a_half_keepalives() {
     let credentials = cluster.activate().await;
     let tls = common::raw_link(&cluster.endpoint(), Some(&credentials)).await.unwrap();
     let mut link: common::RawLink = Framed::new(tls, FrameCodec::new(1 << 16));
-    let hello = DeviceFrame { kind: Some(device_frame::Kind::Hello(Hello { keepalive_secs: 1, client: "t".into() })) };
+    let hello = DeviceFrame {
+        kind: Some(device_frame::Kind::Hello(Hello { keepalive_secs: 1, client: "t".into(), held_tokens: vec![] })),
+    };
     let started = Instant::now();
     link.send(hello).await.unwrap();
     assert_eq!(read_goodbye(&mut link).await, Some(GoodbyeReason::IdleTimeout));
@@ -77,7 +79,9 @@ async fn a_second_link_with_the_same_certificate_replaces_the_first() {
     let credentials = cluster.activate().await;
     let tls = common::raw_link(&cluster.endpoint(), Some(&credentials)).await.unwrap();
     let mut older: common::RawLink = Framed::new(tls, FrameCodec::new(1 << 16));
-    let hello = DeviceFrame { kind: Some(device_frame::Kind::Hello(Hello { keepalive_secs: 30, client: "t".into() })) };
+    let hello = DeviceFrame {
+        kind: Some(device_frame::Kind::Hello(Hello { keepalive_secs: 30, client: "t".into(), held_tokens: vec![] })),
+    };
     older.send(hello).await.unwrap();
     let registry = cluster.node().registry.clone();
     common::eventually(Duration::from_secs(10), "the first link is attached", || {

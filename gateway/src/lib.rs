@@ -21,7 +21,8 @@ use courier_node::telemetry::Readiness;
 use courier_node::tls::TlsError;
 use courier_node::token::Keyring;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
+use tokio::sync::watch as signal;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -55,7 +56,7 @@ pub struct RunningGateway {
     pub metrics_addr: SocketAddr,
     /// The latest view of the cluster this gateway routes by.
     pub view: ViewReceiver,
-    shutdown: watch::Sender<bool>,
+    shutdown: signal::Sender<bool>,
     provider_task: JoinHandle<()>,
     metrics_task: JoinHandle<()>,
     watch_task: JoinHandle<()>,
@@ -111,7 +112,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let credentials = ProviderCredentials::default();
     let timeout = Duration::from_millis(config.request_timeout_ms);
     let peers = Arc::new(Peers::new(&pki, "gateway", config.node_server_name.clone(), timeout)?);
-    let (views, view) = watch::channel(None);
+    let (views, view) = signal::channel(None);
     let cluster_watch = ClusterWatch {
         seeds: config.node_addrs.clone(),
         peers: peers.clone(),
@@ -131,7 +132,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let metrics_listener = bind(config.metrics_addr).await?;
     let metrics_addr = local_addr(&metrics_listener, config.metrics_addr)?;
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = signal::channel(false);
     let server = ProviderServer {
         listener: provider_listener,
         acceptor: TlsAcceptor::from(Arc::new(tls)),

@@ -91,7 +91,9 @@ impl NodeRouter {
             }
             Ok(DeliverOutcome::Rejected) if !result.reason.is_empty() => Ok(Delivery::Rejected(result.reason)),
             Ok(DeliverOutcome::Rejected) => Ok(Delivery::Rejected("InternalServerError".into())),
-            Ok(DeliverOutcome::Unspecified) | Err(_) => Err(format!("the node answered with outcome {}", result.outcome)),
+            Ok(DeliverOutcome::Unspecified) | Err(_) => {
+                Err(format!("the node answered with outcome {}", result.outcome))
+            }
         }
     }
 }

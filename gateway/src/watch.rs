@@ -56,18 +56,19 @@ impl ClusterWatch {
     pub async fn run(self, views: watch::Sender<Option<Arc<GatewayView>>>, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            for addr in self.candidates(&views.borrow()) {
+            let candidates = self.candidates(&views.borrow());
+            for addr in candidates {
                 tokio::select! {
                     outcome = self.follow(&addr, &views) => match outcome {
                         Ok(()) => tracing::info!(%addr, "cluster watch ended; failing over"),
                         Err(error) => tracing::info!(%addr, %error, "cluster watch unavailable; failing over"),
                     },
-                    _ = shutdown.wait_for(|stop| *stop) => return,
+                    _ = courier_node::edge::stopped(&mut shutdown) => return,
                 }
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                _ = courier_node::edge::stopped(&mut shutdown) => return,
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }

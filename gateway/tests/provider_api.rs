@@ -1,12 +1,13 @@
-//! End-to-end tests of the provider API: real TLS, real HTTP/2 and a real gRPC node stand-in.
+//! End-to-end tests of the provider API: real TLS, real HTTP/2, real gRPC and a real node.
 //!
-//! Each test makes a PKI directory, starts a minimal `Cluster` gRPC server that records what it is handed,
-//! starts a gateway pointed at it, and talks to the gateway with `ProviderClient` exactly as a provider
-//! would. Refused requests must never reach the node.
+//! Each test makes a PKI directory, starts a Courier node (which bootstraps its one-node cluster from that
+//! directory), starts a gateway that learns the cluster from the node's watch stream, and talks to the
+//! gateway with `ProviderClient` exactly as a provider would. Pushes go to devices that are not connected,
+//! so whatever reaches the node is in its store: refused requests must leave the store untouched.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
 
 use courier_gateway::provider::{JwtSigner, ProviderClient, Push, PushResponse};
@@ -14,90 +15,55 @@ use courier_gateway::{GatewayConfig, RunningGateway};
 use courier_node::ids::DeviceId;
 use courier_node::pki::PkiDir;
 use courier_node::token::Keyring;
-use courier_proto::cluster::cluster_server::{Cluster, ClusterServer};
-use courier_proto::cluster::{DeliverOutcome, DeliverRequest, DeliverResponse, DeliverResult, Notification};
+use courier_node::{NodeConfig, RunningNode};
+use courier_proto::cluster::Notification;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 const TOPIC: &str = "com.example.app";
 const APNS_ID: &str = "123e4567-E89B-12d3-a456-426614174000";
 /// Generous bound for anything the tests wait on; a healthy run takes milliseconds.
 const DEADLINE: Duration = Duration::from_secs(15);
 
-/// Records every notification it is handed and answers STORED.
-#[derive(Clone, Default)]
-struct RecordingNode {
-    received: Arc<Mutex<Vec<Notification>>>,
-}
-
-#[tonic::async_trait]
-impl Cluster for RecordingNode {
-    async fn deliver(
-        &self,
-        request: tonic::Request<DeliverRequest>,
-    ) -> Result<tonic::Response<DeliverResponse>, tonic::Status> {
-        let notifications = request.into_inner().notifications;
-        let results = notifications
-            .iter()
-            .map(|n| DeliverResult {
-                apns_id: n.apns_id.clone(),
-                outcome: DeliverOutcome::Stored as i32,
-                reason: String::new(),
-            })
-            .collect();
-        self.received.lock().unwrap().extend(notifications);
-        Ok(tonic::Response::new(DeliverResponse { results }))
-    }
-}
-
-impl RecordingNode {
-    fn received(&self) -> Vec<Notification> {
-        self.received.lock().unwrap().clone()
-    }
-}
-
+/// A real Courier node on loopback, its data in its own directory.
 struct TestNode {
     addr: SocketAddr,
-    recorder: RecordingNode,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    node: Option<RunningNode>,
 }
 
 impl TestNode {
-    /// Serves `Cluster` with mutual TLS: the node's certificate, clients must chain to the cluster CA.
-    async fn start(pki: &PkiDir) -> TestNode {
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                std::fs::read(pki.member_cert("node")).unwrap(),
-                std::fs::read(pki.member_key("node")).unwrap(),
-            ))
-            .client_ca_root(Certificate::from_pem(std::fs::read(pki.cluster_ca_cert()).unwrap()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let recorder = RecordingNode::default();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = Server::builder()
-            .tls_config(tls)
-            .unwrap()
-            .add_service(ClusterServer::new(recorder.clone()))
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
-                let _ = stopped.await;
-            });
-        TestNode { addr, recorder, stop: Some(stop), task: Some(tokio::spawn(server)) }
+    async fn start(pki: &PkiDir, data_dir: &Path) -> TestNode {
+        let node = courier_node::start(NodeConfig::local(pki.dir.clone(), data_dir.to_path_buf())).await.unwrap();
+        let give_up = tokio::time::Instant::now() + DEADLINE;
+        while !node.is_ready() {
+            assert!(tokio::time::Instant::now() < give_up, "the node never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        TestNode { addr: node.cluster_addr, node: Some(node) }
     }
 
-    /// Stops serving and waits until the listener is closed; calling it again does nothing.
+    /// What the node holds for `device`: everything a push to an offline device hands it.
+    async fn received(&self, device: DeviceId) -> Vec<Notification> {
+        self.node.as_ref().expect("node running").store.pending(device).await.unwrap()
+    }
+
+    /// Notifications stored across all devices.
+    async fn stored(&self) -> u64 {
+        self.node.as_ref().expect("node running").store.queued().await.unwrap()
+    }
+
+    /// Stops the node; calling it again does nothing.
     async fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        if let Some(node) = self.node.take() {
+            tokio::time::timeout(DEADLINE, node.shutdown()).await.expect("the node did not stop");
         }
-        if let Some(task) = self.task.take() {
-            let joined = tokio::time::timeout(DEADLINE, task).await;
-            assert!(joined.is_ok(), "the test node did not stop");
-        }
+    }
+}
+
+async fn wait_for_view(gateway: &RunningGateway) {
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    while gateway.epoch().is_none() {
+        assert!(tokio::time::Instant::now() < give_up, "the gateway never got a cluster view");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -116,10 +82,11 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         courier_node::pki::init(dir.path(), &Default::default()).unwrap();
         let pki = PkiDir::new(dir.path());
-        let node = TestNode::start(&pki).await;
+        let node = TestNode::start(&pki, &dir.path().join("node")).await;
         let mut config = GatewayConfig::local(dir.path().to_path_buf(), node.addr);
         config.request_timeout_ms = 3000;
         let gateway = courier_gateway::start(config).await.unwrap();
+        wait_for_view(&gateway).await;
         let client = connect(gateway.provider_addr, &pki.cluster_ca_cert()).await;
         Harness {
             signer: JwtSigner::from_pki(&pki).unwrap(),
@@ -175,7 +142,7 @@ async fn a_valid_push_reaches_the_node_and_echoes_its_apns_id() {
     assert_eq!(response.apns_id.as_deref(), Some(APNS_ID));
     assert!(response.body.is_empty());
 
-    let received = h.node.recorder.received();
+    let received = h.node.received(device).await;
     assert_eq!(received.len(), 1);
     let n = &received[0];
     assert_eq!(n.device_id, device.to_bytes().to_vec());
@@ -191,16 +158,20 @@ async fn a_valid_push_reaches_the_node_and_echoes_its_apns_id() {
 
     // Without an apns-id the gateway makes one up and tells both sides the same one.
     push.apns_id = None;
-    push.expiration = Some("0".into());
+    push.collapse_id = None;
     let response = h.push(&push).await;
     assert_eq!(response.status, 200, "{response:?}");
     let generated = response.apns_id.unwrap();
     assert_eq!(generated.len(), 36);
     assert_eq!(generated, generated.to_lowercase());
-    let received = h.node.recorder.received();
+    let received = h.node.received(device).await;
     assert_eq!(received.len(), 2);
     assert_eq!(received[1].apns_id, generated);
-    assert_eq!(received[1].expiration, 0);
+
+    // Expiration 0 to a device that is not connected: accepted, and not stored.
+    push.expiration = Some("0".into());
+    assert_eq!(h.push(&push).await.status, 200);
+    assert_eq!(h.node.received(device).await.len(), 2);
 
     let Harness { gateway, mut node, .. } = h;
     gateway.shutdown().await;
@@ -280,12 +251,12 @@ async fn every_bad_input_is_refused_before_the_node() {
     let mut error_body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
     assert_eq!(error_body["reason"].take(), "DuplicateHeaders");
 
-    assert!(h.node.recorder.received().is_empty(), "a refused push reached the node");
+    assert_eq!(h.node.stored().await, 0, "a refused push reached the node");
 
     // The connection survived all of that, and a good push still goes through.
     let response = h.push(&good).await;
     assert_eq!(response.status, 200, "{response:?}");
-    assert_eq!(h.node.recorder.received().len(), 1);
+    assert_eq!(h.node.received(device).await.len(), 1);
 
     let Harness { gateway, mut node, .. } = h;
     gateway.shutdown().await;
@@ -299,8 +270,9 @@ async fn a_topic_outside_the_credentials_list_is_disallowed() {
     credential.topics = vec!["com.example.allowed".into()];
     let pki = PkiDir::new(dir.path());
     std::fs::write(pki.provider_credential(), serde_json::to_vec(&credential).unwrap()).unwrap();
-    let mut node = TestNode::start(&pki).await;
+    let mut node = TestNode::start(&pki, &dir.path().join("node")).await;
     let gateway = courier_gateway::start(GatewayConfig::local(dir.path().to_path_buf(), node.addr)).await.unwrap();
+    wait_for_view(&gateway).await;
     let client = connect(gateway.provider_addr, &pki.cluster_ca_cert()).await;
     let keyring = Keyring::load(&pki.token_keys()).unwrap();
     let signer = JwtSigner::from_pki(&pki).unwrap();
@@ -313,7 +285,7 @@ async fn a_topic_outside_the_credentials_list_is_disallowed() {
     };
     let response = client.push(&push("com.example.other")).await.unwrap();
     assert_refused(&response, 400, "TopicDisallowed");
-    assert!(node.recorder.received().is_empty());
+    assert_eq!(node.stored().await, 0);
     let response = client.push(&push("com.example.allowed")).await.unwrap();
     assert_eq!(response.status, 200, "{response:?}");
     gateway.shutdown().await;
@@ -334,7 +306,7 @@ async fn many_concurrent_pushes_share_one_connection() {
     for push in pushes {
         assert_eq!(tokio::time::timeout(DEADLINE, push).await.unwrap().unwrap(), 200);
     }
-    assert_eq!(h.node.recorder.received().len(), 200);
+    assert_eq!(h.node.stored().await, 200);
 
     let metrics = http_get(h.gateway.metrics_addr, "/metrics").await;
     assert!(metrics.contains("courier_gateway_notifications_accepted_total"), "{metrics}");

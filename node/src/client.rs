@@ -38,6 +38,8 @@ pub enum ClientError {
     Goodbye { reason: GoodbyeReason, detail: String },
     #[error("the node closed the link")]
     Closed,
+    #[error("redirected to {0}")]
+    Redirected(String),
     #[error("unexpected frame: {0}")]
     Unexpected(String),
     #[error("no answer within {0:?}")]
@@ -102,6 +104,9 @@ impl DeviceCredentials {
         Ok(Some(DeviceCredentials { device_id, cert_der: cert.to_vec(), key_der: key }))
     }
 }
+
+/// Redirects followed before giving up (more means the cluster's views disagree).
+const MAX_REDIRECTS: usize = 4;
 
 type ClientLink = Framed<TlsStream<TcpStream>, FrameCodec<ServerFrame>>;
 
@@ -202,6 +207,8 @@ impl RecentIds {
 /// A live, authenticated link.
 pub struct DeviceLink {
     link: ClientLink,
+    /// The node this link is to (after redirects).
+    pub node_addr: SocketAddr,
     pub device_id: DeviceId,
     pub keepalive: Duration,
     /// Frames that arrived while waiting for a specific answer.
@@ -211,17 +218,61 @@ pub struct DeviceLink {
 }
 
 impl DeviceLink {
-    /// Opens a mutual-TLS link and says hello, asking for `keepalive_secs` (0 = the node's default).
+    /// Opens a mutual-TLS link and says hello, asking for `keepalive_secs` (0 = the node's default),
+    /// following redirects to the node that owns this device.
     pub async fn connect(
         endpoint: &DeviceEndpoint,
         credentials: &DeviceCredentials,
         keepalive_secs: u32,
     ) -> Result<Self, ClientError> {
+        Self::connect_with(endpoint, credentials, keepalive_secs, &[]).await
+    }
+
+    /// As `connect`, telling the node which (topic, token) pairs the device holds, so that tokens minted
+    /// under a rotated-out key come back replaced (`LinkEvent::TokenUpdated`).
+    pub async fn connect_with(
+        endpoint: &DeviceEndpoint,
+        credentials: &DeviceCredentials,
+        keepalive_secs: u32,
+        held_tokens: &[(String, String)],
+    ) -> Result<Self, ClientError> {
+        let mut endpoint = endpoint.clone();
+        for _ in 0..MAX_REDIRECTS {
+            match Self::connect_once(&endpoint, credentials, keepalive_secs, held_tokens).await {
+                Err(ClientError::Redirected(device_addr)) => {
+                    endpoint.addr = tokio::net::lookup_host(&device_addr)
+                        .await
+                        .ok()
+                        .and_then(|mut addrs| addrs.next())
+                        .ok_or_else(|| ClientError::Unexpected(format!("redirect to unresolvable {device_addr:?}")))?;
+                }
+                other => return other,
+            }
+        }
+        Err(ClientError::Unexpected(format!("more than {MAX_REDIRECTS} redirects")))
+    }
+
+    /// One attempt on `endpoint`; a redirect comes back as `ClientError::Redirected`.
+    pub async fn connect_once(
+        endpoint: &DeviceEndpoint,
+        credentials: &DeviceCredentials,
+        keepalive_secs: u32,
+        held_tokens: &[(String, String)],
+    ) -> Result<Self, ClientError> {
         let mut link = open(endpoint, Some(credentials)).await?;
-        let hello = wire::Hello { keepalive_secs, client: concat!("courier/", env!("CARGO_PKG_VERSION")).into() };
+        let hello = wire::Hello {
+            keepalive_secs,
+            client: concat!("courier/", env!("CARGO_PKG_VERSION")).into(),
+            held_tokens: held_tokens
+                .iter()
+                .map(|(topic, token)| wire::HeldToken { topic: topic.clone(), token: token.clone() })
+                .collect(),
+        };
         link.send(device_frame(device_frame::Kind::Hello(hello))).await?;
         match next_frame(&mut link, Duration::from_secs(10)).await? {
+            server_frame::Kind::Redirect(redirect) => Err(ClientError::Redirected(redirect.device_addr)),
             server_frame::Kind::Welcome(welcome) => Ok(DeviceLink {
+                node_addr: endpoint.addr,
                 link,
                 device_id: credentials.device_id,
                 keepalive: Duration::from_secs(u64::from(welcome.keepalive_secs.max(1))),

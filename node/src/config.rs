@@ -145,7 +145,7 @@ impl NodeConfig {
         }
     }
 
-    pub fn raft_config(&self) -> Result<openraft::Config, openraft::ConfigError> {
+    pub fn raft_config(&self) -> Result<openraft::Config, Box<openraft::ConfigError>> {
         let election = self.raft_election_timeout_ms.max(self.raft_heartbeat_ms * 3);
         openraft::Config {
             cluster_name: "courier".into(),
@@ -158,6 +158,7 @@ impl NodeConfig {
             ..Default::default()
         }
         .validate()
+        .map_err(Box::new)
     }
 
     pub fn link_settings(&self) -> LinkSettings {

@@ -17,24 +17,24 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::ClusterService;
+use crate::config::NodeConfig;
+use crate::delivery::Delivery;
 use crate::edge::registry::LinkEnd;
+use crate::edge::registry::Registry;
+use crate::edge::{self, Edge, stopped};
 use crate::peer::{PeerError, Peers};
+use crate::pki::{DeviceCa, PkiDir, PkiError};
 use crate::raft::control::{Control, ControlError};
 use crate::raft::network::Network;
 use crate::raft::state::{ClusterState, MemberState};
 use crate::raft::store::RaftStoreError;
-use crate::view::{LocalView, Placement};
-use courier_proto::cluster::JoinRequest;
-use courier_proto::device::GoodbyeReason;
-use crate::config::NodeConfig;
-use crate::delivery::Delivery;
-use crate::edge::registry::Registry;
-use crate::edge::{self, Edge, stopped};
-use crate::pki::{DeviceCa, PkiDir, PkiError};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{self, Readiness};
 use crate::tls::{self, TlsError};
 use crate::token::{Keyring, KeyringError};
+use crate::view::{LocalView, Placement};
+use courier_proto::cluster::JoinRequest;
+use courier_proto::device::GoodbyeReason;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -55,7 +55,7 @@ pub enum NodeError {
     #[error(transparent)]
     RaftStore(#[from] RaftStoreError),
     #[error("raft configuration: {0}")]
-    RaftConfig(#[from] openraft::ConfigError),
+    RaftConfig(#[from] Box<openraft::ConfigError>),
     #[error("starting raft: {0}")]
     Raft(String),
     #[error(transparent)]
@@ -149,17 +149,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         device_ca,
         view: view.clone(),
     });
-    tracker.spawn(edge::serve(
-        device_listener,
-        acceptor,
-        edge,
-        config.max_links,
-        shutdown_rx.clone(),
-        tracker.clone(),
-    ));
+    tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown_rx.clone(), tracker.clone()));
 
     let delivery = Delivery { store: store.clone(), registry: registry.clone(), view: view.clone() };
-    let service = ClusterService { delivery, control: control.clone() };
+    let service = ClusterService { delivery, control: control.clone(), shutdown: shutdown_rx.clone() };
     let grpc = Server::builder()
         .tls_config(grpc_tls)?
         .add_service(

@@ -63,7 +63,8 @@ impl Peers {
             return Ok(client.clone());
         }
         let name = self.server_name.clone().unwrap_or_else(|| host_of(addr).to_string());
-        let tls = ClientTlsConfig::new().ca_certificate(self.ca.clone()).identity(self.identity.clone()).domain_name(name);
+        let tls =
+            ClientTlsConfig::new().ca_certificate(self.ca.clone()).identity(self.identity.clone()).domain_name(name);
         let endpoint_error = |source| PeerError::Endpoint { addr: addr.to_string(), source };
         let channel = Endpoint::from_shared(format!("https://{addr}"))
             .map_err(endpoint_error)?
@@ -75,9 +76,8 @@ impl Peers {
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
             .connect_lazy();
-        let client = ClusterClient::new(channel)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+        let client =
+            ClusterClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
         channels.insert(addr.to_string(), client.clone());
         Ok(client)
     }

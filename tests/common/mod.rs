@@ -57,17 +57,30 @@ impl TestCluster {
     /// Starts a cluster, letting the test adjust the node's configuration first.
     pub async fn start_with(adjust: impl FnOnce(&mut NodeConfig)) -> Self {
         courier_node::tls::install_crypto_provider();
+        // RUST_LOG=courier_node=debug shows what a failing test's cluster did.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().expect("temp dir");
         pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
         let mut node_config = NodeConfig::local(dir.path().to_path_buf(), dir.path().join("node"));
         adjust(&mut node_config);
         let node = courier_node::start(node_config.clone()).await.expect("node starts");
+        eventually(Duration::from_secs(20), "the node is an active member with a leader", || {
+            std::future::ready(node.is_ready())
+        })
+        .await;
         // Restarts reuse the ports the OS picked, so the gateway and devices find the node again.
         node_config.device_addr = node.device_addr;
         node_config.cluster_addr = node.cluster_addr;
         let gateway = courier_gateway::start(GatewayConfig::local(dir.path().to_path_buf(), node.cluster_addr))
             .await
             .expect("gateway starts");
+        eventually(Duration::from_secs(20), "the gateway has a cluster view", || {
+            std::future::ready(gateway.epoch().is_some())
+        })
+        .await;
         let signer = JwtSigner::from_pki(&PkiDir::new(dir.path())).expect("signer");
         let provider =
             ProviderClient::connect(gateway.provider_addr, "localhost", &PkiDir::new(dir.path()).cluster_ca_cert())
@@ -100,7 +113,10 @@ impl TestCluster {
 
     pub async fn start_node(&mut self) {
         assert!(self.node.is_none());
-        self.node = Some(courier_node::start(self.node_config.clone()).await.expect("node restarts"));
+        let node = courier_node::start(self.node_config.clone()).await.expect("node restarts");
+        eventually(Duration::from_secs(20), "the restarted node is ready", || std::future::ready(node.is_ready()))
+            .await;
+        self.node = Some(node);
     }
 
     pub async fn activate(&self) -> DeviceCredentials {

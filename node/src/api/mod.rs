@@ -28,6 +28,8 @@ pub const MAX_DELIVER_BATCH: usize = 1024;
 pub struct ClusterService {
     pub delivery: Delivery,
     pub control: Arc<Control>,
+    /// Ends watch streams at shutdown; the server's graceful drain would otherwise wait on them forever.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Status> {
@@ -90,10 +92,15 @@ impl Cluster for ClusterService {
 
     type WatchClusterStream = Pin<Box<dyn Stream<Item = Result<ClusterView, Status>> + Send + 'static>>;
 
-    async fn watch_cluster(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchClusterStream>, Status> {
+    async fn watch_cluster(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchClusterStream>, Status> {
         tracing::debug!(watcher = %request.get_ref().watcher, "cluster watch opened");
         let control = self.control.clone();
-        let views = WatchStream::new(self.control.state.clone()).map(move |state| {
+        let mut shutdown = self.shutdown.clone();
+        let stop = async move { crate::edge::stopped(&mut shutdown).await };
+        let views = WatchStream::new(self.control.state.clone()).take_until(stop).map(move |state| {
             Ok(ClusterView {
                 epoch: state.epoch.0,
                 leader_id: control.leader().unwrap_or(0),

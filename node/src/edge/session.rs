@@ -22,10 +22,10 @@ use tokio_util::codec::Framed;
 use super::Edge;
 use super::codec::FrameCodec;
 use super::registry::LinkEnd;
-use crate::token::KeyState;
-use crate::view::Placement;
 use crate::ids::{DeviceId, unix_millis};
 use crate::pki;
+use crate::token::KeyState;
+use crate::view::Placement;
 
 type Link = Framed<TlsStream<TcpStream>, FrameCodec<DeviceFrame>>;
 

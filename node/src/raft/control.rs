@@ -13,8 +13,8 @@ use openraft::{BasicNode, ChangeMembers};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::state::{ClusterState, Command, CommandResponse, KeyState, MemberState, NodeId};
 use super::Raft;
+use super::state::{ClusterState, Command, CommandResponse, KeyState, MemberState, NodeId};
 use crate::ids::unix_millis;
 use crate::peer::Peers;
 use crate::pki::{PkiDir, ProviderCredential};
@@ -288,7 +288,11 @@ impl Control {
         }
     }
 
-    async fn leader_tick(&self, last_answer: &mut HashMap<NodeId, Instant>, since: Instant) -> Result<(), ControlError> {
+    async fn leader_tick(
+        &self,
+        last_answer: &mut HashMap<NodeId, Instant>,
+        since: Instant,
+    ) -> Result<(), ControlError> {
         let state = self.current();
         let now_ms = unix_millis();
         if let Some(me) = state.members.get(&self.id)

@@ -78,7 +78,11 @@ pub async fn export_metrics(control: Arc<Control>, mut shutdown: watch::Receiver
         let state = control.current();
         metrics::gauge!("courier_raft_term").set(metrics.current_term as f64);
         metrics::gauge!("courier_raft_leader_id").set(metrics.current_leader.map_or(-1.0, |l| l as f64));
-        metrics::gauge!("courier_raft_is_leader").set(if metrics.current_leader == Some(control.id) { 1.0 } else { 0.0 });
+        metrics::gauge!("courier_raft_is_leader").set(if metrics.current_leader == Some(control.id) {
+            1.0
+        } else {
+            0.0
+        });
         metrics::gauge!("courier_raft_last_log_index").set(metrics.last_log_index.unwrap_or(0) as f64);
         metrics::gauge!("courier_raft_applied_index").set(metrics.last_applied.map_or(0, |l| l.index) as f64);
         metrics::gauge!("courier_cluster_epoch").set(state.epoch.0 as f64);
