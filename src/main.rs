@@ -26,6 +26,8 @@ enum Command {
     Device(cmd::device::DeviceArgs),
     /// Send one push through a gateway, as a provider would.
     Send(cmd::send::SendArgs),
+    /// Administer a cluster: status, nodes, token keys, providers, devices.
+    Ctl(cmd::ctl::CtlArgs),
 }
 
 #[tokio::main]
@@ -39,5 +41,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Pki(command) => cmd::pki::run(command),
         Command::Device(args) => cmd::device::run(args).await,
         Command::Send(args) => cmd::send::run(args).await,
+        Command::Ctl(args) => cmd::ctl::run(args).await,
     }
 }

@@ -353,14 +353,26 @@ impl DeviceLink {
         }
     }
 
-    /// The next notification the app has not seen, acked on receipt; redeliveries are acked and dropped.
+    /// The next event the app should see: notifications are acked on receipt and redeliveries dropped.
+    pub async fn next_app_event(&mut self) -> Result<LinkEvent, ClientError> {
+        loop {
+            match self.next_event().await? {
+                LinkEvent::Notification(n) => {
+                    self.ack(&n.apns_id).await?;
+                    if self.recent.insert(&n.apns_id) {
+                        return Ok(LinkEvent::Notification(n));
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// The next notification the app has not seen, skipping other events.
     pub async fn next_notification(&mut self) -> Result<wire::Notification, ClientError> {
         loop {
-            if let LinkEvent::Notification(n) = self.next_event().await? {
-                self.ack(&n.apns_id).await?;
-                if self.recent.insert(&n.apns_id) {
-                    return Ok(n);
-                }
+            if let LinkEvent::Notification(n) = self.next_app_event().await? {
+                return Ok(n);
             }
         }
     }

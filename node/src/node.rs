@@ -121,6 +121,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         state: state.clone(),
         peers,
         settings: config.control_settings(),
+        membership_changes: tokio::sync::Mutex::new(()),
     });
     let view = Arc::new(LocalView::new(config.node_id, state.borrow().clone()));
     let keyring = Keyring::default();

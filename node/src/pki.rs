@@ -107,7 +107,7 @@ impl PkiDir {
     pub fn device_ca_key(&self) -> PathBuf {
         self.dir.join("device-ca.key")
     }
-    /// Certificate of a cluster member (`node` or `gateway`).
+    /// Certificate of a cluster member (`node`, `gateway`, or `admin` for `courier ctl`).
     pub fn member_cert(&self, role: &str) -> PathBuf {
         self.dir.join(format!("{role}.pem"))
     }
@@ -226,7 +226,7 @@ pub fn init(dir: &Path, options: &PkiOptions) -> Result<ProviderCredential, PkiE
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let cluster_ca = load_or_create_ca(&pki.cluster_ca_cert(), &pki.cluster_ca_key(), "Courier cluster CA")?;
     load_or_create_ca(&pki.device_ca_cert(), &pki.device_ca_key(), "Courier device CA")?;
-    for role in ["node", "gateway"] {
+    for role in ["node", "gateway", "admin"] {
         let (cert_path, key_path) = (pki.member_cert(role), pki.member_key(role));
         if cert_path.exists() && key_path.exists() {
             continue;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use courier_node::client::{ClientError, DeviceCredentials, DeviceEndpoint, DeviceLink};
+use courier_node::client::{ClientError, DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent};
 use courier_node::pki::PkiDir;
 use courier_proto::device::GoodbyeReason;
 
@@ -81,20 +81,33 @@ async fn session(
     endpoint: &DeviceEndpoint,
     credentials: &DeviceCredentials,
 ) -> Result<(), ClientError> {
-    let mut link = DeviceLink::connect(endpoint, credentials, args.keepalive).await?;
+    let token_path = token_file(&args.dir, &args.name, &args.topic);
+    let held: Vec<(String, String)> = std::fs::read_to_string(&token_path)
+        .map(|token| vec![(args.topic.clone(), token.trim().to_string())])
+        .unwrap_or_default();
+    let mut link = DeviceLink::connect_with(endpoint, credentials, args.keepalive, &held).await?;
     let token = link.register(&args.topic).await?;
-    let _ = std::fs::write(token_file(&args.dir, &args.name, &args.topic), &token);
+    let _ = std::fs::write(&token_path, &token);
     println!(
         "{}",
         serde_json::json!({"event": "registered", "device_id": credentials.device_id.to_string(), "topic": args.topic, "token": token})
     );
     loop {
-        let n = tokio::select! {
-            n = link.next_notification() => n?,
+        let event = tokio::select! {
+            event = link.next_app_event() => event?,
             _ = super::terminated() => {
                 let _ = link.close().await;
                 std::process::exit(0);
             }
+        };
+        let n = match event {
+            LinkEvent::Notification(n) => n,
+            LinkEvent::TokenUpdated { topic, token } => {
+                let _ = std::fs::write(token_file(&args.dir, &args.name, &topic), &token);
+                println!("{}", serde_json::json!({"event": "token_updated", "topic": topic, "token": token}));
+                continue;
+            }
+            LinkEvent::Redirect(device_addr) => return Err(ClientError::Redirected(device_addr)),
         };
         let payload: serde_json::Value = serde_json::from_slice(&n.payload)
             .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&n.payload).into_owned()));

@@ -1,5 +1,6 @@
 //! The subcommands of `courier`, one module each.
 
+pub mod ctl;
 pub mod dev;
 pub mod device;
 pub mod pki;
@@ -8,9 +9,10 @@ pub mod serve;
 
 use tracing_subscriber::EnvFilter;
 
-/// Logs to stderr (stdout belongs to commands' output), filtered by `RUST_LOG`, `info` by default.
+/// Logs to stderr (stdout belongs to commands' output), filtered by `RUST_LOG`; by default `info`, with
+/// openraft limited to errors: its warnings are routine notes about superseded messages.
 pub fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=error"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 

@@ -222,3 +222,137 @@ pub fn foreign_credentials(dir: &Path) -> DeviceCredentials {
     let cert = ca.issue(&csr, device_id).expect("issue");
     DeviceCredentials { device_id, cert_der: cert.to_vec(), key_der: key.serialize_der() }
 }
+
+/// Several in-process nodes on real sockets forming one Raft cluster, with fast timings so failure
+/// detection and elections take about a second.
+pub struct Nodes {
+    pub dir: tempfile::TempDir,
+    pub configs: Vec<NodeConfig>,
+    pub running: Vec<Option<RunningNode>>,
+}
+
+impl Nodes {
+    pub async fn start(count: usize, adjust: impl Fn(&mut NodeConfig)) -> Nodes {
+        courier_node::tls::install_crypto_provider();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().expect("temp dir");
+        pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
+        let mut nodes = Nodes { dir, configs: Vec::new(), running: Vec::new() };
+        for i in 0..count {
+            let id = i as u64 + 1;
+            let mut config =
+                NodeConfig::local(nodes.dir.path().to_path_buf(), nodes.dir.path().join(format!("node-{id}")));
+            config.node_id = id;
+            config.raft_heartbeat_ms = 100;
+            config.raft_election_timeout_ms = 500;
+            config.probe_interval_ms = 200;
+            config.failure_timeout_ms = 1000;
+            if i > 0 {
+                config.join = vec![nodes.configs[0].cluster_addr.to_string()];
+            }
+            adjust(&mut config);
+            let node = courier_node::start(config.clone()).await.expect("node starts");
+            config.device_addr = node.device_addr;
+            config.cluster_addr = node.cluster_addr;
+            config.metrics_addr = ([127, 0, 0, 1], 0).into();
+            nodes.configs.push(config);
+            nodes.running.push(Some(node));
+        }
+        nodes.wait_all_ready().await;
+        nodes
+    }
+
+    pub fn pki(&self) -> PkiDir {
+        PkiDir::new(self.dir.path())
+    }
+
+    /// Node with id `id` (1-based).
+    pub fn node(&self, id: u64) -> &RunningNode {
+        self.running[id as usize - 1].as_ref().expect("node is running")
+    }
+
+    pub fn running(&self) -> impl Iterator<Item = &RunningNode> {
+        self.running.iter().flatten()
+    }
+
+    pub async fn wait_all_ready(&self) {
+        eventually(Duration::from_secs(30), "every running node is an active member with a leader", || {
+            std::future::ready(self.running().all(|n| n.is_ready()))
+        })
+        .await;
+    }
+
+    /// The leader as the running nodes agree on it.
+    pub async fn leader(&self) -> u64 {
+        let mut agreed = None;
+        eventually(Duration::from_secs(30), "the running nodes agree on a leader", || {
+            let leaders: Vec<_> = self.running().map(|n| n.control.leader()).collect();
+            let first = leaders.first().copied().flatten();
+            let running_ids: Vec<u64> = self.running().map(|n| n.control.id).collect();
+            let ok = first.is_some_and(|l| running_ids.contains(&l)) && leaders.iter().all(|l| *l == first);
+            if ok {
+                agreed = first;
+            }
+            std::future::ready(ok)
+        })
+        .await;
+        agreed.expect("a leader")
+    }
+
+    pub async fn stop(&mut self, id: u64) {
+        if let Some(node) = self.running[id as usize - 1].take() {
+            node.shutdown().await;
+        }
+    }
+
+    pub async fn restart(&mut self, id: u64) {
+        let config = self.configs[id as usize - 1].clone();
+        let node = courier_node::start(config).await.expect("node restarts");
+        self.running[id as usize - 1] = Some(node);
+    }
+
+    /// A gateway that knows only node 1's address, as a deployment's seed list would.
+    pub async fn gateway(&self) -> (RunningGateway, ProviderClient, JwtSigner) {
+        let mut config = GatewayConfig::local(self.dir.path().to_path_buf(), self.configs[0].cluster_addr);
+        config.node_addrs = self.configs.iter().map(|c| c.cluster_addr.to_string()).collect();
+        let gateway = courier_gateway::start(config).await.expect("gateway starts");
+        eventually(Duration::from_secs(20), "the gateway has a cluster view", || {
+            std::future::ready(gateway.epoch().is_some())
+        })
+        .await;
+        let provider = ProviderClient::connect(gateway.provider_addr, "localhost", &self.pki().cluster_ca_cert())
+            .await
+            .expect("provider connects");
+        let signer = JwtSigner::from_pki(&self.pki()).expect("signer");
+        (gateway, provider, signer)
+    }
+
+    /// Device port of a running node, for devices to dial (they are redirected to the owner).
+    pub fn endpoint(&self, id: u64) -> DeviceEndpoint {
+        DeviceEndpoint {
+            addr: self.configs[id as usize - 1].device_addr,
+            server_name: "localhost".into(),
+            ca_path: self.pki().cluster_ca_cert(),
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        for i in 0..self.running.len() {
+            self.stop(i as u64 + 1).await;
+        }
+    }
+}
+
+/// A push as a provider would send it.
+pub fn push_for(signer: &JwtSigner, token: &str, payload: &str) -> Push {
+    Push {
+        token: token.to_string(),
+        topic: Some(TOPIC.to_string()),
+        authorization: Some(format!("bearer {}", signer.sign())),
+        payload: payload.as_bytes().to_vec(),
+        ..Push::default()
+    }
+}

@@ -86,8 +86,12 @@ impl Cluster for ClusterService {
         Ok(Response::new(ProposeResponse { response_json: json(&response)? }))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        Ok(Response::new(StatusResponse { json: json(&crate::raft::status::status(&self.control))? }))
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let devices = &request.get_ref().devices;
+        if devices.len() > 10_000 {
+            return Err(Status::invalid_argument("at most 10000 devices per status request"));
+        }
+        Ok(Response::new(StatusResponse { json: json(&crate::raft::status::status(&self.control, devices))? }))
     }
 
     type WatchClusterStream = Pin<Box<dyn Stream<Item = Result<ClusterView, Status>> + Send + 'static>>;

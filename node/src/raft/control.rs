@@ -67,6 +67,9 @@ pub struct Control {
     pub state: watch::Receiver<Arc<ClusterState>>,
     pub peers: Arc<Peers>,
     pub settings: ControlSettings,
+    /// Serialises membership changes on the leader: openraft refuses a change while another is in
+    /// flight, and several nodes joining at once is the normal way a cluster starts.
+    pub membership_changes: tokio::sync::Mutex<()>,
 }
 
 impl Control {
@@ -162,6 +165,7 @@ impl Control {
                 .map_err(|status| ControlError::Forward(status.message().to_string()));
         }
         let id = request.node_id;
+        let _serial = self.membership_changes.lock().await;
         let (voters, learners) = self.raft_members();
         if !voters.contains(&id) && !learners.contains(&id) {
             self.raft
@@ -202,6 +206,7 @@ impl Control {
             return Ok(());
         }
         let raft_err = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| ControlError::Raft(e.to_string());
+        let _serial = self.membership_changes.lock().await;
         let (voters, learners) = self.raft_members();
         if voters.contains(&id) {
             if voters.len() == 1 {

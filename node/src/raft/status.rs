@@ -13,12 +13,20 @@ use super::state::MemberState;
 use crate::ring::Ring;
 
 /// The node's view as a JSON document. Contains no secret.
-pub fn status(control: &Control) -> Value {
+pub fn status(control: &Control, devices: &[String]) -> Value {
     let state = control.current();
     let metrics = control.raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership();
     let voters: Vec<u64> = membership.voter_ids().collect();
-    let shares = Ring::from_state(&state).shares();
+    let ring = Ring::from_state(&state);
+    let shares = ring.shares();
+    let owners: serde_json::Map<String, Value> = devices
+        .iter()
+        .map(|d| {
+            let owner = d.parse().ok().and_then(|device| ring.owner(device));
+            (d.clone(), json!(owner))
+        })
+        .collect();
     let members: Vec<Value> = state
         .members
         .values()
@@ -68,6 +76,7 @@ pub fn status(control: &Control) -> Value {
         "token_keys": keys,
         "providers": providers,
         "revoked_devices": state.revoked.len(),
+        "owners": owners,
     })
 }
 

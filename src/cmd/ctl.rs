@@ -1,0 +1,268 @@
+//! `courier ctl`: the admin CLI. It talks to any node's cluster API over mutual TLS (the `admin`
+//! certificate from the PKI directory); changes go through Raft, forwarded to the leader by that node.
+//! Output never contains a secret: token keys are shown by id and state only.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use courier_node::ids::{DeviceId, unix_millis};
+use courier_node::peer::Peers;
+use courier_node::pki::PkiDir;
+use courier_node::raft::state::{Command, CommandResponse};
+use courier_node::token::{TokenKey, TokenKeyId};
+use courier_proto::cluster::cluster_client::ClusterClient;
+use courier_proto::cluster::{JoinRequest, ProposeRequest, RemoveNodeRequest, StatusRequest};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+#[derive(clap::Args)]
+pub struct CtlArgs {
+    /// Cluster API address of any node.
+    #[arg(long, env = "COURIER_CTL_NODE", default_value = "127.0.0.1:7400")]
+    node: String,
+    /// PKI directory holding `cluster-ca.pem` and the `admin` certificate.
+    #[arg(long, env = "COURIER_PKI_DIR", default_value = "courier-dev")]
+    pki_dir: PathBuf,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum CtlCommand {
+    /// Members and their states, leader, term, epoch, ring shares, token keys, providers.
+    Status {
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+        /// Also name the ring owner of these device ids.
+        #[arg(long = "owner-of")]
+        owner_of: Vec<String>,
+    },
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    #[command(subcommand)]
+    Providers(ProvidersCommand),
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum NodesCommand {
+    /// Add a node to the Raft group and the ring (a node started with --join does this itself).
+    Add {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        cluster_addr: String,
+        #[arg(long)]
+        device_addr: String,
+    },
+    /// Remove a node from the Raft group and the ring.
+    Remove {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum KeysCommand {
+    /// Make a fresh key active; the current one keeps opening its tokens until its grace period ends.
+    Rotate,
+    /// Retire an accepting key now: its tokens answer 410 ExpiredToken.
+    Retire {
+        #[arg(long)]
+        id: u32,
+    },
+    /// Key ids and states.
+    List,
+}
+
+#[derive(clap::Subcommand)]
+enum ProvidersCommand {
+    /// Add (or replace) a provider signing key for a team.
+    Add {
+        #[arg(long)]
+        team_id: String,
+        #[arg(long)]
+        key_id: String,
+        /// SPKI PEM file of the ES256 public key.
+        #[arg(long)]
+        public_key: PathBuf,
+        /// Topic the team may push to (repeatable; none = any).
+        #[arg(long = "topic")]
+        topics: Vec<String>,
+    },
+    List,
+    /// Remove one key of a team, or the whole team.
+    Remove {
+        #[arg(long)]
+        team_id: String,
+        #[arg(long)]
+        key_id: Option<String>,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum DevicesCommand {
+    /// Close the device's link and refuse its certificate from now on.
+    Revoke {
+        #[arg(long)]
+        device: String,
+    },
+}
+
+async fn client(args: &CtlArgs) -> anyhow::Result<ClusterClient<Channel>> {
+    let pki = PkiDir::new(&args.pki_dir);
+    let peers = Peers::new(&pki, "admin", None, Duration::from_secs(5))
+        .with_context(|| format!("loading the admin certificate from {}", args.pki_dir.display()))?;
+    Ok(peers.client(&args.node)?)
+}
+
+async fn status(client: &mut ClusterClient<Channel>, devices: Vec<String>) -> anyhow::Result<Value> {
+    let answer = client.status(StatusRequest { devices }).await.context("asking for status")?.into_inner();
+    Ok(serde_json::from_slice(&answer.json)?)
+}
+
+async fn propose(client: &mut ClusterClient<Channel>, command: Command) -> anyhow::Result<()> {
+    let command_json = serde_json::to_vec(&command)?;
+    let answer = client.propose(ProposeRequest { command_json }).await.context("proposing")?.into_inner();
+    match serde_json::from_slice::<CommandResponse>(&answer.response_json)? {
+        CommandResponse::Applied { epoch } => {
+            println!("applied; cluster epoch is now {}", epoch.0);
+            Ok(())
+        }
+        CommandResponse::Refused { reason } => bail!("refused: {reason}"),
+    }
+}
+
+fn age(ms: &Value) -> String {
+    let then = ms.as_u64().unwrap_or(0);
+    let secs = unix_millis().saturating_sub(then) / 1000;
+    match secs {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s if s < 172_800 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86400),
+    }
+}
+
+fn print_status(doc: &Value) {
+    let raft = &doc["raft"];
+    println!(
+        "epoch {}  leader {}  term {}  (answered by node {}: {}, applied index {})",
+        doc["epoch"],
+        raft["leader"],
+        raft["term"],
+        doc["node_id"],
+        raft["state"].as_str().unwrap_or("?"),
+        raft["applied_index"]
+    );
+    println!();
+    println!("{:<6} {:<9} {:<6} {:>6}  {:<22} {:<22}", "NODE", "STATE", "VOTER", "RING", "DEVICE ADDR", "CLUSTER ADDR");
+    for m in doc["members"].as_array().into_iter().flatten() {
+        println!(
+            "{:<6} {:<9} {:<6} {:>5.1}%  {:<22} {:<22}",
+            m["id"].to_string(),
+            m["state"].as_str().unwrap_or("?"),
+            if m["voter"].as_bool() == Some(true) { "yes" } else { "no" },
+            m["ring_share"].as_f64().unwrap_or(0.0) * 100.0,
+            m["device_addr"].as_str().unwrap_or(""),
+            m["cluster_addr"].as_str().unwrap_or(""),
+        );
+    }
+    println!();
+    print_keys(doc);
+    println!();
+    print_providers(doc);
+    println!();
+    println!("revoked devices: {}", doc["revoked_devices"]);
+    if let Some(owners) = doc["owners"].as_object().filter(|o| !o.is_empty()) {
+        println!();
+        for (device, owner) in owners {
+            println!("device {device} -> node {owner}");
+        }
+    }
+}
+
+fn print_keys(doc: &Value) {
+    println!("{:<10} {:<10} {:<12} {:<12}", "TOKEN KEY", "STATE", "CREATED", "STATE SINCE");
+    for k in doc["token_keys"].as_array().into_iter().flatten() {
+        println!(
+            "{:<10} {:<10} {:<12} {:<12}",
+            k["id"].to_string(),
+            k["state"].as_str().unwrap_or("?"),
+            age(&k["created_ms"]),
+            age(&k["state_since_ms"])
+        );
+    }
+}
+
+fn print_providers(doc: &Value) {
+    println!("{:<12} {:<30} TOPICS", "TEAM", "KEY IDS");
+    for p in doc["providers"].as_array().into_iter().flatten() {
+        let list = |v: &Value| v.as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","));
+        let topics = list(&p["topics"]).filter(|t| !t.is_empty()).unwrap_or_else(|| "any".into());
+        println!(
+            "{:<12} {:<30} {}",
+            p["team_id"].as_str().unwrap_or("?"),
+            list(&p["key_ids"]).unwrap_or_default(),
+            topics
+        );
+    }
+}
+
+pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
+    let mut client = client(&args).await?;
+    match args.command {
+        CtlCommand::Status { json, owner_of } => {
+            let doc = status(&mut client, owner_of).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print_status(&doc);
+            }
+        }
+        CtlCommand::Nodes(NodesCommand::Add { id, cluster_addr, device_addr }) => {
+            let answer = client.join(JoinRequest { node_id: id, cluster_addr, device_addr }).await?.into_inner();
+            println!("node {id} added as a {}", if answer.voter { "voter" } else { "learner" });
+        }
+        CtlCommand::Nodes(NodesCommand::Remove { id }) => {
+            client.remove_node(RemoveNodeRequest { node_id: id }).await.context("removing the node")?;
+            println!("node {id} removed");
+        }
+        CtlCommand::Keys(KeysCommand::Rotate) => {
+            let doc = status(&mut client, Vec::new()).await?;
+            let next =
+                doc["token_keys"].as_array().into_iter().flatten().filter_map(|k| k["id"].as_u64()).max().unwrap_or(0)
+                    + 1;
+            let next = u32::try_from(next).context("token key ids are exhausted")?;
+            let key = TokenKey::generate(TokenKeyId(next));
+            propose(&mut client, Command::RotateTokenKey { key, now_ms: unix_millis() }).await?;
+            println!("token key {next} is now active");
+        }
+        CtlCommand::Keys(KeysCommand::Retire { id }) => {
+            propose(&mut client, Command::RetireTokenKey { id: TokenKeyId(id), now_ms: unix_millis() }).await?;
+        }
+        CtlCommand::Keys(KeysCommand::List) => print_keys(&status(&mut client, Vec::new()).await?),
+        CtlCommand::Providers(ProvidersCommand::Add { team_id, key_id, public_key, topics }) => {
+            let public_key_pem =
+                std::fs::read_to_string(&public_key).with_context(|| format!("reading {}", public_key.display()))?;
+            if !public_key_pem.contains("BEGIN PUBLIC KEY") {
+                bail!("{} is not a PEM public key (SPKI)", public_key.display());
+            }
+            propose(&mut client, Command::PutProviderKey { team_id, key_id, public_key_pem, topics }).await?;
+        }
+        CtlCommand::Providers(ProvidersCommand::List) => print_providers(&status(&mut client, Vec::new()).await?),
+        CtlCommand::Providers(ProvidersCommand::Remove { team_id, key_id }) => {
+            propose(&mut client, Command::RemoveProvider { team_id, key_id }).await?;
+        }
+        CtlCommand::Devices(DevicesCommand::Revoke { device }) => {
+            let device: DeviceId = device.parse().context("a device id is 32 hex characters")?;
+            propose(&mut client, Command::RevokeDevice { device }).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! The control plane across nodes: elections, failure detection, restarts, snapshots and placement.
+//! Every node is a real node on real sockets (in this process); Raft travels over mutual-TLS gRPC.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Nodes, eventually, push_for};
+use courier_node::ids::DeviceId;
+use courier_node::raft::state::{Command, MemberState};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_is_elected_and_writes_continue() {
+    let mut nodes = Nodes::start(3, |_| {}).await;
+    let old_leader = nodes.leader().await;
+    let epoch_before = nodes.node(old_leader).control.current().epoch;
+    nodes.stop(old_leader).await;
+
+    let new_leader = nodes.leader().await;
+    assert_ne!(new_leader, old_leader);
+    let survivor = nodes.running().next().unwrap().control.id;
+    let applied = nodes
+        .node(survivor)
+        .control
+        .apply(Command::RevokeDevice { device: DeviceId(77) })
+        .await
+        .expect("writes continue with two of three voters");
+    assert!(applied > epoch_before);
+    eventually(Duration::from_secs(10), "every survivor applied the write", || {
+        std::future::ready(nodes.running().all(|n| n.control.current().revoked.contains(&DeviceId(77))))
+    })
+    .await;
+    nodes.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_marked_down_routed_around_and_back_when_it_returns() {
+    let mut nodes = Nodes::start(3, |_| {}).await;
+    let (gateway, provider, signer) = nodes.gateway().await;
+    let leader = nodes.leader().await;
+    let victim = (1..=3).find(|id| *id != leader).unwrap();
+
+    // A device owned by the victim, registered while it is up, offline from then on.
+    let credentials = loop {
+        let c = courier_node::client::activate(&nodes.endpoint(leader), "").await.unwrap();
+        if nodes.node(leader).view.get().ring.owner(c.device_id) == Some(victim) {
+            break c;
+        }
+    };
+    let mut link = courier_node::client::DeviceLink::connect(&nodes.endpoint(leader), &credentials, 0).await.unwrap();
+    assert_eq!(link.node_addr, nodes.configs[victim as usize - 1].device_addr, "redirected to its owner");
+    let token = link.register(common::TOPIC).await.unwrap();
+    link.close().await.unwrap();
+
+    nodes.stop(victim).await;
+    eventually(Duration::from_secs(10), "the leader marks the silent node down", || {
+        let state = nodes.node(leader).control.current();
+        std::future::ready(state.members[&victim].state == MemberState::Down)
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the gateway's ring no longer has the node", || {
+        let view = gateway.view.borrow().clone();
+        std::future::ready(view.is_some_and(|v| !v.ring.members().contains(&victim)))
+    })
+    .await;
+    // The gateway now routes the device's pushes to its new owner instead of failing.
+    let response = provider.push(&push_for(&signer, &token, r#"{"n":1}"#)).await.unwrap();
+    assert_eq!(response.status, 200, "{response:?}");
+
+    nodes.restart(victim).await;
+    eventually(Duration::from_secs(10), "the returning node is marked active again", || {
+        let state = nodes.node(leader).control.current();
+        std::future::ready(state.members[&victim].state == MemberState::Active)
+    })
+    .await;
+
+    // Everything survives a restart of every node from its data directory.
+    let before = nodes.node(leader).control.current();
+    for id in 1..=3 {
+        nodes.stop(id).await;
+    }
+    for id in 1..=3 {
+        nodes.restart(id).await;
+    }
+    nodes.wait_all_ready().await;
+    let after = nodes.node(nodes.leader().await).control.current();
+    assert!(after.epoch >= before.epoch);
+    assert_eq!(after.members.keys().collect::<Vec<_>>(), [&1, &2, &3]);
+    assert_eq!(after.token_keys.keys().collect::<Vec<_>>(), before.token_keys.keys().collect::<Vec<_>>());
+    assert_eq!(after.providers, before.providers);
+    gateway.shutdown().await;
+    nodes.shutdown().await;
+}
