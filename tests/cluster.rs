@@ -91,3 +91,34 @@ async fn a_silent_node_is_marked_down_routed_around_and_back_when_it_returns() {
     gateway.shutdown().await;
     nodes.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_node_catches_up_from_a_snapshot() {
+    let mut nodes = Nodes::start(3, |config| config.raft_snapshot_logs = 10).await;
+    let leader = nodes.leader().await;
+    let laggard = (1..=3).find(|id| *id != leader).unwrap();
+    let behind_at = nodes.node(laggard).control.raft.metrics().borrow().last_log_index.unwrap_or(0);
+    nodes.stop(laggard).await;
+
+    for i in 0..60u128 {
+        nodes.node(leader).control.apply(Command::RevokeDevice { device: DeviceId(1000 + i) }).await.unwrap();
+    }
+    // The log the laggard would need is gone from the leader: only a snapshot can bring it up to date.
+    eventually(Duration::from_secs(10), "the leader purges the log past the laggard's last entry", || {
+        let purged = nodes.node(leader).control.raft.metrics().borrow().purged.map(|p| p.index);
+        std::future::ready(purged.is_some_and(|p| p > behind_at))
+    })
+    .await;
+
+    nodes.restart(laggard).await;
+    let target = nodes.node(leader).control.current().epoch;
+    eventually(Duration::from_secs(20), "the laggard reaches the leader's epoch", || {
+        std::future::ready(nodes.node(laggard).control.current().epoch >= target)
+    })
+    .await;
+    let caught_up = nodes.node(laggard).control.current();
+    assert_eq!(caught_up.revoked.len(), 60);
+    let snapshot = nodes.node(laggard).control.raft.metrics().borrow().snapshot;
+    assert!(snapshot.is_some_and(|s| s.index > behind_at), "the laggard installed a snapshot: {snapshot:?}");
+    nodes.shutdown().await;
+}

@@ -105,6 +105,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     // The control plane: Raft over the cluster API, its state published on a watch channel.
     let (log_store, state_machine, state) = crate::raft::store::open(&config.data_dir.join("raft.redb"))?;
+    let committed_index = log_store.committed_index();
     let peers = Arc::new(Peers::new(&pki, "node", None, Duration::from_secs(2))?);
     let raft = crate::raft::Raft::new(
         config.node_id,
@@ -182,7 +183,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         tracker.spawn(async move { control.join_through(&seeds, request, stop).await });
     }
     tracker.spawn(control.clone().run_leader_duties(shutdown_rx.clone()));
-    tracker.spawn(crate::raft::status::export_metrics(control.clone(), shutdown_rx.clone()));
+    tracker.spawn(crate::raft::status::export_metrics(control.clone(), committed_index, shutdown_rx.clone()));
 
     let readiness = Readiness::default();
     tracker.spawn(track_readiness(control.clone(), readiness.clone(), shutdown_rx.clone()));

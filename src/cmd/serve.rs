@@ -15,7 +15,19 @@ pub struct GatewayArgs {
 }
 
 pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
+    let node_id = args.config.node_id;
     let node = courier_node::start(args.config).await.context("starting the node")?;
+    // One machine-readable line, so scripts and tests can bind port 0 and still find the node.
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "listening",
+            "node_id": node_id,
+            "device_addr": node.device_addr.to_string(),
+            "cluster_addr": node.cluster_addr.to_string(),
+            "metrics_addr": node.metrics_addr.to_string(),
+        })
+    );
     super::terminated().await;
     tracing::info!("shutting down");
     node.shutdown().await;
@@ -24,6 +36,14 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
 
 pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let gateway = courier_gateway::start(args.config).await.context("starting the gateway")?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "listening",
+            "provider_addr": gateway.provider_addr.to_string(),
+            "metrics_addr": gateway.metrics_addr.to_string(),
+        })
+    );
     super::terminated().await;
     tracing::info!("shutting down");
     gateway.shutdown().await;

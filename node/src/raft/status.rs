@@ -80,27 +80,35 @@ pub fn status(control: &Control, devices: &[String]) -> Value {
     })
 }
 
-/// Keeps the control-plane gauges current until `shutdown`.
-pub async fn export_metrics(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
+/// Keeps the control-plane gauges current until `shutdown`. Each carries a `node` label, so that a
+/// process running several nodes (`courier dev`) reports each one's view.
+pub async fn export_metrics(
+    control: Arc<Control>,
+    committed_index: Arc<std::sync::atomic::AtomicU64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let node = control.id.to_string();
     loop {
         let metrics = control.raft.metrics().borrow().clone();
         let state = control.current();
-        metrics::gauge!("courier_raft_term").set(metrics.current_term as f64);
-        metrics::gauge!("courier_raft_leader_id").set(metrics.current_leader.map_or(-1.0, |l| l as f64));
-        metrics::gauge!("courier_raft_is_leader").set(if metrics.current_leader == Some(control.id) {
-            1.0
-        } else {
-            0.0
-        });
-        metrics::gauge!("courier_raft_last_log_index").set(metrics.last_log_index.unwrap_or(0) as f64);
-        metrics::gauge!("courier_raft_applied_index").set(metrics.last_applied.map_or(0, |l| l.index) as f64);
-        metrics::gauge!("courier_cluster_epoch").set(state.epoch.0 as f64);
+        let label = || [("node", node.clone())];
+        metrics::gauge!("courier_raft_term", &label()).set(metrics.current_term as f64);
+        metrics::gauge!("courier_raft_leader_id", &label()).set(metrics.current_leader.map_or(-1.0, |l| l as f64));
+        let leading = if metrics.current_leader == Some(control.id) { 1.0 } else { 0.0 };
+        metrics::gauge!("courier_raft_is_leader", &label()).set(leading);
+        metrics::gauge!("courier_raft_last_log_index", &label()).set(metrics.last_log_index.unwrap_or(0) as f64);
+        let committed = committed_index.load(std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("courier_raft_committed_index", &label()).set(committed as f64);
+        let applied = metrics.last_applied.map_or(0, |l| l.index);
+        metrics::gauge!("courier_raft_applied_index", &label()).set(applied as f64);
+        metrics::gauge!("courier_cluster_epoch", &label()).set(state.epoch.0 as f64);
         for member_state in [MemberState::Joining, MemberState::Active, MemberState::Draining, MemberState::Down] {
             let count = state.members_in(member_state).count();
-            metrics::gauge!("courier_cluster_members", "state" => member_state.as_str()).set(count as f64);
+            metrics::gauge!("courier_cluster_members", "node" => node.clone(), "state" => member_state.as_str())
+                .set(count as f64);
         }
         if let Some(active) = state.active_key() {
-            metrics::gauge!("courier_token_key_active_id").set(f64::from(active.key.id.0));
+            metrics::gauge!("courier_token_key_active_id", &label()).set(f64::from(active.key.id.0));
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

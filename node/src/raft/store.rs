@@ -143,7 +143,7 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, watch::Receiver
     let state = Arc::new(image.state);
     let (published, receiver) = watch::channel(state.clone());
     let db = Arc::new(db);
-    let log = LogStore { db: db.clone() };
+    let log = LogStore { db: db.clone(), committed_index: Arc::new(std::sync::atomic::AtomicU64::new(0)) };
     let machine = StateMachineStore {
         db,
         last_applied: image.last_applied,
@@ -178,9 +178,16 @@ where
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The last committed log index openraft reported, for the `courier_raft_committed_index` gauge.
+    committed_index: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LogStore {
+    /// A live reading of the committed log index (0 before anything is committed).
+    pub fn committed_index(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.committed_index.clone()
+    }
+
     /// Writes one log-meta record durably.
     async fn put_meta<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), RaftStoreError> {
         let bytes = serde_json::to_vec(value)?;
@@ -261,6 +268,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), RaftError> {
+        let index = committed.map_or(0, |c| c.index);
+        self.committed_index.store(index, std::sync::atomic::Ordering::Relaxed);
         self.put_meta(COMMITTED, &committed)
             .await
             .map_err(|e| StorageIOError::new(ErrorSubject::Store, ErrorVerb::Write, &e).into())
