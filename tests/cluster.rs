@@ -53,6 +53,10 @@ async fn a_silent_node_is_marked_down_routed_around_and_back_when_it_returns() {
     link.close().await.unwrap();
 
     nodes.stop(victim).await;
+    // Sent while the owner is unreachable and not yet marked down: the gateway keeps retrying until the
+    // next epoch names a new owner, and the provider sees a 200, not an error.
+    let response = provider.push(&push_for(&signer, &token, r#"{"n":0}"#)).await.unwrap();
+    assert_eq!(response.status, 200, "{response:?}");
     eventually(Duration::from_secs(10), "the leader marks the silent node down", || {
         let state = nodes.node(leader).control.current();
         std::future::ready(state.members[&victim].state == MemberState::Down)
@@ -120,5 +124,33 @@ async fn a_lagging_node_catches_up_from_a_snapshot() {
     assert_eq!(caught_up.revoked.len(), 60);
     let snapshot = nodes.node(laggard).control.raft.metrics().borrow().snapshot;
     assert!(snapshot.is_some_and(|s| s.index > behind_at), "the laggard installed a snapshot: {snapshot:?}");
+    nodes.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_fails_over_when_its_watch_source_dies() {
+    let mut nodes = Nodes::start(3, |_| {}).await;
+    let (gateway, provider, signer) = nodes.gateway().await;
+    // The gateway's seeds list node 1 first, so that is the member it watches.
+    nodes.stop(1).await;
+    let survivor = nodes.leader().await;
+    let epoch = nodes.node(survivor).control.apply(Command::RevokeDevice { device: DeviceId(5) }).await.unwrap();
+    eventually(Duration::from_secs(15), "the gateway follows the cluster through another member", || {
+        let view = gateway.view.borrow().clone();
+        std::future::ready(view.is_some_and(|v| v.epoch >= epoch && !v.ring.members().contains(&1)))
+    })
+    .await;
+    let (mut device, token) = {
+        let credentials = courier_node::client::activate(&nodes.endpoint(survivor), "").await.unwrap();
+        let mut link =
+            courier_node::client::DeviceLink::connect(&nodes.endpoint(survivor), &credentials, 0).await.unwrap();
+        let token = link.register(common::TOPIC).await.unwrap();
+        (link, token)
+    };
+    let response = provider.push(&push_for(&signer, &token, r#"{"after":"failover"}"#)).await.unwrap();
+    assert_eq!(response.status, 200, "{response:?}");
+    let n = tokio::time::timeout(Duration::from_secs(10), device.next_notification()).await.unwrap().unwrap();
+    assert_eq!(n.payload, br#"{"after":"failover"}"#);
+    gateway.shutdown().await;
     nodes.shutdown().await;
 }
