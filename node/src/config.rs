@@ -14,6 +14,10 @@ pub struct NodeConfig {
     /// This node's id in the cluster.
     #[arg(long, env = "COURIER_NODE_ID", default_value_t = 1)]
     pub node_id: u64,
+    /// Take the node id from the host name's trailing ordinal plus one (`courier-node-0` is node 1), as
+    /// a Kubernetes StatefulSet names its pods; overrides --node-id.
+    #[arg(long, env = "COURIER_NODE_ID_FROM_HOSTNAME")]
+    pub node_id_from_hostname: bool,
     /// Directory for the node's database (queues, issued device ids).
     #[arg(long, env = "COURIER_DATA_DIR", default_value = "courier-data")]
     pub data_dir: PathBuf,
@@ -101,6 +105,31 @@ fn reachable(bound: SocketAddr) -> String {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinal_host_names_give_node_ids() {
+        let mut config = NodeConfig::from_defaults();
+        config.node_id = 7;
+        assert_eq!(config.resolve_node_id("anything"), Some(7));
+        config.node_id_from_hostname = true;
+        assert_eq!(config.resolve_node_id("courier-node-0"), Some(1));
+        assert_eq!(config.resolve_node_id("courier-node-12"), Some(13));
+        assert_eq!(config.resolve_node_id("courier-node"), None);
+    }
+
+    #[test]
+    fn a_node_never_joins_through_itself() {
+        let mut config = NodeConfig::from_defaults();
+        config.join = vec!["node-0.courier:7400".into(), "node-1.courier:7400".into()];
+        assert_eq!(config.join_seeds("node-0.courier:7400"), ["node-1.courier:7400"]);
+        config.join = vec!["node-0.courier:7400".into()];
+        assert!(config.join_seeds("node-0.courier:7400").is_empty());
+    }
+}
+
 #[derive(Parser)]
 struct DefaultsOnly {
     #[command(flatten)]
@@ -111,6 +140,22 @@ impl NodeConfig {
     /// The defaults (and any `COURIER_…` environment variables), as if no flag were given.
     pub fn from_defaults() -> Self {
         DefaultsOnly::parse_from(["courier-node"]).config
+    }
+
+    /// Resolves `--node-id-from-hostname` against `hostname`; `None` if it asks for that and the host
+    /// name ends in no number.
+    pub fn resolve_node_id(&self, hostname: &str) -> Option<u64> {
+        if !self.node_id_from_hostname {
+            return Some(self.node_id);
+        }
+        let (_, ordinal) = hostname.rsplit_once('-')?;
+        ordinal.parse::<u64>().ok().map(|n| n + 1)
+    }
+
+    /// Join seeds other than this node itself: in a StatefulSet every pod is given the same seed list,
+    /// and the pod that finds only itself there starts the cluster.
+    pub fn join_seeds(&self, advertised_cluster_addr: &str) -> Vec<String> {
+        self.join.iter().filter(|seed| seed.as_str() != advertised_cluster_addr).cloned().collect()
     }
 
     /// Where others reach the cluster API: the advertised address, else the bound one.

@@ -62,6 +62,8 @@ pub enum NodeError {
     Peers(#[from] PeerError),
     #[error("bootstrapping the cluster: {0}")]
     Bootstrap(#[from] ControlError),
+    #[error("--node-id-from-hostname: host name {0:?} does not end in -<number>")]
+    NoOrdinal(String),
 }
 
 /// A started node. Dropping it without `shutdown` leaves its tasks running until the runtime ends.
@@ -85,8 +87,10 @@ fn read(path: std::path::PathBuf) -> Result<Vec<u8>, NodeError> {
     std::fs::read(&path).map_err(|source| NodeError::Read { path: path.display().to_string(), source })
 }
 
-pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     tls::install_crypto_provider();
+    let hostname = std::env::var("HOSTNAME").unwrap_or_default();
+    config.node_id = config.resolve_node_id(&hostname).ok_or(NodeError::NoOrdinal(hostname))?;
     telemetry::prometheus();
     let pki = PkiDir::new(&config.pki_dir);
     let device_ca = DeviceCa::load(&pki)?;
@@ -171,7 +175,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     });
 
     let initialized = raft.is_initialized().await.map_err(|e| NodeError::Raft(e.to_string()))?;
-    if !initialized && config.join.is_empty() {
+    let seeds = config.join_seeds(&advertised_cluster);
+    if !initialized && seeds.is_empty() {
         control.initialize(&advertised_cluster, &advertised_device, &pki).await?;
     } else if !initialized {
         let request = JoinRequest {
@@ -179,7 +184,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             cluster_addr: advertised_cluster.clone(),
             device_addr: advertised_device.clone(),
         };
-        let (control, seeds, stop) = (control.clone(), config.join.clone(), shutdown_rx.clone());
+        let (control, stop) = (control.clone(), shutdown_rx.clone());
         tracker.spawn(async move { control.join_through(&seeds, request, stop).await });
     }
     tracker.spawn(control.clone().run_leader_duties(shutdown_rx.clone()));

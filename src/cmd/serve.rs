@@ -15,8 +15,8 @@ pub struct GatewayArgs {
 }
 
 pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
-    let node_id = args.config.node_id;
     let node = courier_node::start(args.config).await.context("starting the node")?;
+    let node_id = node.control.id;
     // One machine-readable line, so scripts and tests can bind port 0 and still find the node.
     println!(
         "{}",
