@@ -63,6 +63,13 @@ pub struct NodeConfig {
     /// seconds.
     #[arg(long, env = "COURIER_KEY_GRACE_SECS", default_value_t = 7 * 86400)]
     pub key_grace_secs: u64,
+    /// On SIGTERM, how long the node may spend handing its queues and links to other nodes before it
+    /// exits anyway, in seconds.
+    #[arg(long, env = "COURIER_DRAIN_DEADLINE_SECS", default_value_t = 30)]
+    pub drain_deadline_secs: u64,
+    /// Notifications kept per device and topic while it is offline; the oldest are dropped beyond this.
+    #[arg(long, env = "COURIER_QUEUE_CAP_PER_TOPIC", default_value_t = crate::store::DEFAULT_CAP_PER_TOPIC)]
+    pub queue_cap_per_topic: u64,
     /// Most device links per second this node redirects when the ring moves them elsewhere.
     #[arg(long, env = "COURIER_REDIRECT_RATE", default_value_t = 1000)]
     pub redirect_rate: u32,

@@ -1,8 +1,8 @@
 //! What happens to a notification once it reaches the node that owns its device.
 //!
-//! A notification with a future expiration is committed to the store first and then handed to the
-//! device's link if it has one: the gateway hears `STORED` only once it is durable, and the device acks it
-//! off the queue. A notification with expiration 0 (or already past) is never stored: it goes to a live
+//! A notification with a future expiration is committed to the store, copied to the device's ring
+//! successors, and then handed to the device's link if it has one: the gateway hears `STORED` only once it
+//! is durable on R nodes (fewer only when fewer are active), and the device acks it off every queue. A notification with expiration 0 (or already past) is never stored: it goes to a live
 //! link (`SENT`) or is dropped (`DISCARDED`), as APNs does.
 
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use courier_proto::cluster::{DeliverOutcome, DeliverResult, Notification};
 
 use crate::edge::registry::{Handoff, Registry};
 use crate::ids::{DeviceId, unix_millis};
+use crate::replication::Replicator;
 use crate::store::{Inserted, Store};
 use crate::view::{LocalView, Placement};
 
@@ -23,6 +24,7 @@ pub struct Delivery {
     pub store: Store,
     pub registry: Arc<Registry>,
     pub view: Arc<LocalView>,
+    pub replicator: Arc<Replicator>,
 }
 
 fn result(apns_id: &str, outcome: DeliverOutcome, reason: &str) -> DeliverResult {
@@ -45,7 +47,9 @@ impl Delivery {
         if storable {
             match self.store.insert((*notification).clone()).await {
                 Ok(Inserted::Duplicate) => {
+                    // A provider's retry: make sure the copies exist, but do not hand it to the link again.
                     metrics::counter!("courier_node_notifications_duplicate_total").increment(1);
+                    self.replicator.put(device, &notification).await;
                     return result(&apns_id, DeliverOutcome::Stored, "");
                 }
                 Ok(inserted) => {
@@ -61,6 +65,8 @@ impl Delivery {
                     return result(&apns_id, DeliverOutcome::Rejected, "InternalServerError");
                 }
             }
+            // On the replicas before the gateway says 200; then to the device if it is here.
+            self.replicator.put(device, &notification).await;
             self.registry.hand_off(device, notification);
             return result(&apns_id, DeliverOutcome::Stored, "");
         }

@@ -14,6 +14,7 @@ pub mod node;
 pub mod peer;
 pub mod pki;
 pub mod raft;
+pub mod replication;
 pub mod ring;
 pub mod store;
 pub mod telemetry;

@@ -26,7 +26,9 @@ use crate::peer::{PeerError, Peers};
 use crate::pki::{DeviceCa, PkiDir, PkiError};
 use crate::raft::control::{Control, ControlError};
 use crate::raft::network::Network;
-use crate::raft::state::{ClusterState, MemberState};
+use crate::raft::state::{ClusterState, Command, Epoch, MemberState};
+use crate::replication::{RebalanceReport, Replicator};
+use crate::ring::Ring;
 use crate::raft::store::RaftStoreError;
 use crate::store::{Store, StoreError};
 use crate::telemetry::{self, Readiness};
@@ -75,6 +77,8 @@ pub struct RunningNode {
     pub store: Store,
     pub control: Arc<Control>,
     pub view: Arc<LocalView>,
+    /// The last epoch whose ring this node has rebalanced its queues for.
+    pub rebalanced: watch::Receiver<Epoch>,
     shutdown: watch::Sender<bool>,
     tracker: TaskTracker,
 }
@@ -94,7 +98,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     telemetry::prometheus();
     let pki = PkiDir::new(&config.pki_dir);
     let device_ca = DeviceCa::load(&pki)?;
-    let store = Store::open(&config.data_dir.join("courier.redb"))?;
+    let store = Store::open_with_cap(&config.data_dir.join("courier.redb"), config.queue_cap_per_topic)?;
     let registry = Arc::new(Registry::default());
 
     let device_listener = bind("the device port", config.device_addr).await?;
@@ -124,11 +128,13 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         id: config.node_id,
         raft: raft.clone(),
         state: state.clone(),
-        peers,
+        peers: peers.clone(),
         settings: config.control_settings(),
         membership_changes: tokio::sync::Mutex::new(()),
     });
     let view = Arc::new(LocalView::new(config.node_id, state.borrow().clone()));
+    let replicator = Arc::new(Replicator::new(config.node_id, peers, view.clone(), Duration::from_secs(2)));
+    let (rebalanced, rebalanced_rx) = watch::channel(Epoch::default());
     let keyring = Keyring::default();
     apply_keys(&keyring, &state.borrow());
 
@@ -141,9 +147,14 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     let tracker = TaskTracker::new();
     tracker.spawn(follow_state(
         state.clone(),
-        view.clone(),
-        keyring.clone(),
-        registry.clone(),
+        Followers {
+            view: view.clone(),
+            keyring: keyring.clone(),
+            registry: registry.clone(),
+            store: store.clone(),
+            replicator: replicator.clone(),
+            rebalanced,
+        },
         config.redirect_rate,
         shutdown_rx.clone(),
     ));
@@ -154,10 +165,12 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         registry: registry.clone(),
         device_ca,
         view: view.clone(),
+        replicator: replicator.clone(),
     });
     tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown_rx.clone(), tracker.clone()));
 
-    let delivery = Delivery { store: store.clone(), registry: registry.clone(), view: view.clone() };
+    let delivery =
+        Delivery { store: store.clone(), registry: registry.clone(), view: view.clone(), replicator: replicator.clone() };
     let service = ClusterService { delivery, control: control.clone(), shutdown: shutdown_rx.clone() };
     let grpc = Server::builder()
         .tls_config(grpc_tls)?
@@ -188,6 +201,9 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         tracker.spawn(async move { control.join_through(&seeds, request, stop).await });
     }
     tracker.spawn(control.clone().run_leader_duties(shutdown_rx.clone()));
+    if initialized {
+        tracker.spawn(reactivate(control.clone(), shutdown_rx.clone()));
+    }
     tracker.spawn(crate::raft::status::export_metrics(control.clone(), committed_index, shutdown_rx.clone()));
 
     let readiness = Readiness::default();
@@ -201,7 +217,18 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     });
 
     tracing::info!(node_id = config.node_id, %device_addr, %cluster_addr, %metrics_addr, "node started");
-    Ok(RunningNode { device_addr, cluster_addr, metrics_addr, registry, store, control, view, shutdown, tracker })
+    Ok(RunningNode {
+        device_addr,
+        cluster_addr,
+        metrics_addr,
+        registry,
+        store,
+        control,
+        view,
+        rebalanced: rebalanced_rx,
+        shutdown,
+        tracker,
+    })
 }
 
 fn apply_keys(keyring: &Keyring, state: &ClusterState) {
@@ -211,18 +238,29 @@ fn apply_keys(keyring: &Keyring, state: &ClusterState) {
     keyring.replace_with_states(state.token_keys.values().map(|r| (r.key.clone(), r.state)));
 }
 
-/// Keeps the keyring, the ring and the live links in step with every applied epoch: revoked devices are
-/// closed, and devices the new ring places elsewhere are redirected there, at most `redirect_rate` a
-/// second so a membership change does not become a reconnect storm.
-async fn follow_state(
-    mut state: watch::Receiver<Arc<ClusterState>>,
+/// What `follow_state` keeps in step with the applied state.
+struct Followers {
     view: Arc<LocalView>,
     keyring: Keyring,
     registry: Arc<Registry>,
+    store: Store,
+    replicator: Arc<Replicator>,
+    rebalanced: watch::Sender<Epoch>,
+}
+
+/// Keeps the keyring, the ring, the queues and the live links in step with every applied epoch. When the
+/// ring changes, queues move to their new holders first; then revoked devices are closed and devices the
+/// new ring places elsewhere are redirected there, at most `redirect_rate` a second so a membership change
+/// does not become a reconnect storm.
+async fn follow_state(
+    mut state: watch::Receiver<Arc<ClusterState>>,
+    followers: Followers,
     redirect_rate: u32,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Followers { view, keyring, registry, store, replicator, rebalanced } = followers;
     let pause = Duration::from_secs(1) / redirect_rate.max(1);
+    let mut ring_before = Ring::from_state(&state.borrow());
     loop {
         tokio::select! {
             changed = state.changed() => if changed.is_err() { return },
@@ -231,6 +269,18 @@ async fn follow_state(
         let current = state.borrow_and_update().clone();
         view.update(current.clone());
         apply_keys(&keyring, &current);
+        let ring = Ring::from_state(&current);
+        if ring.members() != ring_before.members() || ring_before.members().is_empty() {
+            match replicator.rebalance(&store, &ring_before).await {
+                Ok(report) if report != RebalanceReport::default() => {
+                    tracing::info!(epoch = current.epoch.0, ?report, "queues moved for the new ring");
+                }
+                Ok(_) => {}
+                Err(error) => tracing::error!(%error, "moving queues for the new ring failed"),
+            }
+            ring_before = ring;
+        }
+        rebalanced.send_replace(current.epoch);
         for device in registry.devices() {
             if current.revoked.contains(&device) {
                 registry.close(device, LinkEnd::Goodbye(GoodbyeReason::Revoked));
@@ -240,6 +290,29 @@ async fn follow_state(
                 registry.close(device, LinkEnd::Redirect(device_addr));
                 tokio::time::sleep(pause).await;
             }
+        }
+    }
+}
+
+/// A node restarted after a drain or a crash asks to be active again once a leader is known.
+async fn reactivate(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let me = control.current().members.get(&control.id).map(|m| m.state);
+        match me {
+            Some(MemberState::Draining) | Some(MemberState::Down) if control.leader().is_some() => {
+                let now_ms = crate::ids::unix_millis();
+                let command = Command::SetMemberState { id: control.id, state: MemberState::Active, now_ms };
+                match control.apply(command).await {
+                    Ok(_) => return,
+                    Err(error) => tracing::info!(%error, "asking to be active again; will retry"),
+                }
+            }
+            Some(MemberState::Active) => return,
+            _ => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stopped(&mut shutdown) => return,
         }
     }
 }
@@ -268,6 +341,27 @@ impl RunningNode {
             tracing::warn!(%error, "raft did not stop cleanly");
         }
         self.store.close();
+    }
+
+    /// Leaves the ring gracefully: marks itself draining through Raft, waits until its queues are with
+    /// their new holders and its links are redirected (or `deadline` passes), then shuts down.
+    pub async fn drain(self, deadline: Duration) {
+        let give_up = tokio::time::Instant::now() + deadline;
+        let now_ms = crate::ids::unix_millis();
+        let command = Command::SetMemberState { id: self.control.id, state: MemberState::Draining, now_ms };
+        match tokio::time::timeout_at(give_up, self.control.apply(command)).await {
+            Ok(Ok(epoch)) => {
+                tracing::info!(epoch = epoch.0, "draining: handing over queues and links");
+                let mut rebalanced = self.rebalanced.clone();
+                let _ = tokio::time::timeout_at(give_up, rebalanced.wait_for(|done| *done >= epoch)).await;
+                while !self.registry.is_empty() && tokio::time::Instant::now() < give_up {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "could not mark this node draining; stopping anyway"),
+            Err(_) => tracing::warn!("drain deadline passed before the cluster accepted it; stopping anyway"),
+        }
+        self.shutdown().await;
     }
 
     /// Whether this node is an active member with a known leader (what `/readyz` says).

@@ -15,6 +15,7 @@ pub struct GatewayArgs {
 }
 
 pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
+    let drain_deadline = std::time::Duration::from_secs(args.config.drain_deadline_secs);
     let node = courier_node::start(args.config).await.context("starting the node")?;
     let node_id = node.control.id;
     // One machine-readable line, so scripts and tests can bind port 0 and still find the node.
@@ -29,8 +30,8 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
         })
     );
     super::terminated().await;
-    tracing::info!("shutting down");
-    node.shutdown().await;
+    tracing::info!("draining before exit");
+    node.drain(drain_deadline).await;
     Ok(())
 }
 

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
     ClusterView, DeliverRequest, DeliverResponse, JoinRequest, JoinResponse, ProbeRequest, ProbeResponse,
-    ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, StatusRequest, StatusResponse, WatchRequest,
+    ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse, StatusRequest,
+    StatusResponse, WatchRequest,
 };
 use futures_util::future::join_all;
 use futures_util::{Stream, StreamExt};
@@ -19,6 +20,9 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use crate::delivery::Delivery;
+use crate::ids::DeviceId;
+use crate::store::Inserted;
+use crate::view::Placement;
 use crate::raft::control::Control;
 use crate::raft::{Command, network};
 
@@ -45,6 +49,34 @@ impl Cluster for ClusterService {
         }
         let results = join_all(batch.into_iter().map(|n| self.delivery.deliver(n))).await;
         Ok(Response::new(DeliverResponse { results }))
+    }
+
+    async fn replicate(&self, request: Request<ReplicateRequest>) -> Result<Response<ReplicateResponse>, Status> {
+        let request = request.into_inner();
+        if request.puts.len() + request.removes.len() > 4 * MAX_DELIVER_BATCH {
+            return Err(Status::invalid_argument("replication batch too large"));
+        }
+        let delivery = &self.delivery;
+        let puts = join_all(request.puts.into_iter().map(|n| async move {
+            let device = DeviceId::from_slice(&n.device_id).ok_or_else(|| Status::invalid_argument("device id"))?;
+            let notification = Arc::new(n);
+            let inserted = delivery.store.insert((*notification).clone()).await.map_err(|e| Status::internal(e.to_string()))?;
+            // A queue handed over to this node's device while it is connected here goes straight to it.
+            if inserted != Inserted::Duplicate && delivery.view.placement(device) == Placement::Here {
+                delivery.registry.hand_off(device, notification);
+            }
+            Ok::<_, Status>(())
+        }))
+        .await;
+        let removes = join_all(request.removes.into_iter().map(|key| async move {
+            let device = DeviceId::from_slice(&key.device_id).ok_or_else(|| Status::invalid_argument("device id"))?;
+            delivery.store.remove(device, &key.apns_id).await.map_err(|e| Status::internal(e.to_string()))?;
+            Ok::<_, Status>(())
+        }))
+        .await;
+        let applied = puts.into_iter().chain(removes).collect::<Result<Vec<()>, Status>>()?.len();
+        metrics::counter!("courier_node_replicated_ops_total").increment(applied as u64);
+        Ok(Response::new(ReplicateResponse { applied: applied as u32 }))
     }
 
     async fn raft_append(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

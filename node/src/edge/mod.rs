@@ -90,6 +90,8 @@ pub struct Edge {
     pub device_ca: DeviceCa,
     /// Placement and revocations of the current epoch.
     pub view: Arc<crate::view::LocalView>,
+    /// Tells the replicas when the device acks.
+    pub replicator: Arc<crate::replication::Replicator>,
 }
 
 /// Completes when `shutdown` turns true (or its sender is gone).

@@ -210,6 +210,7 @@ impl DeviceLink<'_> {
                     metrics::histogram!("courier_node_delivery_latency_seconds").record(latency);
                 }
                 self.edge.store.remove_later(self.device, &ack.apns_id);
+                self.edge.replicator.remove(self.device, &ack.apns_id);
             }
             Some(Kind::Ping(ping)) => {
                 let pong = frame(server_frame::Kind::Pong(wire::Pong { nonce: ping.nonce }));

@@ -27,12 +27,16 @@ const QUEUE: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("queue")
 const BY_APNS_ID: TableDefinition<(u128, &str), u64> = TableDefinition::new("queue_by_apns_id");
 /// (device id, topic, collapse id) → sequence number of the newest notification with that collapse id.
 const BY_COLLAPSE: TableDefinition<(u128, &str, &str), u64> = TableDefinition::new("queue_by_collapse_id");
+/// (device id, topic) → notifications queued for it, to enforce the per-topic cap.
+const COUNTS: TableDefinition<(u128, &str), u64> = TableDefinition::new("queue_counts");
 /// Counters that must survive restarts.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Every device id ever issued → activation time (UNIX ms); guarantees ids are never handed out twice.
 const DEVICES: TableDefinition<u128, u64> = TableDefinition::new("devices");
 
 const NEXT_SEQ: &str = "next_seq";
+/// Notifications kept per device and topic unless configured otherwise.
+pub const DEFAULT_CAP_PER_TOPIC: u64 = 100;
 /// Upper bound on operations folded into one commit, to bound the latency of the first one.
 const MAX_GROUP: usize = 4096;
 
@@ -78,7 +82,15 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens with the default cap of `DEFAULT_CAP_PER_TOPIC` notifications per device and topic.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cap(path, DEFAULT_CAP_PER_TOPIC)
+    }
+
+    /// Opens the store; a device's queue for one topic keeps at most `cap_per_topic` notifications, the
+    /// oldest dropped (and counted) first.
+    pub fn open_with_cap(path: &Path, cap_per_topic: u64) -> Result<Self, StoreError> {
+        let cap_per_topic = cap_per_topic.max(1);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(db_err)?;
         }
@@ -89,6 +101,7 @@ impl Store {
             txn.open_table(QUEUE).map_err(db_err)?;
             txn.open_table(BY_APNS_ID).map_err(db_err)?;
             txn.open_table(BY_COLLAPSE).map_err(db_err)?;
+            txn.open_table(COUNTS).map_err(db_err)?;
             txn.open_table(META).map_err(db_err)?;
             txn.open_table(DEVICES).map_err(db_err)?;
         }
@@ -98,7 +111,7 @@ impl Store {
         let writer_db = db.clone();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(writer_db, ops))
+            .spawn(move || write_loop(writer_db, ops, cap_per_topic))
             .map_err(db_err)?;
         Ok(Store { db, writer, thread: Arc::new(std::sync::Mutex::new(Some(thread))) })
     }
@@ -157,6 +170,30 @@ impl Store {
         Ok(live)
     }
 
+    /// Every device with at least one queued notification (a primary's or a replica's copy).
+    pub async fn devices(&self) -> Result<Vec<DeviceId>, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<DeviceId>, StoreError> {
+            let txn = db.begin_read().map_err(db_err)?;
+            let queue = txn.open_table(QUEUE).map_err(db_err)?;
+            let mut devices = Vec::new();
+            let mut from = 0u128;
+            // Jump from one device's range to the next instead of reading every entry.
+            while let Some(entry) = queue.range((from, 0)..).map_err(db_err)?.next() {
+                let (key, _) = entry.map_err(db_err)?;
+                let device = key.value().0;
+                devices.push(DeviceId(device));
+                match device.checked_add(1) {
+                    Some(next) => from = next,
+                    None => break,
+                }
+            }
+            Ok(devices)
+        })
+        .await
+        .map_err(db_err)?
+    }
+
     /// Number of queued notifications across all devices.
     pub async fn queued(&self) -> Result<u64, StoreError> {
         let db = self.db.clone();
@@ -184,7 +221,7 @@ impl Store {
     }
 }
 
-fn write_loop(db: Arc<Database>, mut ops: mpsc::Receiver<WriteOp>) {
+fn write_loop(db: Arc<Database>, mut ops: mpsc::Receiver<WriteOp>, cap_per_topic: u64) {
     let mut batch = Vec::with_capacity(MAX_GROUP);
     loop {
         let Some(first) = ops.blocking_recv() else {
@@ -198,7 +235,7 @@ fn write_loop(db: Arc<Database>, mut ops: mpsc::Receiver<WriteOp>) {
             }
         }
         let stop = batch.iter().any(|op| matches!(op, WriteOp::Stop));
-        apply_batch(&db, &mut batch);
+        apply_batch(&db, &mut batch, cap_per_topic);
         if stop {
             return;
         }
@@ -210,26 +247,25 @@ enum Outcome {
     Removed(Result<bool, StoreError>),
 }
 
-fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>) {
+fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, cap_per_topic: u64) {
     let started = std::time::Instant::now();
     let result = (|| -> Result<Vec<Outcome>, StoreError> {
         let txn = db.begin_write().map_err(db_err)?;
         let mut outcomes = Vec::with_capacity(batch.len());
         {
-            let mut queue = txn.open_table(QUEUE).map_err(db_err)?;
-            let mut by_id = txn.open_table(BY_APNS_ID).map_err(db_err)?;
-            let mut by_collapse = txn.open_table(BY_COLLAPSE).map_err(db_err)?;
+            let mut tables = Tables {
+                queue: txn.open_table(QUEUE).map_err(db_err)?,
+                by_id: txn.open_table(BY_APNS_ID).map_err(db_err)?,
+                by_collapse: txn.open_table(BY_COLLAPSE).map_err(db_err)?,
+                counts: txn.open_table(COUNTS).map_err(db_err)?,
+            };
             let mut meta = txn.open_table(META).map_err(db_err)?;
             let mut devices = txn.open_table(DEVICES).map_err(db_err)?;
             let mut next_seq = meta.get(NEXT_SEQ).map_err(db_err)?.map(|v| v.value()).unwrap_or(1);
             for op in batch.iter() {
                 let outcome = match op {
-                    WriteOp::Insert(n, _) => {
-                        Outcome::Inserted(insert_one(n, &mut next_seq, &mut queue, &mut by_id, &mut by_collapse))
-                    }
-                    WriteOp::Remove(device, apns_id, _) => {
-                        Outcome::Removed(remove_one(*device, apns_id, &mut queue, &mut by_id, &mut by_collapse))
-                    }
+                    WriteOp::Insert(n, _) => Outcome::Inserted(tables.insert(n, &mut next_seq, cap_per_topic)),
+                    WriteOp::Remove(device, apns_id, _) => Outcome::Removed(tables.remove(*device, apns_id)),
                     WriteOp::ClaimDeviceId(device, _) => {
                         let fresh = devices.get(device.0).map_err(db_err)?.is_none();
                         if fresh {
@@ -283,61 +319,93 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>) {
 
 type Table<'t, K, V> = redb::Table<'t, K, V>;
 
-fn insert_one(
-    n: &Notification,
-    next_seq: &mut u64,
-    queue: &mut Table<(u128, u64), &[u8]>,
-    by_id: &mut Table<(u128, &str), u64>,
-    by_collapse: &mut Table<(u128, &str, &str), u64>,
-) -> Result<Inserted, StoreError> {
-    let device =
-        DeviceId::from_slice(&n.device_id).ok_or_else(|| StoreError::Db("device id is not 16 bytes".into()))?;
-    if by_id.get((device.0, n.apns_id.as_str())).map_err(db_err)?.is_some() {
-        return Ok(Inserted::Duplicate);
-    }
-    let mut inserted = Inserted::New;
-    if !n.collapse_id.is_empty() {
-        let previous =
-            by_collapse.get((device.0, n.topic.as_str(), n.collapse_id.as_str())).map_err(db_err)?.map(|v| v.value());
-        if let Some(old_seq) = previous {
-            let old = queue.remove((device.0, old_seq)).map_err(db_err)?.map(|v| Notification::decode(v.value()));
-            if let Some(Ok(old)) = old {
-                by_id.remove((device.0, old.apns_id.as_str())).map_err(db_err)?;
-                inserted = Inserted::Collapsed;
-            }
-        }
-    }
-    let seq = *next_seq;
-    *next_seq += 1;
-    queue.insert((device.0, seq), n.encode_to_vec().as_slice()).map_err(db_err)?;
-    by_id.insert((device.0, n.apns_id.as_str()), seq).map_err(db_err)?;
-    if !n.collapse_id.is_empty() {
-        by_collapse.insert((device.0, n.topic.as_str(), n.collapse_id.as_str()), seq).map_err(db_err)?;
-    }
-    Ok(inserted)
+/// The queue's tables inside one write transaction.
+struct Tables<'t> {
+    queue: Table<'t, (u128, u64), &'static [u8]>,
+    by_id: Table<'t, (u128, &'static str), u64>,
+    by_collapse: Table<'t, (u128, &'static str, &'static str), u64>,
+    counts: Table<'t, (u128, &'static str), u64>,
 }
 
-fn remove_one(
-    device: DeviceId,
-    apns_id: &str,
-    queue: &mut Table<(u128, u64), &[u8]>,
-    by_id: &mut Table<(u128, &str), u64>,
-    by_collapse: &mut Table<(u128, &str, &str), u64>,
-) -> Result<bool, StoreError> {
-    let Some(seq) = by_id.remove((device.0, apns_id)).map_err(db_err)?.map(|v| v.value()) else {
-        return Ok(false);
-    };
-    let removed = queue.remove((device.0, seq)).map_err(db_err)?.map(|v| Notification::decode(v.value()));
-    if let Some(Ok(old)) = removed
-        && !old.collapse_id.is_empty()
-    {
-        let key = (device.0, old.topic.as_str(), old.collapse_id.as_str());
-        let current = by_collapse.get(key).map_err(db_err)?.map(|v| v.value());
-        if current == Some(seq) {
-            by_collapse.remove(key).map_err(db_err)?;
+impl Tables<'_> {
+    fn adjust_count(&mut self, device: DeviceId, topic: &str, delta: i64) -> Result<u64, StoreError> {
+        let current = self.counts.get((device.0, topic)).map_err(db_err)?.map(|v| v.value()).unwrap_or(0);
+        let next = current.saturating_add_signed(delta);
+        if next == 0 {
+            self.counts.remove((device.0, topic)).map_err(db_err)?;
+        } else {
+            self.counts.insert((device.0, topic), next).map_err(db_err)?;
         }
+        Ok(next)
     }
-    Ok(true)
+
+    fn insert(&mut self, n: &Notification, next_seq: &mut u64, cap_per_topic: u64) -> Result<Inserted, StoreError> {
+        let device =
+            DeviceId::from_slice(&n.device_id).ok_or_else(|| StoreError::Db("device id is not 16 bytes".into()))?;
+        if self.by_id.get((device.0, n.apns_id.as_str())).map_err(db_err)?.is_some() {
+            return Ok(Inserted::Duplicate);
+        }
+        let mut inserted = Inserted::New;
+        if !n.collapse_id.is_empty() {
+            let key = (device.0, n.topic.as_str(), n.collapse_id.as_str());
+            let previous = self.by_collapse.get(key).map_err(db_err)?.map(|v| v.value());
+            if let Some(old_seq) = previous {
+                let old = self.queue.remove((device.0, old_seq)).map_err(db_err)?.map(|v| Notification::decode(v.value()));
+                if let Some(Ok(old)) = old {
+                    self.by_id.remove((device.0, old.apns_id.as_str())).map_err(db_err)?;
+                    self.adjust_count(device, &old.topic, -1)?;
+                    inserted = Inserted::Collapsed;
+                }
+            }
+        }
+        let seq = *next_seq;
+        *next_seq += 1;
+        self.queue.insert((device.0, seq), n.encode_to_vec().as_slice()).map_err(db_err)?;
+        self.by_id.insert((device.0, n.apns_id.as_str()), seq).map_err(db_err)?;
+        if !n.collapse_id.is_empty() {
+            self.by_collapse.insert((device.0, n.topic.as_str(), n.collapse_id.as_str()), seq).map_err(db_err)?;
+        }
+        if self.adjust_count(device, &n.topic, 1)? > cap_per_topic {
+            self.drop_oldest(device, &n.topic)?;
+        }
+        Ok(inserted)
+    }
+
+    /// Removes the device's oldest notification for `topic`, to keep the queue within its cap.
+    fn drop_oldest(&mut self, device: DeviceId, topic: &str) -> Result<(), StoreError> {
+        let mut oldest = None;
+        for entry in self.queue.range((device.0, 0)..=(device.0, u64::MAX)).map_err(db_err)? {
+            let (_, value) = entry.map_err(db_err)?;
+            let n = Notification::decode(value.value()).map_err(db_err)?;
+            if n.topic == topic {
+                oldest = Some(n.apns_id);
+                break;
+            }
+        }
+        if let Some(apns_id) = oldest {
+            self.remove(device, &apns_id)?;
+            metrics::counter!("courier_node_notifications_dropped_total", "reason" => "queue_full").increment(1);
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, device: DeviceId, apns_id: &str) -> Result<bool, StoreError> {
+        let Some(seq) = self.by_id.remove((device.0, apns_id)).map_err(db_err)?.map(|v| v.value()) else {
+            return Ok(false);
+        };
+        let removed = self.queue.remove((device.0, seq)).map_err(db_err)?.map(|v| Notification::decode(v.value()));
+        if let Some(Ok(old)) = removed {
+            self.adjust_count(device, &old.topic, -1)?;
+            if !old.collapse_id.is_empty() {
+                let key = (device.0, old.topic.as_str(), old.collapse_id.as_str());
+                let current = self.by_collapse.get(key).map_err(db_err)?.map(|v| v.value());
+                if current == Some(seq) {
+                    self.by_collapse.remove(key).map_err(db_err)?;
+                }
+            }
+        }
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
@@ -386,6 +454,31 @@ mod tests {
         assert!(store.pending(DeviceId(8)).await.unwrap().is_empty());
         // After its collapse entry was acked, the same collapse id starts afresh.
         assert_eq!(store.insert(notification(device, "e", "score", later())).await.unwrap(), Inserted::New);
+        store.close();
+    }
+
+    #[tokio::test]
+    async fn a_full_topic_queue_drops_its_oldest_and_other_topics_are_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with_cap(&dir.path().join("node.redb"), 3).unwrap();
+        let device = DeviceId(9);
+        for i in 0..5 {
+            store.insert(notification(device, &format!("a{i}"), "", later())).await.unwrap();
+        }
+        let mut other = notification(device, "b0", "", later());
+        other.topic = "com.example.other".into();
+        store.insert(other).await.unwrap();
+        let ids: Vec<_> = store.pending(device).await.unwrap().into_iter().map(|n| n.apns_id).collect();
+        assert_eq!(ids, ["a2", "a3", "a4", "b0"]);
+        // Acks free room: the count follows removals.
+        assert!(store.remove(device, "a2").await.unwrap());
+        store.insert(notification(device, "a5", "", later())).await.unwrap();
+        let ids: Vec<_> = store.pending(device).await.unwrap().into_iter().map(|n| n.apns_id).collect();
+        assert_eq!(ids, ["a3", "a4", "b0", "a5"]);
+        assert_eq!(store.devices().await.unwrap(), [device]);
+        store.insert(notification(DeviceId(u128::MAX), "z", "", later())).await.unwrap();
+        store.insert(notification(DeviceId(2), "y", "", later())).await.unwrap();
+        assert_eq!(store.devices().await.unwrap(), [DeviceId(2), device, DeviceId(u128::MAX)]);
         store.close();
     }
 

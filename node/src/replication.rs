@@ -1,0 +1,200 @@
+//! Copies of stored notifications on other nodes, so that a notification a gateway was told is stored
+//! survives the loss of its owner.
+//!
+//! The owner of a device writes each notification it stores to the device's next R-1 distinct ring
+//! successors (R from the Raft state) before the gateway hears 200; if a successor does not answer, the
+//! next candidate on the ring takes its place. Acks travel the same way, later and unawaited. Each peer
+//! gets one batching task, so concurrent pushes share RPCs the way they share the store's group commits.
+//!
+//! `rebalance` moves copies when the ring changes: every node sends its queued notifications to the
+//! devices' new candidates that did not hold them before, and drops the queues of devices it is no longer a
+//! candidate for once the new holders have them. Puts are idempotent by (device, apns-id), so sending a
+//! copy twice is harmless; at worst a device sees a redelivery, which its client drops.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use courier_proto::cluster::{Notification, QueueKey, ReplicateRequest};
+use futures_util::future::join_all;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ids::DeviceId;
+use crate::peer::Peers;
+use crate::raft::state::NodeId;
+use crate::ring::Ring;
+use crate::store::Store;
+use crate::view::LocalView;
+
+/// Most operations one Replicate RPC carries.
+const MAX_BATCH: usize = 512;
+
+enum PeerOp {
+    Put(Box<Notification>, oneshot::Sender<bool>),
+    Remove(QueueKey),
+}
+
+pub struct Replicator {
+    pub id: NodeId,
+    peers: Arc<Peers>,
+    view: Arc<LocalView>,
+    /// One batching task per peer address.
+    links: Mutex<HashMap<String, mpsc::Sender<PeerOp>>>,
+    /// How long a put waits for a peer before the next candidate is tried.
+    timeout: Duration,
+}
+
+impl Replicator {
+    pub fn new(id: NodeId, peers: Arc<Peers>, view: Arc<LocalView>, timeout: Duration) -> Self {
+        Replicator { id, peers, view, links: Mutex::new(HashMap::new()), timeout }
+    }
+
+    fn link(&self, addr: &str) -> mpsc::Sender<PeerOp> {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(link) = links.get(addr).filter(|l| !l.is_closed()) {
+            return link.clone();
+        }
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
+        tokio::spawn(send_batches(self.id, addr.to_string(), self.peers.clone(), rx, self.timeout));
+        links.insert(addr.to_string(), tx.clone());
+        tx
+    }
+
+    fn addr_of(&self, node: NodeId) -> Option<String> {
+        self.view.get().state.members.get(&node).map(|m| m.cluster_addr.clone())
+    }
+
+    /// Sends one copy to `node`; `true` once it is durably stored there.
+    pub async fn put_to(&self, node: NodeId, notification: Notification) -> bool {
+        let Some(addr) = self.addr_of(node) else { return false };
+        let (reply, answer) = oneshot::channel();
+        if self.link(&addr).send(PeerOp::Put(Box::new(notification), reply)).await.is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(self.timeout * 2, answer).await, Ok(Ok(true)))
+    }
+
+    /// Copies a notification this node stored to the device's successors. Returns how many copies exist
+    /// now, this node's included.
+    pub async fn put(&self, device: DeviceId, notification: &Notification) -> usize {
+        let view = self.view.get();
+        let wanted = view.state.ring.replication_factor.max(1) as usize;
+        let mut others = view.ring.candidates(device, usize::MAX).into_iter().filter(|id| *id != self.id);
+        let mut copies = 1;
+        // The first successors in parallel; a failed one is replaced by the next candidate.
+        let first: Vec<NodeId> = others.by_ref().take(wanted - 1).collect();
+        let results = join_all(first.iter().map(|node| self.put_to(*node, notification.clone()))).await;
+        copies += results.iter().filter(|ok| **ok).count();
+        for node in others {
+            if copies >= wanted {
+                break;
+            }
+            if self.put_to(node, notification.clone()).await {
+                copies += 1;
+            }
+        }
+        if copies < wanted {
+            metrics::counter!("courier_node_replication_degraded_total").increment(1);
+        }
+        copies
+    }
+
+    /// Tells the device's other candidates that `apns_id` was acked. Not awaited: a lost remove only
+    /// means a redelivery the client drops.
+    pub fn remove(&self, device: DeviceId, apns_id: &str) {
+        let view = self.view.get();
+        let holders = view.state.ring.replication_factor.max(1) as usize + 1;
+        for node in view.ring.candidates(device, holders) {
+            if node == self.id {
+                continue;
+            }
+            if let Some(addr) = self.addr_of(node) {
+                let key = QueueKey { device_id: device.to_bytes().to_vec(), apns_id: apns_id.to_string() };
+                let _ = self.link(&addr).try_send(PeerOp::Remove(key));
+            }
+        }
+    }
+
+    /// Moves queued notifications after the ring changed from `before` to the current ring.
+    pub async fn rebalance(&self, store: &Store, before: &Ring) -> Result<RebalanceReport, crate::store::StoreError> {
+        let view = self.view.get();
+        let wanted = view.state.ring.replication_factor.max(1) as usize;
+        let mut report = RebalanceReport::default();
+        for device in store.devices().await? {
+            let old = before.candidates(device, wanted);
+            let new = view.ring.candidates(device, wanted);
+            let stays = new.contains(&self.id);
+            let targets: Vec<NodeId> =
+                new.iter().copied().filter(|n| *n != self.id && (!old.contains(n) || !stays)).collect();
+            if targets.is_empty() && stays {
+                continue;
+            }
+            let queue = store.pending(device).await?;
+            let mut complete = true;
+            for target in &targets {
+                let sent = join_all(queue.iter().map(|n| self.put_to(*target, n.clone()))).await;
+                complete &= sent.iter().all(|ok| *ok);
+            }
+            report.moved += queue.len() * targets.len();
+            if !stays && complete && !new.is_empty() {
+                for n in &queue {
+                    store.remove(device, &n.apns_id).await?;
+                }
+                report.released += queue.len();
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// What a rebalance did, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RebalanceReport {
+    /// Copies sent to new holders.
+    pub moved: usize,
+    /// Local copies dropped because this node no longer holds those devices.
+    pub released: usize,
+}
+
+async fn send_batches(
+    from: NodeId,
+    addr: String,
+    peers: Arc<Peers>,
+    mut ops: mpsc::Receiver<PeerOp>,
+    timeout: Duration,
+) {
+    while let Some(first) = ops.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut request = ReplicateRequest { from_node: from, puts: Vec::new(), removes: Vec::new() };
+        let mut waiters = Vec::new();
+        for op in batch {
+            match op {
+                PeerOp::Put(n, reply) => {
+                    request.puts.push(*n);
+                    waiters.push(reply);
+                }
+                PeerOp::Remove(key) => request.removes.push(key),
+            }
+        }
+        let ok = match peers.client(&addr) {
+            Ok(mut client) => {
+                let mut call = tonic::Request::new(request);
+                call.set_timeout(timeout);
+                matches!(tokio::time::timeout(timeout, client.replicate(call)).await, Ok(Ok(_)))
+            }
+            Err(_) => false,
+        };
+        if !ok {
+            metrics::counter!("courier_node_replication_failures_total").increment(1);
+        }
+        for waiter in waiters {
+            let _ = waiter.send(ok);
+        }
+    }
+}
