@@ -1,0 +1,247 @@
+//! `courier ctl` as an operator runs it: the real binary, in its own process, against a three-node
+//! in-process cluster, authenticating with the `admin` certificate from the PKI directory. Each test checks
+//! both what the command prints and that the cluster state changed as it said. Every invocation is also
+//! checked for leaked secrets: a token-key secret is 64 hex characters, and no output may hold such a run.
+//! Parsing of flags and the printing code are not unit-tested here, only their effect end to end.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Nodes, eventually};
+use courier_node::ids::DeviceId;
+use courier_node::raft::state::{ClusterState, KeyState};
+use courier_node::token::TokenKeyId;
+
+/// What one `courier ctl` run left behind.
+struct Run {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "success: {}\n--- stdout\n{}--- stderr\n{}", self.success, self.stdout, self.stderr)
+    }
+}
+
+/// Longest run of consecutive hex digits in `text`.
+fn longest_hex_run(text: &str) -> usize {
+    text.split(|c: char| !c.is_ascii_hexdigit()).map(str::len).max().unwrap_or(0)
+}
+
+/// Runs `courier ctl --node <node 1> --pki-dir <cluster PKI> <args…>` with a deadline.
+async fn ctl(nodes: &Nodes, args: &[&str]) -> Run {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_courier"));
+    command
+        .arg("ctl")
+        .arg("--node")
+        .arg(nodes.configs[0].cluster_addr.to_string())
+        .arg("--pki-dir")
+        .arg(nodes.dir.path())
+        .args(args)
+        .env_remove("COURIER_CTL_NODE")
+        .env_remove("COURIER_PKI_DIR")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("courier ctl {args:?} finished within 30s"))
+        .expect("courier ctl runs");
+    let run = Run {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    for (stream, text) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
+        assert!(longest_hex_run(text) < 64, "courier ctl {args:?} printed a 64-hex-character run on {stream}: {run:?}");
+    }
+    run
+}
+
+/// Runs `courier ctl`, requiring it to succeed.
+async fn ctl_ok(nodes: &Nodes, args: &[&str]) -> Run {
+    let run = ctl(nodes, args).await;
+    assert!(run.success, "courier ctl {args:?} failed: {run:?}");
+    run
+}
+
+/// Waits until node 1 has applied a state for which `check` holds.
+async fn node1_state(nodes: &Nodes, what: &str, check: impl Fn(&ClusterState) -> bool) {
+    eventually(Duration::from_secs(10), what, || std::future::ready(check(&nodes.node(1).control.current()))).await;
+}
+
+/// The first whitespace-separated words of each line of a table, for row lookups.
+fn rows(text: &str) -> Vec<Vec<&str>> {
+    text.lines().map(|line| line.split_whitespace().collect()).filter(|w: &Vec<&str>| !w.is_empty()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_every_active_member_and_the_leader() {
+    let nodes = Nodes::start(3, |_| {}).await;
+    let leader = nodes.leader().await;
+
+    let text = ctl_ok(&nodes, &["status"]).await.stdout;
+    let table = rows(&text);
+    for id in 1..=3 {
+        let id = id.to_string();
+        assert!(
+            table.iter().any(|row| row.first() == Some(&id.as_str()) && row.get(1) == Some(&"active")),
+            "node {id} is listed as active:\n{text}"
+        );
+    }
+    let header = text.lines().next().unwrap_or_default();
+    let named = header.split("leader").nth(1).and_then(|rest| rest.split_whitespace().next());
+    assert_eq!(named, Some(leader.to_string().as_str()), "the first line names the leader:\n{text}");
+
+    let json = ctl_ok(&nodes, &["status", "--json"]).await.stdout;
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("status --json prints JSON");
+    let members = doc["members"].as_array().expect("members");
+    assert_eq!(members.len(), 3, "{doc}");
+    assert!(members.iter().all(|m| m["state"] == "active"), "{doc}");
+    assert!(doc["epoch"].as_u64().is_some_and(|e| e > 0), "{doc}");
+    assert_eq!(doc["raft"]["leader"].as_u64(), Some(leader), "{doc}");
+
+    let device = DeviceId(0x1234_5678_9abc_def0_0fed_cba9_8765_4321);
+    let owned = ctl_ok(&nodes, &["status", "--json", "--owner-of", &device.to_string()]).await.stdout;
+    let doc: serde_json::Value = serde_json::from_str(&owned).expect("JSON");
+    let owner = nodes.node(1).view.get().ring.owner(device);
+    assert_eq!(doc["owners"][device.to_string()].as_u64(), owner, "{doc}");
+
+    nodes.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_makes_a_new_key_active_and_nothing_prints_a_secret() {
+    let nodes = Nodes::start(3, |_| {}).await;
+    let old = nodes.node(1).control.current().active_key().expect("an active key").key.id;
+    let new = TokenKeyId(old.0 + 1);
+
+    let rotated = ctl_ok(&nodes, &["keys", "rotate"]).await.stdout;
+    assert!(rotated.contains(&format!("token key {} is now active", new.0)), "{rotated}");
+    node1_state(&nodes, "the rotation is applied on node 1", |s| s.token_keys.contains_key(&new)).await;
+    let state = nodes.node(1).control.current();
+    let active: Vec<TokenKeyId> =
+        state.token_keys.values().filter(|r| r.state == KeyState::Active).map(|r| r.key.id).collect();
+    assert_eq!(active, [new], "exactly one active key, the new one");
+    assert_eq!(state.token_keys[&old].state, KeyState::Accepting);
+
+    let listed = ctl_ok(&nodes, &["keys", "list"]).await.stdout;
+    let table = rows(&listed);
+    let state_of = |id: TokenKeyId| {
+        table.iter().find(|row| row.first() == Some(&id.0.to_string().as_str())).and_then(|row| row.get(1).copied())
+    };
+    assert_eq!(state_of(new), Some("active"), "{listed}");
+    assert_eq!(state_of(old), Some("accepting"), "{listed}");
+
+    // The active key cannot be retired; the accepting one can.
+    let refused = ctl(&nodes, &["keys", "retire", "--id", &new.0.to_string()]).await;
+    assert!(!refused.success, "retiring the active key is refused: {refused:?}");
+    assert!(refused.stderr.contains("refused"), "{refused:?}");
+    ctl_ok(&nodes, &["keys", "retire", "--id", &old.0.to_string()]).await;
+    node1_state(&nodes, "the old key is retired", |s| s.token_keys[&old].state == KeyState::Retired).await;
+
+    // Every other read path, checked for secrets by `ctl` too.
+    ctl_ok(&nodes, &["status"]).await;
+    ctl_ok(&nodes, &["status", "--json"]).await;
+
+    nodes.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_are_added_listed_and_removed() {
+    let nodes = Nodes::start(3, |_| {}).await;
+    let files = tempfile::tempdir().expect("temp dir");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key pair");
+    let public_key = files.path().join("provider.pub.pem");
+    std::fs::write(&public_key, key.public_key_pem()).expect("write the public key");
+    let (team, kid) = ("CTLTEAM001", "CTLKEY0001");
+
+    let public_key_arg = public_key.to_str().expect("utf-8 path");
+    let add = ["providers", "add", "--team-id", team, "--key-id", kid, "--public-key", public_key_arg];
+    ctl_ok(&nodes, &[&add[..], &["--topic", "com.example.ctl"][..]].concat()).await;
+    node1_state(&nodes, "the provider is in the state", |s| s.providers.contains_key(team)).await;
+    let state = nodes.node(1).control.current();
+    assert_eq!(state.providers[team].keys[kid], key.public_key_pem());
+    assert_eq!(state.providers[team].topics, ["com.example.ctl"]);
+
+    let listed = ctl_ok(&nodes, &["providers", "list"]).await.stdout;
+    let row = rows(&listed).into_iter().find(|row| row.first() == Some(&team)).map(|row| row.join(" "));
+    assert_eq!(row.as_deref(), Some(format!("{team} {kid} com.example.ctl").as_str()), "{listed}");
+
+    // A file that is not a public key is refused before anything is proposed.
+    let not_a_key = files.path().join("not-a-key.pem");
+    std::fs::write(&not_a_key, "hello").expect("write");
+    let bad = ["providers", "add", "--team-id", "OTHERTEAM1", "--key-id", "K", "--public-key"];
+    let refused = ctl(&nodes, &[&bad[..], &[not_a_key.to_str().expect("utf-8 path")][..]].concat()).await;
+    assert!(!refused.success, "{refused:?}");
+    assert!(refused.stderr.contains("is not a PEM public key"), "{refused:?}");
+
+    ctl_ok(&nodes, &["providers", "remove", "--team-id", team, "--key-id", kid]).await;
+    node1_state(&nodes, "the provider is gone from the state", |s| !s.providers.contains_key(team)).await;
+    let listed = ctl_ok(&nodes, &["providers", "list"]).await.stdout;
+    assert!(!listed.contains(team), "{listed}");
+    assert!(!nodes.node(1).control.current().providers.contains_key("OTHERTEAM1"));
+
+    let missing = ctl(&nodes, &["providers", "remove", "--team-id", team]).await;
+    assert!(!missing.success, "removing an unknown team fails: {missing:?}");
+
+    nodes.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_revoke_reaches_the_state_and_a_bad_id_is_refused_clearly() {
+    let nodes = Nodes::start(3, |_| {}).await;
+    let device = DeviceId::random();
+
+    let revoked = ctl_ok(&nodes, &["devices", "revoke", "--device", &device.to_string()]).await.stdout;
+    assert!(revoked.contains("applied"), "{revoked}");
+    eventually(Duration::from_secs(10), "every node has the device revoked", || {
+        std::future::ready(nodes.running().all(|n| n.control.current().revoked.contains(&device)))
+    })
+    .await;
+
+    let epoch = nodes.node(1).control.current().epoch;
+    for bad in ["not-a-device", "1234", &"g".repeat(32)] {
+        let run = ctl(&nodes, &["devices", "revoke", "--device", bad]).await;
+        assert!(!run.success, "{bad:?} is refused: {run:?}");
+        assert!(run.stderr.contains("a device id is 32 hex characters"), "{bad:?}: {run:?}");
+    }
+    assert_eq!(nodes.node(1).control.current().epoch, epoch, "a refused id proposes nothing");
+
+    nodes.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_remove_leaves_two_members() {
+    let nodes = Nodes::start(3, |_| {}).await;
+    // Node 3, unless an election made it the leader: removing the leader trips openraft 0.9's
+    // "only leader may append membership" debug assertion (reported separately), which is not what
+    // this test is about.
+    let leader = nodes.leader().await;
+    let victim: u64 = if leader == 3 { 2 } else { 3 };
+    let survivors: Vec<u64> = (1..=3).filter(|id| *id != victim).collect();
+    let reporter = survivors[0];
+
+    let removed = ctl_ok(&nodes, &["nodes", "remove", "--id", &victim.to_string()]).await.stdout;
+    assert!(removed.contains(&format!("node {victim} removed")), "{removed}");
+    eventually(Duration::from_secs(10), "the node is out of the state and of Raft's voters", || {
+        let state = nodes.node(reporter).control.current();
+        let metrics = nodes.node(reporter).control.raft.metrics().borrow().clone();
+        let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
+        let members: Vec<u64> = state.members.keys().copied().collect();
+        std::future::ready(members == survivors && voters == survivors)
+    })
+    .await;
+
+    let json = ctl_ok(&nodes, &["status", "--json"]).await.stdout;
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let ids: Vec<u64> = doc["members"].as_array().expect("members").iter().filter_map(|m| m["id"].as_u64()).collect();
+    assert_eq!(ids, survivors, "{doc}");
+    let text = ctl_ok(&nodes, &["status"]).await.stdout;
+    assert!(!rows(&text).iter().any(|row| row.first() == Some(&victim.to_string().as_str())), "{text}");
+
+    nodes.shutdown().await;
+}
