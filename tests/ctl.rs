@@ -177,7 +177,7 @@ async fn providers_are_added_listed_and_removed() {
     let bad = ["providers", "add", "--team-id", "OTHERTEAM1", "--key-id", "K", "--public-key"];
     let refused = ctl(&nodes, &[&bad[..], &[not_a_key.to_str().expect("utf-8 path")][..]].concat()).await;
     assert!(!refused.success, "{refused:?}");
-    assert!(refused.stderr.contains("is not a PEM public key"), "{refused:?}");
+    assert!(refused.stderr.contains("is not an ES256 public key"), "{refused:?}");
 
     ctl_ok(&nodes, &["providers", "remove", "--team-id", team, "--key-id", kid]).await;
     node1_state(&nodes, "the provider is gone from the state", |s| !s.providers.contains_key(team)).await;

@@ -121,8 +121,8 @@ impl ClusterWatch {
                 })
             })
             .collect();
-        if let Err(error) = self.credentials.replace(credentials) {
-            tracing::error!(%error, "the cluster's provider credentials do not load; keeping the previous set");
+        for error in self.credentials.replace_lenient(credentials) {
+            tracing::error!(%error, "a provider key in the cluster state does not load; it is not accepted");
         }
     }
 }

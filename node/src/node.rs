@@ -27,9 +27,9 @@ use crate::pki::{DeviceCa, PkiDir, PkiError};
 use crate::raft::control::{Control, ControlError};
 use crate::raft::network::Network;
 use crate::raft::state::{ClusterState, Command, Epoch, MemberState};
+use crate::raft::store::RaftStoreError;
 use crate::replication::{RebalanceReport, Replicator};
 use crate::ring::Ring;
-use crate::raft::store::RaftStoreError;
 use crate::store::{Store, StoreError};
 use crate::telemetry::{self, Readiness};
 use crate::tls::{self, TlsError};
@@ -169,8 +169,12 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     });
     tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown_rx.clone(), tracker.clone()));
 
-    let delivery =
-        Delivery { store: store.clone(), registry: registry.clone(), view: view.clone(), replicator: replicator.clone() };
+    let delivery = Delivery {
+        store: store.clone(),
+        registry: registry.clone(),
+        view: view.clone(),
+        replicator: replicator.clone(),
+    };
     let service = ClusterService { delivery, control: control.clone(), shutdown: shutdown_rx.clone() };
     let grpc = Server::builder()
         .tls_config(grpc_tls)?

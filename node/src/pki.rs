@@ -301,6 +301,37 @@ pub fn device_id_from_cert(cert: &CertificateDer<'_>) -> Option<DeviceId> {
     cn.parse().ok()
 }
 
+/// Checks that `pem` is one SPKI public key on P-256, the only kind an ES256 provider key can be.
+/// Deterministic, so the Raft state machine can use it to refuse bad keys before any gateway sees them.
+pub fn check_es256_public_key(pem: &str) -> Result<(), String> {
+    use x509_parser::prelude::FromDer;
+    let parsed = ::pem::parse(pem.trim()).map_err(|e| format!("not PEM: {e}"))?;
+    if parsed.tag() != "PUBLIC KEY" {
+        return Err(format!("a {:?} block, not PUBLIC KEY", parsed.tag()));
+    }
+    let (rest, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(parsed.contents())
+        .map_err(|e| format!("not a public key: {e}"))?;
+    if !rest.is_empty() {
+        return Err("trailing bytes after the public key".into());
+    }
+    let is_ec = spki.algorithm.algorithm == x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY;
+    let on_p256 = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .is_some_and(|curve| curve == x509_parser::oid_registry::OID_EC_P256);
+    if !(is_ec && on_p256) {
+        return Err("not an EC P-256 key (ES256)".into());
+    }
+    // An uncompressed point: 0x04 and two 32-byte coordinates.
+    let point = &spki.subject_public_key.data;
+    if point.len() != 65 || point[0] != 4 {
+        return Err("not an uncompressed P-256 point".into());
+    }
+    Ok(())
+}
+
 /// A fresh P-256 key and a CSR for it, as a device makes before activation.
 pub fn new_device_key_and_csr() -> Result<(KeyPair, Vec<u8>), PkiError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -342,6 +373,21 @@ mod tests {
         assert!(sans.contains("localhost"), "{sans}");
         assert!(sans.contains("127.0.0.1") || sans.contains("[127, 0, 0, 1]"), "{sans}");
         assert!(sans.contains("node-0.courier"), "{sans}");
+    }
+
+    #[test]
+    fn only_p256_public_keys_pass() {
+        let good = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().public_key_pem();
+        assert_eq!(check_es256_public_key(&good), Ok(()));
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap().public_key_pem();
+        assert!(check_es256_public_key(&p384).is_err());
+        let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap().public_key_pem();
+        assert!(check_es256_public_key(&ed).is_err());
+        for bad in ["", "hello", "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"] {
+            assert!(check_es256_public_key(bad).is_err(), "{bad:?}");
+        }
+        let private = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().serialize_pem();
+        assert!(check_es256_public_key(&private).is_err());
     }
 
     #[test]

@@ -250,8 +250,8 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Providers(ProvidersCommand::Add { team_id, key_id, public_key, topics }) => {
             let public_key_pem =
                 std::fs::read_to_string(&public_key).with_context(|| format!("reading {}", public_key.display()))?;
-            if !public_key_pem.contains("BEGIN PUBLIC KEY") {
-                bail!("{} is not a PEM public key (SPKI)", public_key.display());
+            if let Err(why) = courier_node::pki::check_es256_public_key(&public_key_pem) {
+                bail!("{} is not an ES256 public key: {why}", public_key.display());
             }
             propose(&mut client, Command::PutProviderKey { team_id, key_id, public_key_pem, topics }).await?;
         }

@@ -81,13 +81,37 @@ impl ProviderCredentials {
         for credential in credentials {
             let key = DecodingKey::from_ec_pem(credential.public_key_pem.as_bytes())
                 .map_err(|source| CredentialError::BadPublicKey { key_id: credential.key_id.clone(), source })?;
-            let provider = AuthorizedProvider { team_id: credential.team_id.into(), topics: credential.topics.into() };
-            by_key_id.insert(credential.key_id, Arc::new(VerifyingKey { provider, key }));
+            Self::admit(&mut by_key_id, credential, key);
         }
+        self.install(by_key_id);
+        Ok(())
+    }
+
+    /// Swaps in a new credential set, leaving out (and returning) any key that does not load: one bad key
+    /// must not keep a removed key valid by freezing the whole set.
+    pub fn replace_lenient(&self, credentials: Vec<ProviderCredential>) -> Vec<CredentialError> {
+        let mut by_key_id = HashMap::new();
+        let mut rejected = Vec::new();
+        for credential in credentials {
+            match DecodingKey::from_ec_pem(credential.public_key_pem.as_bytes()) {
+                Ok(key) => Self::admit(&mut by_key_id, credential, key),
+                Err(source) => rejected.push(CredentialError::BadPublicKey { key_id: credential.key_id, source }),
+            }
+        }
+        self.install(by_key_id);
+        rejected
+    }
+
+    fn admit(by_key_id: &mut HashMap<String, Arc<VerifyingKey>>, credential: ProviderCredential, key: DecodingKey) {
+        let provider = AuthorizedProvider { team_id: credential.team_id.into(), topics: credential.topics.into() };
+        by_key_id.insert(credential.key_id, Arc::new(VerifyingKey { provider, key }));
+    }
+
+    /// Makes `by_key_id` the current set; the new generation invalidates every cached verification.
+    fn install(&self, by_key_id: HashMap<String, Arc<VerifyingKey>>) {
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         let generation = current.generation + 1;
         *current = Arc::new(CredentialSet { generation, by_key_id });
-        Ok(())
     }
 
     fn snapshot(&self) -> Arc<CredentialSet> {

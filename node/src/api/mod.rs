@@ -11,8 +11,8 @@ use std::sync::Arc;
 use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
     ClusterView, DeliverRequest, DeliverResponse, JoinRequest, JoinResponse, ProbeRequest, ProbeResponse,
-    ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse, StatusRequest,
-    StatusResponse, WatchRequest,
+    ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse,
+    StatusRequest, StatusResponse, WatchRequest,
 };
 use futures_util::future::join_all;
 use futures_util::{Stream, StreamExt};
@@ -21,10 +21,10 @@ use tonic::{Request, Response, Status};
 
 use crate::delivery::Delivery;
 use crate::ids::DeviceId;
-use crate::store::Inserted;
-use crate::view::Placement;
 use crate::raft::control::Control;
 use crate::raft::{Command, network};
+use crate::store::Inserted;
+use crate::view::Placement;
 
 /// Largest batch one `Deliver` may carry.
 pub const MAX_DELIVER_BATCH: usize = 1024;
@@ -60,7 +60,8 @@ impl Cluster for ClusterService {
         let puts = join_all(request.puts.into_iter().map(|n| async move {
             let device = DeviceId::from_slice(&n.device_id).ok_or_else(|| Status::invalid_argument("device id"))?;
             let notification = Arc::new(n);
-            let inserted = delivery.store.insert((*notification).clone()).await.map_err(|e| Status::internal(e.to_string()))?;
+            let inserted =
+                delivery.store.insert((*notification).clone()).await.map_err(|e| Status::internal(e.to_string()))?;
             // A queue handed over to this node's device while it is connected here goes straight to it.
             if inserted != Inserted::Duplicate && delivery.view.placement(device) == Placement::Here {
                 delivery.registry.hand_off(device, notification);

@@ -205,6 +205,12 @@ impl Control {
                 .map_err(|status| ControlError::Forward(status.message().to_string()))?;
             return Ok(());
         }
+        if id == self.id {
+            // openraft 0.9 cannot take the leader out of the voters from the leader itself.
+            return Err(ControlError::Refused(format!(
+                "node {id} is the Raft leader; stop it first (another node takes over) and remove it then"
+            )));
+        }
         let raft_err = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| ControlError::Raft(e.to_string());
         let _serial = self.membership_changes.lock().await;
         let (voters, learners) = self.raft_members();

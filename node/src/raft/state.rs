@@ -233,9 +233,18 @@ impl ClusterState {
                 }
             }
             Command::PutProviderKey { team_id, key_id, public_key_pem, topics } => {
+                if team_id.is_empty() || key_id.is_empty() {
+                    return refused("team id and key id must not be empty");
+                }
+                if let Err(why) = crate::pki::check_es256_public_key(public_key_pem) {
+                    return refused(&format!("provider public key: {why}"));
+                }
                 let team = self.providers.entry(team_id.clone()).or_default();
                 team.keys.insert(key_id.clone(), public_key_pem.clone());
-                team.topics.clone_from(topics);
+                // Adding a key without naming topics keeps the team's restriction instead of lifting it.
+                if !topics.is_empty() {
+                    team.topics.clone_from(topics);
+                }
             }
             Command::RemoveProvider { team_id, key_id } => {
                 let Some(team) = self.providers.get_mut(team_id) else { return refused("no such team") };
@@ -311,16 +320,28 @@ mod tests {
     }
 
     #[test]
-    fn provider_keys_come_and_go() {
+    fn provider_keys_come_and_go_and_bad_keys_are_refused() {
         let mut state = ClusterState::default();
-        let put = |kid: &str| Command::PutProviderKey {
+        let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().public_key_pem();
+        let put = |kid: &str, topics: Vec<String>| Command::PutProviderKey {
             team_id: "TEAM".into(),
             key_id: kid.into(),
-            public_key_pem: "pem".into(),
+            public_key_pem: pem.clone(),
+            topics,
+        };
+        assert!(matches!(state.apply(&put("A", vec!["t.a".into()])), CommandResponse::Applied { .. }));
+        state.apply(&put("B", vec![]));
+        assert_eq!(state.providers["TEAM"].topics, ["t.a"], "a key added without topics keeps the team's");
+        let bad = Command::PutProviderKey {
+            team_id: "OTHER".into(),
+            key_id: "K".into(),
+            public_key_pem: "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----".into(),
             topics: vec![],
         };
-        state.apply(&put("A"));
-        state.apply(&put("B"));
+        let epoch = state.epoch;
+        assert!(matches!(state.apply(&bad), CommandResponse::Refused { .. }));
+        assert_eq!(state.epoch, epoch);
+        assert!(!state.providers.contains_key("OTHER"));
         state.apply(&Command::RemoveProvider { team_id: "TEAM".into(), key_id: Some("A".into()) });
         assert_eq!(state.providers["TEAM"].keys.keys().collect::<Vec<_>>(), ["B"]);
         state.apply(&Command::RemoveProvider { team_id: "TEAM".into(), key_id: Some("B".into()) });

@@ -350,7 +350,8 @@ impl Tables<'_> {
             let key = (device.0, n.topic.as_str(), n.collapse_id.as_str());
             let previous = self.by_collapse.get(key).map_err(db_err)?.map(|v| v.value());
             if let Some(old_seq) = previous {
-                let old = self.queue.remove((device.0, old_seq)).map_err(db_err)?.map(|v| Notification::decode(v.value()));
+                let old =
+                    self.queue.remove((device.0, old_seq)).map_err(db_err)?.map(|v| Notification::decode(v.value()));
                 if let Some(Ok(old)) = old {
                     self.by_id.remove((device.0, old.apns_id.as_str())).map_err(db_err)?;
                     self.adjust_count(device, &old.topic, -1)?;
