@@ -4,53 +4,13 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::eventually;
+use common::{eventually, spawn_node};
 use courier_node::ids::DeviceId;
 use courier_node::peer::Peers;
 use courier_node::pki::{PkiDir, PkiOptions};
 use courier_proto::cluster::StatusRequest;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-struct NodeProcess {
-    child: Child,
-    cluster_addr: String,
-}
-
-async fn spawn_node(dir: &std::path::Path, id: u64, join: Option<&str>) -> NodeProcess {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_courier"));
-    command
-        .args(["node", "--node-id", &id.to_string()])
-        .arg("--data-dir")
-        .arg(dir.join(format!("node-{id}")))
-        .arg("--pki-dir")
-        .arg(dir)
-        .args(["--device-addr", "127.0.0.1:0", "--cluster-addr", "127.0.0.1:0", "--node-metrics-addr", "127.0.0.1:0"])
-        .args(["--open-enrolment", "--raft-heartbeat-ms", "100", "--raft-election-timeout-ms", "500"])
-        .args(["--probe-interval-ms", "200", "--failure-timeout-ms", "1000"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
-    if let Some(seed) = join {
-        command.args(["--join", seed]);
-    }
-    let mut child = command.spawn().expect("spawn courier node");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("node prints its addresses in time")
-        .expect("read stdout")
-        .expect("a line");
-    let listening: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
-    assert_eq!(listening["event"], "listening");
-    let cluster_addr = listening["cluster_addr"].as_str().expect("cluster_addr").to_string();
-    NodeProcess { child, cluster_addr }
-}
 
 async fn status(peers: &Peers, addr: &str, devices: &[String]) -> Option<serde_json::Value> {
     let mut client = peers.client(addr).ok()?;
@@ -73,9 +33,9 @@ async fn node_processes_agree_with_a_gateway_on_every_owner_and_survive_a_kill()
     let dir = tempfile::tempdir().unwrap();
     courier_node::pki::init(dir.path(), &PkiOptions::default()).unwrap();
     let pki = PkiDir::new(dir.path());
-    let first = spawn_node(dir.path(), 1, None).await;
-    let second = spawn_node(dir.path(), 2, Some(&first.cluster_addr)).await;
-    let mut third = spawn_node(dir.path(), 3, Some(&first.cluster_addr)).await;
+    let first = spawn_node(dir.path(), 1, None, None).await;
+    let second = spawn_node(dir.path(), 2, Some(&first.cluster_addr), None).await;
+    let mut third = spawn_node(dir.path(), 3, Some(&first.cluster_addr), None).await;
     let addrs = [first.cluster_addr.clone(), second.cluster_addr.clone(), third.cluster_addr.clone()];
     let peers = Peers::new(&pki, "admin", None, Duration::from_secs(2)).unwrap();
 

@@ -176,20 +176,31 @@ pub enum LinkEvent {
     Redirect(String),
 }
 
-/// Remembers the last `capacity` apns-ids surfaced, to drop redeliveries.
-struct RecentIds {
+/// Remembers the last `capacity` apns-ids surfaced, to drop redeliveries. An app keeps one for its whole
+/// life and moves it from link to link (`DeviceLink::seen`), so a redelivery after a reconnect is dropped
+/// too.
+pub struct SeenIds {
     order: VecDeque<String>,
     set: HashSet<String>,
     capacity: usize,
 }
 
-impl RecentIds {
-    fn new(capacity: usize) -> Self {
-        RecentIds { order: VecDeque::new(), set: HashSet::new(), capacity }
+impl Default for SeenIds {
+    fn default() -> Self {
+        SeenIds::new(DEFAULT_SEEN)
+    }
+}
+
+/// How many apns-ids a device remembers by default.
+pub const DEFAULT_SEEN: usize = 4096;
+
+impl SeenIds {
+    pub fn new(capacity: usize) -> Self {
+        SeenIds { order: VecDeque::new(), set: HashSet::new(), capacity: capacity.max(1) }
     }
 
     /// `true` if `id` is new (and now remembered).
-    fn insert(&mut self, id: &str) -> bool {
+    pub fn insert(&mut self, id: &str) -> bool {
         if self.set.contains(id) {
             return false;
         }
@@ -213,7 +224,8 @@ pub struct DeviceLink {
     pub keepalive: Duration,
     /// Frames that arrived while waiting for a specific answer.
     buffered: VecDeque<server_frame::Kind>,
-    recent: RecentIds,
+    /// apns-ids already surfaced to the app; move it between links to keep dropping redeliveries.
+    pub seen: SeenIds,
     last_sent: Instant,
 }
 
@@ -277,7 +289,7 @@ impl DeviceLink {
                 device_id: credentials.device_id,
                 keepalive: Duration::from_secs(u64::from(welcome.keepalive_secs.max(1))),
                 buffered: VecDeque::new(),
-                recent: RecentIds::new(4096),
+                seen: SeenIds::default(),
                 last_sent: Instant::now(),
             }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -359,7 +371,7 @@ impl DeviceLink {
             match self.next_event().await? {
                 LinkEvent::Notification(n) => {
                     self.ack(&n.apns_id).await?;
-                    if self.recent.insert(&n.apns_id) {
+                    if self.seen.insert(&n.apns_id) {
                         return Ok(LinkEvent::Notification(n));
                     }
                 }
@@ -416,7 +428,7 @@ mod tests {
 
     #[test]
     fn recent_ids_forget_the_oldest() {
-        let mut recent = RecentIds::new(2);
+        let mut recent = SeenIds::new(2);
         assert!(recent.insert("a"));
         assert!(!recent.insert("a"));
         assert!(recent.insert("b"));

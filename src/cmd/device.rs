@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use courier_node::client::{ClientError, DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent};
+use courier_node::client::{ClientError, DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent, SeenIds};
 use courier_node::pki::PkiDir;
 use courier_proto::device::GoodbyeReason;
 
@@ -60,8 +60,10 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
         }
     };
     let mut backoff = Duration::from_millis(500);
+    // Kept across reconnects, so a notification redelivered on a new link is still printed only once.
+    let mut seen = SeenIds::default();
     loop {
-        match session(&args, &endpoint, &credentials).await {
+        match session(&args, &endpoint, &credentials, &mut seen).await {
             Err(ClientError::Goodbye { reason: GoodbyeReason::Revoked, detail }) => {
                 anyhow::bail!("this device was revoked: {detail}")
             }
@@ -80,12 +82,25 @@ async fn session(
     args: &DeviceArgs,
     endpoint: &DeviceEndpoint,
     credentials: &DeviceCredentials,
+    seen: &mut SeenIds,
 ) -> Result<(), ClientError> {
     let token_path = token_file(&args.dir, &args.name, &args.topic);
     let held: Vec<(String, String)> = std::fs::read_to_string(&token_path)
         .map(|token| vec![(args.topic.clone(), token.trim().to_string())])
         .unwrap_or_default();
     let mut link = DeviceLink::connect_with(endpoint, credentials, args.keepalive, &held).await?;
+    std::mem::swap(&mut link.seen, seen);
+    let result = serve_link(args, credentials, &mut link).await;
+    std::mem::swap(&mut link.seen, seen);
+    result
+}
+
+async fn serve_link(
+    args: &DeviceArgs,
+    credentials: &DeviceCredentials,
+    link: &mut DeviceLink,
+) -> Result<(), ClientError> {
+    let token_path = token_file(&args.dir, &args.name, &args.topic);
     let token = link.register(&args.topic).await?;
     let _ = std::fs::write(&token_path, &token);
     println!(
@@ -95,10 +110,7 @@ async fn session(
     loop {
         let event = tokio::select! {
             event = link.next_app_event() => event?,
-            _ = super::terminated() => {
-                let _ = link.close().await;
-                std::process::exit(0);
-            }
+            _ = super::terminated() => std::process::exit(0),
         };
         let n = match event {
             LinkEvent::Notification(n) => n,

@@ -356,3 +356,72 @@ pub fn push_for(signer: &JwtSigner, token: &str, payload: &str) -> Push {
         ..Push::default()
     }
 }
+
+/// A `courier node` child process; killed when dropped.
+pub struct NodeProcess {
+    pub child: tokio::process::Child,
+    pub id: u64,
+    pub device_addr: String,
+    pub cluster_addr: String,
+    pub metrics_addr: String,
+}
+
+/// A port free right now on loopback, for processes that must come back on the same address.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Starts `courier node` with fast test timings. `ports` = (device, cluster) ports to bind, else any.
+pub async fn spawn_node(dir: &Path, id: u64, join: Option<&str>, ports: Option<(u16, u16)>) -> NodeProcess {
+    use std::process::Stdio;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let (device_port, cluster_port) = ports.unwrap_or((0, 0));
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_courier"));
+    command
+        .args(["node", "--node-id", &id.to_string()])
+        .arg("--data-dir")
+        .arg(dir.join(format!("node-{id}")))
+        .arg("--pki-dir")
+        .arg(dir)
+        .args(["--device-addr", &format!("127.0.0.1:{device_port}")])
+        .args(["--cluster-addr", &format!("127.0.0.1:{cluster_port}")])
+        .args(["--node-metrics-addr", "127.0.0.1:0", "--open-enrolment"])
+        .args(["--raft-heartbeat-ms", "100", "--raft-election-timeout-ms", "500"])
+        .args(["--probe-interval-ms", "200", "--failure-timeout-ms", "1000", "--drain-deadline-secs", "20"])
+        .env("RUST_LOG", std::env::var("COURIER_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    if let Some(seed) = join {
+        command.args(["--join", seed]);
+    }
+    let mut child = command.spawn().expect("spawn courier node");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("node prints its addresses in time")
+        .expect("read stdout")
+        .expect("a line");
+    let listening: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
+    assert_eq!(listening["event"], "listening");
+    let field = |name: &str| listening[name].as_str().expect("address").to_string();
+    NodeProcess {
+        child,
+        id,
+        device_addr: field("device_addr"),
+        cluster_addr: field("cluster_addr"),
+        metrics_addr: field("metrics_addr"),
+    }
+}
+
+impl NodeProcess {
+    /// SIGTERM, then waits for the process to exit by itself (after its drain).
+    pub async fn terminate(&mut self, deadline: Duration) {
+        let pid = self.child.id().expect("running").to_string();
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        assert!(sent.success());
+        let status = tokio::time::timeout(deadline, self.child.wait()).await.expect("node exits after SIGTERM");
+        assert!(status.expect("wait").success(), "a drained node exits cleanly");
+    }
+}
