@@ -33,7 +33,8 @@ async fn push_reaches_a_connected_device_and_is_acked() {
     assert_eq!(received.priority, 5);
     assert_eq!(received.collapse_id, "greeting");
 
-    // next_notification acked it: the stored copy goes away.
+    // The ack goes out on the app's next call (here an explicit flush): then the stored copy goes away.
+    device.flush_acks().await.expect("ack");
     let device_id = device.device_id;
     let store = cluster.node().store.clone();
     eventually(Duration::from_secs(10), "the ack deletes the stored notification", || {

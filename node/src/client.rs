@@ -226,6 +226,10 @@ pub struct DeviceLink {
     buffered: VecDeque<server_frame::Kind>,
     /// apns-ids already surfaced to the app; move it between links to keep dropping redeliveries.
     pub seen: SeenIds,
+    /// Notifications handed to the app whose ack is not yet sent. Acks go out at the start of the next
+    /// call, so that a caller that cancels a call (a timeout around it) never loses a notification: it is
+    /// either not yet taken off the link, or returned and then acked.
+    unacked: VecDeque<String>,
     last_sent: Instant,
 }
 
@@ -290,6 +294,7 @@ impl DeviceLink {
                 keepalive: Duration::from_secs(u64::from(welcome.keepalive_secs.max(1))),
                 buffered: VecDeque::new(),
                 seen: SeenIds::default(),
+                unacked: VecDeque::new(),
                 last_sent: Instant::now(),
             }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -365,12 +370,14 @@ impl DeviceLink {
         }
     }
 
-    /// The next event the app should see: notifications are acked on receipt and redeliveries dropped.
+    /// The next event the app should see; redeliveries are dropped. Each notification is acked when the
+    /// app next calls (or closes the link), i.e. after the app has it. Cancel-safe.
     pub async fn next_app_event(&mut self) -> Result<LinkEvent, ClientError> {
         loop {
+            self.flush_acks().await?;
             match self.next_event().await? {
                 LinkEvent::Notification(n) => {
-                    self.ack(&n.apns_id).await?;
+                    self.unacked.push_back(n.apns_id.clone());
                     if self.seen.insert(&n.apns_id) {
                         return Ok(LinkEvent::Notification(n));
                     }
@@ -378,6 +385,16 @@ impl DeviceLink {
                 other => return Ok(other),
             }
         }
+    }
+
+    /// Sends the acks owed for notifications already handed to the app.
+    pub async fn flush_acks(&mut self) -> Result<(), ClientError> {
+        while let Some(apns_id) = self.unacked.front().cloned() {
+            // Taken off only once sent: a cancelled send is repeated, and a repeated ack is harmless.
+            self.ack(&apns_id).await?;
+            self.unacked.pop_front();
+        }
+        Ok(())
     }
 
     /// The next notification the app has not seen, skipping other events.
@@ -413,8 +430,9 @@ impl DeviceLink {
         Ok(arrived)
     }
 
-    /// Says goodbye and closes.
+    /// Says goodbye and closes, acking what the app has received.
     pub async fn close(mut self) -> Result<(), ClientError> {
+        self.flush_acks().await?;
         let bye = wire::Goodbye { reason: GoodbyeReason::ClientClosing as i32, detail: String::new() };
         self.send(device_frame::Kind::Goodbye(bye)).await?;
         SinkExt::<DeviceFrame>::close(&mut self.link).await?;

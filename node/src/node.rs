@@ -275,7 +275,11 @@ async fn follow_state(
         apply_keys(&keyring, &current);
         let ring = Ring::from_state(&current);
         if ring.members() != ring_before.members() || ring_before.members().is_empty() {
-            match replicator.rebalance(&store, &ring_before).await {
+            let rebalance = tokio::select! {
+                result = replicator.rebalance(&store, &ring_before) => result,
+                _ = stopped(&mut shutdown) => return,
+            };
+            match rebalance {
                 Ok(report) if report != RebalanceReport::default() => {
                     tracing::info!(epoch = current.epoch.0, ?report, "queues moved for the new ring");
                 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use courier_proto::cluster::{Notification, QueueKey, ReplicateRequest};
+use futures_util::StreamExt;
 use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
@@ -115,37 +116,62 @@ impl Replicator {
         }
     }
 
-    /// Moves queued notifications after the ring changed from `before` to the current ring.
+    /// Moves queued notifications after the ring changed from `before` to the current ring, many devices
+    /// at a time.
     pub async fn rebalance(&self, store: &Store, before: &Ring) -> Result<RebalanceReport, crate::store::StoreError> {
         let view = self.view.get();
         let wanted = view.state.ring.replication_factor.max(1) as usize;
+        let devices = store.devices().await?;
+        let reports: Vec<Result<RebalanceReport, crate::store::StoreError>> = futures_util::stream::iter(devices)
+            .map(|device| self.rebalance_device(store, before, &view.ring, wanted, device))
+            .buffer_unordered(REBALANCE_PARALLELISM)
+            .collect()
+            .await;
+        let mut total = RebalanceReport::default();
+        for report in reports {
+            let report = report?;
+            total.moved += report.moved;
+            total.released += report.released;
+        }
+        Ok(total)
+    }
+
+    async fn rebalance_device(
+        &self,
+        store: &Store,
+        before: &Ring,
+        ring: &Ring,
+        wanted: usize,
+        device: DeviceId,
+    ) -> Result<RebalanceReport, crate::store::StoreError> {
+        let old = before.candidates(device, wanted);
+        let new = ring.candidates(device, wanted);
+        let stays = new.contains(&self.id);
+        let targets: Vec<NodeId> =
+            new.iter().copied().filter(|n| *n != self.id && (!old.contains(n) || !stays)).collect();
         let mut report = RebalanceReport::default();
-        for device in store.devices().await? {
-            let old = before.candidates(device, wanted);
-            let new = view.ring.candidates(device, wanted);
-            let stays = new.contains(&self.id);
-            let targets: Vec<NodeId> =
-                new.iter().copied().filter(|n| *n != self.id && (!old.contains(n) || !stays)).collect();
-            if targets.is_empty() && stays {
-                continue;
+        if targets.is_empty() && stays {
+            return Ok(report);
+        }
+        let queue = store.pending(device).await?;
+        let mut complete = true;
+        for target in &targets {
+            let sent = join_all(queue.iter().map(|n| self.put_to(*target, n.clone()))).await;
+            complete &= sent.iter().all(|ok| *ok);
+        }
+        report.moved += queue.len() * targets.len();
+        if !stays && complete && !new.is_empty() {
+            for n in &queue {
+                store.remove(device, &n.apns_id).await?;
             }
-            let queue = store.pending(device).await?;
-            let mut complete = true;
-            for target in &targets {
-                let sent = join_all(queue.iter().map(|n| self.put_to(*target, n.clone()))).await;
-                complete &= sent.iter().all(|ok| *ok);
-            }
-            report.moved += queue.len() * targets.len();
-            if !stays && complete && !new.is_empty() {
-                for n in &queue {
-                    store.remove(device, &n.apns_id).await?;
-                }
-                report.released += queue.len();
-            }
+            report.released += queue.len();
         }
         Ok(report)
     }
 }
+
+/// Devices whose queues move at the same time during a rebalance.
+const REBALANCE_PARALLELISM: usize = 64;
 
 /// What a rebalance did, for logs and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
