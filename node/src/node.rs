@@ -205,6 +205,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         tracker.spawn(async move { control.join_through(&seeds, request, stop).await });
     }
     tracker.spawn(control.clone().run_leader_duties(shutdown_rx.clone()));
+    tracker.spawn(sweep_orphans(replicator.clone(), store.clone(), shutdown_rx.clone()));
     if initialized {
         tracker.spawn(reactivate(control.clone(), shutdown_rx.clone()));
     }
@@ -301,6 +302,28 @@ async fn follow_state(
         }
     }
 }
+
+/// Every few seconds, moves copies this node holds for devices it is no longer a candidate for: writes
+/// that raced a ring change land on the old holders after their rebalance read the queue.
+async fn sweep_orphans(replicator: Arc<Replicator>, store: Store, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(ORPHAN_SWEEP) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        let sweep = tokio::select! {
+            result = replicator.sweep_orphans(&store) => result,
+            _ = stopped(&mut shutdown) => return,
+        };
+        match sweep {
+            Ok(0) => {}
+            Ok(released) => tracing::info!(released, "handed stray copies to their devices' candidates"),
+            Err(error) => tracing::warn!(%error, "sweeping stray copies failed"),
+        }
+    }
+}
+
+const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
 
 /// A node restarted after a drain or a crash asks to be active again once a leader is known.
 async fn reactivate(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) {

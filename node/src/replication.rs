@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use courier_proto::cluster::{Notification, QueueKey, ReplicateRequest};
+use courier_proto::cluster::{FetchQueueRequest, Notification, QueueKey, ReplicateRequest};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
@@ -172,6 +172,68 @@ impl Replicator {
 
 /// Devices whose queues move at the same time during a rebalance.
 const REBALANCE_PARALLELISM: usize = 64;
+
+impl Replicator {
+    /// Merges into the local store whatever the device's other candidates hold for it; run by the owner
+    /// when the device connects, before its queue is replayed. Unreachable candidates are skipped.
+    pub async fn gather(&self, store: &Store, device: DeviceId) -> usize {
+        let view = self.view.get();
+        let holders = view.state.ring.replication_factor.max(1) as usize + 1;
+        let others: Vec<String> = view
+            .ring
+            .candidates(device, holders)
+            .into_iter()
+            .filter(|id| *id != self.id)
+            .filter_map(|id| view.state.members.get(&id).map(|m| m.cluster_addr.clone()))
+            .collect();
+        let fetched = join_all(others.iter().map(|addr| async move {
+            let mut client = self.peers.client(addr).ok()?;
+            let mut request = tonic::Request::new(FetchQueueRequest { device_id: device.to_bytes().to_vec() });
+            request.set_timeout(self.timeout);
+            let answer = tokio::time::timeout(self.timeout, client.fetch_queue(request)).await.ok()?.ok()?;
+            Some(answer.into_inner().notifications)
+        }))
+        .await;
+        let now_secs = crate::ids::unix_millis() / 1000;
+        let mut added = 0;
+        for n in fetched.into_iter().flatten().flatten() {
+            if n.expiration > now_secs && matches!(store.insert(n).await, Ok(crate::store::Inserted::New)) {
+                added += 1;
+            }
+        }
+        if added > 0 {
+            metrics::counter!("courier_node_queue_gathered_total").increment(added as u64);
+        }
+        added
+    }
+
+    /// Hands the queues of devices this node is not a candidate for (copies that arrived after the last
+    /// rebalance) to their candidates, then drops them here.
+    pub async fn sweep_orphans(&self, store: &Store) -> Result<usize, crate::store::StoreError> {
+        let view = self.view.get();
+        let wanted = view.state.ring.replication_factor.max(1) as usize;
+        let mut released = 0;
+        for device in store.devices().await? {
+            let candidates = view.ring.candidates(device, wanted);
+            if candidates.is_empty() || candidates.contains(&self.id) {
+                continue;
+            }
+            let queue = store.pending(device).await?;
+            let mut complete = true;
+            for target in &candidates {
+                let sent = join_all(queue.iter().map(|n| self.put_to(*target, n.clone()))).await;
+                complete &= sent.iter().all(|ok| *ok);
+            }
+            if complete {
+                for n in &queue {
+                    store.remove(device, &n.apns_id).await?;
+                }
+                released += queue.len();
+            }
+        }
+        Ok(released)
+    }
+}
 
 /// What a rebalance did, for logs and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

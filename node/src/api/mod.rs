@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
-    ClusterView, DeliverRequest, DeliverResponse, JoinRequest, JoinResponse, ProbeRequest, ProbeResponse,
-    ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse,
-    StatusRequest, StatusResponse, WatchRequest,
+    ClusterView, DeliverRequest, DeliverResponse, FetchQueueRequest, FetchQueueResponse, JoinRequest, JoinResponse,
+    ProbeRequest, ProbeResponse, ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest,
+    ReplicateResponse, StatusRequest, StatusResponse, WatchRequest,
 };
 use futures_util::future::join_all;
 use futures_util::{Stream, StreamExt};
@@ -78,6 +78,13 @@ impl Cluster for ClusterService {
         let applied = puts.into_iter().chain(removes).collect::<Result<Vec<()>, Status>>()?.len();
         metrics::counter!("courier_node_replicated_ops_total").increment(applied as u64);
         Ok(Response::new(ReplicateResponse { applied: applied as u32 }))
+    }
+
+    async fn fetch_queue(&self, request: Request<FetchQueueRequest>) -> Result<Response<FetchQueueResponse>, Status> {
+        let device = DeviceId::from_slice(&request.get_ref().device_id)
+            .ok_or_else(|| Status::invalid_argument("a device id is 16 bytes"))?;
+        let notifications = self.delivery.store.pending(device).await.map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(FetchQueueResponse { notifications }))
     }
 
     async fn raft_append(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

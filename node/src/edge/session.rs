@@ -272,6 +272,7 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, mut shutdo
                 break 'link;
             }
         }
+        edge.replicator.gather(&edge.store, device).await;
         match edge.store.pending(device).await {
             Ok(queued) => {
                 for n in &queued {
