@@ -20,7 +20,6 @@ use courier_node::ids::{DeviceId, unix_millis};
 use courier_node::pki::ProviderCredential;
 use courier_node::raft::state::{Command, KeyState, MemberState};
 use courier_node::view::EpochView;
-use courier_node::{NodeConfig, RunningNode};
 use courier_proto::device::GoodbyeReason;
 use tokio::sync::watch;
 
@@ -346,23 +345,6 @@ fn agreed_owners(views: &[(u64, Arc<EpochView>)], gateway: &GatewayView, devices
         .collect()
 }
 
-/// Starts node `id` joining through node 1, with the same fast timings as `Nodes::start`.
-async fn add_node(nodes: &mut Nodes, id: u64) {
-    let mut config = NodeConfig::local(nodes.dir.path().to_path_buf(), nodes.dir.path().join(format!("node-{id}")));
-    config.node_id = id;
-    config.raft_heartbeat_ms = 100;
-    config.raft_election_timeout_ms = 500;
-    config.probe_interval_ms = 200;
-    config.failure_timeout_ms = 1000;
-    config.join = vec![nodes.configs[0].cluster_addr.to_string()];
-    let node: RunningNode = courier_node::start(config.clone()).await.expect("node starts");
-    config.device_addr = node.device_addr;
-    config.cluster_addr = node.cluster_addr;
-    nodes.configs.push(config);
-    nodes.running.push(Some(node));
-    nodes.wait_all_ready().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_and_the_gateway_agree_on_the_ring_and_a_new_member_takes_only_its_share() {
     let mut nodes = Nodes::start(3, |_| {}).await;
@@ -374,7 +356,7 @@ async fn every_node_and_the_gateway_agree_on_the_ring_and_a_new_member_takes_onl
     let owners_used: BTreeSet<u64> = before.iter().copied().collect();
     assert_eq!(owners_used, BTreeSet::from([1, 2, 3]), "every member owns some of the sample");
 
-    add_node(&mut nodes, 4).await;
+    nodes.add_node(4).await;
     let (views, gateway_view) = agreed_views(&nodes, &gateway, 4).await;
     assert_eq!(views.len(), 4);
     assert!(gateway_view.members.get(&4).is_some_and(|m| m.state == MemberState::Active));

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use common::{NodeProcess, TOPIC, eventually, free_port, push_for, spawn_node};
 use courier_gateway::provider::{JwtSigner, ProviderClient};
 use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent, SeenIds};
-use courier_node::ids::DeviceId;
 use courier_node::peer::Peers;
 use courier_node::pki::{PkiDir, PkiOptions};
 use courier_proto::cluster::StatusRequest;
@@ -267,14 +266,11 @@ async fn settle(
     tasks
 }
 
-fn owner_before(harness: &Harness, device: &Device) -> Option<u64> {
-    harness.gateway.view.borrow().as_ref().and_then(|v| v.ring.owner(device.credentials.device_id))
-}
+type Apps = Vec<tokio::task::JoinHandle<()>>;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_of_a_node_loses_no_accepted_push() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let mut harness = Harness::start().await;
+/// A cluster, an activated fleet, an empty ledger, and the first `CONNECTED` apps online.
+async fn start_scenario() -> (Harness, Vec<Arc<Device>>, Arc<Mutex<Ledger>>, Arc<AtomicBool>, Apps) {
+    let harness = Harness::start().await;
     let fleet = harness.fleet().await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -283,6 +279,17 @@ async fn sigkill_of_a_node_loses_no_accepted_push() {
     for (index, device) in fleet.iter().enumerate().take(CONNECTED) {
         devices.push(tokio::spawn(run_device(index, device.clone(), endpoints.clone(), ledger.clone(), stop.clone())));
     }
+    (harness, fleet, ledger, stop, devices)
+}
+
+fn owner_before(harness: &Harness, device: &Device) -> Option<u64> {
+    harness.gateway.view.borrow().as_ref().and_then(|v| v.ring.owner(device.credentials.device_id))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_node_loses_no_accepted_push() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (mut harness, fleet, ledger, stop, devices) = start_scenario().await;
 
     let victim = 2usize; // node 3
     let victim_device_addr: std::net::SocketAddr = harness.nodes[victim].device_addr.parse().unwrap();
@@ -328,15 +335,7 @@ async fn sigkill_of_a_node_loses_no_accepted_push() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_loses_and_duplicates_nothing() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let mut harness = Harness::start().await;
-    let fleet = harness.fleet().await;
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let endpoints = harness.endpoints();
-    let mut devices = Vec::new();
-    for (index, device) in fleet.iter().enumerate().take(CONNECTED) {
-        devices.push(tokio::spawn(run_device(index, device.clone(), endpoints.clone(), ledger.clone(), stop.clone())));
-    }
+    let (mut harness, fleet, ledger, stop, devices) = start_scenario().await;
 
     let stream = push_stream(&harness.provider, &harness.signer, &fleet, ledger.clone(), 2400, Duration::from_secs(12));
     let (nodes, dir, ports, peers) = (&mut harness.nodes, &harness.dir, &harness.ports, &harness.peers);
@@ -362,5 +361,4 @@ async fn a_rolling_restart_loses_and_duplicates_nothing() {
         let _ = task.await;
     }
     harness.gateway.shutdown().await;
-    let _ = DeviceId(0);
 }

@@ -14,11 +14,11 @@ use std::time::Duration;
 use common::{Nodes, TOPIC, eventually, push_for};
 use courier_gateway::RunningGateway;
 use courier_gateway::provider::{JwtSigner, ProviderClient};
+use courier_node::RunningNode;
 use courier_node::client::{DeviceCredentials, DeviceLink, LinkEvent};
 use courier_node::ids::DeviceId;
 use courier_node::raft::state::{Epoch, MemberState, NodeId};
 use courier_node::view::EpochView;
-use courier_node::{NodeConfig, RunningNode};
 use futures_util::future::join_all;
 
 /// Offline devices in the join test: enough that each member's share shows, few enough to set up fast.
@@ -107,25 +107,6 @@ async fn gateway_reaches(gateway: &RunningGateway, epoch: Epoch) {
         std::future::ready(gateway.epoch().is_some_and(|e| e >= epoch.0))
     })
     .await;
-}
-
-/// Starts node `id` joining through node 1 with the timings `Nodes::start` gives the others, and hands
-/// it to `nodes` so that `shutdown` stops it.
-async fn add_node(nodes: &mut Nodes, id: NodeId) {
-    let mut config = NodeConfig::local(nodes.dir.path().to_path_buf(), nodes.dir.path().join(format!("node-{id}")));
-    config.node_id = id;
-    config.raft_heartbeat_ms = 100;
-    config.raft_election_timeout_ms = 500;
-    config.probe_interval_ms = 200;
-    config.failure_timeout_ms = 1000;
-    config.join = vec![nodes.configs[0].cluster_addr.to_string()];
-    let node = courier_node::start(config.clone()).await.expect("node starts");
-    config.device_addr = node.device_addr;
-    config.cluster_addr = node.cluster_addr;
-    config.metrics_addr = ([127, 0, 0, 1], 0).into();
-    nodes.configs.push(config);
-    nodes.running.push(Some(node));
-    nodes.wait_all_ready().await;
 }
 
 /// The first epoch (as node 1 applied it) in which `id` is an active member.
@@ -246,7 +227,7 @@ async fn a_fourth_node_takes_only_the_devices_it_now_owns_and_their_queues_move_
         assert_eq!(holders(&held_before, *device), candidates, "{device} is held by its owner and successor");
     }
 
-    add_node(&mut nodes, 4).await;
+    nodes.add_node(4).await;
     let joined_at = epoch_active(&nodes, 4).await;
     rebalanced_to(&nodes, joined_at).await;
     gateway_reaches(&gateway, joined_at).await;

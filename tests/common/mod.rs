@@ -24,6 +24,16 @@ use tokio_util::codec::Framed;
 
 pub const TOPIC: &str = "com.example.app";
 
+/// Once per test process: the ring crypto provider, and logs when `RUST_LOG` asks for them
+/// (`RUST_LOG=courier_node=debug` shows what a failing test's cluster did).
+pub fn init_test_process() {
+    courier_node::tls::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 /// Waits for `check` to hold, polling, failing the test after `deadline`.
 pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut check: F)
 where
@@ -56,12 +66,7 @@ impl TestCluster {
 
     /// Starts a cluster, letting the test adjust the node's configuration first.
     pub async fn start_with(adjust: impl FnOnce(&mut NodeConfig)) -> Self {
-        courier_node::tls::install_crypto_provider();
-        // RUST_LOG=courier_node=debug shows what a failing test's cluster did.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+        init_test_process();
         let dir = tempfile::tempdir().expect("temp dir");
         pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
         let mut node_config = NodeConfig::local(dir.path().to_path_buf(), dir.path().join("node"));
@@ -233,36 +238,42 @@ pub struct Nodes {
 
 impl Nodes {
     pub async fn start(count: usize, adjust: impl Fn(&mut NodeConfig)) -> Nodes {
-        courier_node::tls::install_crypto_provider();
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+        init_test_process();
         let dir = tempfile::tempdir().expect("temp dir");
         pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
         let mut nodes = Nodes { dir, configs: Vec::new(), running: Vec::new() };
         for i in 0..count {
-            let id = i as u64 + 1;
-            let mut config =
-                NodeConfig::local(nodes.dir.path().to_path_buf(), nodes.dir.path().join(format!("node-{id}")));
-            config.node_id = id;
-            config.raft_heartbeat_ms = 100;
-            config.raft_election_timeout_ms = 500;
-            config.probe_interval_ms = 200;
-            config.failure_timeout_ms = 1000;
-            if i > 0 {
-                config.join = vec![nodes.configs[0].cluster_addr.to_string()];
-            }
-            adjust(&mut config);
-            let node = courier_node::start(config.clone()).await.expect("node starts");
-            config.device_addr = node.device_addr;
-            config.cluster_addr = node.cluster_addr;
-            config.metrics_addr = ([127, 0, 0, 1], 0).into();
-            nodes.configs.push(config);
-            nodes.running.push(Some(node));
+            nodes.add_node_with(i as u64 + 1, &adjust).await;
         }
         nodes.wait_all_ready().await;
         nodes
+    }
+
+    /// Starts node `id` (joining through node 1 unless it is the first) with fast test timings, and
+    /// keeps it so that `shutdown` stops it. Does not wait for it to be ready.
+    pub async fn add_node_with(&mut self, id: u64, adjust: impl Fn(&mut NodeConfig)) {
+        let mut config = NodeConfig::local(self.dir.path().to_path_buf(), self.dir.path().join(format!("node-{id}")));
+        config.node_id = id;
+        config.raft_heartbeat_ms = 100;
+        config.raft_election_timeout_ms = 500;
+        config.probe_interval_ms = 200;
+        config.failure_timeout_ms = 1000;
+        if let Some(first) = self.configs.first() {
+            config.join = vec![first.cluster_addr.to_string()];
+        }
+        adjust(&mut config);
+        let node = courier_node::start(config.clone()).await.expect("node starts");
+        config.device_addr = node.device_addr;
+        config.cluster_addr = node.cluster_addr;
+        config.metrics_addr = ([127, 0, 0, 1], 0).into();
+        self.configs.push(config);
+        self.running.push(Some(node));
+    }
+
+    /// Adds node `id` with the default test timings and waits until every node is ready.
+    pub async fn add_node(&mut self, id: u64) {
+        self.add_node_with(id, |_| {}).await;
+        self.wait_all_ready().await;
     }
 
     pub fn pki(&self) -> PkiDir {
