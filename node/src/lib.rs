@@ -15,10 +15,12 @@ pub mod peer;
 pub mod pki;
 pub mod raft;
 pub mod ring;
+pub mod status_log;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod topic;
 pub mod view;
 
 pub use config::NodeConfig;

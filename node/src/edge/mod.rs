@@ -90,6 +90,9 @@ pub struct Edge {
     pub device_ca: DeviceCa,
     /// Placement and revocations of the current epoch.
     pub view: Arc<crate::view::LocalView>,
+    /// Provider API: topics devices unregistered (410 Unregistered) and delivery status (acks).
+    pub registrations: crate::store::registrations::Registrations,
+    pub status: Arc<crate::status_log::StatusLog>,
 }
 
 /// Completes when `shutdown` turns true (or its sender is gone).
