@@ -170,7 +170,6 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         body_timeout: timeout,
         device_limit: RateLimiter::new("device", limit(config.device_rate_per_sec, config.device_burst)),
         team_limit: RateLimiter::new("team", limit(config.team_rate_per_sec, config.team_burst)),
-        shutdown: shutdown_rx.clone(),
     });
 
     let provider_listener = bind(config.provider_addr).await?;

@@ -50,8 +50,6 @@ pub struct PushService {
     pub(crate) device_limit: RateLimiter<String>,
     /// Pushes per provider team.
     pub(crate) team_limit: RateLimiter<std::sync::Arc<str>>,
-    /// True once the gateway is shutting down: requests not yet started are answered 503 Shutdown.
-    pub(crate) shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A refusal, with the 410 timestamp when there is one.
@@ -74,9 +72,6 @@ impl PushService {
             return status::answer(self, &parts, auth).await;
         }
         let apns_id = apns::response_apns_id(&parts.headers);
-        if *self.shutdown.borrow() {
-            return refuse(Reason::Shutdown, None, &apns_id);
-        }
         let outcome = async {
             let head = apns::parse_head(&parts.method, &parts.uri, &parts.headers, &apns_id)?;
             let provider = self.authenticate(auth, head.authorization.as_deref())?;

@@ -59,9 +59,6 @@ async fn lookup(
     if !apns::is_canonical_uuid(apns_id) {
         return Err(Reason::BadMessageId);
     }
-    if *service.shutdown.borrow() {
-        return Err(Reason::Shutdown);
-    }
     let authorization = parts.headers.get(http::header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
     let provider = service.authenticate(auth, authorization)?;
     let opened = service.keyring.open(token).map_err(|error| match error {
