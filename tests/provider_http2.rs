@@ -42,8 +42,6 @@ struct Frame {
 /// One HTTP/2 connection at the frame level.
 struct RawH2 {
     tls: TlsStream<TcpStream>,
-    /// Whether to answer the server's PINGs (off to watch them).
-    answer_pings: bool,
 }
 
 /// An HPACK integer with an `prefix`-bit prefix whose high bits are `flags`.
@@ -80,7 +78,7 @@ impl RawH2 {
         let config = courier_node::tls::client_config(&cluster.pki().cluster_ca_cert(), None, alpn).unwrap();
         let tcp = TcpStream::connect(cluster.gateway.provider_addr).await.unwrap();
         let tls = TlsConnector::from(Arc::new(config)).connect(server_name, tcp).await.unwrap();
-        let mut raw = RawH2 { tls, answer_pings: true };
+        let mut raw = RawH2 { tls };
         raw.tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
         raw.send(SETTINGS, 0, 0, &[]).await;
         raw
@@ -95,28 +93,26 @@ impl RawH2 {
         self.tls.flush().await.unwrap();
     }
 
-    /// The next frame, acknowledging SETTINGS (and PINGs when `answer_pings`); None at the end.
+    /// The next frame, acknowledging SETTINGS and PINGs as a client must; None at the end.
     async fn next(&mut self) -> Option<Frame> {
-        loop {
-            let mut head = [0u8; 9];
-            match tokio::time::timeout(Duration::from_secs(15), self.tls.read_exact(&mut head)).await {
-                Err(_) => panic!("no frame from the gateway for 15 s"),
-                Ok(Err(_)) => return None,
-                Ok(Ok(_)) => {}
-            }
-            let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-            let mut payload = vec![0u8; len];
-            self.tls.read_exact(&mut payload).await.ok()?;
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            let frame = Frame { kind: head[3], flags: head[4], stream, payload };
-            if frame.kind == SETTINGS && frame.flags & ACK == 0 {
-                self.send(SETTINGS, ACK, 0, &[]).await;
-            }
-            if frame.kind == PING && frame.flags & ACK == 0 && self.answer_pings {
-                self.send(PING, ACK, 0, &frame.payload).await;
-            }
-            return Some(frame);
+        let mut head = [0u8; 9];
+        match tokio::time::timeout(Duration::from_secs(15), self.tls.read_exact(&mut head)).await {
+            Err(_) => panic!("no frame from the gateway for 15 s"),
+            Ok(Err(_)) => return None,
+            Ok(Ok(_)) => {}
         }
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        self.tls.read_exact(&mut payload).await.ok()?;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let frame = Frame { kind: head[3], flags: head[4], stream, payload };
+        if frame.kind == SETTINGS && frame.flags & ACK == 0 {
+            self.send(SETTINGS, ACK, 0, &[]).await;
+        }
+        if frame.kind == PING && frame.flags & ACK == 0 {
+            self.send(PING, ACK, 0, &frame.payload).await;
+        }
+        Some(frame)
     }
 
     /// Every frame on `stream` until it ends (END_STREAM or RST_STREAM), skipping other streams.
@@ -127,7 +123,8 @@ impl RawH2 {
             if frame.stream != stream {
                 continue;
             }
-            let done = frame.flags & END_STREAM != 0 && matches!(frame.kind, DATA | HEADERS) || frame.kind == RST_STREAM;
+            let done =
+                frame.flags & END_STREAM != 0 && matches!(frame.kind, DATA | HEADERS) || frame.kind == RST_STREAM;
             frames.push(frame);
             if done {
                 return frames;
@@ -282,8 +279,7 @@ async fn shutdown_is_a_two_step_goaway_that_lets_open_streams_finish() {
 async fn ten_thousand_concurrent_requests_on_one_connection() {
     let cluster = TestCluster::start().await;
     let keyring = courier_node::token::Keyring::default();
-    keyring
-        .replace_with_states(cluster.node().control.current().token_keys.values().map(|r| (r.key.clone(), r.state)));
+    keyring.replace_with_states(cluster.node().control.current().token_keys.values().map(|r| (r.key.clone(), r.state)));
     let authorization = format!("bearer {}", cluster.signer.sign());
     let tasks: Vec<_> = (0..10_000u128)
         .map(|i| {
