@@ -253,7 +253,7 @@ mod tests {
     #[test]
     fn stored_delivered_collapsed_expired_dropped() {
         let log = StatusLog::new(Duration::from_secs(3600), 100);
-        let later = 10_000;
+        let later = 1_000;
         log.record(DeviceId(1), &notification("a", "", later), Disposition::Stored, 1_000);
         assert_eq!(state(&log, "a", 2_000).0, Some(NotificationState::Stored));
         log.delivered(DeviceId(1), "a", 3_000);
