@@ -449,6 +449,31 @@ mod tests {
         assert!(f.verifier.authenticate(Some(&second), t).is_ok());
     }
 
+    /// URL-safe base64 without padding, as JWTs use.
+    fn b64(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn extra_header_fields_are_tolerated() {
+        let f = fixture();
+        let header = serde_json::json!({"alg": "ES256", "kid": KID, "typ": "JWT", "x-client": "apns2 0.1"});
+        let claims = serde_json::json!({"iss": TEAM, "iat": now(), "aud": "ignored"});
+        let message = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        let key = EncodingKey::from_ec_pem(&f.p8).unwrap();
+        let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::ES256).unwrap();
+        let jwt = format!("{message}.{signature}");
+        assert!(f.verifier.authenticate(Some(&format!("Bearer {jwt}")), now()).is_ok());
+    }
+
     #[test]
     fn channels_go_with_the_app_topic() {
         let provider = AuthorizedProvider { team_id: "T".into(), topics: vec!["com.example.app".to_string()].into() };
