@@ -306,3 +306,24 @@ async fn ten_thousand_concurrent_requests_on_one_connection() {
     assert!(failures.is_empty(), "{} of 10,000 failed, e.g. {:?}", failures.len(), failures.first());
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    // The default is an hour (see the gateway's config tests); one second here.
+    let cluster = TestCluster::start_configured(|_| {}, |gateway| gateway.idle_timeout_secs = 1).await;
+    let (_device, token) = cluster.device().await;
+    let mut h2 = RawH2::connect(&cluster, &[b"h2"], localhost()).await;
+    h2.push(1, &cluster, &token, Some(b"{}")).await;
+    assert_eq!(h2.response(1).await[0].payload.first(), Some(&STATUS_200));
+    let started = tokio::time::Instant::now();
+    let goaway = loop {
+        let frame = h2.next().await.expect("GOAWAY before the connection ends");
+        if frame.kind == GOAWAY {
+            break frame;
+        }
+    };
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed before it was idle for the timeout");
+    let error_code = u32::from_be_bytes(goaway.payload[4..8].try_into().unwrap());
+    assert_eq!(error_code, 0, "an idle close is NO_ERROR");
+    cluster.shutdown().await;
+}

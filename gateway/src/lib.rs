@@ -88,6 +88,10 @@ fn describe_metrics() {
         "Pushes refused with 429 TooManyRequests, by scope (device token or provider team)."
     );
     metrics::describe_counter!(
+        "courier_gateway_jwt_signature_checks_total",
+        "Provider JWT signatures checked (each distinct token once, then cached)."
+    );
+    metrics::describe_counter!(
         "courier_gateway_provider_token_updates_refused_total",
         "Provider JWTs refused with 429 TooManyProviderTokenUpdates."
     );

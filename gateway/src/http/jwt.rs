@@ -130,6 +130,8 @@ pub struct JwtVerifier {
     min_refresh_secs: i64,
     /// Key id → the newest token accepted for it (only kept while the limit is on).
     latest: Mutex<HashMap<String, LatestToken>>,
+    /// Signature checks done so far: what the cache saves is visible in tests and metrics.
+    signature_checks: std::sync::atomic::AtomicU64,
 }
 
 impl JwtVerifier {
@@ -146,7 +148,13 @@ impl JwtVerifier {
             verified: Mutex::new(HashMap::new()),
             min_refresh_secs: i64::try_from(min_refresh_secs).unwrap_or(i64::MAX),
             latest: Mutex::new(HashMap::new()),
+            signature_checks: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many signatures this verifier has checked (cache misses that got as far as a known key).
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Applies the refresh-rate limit to a token whose signature just verified.
@@ -180,6 +188,8 @@ impl JwtVerifier {
         let verified = match cached {
             Some(hit) if hit.generation == set.generation => hit,
             _ => {
+                self.signature_checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!("courier_gateway_jwt_signature_checks_total").increment(1);
                 let verified = verify(&set, token)?;
                 self.check_refresh(&verified.key_id, token, now)?;
                 let mut cache = self.cache();
@@ -334,6 +344,32 @@ mod tests {
                 "{header}"
             );
         }
+    }
+
+    #[test]
+    fn a_token_is_signature_checked_once_however_often_it_is_used() {
+        let f = fixture();
+        let header = format!("bearer {}", f.signer.sign());
+        for _ in 0..1000 {
+            assert!(f.verifier.authenticate(Some(&header), now()).is_ok());
+        }
+        assert_eq!(f.verifier.signature_checks(), 1);
+        let other = format!("bearer {}", f.signer.sign_at(now() - 1));
+        assert!(f.verifier.authenticate(Some(&other), now()).is_ok());
+        assert_eq!(f.verifier.signature_checks(), 2);
+        // A new credential set means checking again, once.
+        f.credentials
+            .replace(vec![credential(
+                KID,
+                TEAM,
+                &rcgen::KeyPair::from_pem(std::str::from_utf8(&f.p8).unwrap()).unwrap(),
+                &[],
+            )])
+            .unwrap();
+        for _ in 0..10 {
+            assert!(f.verifier.authenticate(Some(&header), now()).is_ok());
+        }
+        assert_eq!(f.verifier.signature_checks(), 3);
     }
 
     #[test]
