@@ -37,6 +37,33 @@ pub struct GatewayConfig {
     /// Oldest provider JWT `iat` accepted, in seconds (APNs allows one hour).
     #[arg(long = "max-jwt-age-secs", env = "COURIER_MAX_JWT_AGE_SECS", default_value_t = 3600)]
     pub max_jwt_age_secs: u64,
+
+    /// Shortest time between two new provider JWTs of one key id, in seconds; a newer token sooner is
+    /// refused with 429 TooManyProviderTokenUpdates (APNs uses 1200). 0, the default, turns this off.
+    #[arg(long = "min-jwt-refresh-secs", env = "COURIER_MIN_JWT_REFRESH_SECS", default_value_t = 0)]
+    pub min_jwt_refresh_secs: u64,
+
+    /// Sustained pushes per second to one device token before 429 TooManyRequests (0 = no limit).
+    #[arg(long = "device-rate-per-sec", env = "COURIER_DEVICE_RATE_PER_SEC", default_value_t = 20.0)]
+    pub device_rate_per_sec: f64,
+
+    /// Pushes one device token may receive at once before the sustained rate applies.
+    #[arg(long = "device-burst", env = "COURIER_DEVICE_BURST", default_value_t = 100)]
+    pub device_burst: u32,
+
+    /// Sustained pushes per second from one provider team before 429 TooManyRequests (0 = no limit, the
+    /// default).
+    #[arg(long = "team-rate-per-sec", env = "COURIER_TEAM_RATE_PER_SEC", default_value_t = 0.0)]
+    pub team_rate_per_sec: f64,
+
+    /// Pushes one team may send at once before its sustained rate applies.
+    #[arg(long = "team-burst", env = "COURIER_TEAM_BURST", default_value_t = 10_000)]
+    pub team_burst: u32,
+
+    /// A provider connection with no request for this long is closed (GOAWAY), in seconds. APNs keeps
+    /// idle connections for at least an hour, and clients count on it.
+    #[arg(long = "provider-idle-timeout-secs", env = "COURIER_PROVIDER_IDLE_TIMEOUT_SECS", default_value_t = 3600)]
+    pub idle_timeout_secs: u64,
 }
 
 impl GatewayConfig {
@@ -51,6 +78,12 @@ impl GatewayConfig {
             node_server_name: None,
             request_timeout_ms: 10_000,
             max_jwt_age_secs: 3600,
+            min_jwt_refresh_secs: 0,
+            device_rate_per_sec: 20.0,
+            device_burst: 100,
+            team_rate_per_sec: 0.0,
+            team_burst: 10_000,
+            idle_timeout_secs: 3600,
         }
     }
 }
@@ -74,6 +107,10 @@ mod tests {
         assert_eq!(cli.gateway.node_addrs, ["127.0.0.1:7400"]);
         assert_eq!(cli.gateway.request_timeout_ms, 10_000);
         assert_eq!(cli.gateway.max_jwt_age_secs, 3600);
+        assert_eq!(cli.gateway.min_jwt_refresh_secs, 0, "the token refresh limit is off by default");
+        assert_eq!(cli.gateway.idle_timeout_secs, 3600);
+        assert_eq!(cli.gateway.team_rate_per_sec, 0.0);
+        assert!(cli.gateway.device_rate_per_sec > 0.0);
     }
 
     #[test]

@@ -28,6 +28,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::http::PushService;
 use crate::http::jwt::{JwtVerifier, ProviderCredentials};
+use crate::http::ratelimit::{Limit, RateLimiter};
 use crate::http::server::{ProviderServer, SHUTDOWN_GRACE};
 pub use config::GatewayConfig;
 use route::NodeRouter;
@@ -82,11 +83,55 @@ fn describe_metrics() {
         "Pushes answered with an error, by APNs reason."
     );
     metrics::describe_gauge!("courier_gateway_provider_connections", "Open provider HTTP/2 connections.");
+    metrics::describe_counter!(
+        "courier_gateway_rate_limited_total",
+        "Pushes refused with 429 TooManyRequests, by scope (device token or provider team)."
+    );
+    metrics::describe_counter!(
+        "courier_gateway_jwt_signature_checks_total",
+        "Provider JWT signatures checked (each distinct token once, then cached)."
+    );
+    metrics::describe_counter!(
+        "courier_gateway_provider_token_updates_refused_total",
+        "Provider JWTs refused with 429 TooManyProviderTokenUpdates."
+    );
     metrics::describe_histogram!(
         "courier_gateway_forward_latency_seconds",
         metrics::Unit::Seconds,
         "Time from forwarding a push to the node until its answer."
     );
+}
+
+/// The provider API's TLS: the gateway certificate for every client (with or without SNI), ALPN `h2`,
+/// and an optional client certificate, which must then chain to the provider CA. A certificate from any
+/// other issuer fails the handshake (the client sees a TLS alert, not an HTTP answer). A PKI directory
+/// made before the provider CA existed gets token authentication only.
+fn provider_tls(
+    pki: &PkiDir,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, GatewayError> {
+    let provider_ca = pki.provider_ca_cert();
+    if !provider_ca.exists() {
+        tracing::warn!(path = %provider_ca.display(), "no provider CA: certificate-based provider auth is off");
+        return Ok(courier_node::tls::server_config(chain, key, &[b"h2"])?);
+    }
+    let roots = courier_node::tls::roots_from(&provider_ca)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        courier_node::tls::crypto_provider(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(TlsError::from)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(courier_node::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::from)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(TlsError::from)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
@@ -106,7 +151,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let pki = PkiDir::new(&config.pki_dir);
     let chain = courier_node::pki::load_certs(&pki.member_cert("gateway"))?;
     let key = courier_node::pki::load_key(&pki.member_key("gateway"))?;
-    let tls = courier_node::tls::server_config(chain, key, &[b"h2"])?;
+    let tls = provider_tls(&pki, chain, key)?;
     // Keys and credentials arrive with the first view from the cluster; until then every push is refused.
     let keyring = Keyring::default();
     let credentials = ProviderCredentials::default();
@@ -119,12 +164,16 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         keyring: keyring.clone(),
         credentials: credentials.clone(),
     };
-    let router = NodeRouter { peers, view: view.clone(), timeout };
+    let (shutdown, shutdown_rx) = signal::channel(false);
+    let router = NodeRouter { peers, view: view.clone(), timeout, shutdown: shutdown_rx.clone() };
+    let limit = |per_sec: f64, burst: u32| Limit { per_sec, burst: f64::from(burst) };
     let service = Arc::new(PushService {
-        verifier: JwtVerifier::new(credentials, config.max_jwt_age_secs),
+        verifier: JwtVerifier::with_refresh_limit(credentials, config.max_jwt_age_secs, config.min_jwt_refresh_secs),
         keyring,
         router,
         body_timeout: timeout,
+        device_limit: RateLimiter::new("device", limit(config.device_rate_per_sec, config.device_burst)),
+        team_limit: RateLimiter::new("team", limit(config.team_rate_per_sec, config.team_burst)),
     });
 
     let provider_listener = bind(config.provider_addr).await?;
@@ -132,13 +181,13 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let metrics_listener = bind(config.metrics_addr).await?;
     let metrics_addr = local_addr(&metrics_listener, config.metrics_addr)?;
 
-    let (shutdown, shutdown_rx) = signal::channel(false);
     let server = ProviderServer {
         listener: provider_listener,
         acceptor: TlsAcceptor::from(Arc::new(tls)),
         service,
         connections: Arc::new(Semaphore::new(MAX_PROVIDER_CONNECTIONS)),
         shutdown: shutdown_rx.clone(),
+        idle_timeout: Duration::from_secs(config.idle_timeout_secs.max(1)),
     };
     let provider_task = tokio::spawn(server.run());
     let watch_task = tokio::spawn(cluster_watch.run(views, shutdown_rx.clone()));

@@ -154,7 +154,30 @@ impl std::fmt::Debug for ProviderClient {
 impl ProviderClient {
     /// Connects over TLS, trusting only the CA in `ca_pem_path`, and insists on HTTP/2.
     pub async fn connect(addr: SocketAddr, server_name: &str, ca_pem_path: &Path) -> Result<Self, ProviderError> {
-        let config = courier_node::tls::client_config(ca_pem_path, None, &[b"h2"])?;
+        ProviderClient::connect_with(addr, server_name, ca_pem_path, None).await
+    }
+
+    /// Connects presenting a provider client certificate (`courier ctl providers issue-cert`): pushes on
+    /// this connection need no JWT.
+    pub async fn connect_with_certificate(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem_path: &Path,
+        cert_pem_path: &Path,
+        key_pem_path: &Path,
+    ) -> Result<Self, ProviderError> {
+        let chain = courier_node::pki::load_certs(cert_pem_path)?;
+        let key = courier_node::pki::load_key(key_pem_path)?;
+        ProviderClient::connect_with(addr, server_name, ca_pem_path, Some((chain, key))).await
+    }
+
+    async fn connect_with(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem_path: &Path,
+        identity: Option<(Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
+    ) -> Result<Self, ProviderError> {
+        let config = courier_node::tls::client_config(ca_pem_path, identity, &[b"h2"])?;
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|_| ProviderError::BadServerName(server_name.to_string()))?;
         let tcp = TcpStream::connect(addr).await.map_err(|source| ProviderError::Connect { addr, source })?;

@@ -3,7 +3,9 @@
 //! The owner comes from the ring of the gateway's latest view (see `watch`). Channels are made once per
 //! node and shared: every push is one more HTTP/2 stream on a mutual-TLS connection that already exists.
 //! When the owner is unreachable, or says it no longer owns the device, the push is retried on whoever
-//! owns it in the next view, until the request's deadline; only then does the provider hear 503.
+//! owns it in the next view, until the request's deadline; only then does the provider hear 503. Once the
+//! gateway is shutting down it stops retrying and answers at once, so that draining is not held up.
+//! `status` asks the owner for a notification's delivery status the same way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +13,9 @@ use std::time::Duration;
 use courier_node::delivery::NOT_OWNER;
 use courier_node::ids::DeviceId;
 use courier_node::peer::Peers;
-use courier_proto::cluster::{DeliverOutcome, DeliverRequest, Notification};
+use courier_proto::cluster::{
+    DeliverOutcome, DeliverRequest, Notification, NotificationStatusRequest, NotificationStatusResponse,
+};
 use tokio::time::Instant;
 
 use crate::watch::ViewReceiver;
@@ -21,10 +25,12 @@ use crate::watch::ViewReceiver;
 pub enum Delivery {
     /// Stored, sent or (expiration 0, device away) discarded: the provider hears 200 in all three cases.
     Accepted(DeliverOutcome),
-    /// The node refused it with this APNs reason.
-    Rejected(String),
+    /// The node refused it with this APNs reason and, for `Unregistered`, the time (UNIX ms).
+    Rejected(String, u64),
     /// No owner could take it before the deadline; the provider should retry.
     Unavailable(String),
+    /// The gateway began shutting down while the owner was unreachable.
+    ShuttingDown,
 }
 
 /// The gateway's way to the cluster.
@@ -33,6 +39,8 @@ pub struct NodeRouter {
     pub peers: Arc<Peers>,
     pub view: ViewReceiver,
     pub timeout: Duration,
+    /// Becomes true when the gateway shuts down; retries stop then.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Pause between attempts when no newer view has arrived.
@@ -43,7 +51,7 @@ impl NodeRouter {
     pub async fn deliver(&self, notification: Notification) -> Delivery {
         let deadline = Instant::now() + self.timeout;
         let Some(device) = DeviceId::from_slice(&notification.device_id) else {
-            return Delivery::Rejected("BadDeviceToken".into());
+            return Delivery::Rejected("BadDeviceToken".into(), 0);
         };
         let mut view = self.view.clone();
         let mut attempts = 0u32;
@@ -52,7 +60,7 @@ impl NodeRouter {
             let failure = match target {
                 None => "no active member owns the device yet".to_string(),
                 Some(addr) => match self.try_deliver(&addr, notification.clone(), deadline).await {
-                    Ok(Delivery::Rejected(reason)) if reason == NOT_OWNER => format!("{addr} no longer owns it"),
+                    Ok(Delivery::Rejected(reason, _)) if reason == NOT_OWNER => format!("{addr} no longer owns it"),
                     Ok(done) => return done,
                     Err(failure) => format!("{addr}: {failure}"),
                 },
@@ -61,10 +69,67 @@ impl NodeRouter {
             if Instant::now() >= deadline {
                 return Delivery::Unavailable(format!("{failure} (after {attempts} attempts)"));
             }
-            metrics::counter!("courier_gateway_forward_retries_total").increment(1);
-            // A newer view usually explains the failure; otherwise try again shortly.
-            let wait = RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()));
-            let _ = tokio::time::timeout(wait, view.changed()).await;
+            if !self.pause_before_retry(&mut view, deadline).await {
+                return Delivery::ShuttingDown;
+            }
+        }
+    }
+
+    /// Waits for a newer view or a short pause; false when the gateway is shutting down.
+    async fn pause_before_retry(&self, view: &mut crate::watch::ViewReceiver, deadline: Instant) -> bool {
+        if *self.shutdown.borrow() {
+            return false;
+        }
+        metrics::counter!("courier_gateway_forward_retries_total").increment(1);
+        // A newer view usually explains the failure; otherwise try again shortly.
+        let wait = RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()));
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::timeout(wait, view.changed()) => true,
+            _ = shutdown.wait_for(|stop| *stop) => false,
+        }
+    }
+
+    /// Asks the owner of `device` where notification `apns_id` is. `Err` when no owner answered before
+    /// the deadline (or the gateway is shutting down).
+    pub async fn status(&self, device: DeviceId, apns_id: &str) -> Result<NotificationStatusResponse, String> {
+        let deadline = Instant::now() + self.timeout;
+        let mut view = self.view.clone();
+        loop {
+            let target = view.borrow_and_update().as_ref().and_then(|v| v.owner(device).map(|(_, a)| a.to_string()));
+            let failure = match target {
+                None => "no active member owns the device yet".to_string(),
+                Some(addr) => {
+                    let request = NotificationStatusRequest {
+                        device_id: device.to_bytes().to_vec(),
+                        apns_id: apns_id.to_string(),
+                    };
+                    match self.try_status(&addr, request, deadline).await {
+                        Ok(status) => return Ok(status),
+                        Err(failure) => format!("{addr}: {failure}"),
+                    }
+                }
+            };
+            if Instant::now() >= deadline || !self.pause_before_retry(&mut view, deadline).await {
+                return Err(failure);
+            }
+        }
+    }
+
+    async fn try_status(
+        &self,
+        addr: &str,
+        request: NotificationStatusRequest,
+        deadline: Instant,
+    ) -> Result<NotificationStatusResponse, String> {
+        let mut client = self.peers.client(addr).map_err(|e| e.to_string())?;
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(remaining);
+        match tokio::time::timeout(remaining, client.notification_status(request)).await {
+            Err(_) => Err("timed out".into()),
+            Ok(Err(status)) => Err(status.to_string()),
+            Ok(Ok(response)) => Ok(response.into_inner()),
         }
     }
 
@@ -89,8 +154,10 @@ impl NodeRouter {
             Ok(outcome @ (DeliverOutcome::Stored | DeliverOutcome::Sent | DeliverOutcome::Discarded)) => {
                 Ok(Delivery::Accepted(outcome))
             }
-            Ok(DeliverOutcome::Rejected) if !result.reason.is_empty() => Ok(Delivery::Rejected(result.reason)),
-            Ok(DeliverOutcome::Rejected) => Ok(Delivery::Rejected("InternalServerError".into())),
+            Ok(DeliverOutcome::Rejected) if !result.reason.is_empty() => {
+                Ok(Delivery::Rejected(result.reason, result.timestamp_ms))
+            }
+            Ok(DeliverOutcome::Rejected) => Ok(Delivery::Rejected("InternalServerError".into(), 0)),
             Ok(DeliverOutcome::Unspecified) | Err(_) => {
                 Err(format!("the node answered with outcome {}", result.outcome))
             }

@@ -101,6 +101,12 @@ pub struct NodeConfig {
     /// Most device links this node holds at once; further connections are refused.
     #[arg(long, env = "COURIER_MAX_LINKS", default_value_t = 250_000)]
     pub max_links: usize,
+    /// How long the delivery-status log (provider API `GET /v1/status/…`) keeps an entry, in seconds.
+    #[arg(long, env = "COURIER_STATUS_RETENTION_SECS", default_value_t = 24 * 3600)]
+    pub status_retention_secs: u64,
+    /// Most entries the delivery-status log holds (about 250 bytes each); the oldest go first.
+    #[arg(long, env = "COURIER_STATUS_CAPACITY", default_value_t = crate::status_log::DEFAULT_CAPACITY)]
+    pub status_capacity: usize,
 }
 
 /// A bound address others can dial: a wildcard IP becomes loopback.
@@ -186,6 +192,10 @@ impl NodeConfig {
             open_enrolment: true,
             ..Self::from_defaults()
         }
+    }
+
+    pub fn status_log(&self) -> crate::status_log::StatusLog {
+        crate::status_log::StatusLog::new(Duration::from_secs(self.status_retention_secs), self.status_capacity)
     }
 
     pub fn control_settings(&self) -> ControlSettings {

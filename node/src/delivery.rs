@@ -25,10 +25,13 @@ pub struct Delivery {
     pub registry: Arc<Registry>,
     pub view: Arc<LocalView>,
     pub replicator: Arc<Replicator>,
+    // Provider API hooks (see `status_log::deliver_tracked`): unregistered topics and delivery status.
+    pub registrations: crate::store::registrations::Registrations,
+    pub status: Arc<crate::status_log::StatusLog>,
 }
 
 fn result(apns_id: &str, outcome: DeliverOutcome, reason: &str) -> DeliverResult {
-    DeliverResult { apns_id: apns_id.to_string(), outcome: outcome as i32, reason: reason.to_string() }
+    DeliverResult { apns_id: apns_id.to_string(), outcome: outcome as i32, reason: reason.to_string(), timestamp_ms: 0 }
 }
 
 impl Delivery {

@@ -16,10 +16,12 @@ pub mod pki;
 pub mod raft;
 pub mod replication;
 pub mod ring;
+pub mod status_log;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod topic;
 pub mod view;
 
 pub use config::NodeConfig;

@@ -100,6 +100,9 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     let device_ca = DeviceCa::load(&pki)?;
     let store = Store::open_with_cap(&config.data_dir.join("courier.redb"), config.queue_cap_per_topic)?;
     let registry = Arc::new(Registry::default());
+    // Provider API: unregistered topics and the delivery-status log.
+    let registrations = crate::store::registrations::Registrations::open(&config.data_dir.join("registrations.redb"))?;
+    let status = Arc::new(config.status_log());
 
     let device_listener = bind("the device port", config.device_addr).await?;
     let cluster_listener = bind("the cluster API", config.cluster_addr).await?;
@@ -166,6 +169,8 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         device_ca,
         view: view.clone(),
         replicator: replicator.clone(),
+        registrations: registrations.clone(),
+        status: status.clone(),
     });
     tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown_rx.clone(), tracker.clone()));
 
@@ -174,6 +179,8 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         registry: registry.clone(),
         view: view.clone(),
         replicator: replicator.clone(),
+        registrations,
+        status,
     };
     let service = ClusterService { delivery, control: control.clone(), shutdown: shutdown_rx.clone() };
     let grpc = Server::builder()

@@ -5,7 +5,10 @@
 //!   and providers connect to);
 //! - the **device CA** signs device certificates at activation; only it is trusted for device links;
 //! - the **provider signing key** is an ES256 key pair in Apple's `.p8` form, with a team id and key id,
-//!   whose public half the gateway checks provider JWTs against.
+//!   whose public half the gateway checks provider JWTs against;
+//! - the **provider CA** signs provider client certificates, APNs's other way to authenticate: each names
+//!   one team and the topics it may push to (`issue_provider_cert`, used by `courier ctl providers
+//!   issue-cert`, which needs the CA's key and so runs offline, next to the PKI directory).
 //!
 //! Plus the token-key file (see `token`). This module does files and X.509; it opens no sockets.
 
@@ -106,6 +109,12 @@ impl PkiDir {
     }
     pub fn device_ca_key(&self) -> PathBuf {
         self.dir.join("device-ca.key")
+    }
+    pub fn provider_ca_cert(&self) -> PathBuf {
+        self.dir.join("provider-ca.pem")
+    }
+    pub fn provider_ca_key(&self) -> PathBuf {
+        self.dir.join("provider-ca.key")
     }
     /// Certificate of a cluster member (`node`, `gateway`, or `admin` for `courier ctl`).
     pub fn member_cert(&self, role: &str) -> PathBuf {
@@ -226,6 +235,7 @@ pub fn init(dir: &Path, options: &PkiOptions) -> Result<ProviderCredential, PkiE
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let cluster_ca = load_or_create_ca(&pki.cluster_ca_cert(), &pki.cluster_ca_key(), "Courier cluster CA")?;
     load_or_create_ca(&pki.device_ca_cert(), &pki.device_ca_key(), "Courier device CA")?;
+    load_or_create_ca(&pki.provider_ca_cert(), &pki.provider_ca_key(), "Courier provider CA")?;
     for role in ["node", "gateway", "admin"] {
         let (cert_path, key_path) = (pki.member_cert(role), pki.member_key(role));
         if cert_path.exists() && key_path.exists() {
@@ -291,6 +301,87 @@ impl DeviceCa {
         request.params = params;
         Ok(request.signed_by(&self.issuer)?.der().clone())
     }
+}
+
+/// URI subject alternative names of provider certificates: `urn:courier:team:<team id>` (exactly one)
+/// and `urn:courier:topic:<topic>` (one per topic).
+const TEAM_URN: &str = "urn:courier:team:";
+const TOPIC_URN: &str = "urn:courier:topic:";
+
+/// Who a provider client certificate speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderIdentity {
+    pub team_id: String,
+    /// Topics (app bundle ids) the certificate may push to; never empty.
+    pub topics: Vec<String>,
+}
+
+fn valid_name(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 255 && text.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Signs a provider client certificate for `team_id` and `topics` with the provider CA of `pki`, over a
+/// fresh P-256 key; returns (certificate PEM, PKCS#8 key PEM). Needs the CA's private key.
+pub fn issue_provider_cert(
+    pki: &PkiDir,
+    team_id: &str,
+    topics: &[String],
+    validity: Duration,
+) -> Result<(String, String), PkiError> {
+    let bad = |detail: String| PkiError::Invalid { path: PathBuf::new(), detail };
+    if !valid_name(team_id) || team_id.contains(':') {
+        return Err(bad(format!("team id {team_id:?} must be printable ASCII without ':'")));
+    }
+    if topics.is_empty() || !topics.iter().all(|t| valid_name(t)) {
+        return Err(bad("a provider certificate needs at least one printable-ASCII topic".into()));
+    }
+    let issuer = load_issuer(&pki.provider_ca_cert(), &pki.provider_ca_key())?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Courier provider");
+    dn.push(DnType::OrganizationalUnitName, team_id);
+    dn.push(DnType::CommonName, format!("Courier Push Services: {}", topics[0]));
+    params.distinguished_name = dn;
+    let uri = |text: String| -> Result<SanType, PkiError> {
+        Ok(SanType::URI(text.clone().try_into().map_err(|_| bad(format!("{text:?} is not a URI")))?))
+    };
+    let mut sans = vec![uri(format!("{TEAM_URN}{team_id}"))?];
+    for topic in topics {
+        sans.push(uri(format!("{TOPIC_URN}{topic}"))?);
+    }
+    params.subject_alt_names = sans;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::from_secs(300);
+    params.not_after = now + validity;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Reads the team and topics out of a provider certificate the TLS layer has already verified; `None`
+/// when it names no team or no topic (a certificate from the provider CA that is not a provider's).
+pub fn provider_identity_from_cert(cert: &CertificateDer<'_>) -> Option<ProviderIdentity> {
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::FromDer;
+    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref()).ok()?;
+    let names = parsed.subject_alternative_name().ok()??;
+    let mut team = None;
+    let mut topics = Vec::new();
+    for name in &names.value.general_names {
+        if let GeneralName::URI(uri) = name {
+            if let Some(id) = uri.strip_prefix(TEAM_URN) {
+                if team.replace(id.to_string()).is_some() {
+                    return None;
+                }
+            } else if let Some(topic) = uri.strip_prefix(TOPIC_URN) {
+                topics.push(topic.to_string());
+            }
+        }
+    }
+    let team_id = team.filter(|t| valid_name(t))?;
+    (!topics.is_empty()).then_some(ProviderIdentity { team_id, topics })
 }
 
 /// Reads the device id out of a device certificate the TLS layer has already verified.
@@ -388,6 +479,24 @@ mod tests {
         }
         let private = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().serialize_pem();
         assert!(check_es256_public_key(&private).is_err());
+    }
+
+    #[test]
+    fn provider_certificates_carry_team_and_topics() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &PkiOptions::default()).unwrap();
+        let pki = PkiDir::new(dir.path());
+        let topics = vec!["com.example.app".to_string(), "com.example.other".to_string()];
+        let (cert_pem, key_pem) = issue_provider_cert(&pki, "TEAM123456", &topics, Duration::from_secs(3600)).unwrap();
+        assert!(key_pem.contains("PRIVATE KEY"));
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+        let identity = provider_identity_from_cert(&cert).unwrap();
+        assert_eq!(identity, ProviderIdentity { team_id: "TEAM123456".into(), topics });
+        assert!(issue_provider_cert(&pki, "TEAM", &[], Duration::from_secs(60)).is_err());
+        assert!(issue_provider_cert(&pki, "a b", &["t".into()], Duration::from_secs(60)).is_err());
+        // A member certificate names no team.
+        let node = load_certs(&pki.member_cert("node")).unwrap();
+        assert_eq!(provider_identity_from_cert(&node[0]), None);
     }
 
     #[test]

@@ -96,6 +96,21 @@ enum ProvidersCommand {
         topics: Vec<String>,
     },
     List,
+    /// Issue a provider client certificate (certificate-based auth instead of JWTs) for a team and its
+    /// topics. Offline: signs with the provider CA key in --pki-dir and talks to no node.
+    IssueCert {
+        #[arg(long)]
+        team_id: String,
+        /// Topic (app bundle id) the certificate may push to; repeatable, at least one.
+        #[arg(long = "topic", required = true)]
+        topics: Vec<String>,
+        /// Directory to write `provider-<team>.pem` and `provider-<team>.key` into.
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the certificate is valid, in days.
+        #[arg(long, default_value_t = 365)]
+        validity_days: u64,
+    },
     /// Remove one key of a team, or the whole team.
     Remove {
         #[arg(long)]
@@ -214,7 +229,36 @@ fn print_providers(doc: &Value) {
     }
 }
 
+/// Writes a provider certificate and key signed by the provider CA of `pki_dir`; returns their paths.
+pub fn issue_provider_cert(
+    pki_dir: &std::path::Path,
+    team_id: &str,
+    topics: &[String],
+    out: &std::path::Path,
+    validity: Duration,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let pki = PkiDir::new(pki_dir);
+    let (cert, key) = courier_node::pki::issue_provider_cert(&pki, team_id, topics, validity)
+        .with_context(|| format!("signing with the provider CA in {}", pki_dir.display()))?;
+    let cert_path = out.join(format!("provider-{team_id}.pem"));
+    let key_path = out.join(format!("provider-{team_id}.key"));
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(&cert_path, cert).with_context(|| format!("writing {}", cert_path.display()))?;
+    courier_node::pki::write_secret(&key_path, key.as_bytes())
+        .with_context(|| format!("writing {}", key_path.display()))?;
+    Ok((cert_path, key_path))
+}
+
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
+    if let CtlCommand::Providers(ProvidersCommand::IssueCert { team_id, topics, out, validity_days }) = &args.command {
+        let validity = Duration::from_secs(validity_days.saturating_mul(86400));
+        let (cert, key) = issue_provider_cert(&args.pki_dir, team_id, topics, out, validity)?;
+        println!("provider certificate for team {team_id} ({}):", topics.join(", "));
+        println!("  certificate {}", cert.display());
+        println!("  key         {}", key.display());
+        println!("  trust       {}", PkiDir::new(&args.pki_dir).cluster_ca_cert().display());
+        return Ok(());
+    }
     let mut client = client(&args).await?;
     match args.command {
         CtlCommand::Status { json, owner_of } => {
@@ -256,6 +300,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             propose(&mut client, Command::PutProviderKey { team_id, key_id, public_key_pem, topics }).await?;
         }
         CtlCommand::Providers(ProvidersCommand::List) => print_providers(&status(&mut client, Vec::new()).await?),
+        CtlCommand::Providers(ProvidersCommand::IssueCert { .. }) => unreachable!("handled offline above"),
         CtlCommand::Providers(ProvidersCommand::Remove { team_id, key_id }) => {
             propose(&mut client, Command::RemoveProvider { team_id, key_id }).await?;
         }

@@ -27,6 +27,7 @@ pub fn run(command: PkiCommand) -> anyhow::Result<()> {
             println!("PKI ready in {}", dir.display());
             println!("  cluster CA      {}", paths.cluster_ca_cert().display());
             println!("  device CA       {}", paths.device_ca_cert().display());
+            println!("  provider CA     {}", paths.provider_ca_cert().display());
             println!("  node cert       {}", paths.member_cert("node").display());
             println!("  gateway cert    {}", paths.member_cert("gateway").display());
             println!("  token keys      {}", paths.token_keys().display());

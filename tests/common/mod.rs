@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod openapi;
+
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -66,6 +68,14 @@ impl TestCluster {
 
     /// Starts a cluster, letting the test adjust the node's configuration first.
     pub async fn start_with(adjust: impl FnOnce(&mut NodeConfig)) -> Self {
+        Self::start_configured(adjust, |_| {}).await
+    }
+
+    /// Starts a cluster, letting the test adjust the node's and the gateway's configuration first.
+    pub async fn start_configured(
+        adjust: impl FnOnce(&mut NodeConfig),
+        adjust_gateway: impl FnOnce(&mut GatewayConfig),
+    ) -> Self {
         init_test_process();
         let dir = tempfile::tempdir().expect("temp dir");
         pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
@@ -79,9 +89,9 @@ impl TestCluster {
         // Restarts reuse the ports the OS picked, so the gateway and devices find the node again.
         node_config.device_addr = node.device_addr;
         node_config.cluster_addr = node.cluster_addr;
-        let gateway = courier_gateway::start(GatewayConfig::local(dir.path().to_path_buf(), node.cluster_addr))
-            .await
-            .expect("gateway starts");
+        let mut gateway_config = GatewayConfig::local(dir.path().to_path_buf(), node.cluster_addr);
+        adjust_gateway(&mut gateway_config);
+        let gateway = courier_gateway::start(gateway_config).await.expect("gateway starts");
         eventually(Duration::from_secs(20), "the gateway has a cluster view", || {
             std::future::ready(gateway.epoch().is_some())
         })
@@ -146,8 +156,14 @@ impl TestCluster {
         }
     }
 
+    /// Sends a push; the response is checked against the OpenAPI document.
     pub async fn send(&self, push: &Push) -> PushResponse {
-        self.provider.push(push).await.expect("request reaches the gateway")
+        send_checked(&self.provider, push).await
+    }
+
+    /// Sends any request; the response is checked against the OpenAPI document.
+    pub async fn request(&self, method: http::Method, path: &str, headers: Vec<(String, String)>) -> PushResponse {
+        request_checked(&self.provider, method, path, headers, Vec::new()).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -435,4 +451,25 @@ impl NodeProcess {
         let status = tokio::time::timeout(deadline, self.child.wait()).await.expect("node exits after SIGTERM");
         assert!(status.expect("wait").success(), "a drained node exits cleanly");
     }
+}
+
+/// A push through `client`, its response checked against the OpenAPI document.
+pub async fn send_checked(client: &ProviderClient, push: &Push) -> PushResponse {
+    let response = client.push(push).await.expect("request reaches the gateway");
+    let path = format!("/3/device/{}", push.token);
+    openapi::check_response("POST", &path, response.status, response.apns_id.as_deref(), &response.body);
+    response
+}
+
+/// Any request through `client`, its response checked against the OpenAPI document.
+pub async fn request_checked(
+    client: &ProviderClient,
+    method: http::Method,
+    path: &str,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+) -> PushResponse {
+    let response = client.request(method.clone(), path, headers, body).await.expect("request reaches the gateway");
+    openapi::check_response(method.as_str(), path, response.status, response.apns_id.as_deref(), &response.body);
+    response
 }

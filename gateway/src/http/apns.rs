@@ -12,6 +12,22 @@ use http_body_util::BodyExt;
 
 /// Where pushes are addressed; the device token follows.
 pub const DEVICE_PATH_PREFIX: &str = "/3/device/";
+/// Where delivery status is asked for (Courier extension): `/v1/status/{token}/{apns-id}`.
+pub const STATUS_PATH_PREFIX: &str = "/v1/status/";
+/// Every `apns-push-type` APNs defines today.
+pub const PUSH_TYPES: &[&str] = &[
+    "alert",
+    "background",
+    "controls",
+    "location",
+    "voip",
+    "complication",
+    "fileprovider",
+    "mdm",
+    "liveactivity",
+    "pushtotalk",
+    "widgets",
+];
 /// Largest payload APNs accepts for ordinary pushes.
 pub const MAX_PAYLOAD: usize = 4096;
 /// Largest payload for VoIP pushes (topics ending in `.voip`).
@@ -30,6 +46,8 @@ pub enum Reason {
     BadMessageId,
     BadPriority,
     BadTopic,
+    /// 403: the provider's client certificate comes from the provider CA but names no team or topic.
+    BadCertificate,
     DeviceTokenNotForTopic,
     DuplicateHeaders,
     IdleTimeout,
@@ -39,6 +57,8 @@ pub enum Reason {
     PayloadEmpty,
     TopicDisallowed,
     ExpiredProviderToken,
+    /// 403: an authenticated provider asked for something it may not see (another team's topic's status).
+    Forbidden,
     InvalidProviderToken,
     MissingProviderToken,
     BadPath,
@@ -46,8 +66,18 @@ pub enum Reason {
     PayloadTooLarge,
     /// 410: the token was minted under a token key that has since retired; the device has a newer one.
     ExpiredToken,
+    /// 410: the device unregistered the token's app; the body carries when.
+    Unregistered,
+    /// 429: a new provider JWT sooner than the configured refresh interval after the previous one.
+    TooManyProviderTokenUpdates,
+    /// 429: too many pushes to one device token, or from one team, in a short time.
+    TooManyRequests,
     InternalServerError,
     ServiceUnavailable,
+    /// 503: the gateway is shutting down; connect to another one.
+    Shutdown,
+    /// 404, Courier extension (status API): no record of that apns-id for that device token.
+    UnknownNotification,
     /// Courier extension, not an APNs reason: the body is not a JSON object. APNs itself answers such
     /// payloads inconsistently; Courier refuses them up front so that devices only ever see JSON objects.
     InvalidPayload,
@@ -62,6 +92,13 @@ impl Reason {
             Reason::BadMessageId => "BadMessageId",
             Reason::BadPriority => "BadPriority",
             Reason::BadTopic => "BadTopic",
+            Reason::BadCertificate => "BadCertificate",
+            Reason::Forbidden => "Forbidden",
+            Reason::Unregistered => "Unregistered",
+            Reason::TooManyProviderTokenUpdates => "TooManyProviderTokenUpdates",
+            Reason::TooManyRequests => "TooManyRequests",
+            Reason::Shutdown => "Shutdown",
+            Reason::UnknownNotification => "UnknownNotification",
             Reason::DeviceTokenNotForTopic => "DeviceTokenNotForTopic",
             Reason::DuplicateHeaders => "DuplicateHeaders",
             Reason::IdleTimeout => "IdleTimeout",
@@ -86,17 +123,62 @@ impl Reason {
     /// The HTTP status APNs pairs with this reason.
     pub fn status(self) -> StatusCode {
         match self {
-            Reason::ExpiredProviderToken | Reason::InvalidProviderToken | Reason::MissingProviderToken => {
-                StatusCode::FORBIDDEN
-            }
-            Reason::BadPath => StatusCode::NOT_FOUND,
+            Reason::ExpiredProviderToken
+            | Reason::InvalidProviderToken
+            | Reason::MissingProviderToken
+            | Reason::BadCertificate
+            | Reason::Forbidden => StatusCode::FORBIDDEN,
+            Reason::BadPath | Reason::UnknownNotification => StatusCode::NOT_FOUND,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Reason::ExpiredToken => StatusCode::GONE,
+            Reason::ExpiredToken | Reason::Unregistered => StatusCode::GONE,
+            Reason::TooManyProviderTokenUpdates | Reason::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Reason::InternalServerError => StatusCode::INTERNAL_SERVER_ERROR,
-            Reason::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::ServiceUnavailable | Reason::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         }
+    }
+}
+
+impl Reason {
+    /// Every reason, for documentation checks.
+    pub const ALL: &'static [Reason] = &[
+        Reason::BadCollapseId,
+        Reason::BadDeviceToken,
+        Reason::BadExpirationDate,
+        Reason::BadMessageId,
+        Reason::BadPriority,
+        Reason::BadTopic,
+        Reason::BadCertificate,
+        Reason::DeviceTokenNotForTopic,
+        Reason::DuplicateHeaders,
+        Reason::IdleTimeout,
+        Reason::InvalidPushType,
+        Reason::MissingDeviceToken,
+        Reason::MissingTopic,
+        Reason::PayloadEmpty,
+        Reason::TopicDisallowed,
+        Reason::ExpiredProviderToken,
+        Reason::Forbidden,
+        Reason::InvalidProviderToken,
+        Reason::MissingProviderToken,
+        Reason::BadPath,
+        Reason::MethodNotAllowed,
+        Reason::PayloadTooLarge,
+        Reason::ExpiredToken,
+        Reason::Unregistered,
+        Reason::TooManyProviderTokenUpdates,
+        Reason::TooManyRequests,
+        Reason::InternalServerError,
+        Reason::ServiceUnavailable,
+        Reason::Shutdown,
+        Reason::UnknownNotification,
+        Reason::InvalidPayload,
+    ];
+
+    /// The reason a node's answer names, if it is one of ours.
+    pub fn parse(text: &str) -> Option<Reason> {
+        Reason::ALL.iter().copied().find(|r| r.as_str() == text)
     }
 }
 
@@ -136,7 +218,7 @@ pub struct PushHead {
 impl PushHead {
     /// The payload cap for this push's topic.
     pub fn payload_limit(&self) -> usize {
-        if self.topic.ends_with(".voip") { MAX_VOIP_PAYLOAD } else { MAX_PAYLOAD }
+        if self.topic.ends_with(".voip") || self.push_type == "voip" { MAX_VOIP_PAYLOAD } else { MAX_PAYLOAD }
     }
 }
 
@@ -204,6 +286,7 @@ pub fn parse_head(method: &Method, uri: &Uri, headers: &HeaderMap, apns_id: &Apn
     let topic = match text(headers, "apns-topic", Reason::BadTopic)? {
         None => return Err(Reason::MissingTopic),
         Some("") => return Err(Reason::MissingTopic),
+        Some(topic) if !valid_topic(topic) => return Err(Reason::BadTopic),
         Some(topic) => topic.to_string(),
     };
     if !apns_id.generated && !is_canonical_uuid(&apns_id.value) {
@@ -217,22 +300,35 @@ pub fn parse_head(method: &Method, uri: &Uri, headers: &HeaderMap, apns_id: &Apn
         None => courier_node::ids::unix_millis() / 1000 + DEFAULT_STORAGE_SECS,
         Some(value) => parse_decimal(value).ok_or(Reason::BadExpirationDate)?,
     };
+    let push_type = match text(headers, "apns-push-type", Reason::InvalidPushType)? {
+        // APNs still accepts pushes without it; the channel suffix (if any) says what they are.
+        None => courier_node::topic::channel(&topic).map_or("alert", |(_, required)| required).to_string(),
+        Some(value) if PUSH_TYPES.contains(&value) => value.to_string(),
+        Some(_) => return Err(Reason::InvalidPushType),
+    };
+    // A channel suffix and its push type go together, both ways.
+    let required = courier_node::topic::channel(&topic).map(|(_, push_type)| push_type);
+    let needs_suffix = courier_node::topic::CHANNEL_SUFFIXES.iter().any(|(_, t)| *t == push_type);
+    if required.is_some_and(|t| t != push_type) || (required.is_none() && needs_suffix) {
+        return Err(Reason::BadTopic);
+    }
+    let background = push_type == "background";
     let priority = match text(headers, "apns-priority", Reason::BadPriority)? {
+        // Background pushes may only use 5, so that is their default.
+        None if background => 5,
         None => 10,
         Some("10") => 10,
         Some("5") => 5,
         Some("1") => 1,
         Some(_) => return Err(Reason::BadPriority),
     };
+    if background && priority != 5 {
+        return Err(Reason::BadPriority);
+    }
     let collapse_id = match headers.get("apns-collapse-id") {
         None => None,
         Some(value) if value.len() > MAX_COLLAPSE_ID => return Err(Reason::BadCollapseId),
         Some(value) => Some(value.to_str().map_err(|_| Reason::BadCollapseId)?.to_string()),
-    };
-    let push_type = match text(headers, "apns-push-type", Reason::InvalidPushType)? {
-        None => "alert".to_string(),
-        Some("") => return Err(Reason::InvalidPushType),
-        Some(value) => value.to_string(),
     };
     Ok(PushHead {
         device_token: device_token.to_string(),
@@ -244,6 +340,11 @@ pub fn parse_head(method: &Method, uri: &Uri, headers: &HeaderMap, apns_id: &Apn
         collapse_id,
         push_type,
     })
+}
+
+/// 1–255 printable ASCII characters, no spaces: what a bundle id plus a channel suffix can be.
+pub fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= 255 && topic.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Plain decimal digits only: `u64::from_str` would also take a leading `+`.
@@ -442,7 +543,47 @@ mod tests {
     #[test]
     fn push_types() {
         assert_eq!(post(&with("apns-push-type", b"")), Err(Reason::InvalidPushType));
-        assert_eq!(post(&with("apns-push-type", b"background")).unwrap().push_type, "background");
+        assert_eq!(post(&with("apns-push-type", b"other")), Err(Reason::InvalidPushType));
+        let background = post(&with("apns-push-type", b"background")).unwrap();
+        assert_eq!((background.push_type.as_str(), background.priority), ("background", 5));
+        for push_type in ["alert", "background", "location", "mdm", "pushtotalk", "widgets", "controls"] {
+            let mut headers = with("apns-priority", b"5");
+            headers.insert("apns-push-type", HeaderValue::from_str(push_type).unwrap());
+            let topic = match courier_node::topic::CHANNEL_SUFFIXES.iter().find(|(_, t)| *t == push_type) {
+                Some((suffix, _)) => format!("com.example.app{suffix}"),
+                None => "com.example.app".into(),
+            };
+            headers.insert("apns-topic", HeaderValue::from_str(&topic).unwrap());
+            assert_eq!(post(&headers).unwrap().push_type, push_type);
+        }
+        // Background pushes must use priority 5.
+        for priority in [&b"10"[..], b"1"] {
+            let mut headers = with("apns-push-type", b"background");
+            headers.insert("apns-priority", HeaderValue::from_bytes(priority).unwrap());
+            assert_eq!(post(&headers), Err(Reason::BadPriority));
+        }
+    }
+
+    #[test]
+    fn channel_suffixes_and_push_types_go_together() {
+        for (topic, push_type) in [
+            ("com.example.app.voip", "voip"),
+            ("com.example.app.complication", "complication"),
+            ("com.example.app.pushkit.fileprovider", "fileprovider"),
+            ("com.example.app.push-type.liveactivity", "liveactivity"),
+        ] {
+            let mut headers = base_headers();
+            headers.insert("apns-topic", HeaderValue::from_static(topic));
+            // Without apns-push-type, the suffix says what the push is.
+            assert_eq!(post(&headers).unwrap().push_type, push_type, "{topic}");
+            headers.insert("apns-push-type", HeaderValue::from_static("alert"));
+            assert_eq!(post(&headers), Err(Reason::BadTopic), "{topic} as alert");
+            let mut plain = with("apns-push-type", b"alert");
+            plain.insert("apns-push-type", HeaderValue::from_static(push_type));
+            assert_eq!(post(&plain), Err(Reason::BadTopic), "{push_type} without its suffix");
+        }
+        assert_eq!(post(&with("apns-topic", b"com.example app")), Err(Reason::BadTopic));
+        assert_eq!(post(&with("apns-topic", &[b'a'; 256])), Err(Reason::BadTopic));
     }
 
     #[test]
@@ -496,6 +637,14 @@ mod tests {
         assert_eq!(Reason::PayloadTooLarge.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(Reason::ServiceUnavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(Reason::TopicDisallowed.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(Reason::Unregistered.status(), StatusCode::GONE);
+        assert_eq!(Reason::TooManyRequests.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(Reason::TooManyProviderTokenUpdates.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(Reason::Shutdown.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(Reason::BadCertificate.status(), StatusCode::FORBIDDEN);
+        for reason in Reason::ALL {
+            assert_eq!(Reason::parse(reason.as_str()), Some(*reason));
+        }
         assert_eq!(error_body("BadPath", None), br#"{"reason":"BadPath"}"#);
         assert_eq!(error_body("Unregistered", Some(5)), br#"{"reason":"Unregistered","timestamp":5}"#);
     }

@@ -6,6 +6,11 @@
 //! checked again; its age still is, on every push. The set of credentials is replaceable at run time
 //! (today it comes from the PKI directory; later from the Raft state), and replacing it forgets every
 //! remembered token.
+//!
+//! APNs answers 429 `TooManyProviderTokenUpdates` to a team that switches to a new token more often than
+//! every 20 minutes. Courier can do the same (`min_refresh_secs`, per key id, checked only after the new
+//! token's signature verified), but does not by default: many real deployments run several app servers
+//! that each sign their own tokens, and refusing them buys a self-hosted service nothing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,8 +43,15 @@ pub struct AuthorizedProvider {
 }
 
 impl AuthorizedProvider {
+    /// Whether the provider may push to `topic`; its channels (`.voip`, …) go with the app's topic.
     pub fn may_push_to(&self, topic: &str) -> bool {
-        self.topics.is_empty() || self.topics.iter().any(|t| t == topic)
+        let app = courier_node::topic::app_topic(topic);
+        self.topics.is_empty() || self.topics.iter().any(|t| t == topic || t == app)
+    }
+
+    /// The provider a verified client certificate from the provider CA speaks for.
+    pub fn from_certificate(identity: courier_node::pki::ProviderIdentity) -> Self {
+        AuthorizedProvider { team_id: identity.team_id.into(), topics: identity.topics.into() }
     }
 }
 
@@ -121,9 +133,16 @@ impl ProviderCredentials {
 
 #[derive(Clone)]
 struct VerifiedToken {
+    key_id: String,
     generation: u64,
     iat: i64,
     provider: AuthorizedProvider,
+}
+
+/// The newest token accepted for one key id, for the refresh-rate limit.
+struct LatestToken {
+    token: String,
+    accepted_at: i64,
 }
 
 /// Checks `authorization` header values against the current credentials.
@@ -131,15 +150,57 @@ pub struct JwtVerifier {
     credentials: ProviderCredentials,
     max_age_secs: i64,
     verified: Mutex<HashMap<String, VerifiedToken>>,
+    /// Shortest time between two new tokens of one key id; 0 = no limit (the default).
+    min_refresh_secs: i64,
+    /// Key id → the newest token accepted for it (only kept while the limit is on).
+    latest: Mutex<HashMap<String, LatestToken>>,
+    /// Signature checks done so far: what the cache saves is visible in tests and metrics.
+    signature_checks: std::sync::atomic::AtomicU64,
 }
 
 impl JwtVerifier {
     pub fn new(credentials: ProviderCredentials, max_age_secs: u64) -> Self {
+        JwtVerifier::with_refresh_limit(credentials, max_age_secs, 0)
+    }
+
+    /// A verifier that answers `TooManyProviderTokenUpdates` to a key id's new token arriving sooner than
+    /// `min_refresh_secs` after its previous one (0 turns the limit off).
+    pub fn with_refresh_limit(credentials: ProviderCredentials, max_age_secs: u64, min_refresh_secs: u64) -> Self {
         JwtVerifier {
             credentials,
             max_age_secs: i64::try_from(max_age_secs).unwrap_or(i64::MAX),
             verified: Mutex::new(HashMap::new()),
+            min_refresh_secs: i64::try_from(min_refresh_secs).unwrap_or(i64::MAX),
+            latest: Mutex::new(HashMap::new()),
+            signature_checks: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many signatures this verifier has checked (cache misses that got as far as a known key).
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Applies the refresh-rate limit to a token whose signature just verified.
+    fn check_refresh(&self, key_id: &str, token: &str, now: i64) -> Result<(), Reason> {
+        if self.min_refresh_secs == 0 {
+            return Ok(());
+        }
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        match latest.get(key_id) {
+            // The same token again (the cache was cleared): not an update.
+            Some(previous) if previous.token == token => return Ok(()),
+            Some(previous) if now.saturating_sub(previous.accepted_at) < self.min_refresh_secs => {
+                metrics::counter!("courier_gateway_provider_token_updates_refused_total").increment(1);
+                return Err(Reason::TooManyProviderTokenUpdates);
+            }
+            _ => {}
+        }
+        if latest.len() >= CACHE_CAPACITY {
+            latest.clear();
+        }
+        latest.insert(key_id.to_string(), LatestToken { token: token.to_string(), accepted_at: now });
+        Ok(())
     }
 
     /// Authenticates a push given its `authorization` header (None when absent), at UNIX time `now`.
@@ -151,7 +212,10 @@ impl JwtVerifier {
         let verified = match cached {
             Some(hit) if hit.generation == set.generation => hit,
             _ => {
+                self.signature_checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!("courier_gateway_jwt_signature_checks_total").increment(1);
                 let verified = verify(&set, token)?;
+                self.check_refresh(&verified.key_id, token, now)?;
                 let mut cache = self.cache();
                 if cache.len() >= CACHE_CAPACITY {
                     cache.clear();
@@ -210,7 +274,7 @@ fn verify(set: &CredentialSet, token: &str) -> Result<VerifiedToken, Reason> {
         _ => return Err(Reason::InvalidProviderToken),
     }
     let iat = claims.get("iat").and_then(parse_iat).ok_or(Reason::InvalidProviderToken)?;
-    Ok(VerifiedToken { generation: set.generation, iat, provider: key.provider.clone() })
+    Ok(VerifiedToken { key_id, generation: set.generation, iat, provider: key.provider.clone() })
 }
 
 /// Providers in the wild send `iat` as an integer, a float or a numeric string; all mean UNIX seconds.
@@ -307,6 +371,32 @@ mod tests {
     }
 
     #[test]
+    fn a_token_is_signature_checked_once_however_often_it_is_used() {
+        let f = fixture();
+        let header = format!("bearer {}", f.signer.sign());
+        for _ in 0..1000 {
+            assert!(f.verifier.authenticate(Some(&header), now()).is_ok());
+        }
+        assert_eq!(f.verifier.signature_checks(), 1);
+        let other = format!("bearer {}", f.signer.sign_at(now() - 1));
+        assert!(f.verifier.authenticate(Some(&other), now()).is_ok());
+        assert_eq!(f.verifier.signature_checks(), 2);
+        // A new credential set means checking again, once.
+        f.credentials
+            .replace(vec![credential(
+                KID,
+                TEAM,
+                &rcgen::KeyPair::from_pem(std::str::from_utf8(&f.p8).unwrap()).unwrap(),
+                &[],
+            )])
+            .unwrap();
+        for _ in 0..10 {
+            assert!(f.verifier.authenticate(Some(&header), now()).is_ok());
+        }
+        assert_eq!(f.verifier.signature_checks(), 3);
+    }
+
+    #[test]
     fn another_key_kid_or_team_is_refused() {
         let f = fixture();
         let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -399,6 +489,57 @@ mod tests {
         let provider = f.verifier.authenticate(Some(&format!("bearer {}", signer.sign())), now()).unwrap();
         assert!(provider.may_push_to("com.example.app"));
         assert!(!provider.may_push_to("com.example.other"));
+    }
+
+    #[test]
+    fn new_tokens_sooner_than_the_refresh_interval_are_refused_when_limited() {
+        let f = fixture();
+        let limited = JwtVerifier::with_refresh_limit(f.credentials.clone(), 3600, 1200);
+        let t = now();
+        let first = format!("bearer {}", f.signer.sign_at(t - 10));
+        let second = format!("bearer {}", f.signer.sign_at(t - 5));
+        assert!(limited.authenticate(Some(&first), t).is_ok());
+        assert_eq!(limited.authenticate(Some(&second), t + 60).unwrap_err(), Reason::TooManyProviderTokenUpdates);
+        // The first token keeps working, and a forged one is still just invalid.
+        assert!(limited.authenticate(Some(&first), t + 60).is_ok());
+        assert_eq!(limited.authenticate(Some("bearer a.b.c"), t + 60).unwrap_err(), Reason::InvalidProviderToken);
+        assert!(limited.authenticate(Some(&second), t + 1200).is_ok());
+        // Off by default.
+        assert!(f.verifier.authenticate(Some(&first), t).is_ok());
+        assert!(f.verifier.authenticate(Some(&second), t).is_ok());
+    }
+
+    /// URL-safe base64 without padding, as JWTs use.
+    fn b64(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn extra_header_fields_are_tolerated() {
+        let f = fixture();
+        let header = serde_json::json!({"alg": "ES256", "kid": KID, "typ": "JWT", "x-client": "apns2 0.1"});
+        let claims = serde_json::json!({"iss": TEAM, "iat": now(), "aud": "ignored"});
+        let message = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        let key = EncodingKey::from_ec_pem(&f.p8).unwrap();
+        let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::ES256).unwrap();
+        let jwt = format!("{message}.{signature}");
+        assert!(f.verifier.authenticate(Some(&format!("Bearer {jwt}")), now()).is_ok());
+    }
+
+    #[test]
+    fn channels_go_with_the_app_topic() {
+        let provider = AuthorizedProvider { team_id: "T".into(), topics: vec!["com.example.app".to_string()].into() };
+        assert!(provider.may_push_to("com.example.app.voip"));
+        assert!(provider.may_push_to("com.example.app.push-type.liveactivity"));
+        assert!(!provider.may_push_to("com.example.other.voip"));
     }
 
     #[test]

@@ -1,24 +1,40 @@
 //! The provider API: what happens to one HTTP/2 request, from raw headers to the node's answer.
 //!
-//! `apns` reads the request, `jwt` authenticates the provider, the keyring opens the device token, and
-//! `route` forwards. `server` owns sockets, TLS and HTTP/2 connections; this module sees one request at a
-//! time and always answers it with a well-formed APNs response.
+//! `apns` reads the request, `jwt` authenticates the provider (or the connection's client certificate
+//! already has), `ratelimit` bounds pushes per device token and per team, the keyring opens the device
+//! token, and `route` forwards. `status` answers the delivery-status extension. `server` owns sockets,
+//! TLS and HTTP/2 connections; this module sees one request at a time and always answers it with a
+//! well-formed APNs response.
 
 pub mod apns;
 pub mod jwt;
+pub mod ratelimit;
 pub mod server;
+pub mod status;
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier_node::token::{Keyring, TokenError};
+use courier_node::token::{Keyring, OpenedToken, TokenError};
 use courier_proto::cluster::Notification;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::route::{Delivery, NodeRouter};
 use apns::{ApnsId, PushHead, Reason};
-use jwt::JwtVerifier;
+use jwt::{AuthorizedProvider, JwtVerifier};
+use ratelimit::RateLimiter;
+
+/// Who the TLS handshake says is on a connection, decided once per connection.
+#[derive(Debug, Clone)]
+pub enum ConnectionAuth {
+    /// No client certificate: every request must carry a provider JWT.
+    Token,
+    /// A client certificate from the provider CA naming a team and its topics: no JWT needed.
+    Certificate(AuthorizedProvider),
+    /// A client certificate from the provider CA that names no team or topic: every request is 403.
+    BadCertificate,
+}
 
 /// What a request handler needs; shared by every connection.
 pub struct PushService {
@@ -30,48 +46,86 @@ pub struct PushService {
     pub(crate) router: NodeRouter,
     /// A provider that starts a body and never finishes it must not hold a stream forever.
     pub(crate) body_timeout: Duration,
+    /// Pushes per device token.
+    pub(crate) device_limit: RateLimiter<String>,
+    /// Pushes per provider team.
+    pub(crate) team_limit: RateLimiter<std::sync::Arc<str>>,
+}
+
+/// A refusal, with the 410 timestamp when there is one.
+type Refused = (Reason, Option<u64>);
+
+impl From<Reason> for (Reason, Option<u64>) {
+    fn from(reason: Reason) -> Self {
+        (reason, None)
+    }
 }
 
 impl PushService {
     /// Answers one provider request. Never fails: every refusal is an APNs error response.
-    pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    pub async fn handle<B>(&self, request: Request<B>, auth: &ConnectionAuth) -> Response<Full<Bytes>>
     where
         B: hyper::body::Body<Data = Bytes>,
     {
         let (parts, body) = request.into_parts();
+        if parts.uri.path().starts_with(apns::STATUS_PATH_PREFIX) {
+            return status::answer(self, &parts, auth).await;
+        }
         let apns_id = apns::response_apns_id(&parts.headers);
         let outcome = async {
             let head = apns::parse_head(&parts.method, &parts.uri, &parts.headers, &apns_id)?;
-            let now = (courier_node::ids::unix_millis() / 1000) as i64;
-            let provider = self.verifier.authenticate(head.authorization.as_deref(), now)?;
-            if !provider.may_push_to(&head.topic) {
-                return Err(Reason::TopicDisallowed);
+            let provider = self.authenticate(auth, head.authorization.as_deref())?;
+            if !self.team_limit.admit(&provider.team_id, Instant::now()) {
+                return Err(Reason::TooManyRequests.into());
             }
-            let token = self.keyring.open(&head.device_token).map_err(|error| match error {
-                TokenError::Retired(_) => Reason::ExpiredToken,
-                _ => Reason::BadDeviceToken,
-            })?;
-            if !token.is_for_topic(&head.topic) {
-                return Err(Reason::DeviceTokenNotForTopic);
+            if !provider.may_push_to(&head.topic) {
+                return Err(Reason::TopicDisallowed.into());
+            }
+            let token = self.open_token(&head.device_token, &head.topic)?;
+            if !self.device_limit.admit(&head.device_token, Instant::now()) {
+                return Err(Reason::TooManyRequests.into());
             }
             let read = apns::read_payload(&parts.headers, body, head.payload_limit());
             let payload = tokio::time::timeout(self.body_timeout, read).await.map_err(|_| Reason::IdleTimeout)??;
             apns::check_payload(&payload)?;
-            Ok(self.forward(&head, token.device_id.to_bytes().to_vec(), payload).await)
+            self.forward(&head, token.device_id.to_bytes().to_vec(), payload).await
         }
         .await;
         match outcome {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 metrics::counter!("courier_gateway_notifications_accepted_total").increment(1);
-                respond(StatusCode::OK, &apns_id, None)
+                respond(StatusCode::OK, &apns_id.value, None)
             }
-            Ok(Err(reason)) => refuse_with(reason.status(), &reason.to_string(), &apns_id),
-            Err(reason) => refuse_with(reason.status(), reason.as_str(), &apns_id),
+            Err((reason, timestamp)) => refuse(reason, timestamp, &apns_id),
         }
     }
 
+    /// The provider behind a request: the connection's certificate, else the request's JWT.
+    fn authenticate(&self, auth: &ConnectionAuth, authorization: Option<&str>) -> Result<AuthorizedProvider, Reason> {
+        match auth {
+            ConnectionAuth::Certificate(provider) => Ok(provider.clone()),
+            ConnectionAuth::BadCertificate => Err(Reason::BadCertificate),
+            ConnectionAuth::Token => {
+                let now = (courier_node::ids::unix_millis() / 1000) as i64;
+                self.verifier.authenticate(authorization, now)
+            }
+        }
+    }
+
+    /// Opens a device token and checks it is for `topic`'s app.
+    fn open_token(&self, device_token: &str, topic: &str) -> Result<OpenedToken, Reason> {
+        let token = self.keyring.open(device_token).map_err(|error| match error {
+            TokenError::Retired(_) => Reason::ExpiredToken,
+            _ => Reason::BadDeviceToken,
+        })?;
+        if !token.is_for_topic(courier_node::topic::app_topic(topic)) {
+            return Err(Reason::DeviceTokenNotForTopic);
+        }
+        Ok(token)
+    }
+
     /// Forwards an accepted push; `Err` carries the reason the node gave, or ServiceUnavailable.
-    async fn forward(&self, head: &PushHead, device_id: Vec<u8>, payload: Bytes) -> Result<(), ForwardRefusal> {
+    async fn forward(&self, head: &PushHead, device_id: Vec<u8>, payload: Bytes) -> Result<(), Refused> {
         let notification = Notification {
             device_id,
             topic: head.topic.clone(),
@@ -88,58 +142,37 @@ impl PushService {
         metrics::histogram!("courier_gateway_forward_latency_seconds").record(started.elapsed().as_secs_f64());
         match delivery {
             Delivery::Accepted(_) => Ok(()),
-            Delivery::Rejected(reason) => Err(ForwardRefusal::Node(reason)),
+            Delivery::Rejected(reason, timestamp_ms) => match Reason::parse(&reason) {
+                Some(reason) => Err((reason, (timestamp_ms != 0).then_some(timestamp_ms))),
+                None => {
+                    tracing::error!(apns_id = %head.apns_id.value, %reason, "the node gave an unknown reason");
+                    Err(Reason::InternalServerError.into())
+                }
+            },
             Delivery::Unavailable(detail) => {
                 tracing::warn!(apns_id = %head.apns_id.value, %detail, "forwarding to the node failed");
-                Err(ForwardRefusal::Unavailable)
+                Err(Reason::ServiceUnavailable.into())
             }
+            Delivery::ShuttingDown => Err(Reason::Shutdown.into()),
         }
     }
 }
 
-/// Why a push that passed every local check still was not accepted.
-#[derive(Debug)]
-enum ForwardRefusal {
-    /// The node refused it with an APNs reason string.
-    Node(String),
-    Unavailable,
+/// An APNs error response; 410s carry `timestamp` (the node's time for `Unregistered`, else now).
+fn refuse(reason: Reason, timestamp: Option<u64>, apns_id: &ApnsId) -> Response<Full<Bytes>> {
+    metrics::counter!("courier_gateway_notifications_rejected_total", "reason" => reason.as_str()).increment(1);
+    let status = reason.status();
+    let timestamp = (status == StatusCode::GONE).then(|| timestamp.unwrap_or_else(courier_node::ids::unix_millis));
+    respond(status, &apns_id.value, Some(apns::error_body(reason.as_str(), timestamp)))
 }
 
-impl ForwardRefusal {
-    fn status(&self) -> StatusCode {
-        match self {
-            // The node only speaks for the device (e.g. Unregistered is 410); all its refusals but that
-            // one are request errors.
-            ForwardRefusal::Node(reason) if reason == "Unregistered" || reason == "ExpiredToken" => StatusCode::GONE,
-            ForwardRefusal::Node(_) => StatusCode::BAD_REQUEST,
-            ForwardRefusal::Unavailable => Reason::ServiceUnavailable.status(),
-        }
-    }
-}
-
-impl std::fmt::Display for ForwardRefusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ForwardRefusal::Node(reason) => f.write_str(reason),
-            ForwardRefusal::Unavailable => f.write_str(Reason::ServiceUnavailable.as_str()),
-        }
-    }
-}
-
-fn refuse_with(status: StatusCode, reason: &str, apns_id: &ApnsId) -> Response<Full<Bytes>> {
-    // The node's reasons are free text from our point of view; keep the label set bounded.
-    let label = if reason.len() <= 40 && reason.bytes().all(|b| b.is_ascii_alphanumeric()) { reason } else { "Other" };
-    metrics::counter!("courier_gateway_notifications_rejected_total", "reason" => label.to_string()).increment(1);
-    let timestamp = (status == StatusCode::GONE).then(courier_node::ids::unix_millis);
-    respond(status, apns_id, Some(apns::error_body(reason, timestamp)))
-}
-
-fn respond(status: StatusCode, apns_id: &ApnsId, body: Option<Vec<u8>>) -> Response<Full<Bytes>> {
+/// A response with `apns-id`; a 200 without body is one HEADERS frame, an error one more DATA frame.
+fn respond(status: StatusCode, apns_id: &str, body: Option<Vec<u8>>) -> Response<Full<Bytes>> {
     let has_body = body.is_some();
     let mut response = Response::new(Full::new(body.map(Bytes::from).unwrap_or_default()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&apns_id.value) {
+    if let Ok(value) = HeaderValue::from_str(apns_id) {
         headers.insert("apns-id", value);
     }
     if has_body {

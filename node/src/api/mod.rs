@@ -11,8 +11,9 @@ use std::sync::Arc;
 use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
     ClusterView, DeliverRequest, DeliverResponse, FetchQueueRequest, FetchQueueResponse, JoinRequest, JoinResponse,
-    ProbeRequest, ProbeResponse, ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest,
-    ReplicateResponse, StatusRequest, StatusResponse, WatchRequest,
+    NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse, ProposeRequest,
+    ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse, StatusRequest,
+    StatusResponse, WatchRequest,
 };
 use futures_util::future::join_all;
 use futures_util::{Stream, StreamExt};
@@ -47,7 +48,7 @@ impl Cluster for ClusterService {
         if batch.len() > MAX_DELIVER_BATCH {
             return Err(Status::invalid_argument(format!("at most {MAX_DELIVER_BATCH} notifications per Deliver")));
         }
-        let results = join_all(batch.into_iter().map(|n| self.delivery.deliver(n))).await;
+        let results = join_all(batch.into_iter().map(|n| self.delivery.deliver_tracked(n))).await;
         Ok(Response::new(DeliverResponse { results }))
     }
 
@@ -152,5 +153,16 @@ impl Cluster for ClusterService {
             })
         });
         Ok(Response::new(Box::pin(views)))
+    }
+
+    async fn notification_status(
+        &self,
+        request: Request<NotificationStatusRequest>,
+    ) -> Result<Response<NotificationStatusResponse>, Status> {
+        let request = request.into_inner();
+        let device = crate::ids::DeviceId::from_slice(&request.device_id)
+            .ok_or_else(|| Status::invalid_argument("device_id must be 16 bytes"))?;
+        let status = self.delivery.status.get(device, &request.apns_id, crate::ids::unix_millis());
+        Ok(Response::new(status))
     }
 }

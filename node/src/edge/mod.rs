@@ -92,6 +92,9 @@ pub struct Edge {
     pub view: Arc<crate::view::LocalView>,
     /// Tells the replicas when the device acks.
     pub replicator: Arc<crate::replication::Replicator>,
+    /// Provider API: topics devices unregistered (410 Unregistered) and delivery status (acks).
+    pub registrations: crate::store::registrations::Registrations,
+    pub status: Arc<crate::status_log::StatusLog>,
 }
 
 /// Completes when `shutdown` turns true (or its sender is gone).

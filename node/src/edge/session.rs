@@ -192,12 +192,21 @@ impl DeviceLink<'_> {
                     goodbye(link, GoodbyeReason::Shutdown, "the node has no token key").await;
                     return Next::Close;
                 };
+                // Provider API hook: registering again ends an earlier unregistration.
+                if let Err(error) = self.edge.registrations.register(self.device, &request.topic).await {
+                    tracing::error!(%error, "clearing an unregistration failed");
+                }
                 let issued = wire::TokenIssued { topic: request.topic, token };
                 if link.send(frame(server_frame::Kind::TokenIssued(issued))).await.is_err() {
                     return Next::Close;
                 }
             }
             Some(Kind::UnregisterTopic(request)) => {
+                // Provider API hook: later pushes to this topic answer 410 Unregistered (durable first).
+                let at_ms = unix_millis();
+                if let Err(error) = self.edge.registrations.unregister(self.device, &request.topic, at_ms).await {
+                    tracing::error!(%error, "recording an unregistration failed");
+                }
                 let done = wire::TopicUnregistered { topic: request.topic };
                 if link.send(frame(server_frame::Kind::TopicUnregistered(done))).await.is_err() {
                     return Next::Close;
@@ -211,6 +220,7 @@ impl DeviceLink<'_> {
                 }
                 self.edge.store.remove_later(self.device, &ack.apns_id);
                 self.edge.replicator.remove(self.device, &ack.apns_id);
+                self.edge.status.delivered(self.device, &ack.apns_id, unix_millis()); // provider API hook
             }
             Some(Kind::Ping(ping)) => {
                 let pong = frame(server_frame::Kind::Pong(wire::Pong { nonce: ping.nonce }));

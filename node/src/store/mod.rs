@@ -19,6 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::{DeviceId, unix_millis};
 
+// Provider API: which apps devices unregistered (410 Unregistered); a separate database.
+pub mod registrations;
+
 /// (device id, sequence number) → encoded `cluster::Notification`. Sequence numbers only grow, so a
 /// device's range reads back in arrival order.
 const QUEUE: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("queue");

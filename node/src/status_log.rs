@@ -1,0 +1,292 @@
+//! Where each recent notification is, as its owning node saw it: the answer behind the provider API's
+//! `GET /v1/status/{token}/{apns-id}` (a Courier extension; APNs has no such call).
+//!
+//! The owner records one entry per (device, apns-id) when `Deliver` disposes of a notification (stored;
+//! accepted onto a live link without storing; dropped as discarded or unregistered), marks an earlier
+//! stored notification dropped as `collapsed` when a newer one with the same collapse id replaces it, and
+//! marks it delivered, with the time, when the device acks it. Expiry is decided when read: a stored
+//! notification whose `apns-expiration` has passed unacked reads as expired.
+//!
+//! The log is memory only, bounded two ways: entries older than the retention window (default 24 h)
+//! are evicted, and so are the oldest ones beyond the capacity (default 500,000 entries, about 250 bytes
+//! each). A node restart forgets it. `Delivery::deliver_tracked` is the `Deliver` path with the provider
+//! API's two node-side rules wrapped around it: unregistered topics are refused, and outcomes are logged.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use courier_proto::cluster::{
+    DeliverOutcome, DeliverResult, Notification, NotificationState, NotificationStatusResponse,
+};
+
+use crate::delivery::Delivery;
+use crate::ids::{DeviceId, unix_millis};
+
+/// Default for how long entries are kept.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Default for how many entries are kept.
+pub const DEFAULT_CAPACITY: usize = 500_000;
+
+/// The reason `Deliver` gives for a topic the device unregistered; the gateway answers 410.
+pub const UNREGISTERED: &str = "Unregistered";
+
+#[derive(Debug, Clone)]
+struct Entry {
+    topic: String,
+    collapse_id: String,
+    /// When the entry was made; it is kept for the retention window from then.
+    recorded_at_ms: u64,
+    state: NotificationState,
+    accepted_at_ms: u64,
+    updated_at_ms: u64,
+    delivered_at_ms: u64,
+    expiration: u64,
+    reason: &'static str,
+}
+
+#[derive(Default)]
+struct Log {
+    entries: HashMap<(u128, String), Entry>,
+    /// Insertion order with insertion time, for eviction by age and by count.
+    order: VecDeque<(u64, u128, String)>,
+    /// (device, topic, collapse id) → apns-id of the newest stored notification with that collapse id.
+    collapse: HashMap<(u128, String, String), String>,
+}
+
+/// The bounded, time-retained log of notification states on one node.
+pub struct StatusLog {
+    log: Mutex<Log>,
+    retention_ms: u64,
+    capacity: usize,
+}
+
+impl Default for StatusLog {
+    fn default() -> Self {
+        StatusLog::new(DEFAULT_RETENTION, DEFAULT_CAPACITY)
+    }
+}
+
+/// What the owner did with a notification, as far as the log is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Stored,
+    /// Written to a live link without storing (expiration 0).
+    Accepted,
+    Dropped(&'static str),
+}
+
+impl StatusLog {
+    pub fn new(retention: Duration, capacity: usize) -> Self {
+        StatusLog {
+            log: Mutex::new(Log::default()),
+            retention_ms: retention.as_millis() as u64,
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what `Deliver` did with `notification` at `now_ms`. A provider's retry of an apns-id
+    /// already logged for the device changes nothing.
+    pub fn record(&self, device: DeviceId, notification: &Notification, disposition: Disposition, now_ms: u64) {
+        let mut log = self.lock();
+        let key = (device.0, notification.apns_id.clone());
+        if log.entries.contains_key(&key) {
+            return;
+        }
+        let (state, reason) = match disposition {
+            Disposition::Stored => (NotificationState::Stored, ""),
+            Disposition::Accepted => (NotificationState::Accepted, ""),
+            Disposition::Dropped(reason) => (NotificationState::Dropped, reason),
+        };
+        if disposition == Disposition::Stored && !notification.collapse_id.is_empty() {
+            let collapse_key = (device.0, notification.topic.clone(), notification.collapse_id.clone());
+            if let Some(previous) = log.collapse.insert(collapse_key, notification.apns_id.clone())
+                && let Some(old) = log.entries.get_mut(&(device.0, previous))
+                && old.state == NotificationState::Stored
+            {
+                old.state = NotificationState::Dropped;
+                old.reason = "collapsed";
+                old.updated_at_ms = now_ms;
+            }
+        }
+        let entry = Entry {
+            topic: notification.topic.clone(),
+            collapse_id: notification.collapse_id.clone(),
+            recorded_at_ms: now_ms,
+            state,
+            accepted_at_ms: notification.accepted_at_ms,
+            updated_at_ms: now_ms,
+            delivered_at_ms: 0,
+            expiration: notification.expiration,
+            reason,
+        };
+        log.entries.insert(key, entry);
+        log.order.push_back((now_ms, device.0, notification.apns_id.clone()));
+        self.evict(&mut log, now_ms);
+        metrics::gauge!("courier_node_status_entries").set(log.entries.len() as f64);
+    }
+
+    /// The device acked `apns_id` at `now_ms`.
+    pub fn delivered(&self, device: DeviceId, apns_id: &str, now_ms: u64) {
+        let mut log = self.lock();
+        if let Some(entry) = log.entries.get_mut(&(device.0, apns_id.to_string()))
+            && entry.state != NotificationState::Delivered
+        {
+            entry.state = NotificationState::Delivered;
+            entry.reason = "";
+            entry.delivered_at_ms = now_ms;
+            entry.updated_at_ms = now_ms;
+        }
+    }
+
+    /// The state of `apns_id` for `device` as of `now_ms`.
+    pub fn get(&self, device: DeviceId, apns_id: &str, now_ms: u64) -> NotificationStatusResponse {
+        let log = self.lock();
+        let Some(entry) = log.entries.get(&(device.0, apns_id.to_string())) else {
+            return NotificationStatusResponse::default();
+        };
+        if entry.recorded_at_ms.saturating_add(self.retention_ms) < now_ms {
+            return NotificationStatusResponse::default();
+        }
+        let mut state = entry.state;
+        let mut updated_at_ms = entry.updated_at_ms;
+        let expired_at_ms = entry.expiration.saturating_mul(1000);
+        if state == NotificationState::Stored && entry.expiration != 0 && expired_at_ms <= now_ms {
+            state = NotificationState::Expired;
+            updated_at_ms = expired_at_ms.max(entry.updated_at_ms);
+        }
+        NotificationStatusResponse {
+            found: true,
+            state: state as i32,
+            topic: entry.topic.clone(),
+            accepted_at_ms: entry.accepted_at_ms,
+            updated_at_ms,
+            delivered_at_ms: entry.delivered_at_ms,
+            expiration: entry.expiration,
+            reason: entry.reason.to_string(),
+        }
+    }
+
+    fn evict(&self, log: &mut Log, now_ms: u64) {
+        while let Some((at, _, _)) = log.order.front() {
+            let too_old = at.saturating_add(self.retention_ms) < now_ms;
+            if !too_old && log.entries.len() <= self.capacity {
+                break;
+            }
+            let Some((_, device, apns_id)) = log.order.pop_front() else { break };
+            if let Some(entry) = log.entries.remove(&(device, apns_id.clone()))
+                && !entry.collapse_id.is_empty()
+            {
+                let key = (device, entry.topic, entry.collapse_id);
+                if log.collapse.get(&key) == Some(&apns_id) {
+                    log.collapse.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+impl Delivery {
+    /// `deliver`, plus the provider API's node-side rules: a push to a topic the device unregistered is
+    /// refused with `Unregistered` and the time it happened, and every outcome is logged for status.
+    pub async fn deliver_tracked(&self, notification: Notification) -> DeliverResult {
+        let device = DeviceId::from_slice(&notification.device_id);
+        if let Some(device) = device {
+            match self.registrations.unregistered_at(device, &notification.topic) {
+                Ok(Some(at_ms)) => {
+                    metrics::counter!("courier_node_notifications_rejected_total", "reason" => UNREGISTERED)
+                        .increment(1);
+                    return DeliverResult {
+                        apns_id: notification.apns_id,
+                        outcome: DeliverOutcome::Rejected as i32,
+                        reason: UNREGISTERED.into(),
+                        timestamp_ms: at_ms,
+                    };
+                }
+                Ok(None) => {}
+                Err(error) => tracing::error!(%error, "reading registrations failed; delivering anyway"),
+            }
+        }
+        // The log needs the notification's description, not its payload.
+        let description = Notification { payload: Vec::new(), ..notification.clone() };
+        let result = self.deliver(notification).await;
+        if let Some(device) = device {
+            let disposition = match DeliverOutcome::try_from(result.outcome) {
+                Ok(DeliverOutcome::Stored) => Some(Disposition::Stored),
+                Ok(DeliverOutcome::Sent) => Some(Disposition::Accepted),
+                Ok(DeliverOutcome::Discarded) => Some(Disposition::Dropped("discarded")),
+                _ => None,
+            };
+            if let Some(disposition) = disposition {
+                self.status.record(device, &description, disposition, unix_millis());
+            }
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notification(apns_id: &str, collapse: &str, expiration: u64) -> Notification {
+        Notification {
+            device_id: DeviceId(1).to_bytes().to_vec(),
+            topic: "com.example.app".into(),
+            apns_id: apns_id.into(),
+            collapse_id: collapse.into(),
+            expiration,
+            accepted_at_ms: 1_000,
+            ..Notification::default()
+        }
+    }
+
+    fn state(log: &StatusLog, apns_id: &str, now: u64) -> (Option<NotificationState>, String) {
+        let status = log.get(DeviceId(1), apns_id, now);
+        (status.found.then(|| NotificationState::try_from(status.state).unwrap()), status.reason)
+    }
+
+    #[test]
+    fn stored_delivered_collapsed_expired_dropped() {
+        let log = StatusLog::new(Duration::from_secs(3600), 100);
+        let later = 1_000;
+        log.record(DeviceId(1), &notification("a", "", later), Disposition::Stored, 1_000);
+        assert_eq!(state(&log, "a", 2_000).0, Some(NotificationState::Stored));
+        log.delivered(DeviceId(1), "a", 3_000);
+        let status = log.get(DeviceId(1), "a", 4_000);
+        assert_eq!(status.state, NotificationState::Delivered as i32);
+        assert_eq!(status.delivered_at_ms, 3_000);
+
+        log.record(DeviceId(1), &notification("b", "score", later), Disposition::Stored, 1_000);
+        log.record(DeviceId(1), &notification("c", "score", later), Disposition::Stored, 1_100);
+        assert_eq!(state(&log, "b", 2_000), (Some(NotificationState::Dropped), "collapsed".into()));
+        assert_eq!(state(&log, "c", 2_000).0, Some(NotificationState::Stored));
+        // Past its expiration (seconds) and never acked.
+        assert_eq!(state(&log, "c", later * 1000 + 1).0, Some(NotificationState::Expired));
+
+        log.record(DeviceId(1), &notification("d", "", 0), Disposition::Dropped("discarded"), 1_000);
+        assert_eq!(state(&log, "d", 2_000), (Some(NotificationState::Dropped), "discarded".into()));
+        assert_eq!(state(&log, "nope", 2_000).0, None);
+        // A retry of a logged apns-id changes nothing.
+        log.record(DeviceId(1), &notification("a", "", later), Disposition::Stored, 5_000);
+        assert_eq!(state(&log, "a", 6_000).0, Some(NotificationState::Delivered));
+    }
+
+    #[test]
+    fn entries_are_bounded_by_count_and_age() {
+        let log = StatusLog::new(Duration::from_secs(10), 3);
+        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            log.record(DeviceId(1), &notification(id, "", 0), Disposition::Accepted, 1_000 + i as u64);
+        }
+        assert_eq!(state(&log, "a", 2_000).0, None, "the oldest beyond capacity is gone");
+        assert_eq!(state(&log, "d", 2_000).0, Some(NotificationState::Accepted));
+        log.record(DeviceId(1), &notification("e", "", 0), Disposition::Accepted, 60_000);
+        assert_eq!(state(&log, "b", 60_000).0, None, "older than the retention window");
+        assert_eq!(state(&log, "d", 60_000).0, None);
+        assert_eq!(state(&log, "e", 60_000).0, Some(NotificationState::Accepted));
+    }
+}

@@ -1,0 +1,105 @@
+//! Which apps each device has unregistered, and when: the record behind APNs's 410 `Unregistered`.
+//!
+//! A device that sends `UnregisterTopic` (the app was removed, or it stopped wanting pushes) gets a row
+//! (device id, app topic) → UNIX ms; registering the topic again deletes it. `Deliver` on the owning node
+//! consults it before storing anything, so later pushes to that token answer 410 with the time. It is its
+//! own small redb database (`registrations.redb` beside the queue), written rarely and read once per push
+//! through an MVCC read transaction; it never touches the queue's group-commit writer.
+//!
+//! The row lives on the node the device was connected to when it unregistered (its ring owner). It does
+//! not follow the device when the ring moves it; see the gateway README.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+
+use super::StoreError;
+use crate::ids::DeviceId;
+
+/// (device id, app topic) → when the device unregistered it, UNIX ms.
+const UNREGISTERED: TableDefinition<(u128, &str), u64> = TableDefinition::new("unregistered_topics");
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+/// Handle to the registrations database; cheap to clone.
+#[derive(Clone)]
+pub struct Registrations {
+    db: Arc<Database>,
+}
+
+impl Registrations {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(db_err)?;
+        }
+        let db =
+            Database::create(path).map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        let txn = db.begin_write().map_err(db_err)?;
+        txn.open_table(UNREGISTERED).map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        Ok(Registrations { db: Arc::new(db) })
+    }
+
+    /// Durably records that `device` unregistered `topic` at `at_ms`; returns once committed.
+    pub async fn unregister(&self, device: DeviceId, topic: &str, at_ms: u64) -> Result<(), StoreError> {
+        let (db, topic) = (self.db.clone(), crate::topic::app_topic(topic).to_string());
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(db_err)?;
+            txn.open_table(UNREGISTERED).map_err(db_err)?.insert((device.0, topic.as_str()), at_ms).map_err(db_err)?;
+            txn.commit().map_err(db_err)
+        })
+        .await
+        .map_err(db_err)?
+    }
+
+    /// Forgets an unregistration of `topic` by `device` (it registered the topic again).
+    pub async fn register(&self, device: DeviceId, topic: &str) -> Result<(), StoreError> {
+        if self.unregistered_at(device, topic)?.is_none() {
+            // The common case: nothing to forget, no write transaction.
+            return Ok(());
+        }
+        let (db, topic) = (self.db.clone(), crate::topic::app_topic(topic).to_string());
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(db_err)?;
+            txn.open_table(UNREGISTERED).map_err(db_err)?.remove((device.0, topic.as_str())).map_err(db_err)?;
+            txn.commit().map_err(db_err)
+        })
+        .await
+        .map_err(db_err)?
+    }
+
+    /// When `device` unregistered the app of `topic` (any of its channels), if it has.
+    pub fn unregistered_at(&self, device: DeviceId, topic: &str) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(UNREGISTERED).map_err(db_err)?;
+        Ok(table.get((device.0, crate::topic::app_topic(topic))).map_err(db_err)?.map(|v| v.value()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unregistrations_survive_reopen_and_registering_clears_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registrations.redb");
+        let device = DeviceId(42);
+        {
+            let registrations = Registrations::open(&path).unwrap();
+            assert_eq!(registrations.unregistered_at(device, "com.example.app").unwrap(), None);
+            registrations.unregister(device, "com.example.app", 1234).await.unwrap();
+        }
+        let registrations = Registrations::open(&path).unwrap();
+        assert_eq!(registrations.unregistered_at(device, "com.example.app").unwrap(), Some(1234));
+        assert_eq!(registrations.unregistered_at(device, "com.example.app.voip").unwrap(), Some(1234));
+        assert_eq!(registrations.unregistered_at(device, "com.example.other").unwrap(), None);
+        assert_eq!(registrations.unregistered_at(DeviceId(43), "com.example.app").unwrap(), None);
+        registrations.register(device, "com.example.app").await.unwrap();
+        assert_eq!(registrations.unregistered_at(device, "com.example.app").unwrap(), None);
+        registrations.register(device, "com.example.app").await.unwrap();
+    }
+}
