@@ -287,6 +287,8 @@ async fn delivery_status_follows_a_notification() {
     let push = Push { apns_id: Some(id.clone()), ..cluster.push(&online_token, r#"{"s":1}"#) };
     assert_eq!(cluster.send(&push).await.status, 200);
     online.next_notification().await.unwrap();
+    // The client acks on the app's next call; flush it now.
+    online.flush_acks().await.unwrap();
     eventually(Duration::from_secs(10), "the ack is recorded", || async {
         status_of(&cluster, &online_token, &id).await.1["state"] == "delivered"
     })

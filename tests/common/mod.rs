@@ -343,8 +343,17 @@ impl Nodes {
 
     /// A gateway that knows only node 1's address, as a deployment's seed list would.
     pub async fn gateway(&self) -> (RunningGateway, ProviderClient, JwtSigner) {
+        self.gateway_with(|_| {}).await
+    }
+
+    /// A gateway seeded with every node's address, its configuration adjusted first.
+    pub async fn gateway_with(
+        &self,
+        adjust: impl FnOnce(&mut GatewayConfig),
+    ) -> (RunningGateway, ProviderClient, JwtSigner) {
         let mut config = GatewayConfig::local(self.dir.path().to_path_buf(), self.configs[0].cluster_addr);
         config.node_addrs = self.configs.iter().map(|c| c.cluster_addr.to_string()).collect();
+        adjust(&mut config);
         let gateway = courier_gateway::start(config).await.expect("gateway starts");
         eventually(Duration::from_secs(20), "the gateway has a cluster view", || {
             std::future::ready(gateway.epoch().is_some())
