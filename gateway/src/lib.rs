@@ -82,6 +82,11 @@ fn describe_metrics() {
         "Pushes answered with an error, by APNs reason."
     );
     metrics::describe_gauge!("courier_gateway_provider_connections", "Open provider HTTP/2 connections.");
+    metrics::describe_counter!(
+        "courier_gateway_forward_retries_total",
+        "Forwarded pushes retried on the owner of a newer cluster view."
+    );
+    metrics::describe_gauge!("courier_gateway_cluster_epoch", "Cluster epoch of the view this gateway routes by.");
     metrics::describe_histogram!(
         "courier_gateway_forward_latency_seconds",
         metrics::Unit::Seconds,
