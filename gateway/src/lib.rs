@@ -84,6 +84,10 @@ fn describe_metrics() {
     );
     metrics::describe_gauge!("courier_gateway_provider_connections", "Open provider HTTP/2 connections.");
     metrics::describe_counter!(
+        "courier_gateway_provider_handshake_failures_total",
+        "Provider TLS handshakes that failed (including client certificates from another CA)."
+    );
+    metrics::describe_counter!(
         "courier_gateway_rate_limited_total",
         "Pushes refused with 429 TooManyRequests, by scope (device token or provider team)."
     );
@@ -95,6 +99,11 @@ fn describe_metrics() {
         "courier_gateway_provider_token_updates_refused_total",
         "Provider JWTs refused with 429 TooManyProviderTokenUpdates."
     );
+    metrics::describe_counter!(
+        "courier_gateway_forward_retries_total",
+        "Forwarded pushes retried on the owner of a newer cluster view."
+    );
+    metrics::describe_gauge!("courier_gateway_cluster_epoch", "Cluster epoch of the view this gateway routes by.");
     metrics::describe_histogram!(
         "courier_gateway_forward_latency_seconds",
         metrics::Unit::Seconds,

@@ -96,6 +96,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     let hostname = std::env::var("HOSTNAME").unwrap_or_default();
     config.node_id = config.resolve_node_id(&hostname).ok_or(NodeError::NoOrdinal(hostname))?;
     telemetry::prometheus();
+    telemetry::describe_node_metrics();
     let pki = PkiDir::new(&config.pki_dir);
     let device_ca = DeviceCa::load(&pki)?;
     let store = Store::open_with_cap(&config.data_dir.join("courier.redb"), config.queue_cap_per_topic)?;

@@ -47,6 +47,86 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// Help text for every metric a node exports, so that `promtool check metrics` finds each one described.
+pub fn describe_node_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("courier_node_device_links", "Device links this node holds open.");
+    describe_counter!(
+        "courier_node_notifications_dropped_total",
+        "Stored notifications dropped before delivery, by reason (queue_full: over the per-topic cap)."
+    );
+    describe_counter!(
+        "courier_node_queue_gathered_total",
+        "Notifications an owner found only on another candidate when the device connected."
+    );
+    describe_counter!("courier_node_replicated_ops_total", "Replica puts and removes this node applied for others.");
+    describe_counter!(
+        "courier_node_replication_degraded_total",
+        "Notifications stored with fewer copies than the replication factor asks for."
+    );
+    describe_counter!("courier_node_replication_failures_total", "Replication RPCs to a peer that failed.");
+    describe_gauge!("courier_node_status_entries", "Delivery-status records this node keeps.");
+    describe_counter!("courier_node_activations_total", "Device activation requests, by outcome.");
+    describe_counter!(
+        "courier_node_links_refused_total",
+        "Device connections refused before the handshake, by reason."
+    );
+    describe_counter!(
+        "courier_node_handshake_failures_total",
+        "Device links that failed their TLS handshake or first frame."
+    );
+    describe_counter!("courier_node_link_goodbyes_total", "Device links this node closed, by Goodbye reason.");
+    describe_counter!(
+        "courier_node_link_replacements_total",
+        "Device links replaced by a newer link with the same certificate."
+    );
+    describe_counter!("courier_node_link_redirects_total", "Device links redirected to the node that owns the device.");
+    describe_counter!("courier_node_tokens_updated_total", "Device tokens re-issued under the active token key.");
+    describe_counter!("courier_node_notifications_stored_total", "Notifications committed to the offline store.");
+    describe_counter!(
+        "courier_node_notifications_sent_total",
+        "Now-or-never notifications (not storable) written to a live link."
+    );
+    describe_counter!(
+        "courier_node_notifications_discarded_total",
+        "Now-or-never notifications dropped because the device had no link that could take them."
+    );
+    describe_counter!(
+        "courier_node_notifications_collapsed_total",
+        "Stored notifications replaced by a later one with the same collapse id."
+    );
+    describe_counter!(
+        "courier_node_notifications_duplicate_total",
+        "Notifications ignored because their apns-id was already stored for the device."
+    );
+    describe_counter!("courier_node_notifications_delivered_total", "Notifications a device acknowledged.");
+    describe_counter!("courier_node_notifications_expired_total", "Stored notifications dropped at their expiration.");
+    describe_counter!("courier_node_notifications_rejected_total", "Notifications this node refused, by APNs reason.");
+    describe_histogram!(
+        "courier_node_delivery_latency_seconds",
+        Unit::Seconds,
+        "Time from gateway acceptance to the device's ack, stored deliveries included."
+    );
+    describe_histogram!(
+        "courier_node_store_commit_seconds",
+        Unit::Seconds,
+        "Duration of one group commit of the store."
+    );
+    describe_histogram!(
+        "courier_node_store_commit_batch_size",
+        "Notifications written by one group commit of the store."
+    );
+    describe_gauge!("courier_raft_term", "Current Raft term, as this node sees it.");
+    describe_gauge!("courier_raft_leader_id", "Node id of the Raft leader this node knows, -1 without one.");
+    describe_gauge!("courier_raft_is_leader", "1 if this node is the Raft leader, else 0.");
+    describe_gauge!("courier_raft_last_log_index", "Index of the last entry in this node's Raft log.");
+    describe_gauge!("courier_raft_committed_index", "Highest Raft log index this node knows to be committed.");
+    describe_gauge!("courier_raft_applied_index", "Highest Raft log index this node has applied to its state machine.");
+    describe_gauge!("courier_cluster_epoch", "Cluster epoch this node has applied.");
+    describe_gauge!("courier_cluster_members", "Cluster members in each state, as this node sees them.");
+    describe_gauge!("courier_token_key_active_id", "Id of the token key that mints new device tokens.");
+}
+
 /// Readiness of one role in this process; `/readyz` answers 200 only when every registered flag is set.
 #[derive(Clone, Default)]
 pub struct Readiness {
