@@ -158,6 +158,10 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     describe_metrics();
 
     let pki = PkiDir::new(&config.pki_dir);
+    courier_node::pki::export_certificate_expiry(&[
+        ("gateway", pki.member_cert("gateway")),
+        ("cluster-ca", pki.cluster_ca_cert()),
+    ]);
     let chain = courier_node::pki::load_certs(&pki.member_cert("gateway"))?;
     let key = courier_node::pki::load_key(&pki.member_key("gateway"))?;
     let tls = provider_tls(&pki, chain, key)?;

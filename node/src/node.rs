@@ -99,6 +99,11 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     telemetry::describe_node_metrics();
     let pki = PkiDir::new(&config.pki_dir);
     let device_ca = DeviceCa::load(&pki)?;
+    crate::pki::export_certificate_expiry(&[
+        ("node", pki.member_cert("node")),
+        ("cluster-ca", pki.cluster_ca_cert()),
+        ("device-ca", pki.device_ca_cert()),
+    ]);
     let store = Store::open_with_cap(&config.data_dir.join("courier.redb"), config.queue_cap_per_topic)?;
     let registry = Arc::new(Registry::default());
     // Provider API: unregistered topics and the delivery-status log.

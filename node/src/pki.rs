@@ -384,6 +384,33 @@ pub fn provider_identity_from_cert(cert: &CertificateDer<'_>) -> Option<Provider
     (!topics.is_empty()).then_some(ProviderIdentity { team_id, topics })
 }
 
+/// The notAfter time of the first certificate in a PEM file, UNIX seconds.
+pub fn not_after(path: &Path) -> Result<i64, PkiError> {
+    use x509_parser::prelude::FromDer;
+    let certs = load_certs(path)?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(certs[0].as_ref())
+        .map_err(|e| PkiError::Invalid { path: path.into(), detail: e.to_string() })?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+/// Publishes `courier_certificate_expiry_timestamp_seconds{certificate}` for each certificate a process
+/// loaded, so that an alert can warn before one expires.
+pub fn export_certificate_expiry(certificates: &[(&str, PathBuf)]) {
+    metrics::describe_gauge!(
+        "courier_certificate_expiry_timestamp_seconds",
+        "When each certificate this process loaded expires (notAfter), UNIX seconds."
+    );
+    for (name, path) in certificates {
+        match not_after(path) {
+            Ok(at) => {
+                metrics::gauge!("courier_certificate_expiry_timestamp_seconds", "certificate" => name.to_string())
+                    .set(at as f64)
+            }
+            Err(error) => tracing::warn!(%error, "cannot read a certificate's expiry"),
+        }
+    }
+}
+
 /// Reads the device id out of a device certificate the TLS layer has already verified.
 pub fn device_id_from_cert(cert: &CertificateDer<'_>) -> Option<DeviceId> {
     use x509_parser::prelude::FromDer;
@@ -497,6 +524,16 @@ mod tests {
         // A member certificate names no team.
         let node = load_certs(&pki.member_cert("node")).unwrap();
         assert_eq!(provider_identity_from_cert(&node[0]), None);
+    }
+
+    #[test]
+    fn certificate_expiry_is_read_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &PkiOptions::default()).unwrap();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let node = not_after(&PkiDir::new(dir.path()).member_cert("node")).unwrap();
+        assert!(node > now + 365 * 86400 && node <= now + 2 * 365 * 86400 + 60, "{node}");
+        assert!(not_after(&dir.path().join("missing.pem")).is_err());
     }
 
     #[test]

@@ -66,6 +66,10 @@ pub fn describe_node_metrics() {
     );
     describe_counter!("courier_node_replication_failures_total", "Replication RPCs to a peer that failed.");
     describe_gauge!("courier_node_status_entries", "Delivery-status records this node keeps.");
+    describe_gauge!(
+        "courier_token_key_retires_at_seconds",
+        "When each accepting token key retires and its tokens start answering 410 ExpiredToken, UNIX seconds."
+    );
     describe_counter!("courier_node_activations_total", "Device activation requests, by outcome.");
     describe_counter!(
         "courier_node_links_refused_total",

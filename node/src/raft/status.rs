@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::control::Control;
-use super::state::MemberState;
+use super::state::{KeyState, MemberState};
 use crate::ring::Ring;
 
 /// The node's view as a JSON document. Contains no secret.
@@ -109,6 +109,12 @@ pub async fn export_metrics(
         }
         if let Some(active) = state.active_key() {
             metrics::gauge!("courier_token_key_active_id", &label()).set(f64::from(active.key.id.0));
+        }
+        let grace_ms = control.settings.key_grace.as_millis() as u64;
+        for record in state.token_keys.values().filter(|r| r.state == KeyState::Accepting) {
+            let retires_at = (record.state_since_ms + grace_ms) as f64 / 1000.0;
+            metrics::gauge!("courier_token_key_retires_at_seconds", "node" => node.clone(), "key" => record.key.id.0.to_string())
+                .set(retires_at);
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
