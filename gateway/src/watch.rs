@@ -106,9 +106,7 @@ impl ClusterWatch {
     }
 
     fn apply(&self, state: &ClusterState) {
-        if !state.token_keys.is_empty() {
-            self.keyring.replace_with_states(state.token_keys.values().map(|r| (r.key.clone(), r.state)));
-        }
+        state.sync_keyring(&self.keyring);
         let credentials: Vec<ProviderCredential> = state
             .providers
             .iter()

@@ -411,22 +411,20 @@ impl DeviceLink {
     pub async fn sync(&mut self) -> Result<Vec<wire::Notification>, ClientError> {
         let nonce: u64 = rand::random();
         self.send(device_frame::Kind::Ping(wire::Ping { nonce })).await?;
-        let mut arrived = Vec::new();
-        while let Some(kind) = self.buffered.pop_front() {
-            if let server_frame::Kind::Notification(n) = kind {
-                arrived.push(n);
-            }
-        }
+        // Frames already buffered come first in `buffered`, those read while waiting after them.
         self.wait_for(|kind| match kind {
             server_frame::Kind::Pong(pong) if pong.nonce == nonce => Some(()),
             _ => None,
         })
         .await?;
-        while let Some(kind) = self.buffered.pop_front() {
-            if let server_frame::Kind::Notification(n) = kind {
-                arrived.push(n);
-            }
-        }
+        let arrived = self
+            .buffered
+            .drain(..)
+            .filter_map(|kind| match kind {
+                server_frame::Kind::Notification(n) => Some(n),
+                _ => None,
+            })
+            .collect();
         Ok(arrived)
     }
 

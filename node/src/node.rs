@@ -145,7 +145,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     let replicator = Arc::new(Replicator::new(config.node_id, peers, view.clone(), Duration::from_secs(2)));
     let (rebalanced, rebalanced_rx) = watch::channel(Epoch::default());
     let keyring = Keyring::default();
-    apply_keys(&keyring, &state.borrow());
+    state.borrow().sync_keyring(&keyring);
 
     let acceptor = TlsAcceptor::from(Arc::new(tls::device_server_config(&pki, "node")?));
     let grpc_tls = ServerTlsConfig::new()
@@ -249,13 +249,6 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     })
 }
 
-fn apply_keys(keyring: &Keyring, state: &ClusterState) {
-    if state.token_keys.is_empty() {
-        return;
-    }
-    keyring.replace_with_states(state.token_keys.values().map(|r| (r.key.clone(), r.state)));
-}
-
 /// What `follow_state` keeps in step with the applied state.
 struct Followers {
     view: Arc<LocalView>,
@@ -286,7 +279,7 @@ async fn follow_state(
         }
         let current = state.borrow_and_update().clone();
         view.update(current.clone());
-        apply_keys(&keyring, &current);
+        current.sync_keyring(&keyring);
         let ring = Ring::from_state(&current);
         if ring.members() != ring_before.members() || ring_before.members().is_empty() {
             let rebalance = tokio::select! {
@@ -364,9 +357,7 @@ async fn reactivate(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) 
 /// Ready once this node is an active member of an epoch it has applied and a leader is known.
 async fn track_readiness(control: Arc<Control>, readiness: Readiness, mut shutdown: watch::Receiver<bool>) {
     loop {
-        let state = control.current();
-        let active = state.members.get(&control.id).is_some_and(|m| m.state == MemberState::Active);
-        readiness.set(active && control.leader().is_some());
+        readiness.set(control.is_serving());
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = stopped(&mut shutdown) => return,
@@ -410,8 +401,6 @@ impl RunningNode {
 
     /// Whether this node is an active member with a known leader (what `/readyz` says).
     pub fn is_ready(&self) -> bool {
-        let state = self.control.current();
-        state.members.get(&self.control.id).is_some_and(|m| m.state == MemberState::Active)
-            && self.control.leader().is_some()
+        self.control.is_serving()
     }
 }

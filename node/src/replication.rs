@@ -149,22 +149,33 @@ impl Replicator {
         let stays = new.contains(&self.id);
         let targets: Vec<NodeId> =
             new.iter().copied().filter(|n| *n != self.id && (!old.contains(n) || !stays)).collect();
-        let mut report = RebalanceReport::default();
         if targets.is_empty() && stays {
-            return Ok(report);
+            return Ok(RebalanceReport::default());
         }
+        self.hand_over(store, device, &targets, !stays && !new.is_empty()).await
+    }
+
+    /// Sends the device's queue to every node in `targets`; with `release`, drops the local copies once
+    /// all of them have it.
+    async fn hand_over(
+        &self,
+        store: &Store,
+        device: DeviceId,
+        targets: &[NodeId],
+        release: bool,
+    ) -> Result<RebalanceReport, crate::store::StoreError> {
         let queue = store.pending(device).await?;
         let mut complete = true;
-        for target in &targets {
+        for target in targets {
             let sent = join_all(queue.iter().map(|n| self.put_to(*target, n.clone()))).await;
             complete &= sent.iter().all(|ok| *ok);
         }
-        report.moved += queue.len() * targets.len();
-        if !stays && complete && !new.is_empty() {
+        let mut report = RebalanceReport { moved: queue.len() * targets.len(), released: 0 };
+        if release && complete {
             for n in &queue {
                 store.remove(device, &n.apns_id).await?;
             }
-            report.released += queue.len();
+            report.released = queue.len();
         }
         Ok(report)
     }
@@ -218,18 +229,7 @@ impl Replicator {
             if candidates.is_empty() || candidates.contains(&self.id) {
                 continue;
             }
-            let queue = store.pending(device).await?;
-            let mut complete = true;
-            for target in &candidates {
-                let sent = join_all(queue.iter().map(|n| self.put_to(*target, n.clone()))).await;
-                complete &= sent.iter().all(|ok| *ok);
-            }
-            if complete {
-                for n in &queue {
-                    store.remove(device, &n.apns_id).await?;
-                }
-                released += queue.len();
-            }
+            released += self.hand_over(store, device, &candidates, true).await?.released;
         }
         Ok(released)
     }

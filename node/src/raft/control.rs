@@ -6,12 +6,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use courier_proto::cluster::cluster_client::ClusterClient;
 use courier_proto::cluster::{JoinRequest, JoinResponse, ProbeRequest, ProposeRequest, RemoveNodeRequest};
 use futures_util::future::join_all;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tonic::transport::Channel;
 
 use super::Raft;
 use super::state::{ClusterState, Command, CommandResponse, KeyState, MemberState, NodeId};
@@ -81,6 +83,17 @@ impl Control {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// An active member of the epoch it has applied, with a known leader: what `/readyz` reports.
+    pub fn is_serving(&self) -> bool {
+        let active = self.current().members.get(&self.id).is_some_and(|m| m.state == MemberState::Active);
+        active && self.leader().is_some()
+    }
+
+    /// The client for a peer's cluster API, for forwarding to the leader.
+    fn forward_to(&self, addr: &str) -> Result<ClusterClient<Channel>, ControlError> {
+        self.peers.client(addr).map_err(|e| ControlError::Forward(e.to_string()))
+    }
+
     pub fn is_leader(&self) -> bool {
         self.leader() == Some(self.id)
     }
@@ -136,7 +149,7 @@ impl Control {
 
     async fn forward_propose(&self, addr: &str, command: &Command) -> Result<CommandResponse, ControlError> {
         let command_json = serde_json::to_vec(command).map_err(|e| ControlError::Forward(e.to_string()))?;
-        let mut client = self.peers.client(addr).map_err(|e| ControlError::Forward(e.to_string()))?;
+        let mut client = self.forward_to(addr)?;
         let answer = client
             .propose(ProposeRequest { command_json })
             .await
@@ -157,7 +170,7 @@ impl Control {
     pub async fn join(&self, request: JoinRequest) -> Result<JoinResponse, ControlError> {
         let (leader, addr) = self.wait_for_leader().await?;
         if leader != self.id {
-            let mut client = self.peers.client(&addr).map_err(|e| ControlError::Forward(e.to_string()))?;
+            let mut client = self.forward_to(&addr)?;
             return client
                 .join(request)
                 .await
@@ -198,7 +211,7 @@ impl Control {
     pub async fn remove(&self, id: NodeId) -> Result<(), ControlError> {
         let (leader, addr) = self.wait_for_leader().await?;
         if leader != self.id {
-            let mut client = self.peers.client(&addr).map_err(|e| ControlError::Forward(e.to_string()))?;
+            let mut client = self.forward_to(&addr)?;
             client
                 .remove_node(RemoveNodeRequest { node_id: id })
                 .await

@@ -272,6 +272,14 @@ impl ClusterState {
         CommandResponse::Applied { epoch: self.epoch }
     }
 
+    /// Makes `keyring` hold exactly this state's token keys in their states; an empty key set (a cluster
+    /// not yet bootstrapped) leaves it as it is.
+    pub fn sync_keyring(&self, keyring: &crate::token::Keyring) {
+        if !self.token_keys.is_empty() {
+            keyring.replace_with_states(self.token_keys.values().map(|r| (r.key.clone(), r.state)));
+        }
+    }
+
     pub fn active_key(&self) -> Option<&TokenKeyRecord> {
         self.token_keys.values().find(|r| r.state == KeyState::Active)
     }
