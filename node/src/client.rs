@@ -5,7 +5,7 @@
 //! recently surfaced: delivery on the wire is at-least-once, to the app it is once.
 
 use std::collections::{HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use std::time::Duration;
 use courier_proto::device::{self as wire, DeviceFrame, GoodbyeReason, ServerFrame, device_frame, server_frame};
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -110,26 +110,95 @@ const MAX_REDIRECTS: usize = 4;
 
 type ClientLink = Framed<TlsStream<TcpStream>, FrameCodec<ServerFrame>>;
 
-async fn open(endpoint: &DeviceEndpoint, identity: Option<&DeviceCredentials>) -> Result<ClientLink, ClientError> {
-    let identity = identity.map(|c| {
-        (
-            vec![CertificateDer::from(c.cert_der.clone())],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key_der.clone())),
-        )
-    });
-    let config = tls::client_config(&endpoint.ca_path, identity, &[])?;
-    let server_name = ServerName::try_from(endpoint.server_name.clone())
-        .map_err(|e| ClientError::Unexpected(format!("server name {:?}: {e}", endpoint.server_name)))?;
-    let tcp = TcpStream::connect(endpoint.addr)
-        .await
-        .map_err(|source| ClientError::Connect { addr: endpoint.addr, source })?;
-    let _ = tcp.set_nodelay(true);
-    let tls = TlsConnector::from(Arc::new(config))
-        .connect(server_name, tcp)
-        .await
-        .map_err(|source| ClientError::Connect { addr: endpoint.addr, source })?;
-    Ok(Framed::new(tls, FrameCodec::new(DEFAULT_MAX_FRAME)))
+/// A TLS client for one identity (or none, to activate), built once and reused: the CA is parsed once,
+/// and the TLS sessions the nodes hand out are remembered, so a reconnect resumes instead of repeating the
+/// full handshake. Cheap to clone.
+#[derive(Clone)]
+pub struct Connector {
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+    /// Local address links are opened from; `None` lets the OS choose.
+    bind: Option<IpAddr>,
 }
+
+/// Sessions a connector remembers per server name; a device talks to few nodes.
+const SESSIONS_PER_CONNECTOR: usize = 4;
+
+impl Connector {
+    /// A connector trusting the CA in `endpoint.ca_path`, presenting `identity` when given.
+    pub fn new(endpoint: &DeviceEndpoint, identity: Option<&DeviceCredentials>) -> Result<Self, ClientError> {
+        Self::with_roots(Arc::new(tls::roots_from(&endpoint.ca_path)?), &endpoint.server_name, identity)
+    }
+
+    /// As `new`, with the trusted roots already loaded (many connectors can share one root store).
+    pub fn with_roots(
+        roots: Arc<rustls::RootCertStore>,
+        server_name: &str,
+        identity: Option<&DeviceCredentials>,
+    ) -> Result<Self, ClientError> {
+        let identity = identity.map(|c| {
+            (
+                vec![CertificateDer::from(c.cert_der.clone())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key_der.clone())),
+            )
+        });
+        let mut config = tls::client_config_with_roots(roots, identity, &[])?;
+        config.resumption = rustls::client::Resumption::in_memory_sessions(SESSIONS_PER_CONNECTOR);
+        let server_name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| ClientError::Unexpected(format!("server name {server_name:?}: {e}")))?;
+        Ok(Connector { config: Arc::new(config), server_name, bind: None })
+    }
+
+    /// Opens links from `ip` (for instance one of several 127.0.0.x, to spread many links over more
+    /// source ports).
+    pub fn bind_to(mut self, ip: IpAddr) -> Self {
+        self.bind = Some(ip);
+        self
+    }
+
+    async fn tcp(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let Some(ip) = self.bind else {
+            return TcpStream::connect(addr).await;
+        };
+        let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        bind_address_no_port(&socket);
+        socket.bind(SocketAddr::new(ip, 0))?;
+        socket.connect(addr).await
+    }
+
+    /// Opens a TLS link to `addr`; also says whether the handshake resumed an earlier session.
+    async fn open(&self, addr: SocketAddr) -> Result<(ClientLink, bool), ClientError> {
+        let tcp = self.tcp(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(self.config.clone())
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        Ok((Framed::new(tls, FrameCodec::new(DEFAULT_MAX_FRAME)), resumed))
+    }
+}
+
+/// Lets a socket bound to an address (port 0) pick its port only at connect, per destination, so one
+/// source address is not limited to one ephemeral port range across all destinations. Linux only.
+#[cfg(target_os = "linux")]
+fn bind_address_no_port(socket: &TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn bind_address_no_port(_socket: &TcpSocket) {}
 
 fn device_frame(kind: device_frame::Kind) -> DeviceFrame {
     DeviceFrame { kind: Some(kind) }
@@ -152,8 +221,17 @@ async fn next_frame(link: &mut ClientLink, wait: Duration) -> Result<server_fram
 
 /// Asks the node for a device certificate: a fresh key, a CSR, and the enrolment secret.
 pub async fn activate(endpoint: &DeviceEndpoint, enrolment_secret: &str) -> Result<DeviceCredentials, ClientError> {
+    activate_via(&Connector::new(endpoint, None)?, endpoint.addr, enrolment_secret).await
+}
+
+/// As `activate`, through a connector without identity (reused across many activations).
+pub async fn activate_via(
+    connector: &Connector,
+    addr: SocketAddr,
+    enrolment_secret: &str,
+) -> Result<DeviceCredentials, ClientError> {
     let (key, csr_der) = pki::new_device_key_and_csr()?;
-    let mut link = open(endpoint, None).await?;
+    let (mut link, _) = connector.open(addr).await?;
     let request = wire::Activate { csr_der, enrolment_secret: enrolment_secret.to_string() };
     link.send(device_frame(device_frame::Kind::Activate(request))).await?;
     match next_frame(&mut link, Duration::from_secs(10)).await? {
@@ -166,6 +244,15 @@ pub async fn activate(endpoint: &DeviceEndpoint, enrolment_secret: &str) -> Resu
         }
         other => Err(ClientError::Unexpected(format!("{other:?}"))),
     }
+}
+
+/// The first address `host:port` resolves to (a redirect names the node's advertised device address).
+pub async fn resolve(device_addr: &str) -> Result<SocketAddr, ClientError> {
+    tokio::net::lookup_host(device_addr)
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| ClientError::Unexpected(format!("redirect to unresolvable {device_addr:?}")))
 }
 
 /// Something the node sent that the app may care about.
@@ -222,6 +309,8 @@ pub struct DeviceLink {
     pub node_addr: SocketAddr,
     pub device_id: DeviceId,
     pub keepalive: Duration,
+    /// Whether the TLS handshake resumed an earlier session rather than doing a full one.
+    pub resumed: bool,
     /// Frames that arrived while waiting for a specific answer.
     buffered: VecDeque<server_frame::Kind>,
     /// apns-ids already surfaced to the app; move it between links to keep dropping redeliveries.
@@ -252,30 +341,38 @@ impl DeviceLink {
         keepalive_secs: u32,
         held_tokens: &[(String, String)],
     ) -> Result<Self, ClientError> {
-        let mut endpoint = endpoint.clone();
+        let connector = Connector::new(endpoint, Some(credentials))?;
+        Self::connect_via(&connector, endpoint.addr, credentials.device_id, keepalive_secs, held_tokens).await
+    }
+
+    /// Connects through a reusable `connector` (built with this device's credentials), following
+    /// redirects; the connector's remembered sessions make reconnects resume.
+    pub async fn connect_via(
+        connector: &Connector,
+        addr: SocketAddr,
+        device_id: DeviceId,
+        keepalive_secs: u32,
+        held_tokens: &[(String, String)],
+    ) -> Result<Self, ClientError> {
+        let mut addr = addr;
         for _ in 0..MAX_REDIRECTS {
-            match Self::connect_once(&endpoint, credentials, keepalive_secs, held_tokens).await {
-                Err(ClientError::Redirected(device_addr)) => {
-                    endpoint.addr = tokio::net::lookup_host(&device_addr)
-                        .await
-                        .ok()
-                        .and_then(|mut addrs| addrs.next())
-                        .ok_or_else(|| ClientError::Unexpected(format!("redirect to unresolvable {device_addr:?}")))?;
-                }
+            match Self::connect_once(connector, addr, device_id, keepalive_secs, held_tokens).await {
+                Err(ClientError::Redirected(device_addr)) => addr = resolve(&device_addr).await?,
                 other => return other,
             }
         }
         Err(ClientError::Unexpected(format!("more than {MAX_REDIRECTS} redirects")))
     }
 
-    /// One attempt on `endpoint`; a redirect comes back as `ClientError::Redirected`.
+    /// One attempt on `addr`; a redirect comes back as `ClientError::Redirected`.
     pub async fn connect_once(
-        endpoint: &DeviceEndpoint,
-        credentials: &DeviceCredentials,
+        connector: &Connector,
+        addr: SocketAddr,
+        device_id: DeviceId,
         keepalive_secs: u32,
         held_tokens: &[(String, String)],
     ) -> Result<Self, ClientError> {
-        let mut link = open(endpoint, Some(credentials)).await?;
+        let (mut link, resumed) = connector.open(addr).await?;
         let hello = wire::Hello {
             keepalive_secs,
             client: concat!("courier/", env!("CARGO_PKG_VERSION")).into(),
@@ -288,10 +385,11 @@ impl DeviceLink {
         match next_frame(&mut link, Duration::from_secs(10)).await? {
             server_frame::Kind::Redirect(redirect) => Err(ClientError::Redirected(redirect.device_addr)),
             server_frame::Kind::Welcome(welcome) => Ok(DeviceLink {
-                node_addr: endpoint.addr,
+                node_addr: addr,
                 link,
-                device_id: credentials.device_id,
+                device_id,
                 keepalive: Duration::from_secs(u64::from(welcome.keepalive_secs.max(1))),
+                resumed,
                 buffered: VecDeque::new(),
                 seen: SeenIds::default(),
                 unacked: VecDeque::new(),

@@ -36,9 +36,14 @@ pub fn prometheus() -> PrometheusHandle {
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
                 .spawn(move || {
-                    loop {
-                        std::thread::sleep(Duration::from_secs(5));
-                        upkeep.run_upkeep();
+                    for tick in 1u64.. {
+                        std::thread::sleep(Duration::from_secs(1));
+                        if let Some(rss) = resident_memory_bytes() {
+                            metrics::gauge!("process_resident_memory_bytes").set(rss as f64);
+                        }
+                        if tick % 5 == 0 {
+                            upkeep.run_upkeep();
+                        }
                     }
                 })
                 .expect("spawning the metrics upkeep thread");
@@ -47,10 +52,24 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// This process's resident set size, from `/proc/self/statm` (Linux; `None` elsewhere).
+pub fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page_size).ok()?)
+}
+
 /// Help text for every metric a node exports, so that `promtool check metrics` finds each one described.
 pub fn describe_node_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!("courier_node_device_links", "Device links this node holds open.");
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident memory of this process (refreshed every second); the loadtest divides it by links."
+    );
     describe_counter!(
         "courier_node_notifications_dropped_total",
         "Stored notifications dropped before delivery, by reason (queue_full: over the per-topic cap)."

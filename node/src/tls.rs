@@ -42,15 +42,21 @@ pub fn roots_from(path: &Path) -> Result<RootCertStore, TlsError> {
 
 /// The device port: the node's certificate; a client certificate from the device CA is verified when
 /// offered, and its absence is allowed so that unactivated devices can ask for one.
+///
+/// Sessions resume through stateless tickets (one per handshake, keys rotated by rustls every 6 hours and
+/// held only in this process), so a reconnecting device skips the certificate exchange and the node keeps
+/// no per-session memory. A resumed session carries the client certificate it was made with.
 pub fn device_server_config(pki: &PkiDir, role: &str) -> Result<ServerConfig, TlsError> {
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots_from(&pki.device_ca_cert())?), crypto_provider())
             .allow_unauthenticated()
             .build()?;
-    let config = ServerConfig::builder_with_provider(crypto_provider())
+    let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(&pki.member_cert(role))?, load_key(&pki.member_key(role))?)?;
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    config.send_tls13_tickets = 1;
     Ok(config)
 }
 
@@ -74,9 +80,18 @@ pub fn client_config(
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     alpn: &[&[u8]],
 ) -> Result<ClientConfig, TlsError> {
+    client_config_with_roots(Arc::new(roots_from(ca_path)?), identity, alpn)
+}
+
+/// As `client_config`, with the trusted roots already loaded.
+pub fn client_config_with_roots(
+    roots: Arc<RootCertStore>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, TlsError> {
     let builder = ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots_from(ca_path)?);
+        .with_root_certificates(roots);
     let mut config = match identity {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
         None => builder.with_no_client_auth(),

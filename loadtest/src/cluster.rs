@@ -1,0 +1,277 @@
+//! The cluster under test: spawned here as child processes (`--spawn N`), or an existing one.
+//!
+//! A spawned cluster is N `courier node` processes and one `courier gateway` on loopback with OS-chosen
+//! ports. Its PKI stays in `--spawn-dir` between runs, so cached devices stay valid; node data is wiped
+//! at each start so no notification of an earlier run is left in a queue. The gateway's per-device rate
+//! limit is turned off (`--device-rate-per-sec 0`): a load test pushes to each device far faster than an
+//! app would. Node and gateway logs go to `<spawn-dir>/*.log`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use courier_gateway::provider::JwtSigner;
+use courier_node::pki::{PkiDir, PkiOptions};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Child;
+
+use crate::cli::TargetArgs;
+
+pub struct SpawnedNode {
+    pub id: u64,
+    pub child: Child,
+    pub pid: u32,
+    pub device_addr: String,
+    pub cluster_addr: String,
+    pub metrics_addr: String,
+    pub killed: bool,
+}
+
+pub struct Target {
+    pub device_addrs: Vec<String>,
+    pub provider_addr: SocketAddr,
+    pub server_name: String,
+    /// The CA that signs node and gateway certificates.
+    pub ca: PathBuf,
+    pub signer: JwtSigner,
+    pub enrolment_secret: String,
+    pub node_metrics: Vec<String>,
+    pub nodes: Vec<SpawnedNode>,
+    pub gateway: Option<Child>,
+}
+
+impl Target {
+    pub async fn from_args(args: &TargetArgs, quiet: bool) -> anyhow::Result<Target> {
+        match args.spawn {
+            Some(n) => spawn(args, n, quiet).await,
+            None => existing(args).await,
+        }
+    }
+
+    pub fn spawned(&self) -> bool {
+        !self.nodes.is_empty()
+    }
+
+    /// Summed resident memory of the nodes: from /proc for spawned ones, else from their metrics.
+    pub async fn node_rss(&self) -> Option<u64> {
+        if self.spawned() {
+            let mut total = 0;
+            for node in self.nodes.iter().filter(|n| !n.killed) {
+                total += crate::rss_of(node.pid)?;
+            }
+            return Some(total);
+        }
+        if self.node_metrics.is_empty() {
+            return None;
+        }
+        let mut total = 0.0;
+        for url in &self.node_metrics {
+            let text = http_get(url).await.ok()?;
+            total += text.lines().find_map(|line| {
+                line.strip_prefix("process_resident_memory_bytes")?
+                    .trim()
+                    .split_whitespace()
+                    .last()?
+                    .parse::<f64>()
+                    .ok()
+            })?;
+        }
+        Some(total as u64)
+    }
+
+    /// SIGKILLs spawned node `index` (0-based); returns its device address.
+    pub fn kill(&mut self, index: usize) -> anyhow::Result<String> {
+        let node = self.nodes.get_mut(index).context("no such node")?;
+        node.child.start_kill().context("killing the node")?;
+        node.killed = true;
+        Ok(node.device_addr.clone())
+    }
+
+    /// Stops spawned processes (SIGKILL; their data is wiped at the next start anyway).
+    pub async fn stop(mut self) {
+        if let Some(mut gateway) = self.gateway.take() {
+            let _ = gateway.kill().await;
+        }
+        for node in &mut self.nodes {
+            let _ = node.child.kill().await;
+        }
+    }
+}
+
+async fn existing(args: &TargetArgs) -> anyhow::Result<Target> {
+    anyhow::ensure!(
+        !args.device_addr.is_empty() && args.provider_addr.is_some(),
+        "give either --spawn N, or an existing cluster's --device-addr and --provider-addr (with --pki-dir, or \
+         --ca and --provider-key/--team-id/--key-id)"
+    );
+    let (ca, signer) = match (&args.pki_dir, &args.ca, &args.provider_key) {
+        (Some(dir), ca, None) => {
+            let pki = PkiDir::new(dir);
+            let signer = JwtSigner::from_pki(&pki).context("reading the provider credential from --pki-dir")?;
+            (ca.clone().unwrap_or_else(|| pki.cluster_ca_cert()), signer)
+        }
+        (_, Some(ca), Some(key)) => {
+            let (Some(team), Some(kid)) = (&args.team_id, &args.key_id) else {
+                anyhow::bail!("--provider-key needs --team-id and --key-id");
+            };
+            let pem = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+            (ca.clone(), JwtSigner::new(team, kid, &pem)?)
+        }
+        _ => anyhow::bail!("an existing cluster needs --pki-dir, or --ca with --provider-key, --team-id and --key-id"),
+    };
+    let provider = args.provider_addr.clone().unwrap_or_default();
+    Ok(Target {
+        device_addrs: args.device_addr.clone(),
+        provider_addr: crate::cli::resolve(&provider).await?,
+        server_name: args.server_name.clone(),
+        ca,
+        signer,
+        enrolment_secret: args.enrolment_secret.clone(),
+        node_metrics: args.node_metrics.clone(),
+        nodes: Vec::new(),
+        gateway: None,
+    })
+}
+
+fn courier_bin(args: &TargetArgs) -> anyhow::Result<PathBuf> {
+    if let Some(bin) = &args.courier_bin {
+        return Ok(bin.clone());
+    }
+    let exe = std::env::current_exe()?;
+    let beside = exe.with_file_name("courier");
+    anyhow::ensure!(
+        beside.exists(),
+        "--spawn runs the `courier` binary, expected at {} (build it with `cargo build --release`, or pass \
+         --courier-bin)",
+        beside.display()
+    );
+    Ok(beside)
+}
+
+/// Reads the child's first stdout line (`{"event":"listening",...}`) and keeps draining the rest.
+async fn listening(child: &mut Child, what: &str) -> anyhow::Result<serde_json::Value> {
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .with_context(|| format!("{what} did not start within 60 s"))??
+        .with_context(|| format!("{what} exited at start (see its log)"))?;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let value: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("{what} printed {line:?}"))?;
+    anyhow::ensure!(value["event"] == "listening", "{what} printed {line:?}");
+    Ok(value)
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    let path = dir.join(format!("{name}.log"));
+    std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
+}
+
+async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Target> {
+    anyhow::ensure!(n >= 1, "--spawn needs at least one node");
+    let bin = courier_bin(args)?;
+    let dir = &args.spawn_dir;
+    courier_node::pki::init(dir, &PkiOptions::default())
+        .with_context(|| format!("creating the PKI in {}", dir.display()))?;
+    let pki = PkiDir::new(dir);
+    let mut nodes: Vec<SpawnedNode> = Vec::new();
+    for id in 1..=n as u64 {
+        let data = dir.join(format!("node-{id}"));
+        if data.exists() {
+            std::fs::remove_dir_all(&data).with_context(|| format!("wiping {}", data.display()))?;
+        }
+        let mut command = tokio::process::Command::new(&bin);
+        command
+            .args(["node", "--node-id", &id.to_string()])
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--pki-dir")
+            .arg(dir)
+            .args(["--device-addr", "127.0.0.1:0", "--cluster-addr", "127.0.0.1:0"])
+            .args(["--node-metrics-addr", "127.0.0.1:0", "--open-enrolment"])
+            .args(&args.node_args)
+            .env("RUST_LOG", std::env::var("COURIER_LOADTEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(log_file(dir, &format!("node-{id}"))?)
+            .kill_on_drop(true);
+        if let Some(seed) = nodes.first() {
+            command.args(["--join", &seed.cluster_addr]);
+        }
+        let mut child = command.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        let value = listening(&mut child, &format!("node {id}")).await?;
+        let field = |name: &str| value[name].as_str().unwrap_or_default().to_string();
+        nodes.push(SpawnedNode {
+            id,
+            pid: child.id().unwrap_or(0),
+            child,
+            device_addr: field("device_addr"),
+            cluster_addr: field("cluster_addr"),
+            metrics_addr: field("metrics_addr"),
+            killed: false,
+        });
+    }
+    // Every node ready (an active member with a leader), so devices are not moved by a late join.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for node in &nodes {
+        while !ready(&node.metrics_addr).await {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "node {} did not become ready in 60 s", node.id);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let node_addrs: Vec<_> = nodes.iter().map(|n| n.cluster_addr.clone()).collect();
+    let mut gateway = tokio::process::Command::new(&bin)
+        .arg("gateway")
+        .arg("--pki-dir")
+        .arg(dir)
+        .args(["--node-addr", &node_addrs.join(",")])
+        .args(["--provider-addr", "127.0.0.1:0", "--gateway-metrics-addr", "127.0.0.1:0"])
+        .args(["--device-rate-per-sec", "0"])
+        .args(&args.gateway_args)
+        .env("RUST_LOG", std::env::var("COURIER_LOADTEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::piped())
+        .stderr(log_file(dir, "gateway")?)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the gateway")?;
+    let value = listening(&mut gateway, "the gateway").await?;
+    let provider_addr: SocketAddr = value["provider_addr"].as_str().unwrap_or_default().parse()?;
+    let gateway_metrics = value["metrics_addr"].as_str().unwrap_or_default().to_string();
+    while !ready(&gateway_metrics).await {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the gateway did not become ready in 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !quiet {
+        eprintln!(
+            "spawned {n} node(s) and a gateway (provider API {provider_addr}); PKI and logs in {}",
+            dir.display()
+        );
+    }
+    Ok(Target {
+        device_addrs: nodes.iter().map(|n| n.device_addr.clone()).collect(),
+        provider_addr,
+        server_name: "localhost".into(),
+        ca: pki.cluster_ca_cert(),
+        signer: JwtSigner::from_pki(&pki)?,
+        enrolment_secret: String::new(),
+        node_metrics: nodes.iter().map(|n| format!("http://{}/metrics", n.metrics_addr)).collect(),
+        nodes,
+        gateway: Some(gateway),
+    })
+}
+
+async fn ready(metrics_addr: &str) -> bool {
+    http_get(&format!("http://{metrics_addr}/readyz")).await.is_ok_and(|body| body.starts_with("HTTP/1.1 200"))
+}
+
+/// A plain HTTP/1.1 GET (metrics and health endpoints); returns the whole response, status line included.
+pub async fn http_get(url: &str) -> anyhow::Result<String> {
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(host)).await??;
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut body)).await??;
+    Ok(body)
+}

@@ -1,0 +1,176 @@
+//! Provider load: HTTP/2 connections to the gateway, each carrying up to `streams` concurrent pushes signed
+//! with an ES256 provider JWT, exactly as an app server using an APNs library would send them.
+//!
+//! At a fixed rate the load is open-loop: push `s` is due at `start + s / rate` and is sent then however
+//! slowly earlier ones are answered, and its latency counts from when it was due, so a slow cluster shows
+//! up as latency instead of as a quietly lower offered rate. At `max`, `connections × streams` senders
+//! each send their next push as soon as the previous one is answered.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use courier_gateway::provider::{JwtSigner, ProviderClient, Push};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::cli::Rate;
+use crate::report::Ledger;
+
+/// Pushes due but not yet answered beyond which the open-loop sender counts new ones as `client_backlog`
+/// errors instead of holding them (the cluster is far behind; memory would grow without bound).
+const MAX_OUTSTANDING: u64 = 200_000;
+
+pub struct LoadPlan {
+    pub provider_addr: SocketAddr,
+    pub server_name: String,
+    pub ca: PathBuf,
+    pub signer: JwtSigner,
+    pub topic: String,
+    pub connections: usize,
+    pub streams: usize,
+    pub rate: Rate,
+    pub duration: Duration,
+    pub run_id: u32,
+    /// (device index, token) in the order pushes go round them.
+    pub targets: Vec<(u64, String)>,
+    /// Stop early once this many pushes were sent (for a fixed number, as the offline scenario needs).
+    pub limit: Option<u64>,
+}
+
+pub struct LoadOutcome {
+    /// Pushes sent (and answered, or failed).
+    pub sent: u64,
+    /// From the first send to the last answer.
+    pub elapsed: Duration,
+}
+
+struct Sender {
+    clients: Vec<(ProviderClient, Semaphore)>,
+    authorization: String,
+    topic: String,
+    run_id: u32,
+    targets: Vec<(u64, String)>,
+    start: Instant,
+    start_us: u64,
+    ledger: Arc<Mutex<Ledger>>,
+    outstanding: AtomicU64,
+}
+
+impl Sender {
+    async fn send(&self, seq: u64, due: Instant) {
+        let (client, streams) = &self.clients[(seq % self.clients.len() as u64) as usize];
+        let (device, token) = &self.targets[(seq % self.targets.len() as u64) as usize];
+        let sent_us = self.start_us + due.saturating_duration_since(self.start).as_micros() as u64;
+        let push = Push {
+            token: token.clone(),
+            topic: Some(self.topic.clone()),
+            apns_id: Some(crate::msg::apns_id(self.run_id, seq)),
+            authorization: Some(self.authorization.clone()),
+            payload: crate::msg::payload(self.run_id, seq, *device, sent_us),
+            ..Push::default()
+        };
+        let result = match streams.acquire().await {
+            Ok(_permit) => client.push(&push).await,
+            Err(_) => return,
+        };
+        let latency = due.elapsed().as_micros() as u64;
+        let outcome = match result {
+            Ok(response) if response.status == 200 => Ok(()),
+            Ok(response) => Err(response.reason.unwrap_or_else(|| format!("HTTP {}", response.status))),
+            Err(error) => Err(format!("transport: {}", short(&error.to_string()))),
+        };
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner()).answer(seq, outcome, latency);
+    }
+}
+
+fn short(text: &str) -> String {
+    text.chars().take(80).collect()
+}
+
+/// Runs the load to its end and waits for every answer.
+pub async fn run(plan: LoadPlan, ledger: Arc<Mutex<Ledger>>) -> anyhow::Result<LoadOutcome> {
+    anyhow::ensure!(!plan.targets.is_empty(), "no device tokens to push to");
+    let mut clients = Vec::with_capacity(plan.connections.max(1));
+    for _ in 0..plan.connections.max(1) {
+        let client = ProviderClient::connect(plan.provider_addr, &plan.server_name, &plan.ca)
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to the provider API at {}: {e}", plan.provider_addr))?;
+        clients.push((client, Semaphore::new(plan.streams.max(1))));
+    }
+    ledger.lock().unwrap_or_else(|e| e.into_inner()).set_targets(plan.targets.iter().map(|(d, _)| *d).collect());
+    let start = Instant::now();
+    let sender = Arc::new(Sender {
+        clients,
+        authorization: format!("bearer {}", plan.signer.sign()),
+        topic: plan.topic.clone(),
+        run_id: plan.run_id,
+        targets: plan.targets,
+        start,
+        start_us: crate::unix_micros(),
+        ledger: ledger.clone(),
+        outstanding: AtomicU64::new(0),
+    });
+    let end = start + plan.duration;
+    let limit = plan.limit.unwrap_or(u64::MAX);
+    let next = Arc::new(AtomicU64::new(0));
+    match plan.rate {
+        Rate::Max => {
+            let senders: Vec<_> = (0..plan.connections.max(1) * plan.streams.max(1))
+                .map(|_| {
+                    let (sender, next) = (sender.clone(), next.clone());
+                    tokio::spawn(async move {
+                        while Instant::now() < end {
+                            let seq = next.fetch_add(1, Ordering::Relaxed);
+                            if seq >= limit {
+                                break;
+                            }
+                            sender.send(seq, Instant::now()).await;
+                        }
+                    })
+                })
+                .collect();
+            for task in senders {
+                task.await?;
+            }
+        }
+        Rate::PerSecond(rate) => {
+            let mut seq = 0u64;
+            let tasks = tokio_util::task::TaskTracker::new();
+            loop {
+                let now = Instant::now();
+                if now >= end || seq >= limit {
+                    break;
+                }
+                let due_count = ((now - start).as_secs_f64() * rate) as u64 + 1;
+                while seq < due_count.min(limit) {
+                    let due = start + Duration::from_secs_f64(seq as f64 / rate);
+                    if sender.outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
+                        ledger.lock().unwrap_or_else(|e| e.into_inner()).answer(
+                            seq,
+                            Err("client_backlog".into()),
+                            due.elapsed().as_micros() as u64,
+                        );
+                    } else {
+                        sender.outstanding.fetch_add(1, Ordering::Relaxed);
+                        let sender = sender.clone();
+                        tasks.spawn(async move {
+                            sender.send(seq, due).await;
+                            sender.outstanding.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    }
+                    seq += 1;
+                }
+                let next_due = start + Duration::from_secs_f64(seq as f64 / rate);
+                tokio::time::sleep_until(next_due.min(end)).await;
+            }
+            next.store(seq, Ordering::Relaxed);
+            tasks.close();
+            tasks.wait().await;
+        }
+    }
+    let sent = ledger.lock().unwrap_or_else(|e| e.into_inner()).sent;
+    Ok(LoadOutcome { sent, elapsed: start.elapsed() })
+}

@@ -1,0 +1,705 @@
+//! The four scenarios. Each prepares the target and the swarm the same way (`prepare`), drives its phases,
+//! prints a summary table, writes the JSON result, and returns whether the run passed.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use courier_node::client::Connector;
+use serde_json::json;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{ConnectArgs, FailoverArgs, LoadArgs, OfflineArgs, OutputArgs, PushArgs, SwarmArgs, TargetArgs};
+use crate::cluster::Target;
+use crate::load::LoadPlan;
+use crate::msg::Command;
+use crate::report::{Ledger, Percentiles, ProgressLine, PushSummary, print_table, write_json};
+use crate::swarm::{LINKS_PER_SOURCE, LINKS_PER_WORKER, Swarm, SwarmPlan, SwarmTotals, SwarmView};
+
+/// A prepared run: the cluster, the swarm (started, links not yet opened) and the ledger.
+struct Run {
+    scenario: &'static str,
+    target: Target,
+    swarm: Swarm,
+    ledger: Arc<Mutex<Ledger>>,
+    run_id: u32,
+    devices: usize,
+    workers: usize,
+    source_addrs: Vec<IpAddr>,
+    activated: usize,
+    phase: Arc<Mutex<String>>,
+    progress_stop: CancellationToken,
+    progress: tokio::task::JoinHandle<()>,
+    output: OutputArgs,
+    ramp_timeout: Duration,
+}
+
+async fn prepare(
+    scenario: &'static str,
+    target_args: &TargetArgs,
+    swarm_args: &SwarmArgs,
+    output: &OutputArgs,
+    register: bool,
+) -> anyhow::Result<Run> {
+    anyhow::ensure!(swarm_args.devices > 0, "--devices must be at least 1");
+    let target = Target::from_args(target_args, output.quiet).await?;
+    let mut endpoints: Vec<SocketAddr> = Vec::new();
+    for addr in &target.device_addrs {
+        endpoints.push(crate::cli::resolve(addr).await?);
+    }
+    let devices = swarm_args.devices;
+    if target.spawned() && devices.div_ceil(target.nodes.len()) > 19_000 {
+        eprintln!(
+            "warning: {devices} links over {} node processes is more than the 20,000 open files a process may \
+             hold here; use more nodes",
+            target.nodes.len()
+        );
+    }
+    let cache = crate::devices::cache_dir(&swarm_args.cache_dir, &target.ca)?;
+    let roots = Arc::new(courier_node::tls::roots_from(&target.ca)?);
+    let activation = Connector::with_roots(roots, &target.server_name, None)?;
+    let activated =
+        crate::devices::ensure(&cache, devices, &endpoints, &activation, &target.enrolment_secret, output.quiet)
+            .await
+            .context("activating devices")?;
+    let workers = swarm_args.workers.unwrap_or_else(|| devices.div_ceil(LINKS_PER_WORKER)).max(1);
+    let source_addrs = if !swarm_args.source_addrs.is_empty() {
+        swarm_args.source_addrs.clone()
+    } else if endpoints.iter().all(|e| e.ip().is_loopback()) && devices > LINKS_PER_SOURCE {
+        (1..=devices.div_ceil(LINKS_PER_SOURCE) as u8).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i))).collect()
+    } else {
+        Vec::new()
+    };
+    let run_id: u32 = rand::random();
+    let ledger = Arc::new(Mutex::new(Ledger::new(run_id)));
+    let swarm = Swarm::start(
+        SwarmPlan {
+            devices,
+            workers,
+            cache,
+            endpoints: target.device_addrs.clone(),
+            ca: target.ca.clone(),
+            server_name: target.server_name.clone(),
+            source_addrs: source_addrs.clone(),
+            topic: register.then(|| swarm_args.topic.clone()),
+            run_id,
+            connect_concurrency: swarm_args.connect_concurrency,
+            max_backoff_ms: swarm_args.max_backoff_ms,
+        },
+        ledger.clone(),
+    )
+    .await?;
+    let phase = Arc::new(Mutex::new("starting".to_string()));
+    let progress_stop = CancellationToken::new();
+    let progress = tokio::spawn(progress_loop(
+        swarm.view.clone(),
+        ledger.clone(),
+        phase.clone(),
+        devices,
+        output.quiet,
+        progress_stop.clone(),
+    ));
+    Ok(Run {
+        scenario,
+        target,
+        swarm,
+        ledger,
+        run_id,
+        devices,
+        workers,
+        source_addrs,
+        activated,
+        phase,
+        progress_stop,
+        progress,
+        output: output.clone(),
+        ramp_timeout: Duration::from_secs(swarm_args.ramp_timeout),
+    })
+}
+
+/// The live line: every second, what changed since the last one.
+async fn progress_loop(
+    view: SwarmView,
+    ledger: Arc<Mutex<Ledger>>,
+    phase: Arc<Mutex<String>>,
+    devices: usize,
+    quiet: bool,
+    stop: CancellationToken,
+) {
+    let mut line = ProgressLine::new(quiet);
+    let started = Instant::now();
+    let (mut last_at, mut last_handshakes, mut last_sent, mut last_received) = (Instant::now(), 0u64, 0u64, 0u64);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        let totals = view.totals();
+        let (sent, received, errors, p99) = {
+            let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
+            (ledger.sent, ledger.receipts, ledger.error_count(), ledger.take_interval_p99_ms())
+        };
+        let handshakes = totals.full + totals.resumed + totals.redirected;
+        let secs = last_at.elapsed().as_secs_f64().max(1e-3);
+        let rate = |now: u64, before: u64| (now.saturating_sub(before)) as f64 / secs;
+        let phase = phase.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        line.show(&format!(
+            "[{:>6.1}s] {phase:<9} links {}/{devices}  handshakes {:.0}/s  sent {sent} ({:.0}/s)  recv {received} \
+             ({:.0}/s)  p99 {}  errors {}",
+            started.elapsed().as_secs_f64(),
+            totals.links,
+            rate(handshakes, last_handshakes),
+            rate(sent, last_sent),
+            rate(received, last_received),
+            p99.map(|p| format!("{p:.1}ms")).unwrap_or_else(|| "-".into()),
+            errors + totals.connect_error_count(),
+        ));
+        (last_at, last_handshakes, last_sent, last_received) = (Instant::now(), handshakes, sent, received);
+    }
+    line.finish();
+}
+
+impl Run {
+    fn phase(&self, name: &str) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = name.to_string();
+    }
+
+    /// Polls until `done` holds; `false` after `timeout`. Fails at once if a worker died.
+    async fn wait(&self, timeout: Duration, mut done: impl FnMut(&Run) -> bool) -> anyhow::Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.swarm.view.check()?;
+            if done(self) {
+                return Ok(true);
+            }
+            if Instant::now() > deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn links(&self) -> u64 {
+        self.swarm.view.totals().links
+    }
+
+    /// Opens every link and, when registering, waits for every token; fails with what went wrong if the
+    /// swarm does not get there in time.
+    async fn connect_all(&mut self, register: bool) -> anyhow::Result<Duration> {
+        self.phase("connect");
+        let started = Instant::now();
+        self.swarm.command(&Command::Connect).await?;
+        let n = self.devices;
+        let ok = self
+            .wait(self.ramp_timeout, |run| run.links() >= n as u64 && (!register || run.swarm.view.token_count() >= n))
+            .await?;
+        if !ok {
+            let totals = self.swarm.view.totals();
+            anyhow::bail!(
+                "the swarm reached {} of {n} links ({} tokens) in {:?}; link errors: {:?}; examples: {:?}",
+                totals.links,
+                self.swarm.view.token_count(),
+                self.ramp_timeout,
+                totals.connect_errors,
+                totals.error_samples
+            );
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Closes the links of every `every`th device and waits until they are closed.
+    async fn disconnect(&mut self, every: usize) -> anyhow::Result<()> {
+        self.phase("close");
+        self.swarm.command(&Command::Disconnect { every }).await?;
+        let expected = (self.devices - self.devices.div_ceil(every.max(1))) as u64;
+        let ok = self.wait(Duration::from_secs(60), |run| run.swarm.view.totals().running == expected).await?;
+        anyhow::ensure!(ok, "links did not close within 60 s");
+        Ok(())
+    }
+
+    /// Tokens by device, in device order.
+    fn targets(&self) -> anyhow::Result<Vec<(u64, String)>> {
+        self.swarm
+            .view
+            .tokens()
+            .into_iter()
+            .enumerate()
+            .map(|(i, token)| token.map(|t| (i as u64, t)).with_context(|| format!("device {i} has no token")))
+            .collect()
+    }
+
+    fn load_plan(&self, load: &LoadArgs, topic: &str, targets: Vec<(u64, String)>) -> LoadPlan {
+        LoadPlan {
+            provider_addr: self.target.provider_addr,
+            server_name: self.target.server_name.clone(),
+            ca: self.target.ca.clone(),
+            signer: self.target.signer.clone(),
+            topic: topic.to_string(),
+            connections: load.connections,
+            streams: load.streams,
+            rate: load.rate,
+            duration: Duration::from_secs_f64(load.duration.max(0.0)),
+            run_id: self.run_id,
+            targets,
+            limit: None,
+        }
+    }
+
+    /// Waits (up to `--drain-timeout`) for accepted notifications still on their way.
+    async fn drain(&self) -> anyhow::Result<bool> {
+        self.phase("drain");
+        let timeout = Duration::from_secs(self.output.drain_timeout);
+        self.wait(timeout, |run| run.ledger.lock().unwrap_or_else(|e| e.into_inner()).complete()).await
+    }
+
+    /// Stops the swarm, the progress line and the cluster; returns the swarm's last totals.
+    async fn finish(self) -> anyhow::Result<(SwarmTotals, Finished)> {
+        let Run { swarm, progress_stop, progress, target, .. } = self;
+        let totals = swarm.exit().await?;
+        progress_stop.cancel();
+        let _ = progress.await;
+        target.stop().await;
+        Ok((totals, Finished))
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        json!({
+            "scenario": self.scenario,
+            "run_id": format!("{:08x}", self.run_id),
+            "devices": self.devices,
+            "workers": self.workers,
+            "source_addrs": self.source_addrs,
+            "activated_now": self.activated,
+            "spawned_nodes": self.target.nodes.len(),
+            "device_endpoints": self.target.device_addrs,
+            "provider_addr": self.target.provider_addr.to_string(),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        })
+    }
+
+    fn json_path(&self) -> PathBuf {
+        self.output.json.clone().unwrap_or_else(|| PathBuf::from(format!("loadtest-{}.json", self.scenario)))
+    }
+}
+
+/// Proof that `Run::finish` ran (the cluster is stopped) before results are written.
+struct Finished;
+
+fn swarm_rows(rows: &mut Vec<(String, String)>, totals: &SwarmTotals) {
+    rows.push((
+        "handshakes".into(),
+        format!("{} full, {} resumed, {} redirected", totals.full, totals.resumed, totals.redirected),
+    ));
+    rows.push(("link errors".into(), format!("{} {:?}", totals.connect_error_count(), totals.connect_errors)));
+    rows.push(("links dropped".into(), totals.drops.to_string()));
+}
+
+fn push_rows(rows: &mut Vec<(String, String)>, summary: &PushSummary, e2e: &Percentiles, response: &Percentiles) {
+    rows.push(("sent".into(), summary.sent.to_string()));
+    rows.push(("accepted (200)".into(), summary.accepted.to_string()));
+    rows.push(("received".into(), summary.received.to_string()));
+    rows.push(("errors".into(), format!("{} {:?}", summary.error_total(), summary.errors)));
+    rows.push(("sent = received + errors".into(), summary.consistent.to_string()));
+    rows.push(("duplicates / misdelivered".into(), format!("{} / {}", summary.duplicates, summary.misdelivered)));
+    if summary.delivered_despite_error > 0 || summary.stale > 0 {
+        rows.push((
+            "delivered despite error / stale".into(),
+            format!("{} / {}", summary.delivered_despite_error, summary.stale),
+        ));
+    }
+    rows.push(("end-to-end latency".into(), e2e.row()));
+    rows.push(("provider answer latency".into(), response.row()));
+}
+
+/// Pass/fail: the reasons a run failed (empty = passed).
+fn verdict(summary: Option<&PushSummary>, output: &OutputArgs, extra: Vec<String>) -> Vec<String> {
+    let mut failures = extra;
+    if let Some(s) = summary {
+        if !s.consistent {
+            failures.push("the ledger does not balance (sent != received + errors)".into());
+        }
+        if s.duplicates > 0 {
+            failures.push(format!("{} duplicate deliveries to the app", s.duplicates));
+        }
+        if s.misdelivered > 0 {
+            failures.push(format!("{} notifications reached the wrong device", s.misdelivered));
+        }
+        let rate = s.error_total() as f64 / s.sent.max(1) as f64;
+        if rate > output.max_error_rate {
+            failures.push(format!("error rate {:.4} over --max-error-rate {}", rate, output.max_error_rate));
+        }
+    }
+    failures
+}
+
+fn conclude(
+    title: &str,
+    mut rows: Vec<(String, String)>,
+    mut result: serde_json::Value,
+    failures: Vec<String>,
+    path: &std::path::Path,
+    _finished: Finished,
+) -> anyhow::Result<bool> {
+    let passed = failures.is_empty();
+    rows.push(("result".into(), if passed { "PASS".into() } else { format!("FAIL: {}", failures.join("; ")) }));
+    print_table(title, &rows);
+    result["passed"] = json!(passed);
+    result["failures"] = json!(failures);
+    write_json(path, &result)?;
+    println!("\nJSON result: {}", path.display());
+    Ok(passed)
+}
+
+fn kib(bytes: f64) -> f64 {
+    bytes / 1024.0
+}
+
+pub async fn connect(args: ConnectArgs) -> anyhow::Result<bool> {
+    let mut run = prepare("connect", &args.target, &args.swarm, &args.output, false).await?;
+    let n = run.devices as u64;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rss_before = run.target.node_rss().await;
+    let before = run.swarm.view.totals();
+    let ramp = run.connect_all(false).await?;
+    let ramped = run.swarm.view.totals();
+    run.phase("hold");
+    tokio::time::sleep(Duration::from_secs(args.hold)).await;
+    let rss_after = run.target.node_rss().await;
+    let held = run.swarm.view.totals();
+    let handshakes = |t: &SwarmTotals| t.full + t.resumed + t.redirected;
+    let ramp_handshakes = handshakes(&ramped) - handshakes(&before);
+    let per_link = match (rss_before, rss_after) {
+        (Some(before), Some(after)) => Some(kib(after.saturating_sub(before) as f64 / n as f64)),
+        _ => None,
+    };
+    let client_per_link = kib(held.rss as f64 / n as f64);
+
+    let mut resume = None;
+    if !args.no_resume {
+        run.disconnect(1).await?;
+        let closed = run.swarm.view.totals();
+        let took = run.connect_all(false).await?;
+        let again = run.swarm.view.totals();
+        resume = Some((
+            took,
+            again.resumed - closed.resumed,
+            again.full - closed.full,
+            handshakes(&again) - handshakes(&closed),
+        ));
+    }
+    let path = run.json_path();
+    let mut result = run.describe();
+    let output = run.output.clone();
+    let (totals, finished) = run.finish().await?;
+
+    let ramp_secs = ramp.as_secs_f64();
+    let mut rows = vec![
+        ("links".into(), format!("{} of {n}", ramped.links)),
+        ("ramp".into(), format!("{ramp_secs:.2} s: {:.0} links/s", n as f64 / ramp_secs)),
+        (
+            "handshakes in the ramp".into(),
+            format!(
+                "{ramp_handshakes} ({:.0}/s): {} full, {} redirected",
+                ramp_handshakes as f64 / ramp_secs,
+                ramped.full - before.full,
+                ramped.redirected - before.redirected
+            ),
+        ),
+        (
+            "node memory per idle link".into(),
+            per_link.map(|k| format!("{k:.1} KiB (RSS, {} nodes)", run_nodes(&result))).unwrap_or("unknown".into()),
+        ),
+        ("loadtest memory per link".into(), format!("{client_per_link:.1} KiB (worker RSS)")),
+    ];
+    if let Some((took, resumed, full, count)) = resume {
+        rows.push((
+            "reconnect (resumption)".into(),
+            format!(
+                "{:.2} s: {:.0} links/s, {count} handshakes ({resumed} resumed, {full} full)",
+                took.as_secs_f64(),
+                n as f64 / took.as_secs_f64()
+            ),
+        ));
+    }
+    swarm_rows(&mut rows, &totals);
+    let attempts = handshakes(&totals) + totals.connect_error_count();
+    result["links"] = json!({
+        "target": n,
+        "reached": ramped.links,
+        "ramp_secs": ramp_secs,
+        "links_per_sec": n as f64 / ramp_secs,
+        "ramp_handshakes": ramp_handshakes,
+        "ramp_handshakes_per_sec": ramp_handshakes as f64 / ramp_secs,
+        "attempts": attempts,
+        "handshakes_full": totals.full,
+        "handshakes_resumed": totals.resumed,
+        "handshakes_redirected": totals.redirected,
+        "errors": totals.connect_errors,
+        "error_samples": totals.error_samples,
+        "drops": totals.drops,
+    });
+    result["memory"] = json!({
+        "node_rss_before": rss_before,
+        "node_rss_after": rss_after,
+        "node_kib_per_link": per_link,
+        "loadtest_rss": held.rss,
+        "loadtest_kib_per_link": client_per_link,
+    });
+    if let Some((took, resumed, full, count)) = resume {
+        result["reconnect"] = json!({
+            "secs": took.as_secs_f64(),
+            "links_per_sec": n as f64 / took.as_secs_f64(),
+            "handshakes": count,
+            "resumed": resumed,
+            "full": full,
+        });
+    }
+    let error_rate = totals.connect_error_count() as f64 / attempts.max(1) as f64;
+    let mut failures = Vec::new();
+    if ramped.links < n {
+        failures.push(format!("only {} of {n} links", ramped.links));
+    }
+    if error_rate > output.max_error_rate {
+        failures.push(format!("link error rate {error_rate:.4} over --max-error-rate {}", output.max_error_rate));
+    }
+    conclude("courier-loadtest connect", rows, result, failures, &path, finished)
+}
+
+fn run_nodes(describe: &serde_json::Value) -> u64 {
+    describe["spawned_nodes"].as_u64().unwrap_or(0)
+}
+
+/// What every push-carrying scenario reports once the cluster is stopped.
+struct PushResult {
+    summary: PushSummary,
+    e2e: Percentiles,
+    response: Percentiles,
+    totals: SwarmTotals,
+    last_receipt_us: Option<u64>,
+    path: PathBuf,
+    result: serde_json::Value,
+    output: OutputArgs,
+    finished: Finished,
+}
+
+impl Run {
+    async fn finish_pushes(self) -> anyhow::Result<PushResult> {
+        let path = self.json_path();
+        let result = self.describe();
+        let output = self.output.clone();
+        let ledger = self.ledger.clone();
+        let (totals, finished) = self.finish().await?;
+        let ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(PushResult {
+            summary: ledger.summary(totals.stale),
+            e2e: Percentiles::of(&ledger.end_to_end),
+            response: Percentiles::of(&ledger.response),
+            last_receipt_us: ledger.last_receipt_us,
+            totals,
+            path,
+            result,
+            output,
+            finished,
+        })
+    }
+}
+
+impl PushResult {
+    fn rows(&self) -> Vec<(String, String)> {
+        let mut rows = Vec::new();
+        push_rows(&mut rows, &self.summary, &self.e2e, &self.response);
+        swarm_rows(&mut rows, &self.totals);
+        rows
+    }
+
+    fn json(&mut self) {
+        self.result["pushes"] = json!(self.summary);
+        self.result["end_to_end_ms"] = json!(self.e2e);
+        self.result["provider_answer_ms"] = json!(self.response);
+        self.result["links"] = json!({
+            "handshakes_full": self.totals.full,
+            "handshakes_resumed": self.totals.resumed,
+            "handshakes_redirected": self.totals.redirected,
+            "errors": self.totals.connect_errors,
+            "error_samples": self.totals.error_samples,
+            "drops": self.totals.drops,
+        });
+    }
+}
+
+pub async fn push(args: PushArgs) -> anyhow::Result<bool> {
+    let mut run = prepare("push", &args.target, &args.swarm, &args.output, true).await?;
+    run.connect_all(true).await?;
+    let targets = run.targets()?;
+    run.phase("push");
+    let plan = run.load_plan(&args.load, &args.swarm.topic, targets);
+    let outcome = crate::load::run(plan, run.ledger.clone()).await?;
+    let drained = run.drain().await?;
+    let mut r = run.finish_pushes().await?;
+    let secs = outcome.elapsed.as_secs_f64().max(1e-6);
+    let mut rows = vec![
+        ("offered rate".into(), args.load.rate.to_string()),
+        (
+            "load".into(),
+            format!("{:.2} s over {} connections x {} streams", secs, args.load.connections, args.load.streams),
+        ),
+        ("answered pushes/s".into(), format!("{:.0}", r.summary.sent as f64 / secs)),
+        ("delivered pushes/s".into(), format!("{:.0}", r.summary.received as f64 / secs)),
+    ];
+    rows.extend(r.rows());
+    r.json();
+    r.result["load"] = json!({
+        "rate": args.load.rate.to_string(),
+        "connections": args.load.connections,
+        "streams": args.load.streams,
+        "secs": secs,
+        "answered_per_sec": r.summary.sent as f64 / secs,
+        "accepted_per_sec": r.summary.accepted as f64 / secs,
+        "delivered_per_sec": r.summary.received as f64 / secs,
+        "drained": drained,
+    });
+    let failures = verdict(Some(&r.summary), &r.output, Vec::new());
+    conclude("courier-loadtest push", rows, r.result, failures, &r.path, r.finished)
+}
+
+pub async fn offline(args: OfflineArgs) -> anyhow::Result<bool> {
+    anyhow::ensure!(args.per_device >= 1, "--per-device must be at least 1");
+    let mut run = prepare("offline", &args.target, &args.swarm, &args.output, true).await?;
+    run.connect_all(true).await?;
+    let targets = run.targets()?;
+    run.disconnect(1).await?;
+    run.phase("store");
+    let total = (args.per_device * run.devices) as u64;
+    let mut plan = run.load_plan(&args.load, &args.swarm.topic, targets);
+    plan.limit = Some(total);
+    // The store phase ends when all `total` are sent, not by time.
+    plan.duration = Duration::from_secs(24 * 3600);
+    let stored = crate::load::run(plan, run.ledger.clone()).await?;
+    let received_offline = run.ledger.lock().unwrap_or_else(|e| e.into_inner()).receipts;
+    run.phase("reconnect");
+    let reconnect_at = crate::unix_micros();
+    let relink = run.connect_all(false).await?;
+    let drained = run.drain().await?;
+    let mut r = run.finish_pushes().await?;
+    let store_secs = stored.elapsed.as_secs_f64().max(1e-6);
+    let drain_secs = r.last_receipt_us.map(|last| last.saturating_sub(reconnect_at) as f64 / 1e6).unwrap_or(0.0);
+    let drain_rate = if drain_secs > 0.0 { r.summary.received as f64 / drain_secs } else { 0.0 };
+    let mut rows = vec![
+        (
+            "stored".into(),
+            format!(
+                "{} ({} per device), {:.0}/s accepted",
+                r.summary.accepted,
+                args.per_device,
+                r.summary.accepted as f64 / store_secs
+            ),
+        ),
+        ("relinked".into(), format!("{} links in {:.2} s", run_devices(&r.result), relink.as_secs_f64())),
+        ("drain".into(), format!("{} in {drain_secs:.2} s: {drain_rate:.0} notifications/s", r.summary.received)),
+    ];
+    rows.extend(r.rows());
+    r.json();
+    r.result["offline"] = json!({
+        "per_device": args.per_device,
+        "stored": r.summary.accepted,
+        "store_secs": store_secs,
+        "received_while_offline": received_offline,
+        "relink_secs": relink.as_secs_f64(),
+        "drain_secs": drain_secs,
+        "drain_per_sec": drain_rate,
+        "drained": drained,
+    });
+    let mut extra = Vec::new();
+    if received_offline > 0 {
+        extra.push(format!("{received_offline} notifications arrived while every device was offline"));
+    }
+    let failures = verdict(Some(&r.summary), &r.output, extra);
+    conclude("courier-loadtest offline", rows, r.result, failures, &r.path, r.finished)
+}
+
+fn run_devices(describe: &serde_json::Value) -> u64 {
+    describe["devices"].as_u64().unwrap_or(0)
+}
+
+pub async fn failover(args: FailoverArgs) -> anyhow::Result<bool> {
+    let nodes = args.target.spawn.unwrap_or(0);
+    anyhow::ensure!(
+        nodes >= 3,
+        "failover kills a node process it started: it needs --spawn with at least 3 nodes (so the Raft group \
+         keeps a majority and every queue a replica)"
+    );
+    let kill_index =
+        args.kill_node.unwrap_or(nodes).checked_sub(1).filter(|i| *i < nodes).context("--kill-node is out of range")?;
+    let mut run = prepare("failover", &args.target, &args.swarm, &args.output, true).await?;
+    run.connect_all(true).await?;
+    let targets = run.targets()?;
+    if args.offline_every > 0 {
+        run.disconnect(args.offline_every).await?;
+    }
+    run.phase("load");
+    let plan = run.load_plan(&args.load, &args.swarm.topic, targets);
+    let load = tokio::spawn(crate::load::run(plan, run.ledger.clone()));
+    tokio::time::sleep(Duration::from_secs_f64(args.kill_after.max(0.0))).await;
+    let victim = run.target.nodes[kill_index].device_addr.clone();
+    run.swarm.command(&Command::Killing { addr: victim.clone() }).await?;
+    run.target.kill(kill_index)?;
+    let killed_at = crate::unix_micros();
+    run.phase("killed");
+    let outcome = load.await??;
+    // Devices that sat out the load come back for what was stored for them.
+    run.connect_all(false).await?;
+    let drained = run.drain().await?;
+    let recovered = run.swarm.view.recovered();
+    let mut r = run.finish_pushes().await?;
+    let orphaned = r.totals.orphaned;
+    let after_kill = |t: u64| t.saturating_sub(killed_at) as f64 / 1e6;
+    let first = recovered.iter().min().map(|t| after_kill(*t));
+    let last = (recovered.len() as u64 >= orphaned && orphaned > 0)
+        .then(|| recovered.iter().max().map(|t| after_kill(*t)))
+        .flatten();
+    let secs = outcome.elapsed.as_secs_f64().max(1e-6);
+    let mut rows = vec![
+        ("killed".into(), format!("node {} ({victim}) with SIGKILL after {:.1} s", kill_index + 1, args.kill_after)),
+        ("load".into(), format!("{} at {} pushes/s for {:.1} s", r.summary.sent, args.load.rate, secs)),
+        ("links lost with the node".into(), orphaned.to_string()),
+        (
+            "first delivery via new owner".into(),
+            first.map(|s| format!("{s:.2} s after the kill")).unwrap_or_else(|| "none".into()),
+        ),
+        (
+            "every orphan delivered again".into(),
+            last.map(|s| format!("{s:.2} s after the kill"))
+                .unwrap_or_else(|| format!("{} of {orphaned}", recovered.len())),
+        ),
+        ("lost (accepted, never received)".into(), r.summary.lost().to_string()),
+    ];
+    rows.extend(r.rows());
+    r.json();
+    r.result["failover"] = json!({
+        "killed_node": kill_index + 1,
+        "kill_after_secs": args.kill_after,
+        "orphaned_links": orphaned,
+        "orphans_recovered": recovered.len(),
+        "first_recovery_secs": first,
+        "all_recovered_secs": last,
+        "lost": r.summary.lost(),
+        "duplicates": r.summary.duplicates,
+        "drained": drained,
+        "load_secs": secs,
+    });
+    let mut extra = Vec::new();
+    if r.summary.lost() > 0 {
+        extra.push(format!(
+            "{} accepted notifications never arrived (e.g. {:?})",
+            r.summary.lost(),
+            r.summary.lost_sample
+        ));
+    }
+    let failures = verdict(Some(&r.summary), &r.output, extra);
+    conclude("courier-loadtest failover", rows, r.result, failures, &r.path, r.finished)
+}

@@ -1,0 +1,380 @@
+//! One worker process of the device swarm: holds a slice of the devices' links, each a task that
+//! connects (following redirects), registers its topic once, answers pings, acks what its app received,
+//! and reconnects with backoff and TLS session resumption when a link breaks.
+//!
+//! Driven over stdin by the coordinator (`msg::WorkerSpec`, then `msg::Command`s); reports `msg::Progress`
+//! on stdout every 200 ms. When stdin closes (the coordinator is gone) the worker exits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use courier_node::client::{ClientError, Connector, DeviceLink, LinkEvent, SeenIds};
+use courier_node::ids::DeviceId;
+use rand::Rng;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::msg::{Command, Marker, Progress, WorkerSpec};
+
+/// One simulated device.
+struct Device {
+    /// Global index (the coordinator's numbering).
+    index: usize,
+    id: DeviceId,
+    connector: Connector,
+    registered: AtomicBool,
+    /// The node it last linked to: a reconnect goes there first.
+    last_addr: Mutex<Option<SocketAddr>>,
+    /// apns-ids its app has seen, kept across links so redeliveries are dropped after reconnects too.
+    seen: Mutex<Option<SeenIds>>,
+}
+
+#[derive(Default)]
+struct Stats {
+    links: AtomicU64,
+    running: AtomicU64,
+    full: AtomicU64,
+    resumed: AtomicU64,
+    redirected: AtomicU64,
+    drops: AtomicU64,
+    stale: AtomicU64,
+    orphaned: AtomicU64,
+    errors: Mutex<(BTreeMap<String, u64>, BTreeMap<String, String>)>,
+    receipts: Mutex<Vec<(u64, u64, u64)>>,
+    tokens: Mutex<Vec<(u64, String)>>,
+    recovered: Mutex<Vec<u64>>,
+}
+
+impl Stats {
+    fn error(&self, error: &ClientError) {
+        let reason = reason(error);
+        let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        *errors.0.entry(reason.clone()).or_default() += 1;
+        errors.1.entry(reason).or_insert_with(|| error.to_string());
+    }
+}
+
+/// A short, stable name for why a link attempt failed.
+fn reason(error: &ClientError) -> String {
+    match error {
+        ClientError::Connect { source, .. } => match source.kind() {
+            std::io::ErrorKind::ConnectionRefused => "connection_refused".into(),
+            std::io::ErrorKind::ConnectionReset => "connection_reset".into(),
+            std::io::ErrorKind::TimedOut => "connect_timeout".into(),
+            std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse => "no_source_port".into(),
+            std::io::ErrorKind::InvalidData => "tls".into(),
+            std::io::ErrorKind::UnexpectedEof => "closed_in_handshake".into(),
+            _ => "io".into(),
+        },
+        ClientError::Goodbye { reason, .. } => format!("goodbye_{}", reason.as_str_name().to_ascii_lowercase()),
+        ClientError::Timeout(_) => "timeout".into(),
+        ClientError::Closed => "closed".into(),
+        ClientError::Frame(_) => "frame".into(),
+        ClientError::Redirected(_) => "redirect_loop".into(),
+        _ => "other".into(),
+    }
+}
+
+struct Shared {
+    spec: WorkerSpec,
+    endpoints: Vec<SocketAddr>,
+    stats: Stats,
+    permits: Semaphore,
+    /// The device address of the node being killed.
+    killing: Mutex<Option<SocketAddr>>,
+}
+
+impl Shared {
+    fn killing(&self) -> Option<SocketAddr> {
+        *self.killing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The endpoint after `addr` in the list (or the device's own first one if `addr` is not listed).
+    fn next_endpoint(&self, addr: SocketAddr, device: usize) -> SocketAddr {
+        match self.endpoints.iter().position(|e| *e == addr) {
+            Some(i) => self.endpoints[(i + 1) % self.endpoints.len()],
+            None => self.endpoints[device % self.endpoints.len()],
+        }
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        let base = 50u64.saturating_mul(1 << failures.min(10)).min(self.spec.max_backoff_ms.max(1));
+        Duration::from_millis(rand::rng().random_range(base / 2..=base))
+    }
+}
+
+/// Runs the worker until `Exit` or until stdin closes.
+pub async fn run() -> anyhow::Result<()> {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let first = lines.next_line().await?.context("no worker spec on stdin")?;
+    let spec: WorkerSpec = serde_json::from_str(&first).context("parsing the worker spec")?;
+    let roots = Arc::new(courier_node::tls::roots_from(&spec.ca)?);
+    let mut endpoints = Vec::new();
+    for endpoint in &spec.endpoints {
+        endpoints.push(crate::cli::resolve(endpoint).await?);
+    }
+    anyhow::ensure!(!endpoints.is_empty(), "no device endpoints");
+    let credentials = crate::devices::load_range(&spec.cache, spec.first, spec.count)?;
+    let mut devices = Vec::with_capacity(credentials.len());
+    for (offset, credentials) in credentials.iter().enumerate() {
+        let index = spec.first + offset;
+        let mut connector = Connector::with_roots(roots.clone(), &spec.server_name, Some(credentials))?;
+        if !spec.source_addrs.is_empty() {
+            connector = connector.bind_to(spec.source_addrs[index % spec.source_addrs.len()]);
+        }
+        devices.push(Arc::new(Device {
+            index,
+            id: credentials.device_id,
+            connector,
+            registered: AtomicBool::new(false),
+            last_addr: Mutex::new(None),
+            seen: Mutex::new(None),
+        }));
+    }
+    let shared = Arc::new(Shared {
+        permits: Semaphore::new(spec.connect_concurrency.max(1)),
+        spec,
+        endpoints,
+        stats: Stats::default(),
+        killing: Mutex::new(None),
+    });
+
+    let reporter_stop = CancellationToken::new();
+    let reporter = tokio::spawn(report_loop(shared.clone(), reporter_stop.clone()));
+    let mut running: HashMap<usize, (CancellationToken, JoinHandle<()>)> = HashMap::new();
+    while let Some(line) = lines.next_line().await? {
+        let command: Command = serde_json::from_str(&line).with_context(|| format!("command {line:?}"))?;
+        match command {
+            Command::Connect => {
+                for device in &devices {
+                    if running.get(&device.index).is_some_and(|(_, task)| !task.is_finished()) {
+                        continue;
+                    }
+                    let cancel = CancellationToken::new();
+                    let task = tokio::spawn(device_task(device.clone(), shared.clone(), cancel.clone()));
+                    running.insert(device.index, (cancel, task));
+                }
+            }
+            Command::Disconnect { every } => {
+                let every = every.max(1);
+                let chosen: Vec<usize> = running.keys().copied().filter(|i| i % every == 0).collect();
+                let mut tasks = Vec::new();
+                for index in chosen {
+                    if let Some((cancel, task)) = running.remove(&index) {
+                        cancel.cancel();
+                        tasks.push(task);
+                    }
+                }
+                for task in tasks {
+                    let _ = task.await;
+                }
+            }
+            Command::Killing { addr } => {
+                let addr = crate::cli::resolve(&addr).await?;
+                *shared.killing.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+            }
+            Command::Exit => break,
+        }
+    }
+    let tasks: Vec<_> = running
+        .into_values()
+        .map(|(cancel, task)| {
+            cancel.cancel();
+            task
+        })
+        .collect();
+    for task in tasks {
+        let _ = task.await;
+    }
+    reporter_stop.cancel();
+    reporter.await?;
+    Ok(())
+}
+
+/// What ended a link.
+enum Ended {
+    Cancelled,
+    Redirect(String),
+    Broke(ClientError),
+}
+
+async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: CancellationToken) {
+    let stats = &shared.stats;
+    stats.running.fetch_add(1, Ordering::Relaxed);
+    let mut seen = device.seen.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+    let mut addr = device
+        .last_addr
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or(shared.endpoints[device.index % shared.endpoints.len()]);
+    let mut failures = 0u32;
+    let mut orphaned = false;
+    loop {
+        let attempt = async {
+            let _permit = shared.permits.acquire().await;
+            connect(&device, &shared, addr).await
+        };
+        let result = tokio::select! {
+            _ = cancel.cancelled() => break,
+            result = attempt => result,
+        };
+        let mut link = match result {
+            Ok(link) => link,
+            Err(error) => {
+                stats.error(&error);
+                failures += 1;
+                // A dead or refusing node: try the next one (which redirects to the owner).
+                addr = shared.next_endpoint(addr, device.index);
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(shared.backoff(failures)) => continue,
+                }
+            }
+        };
+        failures = 0;
+        addr = link.node_addr;
+        *device.last_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+        stats.links.fetch_add(1, Ordering::Relaxed);
+        link.seen = std::mem::take(&mut seen);
+        let ended = loop {
+            let event = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break Ended::Cancelled,
+                event = link.next_app_event() => event,
+            };
+            match event {
+                Ok(LinkEvent::Notification(n)) => {
+                    let now = crate::unix_micros();
+                    match serde_json::from_slice::<Marker>(&n.payload) {
+                        Ok(Marker { lt: (run, seq, _, sent_us) }) if run == shared.spec.run_id => {
+                            let latency = now.saturating_sub(sent_us);
+                            stats.receipts.lock().unwrap_or_else(|e| e.into_inner()).push((
+                                seq,
+                                latency,
+                                device.index as u64,
+                            ));
+                            if orphaned && Some(link.node_addr) != shared.killing() {
+                                orphaned = false;
+                                stats.recovered.lock().unwrap_or_else(|e| e.into_inner()).push(now);
+                            }
+                        }
+                        _ => {
+                            stats.stale.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Ok(LinkEvent::Redirect(to)) => break Ended::Redirect(to),
+                Ok(LinkEvent::TokenUpdated { .. }) => {}
+                Err(error) => break Ended::Broke(error),
+            }
+        };
+        seen = std::mem::take(&mut link.seen);
+        stats.links.fetch_sub(1, Ordering::Relaxed);
+        match ended {
+            Ended::Cancelled => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), link.close()).await;
+                break;
+            }
+            Ended::Redirect(to) => {
+                if let Ok(to) = courier_node::client::resolve(&to).await {
+                    addr = to;
+                }
+            }
+            Ended::Broke(error) => {
+                stats.drops.fetch_add(1, Ordering::Relaxed);
+                if !orphaned && shared.killing() == Some(link.node_addr) {
+                    orphaned = true;
+                    stats.orphaned.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(device = device.index, %error, "link broke; reconnecting");
+                failures = 1;
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(shared.backoff(failures)) => {}
+                }
+            }
+        }
+    }
+    *device.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(seen);
+    stats.running.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// One link: handshakes on `addr` and wherever it is redirected, then the topic registration the first time.
+async fn connect(device: &Device, shared: &Shared, mut addr: SocketAddr) -> Result<DeviceLink, ClientError> {
+    let stats = &shared.stats;
+    let mut redirects = 0;
+    let mut link = loop {
+        match DeviceLink::connect_once(&device.connector, addr, device.id, 0, &[]).await {
+            Ok(link) => break link,
+            Err(ClientError::Redirected(to)) if redirects < 4 => {
+                stats.redirected.fetch_add(1, Ordering::Relaxed);
+                redirects += 1;
+                addr = courier_node::client::resolve(&to).await?;
+            }
+            Err(error) => return Err(error),
+        }
+    };
+    if link.resumed {
+        stats.resumed.fetch_add(1, Ordering::Relaxed);
+    } else {
+        stats.full.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(topic) = &shared.spec.topic
+        && !device.registered.load(Ordering::Relaxed)
+    {
+        let token = link.register(topic).await?;
+        device.registered.store(true, Ordering::Relaxed);
+        stats.tokens.lock().unwrap_or_else(|e| e.into_inner()).push((device.index as u64, token));
+    }
+    Ok(link)
+}
+
+async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        let done = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.cancelled() => true,
+        };
+        let stats = &shared.stats;
+        let (connect_errors, error_samples) = stats.errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let progress = Progress {
+            worker: shared.spec.worker,
+            links: stats.links.load(Ordering::Relaxed),
+            running: stats.running.load(Ordering::Relaxed),
+            full: stats.full.load(Ordering::Relaxed),
+            resumed: stats.resumed.load(Ordering::Relaxed),
+            redirected: stats.redirected.load(Ordering::Relaxed),
+            connect_errors,
+            error_samples,
+            drops: stats.drops.load(Ordering::Relaxed),
+            receipts: std::mem::take(&mut *stats.receipts.lock().unwrap_or_else(|e| e.into_inner())),
+            stale: stats.stale.load(Ordering::Relaxed),
+            tokens: std::mem::take(&mut *stats.tokens.lock().unwrap_or_else(|e| e.into_inner())),
+            orphaned: stats.orphaned.load(Ordering::Relaxed),
+            recovered: std::mem::take(&mut *stats.recovered.lock().unwrap_or_else(|e| e.into_inner())),
+            rss: crate::rss_of(std::process::id()).unwrap_or(0),
+            done,
+        };
+        // The coordinator reads line by line; a broken pipe means it is gone, and so should we be.
+        let mut line = match serde_json::to_vec(&progress) {
+            Ok(line) => line,
+            Err(_) => return,
+        };
+        line.push(b'\n');
+        let mut stdout = std::io::stdout().lock();
+        if stdout.write_all(&line).and_then(|()| stdout.flush()).is_err() {
+            std::process::exit(0);
+        }
+        if done {
+            return;
+        }
+    }
+}
