@@ -238,7 +238,7 @@ async fn read_reports(
                 state.token_count += 1;
             }
         }
-        state.recovered.extend(progress.recovered.drain(..));
+        state.recovered.append(&mut progress.recovered);
         progress.receipts = Vec::new();
         if progress.done {
             state.finished += 1;

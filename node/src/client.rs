@@ -175,7 +175,7 @@ impl Connector {
             .await
             .map_err(|source| ClientError::Connect { addr, source })?;
         let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-        Ok((Framed::new(tls, FrameCodec::new(DEFAULT_MAX_FRAME)), resumed))
+        Ok((crate::edge::codec::lean(tls, FrameCodec::new(DEFAULT_MAX_FRAME)), resumed))
     }
 }
 
@@ -444,6 +444,7 @@ impl DeviceLink {
             let kind = match self.buffered.pop_front() {
                 Some(kind) => kind,
                 None => {
+                    crate::edge::codec::release_idle_buffers(&mut self.link);
                     let ping_at = self.last_sent + self.keepalive;
                     tokio::select! {
                         frame = next_frame(&mut self.link, Duration::from_secs(365 * 86400)) => frame?,

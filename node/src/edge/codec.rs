@@ -11,6 +11,31 @@ use courier_proto::device::GoodbyeReason;
 use tokio_util::codec::{Decoder, Encoder};
 
 const LENGTH_PREFIX: usize = 4;
+
+/// Buffer capacity an idle link may keep; larger empty buffers are freed (see `lean`).
+const IDLE_BUFFER: usize = 512;
+
+/// Wraps `io` for frames with no buffers allocated up front: tokio-util's default is 8 KiB each for reading
+/// and writing, which for a link that is idle nearly all the time is most of what it costs. Call
+/// `release_idle_buffers` whenever the link goes back to waiting.
+pub fn lean<T, U>(io: T, codec: U) -> tokio_util::codec::Framed<T, U> {
+    let mut framed = tokio_util::codec::Framed::with_capacity(io, codec, 0);
+    *framed.write_buffer_mut() = BytesMut::new();
+    framed
+}
+
+/// Frees a link's read and write buffers when they hold nothing and have grown past a few hundred bytes,
+/// so a burst of traffic does not leave an idle link holding its high-water mark.
+pub fn release_idle_buffers<T, U>(framed: &mut tokio_util::codec::Framed<T, U>) {
+    let read = framed.read_buffer_mut();
+    if read.is_empty() && read.capacity() > IDLE_BUFFER {
+        *read = BytesMut::new();
+    }
+    let write = framed.write_buffer_mut();
+    if write.is_empty() && write.capacity() > IDLE_BUFFER {
+        *write = BytesMut::new();
+    }
+}
 /// The default hard limit on one frame's body, in bytes. A 5 KiB VoIP payload plus headers fits easily.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024;
 

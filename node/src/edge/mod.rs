@@ -102,6 +102,28 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// The TLS handshake of one device connection, within the handshake timeout.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    edge: &Edge,
+) -> Option<Box<session::Link>> {
+    match tokio::time::timeout(edge.settings.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(session::boxed_link(tls, edge.settings.max_frame)),
+        Ok(Err(error)) => {
+            metrics::counter!("courier_node_handshake_failures_total").increment(1);
+            tracing::debug!(%peer, %error, "device TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::counter!("courier_node_handshake_failures_total").increment(1);
+            tracing::debug!(%peer, "device TLS handshake timed out");
+            None
+        }
+    }
+}
+
 /// Accepts device links until `shutdown` turns true. Each link runs on `tracker`, so the caller can wait
 /// for every link to say goodbye.
 pub async fn serve(
@@ -134,17 +156,10 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let (acceptor, edge, shutdown) = (acceptor.clone(), edge.clone(), shutdown.clone());
         tracker.spawn(async move {
-            let handshake = tokio::time::timeout(edge.settings.handshake_timeout, acceptor.accept(tcp)).await;
-            match handshake {
-                Ok(Ok(tls)) => session::run(tls, edge, shutdown).await,
-                Ok(Err(error)) => {
-                    metrics::counter!("courier_node_handshake_failures_total").increment(1);
-                    tracing::debug!(%peer, %error, "device TLS handshake failed");
-                }
-                Err(_) => {
-                    metrics::counter!("courier_node_handshake_failures_total").increment(1);
-                    tracing::debug!(%peer, "device TLS handshake timed out");
-                }
+            // The handshake's state is boxed and freed when it completes, so that the task, which is sized
+            // for its largest state and lives as long as the link, carries only the session.
+            if let Some(link) = Box::pin(handshake(&acceptor, tcp, peer, &edge)).await {
+                session::run(link, edge, shutdown).await;
             }
             drop(permit);
         });

@@ -27,7 +27,12 @@ use crate::pki;
 use crate::token::KeyState;
 use crate::view::Placement;
 
-type Link = Framed<TlsStream<TcpStream>, FrameCodec<DeviceFrame>>;
+pub type Link = Framed<TlsStream<TcpStream>, FrameCodec<DeviceFrame>>;
+
+/// A device link's stream, on the heap: the session's future then holds a pointer, not the TLS state.
+pub fn boxed_link(tls: TlsStream<TcpStream>, max_frame: usize) -> Box<Link> {
+    Box::new(super::codec::lean(tls, FrameCodec::new(max_frame)))
+}
 
 /// Longest topic name accepted, in bytes.
 pub const MAX_TOPIC_LEN: usize = 255;
@@ -35,9 +40,8 @@ pub const MAX_TOPIC_LEN: usize = 255;
 const MAX_TRACKED_INFLIGHT: usize = 4096;
 
 /// Runs one link to completion.
-pub async fn run(tls: TlsStream<TcpStream>, edge: Arc<Edge>, shutdown: watch::Receiver<bool>) {
-    let peer_cert = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first()).cloned();
-    let mut link = Framed::new(tls, FrameCodec::new(edge.settings.max_frame));
+pub async fn run(mut link: Box<Link>, edge: Arc<Edge>, shutdown: watch::Receiver<bool>) {
+    let peer_cert = link.get_ref().get_ref().1.peer_certificates().and_then(|chain| chain.first()).cloned();
     match peer_cert {
         None => activate(&mut link, &edge).await,
         Some(cert) => match pki::device_id_from_cert(&cert) {
@@ -295,6 +299,7 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, mut shutdo
         }
         let mut last_heard = Instant::now();
         loop {
+            super::codec::release_idle_buffers(link);
             tokio::select! {
                 _ = super::stopped(&mut shutdown) => {
                     goodbye(link, GoodbyeReason::Shutdown, "node shutting down").await;
