@@ -1,0 +1,154 @@
+//! `courier-loadtest` end to end: each scenario at small scale against a cluster it spawns (real `courier`
+//! processes, real worker processes), checking that its report adds up. Speed figures stay out of tests;
+//! they are in BENCHMARKS.md.
+
+use std::path::Path;
+use std::process::Command;
+
+/// Each run spawns a whole cluster; on two cores they take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    json: serde_json::Value,
+}
+
+/// Runs `courier-loadtest <args>` with its cluster, cache and result in `dir`.
+fn loadtest(dir: &Path, args: &[&str]) -> Outcome {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let json_path = dir.join("result.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_courier-loadtest"))
+        .args(args)
+        .arg("--spawn-dir")
+        .arg(dir.join("cluster"))
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .arg("--json")
+        .arg(&json_path)
+        .current_dir(dir)
+        .output()
+        .expect("run courier-loadtest");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let json = std::fs::read_to_string(&json_path)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Outcome { code: output.status.code(), stdout, stderr, json }
+}
+
+fn u(value: &serde_json::Value) -> u64 {
+    value.as_u64().unwrap_or_else(|| panic!("expected a count, got {value}"))
+}
+
+/// The push ledger balances: every push sent was received or is counted under an error reason.
+fn assert_ledger_balances(json: &serde_json::Value) -> (u64, u64) {
+    let pushes = &json["pushes"];
+    let errors: u64 = pushes["errors"].as_object().expect("errors by reason").values().map(u).sum();
+    let (sent, received) = (u(&pushes["sent"]), u(&pushes["received"]));
+    assert_eq!(sent, received + errors, "sent = received + errors: {pushes}");
+    assert_eq!(pushes["consistent"], true);
+    assert_eq!(u(&pushes["duplicates"]), 0, "exactly once to the app: {pushes}");
+    assert_eq!(u(&pushes["misdelivered"]), 0, "no crossed tokens: {pushes}");
+    assert_eq!(u(&json["end_to_end_ms"]["count"]), received, "one latency sample per receipt");
+    (sent, received)
+}
+
+#[test]
+fn connect_ramps_idle_links_and_reconnects_with_resumption() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["connect", "--spawn", "2", "--devices", "300", "--workers", "2", "--hold", "1", "--quiet"];
+    let first = loadtest(dir.path(), &args);
+    assert_eq!(first.code, Some(0), "{}\n{}", first.stdout, first.stderr);
+    let links = &first.json["links"];
+    assert_eq!(u(&links["reached"]), 300, "{links}");
+    let errors: u64 = links["errors"].as_object().unwrap().values().map(u).sum();
+    let handshakes = u(&links["handshakes_full"]) + u(&links["handshakes_resumed"]) + u(&links["handshakes_redirected"]);
+    assert_eq!(u(&links["attempts"]), handshakes + errors, "every link attempt is a handshake or an error: {links}");
+    assert!(u(&links["handshakes_full"]) >= 300, "{links}");
+    // The second ramp reconnects every device straight to its node, resuming its TLS session.
+    assert_eq!(u(&first.json["reconnect"]["resumed"]), 300, "{}", first.json["reconnect"]);
+    assert!(first.json["memory"]["node_kib_per_link"].is_number(), "{}", first.json["memory"]);
+    assert!(first.stdout.contains("node memory per idle link"), "summary table: {}", first.stdout);
+    assert_eq!(u(&first.json["activated_now"]), 300);
+
+    // A rerun against the same cluster PKI reuses the cached devices.
+    let again = loadtest(dir.path(), &args);
+    assert_eq!(again.code, Some(0), "{}\n{}", again.stdout, again.stderr);
+    assert_eq!(u(&again.json["activated_now"]), 0, "cached devices are not activated again");
+    assert_eq!(u(&again.json["links"]["reached"]), 300);
+}
+
+#[test]
+fn push_ledger_accounts_for_every_notification() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = loadtest(
+        dir.path(),
+        &["push", "--spawn", "2", "--devices", "200", "--rate", "300", "--duration", "2", "--connections", "2"],
+    );
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let (sent, received) = assert_ledger_balances(&out.json);
+    assert!(sent >= 500, "2 s at 300/s is about 600 pushes, got {sent}");
+    assert_eq!(received, sent, "a healthy cluster delivers everything it accepted: {}", out.json["pushes"]);
+    assert!(out.stderr.contains("links 200/200"), "the live progress line shows the links: {}", out.stderr);
+    assert_eq!(out.json["passed"], true);
+}
+
+#[test]
+fn offline_devices_drain_what_was_stored_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = loadtest(dir.path(), &["offline", "--spawn", "2", "--devices", "200", "--per-device", "3", "--quiet"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let (sent, received) = assert_ledger_balances(&out.json);
+    assert_eq!(sent, 600);
+    assert_eq!(received, 600);
+    let offline = &out.json["offline"];
+    assert_eq!(u(&offline["received_while_offline"]), 0, "{offline}");
+    assert_eq!(u(&offline["stored"]), 600);
+    assert!(offline["drain_per_sec"].as_f64().unwrap() > 0.0, "{offline}");
+}
+
+#[test]
+fn failover_proves_exactly_once_across_a_killed_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = loadtest(
+        dir.path(),
+        &[
+            "failover",
+            "--spawn",
+            "3",
+            "--devices",
+            "300",
+            "--rate",
+            "150",
+            "--duration",
+            "8",
+            "--kill-after",
+            "2",
+            "--quiet",
+        ],
+    );
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let (sent, _) = assert_ledger_balances(&out.json);
+    assert!(sent > 1000, "{sent}");
+    let failover = &out.json["failover"];
+    assert_eq!(u(&failover["lost"]), 0, "{failover}");
+    assert!(u(&failover["orphaned_links"]) > 0, "the killed node held links: {failover}");
+    assert!(failover["first_recovery_secs"].is_number(), "a device of the killed node got a push again: {failover}");
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = loadtest(dir.path(), &["failover", "--spawn", "2", "--devices", "10", "--quiet"]);
+    assert_eq!(out.code, Some(2));
+    assert!(out.stderr.contains("at least 3 nodes"), "{}", out.stderr);
+    let out = loadtest(dir.path(), &["push", "--devices", "10", "--quiet"]);
+    assert_eq!(out.code, Some(2));
+    assert!(out.stderr.contains("--spawn N"), "{}", out.stderr);
+    let out = loadtest(dir.path(), &["push", "--spawn", "1", "--rate", "fast"]);
+    assert_eq!(out.code, Some(2), "clap refuses the rate");
+    assert!(out.stderr.contains("neither `max` nor a positive number"), "{}", out.stderr);
+}
