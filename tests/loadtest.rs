@@ -65,7 +65,8 @@ fn connect_ramps_idle_links_and_reconnects_with_resumption() {
     let links = &first.json["links"];
     assert_eq!(u(&links["reached"]), 300, "{links}");
     let errors: u64 = links["errors"].as_object().unwrap().values().map(u).sum();
-    let handshakes = u(&links["handshakes_full"]) + u(&links["handshakes_resumed"]) + u(&links["handshakes_redirected"]);
+    let handshakes =
+        u(&links["handshakes_full"]) + u(&links["handshakes_resumed"]) + u(&links["handshakes_redirected"]);
     assert_eq!(u(&links["attempts"]), handshakes + errors, "every link attempt is a handshake or an error: {links}");
     assert!(u(&links["handshakes_full"]) >= 300, "{links}");
     // The second ramp reconnects every device straight to its node, resuming its TLS session.

@@ -121,6 +121,9 @@ pub struct Connector {
     bind: Option<IpAddr>,
 }
 
+/// How long connecting and the TLS handshake may take together.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Sessions a connector remembers per server name; a device talks to few nodes.
 const SESSIONS_PER_CONNECTOR: usize = 4;
 
@@ -168,6 +171,12 @@ impl Connector {
 
     /// Opens a TLS link to `addr`; also says whether the handshake resumed an earlier session.
     async fn open(&self, addr: SocketAddr) -> Result<(ClientLink, bool), ClientError> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open_unbounded(addr))
+            .await
+            .map_err(|_| ClientError::Timeout(HANDSHAKE_TIMEOUT))?
+    }
+
+    async fn open_unbounded(&self, addr: SocketAddr) -> Result<(ClientLink, bool), ClientError> {
         let tcp = self.tcp(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
         let tls = TlsConnector::from(self.config.clone())

@@ -1,7 +1,7 @@
 //! What happens to a notification once it reaches the node that owns its device.
 //!
-//! A notification with a future expiration is committed to the store, copied to the device's ring
-//! successors, and then handed to the device's link if it has one: the gateway hears `STORED` only once it
+//! A notification with a future expiration is committed to the store and copied to the device's ring
+//! successors at the same time, and then handed to the device's link if it has one: the gateway hears `STORED` only once it
 //! is durable on R nodes (fewer only when fewer are active), and the device acks it off every queue. A notification with expiration 0 (or already past) is never stored: it goes to a live
 //! link (`SENT`) or is dropped (`DISCARDED`), as APNs does.
 
@@ -48,11 +48,14 @@ impl Delivery {
         let storable = notification.expiration > unix_millis() / 1000;
         let notification = Arc::new(notification);
         if storable {
-            match self.store.insert((*notification).clone()).await {
+            // The local commit and the copies to the successors proceed together: the gateway hears STORED
+            // once both are durable, after one commit's wait instead of two in a row.
+            let (stored, _copies) =
+                tokio::join!(self.store.insert((*notification).clone()), self.replicator.put(device, &notification));
+            match stored {
                 Ok(Inserted::Duplicate) => {
-                    // A provider's retry: make sure the copies exist, but do not hand it to the link again.
+                    // A provider's retry: the copies exist again; do not hand it to the link again.
                     metrics::counter!("courier_node_notifications_duplicate_total").increment(1);
-                    self.replicator.put(device, &notification).await;
                     return result(&apns_id, DeliverOutcome::Stored, "");
                 }
                 Ok(inserted) => {
@@ -68,8 +71,7 @@ impl Delivery {
                     return result(&apns_id, DeliverOutcome::Rejected, "InternalServerError");
                 }
             }
-            // On the replicas before the gateway says 200; then to the device if it is here.
-            self.replicator.put(device, &notification).await;
+            // Durable here and on the replicas before the gateway says 200; then to the device if it is here.
             self.registry.hand_off(device, notification);
             return result(&apns_id, DeliverOutcome::Stored, "");
         }

@@ -250,6 +250,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
 }
 
 /// What `follow_state` keeps in step with the applied state.
+#[derive(Clone)]
 struct Followers {
     view: Arc<LocalView>,
     keyring: Keyring,
@@ -259,27 +260,50 @@ struct Followers {
     rebalanced: watch::Sender<Epoch>,
 }
 
-/// Keeps the keyring, the ring, the queues and the live links in step with every applied epoch. When the
-/// ring changes, queues move to their new holders first; then revoked devices are closed and devices the
-/// new ring places elsewhere are redirected there, at most `redirect_rate` a second so a membership change
-/// does not become a reconnect storm.
+/// Keeps the view and the keyring in step with every applied epoch at once, and hands each epoch to
+/// `reconcile` for the slower work. The view must never wait behind that work: a node routing new links by
+/// an older epoch than its peers would bounce devices between them.
 async fn follow_state(
     mut state: watch::Receiver<Arc<ClusterState>>,
     followers: Followers,
     redirect_rate: u32,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let Followers { view, keyring, registry, store, replicator, rebalanced } = followers;
-    let pause = Duration::from_secs(1) / redirect_rate.max(1);
-    let mut ring_before = Ring::from_state(&state.borrow());
+    let (latest, work) = watch::channel(state.borrow().clone());
+    let reconciler = tokio::spawn(reconcile(work, followers.clone(), redirect_rate, shutdown.clone()));
     loop {
         tokio::select! {
-            changed = state.changed() => if changed.is_err() { return },
-            _ = stopped(&mut shutdown) => return,
+            changed = state.changed() => if changed.is_err() { break },
+            _ = stopped(&mut shutdown) => break,
         }
         let current = state.borrow_and_update().clone();
-        view.update(current.clone());
-        current.sync_keyring(&keyring);
+        followers.view.update(current.clone());
+        current.sync_keyring(&followers.keyring);
+        latest.send_replace(current);
+    }
+    drop(latest);
+    let _ = reconciler.await;
+}
+
+/// When the ring changes, moves queues to their new holders; then closes revoked devices' links and
+/// redirects devices the ring places elsewhere, at most `redirect_rate` a second so that a membership
+/// change does not become a reconnect storm. Always works on the newest epoch: a newer one arriving during
+/// a redirect pass starts the pass over.
+async fn reconcile(
+    mut work: watch::Receiver<Arc<ClusterState>>,
+    followers: Followers,
+    redirect_rate: u32,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Followers { view, registry, store, replicator, rebalanced, .. } = followers;
+    let pause = Duration::from_secs(1) / redirect_rate.max(1);
+    let mut ring_before = Ring::from_state(&work.borrow());
+    loop {
+        tokio::select! {
+            changed = work.changed() => if changed.is_err() { return },
+            _ = stopped(&mut shutdown) => return,
+        }
+        let current = work.borrow_and_update().clone();
         let ring = Ring::from_state(&current);
         if ring.members() != ring_before.members() || ring_before.members().is_empty() {
             let rebalance = tokio::select! {
@@ -297,6 +321,9 @@ async fn follow_state(
         }
         rebalanced.send_replace(current.epoch);
         for device in registry.devices() {
+            if work.has_changed().unwrap_or(true) {
+                break;
+            }
             if current.revoked.contains(&device) {
                 registry.close(device, LinkEnd::Goodbye(GoodbyeReason::Revoked));
                 continue;

@@ -102,13 +102,19 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// The TLS handshake of one device connection, within the handshake timeout.
+/// TLS handshakes a node works on at once. In a reconnect storm the rest wait their turn without costing
+/// CPU, so each handshake finishes quickly instead of all of them slowly (and timing out, and retrying).
+const MAX_CONCURRENT_HANDSHAKES: usize = 128;
+
+/// The TLS handshake of one device connection (after waiting its turn), within the handshake timeout.
 async fn handshake(
     acceptor: &TlsAcceptor,
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     edge: &Edge,
+    handshakes: &Semaphore,
 ) -> Option<Box<session::Link>> {
+    let _turn = handshakes.acquire().await.ok()?;
     match tokio::time::timeout(edge.settings.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => Some(session::boxed_link(tls, edge.settings.max_frame)),
         Ok(Err(error)) => {
@@ -135,6 +141,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(max_links));
+    let handshakes = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -154,11 +161,12 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, edge, shutdown) = (acceptor.clone(), edge.clone(), shutdown.clone());
+        let (acceptor, edge, shutdown, handshakes) =
+            (acceptor.clone(), edge.clone(), shutdown.clone(), handshakes.clone());
         tracker.spawn(async move {
             // The handshake's state is boxed and freed when it completes, so that the task, which is sized
             // for its largest state and lives as long as the link, carries only the session.
-            if let Some(link) = Box::pin(handshake(&acceptor, tcp, peer, &edge)).await {
+            if let Some(link) = Box::pin(handshake(&acceptor, tcp, peer, &edge, &handshakes)).await {
                 session::run(link, edge, shutdown).await;
             }
             drop(permit);

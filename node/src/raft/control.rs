@@ -325,7 +325,9 @@ impl Control {
             self.apply(Command::SetMemberState { id: self.id, state: MemberState::Active, now_ms }).await?;
         }
         let others: Vec<_> = state.members.values().filter(|m| m.id != self.id).cloned().collect();
-        let probe_timeout = self.settings.probe_interval.max(Duration::from_millis(500));
+        // A member that answers late is busy, not gone: an answer counts until the failure timeout, so a
+        // loaded node is not marked down (and its devices moved, loading the others) while it still answers.
+        let probe_timeout = self.settings.failure_timeout.max(self.settings.probe_interval);
         let answers = join_all(others.iter().map(|member| async move {
             let Ok(mut client) = self.peers.client(&member.cluster_addr) else { return false };
             let mut request = tonic::Request::new(ProbeRequest { from_node: self.id });
