@@ -194,7 +194,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         .add_service(
             ClusterServer::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(cluster_listener), {
+        .serve_with_incoming_shutdown(cluster_incoming(cluster_listener), {
             let mut rx = shutdown_rx.clone();
             async move { stopped(&mut rx).await }
         });
@@ -246,6 +246,17 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         rebalanced: rebalanced_rx,
         shutdown,
         tracker,
+    })
+}
+
+/// The cluster API's connections, with Nagle's algorithm off: replies are small and latency-bound, and
+/// with it on a reply can sit behind the peer's delayed ACK (40 ms on Linux).
+fn cluster_incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
     })
 }
 
