@@ -2,6 +2,8 @@
 //! processes, real worker processes), checking that its report adds up. Speed figures stay out of tests;
 //! they are in BENCHMARKS.md.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -152,4 +154,63 @@ fn bad_requests_get_clear_errors() {
     let out = loadtest(dir.path(), &["push", "--spawn", "1", "--rate", "fast"]);
     assert_eq!(out.code, Some(2), "clap refuses the rate");
     assert!(out.stderr.contains("neither `max` nor a positive number"), "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_cluster_is_reached_through_its_endpoints_ca_and_provider_key() {
+    let cluster = common::TestCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (work, pki) = (dir.path().to_path_buf(), cluster.dir.path().to_path_buf());
+    let device_addr = cluster.node().device_addr.to_string();
+    let provider_addr = cluster.gateway.provider_addr.to_string();
+    let metrics = format!("http://{}/metrics", cluster.node().metrics_addr);
+    let out = tokio::task::spawn_blocking(move || {
+        let pki = pki.to_str().unwrap().to_string();
+        loadtest(
+            &work,
+            &[
+                "push",
+                "--device-addr",
+                &device_addr,
+                "--provider-addr",
+                &provider_addr,
+                "--pki-dir",
+                &pki,
+                "--node-metrics",
+                &metrics,
+                "--devices",
+                "40",
+                "--rate",
+                "100",
+                "--duration",
+                "1.5",
+                "--quiet",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let (sent, received) = assert_ledger_balances(&out.json);
+    assert!(sent >= 100, "{sent}");
+    assert_eq!(received, sent);
+    assert_eq!(u(&out.json["spawned_nodes"]), 0);
+
+    // Memory per link comes from the nodes' own gauge when the loadtest did not start them.
+    let (work, pki) = (dir.path().to_path_buf(), cluster.dir.path().to_path_buf());
+    let device_addr = cluster.node().device_addr.to_string();
+    let metrics = format!("http://{}/metrics", cluster.node().metrics_addr);
+    let out = tokio::task::spawn_blocking(move || {
+        let pki = pki.to_str().unwrap().to_string();
+        let args = ["connect", "--device-addr", &device_addr, "--provider-addr", "127.0.0.1:1", "--pki-dir", &pki];
+        let mut args: Vec<&str> = args.to_vec();
+        args.extend(["--node-metrics", &metrics, "--devices", "40", "--hold", "2", "--no-resume", "--quiet"]);
+        loadtest(&work, &args)
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(out.json["memory"]["node_rss_after"].as_u64().is_some_and(|rss| rss > 0), "{}", out.json["memory"]);
+    assert_eq!(u(&out.json["activated_now"]), 0, "the 40 devices of the push run are cached");
+    cluster.shutdown().await;
 }
