@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{ConnectArgs, FailoverArgs, LoadArgs, OfflineArgs, OutputArgs, PushArgs, SwarmArgs, TargetArgs};
 use crate::cluster::Target;
 use crate::load::LoadPlan;
-use crate::msg::Command;
+use crate::msg::{Command, WorkerSpec};
 use crate::report::{Ledger, Percentiles, ProgressLine, PushSummary, print_table, write_json};
 use crate::swarm::{LINKS_PER_SOURCE, LINKS_PER_WORKER, Swarm, SwarmPlan, SwarmTotals, SwarmView};
 
@@ -79,15 +79,20 @@ async fn prepare(
         SwarmPlan {
             devices,
             workers,
-            cache,
-            endpoints: target.device_addrs.clone(),
-            ca: target.ca.clone(),
-            server_name: target.server_name.clone(),
-            source_addrs: source_addrs.clone(),
-            topic: register.then(|| swarm_args.topic.clone()),
-            run_id,
-            connect_concurrency: swarm_args.connect_concurrency,
-            max_backoff_ms: swarm_args.max_backoff_ms,
+            spec: WorkerSpec {
+                worker: 0,
+                cache,
+                first: 0,
+                count: 0,
+                endpoints: target.device_addrs.clone(),
+                ca: target.ca.clone(),
+                server_name: target.server_name.clone(),
+                source_addrs: source_addrs.clone(),
+                topic: register.then(|| swarm_args.topic.clone()),
+                run_id,
+                connect_concurrency: swarm_args.connect_concurrency,
+                max_backoff_ms: swarm_args.max_backoff_ms,
+            },
         },
         ledger.clone(),
     )

@@ -3,8 +3,6 @@
 //! into the ledger.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,19 +19,12 @@ pub const LINKS_PER_WORKER: usize = 15_000;
 /// Links per source address by default.
 pub const LINKS_PER_SOURCE: usize = 20_000;
 
-/// Everything the swarm needs to start.
+/// Everything the swarm needs to start: how many devices over how many workers, and the spec every worker
+/// gets (its `worker`, `first` and `count` are filled in per worker; `connect_concurrency` is the total).
 pub struct SwarmPlan {
     pub devices: usize,
     pub workers: usize,
-    pub cache: PathBuf,
-    pub endpoints: Vec<String>,
-    pub ca: PathBuf,
-    pub server_name: String,
-    pub source_addrs: Vec<IpAddr>,
-    pub topic: Option<String>,
-    pub run_id: u32,
-    pub connect_concurrency: usize,
-    pub max_backoff_ms: u64,
+    pub spec: WorkerSpec,
 }
 
 /// The swarm as the workers last reported it, summed.
@@ -145,17 +136,10 @@ impl Swarm {
             let count = plan.devices * (worker + 1) / workers - first;
             let spec = WorkerSpec {
                 worker,
-                cache: plan.cache.clone(),
                 first,
                 count,
-                endpoints: plan.endpoints.clone(),
-                ca: plan.ca.clone(),
-                server_name: plan.server_name.clone(),
-                source_addrs: plan.source_addrs.clone(),
-                topic: plan.topic.clone(),
-                run_id: plan.run_id,
-                connect_concurrency: plan.connect_concurrency.div_ceil(workers),
-                max_backoff_ms: plan.max_backoff_ms,
+                connect_concurrency: plan.spec.connect_concurrency.div_ceil(workers),
+                ..plan.spec.clone()
             };
             let mut child = tokio::process::Command::new(&exe)
                 .arg("worker")
