@@ -70,12 +70,7 @@ impl Target {
         for url in &self.node_metrics {
             let text = http_get(url).await.ok()?;
             total += text.lines().find_map(|line| {
-                line.strip_prefix("process_resident_memory_bytes")?
-                    .trim()
-                    .split_whitespace()
-                    .last()?
-                    .parse::<f64>()
-                    .ok()
+                line.strip_prefix("process_resident_memory_bytes")?.split_whitespace().last()?.parse::<f64>().ok()
             })?;
         }
         Some(total as u64)
