@@ -194,6 +194,7 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
         if let Some(seed) = nodes.first() {
             command.args(["--join", &seed.cluster_addr]);
         }
+        crate::die_with_parent(&mut command);
         let mut child = command.spawn().with_context(|| format!("starting {}", bin.display()))?;
         let value = listening(&mut child, &format!("node {id}")).await?;
         let field = |name: &str| value[name].as_str().unwrap_or_default().to_string();
@@ -216,7 +217,9 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
         }
     }
     let node_addrs: Vec<_> = nodes.iter().map(|n| n.cluster_addr.clone()).collect();
-    let mut gateway = tokio::process::Command::new(&bin)
+    let mut gateway_command = tokio::process::Command::new(&bin);
+    crate::die_with_parent(&mut gateway_command);
+    let mut gateway = gateway_command
         .arg("gateway")
         .arg("--pki-dir")
         .arg(dir)

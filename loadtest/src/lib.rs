@@ -44,12 +44,19 @@ pub fn main() -> ExitCode {
         }
     };
     let outcome = runtime.block_on(async move {
-        match cli.command {
-            cli::Command::Worker => worker::run().await.map(|()| true),
-            cli::Command::Connect(args) => scenario::connect(args).await,
-            cli::Command::Push(args) => scenario::push(args).await,
-            cli::Command::Offline(args) => scenario::offline(args).await,
-            cli::Command::Failover(args) => scenario::failover(args).await,
+        let run = async move {
+            match cli.command {
+                cli::Command::Worker => worker::run().await.map(|()| true),
+                cli::Command::Connect(args) => scenario::connect(args).await,
+                cli::Command::Push(args) => scenario::push(args).await,
+                cli::Command::Offline(args) => scenario::offline(args).await,
+                cli::Command::Failover(args) => scenario::failover(args).await,
+            }
+        };
+        // Ctrl-C drops the run, and with it every child process (spawned nodes, the gateway, workers).
+        tokio::select! {
+            outcome = run => outcome,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; the spawned cluster and workers are stopped")),
         }
     });
     // Device tasks may still be closing; the process is done either way.
@@ -76,12 +83,15 @@ pub fn raise_fd_limit() {
     }
 }
 
-/// The soft open-file limit of this process.
-pub fn fd_limit() -> u64 {
-    // SAFETY: getrlimit with a valid, initialised struct.
+/// Makes `command`'s process receive SIGKILL when this one dies, however it dies (Linux), so that a
+/// killed coordinator leaves no cluster or worker behind.
+pub fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe, as code between fork and exec must be.
     unsafe {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 { limit.rlim_cur } else { 1024 }
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
     }
 }
 

@@ -141,7 +141,9 @@ impl Swarm {
                 connect_concurrency: plan.spec.connect_concurrency.div_ceil(workers),
                 ..plan.spec.clone()
             };
-            let mut child = tokio::process::Command::new(&exe)
+            let mut command = tokio::process::Command::new(&exe);
+            crate::die_with_parent(&mut command);
+            let mut child = command
                 .arg("worker")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
