@@ -59,7 +59,7 @@ impl Target {
         if self.spawned() {
             let mut total = 0;
             for node in self.nodes.iter().filter(|n| !n.killed) {
-                total += crate::rss_of(node.pid)?;
+                total += courier_node::telemetry::resident_memory_bytes(Some(node.pid))?;
             }
             return Some(total);
         }

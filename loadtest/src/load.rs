@@ -166,7 +166,6 @@ pub async fn run(plan: LoadPlan, ledger: Arc<Mutex<Ledger>>) -> anyhow::Result<L
                 let next_due = start + Duration::from_secs_f64(seq as f64 / rate);
                 tokio::time::sleep_until(next_due.min(end)).await;
             }
-            next.store(seq, Ordering::Relaxed);
             tasks.close();
             tasks.wait().await;
         }

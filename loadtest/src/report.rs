@@ -35,7 +35,6 @@ pub struct Ledger {
     /// Receipts at a device other than the one addressed.
     pub misdelivered: u64,
     pub receipts: u64,
-    pub first_receipt_us: Option<u64>,
     pub last_receipt_us: Option<u64>,
     /// Provider send (scheduled time) to device receipt.
     pub end_to_end: Histogram<u64>,
@@ -58,7 +57,6 @@ impl Ledger {
             errors: BTreeMap::new(),
             misdelivered: 0,
             receipts: 0,
-            first_receipt_us: None,
             last_receipt_us: None,
             end_to_end: histogram(),
             interval: histogram(),
@@ -117,7 +115,6 @@ impl Ledger {
             self.accepted_received += 1;
         }
         let now = crate::unix_micros();
-        self.first_receipt_us.get_or_insert(now);
         self.last_receipt_us = Some(now);
         let _ = self.end_to_end.record(latency_us.max(1));
         let _ = self.interval.record(latency_us.max(1));

@@ -322,22 +322,20 @@ fn push_rows(rows: &mut Vec<(String, String)>, summary: &PushSummary, e2e: &Perc
 }
 
 /// Pass/fail: the reasons a run failed (empty = passed).
-fn verdict(summary: Option<&PushSummary>, output: &OutputArgs, extra: Vec<String>) -> Vec<String> {
+fn verdict(s: &PushSummary, output: &OutputArgs, extra: Vec<String>) -> Vec<String> {
     let mut failures = extra;
-    if let Some(s) = summary {
-        if !s.consistent {
-            failures.push("the ledger does not balance (sent != received + errors)".into());
-        }
-        if s.duplicates > 0 {
-            failures.push(format!("{} duplicate deliveries to the app", s.duplicates));
-        }
-        if s.misdelivered > 0 {
-            failures.push(format!("{} notifications reached the wrong device", s.misdelivered));
-        }
-        let rate = s.error_total() as f64 / s.sent.max(1) as f64;
-        if rate > output.max_error_rate {
-            failures.push(format!("error rate {:.4} over --max-error-rate {}", rate, output.max_error_rate));
-        }
+    if !s.consistent {
+        failures.push("the ledger does not balance (sent != received + errors)".into());
+    }
+    if s.duplicates > 0 {
+        failures.push(format!("{} duplicate deliveries to the app", s.duplicates));
+    }
+    if s.misdelivered > 0 {
+        failures.push(format!("{} notifications reached the wrong device", s.misdelivered));
+    }
+    let rate = s.error_total() as f64 / s.sent.max(1) as f64;
+    if rate > output.max_error_rate {
+        failures.push(format!("error rate {:.4} over --max-error-rate {}", rate, output.max_error_rate));
     }
     failures
 }
@@ -398,6 +396,7 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<bool> {
         ));
     }
     let path = run.json_path();
+    let nodes = run.target.nodes.len();
     let mut result = run.describe();
     let output = run.output.clone();
     let (totals, finished) = run.finish().await?;
@@ -417,7 +416,7 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<bool> {
         ),
         (
             "node memory per idle link".into(),
-            per_link.map(|k| format!("{k:.1} KiB (RSS, {} nodes)", run_nodes(&result))).unwrap_or("unknown".into()),
+            per_link.map(|k| format!("{k:.1} KiB (RSS, {} nodes)", nodes)).unwrap_or("unknown".into()),
         ),
         ("loadtest memory per link".into(), format!("{client_per_link:.1} KiB (worker RSS)")),
     ];
@@ -473,10 +472,6 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<bool> {
         failures.push(format!("link error rate {error_rate:.4} over --max-error-rate {}", output.max_error_rate));
     }
     conclude("courier-loadtest connect", rows, result, failures, &path, finished)
-}
-
-fn run_nodes(describe: &serde_json::Value) -> u64 {
-    describe["spawned_nodes"].as_u64().unwrap_or(0)
 }
 
 /// What every push-carrying scenario reports once the cluster is stopped.
@@ -568,7 +563,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<bool> {
         "delivered_per_sec": r.summary.received as f64 / secs,
         "drained": drained,
     });
-    let failures = verdict(Some(&r.summary), &r.output, Vec::new());
+    let failures = verdict(&r.summary, &r.output, Vec::new());
     conclude("courier-loadtest push", rows, r.result, failures, &r.path, r.finished)
 }
 
@@ -590,6 +585,7 @@ pub async fn offline(args: OfflineArgs) -> anyhow::Result<bool> {
     let reconnect_at = crate::unix_micros();
     let relink = run.connect_all(false).await?;
     let drained = run.drain().await?;
+    let devices = run.devices;
     let mut r = run.finish_pushes().await?;
     let store_secs = stored.elapsed.as_secs_f64().max(1e-6);
     let drain_secs = r.last_receipt_us.map(|last| last.saturating_sub(reconnect_at) as f64 / 1e6).unwrap_or(0.0);
@@ -604,7 +600,7 @@ pub async fn offline(args: OfflineArgs) -> anyhow::Result<bool> {
                 r.summary.accepted as f64 / store_secs
             ),
         ),
-        ("relinked".into(), format!("{} links in {:.2} s", run_devices(&r.result), relink.as_secs_f64())),
+        ("relinked".into(), format!("{devices} links in {:.2} s", relink.as_secs_f64())),
         ("drain".into(), format!("{} in {drain_secs:.2} s: {drain_rate:.0} notifications/s", r.summary.received)),
     ];
     rows.extend(r.rows());
@@ -623,12 +619,8 @@ pub async fn offline(args: OfflineArgs) -> anyhow::Result<bool> {
     if received_offline > 0 {
         extra.push(format!("{received_offline} notifications arrived while every device was offline"));
     }
-    let failures = verdict(Some(&r.summary), &r.output, extra);
+    let failures = verdict(&r.summary, &r.output, extra);
     conclude("courier-loadtest offline", rows, r.result, failures, &r.path, r.finished)
-}
-
-fn run_devices(describe: &serde_json::Value) -> u64 {
-    describe["devices"].as_u64().unwrap_or(0)
 }
 
 pub async fn failover(args: FailoverArgs) -> anyhow::Result<bool> {
@@ -705,6 +697,6 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<bool> {
             r.summary.lost_sample
         ));
     }
-    let failures = verdict(Some(&r.summary), &r.output, extra);
+    let failures = verdict(&r.summary, &r.output, extra);
     conclude("courier-loadtest failover", rows, r.result, failures, &r.path, r.finished)
 }

@@ -313,7 +313,7 @@ async fn connect(device: &Device, shared: &Shared, mut addr: SocketAddr) -> Resu
     let mut link = loop {
         match DeviceLink::connect_once(&device.connector, addr, device.id, 0, &[]).await {
             Ok(link) => break link,
-            Err(ClientError::Redirected(to)) if redirects < 4 => {
+            Err(ClientError::Redirected(to)) if redirects < courier_node::client::MAX_REDIRECTS => {
                 stats.redirected.fetch_add(1, Ordering::Relaxed);
                 redirects += 1;
                 addr = courier_node::client::resolve(&to).await?;
@@ -360,7 +360,7 @@ async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
             tokens: std::mem::take(&mut *stats.tokens.lock().unwrap_or_else(|e| e.into_inner())),
             orphaned: stats.orphaned.load(Ordering::Relaxed),
             recovered: std::mem::take(&mut *stats.recovered.lock().unwrap_or_else(|e| e.into_inner())),
-            rss: crate::rss_of(std::process::id()).unwrap_or(0),
+            rss: courier_node::telemetry::resident_memory_bytes(None).unwrap_or(0),
             done,
         };
         // The coordinator reads line by line; a broken pipe means it is gone, and so should we be.

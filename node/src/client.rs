@@ -106,7 +106,7 @@ impl DeviceCredentials {
 }
 
 /// Redirects followed before giving up (more means the cluster's views disagree).
-const MAX_REDIRECTS: usize = 4;
+pub const MAX_REDIRECTS: usize = 4;
 
 type ClientLink = Framed<TlsStream<TcpStream>, FrameCodec<ServerFrame>>;
 

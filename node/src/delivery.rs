@@ -1,9 +1,10 @@
 //! What happens to a notification once it reaches the node that owns its device.
 //!
 //! A notification with a future expiration is committed to the store and copied to the device's ring
-//! successors at the same time, and then handed to the device's link if it has one: the gateway hears `STORED` only once it
-//! is durable on R nodes (fewer only when fewer are active), and the device acks it off every queue. A notification with expiration 0 (or already past) is never stored: it goes to a live
-//! link (`SENT`) or is dropped (`DISCARDED`), as APNs does.
+//! successors at the same time, and then handed to the device's link if it has one: the gateway hears
+//! `STORED` only once it is durable on R nodes (fewer only when fewer are active), and the device acks it off
+//! every queue. A notification with expiration 0 (or already past) is never stored: it goes to a live link
+//! (`SENT`) or is dropped (`DISCARDED`), as APNs does.
 
 use std::sync::Arc;
 

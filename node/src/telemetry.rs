@@ -38,7 +38,7 @@ pub fn prometheus() -> PrometheusHandle {
                 .spawn(move || {
                     for tick in 1u64.. {
                         std::thread::sleep(Duration::from_secs(1));
-                        if let Some(rss) = resident_memory_bytes() {
+                        if let Some(rss) = resident_memory_bytes(None) {
                             metrics::gauge!("process_resident_memory_bytes").set(rss as f64);
                         }
                         if tick % 5 == 0 {
@@ -52,9 +52,11 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// This process's resident set size, from `/proc/self/statm` (Linux; `None` elsewhere).
-pub fn resident_memory_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+/// The resident set size of process `pid` (this process when `None`), from `/proc/<pid>/statm` (Linux;
+/// `None` elsewhere or when the process is gone).
+pub fn resident_memory_bytes(pid: Option<u32>) -> Option<u64> {
+    let path = pid.map_or_else(|| "/proc/self/statm".to_string(), |pid| format!("/proc/{pid}/statm"));
+    let statm = std::fs::read_to_string(path).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

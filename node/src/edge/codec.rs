@@ -36,6 +36,7 @@ pub fn release_idle_buffers<T, U>(framed: &mut tokio_util::codec::Framed<T, U>) 
         *write = BytesMut::new();
     }
 }
+
 /// The default hard limit on one frame's body, in bytes. A 5 KiB VoIP payload plus headers fits easily.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024;
 
