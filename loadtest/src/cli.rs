@@ -3,6 +3,17 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+/// Where the loadtest keeps what it makes between runs (a spawned cluster's PKI, cached device keys): never
+/// the working directory, so a run inside a checkout cannot leave private keys where git would pick them up.
+pub fn state_dir() -> PathBuf {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = var("COURIER_LOADTEST_HOME") {
+        return dir;
+    }
+    let cache = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|home| home.join(".cache")));
+    cache.unwrap_or_else(std::env::temp_dir).join("courier-loadtest")
+}
+
 #[derive(clap::Parser)]
 #[command(
     name = "courier-loadtest",
@@ -40,8 +51,10 @@ pub struct TargetArgs {
     /// loopback (PKI kept in --spawn-dir between runs, node data wiped at each start).
     #[arg(long, value_name = "N")]
     pub spawn: Option<usize>,
-    /// Directory for the spawned cluster's PKI, data and logs.
-    #[arg(long, default_value = "loadtest-cluster")]
+    /// Directory for the spawned cluster's PKI, data and logs (default: `cluster/` in the state directory,
+    /// outside any source tree: `$COURIER_LOADTEST_HOME`, else `$XDG_CACHE_HOME/courier-loadtest`, else
+    /// `~/.cache/courier-loadtest`).
+    #[arg(long, default_value_os_t = state_dir().join("cluster"))]
     pub spawn_dir: PathBuf,
     /// The `courier` binary to spawn (default: the one beside this binary).
     #[arg(long)]
@@ -99,8 +112,9 @@ pub struct SwarmArgs {
     /// 20,000 links, when the cluster is on loopback).
     #[arg(long, value_delimiter = ',')]
     pub source_addrs: Vec<IpAddr>,
-    /// Where activated device certificates and keys are cached, per cluster CA, so reruns skip activation.
-    #[arg(long, default_value = "loadtest-cache")]
+    /// Where activated device certificates and keys are cached, per cluster CA, so reruns skip activation
+    /// (default: `devices/` in the state directory, see --spawn-dir; files are owner-only).
+    #[arg(long, default_value_os_t = state_dir().join("devices"))]
     pub cache_dir: PathBuf,
     /// Topic the devices register.
     #[arg(long, default_value = "com.example.loadtest")]

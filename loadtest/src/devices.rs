@@ -6,7 +6,6 @@
 //! each (device id, certificate and PKCS#8 key in hex). Chunks are written whole through a rename, so an
 //! interrupted activation never leaves a half-written file.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,14 +64,15 @@ fn read_chunk(dir: &Path, chunk: usize) -> anyhow::Result<Vec<DeviceCredentials>
 fn write_chunk(dir: &Path, chunk: usize, devices: &[DeviceCredentials]) -> anyhow::Result<()> {
     let path = chunk_path(dir, chunk);
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut lines = Vec::new();
     for device in devices {
         let cached =
             Cached { id: device.device_id, cert: hex::encode(&device.cert_der), key: hex::encode(&device.key_der) };
-        serde_json::to_writer(&mut file, &cached)?;
-        file.write_all(b"\n")?;
+        serde_json::to_writer(&mut lines, &cached)?;
+        lines.push(b'\n');
     }
-    file.sync_all()?;
+    // The chunk holds device private keys.
+    courier_node::secret_file::write_secret(&tmp, &lines).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
@@ -167,6 +167,11 @@ mod tests {
         let ids: Vec<_> = got.iter().map(|d| d.device_id).collect();
         assert_eq!(ids, vec![first[CHUNK - 1].device_id, fake(201).device_id, fake(202).device_id]);
         assert!(load_range(dir.path(), CHUNK, 3).is_err(), "chunk 1 holds only two devices");
+        #[cfg(unix)]
+        for chunk in 0..2 {
+            let mode = courier_node::secret_file::mode(&chunk_path(dir.path(), chunk)).unwrap();
+            assert_eq!(mode, 0o600, "a chunk holds device private keys");
+        }
     }
 
     #[test]

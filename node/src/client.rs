@@ -81,7 +81,7 @@ impl DeviceCredentials {
         let cert = pem::encode(&pem::Pem::new("CERTIFICATE", self.cert_der.clone()));
         std::fs::write(dir.join("device.pem"), cert).map_err(err)?;
         let key = pem::encode(&pem::Pem::new("PRIVATE KEY", self.key_der.clone()));
-        pki::write_secret(&dir.join("device.key"), key.as_bytes()).map_err(err)
+        crate::secret_file::write_secret(&dir.join("device.key"), key.as_bytes()).map_err(err)
     }
 
     /// Reads credentials saved by `save`; `None` if `dir` has none.

@@ -16,6 +16,7 @@ pub mod pki;
 pub mod raft;
 pub mod replication;
 pub mod ring;
+pub mod secret_file;
 pub mod status_log;
 pub mod store;
 pub mod telemetry;

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ids::DeviceId;
+use crate::secret_file::write_secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -40,24 +41,6 @@ pub enum PkiError {
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     move |source| PkiError::Io { path: path.to_path_buf(), source }
-}
-
-/// Writes a file only its owner can read, creating parent directories.
-pub fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    use std::io::Write;
-    let mut file = options.open(path)?;
-    file.write_all(contents)?;
-    file.sync_all()
 }
 
 fn write_public(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
@@ -478,6 +461,25 @@ mod tests {
         let device = DeviceId(0xfeed);
         let cert = ca.issue(&csr, device).unwrap();
         assert_eq!(device_id_from_cert(&cert), Some(device));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn every_private_key_and_the_token_keys_are_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let credential = init(dir.path(), &PkiOptions::default()).unwrap();
+        let pki = PkiDir::new(dir.path());
+        let mut secrets = vec![pki.token_keys(), pki.provider_signing_key(&credential.key_id)];
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "key") {
+                secrets.push(path);
+            }
+        }
+        assert!(secrets.len() >= 8, "three CAs, three members, provider and token keys: {secrets:?}");
+        for path in secrets {
+            assert_eq!(crate::secret_file::mode(&path).unwrap(), 0o600, "{}", path.display());
+        }
     }
 
     #[test]

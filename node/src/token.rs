@@ -285,7 +285,7 @@ impl Keyring {
             let state = KeyringState { active: Some(key.id), keys: [(key.id, key)].into(), ..Default::default() };
             let text = serde_json::to_string_pretty(&state)
                 .map_err(|source| KeyringError::Format { path: path.display().to_string(), source })?;
-            crate::pki::write_secret(path, text.as_bytes())
+            crate::secret_file::write_secret(path, text.as_bytes())
                 .map_err(|source| KeyringError::Io { path: path.display().to_string(), source })?;
         }
         Self::load(path)

@@ -244,7 +244,7 @@ pub fn issue_provider_cert(
     let key_path = out.join(format!("provider-{team_id}.key"));
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(&cert_path, cert).with_context(|| format!("writing {}", cert_path.display()))?;
-    courier_node::pki::write_secret(&key_path, key.as_bytes())
+    courier_node::secret_file::write_secret(&key_path, key.as_bytes())
         .with_context(|| format!("writing {}", key_path.display()))?;
     Ok((cert_path, key_path))
 }

@@ -53,6 +53,8 @@ type RaftError = StorageError<NodeId>;
 pub enum RaftStoreError {
     #[error("creating the directory of {path}: {source}")]
     CreateDir { path: String, source: std::io::Error },
+    #[error("making {path} readable by its owner only: {source}")]
+    Restrict { path: String, source: std::io::Error },
     #[error("opening the Raft database at {path}: {source}")]
     Open { path: String, source: redb::DatabaseError },
     #[error("Raft database transaction: {0}")]
@@ -120,6 +122,9 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, watch::Receiver
         std::fs::create_dir_all(parent)
             .map_err(|source| RaftStoreError::CreateDir { path: path.display().to_string(), source })?;
     }
+    // It holds the token keys: owner-only, like every other secret.
+    crate::secret_file::restrict(path)
+        .map_err(|source| RaftStoreError::Restrict { path: path.display().to_string(), source })?;
     let db =
         Database::create(path).map_err(|source| RaftStoreError::Open { path: path.display().to_string(), source })?;
     let txn = db.begin_write()?;
@@ -626,6 +631,16 @@ mod tests {
             ]
         );
         assert!(machine.apply(Vec::new()).await.expect("empty batch").is_empty());
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_raft_database_holding_token_keys_is_owner_only() {
+        let dir = TempDir::new().expect("tempdir");
+        let path = dir.path().join("raft.redb");
+        let (_log, mut machine, _watch) = open(&path).expect("open");
+        populate(&mut machine).await;
+        assert_eq!(crate::secret_file::mode(&path).expect("mode"), 0o600);
     }
 
     #[tokio::test]

@@ -35,6 +35,8 @@ impl Registrations {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(db_err)?;
         }
+        // Notification payloads and registrations are the apps' data: owner-only.
+        crate::secret_file::restrict(path).map_err(db_err)?;
         let db =
             Database::create(path).map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         let txn = db.begin_write().map_err(db_err)?;
