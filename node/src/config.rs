@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::edge::limits::{AdmissionSettings, LinkLimits};
 use crate::edge::{Enrolment, LinkSettings};
 use crate::raft::control::ControlSettings;
 
@@ -95,9 +96,39 @@ pub struct NodeConfig {
     /// Keepalive for devices that do not ask for one, in seconds.
     #[arg(long, env = "COURIER_KEEPALIVE_DEFAULT_SECS", default_value_t = 300)]
     pub keepalive_default_secs: u64,
-    /// Time a new link has for its TLS handshake and first frame, in seconds.
+    /// Time a new device connection has from accept to its first frame (any wait for a handshake slot,
+    /// the TLS handshake and the first frame), in seconds.
     #[arg(long, env = "COURIER_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
     pub handshake_timeout_secs: u64,
+    /// Most device connections not yet past their first frame, from all addresses; beyond it new
+    /// connections are closed at accept. They hold sockets on top of --max-links.
+    #[arg(long, env = "COURIER_MAX_PENDING_LINKS", default_value_t = 16_384)]
+    pub max_pending_links: usize,
+    /// Most device connections not yet past their first frame from one source address (an IPv6 /64
+    /// counts as one). Carrier NAT puts many devices behind one address: keep this well above the
+    /// reconnects one address can make within --handshake-timeout-secs.
+    #[arg(long, env = "COURIER_MAX_PENDING_PER_ADDRESS", default_value_t = 4096)]
+    pub max_pending_per_address: usize,
+    /// Most TLS handshakes in progress (ClientHello received) from one source address; beyond it the
+    /// connection is closed. One address also holds at most half of the node's 128 handshake slots.
+    #[arg(long, env = "COURIER_MAX_HANDSHAKES_PER_ADDRESS", default_value_t = 1024)]
+    pub max_handshakes_per_address: usize,
+    /// Longest a write to a device link may wait for the device to read, in milliseconds; a device
+    /// slower than that is closed with SLOW_CONSUMER (and a node shutting down waits no longer on it).
+    #[arg(long, env = "COURIER_LINK_WRITE_TIMEOUT_MS", default_value_t = 15_000)]
+    pub link_write_timeout_ms: u64,
+    /// Frames that cause writes (RegisterTopic, UnregisterTopic, acks for notifications the link never
+    /// carried) a device link may send at once; beyond it and --link-write-rate the link is closed with
+    /// RATE_LIMITED.
+    #[arg(long, env = "COURIER_LINK_WRITE_BURST", default_value_t = 128)]
+    pub link_write_burst: u32,
+    /// The same frames a device link may send per second after its burst.
+    #[arg(long, env = "COURIER_LINK_WRITE_RATE", default_value_t = 2.0)]
+    pub link_write_rate: f64,
+    /// Most app topics one device may register or unregister on a link, and unregistered topics stored
+    /// per device; beyond it the link is closed with TOO_MANY_TOPICS and nothing is stored.
+    #[arg(long, env = "COURIER_MAX_TOPICS_PER_DEVICE", default_value_t = 64)]
+    pub max_topics_per_device: usize,
     /// Most device links this node holds at once; further connections are refused.
     #[arg(long, env = "COURIER_MAX_LINKS", default_value_t = 250_000)]
     pub max_links: usize,
@@ -235,6 +266,17 @@ impl NodeConfig {
             keepalive_max: Duration::from_secs(self.keepalive_max_secs.max(self.keepalive_min_secs)),
             keepalive_default: Duration::from_secs(self.keepalive_default_secs),
             handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
+            admission: AdmissionSettings {
+                max_pending: self.max_pending_links,
+                max_pending_per_source: self.max_pending_per_address,
+                max_handshakes_per_source: self.max_handshakes_per_address,
+            },
+            link_limits: LinkLimits {
+                write_burst: self.link_write_burst,
+                write_rate: self.link_write_rate,
+                max_topics: self.max_topics_per_device,
+                write_timeout: Duration::from_millis(self.link_write_timeout_ms.max(1)),
+            },
             enrolment,
         }
     }

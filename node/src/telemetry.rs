@@ -94,7 +94,13 @@ pub fn describe_node_metrics() {
     describe_counter!("courier_node_activations_total", "Device activation requests, by outcome.");
     describe_counter!(
         "courier_node_links_refused_total",
-        "Device connections refused before the handshake, by reason."
+        "Device connections refused before they became links, by reason (pending, pending_per_source, \
+         handshakes_per_source: admission caps; capacity: --max-links)."
+    );
+    describe_gauge!("courier_node_pending_links", "Device connections accepted and not yet past their first frame.");
+    describe_counter!(
+        "courier_node_acks_ignored_total",
+        "Device acks for notifications the link never carried (repeats or forged), which cause no write."
     );
     describe_counter!(
         "courier_node_handshake_failures_total",

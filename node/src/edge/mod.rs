@@ -5,6 +5,7 @@
 //! protocol. `codec` is the only code that sees the link's bytes; `registry` maps device ids to live links.
 
 pub mod codec;
+pub mod limits;
 pub mod registry;
 pub mod session;
 
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tokio_util::task::TaskTracker;
 
 use crate::pki::DeviceCa;
@@ -67,8 +68,13 @@ pub struct LinkSettings {
     pub keepalive_max: Duration,
     /// Used when the device asks for 0.
     pub keepalive_default: Duration,
-    /// Time allowed for the TLS handshake plus the first frame.
+    /// Time a connection has from accept to its first frame: any wait for a handshake slot, the TLS
+    /// handshake and the first frame.
     pub handshake_timeout: Duration,
+    /// Caps on connections not yet past their first frame.
+    pub admission: limits::AdmissionSettings,
+    /// Rate and size limits of a live link, and its write timeout.
+    pub link_limits: limits::LinkLimits,
     pub enrolment: Enrolment,
 }
 
@@ -102,32 +108,84 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// TLS handshakes a node works on at once. In a reconnect storm the rest wait their turn without costing
-/// CPU, so each handshake finishes quickly instead of all of them slowly (and timing out, and retrying).
-const MAX_CONCURRENT_HANDSHAKES: usize = 128;
+/// Why a connection that passed admission still did not become a link.
+enum Handshake {
+    Done(Box<session::Link>),
+    Refused(limits::Refusal),
+    Failed,
+}
 
-/// The TLS handshake of one device connection (after waiting its turn), within the handshake timeout.
+/// The TLS handshake of one device connection: reads the whole ClientHello (costing no slot, so silent
+/// connections take none), then waits for a handshake slot and completes the handshake. The caller
+/// bounds it by the connection's deadline.
 async fn handshake(
     acceptor: &TlsAcceptor,
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     edge: &Edge,
-    handshakes: &Semaphore,
-) -> Option<Box<session::Link>> {
-    let _turn = handshakes.acquire().await.ok()?;
-    match tokio::time::timeout(edge.settings.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => Some(session::boxed_link(tls, edge.settings.max_frame)),
-        Ok(Err(error)) => {
+    pending: &mut limits::Pending,
+) -> Handshake {
+    let start = match LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await {
+        Ok(start) => start,
+        Err(error) => {
+            metrics::counter!("courier_node_handshake_failures_total").increment(1);
+            tracing::debug!(%peer, %error, "device sent no usable ClientHello");
+            return Handshake::Failed;
+        }
+    };
+    if let Err(refusal) = pending.start_handshake() {
+        return Handshake::Refused(refusal);
+    }
+    let Some(_slot) = pending.slot().await else {
+        return Handshake::Failed;
+    };
+    let outcome = match start.into_stream(acceptor.config().clone()).await {
+        Ok(tls) => Handshake::Done(session::boxed_link(tls, edge.settings.max_frame)),
+        Err(error) => {
             metrics::counter!("courier_node_handshake_failures_total").increment(1);
             tracing::debug!(%peer, %error, "device TLS handshake failed");
-            None
+            Handshake::Failed
         }
+    };
+    pending.end_handshake();
+    outcome
+}
+
+/// One connection from accept to goodbye: the handshake and the first frame within one deadline from
+/// accept, a link permit once the handshake is done, then the session.
+async fn connection(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    edge: Arc<Edge>,
+    mut pending: limits::Pending,
+    permits: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let deadline = tokio::time::Instant::now() + edge.settings.handshake_timeout;
+    // The handshake's state is boxed and freed when it completes, so that the task, which is sized for its
+    // largest state and lives as long as the link, carries only the session.
+    let shaken = tokio::time::timeout_at(deadline, Box::pin(handshake(&acceptor, tcp, peer, &edge, &mut pending)));
+    let mut link = match shaken.await {
+        Ok(Handshake::Done(link)) => link,
+        Ok(Handshake::Refused(refusal)) => {
+            refusal.count();
+            tracing::debug!(%peer, reason = refusal.as_str(), "device connection refused");
+            return;
+        }
+        Ok(Handshake::Failed) => return,
         Err(_) => {
             metrics::counter!("courier_node_handshake_failures_total").increment(1);
-            tracing::debug!(%peer, "device TLS handshake timed out");
-            None
+            tracing::debug!(%peer, "device TLS handshake did not finish before the deadline");
+            return;
         }
-    }
+    };
+    let Ok(_permit) = permits.try_acquire_owned() else {
+        metrics::counter!("courier_node_links_refused_total", "reason" => "capacity").increment(1);
+        session::refuse_at_capacity(&mut link).await;
+        return;
+    };
+    session::run(link, edge, shutdown, session::Opening { deadline, pending }).await;
 }
 
 /// Accepts device links until `shutdown` turns true. Each link runs on `tracker`, so the caller can wait
@@ -141,7 +199,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(max_links));
-    let handshakes = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+    let admission = limits::Admission::new(edge.settings.admission.clone());
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -155,21 +213,24 @@ pub async fn serve(
             },
             _ = stopped(&mut shutdown) => return,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            metrics::counter!("courier_node_links_refused_total", "reason" => "capacity").increment(1);
-            drop(tcp);
-            continue;
+        let pending = match admission.admit(peer.ip()) {
+            Ok(pending) => pending,
+            Err(refusal) => {
+                // Refused before any TLS work: the cheapest answer is to close the socket.
+                refusal.count();
+                drop(tcp);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, edge, shutdown, handshakes) =
-            (acceptor.clone(), edge.clone(), shutdown.clone(), handshakes.clone());
-        tracker.spawn(async move {
-            // The handshake's state is boxed and freed when it completes, so that the task, which is sized
-            // for its largest state and lives as long as the link, carries only the session.
-            if let Some(link) = Box::pin(handshake(&acceptor, tcp, peer, &edge, &handshakes)).await {
-                session::run(link, edge, shutdown).await;
-            }
-            drop(permit);
-        });
+        tracker.spawn(connection(
+            acceptor.clone(),
+            tcp,
+            peer,
+            edge.clone(),
+            pending,
+            permits.clone(),
+            shutdown.clone(),
+        ));
     }
 }

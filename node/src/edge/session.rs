@@ -6,7 +6,7 @@
 //! either side closes. Every way a link ends sends a `Goodbye` with a reason when the link can carry one.
 //! The device id always comes from the certificate the handshake verified, never from a frame.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use tokio_util::codec::Framed;
 
 use super::Edge;
 use super::codec::FrameCodec;
+use super::limits::{Pending, TokenBucket};
 use super::registry::LinkEnd;
 use crate::ids::{DeviceId, unix_millis};
 use crate::pki;
@@ -36,16 +37,24 @@ pub fn boxed_link(tls: TlsStream<TcpStream>, max_frame: usize) -> Box<Link> {
 
 /// Longest topic name accepted, in bytes.
 pub const MAX_TOPIC_LEN: usize = 255;
-/// Notifications awaiting an ack whose send time is remembered for the latency histogram.
+/// Notifications a link remembers having carried (to tell its acks from forged ones, and for the latency
+/// histogram). Beyond it the link only counts what it carried untracked.
 const MAX_TRACKED_INFLIGHT: usize = 4096;
 
+/// A connection that has not yet sent its first frame: the deadline it has from accept, and its place
+/// among pending connections, given up once the first frame arrives.
+pub struct Opening {
+    pub deadline: Instant,
+    pub pending: Pending,
+}
+
 /// Runs one link to completion.
-pub async fn run(mut link: Box<Link>, edge: Arc<Edge>, shutdown: watch::Receiver<bool>) {
+pub async fn run(mut link: Box<Link>, edge: Arc<Edge>, shutdown: watch::Receiver<bool>, opening: Opening) {
     let peer_cert = link.get_ref().get_ref().1.peer_certificates().and_then(|chain| chain.first()).cloned();
     match peer_cert {
-        None => activate(&mut link, &edge).await,
+        None => activate(&mut link, &edge, opening).await,
         Some(cert) => match pki::device_id_from_cert(&cert) {
-            Some(device) => serve_device(&mut link, device, &edge, shutdown).await,
+            Some(device) => serve_device(&mut link, device, &edge, shutdown, opening).await,
             None => goodbye(&mut link, GoodbyeReason::BadCertificate, "certificate names no device id").await,
         },
     }
@@ -62,9 +71,41 @@ async fn goodbye(link: &mut Link, reason: GoodbyeReason, detail: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(1), link.send(bye)).await;
 }
 
-/// Reads the first frame, or says goodbye and returns `None`.
-async fn first_frame(link: &mut Link, edge: &Edge) -> Option<device_frame::Kind> {
-    match tokio::time::timeout(edge.settings.handshake_timeout, link.next()).await {
+/// Tells a device the node holds all the links it may, so it backs off and retries (or tries another).
+pub async fn refuse_at_capacity(link: &mut Link) {
+    goodbye(link, GoodbyeReason::Unavailable, "the node is at its link limit").await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), SinkExt::<ServerFrame>::close(link)).await;
+}
+
+/// Why a write to the device did not happen.
+enum WriteFailed {
+    /// The link is gone.
+    Closed,
+    /// The device stopped reading: told `SLOW_CONSUMER` (if that could still be sent).
+    Stalled,
+}
+
+/// Writes one frame within the write timeout. A device that does not take it in time is a slow
+/// consumer: it is told so (briefly) and the caller closes the link, so no task waits on it for longer.
+async fn write(link: &mut Link, edge: &Edge, frame: ServerFrame) -> Result<(), WriteFailed> {
+    match tokio::time::timeout(edge.settings.link_limits.write_timeout, link.send(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteFailed::Closed),
+        Err(_) => {
+            tracing::debug!("device stopped reading; closing its link");
+            goodbye(link, GoodbyeReason::SlowConsumer, "the device did not read within the write timeout").await;
+            Err(WriteFailed::Stalled)
+        }
+    }
+}
+
+/// Reads the first frame within the connection's deadline, or says goodbye and returns `None`. Either
+/// way the connection stops counting as pending.
+async fn first_frame(link: &mut Link, opening: Opening) -> Option<device_frame::Kind> {
+    let Opening { deadline, pending } = opening;
+    let first = tokio::time::timeout_at(deadline, link.next()).await;
+    drop(pending);
+    match first {
         Err(_) => {
             goodbye(link, GoodbyeReason::IdleTimeout, "no frame after the handshake").await;
             None
@@ -84,8 +125,8 @@ async fn first_frame(link: &mut Link, edge: &Edge) -> Option<device_frame::Kind>
     }
 }
 
-async fn activate(link: &mut Link, edge: &Edge) {
-    let request = match first_frame(link, edge).await {
+async fn activate(link: &mut Link, edge: &Edge, opening: Opening) {
+    let request = match first_frame(link, opening).await {
         Some(device_frame::Kind::Activate(request)) => request,
         Some(_) => {
             return goodbye(link, GoodbyeReason::NotActivated, "no device certificate: only Activate is accepted")
@@ -117,7 +158,7 @@ async fn activate(link: &mut Link, edge: &Edge) {
             metrics::counter!("courier_node_activations_total", "outcome" => "issued").increment(1);
             tracing::info!(%device, "device activated");
             let activated = wire::Activated { device_id: device.to_string(), certificate_der: cert.to_vec() };
-            let _ = link.send(frame(server_frame::Kind::Activated(activated))).await;
+            let _ = write(link, edge, frame(server_frame::Kind::Activated(activated))).await;
         }
         Err(error) => {
             refused("bad_csr");
@@ -166,8 +207,15 @@ fn notification_frame(n: &Notification) -> ServerFrame {
 struct DeviceLink<'a> {
     device: DeviceId,
     edge: &'a Edge,
-    /// apns-id → when the gateway accepted it, for the delivery-latency histogram on ack.
+    /// apns-id → when the gateway accepted it, for every notification this link carried and the device
+    /// has not acked: only these acks become store and replication writes.
     inflight: HashMap<String, u64>,
+    /// Notifications carried while `inflight` was full; as many unknown acks are taken as real.
+    untracked: usize,
+    /// Frames that cause writes: topic (un)registrations and acks for notifications never carried.
+    writes: TokenBucket,
+    /// App topics this link registered or unregistered (capped at the per-device topic limit).
+    topics: HashSet<String>,
 }
 
 enum Next {
@@ -176,11 +224,62 @@ enum Next {
 }
 
 impl DeviceLink<'_> {
+    fn new(device: DeviceId, edge: &Edge) -> DeviceLink<'_> {
+        let limits = &edge.settings.link_limits;
+        DeviceLink {
+            device,
+            edge,
+            inflight: HashMap::new(),
+            untracked: 0,
+            writes: TokenBucket::new(limits.write_burst, limits.write_rate, Instant::now().into_std()),
+            topics: HashSet::new(),
+        }
+    }
+
     async fn send_notification(&mut self, link: &mut Link, n: &Notification) -> bool {
         if self.inflight.len() < MAX_TRACKED_INFLIGHT {
             self.inflight.insert(n.apns_id.clone(), n.accepted_at_ms);
+        } else {
+            self.untracked += 1;
         }
-        link.send(notification_frame(n)).await.is_ok()
+        write(link, self.edge, notification_frame(n)).await.is_ok()
+    }
+
+    /// Charges one frame that causes writes; `false` (after a goodbye) when the link is over its rate.
+    async fn charge(&mut self, link: &mut Link, what: &'static str) -> bool {
+        if self.writes.take(Instant::now().into_std()) {
+            return true;
+        }
+        tracing::debug!(device = %self.device, what, "device link over its write rate");
+        goodbye(link, GoodbyeReason::RateLimited, &format!("too many {what} frames; reconnect with backoff")).await;
+        false
+    }
+
+    /// Counts `topic`'s app among this link's topics; `false` (after a goodbye) when that is one too many.
+    async fn admit_topic(&mut self, link: &mut Link, topic: &str) -> bool {
+        let app = crate::topic::app_topic(topic);
+        if self.topics.contains(app) {
+            return true;
+        }
+        let max = self.edge.settings.link_limits.max_topics;
+        if self.topics.len() >= max {
+            too_many_topics(link, max).await;
+            return false;
+        }
+        self.topics.insert(app.to_string());
+        true
+    }
+
+    /// Whether an ack is for a notification this link carried; forgets it either way.
+    fn carried(&mut self, apns_id: &str) -> Option<Option<u64>> {
+        if let Some(accepted_at_ms) = self.inflight.remove(apns_id) {
+            return Some(Some(accepted_at_ms));
+        }
+        if self.untracked > 0 {
+            self.untracked -= 1;
+            return Some(None);
+        }
+        None
     }
 
     async fn handle(&mut self, link: &mut Link, kind: Option<device_frame::Kind>) -> Next {
@@ -189,6 +288,9 @@ impl DeviceLink<'_> {
             Some(Kind::RegisterTopic(request)) => {
                 if !valid_topic(&request.topic) {
                     goodbye(link, GoodbyeReason::BadTopic, "topic must be 1-255 printable ASCII characters").await;
+                    return Next::Close;
+                }
+                if !self.charge(link, "RegisterTopic").await || !self.admit_topic(link, &request.topic).await {
                     return Next::Close;
                 }
                 let Some(token) = self.edge.keyring.mint(self.device, &request.topic) else {
@@ -201,24 +303,42 @@ impl DeviceLink<'_> {
                     tracing::error!(%error, "clearing an unregistration failed");
                 }
                 let issued = wire::TokenIssued { topic: request.topic, token };
-                if link.send(frame(server_frame::Kind::TokenIssued(issued))).await.is_err() {
+                if write(link, self.edge, frame(server_frame::Kind::TokenIssued(issued))).await.is_err() {
                     return Next::Close;
                 }
             }
             Some(Kind::UnregisterTopic(request)) => {
+                if !valid_topic(&request.topic) {
+                    goodbye(link, GoodbyeReason::BadTopic, "topic must be 1-255 printable ASCII characters").await;
+                    return Next::Close;
+                }
+                if !self.charge(link, "UnregisterTopic").await || !self.admit_topic(link, &request.topic).await {
+                    return Next::Close;
+                }
                 // Provider API hook: later pushes to this topic answer 410 Unregistered (durable first).
                 let at_ms = unix_millis();
-                if let Err(error) = self.edge.registrations.unregister(self.device, &request.topic, at_ms).await {
-                    tracing::error!(%error, "recording an unregistration failed");
+                let max = self.edge.settings.link_limits.max_topics;
+                match self.edge.registrations.unregister_capped(self.device, &request.topic, at_ms, max).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        too_many_topics(link, max).await;
+                        return Next::Close;
+                    }
+                    Err(error) => tracing::error!(%error, "recording an unregistration failed"),
                 }
                 let done = wire::TopicUnregistered { topic: request.topic };
-                if link.send(frame(server_frame::Kind::TopicUnregistered(done))).await.is_err() {
+                if write(link, self.edge, frame(server_frame::Kind::TopicUnregistered(done))).await.is_err() {
                     return Next::Close;
                 }
             }
             Some(Kind::Ack(ack)) => {
+                let Some(accepted_at_ms) = self.carried(&ack.apns_id) else {
+                    // Not carried here (a repeat, or forged): no store, replica or status write.
+                    metrics::counter!("courier_node_acks_ignored_total").increment(1);
+                    return if self.charge(link, "unknown Ack").await { Next::Continue } else { Next::Close };
+                };
                 metrics::counter!("courier_node_notifications_delivered_total").increment(1);
-                if let Some(accepted_at_ms) = self.inflight.remove(&ack.apns_id) {
+                if let Some(accepted_at_ms) = accepted_at_ms {
                     let latency = unix_millis().saturating_sub(accepted_at_ms) as f64 / 1000.0;
                     metrics::histogram!("courier_node_delivery_latency_seconds").record(latency);
                 }
@@ -228,7 +348,7 @@ impl DeviceLink<'_> {
             }
             Some(Kind::Ping(ping)) => {
                 let pong = frame(server_frame::Kind::Pong(wire::Pong { nonce: ping.nonce }));
-                if link.send(pong).await.is_err() {
+                if write(link, self.edge, pong).await.is_err() {
                     return Next::Close;
                 }
             }
@@ -247,8 +367,19 @@ impl DeviceLink<'_> {
     }
 }
 
-async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, mut shutdown: watch::Receiver<bool>) {
-    let hello = match first_frame(link, edge).await {
+async fn too_many_topics(link: &mut Link, max: usize) {
+    let detail = format!("a device may hold at most {max} topics; nothing was stored for this one");
+    goodbye(link, GoodbyeReason::TooManyTopics, &detail).await;
+}
+
+async fn serve_device(
+    link: &mut Link,
+    device: DeviceId,
+    edge: &Edge,
+    mut shutdown: watch::Receiver<bool>,
+    opening: Opening,
+) {
+    let hello = match first_frame(link, opening).await {
         Some(device_frame::Kind::Hello(hello)) => hello,
         Some(_) => {
             return goodbye(link, GoodbyeReason::ProtocolViolation, "the first frame must be Hello").await;
@@ -268,7 +399,7 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, mut shutdo
     // Attach before reading the queue: a notification stored after this point is also handed to the link,
     // one stored before it is in the queue, so none falls between (a few may arrive twice; devices dedupe).
     let mut attachment = edge.registry.attach(device);
-    let mut state = DeviceLink { device, edge, inflight: HashMap::new() };
+    let mut state = DeviceLink::new(device, edge);
     let welcome = wire::Welcome {
         device_id: device.to_string(),
         keepalive_secs: keepalive.as_secs() as u32,
@@ -276,12 +407,12 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, mut shutdo
     };
     tracing::debug!(%device, client = %hello.client, ?keepalive, "device link up");
     'link: {
-        if link.send(frame(server_frame::Kind::Welcome(welcome))).await.is_err() {
+        if write(link, edge, frame(server_frame::Kind::Welcome(welcome))).await.is_err() {
             break 'link;
         }
         for held in &hello.held_tokens {
             if let Some(fresh) = replacement_token(edge, device, held)
-                && link.send(frame(server_frame::Kind::TokenUpdated(fresh))).await.is_err()
+                && write(link, edge, frame(server_frame::Kind::TokenUpdated(fresh))).await.is_err()
             {
                 break 'link;
             }

@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::StoreError;
 use crate::ids::DeviceId;
@@ -57,6 +57,39 @@ impl Registrations {
         .map_err(db_err)?
     }
 
+    /// Like `unregister`, but records nothing (and returns `false`) when `device` already has `max`
+    /// unregistered topics and `topic` is not one of them: one device's rows stay bounded.
+    pub async fn unregister_capped(
+        &self,
+        device: DeviceId,
+        topic: &str,
+        at_ms: u64,
+        max: usize,
+    ) -> Result<bool, StoreError> {
+        let (db, topic) = (self.db.clone(), crate::topic::app_topic(topic).to_string());
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(db_err)?;
+            {
+                let mut table = txn.open_table(UNREGISTERED).map_err(db_err)?;
+                let known = table.get((device.0, topic.as_str())).map_err(db_err)?.is_some();
+                if !known && count_rows(&table, device)? >= max {
+                    return Ok(false);
+                }
+                table.insert((device.0, topic.as_str()), at_ms).map_err(db_err)?;
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(true)
+        })
+        .await
+        .map_err(db_err)?
+    }
+
+    /// How many topics `device` has unregistered.
+    pub fn unregistered_count(&self, device: DeviceId) -> Result<usize, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        count_rows(&txn.open_table(UNREGISTERED).map_err(db_err)?, device)
+    }
+
     /// Forgets an unregistration of `topic` by `device` (it registered the topic again).
     pub async fn register(&self, device: DeviceId, topic: &str) -> Result<(), StoreError> {
         if self.unregistered_at(device, topic)?.is_none() {
@@ -81,6 +114,18 @@ impl Registrations {
     }
 }
 
+fn count_rows(table: &impl ReadableTable<(u128, &'static str), u64>, device: DeviceId) -> Result<usize, StoreError> {
+    let mut rows = 0;
+    for row in table.range((device.0, "")..).map_err(db_err)? {
+        let (key, _) = row.map_err(db_err)?;
+        if key.value().0 != device.0 {
+            break;
+        }
+        rows += 1;
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +148,20 @@ mod tests {
         registrations.register(device, "com.example.app").await.unwrap();
         assert_eq!(registrations.unregistered_at(device, "com.example.app").unwrap(), None);
         registrations.register(device, "com.example.app").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unregistrations_per_device_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let registrations = Registrations::open(&dir.path().join("registrations.redb")).unwrap();
+        let (device, neighbour) = (DeviceId(7), DeviceId(8));
+        registrations.unregister(neighbour, "com.example.z", 1).await.unwrap();
+        assert!(registrations.unregister_capped(device, "com.example.a", 1, 2).await.unwrap());
+        assert!(registrations.unregister_capped(device, "com.example.b", 1, 2).await.unwrap());
+        assert!(!registrations.unregister_capped(device, "com.example.c", 1, 2).await.unwrap());
+        assert!(registrations.unregister_capped(device, "com.example.a.voip", 2, 2).await.unwrap(), "a known app");
+        assert_eq!(registrations.unregistered_count(device).unwrap(), 2);
+        assert_eq!(registrations.unregistered_at(device, "com.example.c").unwrap(), None);
+        assert_eq!(registrations.unregistered_count(neighbour).unwrap(), 1);
     }
 }
