@@ -160,13 +160,17 @@ async fn connection(
     edge: Arc<Edge>,
     mut pending: limits::Pending,
     permits: Arc<Semaphore>,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let deadline = tokio::time::Instant::now() + edge.settings.handshake_timeout;
     // The handshake's state is boxed and freed when it completes, so that the task, which is sized for its
     // largest state and lives as long as the link, carries only the session.
     let shaken = tokio::time::timeout_at(deadline, Box::pin(handshake(&acceptor, tcp, peer, &edge, &mut pending)));
-    let mut link = match shaken.await {
+    let shaken = tokio::select! {
+        shaken = shaken => shaken,
+        _ = stopped(&mut shutdown) => return,
+    };
+    let mut link = match shaken {
         Ok(Handshake::Done(link)) => link,
         Ok(Handshake::Refused(refusal)) => {
             refusal.count();
@@ -185,7 +189,8 @@ async fn connection(
         session::refuse_at_capacity(&mut link).await;
         return;
     };
-    session::run(link, edge, shutdown, session::Opening { deadline, pending }).await;
+    let opening = session::Opening { deadline, pending, shutdown: shutdown.clone() };
+    session::run(link, edge, shutdown, opening).await;
 }
 
 /// Accepts device links until `shutdown` turns true. Each link runs on `tracker`, so the caller can wait

@@ -46,6 +46,8 @@ const MAX_TRACKED_INFLIGHT: usize = 4096;
 pub struct Opening {
     pub deadline: Instant,
     pub pending: Pending,
+    /// A node shutting down does not wait for first frames.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// Runs one link to completion.
@@ -102,8 +104,15 @@ async fn write(link: &mut Link, edge: &Edge, frame: ServerFrame) -> Result<(), W
 /// Reads the first frame within the connection's deadline, or says goodbye and returns `None`. Either
 /// way the connection stops counting as pending.
 async fn first_frame(link: &mut Link, opening: Opening) -> Option<device_frame::Kind> {
-    let Opening { deadline, pending } = opening;
-    let first = tokio::time::timeout_at(deadline, link.next()).await;
+    let Opening { deadline, pending, mut shutdown } = opening;
+    let first = tokio::select! {
+        first = tokio::time::timeout_at(deadline, link.next()) => first,
+        _ = super::stopped(&mut shutdown) => {
+            drop(pending);
+            goodbye(link, GoodbyeReason::Shutdown, "node shutting down").await;
+            return None;
+        }
+    };
     drop(pending);
     match first {
         Err(_) => {
