@@ -4,7 +4,9 @@
 //! (or a goodbye) out, then close. A link with a verified device certificate says `Hello`, gets `Welcome`
 //! with the negotiated keepalive, receives the notifications queued for it, and then exchanges frames until
 //! either side closes. Every way a link ends sends a `Goodbye` with a reason when the link can carry one.
-//! The device id always comes from the certificate the handshake verified, never from a frame.
+//! The device id always comes from the certificate the handshake verified, never from a frame. Every write
+//! has a timeout (a device that stops reading is a slow consumer), and frames that cause writes are
+//! rate-limited per link: only acks for notifications this link carried reach the store.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
