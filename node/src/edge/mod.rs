@@ -2,8 +2,10 @@
 //!
 //! `serve` accepts TCP connections on the device port, completes the TLS handshake (a client certificate
 //! from the device CA is verified when offered) and hands each link to `session`, which speaks the frame
-//! protocol. `codec` is the only code that sees the link's bytes; `registry` maps device ids to live links.
+//! protocol. `codec` is the only code that sees the link's bytes; `registry` maps device ids to live links;
+//! `clones` recognises one device certificate used by several devices.
 
+pub mod clones;
 pub mod codec;
 pub mod registry;
 pub mod session;
