@@ -22,15 +22,15 @@ const COPY_A: [u8; 4] = [127, 0, 0, 2];
 const COPY_B: [u8; 4] = [127, 0, 0, 3];
 
 /// One copy of a cloned device: what it received, and how it ended.
-struct Copy {
+struct DeviceCopy {
     received: Arc<Mutex<Vec<String>>>,
     task: JoinHandle<Result<(), ClientError>>,
 }
 
-impl Copy {
+impl DeviceCopy {
     /// Connects from `from` and reconnects each time the node says `REPLACED`, until the node says
     /// anything else; notifications it receives are noted.
-    fn start(endpoint: &DeviceEndpoint, credentials: &DeviceCredentials, from: [u8; 4]) -> Copy {
+    fn start(endpoint: &DeviceEndpoint, credentials: &DeviceCredentials, from: [u8; 4]) -> DeviceCopy {
         let received = Arc::new(Mutex::new(Vec::new()));
         let connector = Connector::new(endpoint, Some(credentials)).expect("connector").bind_to(IpAddr::from(from));
         let (addr, device, noted) = (endpoint.addr, credentials.device_id, received.clone());
@@ -47,7 +47,7 @@ impl Copy {
                 }
             }
         });
-        Copy { received, task }
+        DeviceCopy { received, task }
     }
 
     /// How the copy ended, within `deadline`.
@@ -116,8 +116,8 @@ async fn two_copies_of_one_certificate_are_reported_as_a_suspected_clone() {
     let device = credentials.device_id;
     let metric_before = suspected_clones_metric(&cluster).await;
 
-    let a = Copy::start(&cluster.endpoint(), &credentials, COPY_A);
-    let b = Copy::start(&cluster.endpoint(), &credentials, COPY_B);
+    let a = DeviceCopy::start(&cluster.endpoint(), &credentials, COPY_A);
+    let b = DeviceCopy::start(&cluster.endpoint(), &credentials, COPY_B);
     let control = cluster.node().control.clone();
     eventually(Duration::from_secs(30), "the device id is recorded as a suspected clone", || {
         std::future::ready(control.current().suspected_clones.contains_key(&device))
@@ -155,8 +155,8 @@ async fn with_refuse_neither_copy_receives_pushes_until_the_clone_is_cleared() {
     let device = credentials.device_id;
     let metric_before = suspected_clones_metric(&cluster).await;
 
-    let a = Copy::start(&cluster.endpoint(), &credentials, COPY_A);
-    let b = Copy::start(&cluster.endpoint(), &credentials, COPY_B);
+    let a = DeviceCopy::start(&cluster.endpoint(), &credentials, COPY_A);
+    let b = DeviceCopy::start(&cluster.endpoint(), &credentials, COPY_B);
     for (name, copy) in [("a", a), ("b", b)] {
         let (end, received) = copy.ended(Duration::from_secs(30)).await;
         assert!(

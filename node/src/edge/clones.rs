@@ -79,8 +79,11 @@ impl History {
 /// Counts replacements between links of one certificate from different source addresses.
 #[derive(Debug)]
 pub struct CloneDetector {
+    /// Replacements older than this are forgotten, so devices that change networks now and then never add up.
     window: Duration,
+    /// Replacements within the window that make a suspicion.
     threshold: usize,
+    /// Only devices with a replacement within the window; at most `MAX_TRACKED_DEVICES`.
     recent: HashMap<DeviceId, History>,
 }
 

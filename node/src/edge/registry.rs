@@ -66,6 +66,7 @@ pub struct Registry {
     next_serial: AtomicU64,
     /// Lock order: `links` first, then this.
     clones: Mutex<CloneDetector>,
+    /// Whether a suspicion also closes the device's links (`refuse`) or only reports them (`alert`).
     clone_policy: ClonePolicy,
     /// Where suspicions go to be recorded through Raft; `None` records nothing (unit tests).
     clone_reports: Option<mpsc::Sender<CloneReport>>,
@@ -130,7 +131,8 @@ impl Registry {
     fn suspect(&self, device: DeviceId, addrs: Vec<IpAddr>) {
         self.suspicions.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("courier_node_suspected_clones_total").increment(1);
-        tracing::warn!(%device, ?addrs, policy = ?self.clone_policy, "links with one device certificate keep replacing each other: suspected clone");
+        let policy = self.clone_policy;
+        tracing::warn!(%device, ?addrs, ?policy, "suspected clone: links of one certificate keep replacing each other");
         let refuse = self.clone_policy == ClonePolicy::Refuse;
         let report = CloneReport { device, addrs, refuse };
         if let Some(reports) = &self.clone_reports

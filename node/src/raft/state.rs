@@ -1,9 +1,9 @@
 //! The control state the Raft group agrees on, and the commands that change it.
 //!
 //! `ClusterState` is the whole replicated state machine: members, ring parameters, token keys, provider
-//! credentials, revoked devices, suspected clones and the epoch. `apply` is the only code that changes it: a plain match over
-//! `Command`, deterministic (every timestamp travels inside the command), bumping the epoch on every change
-//! it makes. Data-plane traffic never comes here.
+//! credentials, revoked devices, suspected clones and the epoch. `apply` is the only code that changes it:
+//! a plain match over `Command`, deterministic (every timestamp travels inside the command), bumping the
+//! epoch on every change it makes. Data-plane traffic never comes here.
 
 use std::collections::{BTreeMap, BTreeSet};
 
