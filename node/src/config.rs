@@ -149,6 +149,17 @@ mod tests {
     }
 
     #[test]
+    fn clone_flags_parse_and_a_threshold_below_two_is_refused() {
+        let parse = |args: &[&str]| DefaultsOnly::try_parse_from(["courier-node"].iter().chain(args)).map(|d| d.config);
+        let config = parse(&["--on-clone", "refuse", "--clone-window-secs", "30", "--clone-threshold", "4"]).unwrap();
+        let expected = CloneSettings { window: Duration::from_secs(30), threshold: 4, policy: ClonePolicy::Refuse };
+        assert_eq!(config.clone_settings(), expected);
+        assert_eq!(NodeConfig::from_defaults().clone_settings(), CloneSettings::default());
+        assert!(parse(&["--clone-threshold", "1"]).is_err(), "one replacement is a network change, never a clone");
+        assert!(parse(&["--on-clone", "ignore"]).is_err());
+    }
+
+    #[test]
     fn a_node_never_joins_through_itself() {
         let mut config = NodeConfig::from_defaults();
         config.join = vec!["node-0.courier:7400".into(), "node-1.courier:7400".into()];
