@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{Nodes, eventually};
 use courier_node::ids::DeviceId;
-use courier_node::raft::state::{ClusterState, KeyState};
+use courier_node::raft::state::{ClusterState, Command, KeyState};
 use courier_node::token::TokenKeyId;
 
 /// What one `courier ctl` run left behind.
@@ -210,6 +210,38 @@ async fn devices_revoke_reaches_the_state_and_a_bad_id_is_refused_clearly() {
         assert!(run.stderr.contains("a device id is 32 hex characters"), "{bad:?}: {run:?}");
     }
     assert_eq!(nodes.node(1).control.current().epoch, epoch, "a refused id proposes nothing");
+
+    nodes.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_list_shows_suspected_clones_and_clear_clone_removes_them() {
+    let nodes = Nodes::start(3, |_| {}).await;
+    let device = DeviceId::random();
+    let suspect = Command::SuspectClone {
+        device,
+        node: 2,
+        addrs: vec!["192.0.2.7".into(), "198.51.100.9".into()],
+        refuse: true,
+        now_ms: courier_node::ids::unix_millis(),
+    };
+    let leader = nodes.leader().await;
+    nodes.node(leader).control.apply(suspect).await.expect("the suspicion applies");
+    node1_state(&nodes, "node 1 has the suspicion", |s| s.suspected_clones.contains_key(&device)).await;
+
+    let list = ctl_ok(&nodes, &["devices", "list"]).await.stdout;
+    let row = rows(&list).into_iter().find(|r| r[0] == device.to_string()).unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(row[1], "refused", "{list}");
+    assert_eq!(row[row.len() - 2..], ["2", "192.0.2.7,198.51.100.9"], "{list}");
+    assert!(ctl_ok(&nodes, &["status"]).await.stdout.contains("suspected clones: 1"));
+
+    let cleared = ctl_ok(&nodes, &["devices", "clear-clone", "--device", &device.to_string()]).await.stdout;
+    assert!(cleared.contains("applied"), "{cleared}");
+    node1_state(&nodes, "node 1 has no suspicion left", |s| s.suspected_clones.is_empty()).await;
+    let again = ctl(&nodes, &["devices", "clear-clone", "--device", &device.to_string()]).await;
+    assert!(!again.success && again.stderr.contains("not a suspected clone"), "{again:?}");
+    let bad = ctl(&nodes, &["devices", "clear-clone", "--device", "1234"]).await;
+    assert!(!bad.success && bad.stderr.contains("a device id is 32 hex characters"), "{bad:?}");
 
     nodes.shutdown().await;
 }

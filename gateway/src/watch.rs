@@ -1,5 +1,5 @@
 //! The gateway's view of the cluster, learned only from nodes' `WatchCluster` streams: the ring of the
-//! latest epoch, member addresses, token keys and provider credentials.
+//! latest epoch, member addresses, token keys, provider credentials and refused clones.
 //!
 //! One task keeps one stream open to some member. When that member goes away it fails over to the next
 //! candidate (the configured seeds, then every member the last view named), so the gateway keeps routing
@@ -27,11 +27,26 @@ pub struct GatewayView {
     pub leader: NodeId,
     pub ring: Ring,
     pub members: BTreeMap<NodeId, Member>,
+    /// Suspected clones the cluster refuses → since when (UNIX ms): their pushes answer 410.
+    pub refused_clones: BTreeMap<DeviceId, u64>,
 }
 
 impl GatewayView {
     fn from_state(state: &ClusterState, leader: NodeId) -> Self {
-        GatewayView { epoch: state.epoch, leader, ring: Ring::from_state(state), members: state.members.clone() }
+        let refused_clones =
+            state.suspected_clones.iter().filter(|(_, s)| s.refuse).map(|(device, s)| (*device, s.since_ms)).collect();
+        GatewayView {
+            epoch: state.epoch,
+            leader,
+            ring: Ring::from_state(state),
+            members: state.members.clone(),
+            refused_clones,
+        }
+    }
+
+    /// Since when the cluster refuses `device` as a clone, if it does.
+    pub fn refused_clone(&self, device: DeviceId) -> Option<u64> {
+        self.refused_clones.get(&device).copied()
     }
 
     /// The owner of `device` and its cluster API address.

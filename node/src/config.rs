@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::edge::limits::{AdmissionSettings, LinkLimits};
+use crate::edge::clones::{ClonePolicy, CloneSettings};
 use crate::edge::{Enrolment, LinkSettings};
 use crate::raft::control::ControlSettings;
 
@@ -132,6 +133,20 @@ pub struct NodeConfig {
     /// Most device links this node holds at once; further connections are refused.
     #[arg(long, env = "COURIER_MAX_LINKS", default_value_t = 250_000)]
     pub max_links: usize,
+    /// What to do about a device certificate several devices seem to share (links that keep replacing
+    /// each other from different source addresses): `alert` counts and records it and keeps the newer link;
+    /// `refuse` also closes every link of the device and refuses new ones, and gateways answer its pushes
+    /// 410 `ClonedIdentity`, until an operator clears or revokes it. Give every node the same policy.
+    #[arg(long, env = "COURIER_ON_CLONE", value_enum, default_value_t = ClonePolicy::Alert)]
+    pub on_clone: ClonePolicy,
+    /// Window in which replacements of one device's link from different source addresses are counted, in
+    /// seconds.
+    #[arg(long, env = "COURIER_CLONE_WINDOW_SECS", default_value_t = 60)]
+    pub clone_window_secs: u64,
+    /// Replacements from different source addresses within the window that make a device a suspected
+    /// clone (at least 2: one is a device changing networks).
+    #[arg(long, env = "COURIER_CLONE_THRESHOLD", default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..))]
+    pub clone_threshold: u32,
     /// How long the delivery-status log (provider API `GET /v1/status/…`) keeps an entry, in seconds.
     #[arg(long, env = "COURIER_STATUS_RETENTION_SECS", default_value_t = 24 * 3600)]
     pub status_retention_secs: u64,
@@ -162,6 +177,17 @@ mod tests {
         assert_eq!(config.resolve_node_id("courier-node-0"), Some(1));
         assert_eq!(config.resolve_node_id("courier-node-12"), Some(13));
         assert_eq!(config.resolve_node_id("courier-node"), None);
+    }
+
+    #[test]
+    fn clone_flags_parse_and_a_threshold_below_two_is_refused() {
+        let parse = |args: &[&str]| DefaultsOnly::try_parse_from(["courier-node"].iter().chain(args)).map(|d| d.config);
+        let config = parse(&["--on-clone", "refuse", "--clone-window-secs", "30", "--clone-threshold", "4"]).unwrap();
+        let expected = CloneSettings { window: Duration::from_secs(30), threshold: 4, policy: ClonePolicy::Refuse };
+        assert_eq!(config.clone_settings(), expected);
+        assert_eq!(NodeConfig::from_defaults().clone_settings(), CloneSettings::default());
+        assert!(parse(&["--clone-threshold", "1"]).is_err(), "one replacement is a network change, never a clone");
+        assert!(parse(&["--on-clone", "ignore"]).is_err());
     }
 
     #[test]
@@ -252,6 +278,14 @@ impl NodeConfig {
         }
         .validate()
         .map_err(Box::new)
+    }
+
+    pub fn clone_settings(&self) -> CloneSettings {
+        CloneSettings {
+            window: Duration::from_secs(self.clone_window_secs),
+            threshold: self.clone_threshold,
+            policy: self.on_clone,
+        }
     }
 
     pub fn link_settings(&self) -> LinkSettings {

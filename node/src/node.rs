@@ -105,7 +105,8 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         ("device-ca", pki.device_ca_cert()),
     ]);
     let store = Store::open_with_cap(&config.data_dir.join("courier.redb"), config.queue_cap_per_topic)?;
-    let registry = Arc::new(Registry::default());
+    let (clone_reports, clone_reports_rx) = tokio::sync::mpsc::channel(edge::clones::REPORT_QUEUE);
+    let registry = Arc::new(Registry::new(&config.clone_settings(), Some(clone_reports)));
     // Provider API: unregistered topics and the delivery-status log.
     let registrations = crate::store::registrations::Registrations::open(&config.data_dir.join("registrations.redb"))?;
     let status = Arc::new(config.status_log());
@@ -178,6 +179,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         registrations: registrations.clone(),
         status: status.clone(),
     });
+    tracker.spawn(edge::clones::report(clone_reports_rx, control.clone(), shutdown_rx.clone()));
     tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown_rx.clone(), tracker.clone()));
 
     let delivery = Delivery {
@@ -296,9 +298,9 @@ async fn follow_state(
     let _ = reconciler.await;
 }
 
-/// When the ring changes, moves queues to their new holders; then closes revoked devices' links and
-/// redirects devices the ring places elsewhere, at most `redirect_rate` a second so that a membership
-/// change does not become a reconnect storm. Always works on the newest epoch: a newer one arriving during
+/// When the ring changes, moves queues to their new holders; then closes the links of revoked devices and
+/// refused clones, and redirects devices the ring places elsewhere, at most `redirect_rate` a second so
+/// that a membership change does not become a reconnect storm. Always works on the newest epoch: a newer one arriving during
 /// a redirect pass starts the pass over.
 async fn reconcile(
     mut work: watch::Receiver<Arc<ClusterState>>,
@@ -337,6 +339,10 @@ async fn reconcile(
             }
             if current.revoked.contains(&device) {
                 registry.close(device, LinkEnd::Goodbye(GoodbyeReason::Revoked));
+                continue;
+            }
+            if current.refuses_clone(device) {
+                registry.close(device, LinkEnd::Goodbye(GoodbyeReason::ClonedIdentity));
                 continue;
             }
             if let Placement::Elsewhere { device_addr, .. } = view.placement(device) {

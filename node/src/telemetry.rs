@@ -111,6 +111,10 @@ pub fn describe_node_metrics() {
         "courier_node_link_replacements_total",
         "Device links replaced by a newer link with the same certificate."
     );
+    describe_counter!(
+        "courier_node_suspected_clones_total",
+        "Times links with one device certificate crossed the clone threshold (replacing each other from different source addresses)."
+    );
     describe_counter!("courier_node_link_redirects_total", "Device links redirected to the node that owns the device.");
     describe_counter!("courier_node_tokens_updated_total", "Device tokens re-issued under the active token key.");
     describe_counter!("courier_node_notifications_stored_total", "Notifications committed to the offline store.");

@@ -1,6 +1,6 @@
 //! What this node believes about the cluster right now, derived from the applied Raft state: the ring of
-//! the current epoch, where each member's devices connect, and which devices are revoked. Sessions and
-//! the delivery path read it; only the state watcher in `node` writes it.
+//! the current epoch, where each member's devices connect, and which devices are revoked or refused as
+//! clones. Sessions and the delivery path read it; only the state watcher in `node` writes it.
 
 use std::sync::{Arc, RwLock};
 
@@ -59,5 +59,10 @@ impl LocalView {
 
     pub fn is_revoked(&self, device: DeviceId) -> bool {
         self.get().state.revoked.contains(&device)
+    }
+
+    /// The device is a suspected clone recorded with the `refuse` policy: its links are turned away.
+    pub fn refuses_clone(&self, device: DeviceId) -> bool {
+        self.get().state.refuses_clone(device)
     }
 }

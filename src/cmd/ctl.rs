@@ -122,8 +122,15 @@ enum ProvidersCommand {
 
 #[derive(clap::Subcommand)]
 enum DevicesCommand {
-    /// Close the device's link and refuse its certificate from now on.
+    /// Close the device's link and refuse its certificate from now on (also ends a clone suspicion).
     Revoke {
+        #[arg(long)]
+        device: String,
+    },
+    /// Suspected clones: device ids whose links keep replacing each other from different addresses.
+    List,
+    /// Clear a clone suspicion: the device's links and pushes work again (revoke it instead if it is cloned).
+    ClearClone {
         #[arg(long)]
         device: String,
     },
@@ -194,6 +201,8 @@ fn print_status(doc: &Value) {
     print_providers(doc);
     println!();
     println!("revoked devices: {}", doc["revoked_devices"]);
+    let clones = doc["suspected_clones"].as_array().map_or(0, Vec::len);
+    println!("suspected clones: {clones}{}", if clones > 0 { " (courier ctl devices list)" } else { "" });
     if let Some(owners) = doc["owners"].as_object().filter(|o| !o.is_empty()) {
         println!();
         for (device, owner) in owners {
@@ -225,6 +234,21 @@ fn print_providers(doc: &Value) {
             p["team_id"].as_str().unwrap_or("?"),
             list(&p["key_ids"]).unwrap_or_default(),
             topics
+        );
+    }
+}
+
+fn print_clones(doc: &Value) {
+    println!("{:<34} {:<8} {:<10} {:<6} ADDRESSES", "SUSPECTED CLONE", "POLICY", "SINCE", "NODE");
+    for c in doc["suspected_clones"].as_array().into_iter().flatten() {
+        let addrs = c["addrs"].as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>();
+        println!(
+            "{:<34} {:<8} {:<10} {:<6} {}",
+            c["device"].as_str().unwrap_or("?"),
+            if c["refuse"].as_bool() == Some(true) { "refused" } else { "alert" },
+            age(&c["since_ms"]),
+            c["node"].to_string(),
+            addrs.join(",")
         );
     }
 }
@@ -307,6 +331,11 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Devices(DevicesCommand::Revoke { device }) => {
             let device: DeviceId = device.parse().context("a device id is 32 hex characters")?;
             propose(&mut client, Command::RevokeDevice { device }).await?;
+        }
+        CtlCommand::Devices(DevicesCommand::List) => print_clones(&status(&mut client, Vec::new()).await?),
+        CtlCommand::Devices(DevicesCommand::ClearClone { device }) => {
+            let device: DeviceId = device.parse().context("a device id is 32 hex characters")?;
+            propose(&mut client, Command::ClearClone { device }).await?;
         }
     }
     Ok(())

@@ -67,6 +67,9 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
             Err(ClientError::Goodbye { reason: GoodbyeReason::Revoked, detail }) => {
                 anyhow::bail!("this device was revoked: {detail}")
             }
+            Err(ClientError::Goodbye { reason: GoodbyeReason::ClonedIdentity, detail }) => {
+                anyhow::bail!("the cluster refuses this device as a suspected clone: {detail}")
+            }
             Err(error) => eprintln!("link lost: {error}; reconnecting in {backoff:?}"),
             Ok(()) => {}
         }

@@ -68,6 +68,9 @@ pub enum Reason {
     ExpiredToken,
     /// 410: the device unregistered the token's app; the body carries when.
     Unregistered,
+    /// 410, Courier extension: the device's certificate is a suspected clone the cluster refuses (until an
+    /// operator clears or revokes it); the body carries since when.
+    ClonedIdentity,
     /// 429: a new provider JWT sooner than the configured refresh interval after the previous one.
     TooManyProviderTokenUpdates,
     /// 429: too many pushes to one device token, or from one team, in a short time.
@@ -95,6 +98,7 @@ impl Reason {
             Reason::BadCertificate => "BadCertificate",
             Reason::Forbidden => "Forbidden",
             Reason::Unregistered => "Unregistered",
+            Reason::ClonedIdentity => "ClonedIdentity",
             Reason::TooManyProviderTokenUpdates => "TooManyProviderTokenUpdates",
             Reason::TooManyRequests => "TooManyRequests",
             Reason::Shutdown => "Shutdown",
@@ -131,7 +135,7 @@ impl Reason {
             Reason::BadPath | Reason::UnknownNotification => StatusCode::NOT_FOUND,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Reason::ExpiredToken | Reason::Unregistered => StatusCode::GONE,
+            Reason::ExpiredToken | Reason::Unregistered | Reason::ClonedIdentity => StatusCode::GONE,
             Reason::TooManyProviderTokenUpdates | Reason::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Reason::InternalServerError => StatusCode::INTERNAL_SERVER_ERROR,
             Reason::ServiceUnavailable | Reason::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
@@ -167,6 +171,7 @@ impl Reason {
         Reason::PayloadTooLarge,
         Reason::ExpiredToken,
         Reason::Unregistered,
+        Reason::ClonedIdentity,
         Reason::TooManyProviderTokenUpdates,
         Reason::TooManyRequests,
         Reason::InternalServerError,
@@ -638,6 +643,7 @@ mod tests {
         assert_eq!(Reason::ServiceUnavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(Reason::TopicDisallowed.status(), StatusCode::BAD_REQUEST);
         assert_eq!(Reason::Unregistered.status(), StatusCode::GONE);
+        assert_eq!(Reason::ClonedIdentity.status(), StatusCode::GONE);
         assert_eq!(Reason::TooManyRequests.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(Reason::TooManyProviderTokenUpdates.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(Reason::Shutdown.status(), StatusCode::SERVICE_UNAVAILABLE);

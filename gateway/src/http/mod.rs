@@ -82,6 +82,9 @@ impl PushService {
                 return Err(Reason::TopicDisallowed.into());
             }
             let token = self.open_token(&head.device_token, &head.topic)?;
+            if let Some(since_ms) = self.router.view.borrow().as_ref().and_then(|v| v.refused_clone(token.device_id)) {
+                return Err((Reason::ClonedIdentity, Some(since_ms)));
+            }
             if !self.device_limit.admit(&head.device_token, Instant::now()) {
                 return Err(Reason::TooManyRequests.into());
             }

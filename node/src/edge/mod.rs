@@ -4,7 +4,9 @@
 //! from the device CA is verified when offered) and hands each link to `session`, which speaks the frame
 //! protocol. `codec` is the only code that sees the link's bytes; `registry` maps device ids to live links;
 //! `limits` bounds what connections (before their first frame) and links may cost.
+//! `clones` recognises one device certificate used by several devices.
 
+pub mod clones;
 pub mod codec;
 pub mod limits;
 pub mod registry;

@@ -2,9 +2,13 @@
 //!
 //! One entry per device id. A newer link for the same id replaces the older one (a cloned certificate, or
 //! a reconnect racing the old link's close): the older link is told to close with `REPLACED` and the
-//! event is counted. Only this node's links are here; placement across nodes is the ring's business.
+//! event is counted. Replacements from another source address go to the clone detector (`clones`); when
+//! it suspects the device, the suspicion is counted and reported, and under `--on-clone=refuse` both
+//! links are closed with `CLONED_IDENTITY` instead. Only this node's links are here; placement across
+//! nodes is the ring's business.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +17,7 @@ use courier_proto::cluster::Notification;
 use courier_proto::device::GoodbyeReason;
 use tokio::sync::{mpsc, oneshot};
 
+use super::clones::{CloneDetector, ClonePolicy, CloneReport, CloneSettings};
 use crate::ids::DeviceId;
 
 /// How many notifications may wait for one link's task before the device counts as too slow.
@@ -28,6 +33,8 @@ pub enum LinkEnd {
 
 struct Entry {
     serial: u64,
+    /// The link's source address, which a replacement is compared with.
+    addr: IpAddr,
     notifications: mpsc::Sender<Arc<Notification>>,
     close: oneshot::Sender<LinkEnd>,
 }
@@ -49,26 +56,95 @@ pub enum Handoff {
     SlowConsumer,
 }
 
-#[derive(Default)]
+/// The link was not attached: its certificate is a suspected clone and this node refuses clones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the device certificate is in use by more than one device")]
+pub struct RefusedClone;
+
 pub struct Registry {
     links: Mutex<HashMap<DeviceId, Entry>>,
     next_serial: AtomicU64,
+    /// Lock order: `links` first, then this.
+    clones: Mutex<CloneDetector>,
+    /// Whether a suspicion also closes the device's links (`refuse`) or only reports them (`alert`).
+    clone_policy: ClonePolicy,
+    /// Where suspicions go to be recorded through Raft; `None` records nothing (unit tests).
+    clone_reports: Option<mpsc::Sender<CloneReport>>,
+    /// Suspicions this registry raised, for tests of one node among several in a process.
+    suspicions: AtomicU64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(&CloneSettings::default(), None)
+    }
 }
 
 impl Registry {
-    pub fn attach(&self, device: DeviceId) -> Attachment {
+    pub fn new(clones: &CloneSettings, clone_reports: Option<mpsc::Sender<CloneReport>>) -> Self {
+        Registry {
+            links: Mutex::default(),
+            next_serial: AtomicU64::new(0),
+            clones: Mutex::new(CloneDetector::new(clones)),
+            clone_policy: clones.policy,
+            clone_reports,
+            suspicions: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes the link from `addr` the device's link, replacing an older one; refused when this replacement
+    /// makes the device a suspected clone and the policy is `refuse` (the older link is closed too).
+    pub fn attach(&self, device: DeviceId, addr: IpAddr) -> Result<Attachment, RefusedClone> {
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let (close_tx, close_rx) = oneshot::channel();
-        let entry = Entry { serial, notifications: tx, close: close_tx };
-        let previous = self.lock().insert(device, entry);
+        let entry = Entry { serial, addr, notifications: tx, close: close_tx };
+        let mut links = self.lock();
+        let suspected = links.get(&device).and_then(|previous| {
+            let mut clones = self.clones.lock().unwrap_or_else(|p| p.into_inner());
+            clones.replaced(device, previous.addr, addr, std::time::Instant::now())
+        });
+        if let Some(addrs) = suspected {
+            self.suspect(device, addrs);
+            if self.clone_policy == ClonePolicy::Refuse {
+                if let Some(previous) = links.remove(&device) {
+                    let _ = previous.close.send(LinkEnd::Goodbye(GoodbyeReason::ClonedIdentity));
+                }
+                let len = links.len();
+                drop(links);
+                metrics::gauge!("courier_node_device_links").set(len as f64);
+                return Err(RefusedClone);
+            }
+        }
+        let previous = links.insert(device, entry);
+        let len = links.len();
+        drop(links);
         if let Some(previous) = previous {
             metrics::counter!("courier_node_link_replacements_total").increment(1);
             tracing::warn!(%device, "a newer link presented the same device certificate; closing the older one");
             let _ = previous.close.send(LinkEnd::Goodbye(GoodbyeReason::Replaced));
         }
-        metrics::gauge!("courier_node_device_links").set(self.len() as f64);
-        Attachment { serial, notifications: rx, close: close_rx }
+        metrics::gauge!("courier_node_device_links").set(len as f64);
+        Ok(Attachment { serial, notifications: rx, close: close_rx })
+    }
+
+    fn suspect(&self, device: DeviceId, addrs: Vec<IpAddr>) {
+        self.suspicions.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("courier_node_suspected_clones_total").increment(1);
+        let policy = self.clone_policy;
+        tracing::warn!(%device, ?addrs, ?policy, "suspected clone: links of one certificate keep replacing each other");
+        let refuse = self.clone_policy == ClonePolicy::Refuse;
+        let report = CloneReport { device, addrs, refuse };
+        if let Some(reports) = &self.clone_reports
+            && reports.try_send(report).is_err()
+        {
+            tracing::warn!(%device, "too many clone reports waiting; this one is not recorded");
+        }
+    }
+
+    /// Suspected clones this registry has raised since it was made.
+    pub fn clone_suspicions(&self) -> u64 {
+        self.suspicions.load(Ordering::Relaxed)
     }
 
     /// Removes the device's entry if it still belongs to the link with `serial`.
@@ -138,12 +214,14 @@ impl Registry {
 mod tests {
     use super::*;
 
+    const HERE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     #[tokio::test]
     async fn newer_link_replaces_older_and_stale_detach_is_ignored() {
         let registry = Registry::default();
         let device = DeviceId(1);
-        let old = registry.attach(device);
-        let mut new = registry.attach(device);
+        let old = registry.attach(device, HERE).unwrap();
+        let mut new = registry.attach(device, HERE).unwrap();
         assert_eq!(old.close.await.unwrap(), LinkEnd::Goodbye(GoodbyeReason::Replaced));
         registry.detach(device, old.serial);
         assert!(registry.is_connected(device), "the old link's detach must not remove the new link");
@@ -157,12 +235,61 @@ mod tests {
     async fn a_full_link_is_closed_as_slow() {
         let registry = Registry::default();
         let device = DeviceId(2);
-        let attachment = registry.attach(device);
+        let attachment = registry.attach(device, HERE).unwrap();
         for _ in 0..LINK_QUEUE {
             assert_eq!(registry.hand_off(device, Arc::new(Notification::default())), Handoff::Sent);
         }
         assert_eq!(registry.hand_off(device, Arc::new(Notification::default())), Handoff::SlowConsumer);
         assert_eq!(attachment.close.await.unwrap(), LinkEnd::Goodbye(GoodbyeReason::SlowConsumer));
         assert!(!registry.is_connected(device));
+    }
+
+    fn settings(policy: ClonePolicy) -> CloneSettings {
+        CloneSettings { policy, ..CloneSettings::default() }
+    }
+
+    #[tokio::test]
+    async fn alert_counts_and_reports_a_clone_and_keeps_the_newer_link() {
+        let (reports, mut reported) = mpsc::channel(4);
+        let registry = Registry::new(&settings(ClonePolicy::Alert), Some(reports));
+        let device = DeviceId(3);
+        let (a, b) = (IpAddr::from([127, 0, 0, 2]), IpAddr::from([127, 0, 0, 3]));
+        let mut older = registry.attach(device, a).unwrap();
+        for (i, from) in [b, a, b].into_iter().enumerate() {
+            let newer = registry.attach(device, from).unwrap();
+            assert_eq!(older.close.await.unwrap(), LinkEnd::Goodbye(GoodbyeReason::Replaced), "replacement {i}");
+            older = newer;
+        }
+        assert_eq!(registry.clone_suspicions(), 1);
+        let report = reported.try_recv().expect("the suspicion is reported");
+        assert_eq!(report, CloneReport { device, addrs: vec![a, b], refuse: false });
+        assert!(registry.is_connected(device));
+    }
+
+    #[tokio::test]
+    async fn refuse_closes_both_links_of_a_clone() {
+        let (reports, mut reported) = mpsc::channel(4);
+        let registry = Registry::new(&settings(ClonePolicy::Refuse), Some(reports));
+        let device = DeviceId(4);
+        let (a, b) = (IpAddr::from([127, 0, 0, 2]), IpAddr::from([127, 0, 0, 3]));
+        let first = registry.attach(device, a).unwrap();
+        let second = registry.attach(device, b).unwrap();
+        assert_eq!(first.close.await.unwrap(), LinkEnd::Goodbye(GoodbyeReason::Replaced));
+        let third = registry.attach(device, a).unwrap();
+        assert_eq!(second.close.await.unwrap(), LinkEnd::Goodbye(GoodbyeReason::Replaced));
+        assert_eq!(registry.attach(device, b).err(), Some(RefusedClone));
+        assert_eq!(third.close.await.unwrap(), LinkEnd::Goodbye(GoodbyeReason::ClonedIdentity));
+        assert!(!registry.is_connected(device));
+        assert!(reported.try_recv().expect("reported").refuse);
+    }
+
+    #[tokio::test]
+    async fn one_move_to_a_new_address_is_no_clone() {
+        let registry = Registry::new(&settings(ClonePolicy::Refuse), None);
+        let device = DeviceId(5);
+        let old = registry.attach(device, IpAddr::from([127, 0, 0, 2])).unwrap();
+        registry.attach(device, IpAddr::from([127, 0, 0, 3])).unwrap();
+        assert_eq!(old.close.await.unwrap(), LinkEnd::Goodbye(GoodbyeReason::Replaced));
+        assert_eq!(registry.clone_suspicions(), 0);
     }
 }

@@ -39,6 +39,9 @@ pub fn boxed_link(tls: TlsStream<TcpStream>, max_frame: usize) -> Box<Link> {
 
 /// Longest topic name accepted, in bytes.
 pub const MAX_TOPIC_LEN: usize = 255;
+/// What a device refused as a suspected clone is told.
+const CLONE_DETAIL: &str =
+    "this device certificate is in use by more than one device; an operator must clear or revoke it";
 /// Notifications a link remembers having carried (to tell its acks from forged ones, and for the latency
 /// histogram). Beyond it the link only counts what it carried untracked.
 const MAX_TRACKED_INFLIGHT: usize = 4096;
@@ -400,6 +403,9 @@ async fn serve_device(
     if edge.view.is_revoked(device) {
         return goodbye(link, GoodbyeReason::Revoked, "this device was revoked").await;
     }
+    if edge.view.refuses_clone(device) {
+        return goodbye(link, GoodbyeReason::ClonedIdentity, CLONE_DETAIL).await;
+    }
     match edge.view.placement(device) {
         Placement::Here => {}
         Placement::Elsewhere { device_addr, .. } => return redirect(link, device_addr).await,
@@ -409,7 +415,11 @@ async fn serve_device(
     let idle_limit = keepalive.mul_f64(2.5);
     // Attach before reading the queue: a notification stored after this point is also handed to the link,
     // one stored before it is in the queue, so none falls between (a few may arrive twice; devices dedupe).
-    let mut attachment = edge.registry.attach(device);
+    // A dead socket has no peer address; it is compared as unspecified and closes at the first write.
+    let peer = link.get_ref().get_ref().0.peer_addr().map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
+    let Ok(mut attachment) = edge.registry.attach(device, peer) else {
+        return goodbye(link, GoodbyeReason::ClonedIdentity, CLONE_DETAIL).await;
+    };
     let mut state = DeviceLink::new(device, edge);
     let welcome = wire::Welcome {
         device_id: device.to_string(),

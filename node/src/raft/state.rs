@@ -1,9 +1,9 @@
 //! The control state the Raft group agrees on, and the commands that change it.
 //!
 //! `ClusterState` is the whole replicated state machine: members, ring parameters, token keys, provider
-//! credentials, revoked devices and the epoch. `apply` is the only code that changes it: a plain match over
-//! `Command`, deterministic (every timestamp travels inside the command), bumping the epoch on every change
-//! it makes. Data-plane traffic never comes here.
+//! credentials, revoked devices, suspected clones and the epoch. `apply` is the only code that changes it:
+//! a plain match over `Command`, deterministic (every timestamp travels inside the command), bumping the
+//! epoch on every change it makes. Data-plane traffic never comes here.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -85,6 +85,26 @@ pub struct ProviderTeam {
     pub topics: Vec<String>,
 }
 
+/// A device id whose certificate several devices seem to share (see `edge::clones`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuspectedClone {
+    /// When it was first recorded, UNIX ms.
+    pub since_ms: u64,
+    /// The node that detected it.
+    pub node: NodeId,
+    /// Source addresses of the competing links.
+    pub addrs: Vec<String>,
+    /// Links and pushes for the device are refused until an operator clears or revokes it.
+    pub refuse: bool,
+}
+
+/// Most suspected clones the state records; more are refused until an operator clears or revokes some.
+pub const MAX_SUSPECTED_CLONES: usize = 10_000;
+/// Most source addresses recorded per suspected clone.
+pub const MAX_CLONE_ADDRS: usize = 8;
+/// Longest recorded address (an IPv6 address with a zone fits).
+const MAX_CLONE_ADDR_LEN: usize = 64;
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ClusterState {
     pub epoch: Epoch,
@@ -94,6 +114,9 @@ pub struct ClusterState {
     /// Team id → team.
     pub providers: BTreeMap<String, ProviderTeam>,
     pub revoked: BTreeSet<DeviceId>,
+    /// Device id → the suspicion; absent from states written before clones were recorded.
+    #[serde(default)]
+    pub suspected_clones: BTreeMap<DeviceId, SuspectedClone>,
 }
 
 /// A change to the control state, proposed through Raft.
@@ -138,7 +161,21 @@ pub enum Command {
         team_id: String,
         key_id: Option<String>,
     },
+    /// Revokes the device id (and ends any suspicion of it being cloned: revocation supersedes it).
     RevokeDevice {
+        device: DeviceId,
+    },
+    /// Records that links with this device certificate keep replacing each other from different source
+    /// addresses. Recording it again changes nothing, except that `refuse` can be turned on.
+    SuspectClone {
+        device: DeviceId,
+        node: NodeId,
+        addrs: Vec<String>,
+        refuse: bool,
+        now_ms: u64,
+    },
+    /// An operator's verdict that the device is not (or no longer) cloned: its links and pushes work again.
+    ClearClone {
         device: DeviceId,
     },
 }
@@ -164,6 +201,8 @@ impl std::fmt::Display for Command {
             Command::PutProviderKey { team_id, key_id, .. } => write!(f, "put-provider {team_id}/{key_id}"),
             Command::RemoveProvider { team_id, key_id } => write!(f, "remove-provider {team_id}/{key_id:?}"),
             Command::RevokeDevice { device } => write!(f, "revoke {device}"),
+            Command::SuspectClone { device, refuse, .. } => write!(f, "suspect-clone {device} (refuse: {refuse})"),
+            Command::ClearClone { device } => write!(f, "clear-clone {device}"),
         }
     }
 }
@@ -263,8 +302,38 @@ impl ClusterState {
                 }
             }
             Command::RevokeDevice { device } => {
-                if !self.revoked.insert(*device) {
+                let newly_revoked = self.revoked.insert(*device);
+                let suspicion_ended = self.suspected_clones.remove(device).is_some();
+                if !newly_revoked && !suspicion_ended {
                     return CommandResponse::Applied { epoch: self.epoch };
+                }
+            }
+            Command::SuspectClone { device, node, addrs, refuse, now_ms } => {
+                if addrs.len() > MAX_CLONE_ADDRS || addrs.iter().any(|a| a.is_empty() || a.len() > MAX_CLONE_ADDR_LEN) {
+                    return refused(&format!(
+                        "at most {MAX_CLONE_ADDRS} source addresses of 1-{MAX_CLONE_ADDR_LEN} bytes each"
+                    ));
+                }
+                if self.revoked.contains(device) {
+                    return refused("the device is revoked");
+                }
+                let full = self.suspected_clones.len() >= MAX_SUSPECTED_CLONES;
+                match self.suspected_clones.get_mut(device) {
+                    Some(known) if known.refuse || !*refuse => return CommandResponse::Applied { epoch: self.epoch },
+                    Some(known) => known.refuse = true,
+                    None if full => {
+                        return refused("too many suspected clones recorded; clear or revoke some first");
+                    }
+                    None => {
+                        let record =
+                            SuspectedClone { since_ms: *now_ms, node: *node, addrs: addrs.clone(), refuse: *refuse };
+                        self.suspected_clones.insert(*device, record);
+                    }
+                }
+            }
+            Command::ClearClone { device } => {
+                if self.suspected_clones.remove(device).is_none() {
+                    return refused("the device is not a suspected clone");
                 }
             }
         }
@@ -282,6 +351,11 @@ impl ClusterState {
 
     pub fn active_key(&self) -> Option<&TokenKeyRecord> {
         self.token_keys.values().find(|r| r.state == KeyState::Active)
+    }
+
+    /// The device is a suspected clone whose links and pushes are refused.
+    pub fn refuses_clone(&self, device: DeviceId) -> bool {
+        self.suspected_clones.get(&device).is_some_and(|s| s.refuse)
     }
 
     /// Members in `state`, by id.
@@ -354,6 +428,65 @@ mod tests {
         assert_eq!(state.providers["TEAM"].keys.keys().collect::<Vec<_>>(), ["B"]);
         state.apply(&Command::RemoveProvider { team_id: "TEAM".into(), key_id: Some("B".into()) });
         assert!(state.providers.is_empty());
+    }
+
+    #[test]
+    fn suspected_clones_are_recorded_escalated_cleared_and_bounded() {
+        let mut state = ClusterState::default();
+        let suspect = |device: u128, refuse: bool| Command::SuspectClone {
+            device: DeviceId(device),
+            node: 1,
+            addrs: vec!["127.0.0.2".into(), "127.0.0.3".into()],
+            refuse,
+            now_ms: 10,
+        };
+        assert_eq!(state.apply(&suspect(1, false)), CommandResponse::Applied { epoch: Epoch(1) });
+        assert!(!state.refuses_clone(DeviceId(1)));
+        assert_eq!(state.apply(&suspect(1, false)), CommandResponse::Applied { epoch: Epoch(1) }, "no change");
+        assert_eq!(state.apply(&suspect(1, true)), CommandResponse::Applied { epoch: Epoch(2) }, "escalates");
+        assert!(state.refuses_clone(DeviceId(1)));
+        assert_eq!(state.apply(&suspect(1, false)), CommandResponse::Applied { epoch: Epoch(2) }, "never relaxes");
+        assert_eq!(state.suspected_clones[&DeviceId(1)].since_ms, 10);
+        state.apply(&Command::ClearClone { device: DeviceId(1) });
+        assert!(state.suspected_clones.is_empty());
+        assert!(matches!(state.apply(&Command::ClearClone { device: DeviceId(1) }), CommandResponse::Refused { .. }));
+
+        state.apply(&suspect(2, true));
+        state.apply(&Command::RevokeDevice { device: DeviceId(2) });
+        assert!(!state.refuses_clone(DeviceId(2)), "revocation supersedes the suspicion");
+        assert!(matches!(state.apply(&suspect(2, true)), CommandResponse::Refused { .. }));
+
+        let many = Command::SuspectClone {
+            device: DeviceId(3),
+            node: 1,
+            addrs: vec!["a".into(); MAX_CLONE_ADDRS + 1],
+            refuse: false,
+            now_ms: 0,
+        };
+        assert!(matches!(state.apply(&many), CommandResponse::Refused { .. }));
+        let long = Command::SuspectClone {
+            device: DeviceId(3),
+            node: 1,
+            addrs: vec!["a".repeat(65)],
+            refuse: false,
+            now_ms: 0,
+        };
+        assert!(matches!(state.apply(&long), CommandResponse::Refused { .. }));
+        for i in 0..MAX_SUSPECTED_CLONES as u128 {
+            state.apply(&suspect(1000 + i, false));
+        }
+        let epoch = state.epoch;
+        assert!(matches!(state.apply(&suspect(1, false)), CommandResponse::Refused { .. }));
+        assert_eq!(state.epoch, epoch);
+        assert_eq!(state.suspected_clones.len(), MAX_SUSPECTED_CLONES);
+    }
+
+    #[test]
+    fn states_written_before_clones_were_recorded_still_load() {
+        let mut json = serde_json::to_value(ClusterState::default()).unwrap();
+        json.as_object_mut().unwrap().remove("suspected_clones");
+        let state: ClusterState = serde_json::from_value(json).unwrap();
+        assert!(state.suspected_clones.is_empty());
     }
 
     #[test]

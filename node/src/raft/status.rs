@@ -1,6 +1,6 @@
 //! What `courier ctl status` shows and what Prometheus scrapes about the control plane: Raft role and
 //! indexes, the epoch, members with their states and ring shares, token keys (ids and states only, never
-//! secrets) and provider teams.
+//! secrets), provider teams and suspected clones.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +59,13 @@ pub fn status(control: &Control, devices: &[String]) -> Value {
         .iter()
         .map(|(team, p)| json!({"team_id": team, "key_ids": p.keys.keys().collect::<Vec<_>>(), "topics": p.topics}))
         .collect();
+    let clones: Vec<Value> = state
+        .suspected_clones
+        .iter()
+        .map(|(device, s)| {
+            json!({"device": device, "since_ms": s.since_ms, "node": s.node, "addrs": s.addrs, "refuse": s.refuse})
+        })
+        .collect();
     json!({
         "node_id": control.id,
         "raft": {
@@ -76,6 +83,7 @@ pub fn status(control: &Control, devices: &[String]) -> Value {
         "token_keys": keys,
         "providers": providers,
         "revoked_devices": state.revoked.len(),
+        "suspected_clones": clones,
         "owners": owners,
     })
 }
