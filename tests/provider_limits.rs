@@ -64,18 +64,27 @@ async fn silent_tls(cluster: &TestCluster) -> tokio_rustls::client::TlsStream<Tc
     TlsConnector::from(Arc::new(config)).connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
 }
 
-/// An HTTP/2 connection through the `h2` crate's client, which shows stream resets as errors.
-async fn h2_client(cluster: &TestCluster) -> h2::client::SendRequest<Bytes> {
+/// An HTTP/2 connection through the `h2` crate's client, and its PING, which tells when every frame the
+/// gateway sent before the PONG (a stream reset included) has been taken in.
+async fn h2_client(cluster: &TestCluster) -> (h2::client::SendRequest<Bytes>, h2::PingPong) {
     let io = silent_tls(cluster).await;
-    let (client, connection) = h2::client::handshake(io).await.expect("HTTP/2 handshake");
+    let (client, mut connection) = h2::client::handshake(io).await.expect("HTTP/2 handshake");
+    let ping = connection.ping_pong().expect("the PING handle");
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    client
+    (client, ping)
 }
 
-/// How one stream ended: a whole answer (status, reason) or an error naming the reset.
+/// How one stream ended: a whole answer (status, reason) or an error naming the failure.
 type StreamEnd = Result<(u16, Option<String>), String>;
+
+/// The RST_STREAM the gateway sent on a stream, if any (after a PING round trip has drained the
+/// connection, a reset that was sent has been received).
+fn reset_of(stream: &mut h2::SendStream<Bytes>) -> Option<h2::Reason> {
+    use futures_util::FutureExt;
+    futures_util::future::poll_fn(|cx| stream.poll_reset(cx)).now_or_never().and_then(Result::ok)
+}
 
 /// Sends a push whose body follows its HEADERS only once `body_may_go` opens, and reads the whole answer.
 async fn h2_push(
@@ -84,6 +93,19 @@ async fn h2_push(
     token: &str,
     body: Vec<u8>,
     body_may_go: Option<Arc<tokio::sync::Barrier>>,
+) -> (StreamEnd, Option<h2::SendStream<Bytes>>) {
+    let mut kept = None;
+    let end = h2_exchange(client, cluster_authorization, token, body, body_may_go, &mut kept).await;
+    (end, kept)
+}
+
+async fn h2_exchange(
+    client: h2::client::SendRequest<Bytes>,
+    cluster_authorization: &str,
+    token: &str,
+    body: Vec<u8>,
+    body_may_go: Option<Arc<tokio::sync::Barrier>>,
+    kept: &mut Option<h2::SendStream<Bytes>>,
 ) -> StreamEnd {
     let path = format!("/3/device/{token}");
     let request = http::Request::post(format!("https://localhost{path}"))
@@ -101,7 +123,8 @@ async fn h2_push(
     if let Some(barrier) = body_may_go {
         barrier.wait().await;
     }
-    let (response, mut stream) = sent?;
+    let (response, stream) = sent?;
+    let stream = kept.insert(stream);
     // Large bodies go in several DATA frames, as a client streaming its body would send them.
     let chunks: Vec<Bytes> = body.chunks(1000).map(Bytes::copy_from_slice).collect();
     let last = chunks.len().saturating_sub(1);
@@ -243,7 +266,7 @@ async fn a_thousand_concurrent_pushes_to_one_token_all_get_whole_answers() {
     let cluster = TestCluster::start().await;
     let (device, token) = cluster.device().await;
     drop(device);
-    let client = h2_client(&cluster).await;
+    let (client, mut ping) = h2_client(&cluster).await;
     let authorization = format!("bearer {}", cluster.signer.sign());
     // Every stream's HEADERS go out before any body, so that a gateway answering early would have to
     // answer streams whose bodies are still to come.
@@ -255,12 +278,21 @@ async fn a_thousand_concurrent_pushes_to_one_token_all_get_whole_answers() {
             tokio::spawn(async move { h2_push(client, &authorization, &token, b"{}".to_vec(), Some(barrier)).await })
         })
         .collect();
-    let (mut ok, mut limited, mut other) = (0, 0, Vec::new());
+    let mut ends = Vec::new();
     for task in tasks {
-        match tokio::time::timeout(Duration::from_secs(120), task).await.expect("every stream ends").unwrap() {
+        ends.push(tokio::time::timeout(Duration::from_secs(120), task).await.expect("every stream ends").unwrap());
+    }
+    ping.ping(h2::Ping::opaque()).await.expect("PING answered");
+    let (mut ok, mut limited, mut other) = (0, 0, Vec::new());
+    for (end, stream) in &mut ends {
+        if let Some(reason) = stream.as_mut().and_then(reset_of) {
+            other.push(Err(format!("reset {reason:?} after {end:?}")));
+            continue;
+        }
+        match end {
             Ok((200, None)) => ok += 1,
             Ok((429, Some(reason))) if reason == "TooManyRequests" => limited += 1,
-            end => other.push(end),
+            end => other.push(end.clone()),
         }
     }
     assert!(other.is_empty(), "{} streams did not end in 200 or 429, e.g. {:?}", other.len(), other.first());
@@ -311,20 +343,28 @@ async fn an_upper_case_token_shares_the_rate_limit_and_is_delivered() {
 async fn an_oversized_body_gets_413_and_the_connection_stays_usable() {
     let cluster = TestCluster::start().await;
     let (_device, token) = cluster.device().await;
-    let client = h2_client(&cluster).await;
+    let (client, mut ping) = h2_client(&cluster).await;
     let authorization = format!("bearer {}", cluster.signer.sign());
-    let mut oversized = format!("{{\"a\":\"{}\"}}", "x".repeat(8000)).into_bytes();
+    let oversized = format!("{{\"a\":\"{}\"}}", "x".repeat(8000)).into_bytes();
     // Without content-length, so the gateway finds out only by reading.
-    let end = h2_push(client.clone(), &authorization, &token, oversized.clone(), None).await;
+    let (end, too_large) = h2_push(client.clone(), &authorization, &token, oversized.clone(), None).await;
     assert_eq!(end, Ok((413, Some("PayloadTooLarge".to_string()))));
     // Refused for another reason first, the answer is still 413 past the limit, and whole.
-    let end = h2_push(client.clone(), "bearer not.a.jwt", &token, oversized.split_off(0), None).await;
+    let (end, _) = h2_push(client.clone(), "bearer not.a.jwt", &token, oversized, None).await;
     assert_eq!(end, Ok((413, Some("PayloadTooLarge".to_string()))));
     // A refusal within the limit is answered with its own reason after the body was read.
-    let end = h2_push(client.clone(), "bearer not.a.jwt", &token, vec![b' '; 3000], None).await;
+    let (end, refused) = h2_push(client.clone(), "bearer not.a.jwt", &token, vec![b' '; 3000], None).await;
     assert_eq!(end, Ok((403, Some("InvalidProviderToken".to_string()))));
     // The same connection carries the next push.
-    let end = h2_push(client, &authorization, &token, b"{}".to_vec(), None).await;
+    let (end, accepted) = h2_push(client, &authorization, &token, b"{}".to_vec(), None).await;
     assert_eq!(end, Ok((200, None)));
+    ping.ping(h2::Ping::opaque()).await.expect("PING answered");
+    // Past the limit the rest of the body is declined with NO_ERROR after the whole answer (RFC 9113
+    // §8.1); every other stream simply ends.
+    let declined = too_large.and_then(|mut stream| reset_of(&mut stream));
+    assert!(matches!(declined, None | Some(h2::Reason::NO_ERROR)), "{declined:?}");
+    for stream in [refused, accepted] {
+        assert_eq!(stream.and_then(|mut stream| reset_of(&mut stream)), None);
+    }
     cluster.shutdown().await;
 }
