@@ -194,7 +194,8 @@ async fn ten_thousand_silent_tls_connections_do_not_lock_a_provider_out() {
     assert_eq!(response.status, 200, "{response:?}");
 
     let metrics = gateway_metrics(&cluster).await;
-    let counted = labelled(&metrics, r#"courier_gateway_provider_connections_refused_total{reason="address_connections"}"#);
+    let counted =
+        labelled(&metrics, r#"courier_gateway_provider_connections_refused_total{reason="address_connections"}"#);
     assert!(counted >= 1.0, "refusals are counted:\n{metrics}");
     // Connections that never send a request are closed at the first-request deadline, and counted.
     eventually(Duration::from_secs(120), "every silent connection is closed at its deadline", || async {
@@ -219,7 +220,8 @@ async fn a_connection_without_a_request_in_time_is_closed_and_counted() {
     let (_device, token) = cluster.device().await;
     let before = gateway_metrics(&cluster).await;
     let series = |stage: &str| format!("courier_gateway_provider_first_request_timeouts_total{{stage=\"{stage}\"}}");
-    let (request_before, handshake_before) = (labelled(&before, &series("request")), labelled(&before, &series("handshake")));
+    let (request_before, handshake_before) =
+        (labelled(&before, &series("request")), labelled(&before, &series("handshake")));
 
     // Silent TLS connections fill the whole connection cap (each is accepted as an earlier one's deadline
     // frees its place); a new provider waits only until the next deadline, then pushes.
@@ -255,8 +257,10 @@ async fn a_connection_without_a_request_in_time_is_closed_and_counted() {
             && labelled(&metrics, &series("handshake")) > handshake_before
     })
     .await;
-    // The provider that pushed keeps its connection.
+    // The provider that pushed keeps its connection; the cluster's own, closed at its deadline before it
+    // ever pushed, dials again as APNs clients do.
     assert_eq!(send_checked(&provider, &cluster.push(&token, "{}")).await.status, 200);
+    assert_eq!(cluster.send(&cluster.push(&token, "{}")).await.status, 200);
     cluster.shutdown().await;
 }
 

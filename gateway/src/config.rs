@@ -68,7 +68,11 @@ pub struct GatewayConfig {
     /// Time a new provider connection has from accept to its first request (TCP accept, any wait for a
     /// handshake slot, the TLS handshake, the HTTP/2 preface and SETTINGS, the first request's HEADERS),
     /// in milliseconds. A connection that misses it is closed and counted.
-    #[arg(long = "provider-first-request-timeout-ms", env = "COURIER_PROVIDER_FIRST_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(
+        long = "provider-first-request-timeout-ms",
+        env = "COURIER_PROVIDER_FIRST_REQUEST_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
     pub first_request_timeout_ms: u64,
 
     /// Provider connections one gateway holds at once; beyond this, new connections wait to be accepted.
@@ -77,7 +81,11 @@ pub struct GatewayConfig {
 
     /// Provider connections one source address (an IPv4 address, an IPv6 /64) may hold at once; a further
     /// one is closed at accept (0 = no limit). Raise it behind a proxy or NAT that hides client addresses.
-    #[arg(long = "provider-max-connections-per-address", env = "COURIER_PROVIDER_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 256)]
+    #[arg(
+        long = "provider-max-connections-per-address",
+        env = "COURIER_PROVIDER_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 256
+    )]
     pub max_connections_per_address: usize,
 
     /// Provider TLS handshakes in progress at once; further ones wait their turn (within the first-request
@@ -88,7 +96,11 @@ pub struct GatewayConfig {
     /// Provider TLS handshakes one source address may have in progress at once; further ones wait their turn
     /// (within the first-request timeout), so that one address cannot take every handshake slot (0 = no
     /// limit).
-    #[arg(long = "provider-max-handshakes-per-address", env = "COURIER_PROVIDER_MAX_HANDSHAKES_PER_ADDRESS", default_value_t = 16)]
+    #[arg(
+        long = "provider-max-handshakes-per-address",
+        env = "COURIER_PROVIDER_MAX_HANDSHAKES_PER_ADDRESS",
+        default_value_t = 16
+    )]
     pub max_handshakes_per_address: usize,
 }
 
