@@ -186,6 +186,7 @@ async fn ten_thousand_silent_tls_connections_do_not_lock_a_provider_out() {
         held += h;
         refused += r;
     }
+    eprintln!("silent clients: {held} connections held, {refused} refused");
     assert!(refused > 0, "the per-address cap refused some of the 10,000 ({held} held)");
 
     // With every silent client still holding what it got, a new provider connects and pushes.
