@@ -220,7 +220,8 @@ impl ProviderServer {
             let accepted_at = tokio::time::Instant::now();
             let Some(source) = sources.admit(peer.ip()) else {
                 tracing::debug!(%peer, "refusing a provider connection: its address holds its share already");
-                metrics::counter!("courier_gateway_provider_connections_refused_total", "reason" => "address_connections")
+                let reason = "address_connections";
+                metrics::counter!("courier_gateway_provider_connections_refused_total", "reason" => reason)
                     .increment(1);
                 drop(tcp);
                 continue;
