@@ -64,6 +64,44 @@ pub struct GatewayConfig {
     /// idle connections for at least an hour, and clients count on it.
     #[arg(long = "provider-idle-timeout-secs", env = "COURIER_PROVIDER_IDLE_TIMEOUT_SECS", default_value_t = 3600)]
     pub idle_timeout_secs: u64,
+
+    /// Time a new provider connection has from accept to its first request (TCP accept, any wait for a
+    /// handshake slot, the TLS handshake, the HTTP/2 preface and SETTINGS, the first request's HEADERS),
+    /// in milliseconds. A connection that misses it is closed and counted.
+    #[arg(
+        long = "provider-first-request-timeout-ms",
+        env = "COURIER_PROVIDER_FIRST_REQUEST_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub first_request_timeout_ms: u64,
+
+    /// Provider connections one gateway holds at once; beyond this, new connections wait to be accepted.
+    #[arg(long = "provider-max-connections", env = "COURIER_PROVIDER_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Provider connections one source address (an IPv4 address, an IPv6 /64) may hold at once; a further
+    /// one is closed at accept (0 = no limit). Raise it behind a proxy or NAT that hides client addresses.
+    #[arg(
+        long = "provider-max-connections-per-address",
+        env = "COURIER_PROVIDER_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 256
+    )]
+    pub max_connections_per_address: usize,
+
+    /// Provider TLS handshakes in progress at once; further ones wait their turn (within the first-request
+    /// timeout).
+    #[arg(long = "provider-max-handshakes", env = "COURIER_PROVIDER_MAX_HANDSHAKES", default_value_t = 128)]
+    pub max_handshakes: usize,
+
+    /// Provider TLS handshakes one source address may have in progress at once; further ones wait their turn
+    /// (within the first-request timeout), so that one address cannot take every handshake slot (0 = no
+    /// limit).
+    #[arg(
+        long = "provider-max-handshakes-per-address",
+        env = "COURIER_PROVIDER_MAX_HANDSHAKES_PER_ADDRESS",
+        default_value_t = 16
+    )]
+    pub max_handshakes_per_address: usize,
 }
 
 impl GatewayConfig {
@@ -84,6 +122,11 @@ impl GatewayConfig {
             team_rate_per_sec: 0.0,
             team_burst: 10_000,
             idle_timeout_secs: 3600,
+            first_request_timeout_ms: 10_000,
+            max_connections: 10_000,
+            max_connections_per_address: 256,
+            max_handshakes: 128,
+            max_handshakes_per_address: 16,
         }
     }
 }
@@ -111,6 +154,12 @@ mod tests {
         assert_eq!(cli.gateway.idle_timeout_secs, 3600);
         assert_eq!(cli.gateway.team_rate_per_sec, 0.0);
         assert!(cli.gateway.device_rate_per_sec > 0.0);
+        let local = GatewayConfig::local(PathBuf::new(), SocketAddr::from((Ipv4Addr::LOCALHOST, 1)));
+        assert_eq!(cli.gateway.first_request_timeout_ms, local.first_request_timeout_ms);
+        assert_eq!(cli.gateway.max_connections, local.max_connections);
+        assert_eq!(cli.gateway.max_connections_per_address, local.max_connections_per_address);
+        assert_eq!(cli.gateway.max_handshakes, local.max_handshakes);
+        assert_eq!(cli.gateway.max_handshakes_per_address, local.max_handshakes_per_address);
     }
 
     #[test]

@@ -29,13 +29,10 @@ use tokio_rustls::TlsAcceptor;
 use crate::http::PushService;
 use crate::http::jwt::{JwtVerifier, ProviderCredentials};
 use crate::http::ratelimit::{Limit, RateLimiter};
-use crate::http::server::{ProviderServer, SHUTDOWN_GRACE};
+use crate::http::server::{ConnectionLimits, ProviderServer, SHUTDOWN_GRACE};
 pub use config::GatewayConfig;
 use route::NodeRouter;
 use watch::{ClusterWatch, ViewReceiver};
-
-/// Provider connections one gateway holds at once; beyond this, new connections wait to be accepted.
-const MAX_PROVIDER_CONNECTIONS: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -86,6 +83,27 @@ fn describe_metrics() {
     metrics::describe_counter!(
         "courier_gateway_provider_handshake_failures_total",
         "Provider TLS handshakes that failed (including client certificates from another CA)."
+    );
+    metrics::describe_gauge!(
+        "courier_gateway_provider_handshakes",
+        "Provider TLS handshakes in progress (bounded by --provider-max-handshakes)."
+    );
+    metrics::describe_counter!(
+        "courier_gateway_provider_handshake_waits_total",
+        "Provider TLS handshakes that waited for a slot, by the limit that made them wait (address or total)."
+    );
+    metrics::describe_gauge!(
+        "courier_gateway_provider_source_addresses",
+        "Source addresses (IPv4 addresses, IPv6 /64s) holding provider connections."
+    );
+    metrics::describe_counter!(
+        "courier_gateway_provider_connections_refused_total",
+        "Provider connections closed at accept, by reason (address_connections: the source address held its share)."
+    );
+    metrics::describe_counter!(
+        "courier_gateway_provider_first_request_timeouts_total",
+        "Provider connections closed for sending no request within the first-request timeout, by the stage \
+         they had reached (handshake: waiting for or in the TLS handshake; request: TLS done, no request)."
     );
     metrics::describe_counter!(
         "courier_gateway_rate_limited_total",
@@ -198,9 +216,15 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         listener: provider_listener,
         acceptor: TlsAcceptor::from(Arc::new(tls)),
         service,
-        connections: Arc::new(Semaphore::new(MAX_PROVIDER_CONNECTIONS)),
+        connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
         shutdown: shutdown_rx.clone(),
         idle_timeout: Duration::from_secs(config.idle_timeout_secs.max(1)),
+        limits: ConnectionLimits {
+            first_request_timeout: Duration::from_millis(config.first_request_timeout_ms.max(1)),
+            max_connections_per_address: config.max_connections_per_address,
+            max_handshakes: config.max_handshakes.max(1),
+            max_handshakes_per_address: config.max_handshakes_per_address,
+        },
     };
     let provider_task = tokio::spawn(server.run());
     let watch_task = tokio::spawn(cluster_watch.run(views, shutdown_rx.clone()));

@@ -2,7 +2,9 @@
 //!
 //! `courier send`, the gateway's tests and the load generator all push through this, so it speaks the
 //! wire format exactly as a third-party APNs client would and knows nothing about the gateway's insides.
-//! One `ProviderClient` is one TLS connection carrying many concurrent streams; clone it to share it.
+//! One `ProviderClient` is one TLS connection carrying many concurrent streams; clone it to share it. When
+//! the gateway has closed that connection (GOAWAY after its idle or first-request timeout, or on shutdown),
+//! the next request dials a new one, as APNs client libraries do.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -140,9 +142,44 @@ pub struct PushResponse {
 /// An HTTP/2 connection to a gateway's provider API.
 #[derive(Clone)]
 pub struct ProviderClient {
-    sender: SendRequest<Full<Bytes>>,
+    /// The live connection's request handle; replaced when the gateway has closed the connection.
+    sender: Arc<std::sync::Mutex<SendRequest<Full<Bytes>>>>,
+    /// How to dial again; its lock makes concurrent requests that find the connection closed dial once.
+    dial: Arc<tokio::sync::Mutex<Dial>>,
     /// `https://name:port`, prefixed to every path: HTTP/2 requests carry scheme and authority.
     origin: Arc<str>,
+}
+
+/// Where and how the client connects.
+struct Dial {
+    addr: SocketAddr,
+    name: ServerName<'static>,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Dial {
+    /// One TLS connection with HTTP/2 on it, its connection task spawned.
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ProviderError> {
+        let addr = self.addr;
+        let tcp = TcpStream::connect(addr).await.map_err(|source| ProviderError::Connect { addr, source })?;
+        // Pushes are small and latency-bound.
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(self.tls.clone())
+            .connect(self.name.clone(), tcp)
+            .await
+            .map_err(|source| ProviderError::Connect { addr, source })?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(ProviderError::NoHttp2);
+        }
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "provider connection ended");
+            }
+        });
+        Ok(sender)
+    }
 }
 
 impl std::fmt::Debug for ProviderClient {
@@ -180,29 +217,36 @@ impl ProviderClient {
         let config = courier_node::tls::client_config(ca_pem_path, identity, &[b"h2"])?;
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|_| ProviderError::BadServerName(server_name.to_string()))?;
-        let tcp = TcpStream::connect(addr).await.map_err(|source| ProviderError::Connect { addr, source })?;
-        // Pushes are small and latency-bound.
-        let _ = tcp.set_nodelay(true);
-        let tls = TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await
-            .map_err(|source| ProviderError::Connect { addr, source })?;
-        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-            return Err(ProviderError::NoHttp2);
-        }
-        let (sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "provider connection ended");
-            }
-        });
+        let dial = Dial { addr, name, tls: Arc::new(config) };
+        let sender = dial.connect().await?;
         let origin = if server_name.contains(':') {
             format!("https://[{server_name}]:{}", addr.port())
         } else {
             format!("https://{server_name}:{}", addr.port())
         };
-        Ok(ProviderClient { sender, origin: origin.into() })
+        Ok(ProviderClient {
+            sender: Arc::new(std::sync::Mutex::new(sender)),
+            dial: Arc::new(tokio::sync::Mutex::new(dial)),
+            origin: origin.into(),
+        })
+    }
+
+    /// The live connection's handle, dialling a new connection first if the gateway closed the last one.
+    async fn sender(&self) -> Result<SendRequest<Full<Bytes>>, ProviderError> {
+        let current = || self.sender.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sender = current();
+        if !sender.is_closed() {
+            return Ok(sender);
+        }
+        let dial = self.dial.lock().await;
+        // Another request may have dialled while this one waited.
+        let sender = current();
+        if !sender.is_closed() {
+            return Ok(sender);
+        }
+        let sender = dial.connect().await?;
+        *self.sender.lock().unwrap_or_else(|p| p.into_inner()) = sender.clone();
+        Ok(sender)
     }
 
     /// Sends `push` to `POST /3/device/{token}`.
@@ -237,7 +281,7 @@ impl ProviderClient {
             builder = builder.header(name, value);
         }
         let request = builder.body(Full::new(Bytes::from(body)))?;
-        let mut sender = self.sender.clone();
+        let mut sender = self.sender().await?;
         sender.ready().await?;
         let response = sender.send_request(request).await?;
         let status = response.status().as_u16();

@@ -1,7 +1,8 @@
 //! Device tokens: what a provider addresses a push to.
 //!
 //! A token is `key id (4 bytes, big-endian) || AES-SIV(device id || topic digest)` with the key id as
-//! associated data, written as lowercase hex (88 characters). AES-SIV is deterministic, so the same device,
+//! associated data, written as lowercase hex (88 characters) and read in either case (providers and their
+//! libraries upper-case hex freely; the bytes, not the spelling, name the device). AES-SIV is deterministic, so the same device,
 //! topic and key always give the same token, and its 128-bit synthetic IV doubles as the authentication
 //! tag, so a token cannot be forged or altered without the key. The topic digest inside binds a token to
 //! one `apns-topic`.
@@ -145,7 +146,7 @@ impl TokenKey {
     }
 }
 
-/// Splits a hex token into its key id and sealed part without trusting any of it.
+/// Splits a hex token (either case, even mixed) into its key id and sealed part without trusting any of it.
 pub fn parse_token(hex_token: &str) -> Result<(TokenKeyId, Vec<u8>), TokenError> {
     if hex_token.len() != TOKEN_LEN * 2 {
         return Err(TokenError::Malformed);
@@ -363,6 +364,18 @@ mod tests {
                 let result = keys.open(&hex::encode(&forged));
                 assert!(result.is_err(), "flip of byte {byte} bit {bit} was accepted");
             }
+        }
+    }
+
+    #[test]
+    fn tokens_open_in_either_case() {
+        let keys = keyring();
+        let token = keys.mint(DeviceId(77), "t").unwrap();
+        assert_eq!(token, token.to_ascii_lowercase(), "minted lowercase");
+        let mixed: String =
+            token.chars().enumerate().map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c }).collect();
+        for spelling in [token.to_ascii_uppercase(), mixed] {
+            assert_eq!(keys.open(&spelling), keys.open(&token), "{spelling}");
         }
     }
 

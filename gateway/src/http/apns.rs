@@ -366,6 +366,25 @@ pub async fn read_payload<B>(headers: &HeaderMap, body: B, limit: usize) -> Resu
 where
     B: hyper::body::Body<Data = Bytes>,
 {
+    consume(headers, body, limit, true).await
+}
+
+/// Reads a refused request's body to its end without keeping it, stopping with `PayloadTooLarge` past
+/// `limit` bytes. An HTTP/2 server that answers before the request body has ended must reset the stream
+/// (hyper/h2 send RST_STREAM after the response), and many clients then report the stream as failed
+/// instead of showing the answer; reading the body first lets the answer end the stream normally.
+pub async fn drain_payload<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<(), Reason>
+where
+    B: hyper::body::Body<Data = Bytes>,
+{
+    consume(headers, body, limit, false).await.map(|_| ())
+}
+
+/// Reads a body to its end, at most `limit` bytes of it, keeping them only when `keep` is set.
+async fn consume<B>(headers: &HeaderMap, body: B, limit: usize, keep: bool) -> Result<Bytes, Reason>
+where
+    B: hyper::body::Body<Data = Bytes>,
+{
     let declared =
         headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
@@ -373,14 +392,18 @@ where
     }
     let mut body = std::pin::pin!(body);
     let mut payload = BytesMut::new();
+    let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
         // A body the client aborted mid-way is treated like one that never finished arriving.
         let frame = frame.map_err(|_| Reason::IdleTimeout)?;
         if let Ok(data) = frame.into_data() {
-            if payload.len() + data.len() > limit {
+            seen = seen.saturating_add(data.len());
+            if seen > limit {
                 return Err(Reason::PayloadTooLarge);
             }
-            payload.extend_from_slice(&data);
+            if keep {
+                payload.extend_from_slice(&data);
+            }
         }
     }
     Ok(payload.freeze())
@@ -630,6 +653,18 @@ mod tests {
         let mut declared = HeaderMap::new();
         declared.insert("content-length", HeaderValue::from_static("1000000"));
         let result = read_payload(&declared, Full::new(Bytes::from_static(b"{}")), MAX_PAYLOAD).await;
+        assert_eq!(result, Err(Reason::PayloadTooLarge));
+    }
+
+    #[tokio::test]
+    async fn draining_reads_to_the_end_and_stops_at_the_cap() {
+        let headers = HeaderMap::new();
+        let full = drain_payload(&headers, Full::new(Bytes::from(vec![b' '; MAX_PAYLOAD])), MAX_PAYLOAD).await;
+        assert_eq!(full, Ok(()));
+        let endless = futures_util::stream::repeat_with(|| {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from_static(b"0123456789")))
+        });
+        let result = drain_payload(&headers, StreamBody::new(endless), MAX_PAYLOAD).await;
         assert_eq!(result, Err(Reason::PayloadTooLarge));
     }
 

@@ -4,7 +4,8 @@
 //! already has), `ratelimit` bounds pushes per device token and per team, the keyring opens the device
 //! token, and `route` forwards. `status` answers the delivery-status extension. `server` owns sockets,
 //! TLS and HTTP/2 connections; this module sees one request at a time and always answers it with a
-//! well-formed APNs response.
+//! well-formed APNs response, after reading the request's body to its end (up to the payload limit), so
+//! that the answer ends the stream instead of a reset.
 
 pub mod apns;
 pub mod jwt;
@@ -15,6 +16,7 @@ pub mod status;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use courier_node::ids::DeviceId;
 use courier_node::token::{Keyring, OpenedToken, TokenError};
 use courier_proto::cluster::Notification;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -46,11 +48,15 @@ pub struct PushService {
     pub(crate) router: NodeRouter,
     /// A provider that starts a body and never finishes it must not hold a stream forever.
     pub(crate) body_timeout: Duration,
-    /// Pushes per device token.
-    pub(crate) device_limit: RateLimiter<String>,
+    /// Pushes per device and app: what a token names once opened, however its hex is spelled and whichever
+    /// token key minted it.
+    pub(crate) device_limit: RateLimiter<DeviceLimitKey>,
     /// Pushes per provider team.
     pub(crate) team_limit: RateLimiter<std::sync::Arc<str>>,
 }
+
+/// The device rate limit's key: the device id and the app-topic digest inside an opened token.
+pub(crate) type DeviceLimitKey = (DeviceId, [u8; 8]);
 
 /// A refusal, with the 410 timestamp when there is one.
 type Refused = (Reason, Option<u64>);
@@ -69,37 +75,84 @@ impl PushService {
     {
         let (parts, body) = request.into_parts();
         if parts.uri.path().starts_with(apns::STATUS_PATH_PREFIX) {
+            // A status request has no body; one sent anyway is read first all the same.
+            if let Err((reason, _)) = self.drain(&parts.headers, body, apns::MAX_PAYLOAD, Ok(())).await {
+                return refuse(reason, None, &apns::response_apns_id(&parts.headers));
+            }
             return status::answer(self, &parts, auth).await;
         }
         let apns_id = apns::response_apns_id(&parts.headers);
-        let outcome = async {
-            let head = apns::parse_head(&parts.method, &parts.uri, &parts.headers, &apns_id)?;
-            let provider = self.authenticate(auth, head.authorization.as_deref())?;
-            if !self.team_limit.admit(&provider.team_id, Instant::now()) {
-                return Err(Reason::TooManyRequests.into());
-            }
-            if !provider.may_push_to(&head.topic) {
-                return Err(Reason::TopicDisallowed.into());
-            }
-            let token = self.open_token(&head.device_token, &head.topic)?;
-            if let Some(since_ms) = self.router.view.borrow().as_ref().and_then(|v| v.refused_clone(token.device_id)) {
-                return Err((Reason::ClonedIdentity, Some(since_ms)));
-            }
-            if !self.device_limit.admit(&head.device_token, Instant::now()) {
-                return Err(Reason::TooManyRequests.into());
-            }
-            let read = apns::read_payload(&parts.headers, body, head.payload_limit());
-            let payload = tokio::time::timeout(self.body_timeout, read).await.map_err(|_| Reason::IdleTimeout)??;
-            apns::check_payload(&payload)?;
-            self.forward(&head, token.device_id.to_bytes().to_vec(), payload).await
-        }
-        .await;
+        let head = apns::parse_head(&parts.method, &parts.uri, &parts.headers, &apns_id);
+        // Before the head is known, the largest limit any push may have.
+        let limit = head.as_ref().map_or(apns::MAX_VOIP_PAYLOAD, PushHead::payload_limit);
+        let outcome = match head.map_err(Refused::from).and_then(|head| self.admit(head, auth)) {
+            Ok((head, token)) => self.accept(&parts.headers, body, limit, &head, &token).await,
+            Err(refused) => self.drain(&parts.headers, body, limit, Err(refused)).await,
+        };
         match outcome {
             Ok(()) => {
                 metrics::counter!("courier_gateway_notifications_accepted_total").increment(1);
                 respond(StatusCode::OK, &apns_id.value, None)
             }
             Err((reason, timestamp)) => refuse(reason, timestamp, &apns_id),
+        }
+    }
+
+    /// Everything decided before the body: the provider, its team's rate, the topic, the device token and
+    /// its rate, in that order.
+    fn admit(&self, head: PushHead, auth: &ConnectionAuth) -> Result<(PushHead, OpenedToken), Refused> {
+        let provider = self.authenticate(auth, head.authorization.as_deref())?;
+        if !self.team_limit.admit(&provider.team_id, Instant::now()) {
+            return Err(Reason::TooManyRequests.into());
+        }
+        if !provider.may_push_to(&head.topic) {
+            return Err(Reason::TopicDisallowed.into());
+        }
+        let token = self.open_token(&head.device_token, &head.topic)?;
+        if let Some(since_ms) = self.router.view.borrow().as_ref().and_then(|v| v.refused_clone(token.device_id)) {
+            return Err((Reason::ClonedIdentity, Some(since_ms)));
+        }
+        if !self.device_limit.admit(&(token.device_id, token.topic.0), Instant::now()) {
+            return Err(Reason::TooManyRequests.into());
+        }
+        Ok((head, token))
+    }
+
+    /// Reads an admitted push's body (within the body timeout), checks it and forwards the push.
+    async fn accept<B>(
+        &self,
+        headers: &http::HeaderMap,
+        body: B,
+        limit: usize,
+        head: &PushHead,
+        token: &OpenedToken,
+    ) -> Result<(), Refused>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+    {
+        let read = apns::read_payload(headers, body, limit);
+        let payload = tokio::time::timeout(self.body_timeout, read).await.map_err(|_| Reason::IdleTimeout)??;
+        apns::check_payload(&payload)?;
+        self.forward(head, token.device_id.to_bytes().to_vec(), payload).await
+    }
+
+    /// Reads a body to its end before `decided` is answered, so that the answer ends the stream rather than
+    /// a reset. A body past `limit` turns the answer into 413 `PayloadTooLarge` (the stream is then closed
+    /// with RST_STREAM NO_ERROR after the whole answer, as RFC 9113 §8.1 allows); one that does not end
+    /// within the body timeout gets `decided` anyway.
+    async fn drain<B>(
+        &self,
+        headers: &http::HeaderMap,
+        body: B,
+        limit: usize,
+        decided: Result<(), Refused>,
+    ) -> Result<(), Refused>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+    {
+        match tokio::time::timeout(self.body_timeout, apns::drain_payload(headers, body, limit)).await {
+            Ok(Err(Reason::PayloadTooLarge)) => Err(Reason::PayloadTooLarge.into()),
+            _ => decided,
         }
     }
 

@@ -1,4 +1,5 @@
-//! Rate limits on pushes: per device token (a provider flooding one device) and per provider team.
+//! Rate limits on pushes: per device token (a provider flooding one device) and per provider team. The
+//! caller chooses the key; the device limit is keyed by what an opened token names, never by its text.
 //!
 //! Each is a token bucket: `burst` pushes at once, refilled at `per_sec`. A push over either limit is
 //! answered 429 `TooManyRequests` and counted in `courier_gateway_rate_limited_total{scope}`. Buckets

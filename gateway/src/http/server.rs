@@ -10,10 +10,18 @@
 //! (an hour by default) is closed with GOAWAY. One watch signal tells the accept loop to stop and every
 //! connection to send the two-step GOAWAY (hyper/h2's graceful shutdown); streams already open run to
 //! completion, for a bounded time.
+//!
+//! What a connection may cost before it has earned a request is bounded (`ConnectionLimits`): one deadline
+//! from accept to the first request's HEADERS covers any wait for a handshake slot, the TLS handshake, and
+//! the HTTP/2 preface and SETTINGS, so silent connections cannot hold the connection cap for long; each
+//! source address (an IPv4 address, an IPv6 /64) may hold only so many connections and so many handshakes
+//! in progress; and TLS handshakes in progress overall are bounded, the rest waiting their turn.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::server::conn::http2;
@@ -29,8 +37,9 @@ use super::{ConnectionAuth, PushService};
 
 /// Streams one provider connection may have open at once (APNs allows 1000).
 const MAX_CONCURRENT_STREAMS: u32 = 1000;
-/// A client that connects but never finishes the TLS handshake is dropped after this long.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection that missed its first-request deadline gets to take its GOAWAY before it is
+/// dropped: a silent client never answers the PING of the graceful close.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Pings on otherwise idle connections find providers that vanished without closing.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
 /// A provider that does not answer a ping within this long is gone.
@@ -51,6 +60,128 @@ pub struct ProviderServer {
     pub shutdown: watch::Receiver<bool>,
     /// A connection with no request for this long is closed.
     pub idle_timeout: Duration,
+    /// What a connection may cost before its first request.
+    pub limits: ConnectionLimits,
+}
+
+/// Bounds on connections that have not yet sent a request; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// From accept to the first request's HEADERS; a connection that misses it is closed.
+    pub first_request_timeout: Duration,
+    /// Connections one source address may hold at once (0 = no limit); a further one is closed at accept.
+    pub max_connections_per_address: usize,
+    /// TLS handshakes in progress at once; the rest wait their turn.
+    pub max_handshakes: usize,
+    /// TLS handshakes one source address may have in progress at once (0 = no limit); the rest wait.
+    pub max_handshakes_per_address: usize,
+}
+
+/// The part of a peer's address that names one client: a whole IPv4 address, or the /64 of an IPv6 one
+/// (a single host is routinely given a whole /64, so counting its addresses one by one would bound nothing).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+    }
+}
+
+/// What one source address holds now.
+struct Source {
+    connections: usize,
+    /// Its own handshake slots, so that one address cannot occupy every global one.
+    handshakes: Arc<Semaphore>,
+}
+
+/// Connections and handshake slots per source address; an address leaves the table with its last
+/// connection, so the table is as large as the number of addresses connected (itself bounded by the
+/// connection cap).
+struct Sources {
+    limits: ConnectionLimits,
+    table: Mutex<HashMap<IpAddr, Source>>,
+}
+
+/// One connection's place in its source's allowance; gives it back when dropped.
+struct SourceSlot {
+    sources: Arc<Sources>,
+    key: IpAddr,
+    handshakes: Arc<Semaphore>,
+}
+
+impl Sources {
+    fn new(limits: ConnectionLimits) -> Arc<Self> {
+        Arc::new(Sources { limits, table: Mutex::new(HashMap::new()) })
+    }
+
+    /// A place for one more connection from `ip`, unless that address already holds its share.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let key = source_key(ip);
+        let max = self.limits.max_connections_per_address;
+        let per_address_handshakes = match self.limits.max_handshakes_per_address {
+            0 => Semaphore::MAX_PERMITS,
+            n => n,
+        };
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let source = table
+            .entry(key)
+            .or_insert_with(|| Source { connections: 0, handshakes: Arc::new(Semaphore::new(per_address_handshakes)) });
+        if max != 0 && source.connections >= max {
+            return None;
+        }
+        source.connections += 1;
+        let handshakes = source.handshakes.clone();
+        metrics::gauge!("courier_gateway_provider_source_addresses").set(table.len() as f64);
+        Some(SourceSlot { sources: self.clone(), key, handshakes })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut table = self.sources.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(source) = table.get_mut(&self.key) {
+            source.connections = source.connections.saturating_sub(1);
+            if source.connections == 0 {
+                table.remove(&self.key);
+            }
+        }
+        metrics::gauge!("courier_gateway_provider_source_addresses").set(table.len() as f64);
+    }
+}
+
+/// Counts a connection closed for missing its first-request deadline, by the stage it had reached.
+fn missed_first_request(stage: &'static str) {
+    metrics::counter!("courier_gateway_provider_first_request_timeouts_total", "stage" => stage).increment(1);
+}
+
+/// A handshake slot, waiting for it when none is free (and counting that it had to).
+async fn turn<'a>(slots: &'a Semaphore, limit: &'static str) -> Option<tokio::sync::SemaphorePermit<'a>> {
+    match slots.try_acquire() {
+        Ok(permit) => Some(permit),
+        Err(tokio::sync::TryAcquireError::Closed) => None,
+        Err(tokio::sync::TryAcquireError::NoPermits) => {
+            metrics::counter!("courier_gateway_provider_handshake_waits_total", "limit" => limit).increment(1);
+            slots.acquire().await.ok()
+        }
+    }
+}
+
+/// Keeps `courier_gateway_provider_handshakes` right however a handshake ends.
+struct HandshakeGauge;
+
+impl HandshakeGauge {
+    fn open() -> Self {
+        metrics::gauge!("courier_gateway_provider_handshakes").increment(1.0);
+        HandshakeGauge
+    }
+}
+
+impl Drop for HandshakeGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("courier_gateway_provider_handshakes").decrement(1.0);
+    }
 }
 
 /// Resolves once shutdown is signalled (or the signal's sender is gone, which means the same).
@@ -61,7 +192,9 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 impl ProviderServer {
     /// Accepts connections until shutdown, then waits (at most `SHUTDOWN_GRACE`) for them to drain.
     pub async fn run(self) {
-        let ProviderServer { listener, acceptor, service, connections, mut shutdown, idle_timeout } = self;
+        let ProviderServer { listener, acceptor, service, connections, mut shutdown, idle_timeout, limits } = self;
+        let sources = Sources::new(limits);
+        let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
         let mut tasks = JoinSet::new();
         loop {
             // Reap finished connections so the set only holds live ones.
@@ -84,8 +217,24 @@ impl ProviderServer {
                     }
                 },
             };
+            let accepted_at = tokio::time::Instant::now();
+            let Some(source) = sources.admit(peer.ip()) else {
+                tracing::debug!(%peer, "refusing a provider connection: its address holds its share already");
+                let reason = "address_connections";
+                metrics::counter!("courier_gateway_provider_connections_refused_total", "reason" => reason)
+                    .increment(1);
+                drop(tcp);
+                continue;
+            };
             tracing::debug!(%peer, "provider connected");
-            let connection = Connection { acceptor: acceptor.clone(), service: service.clone(), idle_timeout };
+            let connection = Connection {
+                acceptor: acceptor.clone(),
+                service: service.clone(),
+                idle_timeout,
+                first_request_deadline: accepted_at + limits.first_request_timeout,
+                handshakes: handshakes.clone(),
+                source,
+            };
             tasks.spawn(connection.serve(tcp, shutdown.clone(), permit));
         }
         drop(listener);
@@ -116,6 +265,8 @@ impl Drop for ConnectionGauge {
 /// Requests in progress on one connection and when the last one ended, for the idle timeout.
 struct Activity {
     started: tokio::time::Instant,
+    /// Whether any request has begun: until one has, the first-request deadline applies.
+    begun: AtomicBool,
     in_flight: AtomicUsize,
     /// Milliseconds after `started` when a request last began or ended.
     last_ms: AtomicU64,
@@ -128,6 +279,7 @@ impl Activity {
     fn new() -> Arc<Self> {
         Arc::new(Activity {
             started: tokio::time::Instant::now(),
+            begun: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
         })
@@ -138,6 +290,7 @@ impl Activity {
     }
 
     fn begin(self: &Arc<Self>) -> Busy {
+        self.begun.store(true, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.touch();
         Busy(self.clone())
@@ -149,6 +302,10 @@ impl Activity {
             return tokio::time::Instant::now() + timeout;
         }
         self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout
+    }
+
+    fn has_begun(&self) -> bool {
+        self.begun.load(Ordering::Relaxed)
     }
 
     fn is_idle(&self, timeout: Duration) -> bool {
@@ -163,11 +320,17 @@ impl Drop for Busy {
     }
 }
 
-/// What every connection task shares.
+/// One connection task's share of the server.
 struct Connection {
     acceptor: TlsAcceptor,
     service: Arc<PushService>,
     idle_timeout: Duration,
+    /// Accept time plus the first-request timeout.
+    first_request_deadline: tokio::time::Instant,
+    /// Handshake slots for the whole server.
+    handshakes: Arc<Semaphore>,
+    /// This connection's place in its source address's allowance, held until it closes.
+    source: SourceSlot,
 }
 
 /// Who the client certificate (if any) says the provider is. rustls has already checked the chain to the
@@ -184,20 +347,30 @@ fn connection_auth(certificates: Option<&[rustls::pki_types::CertificateDer<'sta
 
 impl Connection {
     async fn serve(self, tcp: TcpStream, mut shutdown: watch::Receiver<bool>, _permit: OwnedSemaphorePermit) {
-        let Connection { acceptor, service, idle_timeout } = self;
+        let Connection { acceptor, service, idle_timeout, first_request_deadline, handshakes, source } = self;
         let _gauge = ConnectionGauge::open();
         let _ = tcp.set_nodelay(true);
+        let handshake = async {
+            // Wait for this address's turn first, so that one address never holds more than its share of the
+            // server's slots.
+            let _address_turn = turn(&source.handshakes, "address").await?;
+            let _turn = turn(&handshakes, "total").await?;
+            let _in_progress = HandshakeGauge::open();
+            Some(acceptor.accept(tcp).await)
+        };
         let tls = tokio::select! {
             _ = stopping(&mut shutdown) => return,
-            handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => match handshake {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
+            handshake = tokio::time::timeout_at(first_request_deadline, handshake) => match handshake {
+                Ok(Some(Ok(tls))) => tls,
+                Ok(Some(Err(error))) => {
                     tracing::debug!(%error, "provider TLS handshake failed");
                     metrics::counter!("courier_gateway_provider_handshake_failures_total").increment(1);
                     return;
                 }
+                Ok(None) => return,
                 Err(_) => {
-                    tracing::debug!("provider TLS handshake timed out");
+                    tracing::debug!("provider TLS handshake missed the first-request deadline");
+                    missed_first_request("handshake");
                     return;
                 }
             },
@@ -229,6 +402,15 @@ impl Connection {
                     connection.as_mut().graceful_shutdown();
                     break connection.await;
                 }
+                _ = tokio::time::sleep_until(first_request_deadline), if !activity.has_begun() => {
+                    // A request may have begun since the branch was armed.
+                    if !activity.has_begun() {
+                        tracing::debug!("closing a provider connection that sent no request in time");
+                        missed_first_request("request");
+                        connection.as_mut().graceful_shutdown();
+                        break tokio::time::timeout(CLOSE_GRACE, connection.as_mut()).await.unwrap_or(Ok(()));
+                    }
+                }
                 _ = tokio::time::sleep_until(activity.idle_deadline(idle_timeout)) => {
                     if activity.is_idle(idle_timeout) {
                         tracing::debug!("closing an idle provider connection");
@@ -241,5 +423,6 @@ impl Connection {
         if let Err(error) = result {
             tracing::debug!(%error, "provider connection ended with an error");
         }
+        drop(source);
     }
 }
