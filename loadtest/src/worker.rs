@@ -30,8 +30,9 @@ struct Device {
     id: DeviceId,
     connector: Connector,
     registered: AtomicBool,
-    /// The node it last linked to: a reconnect goes there first.
-    last_addr: Mutex<Option<SocketAddr>>,
+    /// The node it last linked to, and the connector checking that node's name: a reconnect goes there
+    /// first, and resumes the TLS session it made there.
+    last_node: Mutex<Option<(SocketAddr, Connector)>>,
     /// apns-ids its app has seen, kept across links so redeliveries are dropped after reconnects too.
     seen: Mutex<Option<SeenIds>>,
 }
@@ -134,7 +135,7 @@ pub async fn run() -> anyhow::Result<()> {
             id: credentials.device_id,
             connector,
             registered: AtomicBool::new(false),
-            last_addr: Mutex::new(None),
+            last_node: Mutex::new(None),
             seen: Mutex::new(None),
         }));
     }
@@ -209,13 +210,14 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
     let stats = &shared.stats;
     stats.running.fetch_add(1, Ordering::Relaxed);
     let mut seen = device.seen.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
-    let mut addr = device
-        .last_addr
+    // The connector holds the name the next node is checked by: the configured one, or the one its
+    // redirect gave.
+    let (mut addr, mut connector) = device
+        .last_node
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .unwrap_or(shared.endpoints[device.index % shared.endpoints.len()]);
-    // The name the next node is checked by: the configured one, or the one its redirect gave.
-    let mut connector = device.connector.clone();
+        .clone()
+        .unwrap_or_else(|| (shared.endpoints[device.index % shared.endpoints.len()], device.connector.clone()));
     let mut failures = 0u32;
     let mut orphaned = false;
     loop {
@@ -243,7 +245,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
         };
         failures = 0;
         addr = link.node_addr;
-        *device.last_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+        *device.last_node.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, connector.clone()));
         stats.links.fetch_add(1, Ordering::Relaxed);
         link.seen = std::mem::take(&mut seen);
         let ended = loop {
