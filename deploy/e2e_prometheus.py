@@ -36,8 +36,12 @@ NODE_SECRET_FILES = [
     "cluster-ca.pem",
     "device-ca.pem",
     "device-ca.key",
-    "node.pem",
-    "node.key",
+    "node-1.pem",
+    "node-1.key",
+    "node-2.pem",
+    "node-2.key",
+    "node-3.pem",
+    "node-3.key",
     "token-keys.json",
     "provider.json",
 ]
@@ -200,7 +204,7 @@ def main():
     started = time.monotonic()
     try:
         pki = workdir / "pki"
-        subprocess.run([courier, "pki", "init", "--dir", str(pki)], check=True, capture_output=True)
+        subprocess.run([courier, "pki", "init", "--dir", str(pki), "--nodes", "3"], check=True, capture_output=True)
         node_pki, gateway_pki = workdir / "node-pki", workdir / "gateway-pki"
         for target, files in ((node_pki, NODE_SECRET_FILES), (gateway_pki, GATEWAY_SECRET_FILES)):
             target.mkdir()

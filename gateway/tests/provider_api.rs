@@ -80,7 +80,8 @@ struct Harness {
 impl Harness {
     async fn start() -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        courier_node::pki::init(dir.path(), &Default::default()).unwrap();
+        courier_node::pki::init(dir.path(), &courier_node::pki::PkiOptions { nodes: vec![1], ..Default::default() })
+            .unwrap();
         let pki = PkiDir::new(dir.path());
         let node = TestNode::start(&pki, &dir.path().join("node")).await;
         let mut config = GatewayConfig::local(dir.path().to_path_buf(), node.addr);
@@ -266,7 +267,9 @@ async fn every_bad_input_is_refused_before_the_node() {
 #[tokio::test]
 async fn a_topic_outside_the_credentials_list_is_disallowed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut credential = courier_node::pki::init(dir.path(), &Default::default()).unwrap();
+    let mut credential =
+        courier_node::pki::init(dir.path(), &courier_node::pki::PkiOptions { nodes: vec![1], ..Default::default() })
+            .unwrap();
     credential.topics = vec!["com.example.allowed".into()];
     let pki = PkiDir::new(dir.path());
     std::fs::write(pki.provider_credential(), serde_json::to_vec(&credential).unwrap()).unwrap();

@@ -168,8 +168,8 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
     anyhow::ensure!(n >= 1, "--spawn needs at least one node");
     let bin = courier_bin(args)?;
     let dir = &args.spawn_dir;
-    courier_node::pki::init(dir, &PkiOptions::default())
-        .with_context(|| format!("creating the PKI in {}", dir.display()))?;
+    let options = PkiOptions { nodes: (1..=n as u64).collect(), ..PkiOptions::default() };
+    courier_node::pki::init(dir, &options).with_context(|| format!("creating the PKI in {}", dir.display()))?;
     let pki = PkiDir::new(dir);
     let mut nodes: Vec<SpawnedNode> = Vec::new();
     for id in 1..=n as u64 {

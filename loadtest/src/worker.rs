@@ -30,8 +30,9 @@ struct Device {
     id: DeviceId,
     connector: Connector,
     registered: AtomicBool,
-    /// The node it last linked to: a reconnect goes there first.
-    last_addr: Mutex<Option<SocketAddr>>,
+    /// The node it last linked to, and the connector checking that node's name: a reconnect goes there
+    /// first, and resumes the TLS session it made there.
+    last_node: Mutex<Option<(SocketAddr, Connector)>>,
     /// apns-ids its app has seen, kept across links so redeliveries are dropped after reconnects too.
     seen: Mutex<Option<SeenIds>>,
 }
@@ -134,7 +135,7 @@ pub async fn run() -> anyhow::Result<()> {
             id: credentials.device_id,
             connector,
             registered: AtomicBool::new(false),
-            last_addr: Mutex::new(None),
+            last_node: Mutex::new(None),
             seen: Mutex::new(None),
         }));
     }
@@ -201,7 +202,7 @@ pub async fn run() -> anyhow::Result<()> {
 /// What ended a link.
 enum Ended {
     Cancelled,
-    Redirect(String),
+    Redirect(courier_node::client::RedirectTarget),
     Broke(ClientError),
 }
 
@@ -209,17 +210,20 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
     let stats = &shared.stats;
     stats.running.fetch_add(1, Ordering::Relaxed);
     let mut seen = device.seen.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
-    let mut addr = device
-        .last_addr
+    // The connector holds the name the next node is checked by: the configured one, or the one its
+    // redirect gave.
+    let (mut addr, mut connector) = device
+        .last_node
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .unwrap_or(shared.endpoints[device.index % shared.endpoints.len()]);
+        .clone()
+        .unwrap_or_else(|| (shared.endpoints[device.index % shared.endpoints.len()], device.connector.clone()));
     let mut failures = 0u32;
     let mut orphaned = false;
     loop {
         let attempt = async {
             let _permit = shared.permits.acquire().await;
-            connect(&device, &shared, addr).await
+            connect(&device, &shared, addr, &mut connector).await
         };
         let result = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -232,6 +236,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
                 failures += 1;
                 // A dead or refusing node: try the next one (which redirects to the owner).
                 addr = shared.next_endpoint(addr, device.index);
+                connector = device.connector.clone();
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(shared.backoff(failures)) => continue,
@@ -240,7 +245,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
         };
         failures = 0;
         addr = link.node_addr;
-        *device.last_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+        *device.last_node.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, connector.clone()));
         stats.links.fetch_add(1, Ordering::Relaxed);
         link.seen = std::mem::take(&mut seen);
         let ended = loop {
@@ -283,8 +288,11 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
                 break;
             }
             Ended::Redirect(to) => {
-                if let Ok(to) = courier_node::client::resolve(&to).await {
-                    addr = to;
+                if let (Ok(next), Ok(named)) =
+                    (courier_node::client::resolve(&to.device_addr).await, device.connector.for_redirect(&to))
+                {
+                    addr = next;
+                    connector = named;
                 }
             }
             Ended::Broke(error) => {
@@ -306,17 +314,24 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
     stats.running.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// One link: handshakes on `addr` and wherever it is redirected, then the topic registration the first time.
-async fn connect(device: &Device, shared: &Shared, mut addr: SocketAddr) -> Result<DeviceLink, ClientError> {
+/// One link: handshakes on `addr` and wherever it is redirected (each node checked by the name its redirect
+/// gives; `connector` ends as the one the link was made with), then the topic registration the first time.
+async fn connect(
+    device: &Device,
+    shared: &Shared,
+    mut addr: SocketAddr,
+    connector: &mut Connector,
+) -> Result<DeviceLink, ClientError> {
     let stats = &shared.stats;
     let mut redirects = 0;
     let mut link = loop {
-        match DeviceLink::connect_once(&device.connector, addr, device.id, 0, &[]).await {
+        match DeviceLink::connect_once(connector, addr, device.id, 0, &[]).await {
             Ok(link) => break link,
             Err(ClientError::Redirected(to)) if redirects < courier_node::client::MAX_REDIRECTS => {
                 stats.redirected.fetch_add(1, Ordering::Relaxed);
                 redirects += 1;
-                addr = courier_node::client::resolve(&to).await?;
+                addr = courier_node::client::resolve(&to.device_addr).await?;
+                *connector = device.connector.for_redirect(&to)?;
             }
             Err(error) => return Err(error),
         }

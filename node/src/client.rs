@@ -3,6 +3,11 @@
 //! Used by `courier device`, the tests and the load generator, so it is the reference client of the
 //! frame protocol. It answers pings, keeps the link alive, and drops notifications whose apns-id it has
 //! recently surfaced: delivery on the wire is at-least-once, to the app it is once.
+//!
+//! Which name a node's certificate must carry: on the first connection, the name the device was configured
+//! with (`DeviceEndpoint::server_name`, which every node's certificate may carry, e.g. a load balancer's
+//! name); after a redirect, the name the redirect gives (`node-<K>.courier.internal`), which only node K's
+//! certificate carries, so a node cannot pass itself off as the one the device was sent to.
 
 use std::collections::{HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -39,7 +44,7 @@ pub enum ClientError {
     #[error("the node closed the link")]
     Closed,
     #[error("redirected to {0}")]
-    Redirected(String),
+    Redirected(RedirectTarget),
     #[error("unexpected frame: {0}")]
     Unexpected(String),
     #[error("no answer within {0:?}")]
@@ -48,11 +53,38 @@ pub enum ClientError {
     Credentials { path: PathBuf, detail: String },
 }
 
+/// Where a redirect sends a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedirectTarget {
+    /// The node's device address (host:port).
+    pub device_addr: String,
+    /// The name that node's certificate must carry; empty (from nodes older than the field) keeps the
+    /// configured name.
+    pub server_name: String,
+}
+
+impl From<wire::Redirect> for RedirectTarget {
+    fn from(redirect: wire::Redirect) -> Self {
+        RedirectTarget { device_addr: redirect.device_addr, server_name: redirect.server_name }
+    }
+}
+
+impl std::fmt::Display for RedirectTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.server_name.is_empty() {
+            f.write_str(&self.device_addr)
+        } else {
+            write!(f, "{} ({})", self.device_addr, self.server_name)
+        }
+    }
+}
+
 /// Where and how to reach a node's device port.
 #[derive(Debug, Clone)]
 pub struct DeviceEndpoint {
     pub addr: SocketAddr,
-    /// Name checked against the node's certificate.
+    /// Name checked against the certificate of the first node the device connects to; nodes it is
+    /// redirected to are checked by the name the redirect gives.
     pub server_name: String,
     /// The cluster CA, which signs node certificates.
     pub ca_path: PathBuf,
@@ -150,6 +182,24 @@ impl Connector {
         let server_name = ServerName::try_from(server_name.to_string())
             .map_err(|e| ClientError::Unexpected(format!("server name {server_name:?}: {e}")))?;
         Ok(Connector { config: Arc::new(config), server_name, bind: None })
+    }
+
+    /// The same connector (identity, roots, remembered sessions) checking nodes by `server_name`.
+    pub fn named(&self, server_name: &str) -> Result<Self, ClientError> {
+        let server_name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| ClientError::Unexpected(format!("server name {server_name:?}: {e}")))?;
+        Ok(Connector { server_name, ..self.clone() })
+    }
+
+    /// The connector for the node `to` names: checked by its own name, or by this one's when the redirect
+    /// gives none.
+    pub fn for_redirect(&self, to: &RedirectTarget) -> Result<Self, ClientError> {
+        if to.server_name.is_empty() { Ok(self.clone()) } else { self.named(&to.server_name) }
+    }
+
+    /// The name this connector checks nodes' certificates against.
+    pub fn server_name(&self) -> String {
+        self.server_name.to_str().into_owned()
     }
 
     /// Opens links from `ip` (for instance one of several 127.0.0.x, to spread many links over more
@@ -269,7 +319,7 @@ pub async fn resolve(device_addr: &str) -> Result<SocketAddr, ClientError> {
 pub enum LinkEvent {
     Notification(wire::Notification),
     TokenUpdated { topic: String, token: String },
-    Redirect(String),
+    Redirect(RedirectTarget),
 }
 
 /// Remembers the last `capacity` apns-ids surfaced, to drop redeliveries. An app keeps one for its whole
@@ -355,7 +405,8 @@ impl DeviceLink {
     }
 
     /// Connects through a reusable `connector` (built with this device's credentials), following
-    /// redirects; the connector's remembered sessions make reconnects resume.
+    /// redirects (each target checked by the name its redirect gives); the connector's remembered sessions
+    /// make reconnects resume.
     pub async fn connect_via(
         connector: &Connector,
         addr: SocketAddr,
@@ -364,9 +415,13 @@ impl DeviceLink {
         held_tokens: &[(String, String)],
     ) -> Result<Self, ClientError> {
         let mut addr = addr;
+        let mut current = connector.clone();
         for _ in 0..MAX_REDIRECTS {
-            match Self::connect_once(connector, addr, device_id, keepalive_secs, held_tokens).await {
-                Err(ClientError::Redirected(device_addr)) => addr = resolve(&device_addr).await?,
+            match Self::connect_once(&current, addr, device_id, keepalive_secs, held_tokens).await {
+                Err(ClientError::Redirected(to)) => {
+                    addr = resolve(&to.device_addr).await?;
+                    current = connector.for_redirect(&to)?;
+                }
                 other => return other,
             }
         }
@@ -392,7 +447,7 @@ impl DeviceLink {
         };
         link.send(device_frame(device_frame::Kind::Hello(hello))).await?;
         match next_frame(&mut link, Duration::from_secs(10)).await? {
-            server_frame::Kind::Redirect(redirect) => Err(ClientError::Redirected(redirect.device_addr)),
+            server_frame::Kind::Redirect(redirect) => Err(ClientError::Redirected(redirect.into())),
             server_frame::Kind::Welcome(welcome) => Ok(DeviceLink {
                 node_addr: addr,
                 link,
@@ -469,7 +524,7 @@ impl DeviceLink {
                 server_frame::Kind::TokenUpdated(t) => {
                     return Ok(LinkEvent::TokenUpdated { topic: t.topic, token: t.token });
                 }
-                server_frame::Kind::Redirect(r) => return Ok(LinkEvent::Redirect(r.device_addr)),
+                server_frame::Kind::Redirect(r) => return Ok(LinkEvent::Redirect(r.into())),
                 server_frame::Kind::Ping(ping) => {
                     self.send(device_frame::Kind::Pong(wire::Pong { nonce: ping.nonce })).await?;
                 }

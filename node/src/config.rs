@@ -23,7 +23,7 @@ pub struct NodeConfig {
     /// Directory for the node's database (queues, issued device ids).
     #[arg(long, env = "COURIER_DATA_DIR", default_value = "courier-data")]
     pub data_dir: PathBuf,
-    /// Directory holding the CAs, this node's certificate (`node.pem`/`node.key`) and the token keys.
+    /// Directory holding the CAs, this node's certificate (`node-<id>.pem`/`node-<id>.key`) and the token keys.
     #[arg(long, env = "COURIER_PKI_DIR", default_value = "courier-pki")]
     pub pki_dir: PathBuf,
     /// Where devices connect (mutual TLS).

@@ -23,7 +23,7 @@ use crate::edge::registry::LinkEnd;
 use crate::edge::registry::Registry;
 use crate::edge::{self, Edge, stopped};
 use crate::peer::{PeerError, Peers};
-use crate::pki::{DeviceCa, PkiDir, PkiError};
+use crate::pki::{ClusterRole, DeviceCa, PkiDir, PkiError};
 use crate::raft::control::{Control, ControlError};
 use crate::raft::network::Network;
 use crate::raft::state::{ClusterState, Command, Epoch, MemberState};
@@ -66,6 +66,34 @@ pub enum NodeError {
     Bootstrap(#[from] ControlError),
     #[error("--node-id-from-hostname: host name {0:?} does not end in -<number>")]
     NoOrdinal(String),
+    #[error(
+        "no certificate for node {id} ({cert} and its key): issue one with `courier pki issue node --id {id} --dir {dir}`"
+    )]
+    NoCertificate { id: u64, cert: String, dir: String },
+    #[error(
+        "{cert} is not node {id}'s certificate (it names {named}); issue one with `courier pki issue node --id {id}`"
+    )]
+    WrongCertificate { id: u64, cert: String, named: String },
+}
+
+/// Makes sure the PKI directory holds this node's own certificate (`node-<id>.pem` naming role node
+/// `id`), so a misconfigured node stops at start with the command to run rather than failing handshakes.
+fn check_node_certificate(pki: &PkiDir, id: u64) -> Result<(), NodeError> {
+    let (cert, key) = (pki.node_cert(id), pki.node_key(id));
+    if !cert.exists() || !key.exists() {
+        return Err(NodeError::NoCertificate {
+            id,
+            cert: cert.display().to_string(),
+            dir: pki.dir.display().to_string(),
+        });
+    }
+    let chain = crate::pki::load_certs(&cert)?;
+    let role = chain.first().and_then(crate::pki::role_from_cert);
+    if role != Some(ClusterRole::Node(id)) {
+        let named = role.map_or_else(|| "no role".to_string(), |r| r.to_string());
+        return Err(NodeError::WrongCertificate { id, cert: cert.display().to_string(), named });
+    }
+    Ok(())
 }
 
 /// A started node. Dropping it without `shutdown` leaves its tasks running until the runtime ends.
@@ -98,9 +126,11 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     telemetry::prometheus();
     telemetry::describe_node_metrics();
     let pki = PkiDir::new(&config.pki_dir);
+    check_node_certificate(&pki, config.node_id)?;
+    let member = PkiDir::node_member(config.node_id);
     let device_ca = DeviceCa::load(&pki)?;
     crate::pki::export_certificate_expiry(&[
-        ("node", pki.member_cert("node")),
+        ("node", pki.node_cert(config.node_id)),
         ("cluster-ca", pki.cluster_ca_cert()),
         ("device-ca", pki.device_ca_cert()),
     ]);
@@ -124,7 +154,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     // The control plane: Raft over the cluster API, its state published on a watch channel.
     let (log_store, state_machine, state) = crate::raft::store::open(&config.data_dir.join("raft.redb"))?;
     let committed_index = log_store.committed_index();
-    let peers = Arc::new(Peers::new(&pki, "node", None, Duration::from_secs(2))?);
+    let peers = Arc::new(Peers::new(&pki, &member, None, Duration::from_secs(2))?);
     let raft = crate::raft::Raft::new(
         config.node_id,
         Arc::new(config.raft_config()?),
@@ -148,9 +178,9 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     let keyring = Keyring::default();
     state.borrow().sync_keyring(&keyring);
 
-    let acceptor = TlsAcceptor::from(Arc::new(tls::device_server_config(&pki, "node")?));
+    let acceptor = TlsAcceptor::from(Arc::new(tls::device_server_config(&pki, &member)?));
     let grpc_tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(pki.member_cert("node"))?, read(pki.member_key("node"))?))
+        .identity(Identity::from_pem(read(pki.member_cert(&member))?, read(pki.member_key(&member))?))
         .client_ca_root(Certificate::from_pem(read(pki.cluster_ca_cert())?));
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -345,8 +375,9 @@ async fn reconcile(
                 registry.close(device, LinkEnd::Goodbye(GoodbyeReason::ClonedIdentity));
                 continue;
             }
-            if let Placement::Elsewhere { device_addr, .. } = view.placement(device) {
-                registry.close(device, LinkEnd::Redirect(device_addr));
+            if let Placement::Elsewhere { device_addr, device_name, .. } = view.placement(device) {
+                let to = courier_proto::device::Redirect { device_addr, server_name: device_name };
+                registry.close(device, LinkEnd::Redirect(to));
                 tokio::time::sleep(pause).await;
             }
         }

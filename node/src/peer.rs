@@ -36,10 +36,11 @@ fn host_of(addr: &str) -> &str {
 }
 
 impl Peers {
-    /// Presents the certificate of `role` (`node` or `gateway`) from `pki` to every peer.
+    /// Presents the certificate `member` (`node-<K>`, `gateway` or `admin`) from `pki` to every peer; the
+    /// role it names decides which RPCs the peers answer (`api::authz`).
     pub fn new(
         pki: &PkiDir,
-        role: &str,
+        member: &str,
         server_name: Option<String>,
         connect_timeout: Duration,
     ) -> Result<Self, PeerError> {
@@ -48,7 +49,7 @@ impl Peers {
         };
         Ok(Peers {
             ca: Certificate::from_pem(read(pki.cluster_ca_cert())?),
-            identity: Identity::from_pem(read(pki.member_cert(role))?, read(pki.member_key(role))?),
+            identity: Identity::from_pem(read(pki.member_cert(member))?, read(pki.member_key(member))?),
             server_name,
             connect_timeout,
             channels: Mutex::new(HashMap::new()),

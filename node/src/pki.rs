@@ -11,6 +11,13 @@
 //!   issue-cert`, which needs the CA's key and so runs offline, next to the PKI directory).
 //!
 //! Plus the token-key file (see `token`). This module does files and X.509; it opens no sockets.
+//!
+//! Every certificate the cluster CA signs names its **role** in one URI subject alternative name:
+//! `urn:courier:role:node:<K>` (node K, in `node-<K>.pem`), `urn:courier:role:gateway` (`gateway.pem`) or
+//! `urn:courier:role:admin` (`admin.pem`, what `courier ctl` presents). The cluster API authorizes each RPC
+//! by it (`api::authz`). A node's certificate also carries its own device-facing name,
+//! `node-<K>.courier.internal` (`node_device_name`), which no other certificate carries: devices redirected
+//! to node K check the node by that name, so one node's key cannot stand in for another's.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -99,12 +106,28 @@ impl PkiDir {
     pub fn provider_ca_key(&self) -> PathBuf {
         self.dir.join("provider-ca.key")
     }
-    /// Certificate of a cluster member (`node`, `gateway`, or `admin` for `courier ctl`).
-    pub fn member_cert(&self, role: &str) -> PathBuf {
-        self.dir.join(format!("{role}.pem"))
+    /// Certificate of a cluster member: `gateway`, `admin` (for `courier ctl`), or `node-<K>`
+    /// (`node_cert` spells it).
+    pub fn member_cert(&self, member: &str) -> PathBuf {
+        self.dir.join(format!("{member}.pem"))
     }
-    pub fn member_key(&self, role: &str) -> PathBuf {
-        self.dir.join(format!("{role}.key"))
+    pub fn member_key(&self, member: &str) -> PathBuf {
+        self.dir.join(format!("{member}.key"))
+    }
+    /// The file stem of node `id`'s certificate and key: `node-<id>`.
+    pub fn node_member(id: u64) -> String {
+        format!("node-{id}")
+    }
+    pub fn node_cert(&self, id: u64) -> PathBuf {
+        self.member_cert(&Self::node_member(id))
+    }
+    pub fn node_key(&self, id: u64) -> PathBuf {
+        self.member_key(&Self::node_member(id))
+    }
+    /// The certificate and key file of `role`.
+    pub fn role_files(&self, role: ClusterRole) -> (PathBuf, PathBuf) {
+        let member = role.member();
+        (self.member_cert(&member), self.member_key(&member))
     }
     pub fn token_keys(&self) -> PathBuf {
         self.dir.join("token-keys.json")
@@ -143,6 +166,93 @@ impl ProviderCredential {
 pub struct PkiOptions {
     /// Extra DNS names or IP addresses for node and gateway certificates.
     pub extra_sans: Vec<String>,
+    /// Node ids (1, 2, …) to issue `node-<K>` certificates for, when missing; others come later with
+    /// `issue(ClusterRole::Node(K), …)` (`courier pki issue node --id K`).
+    pub nodes: Vec<u64>,
+}
+
+/// What a cluster certificate lets its holder do; one URI subject alternative name says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClusterRole {
+    /// Node K: Raft, replication, forwarding proposals to the leader.
+    Node(u64),
+    /// A gateway: delivering and watching the cluster.
+    Gateway,
+    /// The operator's `courier ctl`.
+    Admin,
+}
+
+const ROLE_URN: &str = "urn:courier:role:";
+
+/// The DNS domain under which each node's device-facing name lives (`node-<K>.courier.internal`).
+/// `.internal` is reserved for private use, so no public name can collide; the name is only checked
+/// against certificates, never resolved (devices connect to the address a redirect gives).
+pub const NODE_NAME_DOMAIN: &str = "courier.internal";
+
+/// The name devices check node `id`'s certificate against after a redirect to it.
+pub fn node_device_name(id: u64) -> String {
+    format!("node-{id}.{NODE_NAME_DOMAIN}")
+}
+
+impl ClusterRole {
+    /// The URI subject alternative name that carries this role.
+    pub fn urn(self) -> String {
+        match self {
+            ClusterRole::Node(id) => format!("{ROLE_URN}node:{id}"),
+            ClusterRole::Gateway => format!("{ROLE_URN}gateway"),
+            ClusterRole::Admin => format!("{ROLE_URN}admin"),
+        }
+    }
+
+    /// The file stem of this role's certificate and key in a PKI directory.
+    pub fn member(self) -> String {
+        match self {
+            ClusterRole::Node(id) => PkiDir::node_member(id),
+            ClusterRole::Gateway => "gateway".into(),
+            ClusterRole::Admin => "admin".into(),
+        }
+    }
+
+    fn parse_urn(uri: &str) -> Option<ClusterRole> {
+        match uri.strip_prefix(ROLE_URN)? {
+            "gateway" => Some(ClusterRole::Gateway),
+            "admin" => Some(ClusterRole::Admin),
+            other => {
+                let id = other.strip_prefix("node:")?;
+                // Digits only: `u64::from_str` would also take a leading '+'.
+                if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                id.parse::<u64>().ok().filter(|id| *id > 0).map(ClusterRole::Node)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ClusterRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClusterRole::Node(id) => write!(f, "node {id}"),
+            ClusterRole::Gateway => f.write_str("gateway"),
+            ClusterRole::Admin => f.write_str("admin"),
+        }
+    }
+}
+
+/// The role a cluster certificate the TLS layer has already verified carries; `None` unless it has exactly
+/// one role URI and that one is well formed (no SAN, two role names, an unknown role or a bad node id all
+/// give no role, which the cluster API refuses everywhere).
+pub fn role_from_cert(cert: &CertificateDer<'_>) -> Option<ClusterRole> {
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::FromDer;
+    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref()).ok()?;
+    let names = parsed.subject_alternative_name().ok()??;
+    let mut roles = names.value.general_names.iter().filter_map(|name| match name {
+        GeneralName::URI(uri) if uri.starts_with(ROLE_URN) => Some(*uri),
+        _ => None,
+    });
+    let role = ClusterRole::parse_urn(roles.next()?)?;
+    roles.next().is_none().then_some(role)
 }
 
 fn random_apple_style_id() -> String {
@@ -164,9 +274,17 @@ fn ca_params(common_name: &str) -> CertificateParams {
     params
 }
 
+/// Letters, digits, '-', '.', and '*' (wildcards); rcgen would take any ASCII.
+fn valid_dns_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 253 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.*".contains(&b))
+}
+
 fn san(name: &str) -> Result<SanType, PkiError> {
     Ok(match name.parse::<IpAddr>() {
         Ok(ip) => SanType::IpAddress(ip),
+        Err(_) if !valid_dns_name(name) => {
+            return Err(PkiError::Invalid { path: PathBuf::new(), detail: format!("bad DNS name {name:?}") });
+        }
         Err(_) => SanType::DnsName(
             name.try_into()
                 .map_err(|_| PkiError::Invalid { path: PathBuf::new(), detail: format!("bad DNS name {name:?}") })?,
@@ -174,18 +292,42 @@ fn san(name: &str) -> Result<SanType, PkiError> {
     })
 }
 
-fn member_params(role: &str, extra_sans: &[String]) -> Result<CertificateParams, PkiError> {
+/// A member certificate: the role URI, and for nodes and gateways (which serve TLS) loopback names,
+/// `courier-<member>`, the node's own device name and `extra_sans`. The admin certificate is a client
+/// certificate only and names no host.
+fn member_params(role: ClusterRole, extra_sans: &[String]) -> Result<CertificateParams, PkiError> {
+    let member = role.member();
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Courier");
-    dn.push(DnType::CommonName, format!("courier-{role}"));
+    dn.push(DnType::CommonName, format!("courier-{member}"));
     params.distinguished_name = dn;
-    let mut names =
-        vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string(), format!("courier-{role}")];
-    names.extend(extra_sans.iter().cloned());
-    params.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_, _>>()?;
+    let mut names = Vec::new();
+    if role != ClusterRole::Admin {
+        names.extend([
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+            format!("courier-{member}"),
+        ]);
+        if let ClusterRole::Node(id) = role {
+            names.push(node_device_name(id));
+        }
+        names.extend(extra_sans.iter().cloned());
+    }
+    let mut sans = names.iter().map(|n| san(n)).collect::<Result<Vec<_>, _>>()?;
+    let urn = role.urn();
+    sans.push(SanType::URI(
+        urn.clone()
+            .try_into()
+            .map_err(|_| PkiError::Invalid { path: PathBuf::new(), detail: format!("{urn:?} is not a URI") })?,
+    ));
+    params.subject_alt_names = sans;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = match role {
+        ClusterRole::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        _ => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+    };
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::from_secs(3600);
     params.not_after = now + Duration::from_secs(2 * 365 * 86400);
@@ -219,15 +361,13 @@ pub fn init(dir: &Path, options: &PkiOptions) -> Result<ProviderCredential, PkiE
     let cluster_ca = load_or_create_ca(&pki.cluster_ca_cert(), &pki.cluster_ca_key(), "Courier cluster CA")?;
     load_or_create_ca(&pki.device_ca_cert(), &pki.device_ca_key(), "Courier device CA")?;
     load_or_create_ca(&pki.provider_ca_cert(), &pki.provider_ca_key(), "Courier provider CA")?;
-    for role in ["node", "gateway", "admin"] {
-        let (cert_path, key_path) = (pki.member_cert(role), pki.member_key(role));
+    let roles = [ClusterRole::Gateway, ClusterRole::Admin].into_iter();
+    for role in roles.chain(options.nodes.iter().map(|id| ClusterRole::Node(*id))) {
+        let (cert_path, key_path) = pki.role_files(role);
         if cert_path.exists() && key_path.exists() {
             continue;
         }
-        let key = KeyPair::generate()?;
-        let cert = member_params(role, &options.extra_sans)?.signed_by(&key, &cluster_ca)?;
-        write_secret(&key_path, key.serialize_pem().as_bytes()).map_err(io_err(&key_path))?;
-        write_public(&cert_path, cert.pem().as_bytes())?;
+        issue_signed(&pki, &cluster_ca, role, &options.extra_sans)?;
     }
     crate::token::Keyring::load_or_create(&pki.token_keys())
         .map_err(|e| PkiError::Invalid { path: pki.token_keys(), detail: e.to_string() })?;
@@ -248,6 +388,30 @@ pub fn init(dir: &Path, options: &PkiOptions) -> Result<ProviderCredential, PkiE
         .map_err(|e| PkiError::Invalid { path: credential_path.clone(), detail: e.to_string() })?;
     write_public(&credential_path, json.as_bytes())?;
     Ok(credential)
+}
+
+/// Issues (or renews: replaces certificate and key) the certificate of `role` in `pki`, signed by its
+/// cluster CA, naming `extra_sans` besides the defaults; returns the certificate's path.
+pub fn issue(pki: &PkiDir, role: ClusterRole, extra_sans: &[String]) -> Result<PathBuf, PkiError> {
+    if role == ClusterRole::Node(0) {
+        return Err(PkiError::Invalid { path: pki.dir.clone(), detail: "node ids start at 1".into() });
+    }
+    let cluster_ca = load_issuer(&pki.cluster_ca_cert(), &pki.cluster_ca_key())?;
+    issue_signed(pki, &cluster_ca, role, extra_sans)
+}
+
+fn issue_signed(
+    pki: &PkiDir,
+    cluster_ca: &Issuer<'static, KeyPair>,
+    role: ClusterRole,
+    extra_sans: &[String],
+) -> Result<PathBuf, PkiError> {
+    let (cert_path, key_path) = pki.role_files(role);
+    let key = KeyPair::generate()?;
+    let cert = member_params(role, extra_sans)?.signed_by(&key, cluster_ca)?;
+    write_secret(&key_path, key.serialize_pem().as_bytes()).map_err(io_err(&key_path))?;
+    write_public(&cert_path, cert.pem().as_bytes())?;
+    Ok(cert_path)
 }
 
 /// Signs device certificates. Each carries the device id as its subject common name.
@@ -449,11 +613,12 @@ mod tests {
     #[test]
     fn init_is_idempotent_and_issues_device_certificates_carrying_the_id() {
         let dir = tempfile::tempdir().unwrap();
-        let first = init(dir.path(), &PkiOptions::default()).unwrap();
-        let node_cert = std::fs::read(dir.path().join("node.pem")).unwrap();
-        let second = init(dir.path(), &PkiOptions::default()).unwrap();
+        let options = PkiOptions { nodes: vec![1], ..PkiOptions::default() };
+        let first = init(dir.path(), &options).unwrap();
+        let node_cert = std::fs::read(dir.path().join("node-1.pem")).unwrap();
+        let second = init(dir.path(), &options).unwrap();
         assert_eq!(first, second);
-        assert_eq!(node_cert, std::fs::read(dir.path().join("node.pem")).unwrap());
+        assert_eq!(node_cert, std::fs::read(dir.path().join("node-1.pem")).unwrap());
         assert!(PkiDir::new(dir.path()).provider_signing_key(&first.key_id).exists());
 
         let ca = DeviceCa::load(&PkiDir::new(dir.path())).unwrap();
@@ -467,8 +632,9 @@ mod tests {
     #[test]
     fn every_private_key_and_the_token_keys_are_owner_only() {
         let dir = tempfile::tempdir().unwrap();
-        let credential = init(dir.path(), &PkiOptions::default()).unwrap();
+        let credential = init(dir.path(), &PkiOptions { nodes: vec![1], ..PkiOptions::default() }).unwrap();
         let pki = PkiDir::new(dir.path());
+        issue(&pki, ClusterRole::Node(2), &[]).unwrap();
         let mut secrets = vec![pki.token_keys(), pki.provider_signing_key(&credential.key_id)];
         for entry in std::fs::read_dir(dir.path()).unwrap() {
             let path = entry.unwrap().path();
@@ -476,7 +642,7 @@ mod tests {
                 secrets.push(path);
             }
         }
-        assert!(secrets.len() >= 8, "three CAs, three members, provider and token keys: {secrets:?}");
+        assert!(secrets.len() >= 9, "three CAs, four members, provider and token keys: {secrets:?}");
         for path in secrets {
             assert_eq!(crate::secret_file::mode(&path).unwrap(), 0o600, "{}", path.display());
         }
@@ -485,8 +651,8 @@ mod tests {
     #[test]
     fn member_certificates_name_localhost_and_loopback() {
         let dir = tempfile::tempdir().unwrap();
-        init(dir.path(), &PkiOptions { extra_sans: vec!["node-0.courier".into()] }).unwrap();
-        let certs = load_certs(&dir.path().join("node.pem")).unwrap();
+        init(dir.path(), &PkiOptions { extra_sans: vec!["node-0.courier".into()], nodes: vec![1] }).unwrap();
+        let certs = load_certs(&dir.path().join("node-1.pem")).unwrap();
         use x509_parser::prelude::FromDer;
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(certs[0].as_ref()).unwrap();
         let sans = format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value.general_names);
@@ -524,16 +690,17 @@ mod tests {
         assert!(issue_provider_cert(&pki, "TEAM", &[], Duration::from_secs(60)).is_err());
         assert!(issue_provider_cert(&pki, "a b", &["t".into()], Duration::from_secs(60)).is_err());
         // A member certificate names no team.
-        let node = load_certs(&pki.member_cert("node")).unwrap();
+        issue(&pki, ClusterRole::Node(1), &[]).unwrap();
+        let node = load_certs(&pki.node_cert(1)).unwrap();
         assert_eq!(provider_identity_from_cert(&node[0]), None);
     }
 
     #[test]
     fn certificate_expiry_is_read_from_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        init(dir.path(), &PkiOptions::default()).unwrap();
+        init(dir.path(), &PkiOptions { nodes: vec![1], ..PkiOptions::default() }).unwrap();
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let node = not_after(&PkiDir::new(dir.path()).member_cert("node")).unwrap();
+        let node = not_after(&PkiDir::new(dir.path()).node_cert(1)).unwrap();
         assert!(node > now + 365 * 86400 && node <= now + 2 * 365 * 86400 + 60, "{node}");
         assert!(not_after(&dir.path().join("missing.pem")).is_err());
     }
@@ -544,5 +711,91 @@ mod tests {
         init(dir.path(), &PkiOptions::default()).unwrap();
         let ca = DeviceCa::load(&PkiDir::new(dir.path())).unwrap();
         assert!(matches!(ca.issue(b"not a csr", DeviceId(1)), Err(PkiError::BadCsr(_))));
+    }
+
+    fn sans_of(cert: &CertificateDer<'_>) -> String {
+        use x509_parser::prelude::FromDer;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref()).unwrap();
+        format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value.general_names)
+    }
+
+    #[test]
+    fn every_member_certificate_names_its_role_and_nodes_their_own_device_name() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &PkiOptions { nodes: vec![1, 2], ..PkiOptions::default() }).unwrap();
+        let pki = PkiDir::new(dir.path());
+        let role_of = |path: PathBuf| role_from_cert(&load_certs(&path).unwrap()[0]);
+        assert_eq!(role_of(pki.node_cert(1)), Some(ClusterRole::Node(1)));
+        assert_eq!(role_of(pki.node_cert(2)), Some(ClusterRole::Node(2)));
+        assert_eq!(role_of(pki.member_cert("gateway")), Some(ClusterRole::Gateway));
+        assert_eq!(role_of(pki.member_cert("admin")), Some(ClusterRole::Admin));
+        let node1 = sans_of(&load_certs(&pki.node_cert(1)).unwrap()[0]);
+        assert!(node1.contains(&node_device_name(1)) && !node1.contains(&node_device_name(2)), "{node1}");
+        for other in [pki.node_cert(2), pki.member_cert("gateway"), pki.member_cert("admin")] {
+            let sans = sans_of(&load_certs(&other).unwrap()[0]);
+            assert!(!sans.contains(&node_device_name(1)), "{}: {sans}", other.display());
+        }
+        let admin = sans_of(&load_certs(&pki.member_cert("admin")).unwrap()[0]);
+        assert!(!admin.contains("localhost"), "the admin certificate serves nothing: {admin}");
+        // A device certificate carries no role.
+        let ca = DeviceCa::load(&pki).unwrap();
+        let (_key, csr) = new_device_key_and_csr().unwrap();
+        assert_eq!(role_from_cert(&ca.issue(&csr, DeviceId(7)).unwrap()), None);
+    }
+
+    #[test]
+    fn issuing_again_renews_certificate_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &PkiOptions::default()).unwrap();
+        let pki = PkiDir::new(dir.path());
+        assert!(!pki.node_cert(3).exists(), "init issues node certificates only when asked");
+        issue(&pki, ClusterRole::Node(3), &["node-3.example.com".into()]).unwrap();
+        let (cert, key) = (std::fs::read(pki.node_cert(3)).unwrap(), std::fs::read(pki.node_key(3)).unwrap());
+        assert!(sans_of(&load_certs(&pki.node_cert(3)).unwrap()[0]).contains("node-3.example.com"));
+        issue(&pki, ClusterRole::Node(3), &[]).unwrap();
+        assert_ne!(cert, std::fs::read(pki.node_cert(3)).unwrap());
+        assert_ne!(key, std::fs::read(pki.node_key(3)).unwrap());
+        assert!(issue(&pki, ClusterRole::Node(0), &[]).is_err());
+        assert!(issue(&pki, ClusterRole::Gateway, &["not a name!".into()]).is_err());
+    }
+
+    /// A certificate signed by a throwaway CA with exactly `sans`, for hostile-input cases.
+    fn cert_with(sans: Vec<SanType>) -> CertificateDer<'static> {
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = Issuer::new(ca_params("test CA"), ca_key);
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.signed_by(&KeyPair::generate().unwrap(), &ca).unwrap().der().clone()
+    }
+
+    #[test]
+    fn hostile_role_names_give_no_role() {
+        let uri = |text: &str| SanType::URI(text.to_string().try_into().unwrap());
+        let dns = |text: &str| SanType::DnsName(text.to_string().try_into().unwrap());
+        assert_eq!(role_from_cert(&cert_with(vec![])), None, "no SAN");
+        assert_eq!(role_from_cert(&cert_with(vec![dns("localhost")])), None, "no role SAN");
+        let two = vec![uri("urn:courier:role:gateway"), uri("urn:courier:role:admin")];
+        assert_eq!(role_from_cert(&cert_with(two)), None, "two roles");
+        let same_twice = vec![uri("urn:courier:role:admin"), uri("urn:courier:role:admin")];
+        assert_eq!(role_from_cert(&cert_with(same_twice)), None, "one role twice");
+        for bad in [
+            "urn:courier:role:root",
+            "urn:courier:role:",
+            "urn:courier:role:Admin",
+            "urn:courier:role:admin ",
+            "urn:courier:role:node",
+            "urn:courier:role:node:",
+            "urn:courier:role:node:0",
+            "urn:courier:role:node:-1",
+            "urn:courier:role:node:+1",
+            "urn:courier:role:node:1x",
+            "urn:courier:role:node:99999999999999999999999",
+            "urn:courier:role:node:1:2",
+        ] {
+            assert_eq!(role_from_cert(&cert_with(vec![uri(bad)])), None, "{bad}");
+        }
+        assert_eq!(role_from_cert(&CertificateDer::from(b"garbage".to_vec())), None);
+        let good = vec![dns("localhost"), uri("urn:courier:team:X"), uri("urn:courier:role:node:12")];
+        assert_eq!(role_from_cert(&cert_with(good)), Some(ClusterRole::Node(12)));
     }
 }

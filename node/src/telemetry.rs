@@ -93,6 +93,10 @@ pub fn describe_node_metrics() {
     );
     describe_counter!("courier_node_activations_total", "Device activation requests, by outcome.");
     describe_counter!(
+        "courier_node_rpc_denied_total",
+        "Cluster API calls refused because the caller's certificate role may not make them, by rpc and role."
+    );
+    describe_counter!(
         "courier_node_links_refused_total",
         "Device connections refused before they became links, by reason (pending, pending_per_source, \
          handshakes_per_source: admission caps; capacity: --max-links)."

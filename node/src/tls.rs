@@ -46,7 +46,8 @@ pub fn roots_from(path: &Path) -> Result<RootCertStore, TlsError> {
 /// Sessions resume through stateless tickets (one per handshake, keys rotated by rustls every 6 hours and
 /// held only in this process), so a reconnecting device skips the certificate exchange and the node keeps
 /// no per-session memory. A resumed session carries the client certificate it was made with.
-pub fn device_server_config(pki: &PkiDir, role: &str) -> Result<ServerConfig, TlsError> {
+/// `member` names the certificate in `pki` the node presents (`node-<K>`).
+pub fn device_server_config(pki: &PkiDir, member: &str) -> Result<ServerConfig, TlsError> {
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots_from(&pki.device_ca_cert())?), crypto_provider())
             .allow_unauthenticated()
@@ -54,7 +55,7 @@ pub fn device_server_config(pki: &PkiDir, role: &str) -> Result<ServerConfig, Tl
     let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&pki.member_cert(role))?, load_key(&pki.member_key(role))?)?;
+        .with_single_cert(load_certs(&pki.member_cert(member))?, load_key(&pki.member_key(member))?)?;
     config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     config.send_tls13_tickets = 1;
     Ok(config)

@@ -19,8 +19,8 @@ pub struct EpochView {
 pub enum Placement {
     /// This node owns it.
     Here,
-    /// Another member owns it; its device address.
-    Elsewhere { node: NodeId, device_addr: String },
+    /// Another member owns it; its device address and the name its certificate carries for devices.
+    Elsewhere { node: NodeId, device_addr: String, device_name: String },
     /// No active member yet (the cluster is forming).
     Nowhere,
 }
@@ -51,7 +51,11 @@ impl LocalView {
             None => Placement::Nowhere,
             Some(owner) if owner == self.id => Placement::Here,
             Some(owner) => match view.state.members.get(&owner) {
-                Some(member) => Placement::Elsewhere { node: owner, device_addr: member.device_addr.clone() },
+                Some(member) => Placement::Elsewhere {
+                    node: owner,
+                    device_addr: member.device_addr.clone(),
+                    device_name: member.device_name(),
+                },
                 None => Placement::Nowhere,
             },
         }

@@ -1,6 +1,7 @@
 //! `courier ctl`: the admin CLI. It talks to any node's cluster API over mutual TLS (the `admin`
-//! certificate from the PKI directory); changes go through Raft, forwarded to the leader by that node.
-//! Output never contains a secret: token keys are shown by id and state only.
+//! certificate from the PKI directory, whose role the nodes check on every call); changes go through
+//! Raft, forwarded to the leader by that node. Output never contains a secret: token keys are shown by
+//! id and state only.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +22,8 @@ pub struct CtlArgs {
     /// Cluster API address of any node.
     #[arg(long, env = "COURIER_CTL_NODE", default_value = "127.0.0.1:7400")]
     node: String,
-    /// PKI directory holding `cluster-ca.pem` and the `admin` certificate.
+    /// PKI directory holding `cluster-ca.pem` and `admin.pem`/`admin.key` (role admin, from `courier pki
+    /// issue admin`); nodes refuse admin commands from any other certificate.
     #[arg(long, env = "COURIER_PKI_DIR", default_value = "courier-dev")]
     pki_dir: PathBuf,
     #[command(subcommand)]

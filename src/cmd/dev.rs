@@ -42,8 +42,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if args.nodes == 0 {
         anyhow::bail!("--nodes must be at least 1");
     }
-    let credential = pki::init(&args.dir, &PkiOptions::default())
-        .with_context(|| format!("creating the dev PKI in {}", args.dir.display()))?;
+    let options = PkiOptions { nodes: (1..=u64::from(args.nodes)).collect(), ..PkiOptions::default() };
+    let credential =
+        pki::init(&args.dir, &options).with_context(|| format!("creating the dev PKI in {}", args.dir.display()))?;
     let paths = PkiDir::new(&args.dir);
 
     let mut nodes = Vec::new();

@@ -81,6 +81,7 @@ impl TestCluster {
         pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
         let mut node_config = NodeConfig::local(dir.path().to_path_buf(), dir.path().join("node"));
         adjust(&mut node_config);
+        ensure_node_certificate(dir.path(), node_config.node_id);
         let node = courier_node::start(node_config.clone()).await.expect("node starts");
         eventually(Duration::from_secs(20), "the node is an active member with a leader", || {
             std::future::ready(node.is_ready())
@@ -234,6 +235,15 @@ pub async fn read_goodbye(link: &mut RawLink) -> Option<GoodbyeReason> {
     }
 }
 
+/// Issues node `id`'s own certificate (`node-<id>.pem`) in the PKI at `dir` unless it is there, as an
+/// operator would with `courier pki issue node --id <id>` before starting that node.
+pub fn ensure_node_certificate(dir: &Path, id: u64) {
+    let pki = PkiDir::new(dir);
+    if !pki.node_cert(id).exists() {
+        pki::issue(&pki, pki::ClusterRole::Node(id), &[]).expect("node certificate");
+    }
+}
+
 /// Device credentials signed by a device CA the cluster does not know.
 pub fn foreign_credentials(dir: &Path) -> DeviceCredentials {
     pki::init(dir, &PkiOptions::default()).expect("foreign PKI");
@@ -268,6 +278,7 @@ impl Nodes {
     /// Starts node `id` (joining through node 1 unless it is the first) with fast test timings, and
     /// keeps it so that `shutdown` stops it. Does not wait for it to be ready.
     pub async fn add_node_with(&mut self, id: u64, adjust: impl Fn(&mut NodeConfig)) {
+        ensure_node_certificate(self.dir.path(), id);
         let mut config = NodeConfig::local(self.dir.path().to_path_buf(), self.dir.path().join(format!("node-{id}")));
         config.node_id = id;
         config.raft_heartbeat_ms = 100;
@@ -411,6 +422,7 @@ pub fn free_port() -> u16 {
 pub async fn spawn_node(dir: &Path, id: u64, join: Option<&str>, ports: Option<(u16, u16)>) -> NodeProcess {
     use std::process::Stdio;
     use tokio::io::{AsyncBufReadExt, BufReader};
+    ensure_node_certificate(dir, id);
     let (device_port, cluster_port) = ports.unwrap_or((0, 0));
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_courier"));
     command

@@ -3,7 +3,10 @@
 //!
 //! `Deliver` takes a batch and delivers its notifications concurrently, so they share the store's group
 //! commits; results come back in request order. Everything else hands off to `raft::control` or
-//! `raft::network`; this module only translates between protobuf and those.
+//! `raft::network`; this module only translates between protobuf and those. Every RPC first asks `authz`
+//! whether the caller's certificate role may call it.
+
+pub mod authz;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use futures_util::{Stream, StreamExt};
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
+use self::authz::{Rpc, authorize};
 use crate::delivery::Delivery;
 use crate::ids::DeviceId;
 use crate::raft::control::Control;
@@ -44,6 +48,7 @@ fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Status> {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
+        authorize(&request, Rpc::Deliver)?;
         let batch = request.into_inner().notifications;
         if batch.len() > MAX_DELIVER_BATCH {
             return Err(Status::invalid_argument(format!("at most {MAX_DELIVER_BATCH} notifications per Deliver")));
@@ -53,6 +58,7 @@ impl Cluster for ClusterService {
     }
 
     async fn replicate(&self, request: Request<ReplicateRequest>) -> Result<Response<ReplicateResponse>, Status> {
+        authorize(&request, Rpc::Replicate)?;
         let request = request.into_inner();
         if request.puts.len() + request.removes.len() > 4 * MAX_DELIVER_BATCH {
             return Err(Status::invalid_argument("replication batch too large"));
@@ -82,6 +88,7 @@ impl Cluster for ClusterService {
     }
 
     async fn fetch_queue(&self, request: Request<FetchQueueRequest>) -> Result<Response<FetchQueueResponse>, Status> {
+        authorize(&request, Rpc::FetchQueue)?;
         let device = DeviceId::from_slice(&request.get_ref().device_id)
             .ok_or_else(|| Status::invalid_argument("a device id is 16 bytes"))?;
         let notifications = self.delivery.store.pending(device).await.map_err(|e| Status::internal(e.to_string()))?;
@@ -89,22 +96,30 @@ impl Cluster for ClusterService {
     }
 
     async fn raft_append(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        network::serve_append(&self.control.raft, request.get_ref()).await.map(Response::new)
+        let caller = authorize(&request, Rpc::RaftAppend)?;
+        network::serve_append(&self.control.raft, request.get_ref(), caller).await.map(Response::new)
     }
 
     async fn raft_vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        network::serve_vote(&self.control.raft, request.get_ref()).await.map(Response::new)
+        let caller = authorize(&request, Rpc::RaftVote)?;
+        network::serve_vote(&self.control.raft, request.get_ref(), caller).await.map(Response::new)
     }
 
     async fn raft_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        network::serve_snapshot(&self.control.raft, request.get_ref()).await.map(Response::new)
+        let caller = authorize(&request, Rpc::RaftSnapshot)?;
+        network::serve_snapshot(&self.control.raft, request.get_ref(), caller).await.map(Response::new)
     }
 
-    async fn probe(&self, _request: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+    async fn probe(&self, request: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        let caller = authorize(&request, Rpc::Probe)?;
+        authz::check_node_claim(Rpc::Probe, caller, request.get_ref().from_node)?;
         Ok(Response::new(ProbeResponse { node_id: self.control.id }))
     }
 
+    /// The joining id is not checked against a node caller's: a node that is not the leader forwards
+    /// other nodes' joins under its own certificate.
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        authorize(&request, Rpc::Join)?;
         let request = request.into_inner();
         if request.cluster_addr.is_empty() || request.device_addr.is_empty() {
             return Err(Status::invalid_argument("a joining node must give its cluster and device addresses"));
@@ -113,6 +128,7 @@ impl Cluster for ClusterService {
     }
 
     async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
+        authorize(&request, Rpc::Propose)?;
         let command: Command = serde_json::from_slice(&request.get_ref().command_json)
             .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
         tracing::info!(%command, "proposal received");
@@ -121,6 +137,7 @@ impl Cluster for ClusterService {
     }
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<ProposeResponse>, Status> {
+        authorize(&request, Rpc::RemoveNode)?;
         self.control.remove(request.get_ref().node_id).await?;
         let epoch = self.control.current().epoch;
         let response = crate::raft::CommandResponse::Applied { epoch };
@@ -128,6 +145,7 @@ impl Cluster for ClusterService {
     }
 
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        authorize(&request, Rpc::Status)?;
         let devices = &request.get_ref().devices;
         if devices.len() > 10_000 {
             return Err(Status::invalid_argument("at most 10000 devices per status request"));
@@ -141,6 +159,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchClusterStream>, Status> {
+        authorize(&request, Rpc::WatchCluster)?;
         tracing::debug!(watcher = %request.get_ref().watcher, "cluster watch opened");
         let control = self.control.clone();
         let mut shutdown = self.shutdown.clone();
@@ -159,6 +178,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<NotificationStatusRequest>,
     ) -> Result<Response<NotificationStatusResponse>, Status> {
+        authorize(&request, Rpc::NotificationStatus)?;
         let request = request.into_inner();
         let device = crate::ids::DeviceId::from_slice(&request.device_id)
             .ok_or_else(|| Status::invalid_argument("device_id must be 16 bytes"))?;

@@ -27,8 +27,8 @@ const LINK_QUEUE: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEnd {
     Goodbye(GoodbyeReason),
-    /// Send the device to another node's device address.
-    Redirect(String),
+    /// Send the device to another node (its device address and certificate name).
+    Redirect(courier_proto::device::Redirect),
 }
 
 struct Entry {

@@ -182,9 +182,9 @@ async fn activate(link: &mut Link, edge: &Edge, opening: Opening) {
 }
 
 /// Sends the device to the node that owns it; the link closes after.
-async fn redirect(link: &mut Link, device_addr: String) {
+async fn redirect(link: &mut Link, to: wire::Redirect) {
     metrics::counter!("courier_node_link_redirects_total").increment(1);
-    let redirect = frame(server_frame::Kind::Redirect(wire::Redirect { device_addr }));
+    let redirect = frame(server_frame::Kind::Redirect(to));
     let _ = tokio::time::timeout(Duration::from_secs(1), link.send(redirect)).await;
 }
 
@@ -408,7 +408,9 @@ async fn serve_device(
     }
     match edge.view.placement(device) {
         Placement::Here => {}
-        Placement::Elsewhere { device_addr, .. } => return redirect(link, device_addr).await,
+        Placement::Elsewhere { device_addr, device_name, .. } => {
+            return redirect(link, wire::Redirect { device_addr, server_name: device_name }).await;
+        }
         Placement::Nowhere => return goodbye(link, GoodbyeReason::Unavailable, "the cluster is not ready").await,
     }
     let keepalive = edge.settings.negotiate_keepalive(hello.keepalive_secs);
@@ -460,7 +462,7 @@ async fn serve_device(
                 end = &mut attachment.close => {
                     match end.unwrap_or(LinkEnd::Goodbye(GoodbyeReason::Shutdown)) {
                         LinkEnd::Goodbye(reason) => goodbye(link, reason, "closed by the node").await,
-                        LinkEnd::Redirect(device_addr) => redirect(link, device_addr).await,
+                        LinkEnd::Redirect(to) => redirect(link, to).await,
                     }
                     break;
                 }

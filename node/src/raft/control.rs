@@ -199,6 +199,7 @@ impl Control {
             id,
             device_addr: request.device_addr,
             cluster_addr: request.cluster_addr,
+            device_name: crate::pki::node_device_name(id),
             now_ms,
         })
         .await?;
@@ -258,6 +259,7 @@ impl Control {
             id: self.id,
             device_addr: device_addr.to_string(),
             cluster_addr: cluster_addr.to_string(),
+            device_name: crate::pki::node_device_name(self.id),
             now_ms,
         })
         .await?;

@@ -17,7 +17,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{NodeId, Raft, TypeConfig};
+use crate::api::authz::{self, Rpc as AuthzRpc};
 use crate::peer::Peers;
+use crate::pki::ClusterRole;
 
 /// Creates connections to Raft peers; one per target, reusing the shared gRPC channels.
 #[derive(Clone)]
@@ -113,17 +115,38 @@ fn encode<T: Serialize>(answer: &T) -> Result<RaftPayload, tonic::Status> {
         .map_err(|e| tonic::Status::internal(format!("encoding raft answer: {e}")))
 }
 
-pub async fn serve_append(raft: &Raft, payload: &RaftPayload) -> Result<RaftPayload, tonic::Status> {
+/// Each Raft message names its sender in its vote (the leader appending, the candidate asking); `caller`
+/// is the node the TLS certificate names, and the two must agree, so one node cannot vote or lead as
+/// another.
+fn check_sender(rpc: AuthzRpc, caller: ClusterRole, vote: &openraft::Vote<NodeId>) -> Result<(), tonic::Status> {
+    match vote.leader_id().voted_for() {
+        Some(sender) => authz::check_node_claim(rpc, caller, sender),
+        None => Err(tonic::Status::invalid_argument(format!("{} names no sender", rpc.name()))),
+    }
+}
+
+pub async fn serve_append(
+    raft: &Raft,
+    payload: &RaftPayload,
+    caller: ClusterRole,
+) -> Result<RaftPayload, tonic::Status> {
     let request: AppendEntriesRequest<TypeConfig> = decode(payload)?;
+    check_sender(AuthzRpc::RaftAppend, caller, &request.vote)?;
     encode(&raft.append_entries(request).await)
 }
 
-pub async fn serve_vote(raft: &Raft, payload: &RaftPayload) -> Result<RaftPayload, tonic::Status> {
+pub async fn serve_vote(raft: &Raft, payload: &RaftPayload, caller: ClusterRole) -> Result<RaftPayload, tonic::Status> {
     let request: VoteRequest<NodeId> = decode(payload)?;
+    check_sender(AuthzRpc::RaftVote, caller, &request.vote)?;
     encode(&raft.vote(request).await)
 }
 
-pub async fn serve_snapshot(raft: &Raft, payload: &RaftPayload) -> Result<RaftPayload, tonic::Status> {
+pub async fn serve_snapshot(
+    raft: &Raft,
+    payload: &RaftPayload,
+    caller: ClusterRole,
+) -> Result<RaftPayload, tonic::Status> {
     let request: InstallSnapshotRequest<TypeConfig> = decode(payload)?;
+    check_sender(AuthzRpc::RaftSnapshot, caller, &request.vote)?;
     encode(&raft.install_snapshot(request).await)
 }

@@ -49,9 +49,20 @@ pub struct Member {
     pub device_addr: String,
     /// Where the cluster gRPC API listens (host:port).
     pub cluster_addr: String,
+    /// The name on this node's certificate that devices check after a redirect here; empty in states
+    /// written before it existed (`device_name()` fills the default in).
+    #[serde(default)]
+    pub device_name: String,
     pub state: MemberState,
     /// When `state` last changed, UNIX ms (from the command that changed it).
     pub since_ms: u64,
+}
+
+impl Member {
+    /// The name devices check this node's certificate against after a redirect.
+    pub fn device_name(&self) -> String {
+        if self.device_name.is_empty() { crate::pki::node_device_name(self.id) } else { self.device_name.clone() }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +139,9 @@ pub enum Command {
         id: NodeId,
         device_addr: String,
         cluster_addr: String,
+        /// Empty (and absent from older logs): `pki::node_device_name(id)`.
+        #[serde(default)]
+        device_name: String,
         now_ms: u64,
     },
     SetMemberState {
@@ -212,16 +226,18 @@ impl ClusterState {
     pub fn apply(&mut self, command: &Command) -> CommandResponse {
         let refused = |reason: &str| CommandResponse::Refused { reason: reason.to_string() };
         match command {
-            Command::PutMember { id, device_addr, cluster_addr, now_ms } => {
+            Command::PutMember { id, device_addr, cluster_addr, device_name, now_ms } => {
                 let member = self.members.entry(*id).or_insert_with(|| Member {
                     id: *id,
                     device_addr: String::new(),
                     cluster_addr: String::new(),
+                    device_name: String::new(),
                     state: MemberState::Joining,
                     since_ms: *now_ms,
                 });
                 member.device_addr.clone_from(device_addr);
                 member.cluster_addr.clone_from(cluster_addr);
+                member.device_name.clone_from(device_name);
             }
             Command::SetMemberState { id, state, now_ms } => {
                 let Some(member) = self.members.get_mut(id) else { return refused("no such member") };
@@ -371,7 +387,13 @@ mod tests {
     #[test]
     fn every_change_bumps_the_epoch_and_refusals_do_not() {
         let mut state = ClusterState::default();
-        let put = Command::PutMember { id: 1, device_addr: "a:1".into(), cluster_addr: "a:2".into(), now_ms: 5 };
+        let put = Command::PutMember {
+            id: 1,
+            device_addr: "a:1".into(),
+            cluster_addr: "a:2".into(),
+            device_name: String::new(),
+            now_ms: 5,
+        };
         assert_eq!(state.apply(&put), CommandResponse::Applied { epoch: Epoch(1) });
         assert_eq!(state.members[&1].state, MemberState::Joining);
         let active = Command::SetMemberState { id: 1, state: MemberState::Active, now_ms: 6 };

@@ -587,6 +587,7 @@ mod tests {
             id,
             device_addr: format!("10.0.0.{id}:5223"),
             cluster_addr: format!("10.0.0.{id}:7000"),
+            device_name: String::new(),
             now_ms: 1_000 + id,
         }
     }
