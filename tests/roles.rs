@@ -74,21 +74,27 @@ async fn only_the_admin_certificate_runs_admin_commands() {
             run.stderr
         );
     }
-    // A gateway's certificate straight on Propose and RemoveNode, past the Status that `keys rotate` asks
-    // first. (A node's may call those two: a node that is not the leader forwards them under its own.)
-    let stolen = tempfile::tempdir().unwrap();
-    let peers = Peers::new(&as_admin(&pki, "gateway", stolen.path()), "admin", None, Duration::from_secs(2)).unwrap();
-    let mut client = peers.client(&node1.to_string()).unwrap();
-    let command_json = br#"{"type":"retire_token_key","id":1,"now_ms":0}"#.to_vec();
-    let refused = client.propose(ProposeRequest { command_json }).await.expect_err("propose");
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
-    let refused = client.remove_node(RemoveNodeRequest { node_id: 2 }).await.expect_err("remove");
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // A gateway's and a node's certificate straight on Propose and RemoveNode, past the Status that
+    // `keys rotate` asks first. (A node may propose only what nodes propose themselves: its own membership,
+    // failure detection, suspected clones.)
+    for member in ["gateway", "node-2"] {
+        let stolen = tempfile::tempdir().unwrap();
+        let peers = Peers::new(&as_admin(&pki, member, stolen.path()), "admin", None, Duration::from_secs(2)).unwrap();
+        let mut client = peers.client(&node1.to_string()).unwrap();
+        let command_json = br#"{"type":"retire_token_key","id":1,"now_ms":0}"#.to_vec();
+        let refused = client.propose(ProposeRequest { command_json }).await.expect_err("propose");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{member}: {refused:?}");
+        let refused = client.remove_node(RemoveNodeRequest { node_id: 2 }).await.expect_err("remove");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{member}: {refused:?}");
+    }
     assert_eq!(nodes.node(1).control.current().active_key().map(|k| k.key.id), Some(key_before), "no key rotated");
     assert_eq!(nodes.node(1).control.current().members.len(), 2, "no member removed");
 
-    let run = ctl(node1, nodes.dir.path(), &["keys", "rotate"]).await;
-    assert!(run.success, "ctl keys rotate with the admin certificate: {}", run.stderr);
+    // The admin's change, sent to whichever node is not the leader: it names the leader, and ctl asks there.
+    let leader = nodes.node(1).control.leader().expect("a leader");
+    let follower = nodes.configs[if leader == 1 { 1 } else { 0 }].cluster_addr;
+    let run = ctl(follower, nodes.dir.path(), &["keys", "rotate"]).await;
+    assert!(run.success, "ctl keys rotate with the admin certificate, through a follower: {}", run.stderr);
     eventually(Duration::from_secs(10), "the admin's rotation is applied", || {
         std::future::ready(nodes.node(1).control.current().active_key().is_some_and(|k| k.key.id != key_before))
     })

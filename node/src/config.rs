@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::edge::limits::{AdmissionSettings, LinkLimits};
 use crate::edge::clones::{ClonePolicy, CloneSettings};
+use crate::edge::limits::{AdmissionSettings, LinkLimits};
 use crate::edge::{Enrolment, LinkSettings};
 use crate::raft::control::ControlSettings;
 

@@ -138,11 +138,33 @@ enum DevicesCommand {
     },
 }
 
-async fn client(args: &CtlArgs) -> anyhow::Result<ClusterClient<Channel>> {
+fn admin_peers(args: &CtlArgs) -> anyhow::Result<Peers> {
     let pki = PkiDir::new(&args.pki_dir);
-    let peers = Peers::new(&pki, "admin", None, Duration::from_secs(5))
-        .with_context(|| format!("loading the admin certificate from {}", args.pki_dir.display()))?;
-    Ok(peers.client(&args.node)?)
+    Peers::new(&pki, "admin", None, Duration::from_secs(5))
+        .with_context(|| format!("loading the admin certificate from {}", args.pki_dir.display()))
+}
+
+/// Calls `call` on the node at `addr`, and again on the leader when that node answers that it is not the
+/// leader: operator changes are made by the leader itself (a follower may not forward them under its node
+/// certificate).
+async fn at_leader<T, F, Fut>(peers: &Peers, addr: &str, call: F) -> anyhow::Result<T>
+where
+    F: Fn(ClusterClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut addr = addr.to_string();
+    for _ in 0..3 {
+        match call(peers.client(&addr)?).await {
+            Ok(answer) => return Ok(answer.into_inner()),
+            Err(status) => match status.metadata().get(courier_node::api::LEADER_METADATA) {
+                Some(leader) if status.code() == tonic::Code::FailedPrecondition => {
+                    addr = leader.to_str().context("the leader's address")?.to_string();
+                }
+                _ => return Err(status.into()),
+            },
+        }
+    }
+    bail!("the Raft leader kept moving; try again")
 }
 
 async fn status(client: &mut ClusterClient<Channel>, devices: Vec<String>) -> anyhow::Result<Value> {
@@ -150,9 +172,14 @@ async fn status(client: &mut ClusterClient<Channel>, devices: Vec<String>) -> an
     Ok(serde_json::from_slice(&answer.json)?)
 }
 
-async fn propose(client: &mut ClusterClient<Channel>, command: Command) -> anyhow::Result<()> {
+async fn propose(peers: &Peers, addr: &str, command: Command) -> anyhow::Result<()> {
     let command_json = serde_json::to_vec(&command)?;
-    let answer = client.propose(ProposeRequest { command_json }).await.context("proposing")?.into_inner();
+    let answer = at_leader(peers, addr, |mut client| {
+        let request = ProposeRequest { command_json: command_json.clone() };
+        async move { client.propose(request).await }
+    })
+    .await
+    .context("proposing")?;
     match serde_json::from_slice::<CommandResponse>(&answer.response_json)? {
         CommandResponse::Applied { epoch } => {
             println!("applied; cluster epoch is now {}", epoch.0);
@@ -285,7 +312,9 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         println!("  trust       {}", PkiDir::new(&args.pki_dir).cluster_ca_cert().display());
         return Ok(());
     }
-    let mut client = client(&args).await?;
+    let peers = admin_peers(&args)?;
+    let mut client = peers.client(&args.node)?;
+    let node = args.node.as_str();
     match args.command {
         CtlCommand::Status { json, owner_of } => {
             let doc = status(&mut client, owner_of).await?;
@@ -300,7 +329,13 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             println!("node {id} added as a {}", if answer.voter { "voter" } else { "learner" });
         }
         CtlCommand::Nodes(NodesCommand::Remove { id }) => {
-            client.remove_node(RemoveNodeRequest { node_id: id }).await.context("removing the node")?;
+            at_leader(
+                &peers,
+                node,
+                |mut client| async move { client.remove_node(RemoveNodeRequest { node_id: id }).await },
+            )
+            .await
+            .context("removing the node")?;
             println!("node {id} removed");
         }
         CtlCommand::Keys(KeysCommand::Rotate) => {
@@ -310,11 +345,11 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     + 1;
             let next = u32::try_from(next).context("token key ids are exhausted")?;
             let key = TokenKey::generate(TokenKeyId(next));
-            propose(&mut client, Command::RotateTokenKey { key, now_ms: unix_millis() }).await?;
+            propose(&peers, node, Command::RotateTokenKey { key, now_ms: unix_millis() }).await?;
             println!("token key {next} is now active");
         }
         CtlCommand::Keys(KeysCommand::Retire { id }) => {
-            propose(&mut client, Command::RetireTokenKey { id: TokenKeyId(id), now_ms: unix_millis() }).await?;
+            propose(&peers, node, Command::RetireTokenKey { id: TokenKeyId(id), now_ms: unix_millis() }).await?;
         }
         CtlCommand::Keys(KeysCommand::List) => print_keys(&status(&mut client, Vec::new()).await?),
         CtlCommand::Providers(ProvidersCommand::Add { team_id, key_id, public_key, topics }) => {
@@ -323,21 +358,21 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             if let Err(why) = courier_node::pki::check_es256_public_key(&public_key_pem) {
                 bail!("{} is not an ES256 public key: {why}", public_key.display());
             }
-            propose(&mut client, Command::PutProviderKey { team_id, key_id, public_key_pem, topics }).await?;
+            propose(&peers, node, Command::PutProviderKey { team_id, key_id, public_key_pem, topics }).await?;
         }
         CtlCommand::Providers(ProvidersCommand::List) => print_providers(&status(&mut client, Vec::new()).await?),
         CtlCommand::Providers(ProvidersCommand::IssueCert { .. }) => unreachable!("handled offline above"),
         CtlCommand::Providers(ProvidersCommand::Remove { team_id, key_id }) => {
-            propose(&mut client, Command::RemoveProvider { team_id, key_id }).await?;
+            propose(&peers, node, Command::RemoveProvider { team_id, key_id }).await?;
         }
         CtlCommand::Devices(DevicesCommand::Revoke { device }) => {
             let device: DeviceId = device.parse().context("a device id is 32 hex characters")?;
-            propose(&mut client, Command::RevokeDevice { device }).await?;
+            propose(&peers, node, Command::RevokeDevice { device }).await?;
         }
         CtlCommand::Devices(DevicesCommand::List) => print_clones(&status(&mut client, Vec::new()).await?),
         CtlCommand::Devices(DevicesCommand::ClearClone { device }) => {
             let device: DeviceId = device.parse().context("a device id is 32 hex characters")?;
-            propose(&mut client, Command::ClearClone { device }).await?;
+            propose(&peers, node, Command::ClearClone { device }).await?;
         }
     }
     Ok(())

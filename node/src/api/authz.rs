@@ -58,8 +58,9 @@ impl Rpc {
         }
     }
 
-    /// The table. Nodes may also `Propose`, `Join` and `RemoveNode` because a node that is not the
-    /// leader forwards those to the leader under its own certificate (`raft::control`); no node calls
+    /// The table. Nodes may also `Propose` (only what `check_command` lets a node propose) and `Join`,
+    /// because a node that is not the leader forwards those to the leader under its own certificate
+    /// (`raft::control`); operator changes and `RemoveNode` are served by the leader alone. No node calls
     /// `Deliver`, `NotificationStatus` or `Status` on another. `WatchCluster` carries the token keys, so
     /// it goes to gateways and nodes only, never to the admin tool (whose `Status` shows key ids only).
     fn allowed(self) -> Allowed {
@@ -69,7 +70,8 @@ impl Rpc {
             }
             Rpc::Deliver | Rpc::NotificationStatus => GATEWAYS,
             Rpc::Status => ADMIN,
-            Rpc::Propose | Rpc::RemoveNode | Rpc::Join => Allowed { node: true, gateway: false, admin: true },
+            Rpc::Propose | Rpc::Join => Allowed { node: true, gateway: false, admin: true },
+            Rpc::RemoveNode => ADMIN,
             Rpc::WatchCluster => Allowed { node: true, gateway: true, admin: false },
         }
     }
@@ -116,6 +118,24 @@ pub fn check(role: Option<ClusterRole>, rpc: Rpc) -> Result<ClusterRole, Status>
                  (issue one with `courier pki issue`)",
                 rpc.name()
             ),
+        )),
+    }
+}
+
+/// Which proposals each role may make: a node only cluster-internal ones (its own membership, failure
+/// detection, suspected clones), the admin only operator changes.
+pub fn check_command(caller: ClusterRole, cluster_internal: bool) -> Result<(), Status> {
+    match (caller, cluster_internal) {
+        (ClusterRole::Node(_), true) | (ClusterRole::Admin, false) => Ok(()),
+        (ClusterRole::Node(_), false) => Err(denied(
+            Rpc::Propose,
+            role_label(Some(caller)),
+            format!("{caller} may not propose an operator change; only the admin certificate may"),
+        )),
+        _ => Err(denied(
+            Rpc::Propose,
+            role_label(Some(caller)),
+            format!("{caller} may not propose a change the nodes make themselves"),
         )),
     }
 }

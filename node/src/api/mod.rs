@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status};
 use self::authz::{Rpc, authorize};
 use crate::delivery::Delivery;
 use crate::ids::DeviceId;
+use crate::pki::ClusterRole;
 use crate::raft::control::Control;
 use crate::raft::{Command, network};
 use crate::store::Inserted;
@@ -44,6 +45,29 @@ pub struct ClusterService {
 fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Status> {
     serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))
 }
+
+impl ClusterService {
+    /// An operator's change is served by the leader itself: a follower forwarding it would do so under its
+    /// own node certificate, which may not make operator changes. A follower answers `FailedPrecondition`
+    /// naming the leader's cluster address in the `courier-leader` metadata, and `courier ctl` asks there.
+    async fn leader_only(&self) -> Result<(), Status> {
+        let (leader, addr) = self.control.wait_for_leader().await?;
+        if leader == self.control.id {
+            return Ok(());
+        }
+        let mut status = Status::failed_precondition(format!(
+            "node {} is not the Raft leader; ask node {leader} at {addr}",
+            self.control.id
+        ));
+        if let Ok(value) = addr.parse() {
+            status.metadata_mut().insert(LEADER_METADATA, value);
+        }
+        Err(status)
+    }
+}
+
+/// The metadata key in which a follower names the leader's cluster API address.
+pub const LEADER_METADATA: &str = "courier-leader";
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
@@ -128,9 +152,13 @@ impl Cluster for ClusterService {
     }
 
     async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
-        authorize(&request, Rpc::Propose)?;
+        let caller = authorize(&request, Rpc::Propose)?;
         let command: Command = serde_json::from_slice(&request.get_ref().command_json)
             .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
+        authz::check_command(caller, command.is_cluster_internal())?;
+        if caller == ClusterRole::Admin {
+            self.leader_only().await?;
+        }
         tracing::info!(%command, "proposal received");
         let response = self.control.propose(command).await?;
         Ok(Response::new(ProposeResponse { response_json: json(&response)? }))
@@ -138,6 +166,7 @@ impl Cluster for ClusterService {
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<ProposeResponse>, Status> {
         authorize(&request, Rpc::RemoveNode)?;
+        self.leader_only().await?;
         self.control.remove(request.get_ref().node_id).await?;
         let epoch = self.control.current().epoch;
         let response = crate::raft::CommandResponse::Applied { epoch };

@@ -116,7 +116,7 @@ impl Control {
     }
 
     /// Waits until some node is leader; returns its id and address.
-    async fn wait_for_leader(&self) -> Result<(NodeId, String), ControlError> {
+    pub async fn wait_for_leader(&self) -> Result<(NodeId, String), ControlError> {
         let give_up = Instant::now() + LEADER_WAIT;
         loop {
             if let Some(leader) = self.leader()

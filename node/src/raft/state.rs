@@ -194,6 +194,15 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether a node proposes this on its own (membership it reports about itself, failure detection,
+    /// suspected clones), rather than an operator through `courier ctl`. A node certificate may propose only
+    /// these, so a stolen node key cannot rotate keys, add providers or revoke devices.
+    pub fn is_cluster_internal(&self) -> bool {
+        matches!(self, Command::PutMember { .. } | Command::SetMemberState { .. } | Command::SuspectClone { .. })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResponse {
     /// Applied; the state is now at this epoch.
