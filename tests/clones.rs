@@ -195,6 +195,28 @@ async fn with_refuse_neither_copy_receives_pushes_until_the_clone_is_cleared() {
     let response = cluster.send(&push).await;
     assert_eq!((response.status, response.reason.as_deref()), (410, Some("ClonedIdentity")), "{response:?}");
     assert_eq!(response.timestamp, Some(since_ms));
+    // The node refuses it too, for a gateway whose view is a moment behind.
+    let gateway =
+        courier_node::peer::Peers::new(&cluster.pki(), "gateway", None, Duration::from_secs(2)).expect("peers");
+    let notification = courier_proto::cluster::Notification {
+        apns_id: uuid::Uuid::new_v4().to_string(),
+        device_id: device.to_bytes().to_vec(),
+        expiration: u64::MAX / 2,
+        ..Default::default()
+    };
+    let answer = gateway
+        .client(&cluster.node().cluster_addr.to_string())
+        .expect("client")
+        .deliver(courier_proto::cluster::DeliverRequest { notifications: vec![notification] })
+        .await
+        .expect("deliver")
+        .into_inner();
+    let result = &answer.results[0];
+    assert_eq!(
+        (result.outcome, result.reason.as_str(), result.timestamp_ms),
+        (courier_proto::cluster::DeliverOutcome::Rejected as i32, "ClonedIdentity", since_ms),
+        "{result:?}"
+    );
 
     ctl(&cluster, &["devices", "clear-clone", "--device", &device.to_string()]).await;
     assert!(!control.current().refuses_clone(device));

@@ -31,6 +31,9 @@ pub struct Delivery {
     pub status: Arc<crate::status_log::StatusLog>,
 }
 
+/// The reason a push to a device refused as a cloned identity gets (410, with the time it was refused).
+pub const CLONED_IDENTITY: &str = "ClonedIdentity";
+
 fn result(apns_id: &str, outcome: DeliverOutcome, reason: &str) -> DeliverResult {
     DeliverResult { apns_id: apns_id.to_string(), outcome: outcome as i32, reason: reason.to_string(), timestamp_ms: 0 }
 }
@@ -45,6 +48,14 @@ impl Delivery {
         if self.view.placement(device) != Placement::Here {
             metrics::counter!("courier_node_notifications_rejected_total", "reason" => NOT_OWNER).increment(1);
             return result(&apns_id, DeliverOutcome::Rejected, NOT_OWNER);
+        }
+        // The gateway refuses these from its view already; this covers a gateway a moment behind.
+        if let Some(since_ms) = self.view.get().state.refused_clone(device) {
+            metrics::counter!("courier_node_notifications_rejected_total", "reason" => CLONED_IDENTITY).increment(1);
+            return DeliverResult {
+                timestamp_ms: since_ms,
+                ..result(&apns_id, DeliverOutcome::Rejected, CLONED_IDENTITY)
+            };
         }
         let storable = notification.expiration > unix_millis() / 1000;
         let notification = Arc::new(notification);

@@ -380,7 +380,12 @@ impl ClusterState {
 
     /// The device is a suspected clone whose links and pushes are refused.
     pub fn refuses_clone(&self, device: DeviceId) -> bool {
-        self.suspected_clones.get(&device).is_some_and(|s| s.refuse)
+        self.refused_clone(device).is_some()
+    }
+
+    /// Since when (UNIX ms) the device has been refused as a clone, if it is.
+    pub fn refused_clone(&self, device: DeviceId) -> Option<u64> {
+        self.suspected_clones.get(&device).filter(|s| s.refuse).map(|s| s.since_ms)
     }
 
     /// Members in `state`, by id.
