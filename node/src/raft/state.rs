@@ -4,6 +4,12 @@
 //! credentials, revoked devices and the epoch. `apply` is the only code that changes it: a plain match over
 //! `Command`, deterministic (every timestamp travels inside the command), bumping the epoch on every change
 //! it makes. Data-plane traffic never comes here.
+//!
+//! `Command::validate` bounds what one command may ask for (ring size, counts of members, keys, teams,
+//! topics and revocations, string sizes), so that no write through Raft can make the state, or what every
+//! node and gateway builds from it, grow without limit. `Control::propose` checks it before a command
+//! reaches the log and `apply` checks it again, so an out-of-bounds entry already in an old log replays as
+//! a refusal that changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -96,6 +102,36 @@ pub struct ClusterState {
     pub revoked: BTreeSet<DeviceId>,
 }
 
+/// The bounds `Command::validate` enforces. Each is far above what a real cluster uses and low enough
+/// that the whole state stays a few tens of MiB at worst: it is cloned and written out on every apply.
+pub mod limits {
+    /// Virtual nodes per member: every process builds a ring of members × vnodes points.
+    pub const MAX_VNODES: u32 = 1024;
+    /// Copies of each notification (owner included); more than the members there are buys nothing.
+    pub const MAX_REPLICATION_FACTOR: u32 = 8;
+    /// Members in the control state (Raft voters are capped separately, at `MAX_VOTERS`).
+    pub const MAX_MEMBERS: usize = 256;
+    /// A member's device or cluster address (`host:port`; a DNS name is at most 253 bytes).
+    pub const MAX_ADDR_LEN: usize = 262;
+    /// Token keys of every state, retired ones included (they stay to answer `ExpiredToken`): a daily
+    /// rotation lasts almost three years.
+    pub const MAX_TOKEN_KEYS: usize = 1024;
+    /// Provider teams.
+    pub const MAX_TEAMS: usize = 1000;
+    /// Signing keys of one team.
+    pub const MAX_KEYS_PER_TEAM: usize = 16;
+    /// Topics one team may be restricted to.
+    pub const MAX_TOPICS_PER_TEAM: usize = 100;
+    /// A team id or key id (Apple's are 10 characters).
+    pub const MAX_ID_LEN: usize = 64;
+    /// A topic, as the provider API accepts it.
+    pub const MAX_TOPIC_LEN: usize = 255;
+    /// A provider public key's PEM text (a P-256 key is under 200 bytes).
+    pub const MAX_PEM_LEN: usize = 2048;
+    /// Revoked device ids.
+    pub const MAX_REVOKED: usize = 100_000;
+}
+
 /// A change to the control state, proposed through Raft.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
@@ -168,10 +204,102 @@ impl std::fmt::Display for Command {
     }
 }
 
+impl Command {
+    /// Whether `state` may take this command within `limits`; the error is the reason given to whoever
+    /// proposed it. Cheap (no allocation beyond the reason) except for parsing a provider key's PEM.
+    /// Checks only bounds and well-formedness: `ClusterState::apply` decides the rest (missing members,
+    /// the active key, …).
+    pub fn validate(&self, state: &ClusterState) -> Result<(), String> {
+        use limits::*;
+        match self {
+            Command::PutMember { id, device_addr, cluster_addr, .. } => {
+                check_len("device address", device_addr, MAX_ADDR_LEN)?;
+                check_len("cluster address", cluster_addr, MAX_ADDR_LEN)?;
+                if !state.members.contains_key(id) && state.members.len() >= MAX_MEMBERS {
+                    return Err(format!("the cluster already has {MAX_MEMBERS} members, the most it may have"));
+                }
+            }
+            Command::SetMemberState { .. } | Command::RemoveMember { .. } | Command::RetireTokenKey { .. } => {}
+            Command::SetRing { params } => {
+                if !(1..=MAX_VNODES).contains(&params.vnodes) {
+                    return Err(format!("vnodes must be 1 to {MAX_VNODES}, not {}", params.vnodes));
+                }
+                if !(1..=MAX_REPLICATION_FACTOR).contains(&params.replication_factor) {
+                    return Err(format!(
+                        "replication factor must be 1 to {MAX_REPLICATION_FACTOR}, not {}",
+                        params.replication_factor
+                    ));
+                }
+            }
+            Command::RotateTokenKey { key, .. } => {
+                if !state.token_keys.contains_key(&key.id) && state.token_keys.len() >= MAX_TOKEN_KEYS {
+                    return Err(format!("the cluster already holds {MAX_TOKEN_KEYS} token keys, the most it may"));
+                }
+            }
+            Command::PutProviderKey { team_id, key_id, public_key_pem, topics } => {
+                check_id("team id", team_id)?;
+                check_id("key id", key_id)?;
+                check_len("provider public key", public_key_pem, MAX_PEM_LEN)?;
+                if topics.len() > MAX_TOPICS_PER_TEAM {
+                    return Err(format!("{} topics; a team may have at most {MAX_TOPICS_PER_TEAM}", topics.len()));
+                }
+                for topic in topics {
+                    if topic.is_empty() {
+                        return Err("a topic must not be empty".into());
+                    }
+                    check_len("topic", topic, MAX_TOPIC_LEN)?;
+                }
+                match state.providers.get(team_id) {
+                    None if state.providers.len() >= MAX_TEAMS => {
+                        return Err(format!("the cluster already has {MAX_TEAMS} provider teams, the most it may"));
+                    }
+                    Some(team) if !team.keys.contains_key(key_id) && team.keys.len() >= MAX_KEYS_PER_TEAM => {
+                        return Err(format!("team {team_id} already has {MAX_KEYS_PER_TEAM} keys, the most it may"));
+                    }
+                    _ => {}
+                }
+                crate::pki::check_es256_public_key(public_key_pem).map_err(|why| format!("provider public key: {why}"))?;
+            }
+            Command::RemoveProvider { team_id, key_id } => {
+                check_len("team id", team_id, MAX_ID_LEN)?;
+                if let Some(key_id) = key_id {
+                    check_len("key id", key_id, MAX_ID_LEN)?;
+                }
+            }
+            Command::RevokeDevice { device } => {
+                if !state.revoked.contains(device) && state.revoked.len() >= MAX_REVOKED {
+                    return Err(format!("{MAX_REVOKED} devices are already revoked, the most the cluster holds"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses `value` longer than `max` bytes, saying how long it was rather than echoing it.
+fn check_len(what: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!("{what} is {} bytes; at most {max} are allowed", value.len()));
+    }
+    Ok(())
+}
+
+/// A team or key id: 1 to `MAX_ID_LEN` bytes.
+fn check_id(what: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{what} must not be empty"));
+    }
+    check_len(what, value, limits::MAX_ID_LEN)
+}
+
 impl ClusterState {
-    /// Applies one command. A refused command changes nothing, the epoch included.
+    /// Applies one command. A refused command changes nothing, the epoch included; a command out of
+    /// `limits` is refused here too, so one that reached the log before the limits existed is harmless.
     pub fn apply(&mut self, command: &Command) -> CommandResponse {
         let refused = |reason: &str| CommandResponse::Refused { reason: reason.to_string() };
+        if let Err(reason) = command.validate(self) {
+            return CommandResponse::Refused { reason };
+        }
         match command {
             Command::PutMember { id, device_addr, cluster_addr, now_ms } => {
                 let member = self.members.entry(*id).or_insert_with(|| Member {
@@ -197,12 +325,7 @@ impl ClusterState {
                     return refused("no such member");
                 }
             }
-            Command::SetRing { params } => {
-                if params.vnodes == 0 || params.replication_factor == 0 {
-                    return refused("vnodes and replication factor must be at least 1");
-                }
-                self.ring = *params;
-            }
+            Command::SetRing { params } => self.ring = *params,
             Command::RotateTokenKey { key, now_ms } => {
                 if self.token_keys.contains_key(&key.id) {
                     return refused("a token key with this id exists");
@@ -233,12 +356,6 @@ impl ClusterState {
                 }
             }
             Command::PutProviderKey { team_id, key_id, public_key_pem, topics } => {
-                if team_id.is_empty() || key_id.is_empty() {
-                    return refused("team id and key id must not be empty");
-                }
-                if let Err(why) = crate::pki::check_es256_public_key(public_key_pem) {
-                    return refused(&format!("provider public key: {why}"));
-                }
                 let team = self.providers.entry(team_id.clone()).or_default();
                 team.keys.insert(key_id.clone(), public_key_pem.clone());
                 // Adding a key without naming topics keeps the team's restriction instead of lifting it.
