@@ -473,6 +473,104 @@ mod tests {
         assert!(state.providers.is_empty());
     }
 
+    fn p256_pem() -> String {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().public_key_pem()
+    }
+
+    fn put_provider(team: &str, kid: &str, pem: &str, topics: Vec<String>) -> Command {
+        Command::PutProviderKey { team_id: team.into(), key_id: kid.into(), public_key_pem: pem.into(), topics }
+    }
+
+    /// `validate` refuses `command` naming `what`, and `apply` refuses it too without changing anything.
+    fn refused_everywhere(state: &mut ClusterState, command: &Command, what: &str) {
+        let reason = command.validate(state).expect_err(&format!("validate takes {command}"));
+        assert!(reason.contains(what), "{command}: {reason:?} should name {what:?}");
+        let before = serde_json::to_value(&*state).unwrap();
+        assert_eq!(state.apply(command), CommandResponse::Refused { reason }, "{command}");
+        assert_eq!(serde_json::to_value(&*state).unwrap(), before, "a refused {command} changed the state");
+    }
+
+    #[test]
+    fn ring_parameters_are_bounded() {
+        let mut state = ClusterState::default();
+        for (vnodes, replication_factor, what) in [
+            (0, 2, "vnodes"),
+            (limits::MAX_VNODES + 1, 2, "vnodes"),
+            (u32::MAX, 2, "vnodes"),
+            (128, 0, "replication factor"),
+            (128, limits::MAX_REPLICATION_FACTOR + 1, "replication factor"),
+        ] {
+            refused_everywhere(&mut state, &Command::SetRing { params: RingParams { vnodes, replication_factor } }, what);
+        }
+        let largest = RingParams { vnodes: limits::MAX_VNODES, replication_factor: limits::MAX_REPLICATION_FACTOR };
+        assert_eq!(state.apply(&Command::SetRing { params: largest }), CommandResponse::Applied { epoch: Epoch(1) });
+        assert_eq!(state.ring, largest);
+    }
+
+    #[test]
+    fn members_and_their_addresses_are_bounded() {
+        let mut state = ClusterState::default();
+        let put = |id, addr: String| Command::PutMember { id, device_addr: addr.clone(), cluster_addr: addr, now_ms: 1 };
+        refused_everywhere(&mut state, &put(1, "a".repeat(limits::MAX_ADDR_LEN + 1)), "address");
+        for id in 0..limits::MAX_MEMBERS as u64 {
+            assert!(matches!(state.apply(&put(id, format!("n{id}:1"))), CommandResponse::Applied { .. }));
+        }
+        refused_everywhere(&mut state, &put(9999, "late:1".into()), "members");
+        // An existing member may still change its addresses at the limit.
+        assert!(matches!(state.apply(&put(0, "a".repeat(limits::MAX_ADDR_LEN))), CommandResponse::Applied { .. }));
+    }
+
+    #[test]
+    fn token_keys_are_bounded() {
+        let mut state = ClusterState::default();
+        for id in 0..limits::MAX_TOKEN_KEYS as u32 {
+            let key = TokenKey::from_secret(TokenKeyId(id), [1; 32]);
+            assert!(matches!(state.apply(&Command::RotateTokenKey { key, now_ms: 1 }), CommandResponse::Applied { .. }));
+        }
+        let one_more = TokenKey::from_secret(TokenKeyId(u32::MAX), [2; 32]);
+        refused_everywhere(&mut state, &Command::RotateTokenKey { key: one_more, now_ms: 2 }, "token keys");
+    }
+
+    #[test]
+    fn provider_ids_keys_and_topics_are_bounded() {
+        let mut state = ClusterState::default();
+        let pem = p256_pem();
+        let long_id = "T".repeat(limits::MAX_ID_LEN + 1);
+        refused_everywhere(&mut state, &put_provider(&long_id, "K", &pem, vec![]), "team id");
+        refused_everywhere(&mut state, &put_provider("", "K", &pem, vec![]), "team id");
+        refused_everywhere(&mut state, &put_provider("TEAM", &long_id, &pem, vec![]), "key id");
+        refused_everywhere(&mut state, &put_provider("TEAM", "", &pem, vec![]), "key id");
+        let huge_pem = format!("{pem}{}", " ".repeat(limits::MAX_PEM_LEN));
+        refused_everywhere(&mut state, &put_provider("TEAM", "K", &huge_pem, vec![]), "public key");
+        refused_everywhere(&mut state, &put_provider("TEAM", "K", "not a key", vec![]), "public key");
+        let topics = (0..=limits::MAX_TOPICS_PER_TEAM).map(|i| format!("app.{i}")).collect();
+        refused_everywhere(&mut state, &put_provider("TEAM", "K", &pem, topics), "topics");
+        refused_everywhere(&mut state, &put_provider("TEAM", "K", &pem, vec!["t".repeat(256)]), "topic");
+        refused_everywhere(&mut state, &put_provider("TEAM", "K", &pem, vec![String::new()]), "topic");
+        refused_everywhere(&mut state, &Command::RemoveProvider { team_id: long_id.clone(), key_id: None }, "team id");
+
+        for kid in 0..limits::MAX_KEYS_PER_TEAM {
+            let command = put_provider("TEAM", &format!("K{kid}"), &pem, vec![]);
+            assert!(matches!(state.apply(&command), CommandResponse::Applied { .. }));
+        }
+        refused_everywhere(&mut state, &put_provider("TEAM", "ONE-MORE", &pem, vec![]), "keys");
+        assert!(matches!(state.apply(&put_provider("TEAM", "K0", &pem, vec![])), CommandResponse::Applied { .. }));
+
+        for team in 1..limits::MAX_TEAMS {
+            assert!(matches!(state.apply(&put_provider(&format!("T{team}"), "K", &pem, vec![])), CommandResponse::Applied { .. }));
+        }
+        refused_everywhere(&mut state, &put_provider("NEW-TEAM", "K", &pem, vec![]), "teams");
+    }
+
+    #[test]
+    fn revocations_are_bounded() {
+        let mut state = ClusterState::default();
+        state.revoked = (0..limits::MAX_REVOKED as u128).map(DeviceId).collect();
+        refused_everywhere(&mut state, &Command::RevokeDevice { device: DeviceId(u128::MAX) }, "revoked");
+        let again = Command::RevokeDevice { device: DeviceId(0) };
+        assert_eq!(state.apply(&again), CommandResponse::Applied { epoch: Epoch(0) }, "revoking again is a no-op");
+    }
+
     #[test]
     fn command_display_never_shows_secrets() {
         let key = TokenKey::from_secret(TokenKeyId(3), [0xab; 32]);

@@ -556,7 +556,7 @@ mod tests {
     use tempfile::TempDir;
 
     use super::*;
-    use crate::raft::state::{Command, Epoch, MemberState};
+    use crate::raft::state::{Command, Epoch, MemberState, RingParams};
     use crate::token::{TokenKey, TokenKeyId};
 
     /// Opens a fresh store in its own directory; the directory lives as long as the suite's guard.
@@ -631,6 +631,31 @@ mod tests {
             ]
         );
         assert!(machine.apply(Vec::new()).await.expect("empty batch").is_empty());
+    }
+
+    /// An entry written before commands were bounded (a `SetRing` of u32::MAX virtual nodes would make
+    /// every process build a ring of billions of points) replays as a refusal that changes nothing, and
+    /// the entries after it apply as usual.
+    #[tokio::test]
+    async fn an_out_of_bounds_entry_in_an_old_log_replays_as_a_refusal() {
+        let dir = TempDir::new().expect("tempdir");
+        let (_log, mut machine, _watch) = open(&dir.path().join("raft.redb")).expect("open");
+        populate(&mut machine).await;
+        let before = as_json(&machine.state());
+        let huge = RingParams { vnodes: u32::MAX, replication_factor: u32::MAX };
+        let responses = machine
+            .apply([normal(1, 7, Command::SetRing { params: huge }), normal(1, 8, put_member(3))])
+            .await
+            .expect("apply");
+        assert!(
+            matches!(&responses[0], CommandResponse::Refused { reason } if reason.contains("vnodes")),
+            "{responses:?}"
+        );
+        assert_eq!(responses[1], CommandResponse::Applied { epoch: Epoch(4) });
+        let state = machine.state();
+        assert_eq!(state.ring, RingParams::default());
+        assert_eq!(state.epoch, Epoch(4));
+        assert_eq!(as_json(&state)["ring"], before["ring"]);
     }
 
     #[cfg(unix)]
