@@ -28,8 +28,11 @@ use tokio_util::codec::{Decoder, Encoder};
 
 pub use raft::raft_command;
 
+/// A fuzz target: takes any bytes, panics only when a property it checks is broken.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, as the harness, the binary and the seed directories know them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("device_frame", device_frame),
     ("apns_head", apns_head),
     ("jwt", jwt),
@@ -38,7 +41,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
 ];
 
 /// The target called `name`.
-pub fn target(name: &str) -> Option<fn(&[u8])> {
+pub fn target(name: &str) -> Option<Target> {
     TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
 
@@ -56,7 +59,11 @@ pub fn device_frame(data: &[u8]) {
     }
 }
 
-fn decode_stream<M: prost::Message + Default + PartialEq + Clone + std::fmt::Debug>(stream: &[u8], chunk: usize, max_frame: usize) {
+fn decode_stream<M: prost::Message + Default + PartialEq + Clone + std::fmt::Debug>(
+    stream: &[u8],
+    chunk: usize,
+    max_frame: usize,
+) {
     let mut codec = FrameCodec::<M>::new(max_frame);
     let mut buffer = BytesMut::new();
     for piece in stream.chunks(chunk) {

@@ -78,9 +78,12 @@ fn check_limits(state: &ClusterState) {
     assert!((1..=limits::MAX_VNODES).contains(&state.ring.vnodes));
     assert!((1..=limits::MAX_REPLICATION_FACTOR).contains(&state.ring.replication_factor));
     assert!(state.members.len() <= limits::MAX_MEMBERS);
-    assert!(state.members.values().all(|m| {
-        m.device_addr.len() <= limits::MAX_ADDR_LEN && m.cluster_addr.len() <= limits::MAX_ADDR_LEN
-    }));
+    assert!(
+        state
+            .members
+            .values()
+            .all(|m| { m.device_addr.len() <= limits::MAX_ADDR_LEN && m.cluster_addr.len() <= limits::MAX_ADDR_LEN })
+    );
     assert!(state.token_keys.len() <= limits::MAX_TOKEN_KEYS);
     assert!(state.token_keys.values().filter(|r| r.state == KeyState::Active).count() <= 1);
     assert!(state.providers.len() <= limits::MAX_TEAMS);
@@ -131,7 +134,9 @@ impl Reader<'_> {
 fn next_command(reader: &mut Reader<'_>) -> Option<Command> {
     let (&selector, rest) = reader.0.split_first()?;
     reader.0 = rest;
-    let state = |b: u8| [MemberState::Joining, MemberState::Active, MemberState::Draining, MemberState::Down][usize::from(b % 4)];
+    let state = |b: u8| {
+        [MemberState::Joining, MemberState::Active, MemberState::Draining, MemberState::Down][usize::from(b % 4)]
+    };
     let command = match selector % 9 {
         0 => Command::PutMember {
             id: u64::from(reader.byte()),

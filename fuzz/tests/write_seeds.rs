@@ -67,7 +67,10 @@ fn write_seeds() {
                     keepalive_secs: 60,
                     server_time_ms: 1,
                 })),
-                server(server_frame::Kind::TokenIssued(wire::TokenIssued { topic: "app.one".into(), token: "ab".into() })),
+                server(server_frame::Kind::TokenIssued(wire::TokenIssued {
+                    topic: "app.one".into(),
+                    token: "ab".into(),
+                })),
                 server(server_frame::Kind::Notification(wire::Notification {
                     apns_id: "6f2a8c1e-3b4d-4e5f-8a9b-0c1d2e3f4a5b".into(),
                     topic: "app.one".into(),
@@ -107,7 +110,11 @@ fn write_seeds() {
 
     write("jwt", "claims", br#"{"iss":"TEAM123456","iat":1800000000}"#);
     write("jwt", "claims-float-iat", br#"{"iss":"TEAM123456","iat":"1799999000.5"}"#);
-    write("jwt", "header-and-claims", b"{\"alg\":\"ES256\",\"kid\":\"KEY1234567\",\"typ\":\"JWT\"}\0{\"iss\":\"TEAM123456\",\"iat\":1800000100}");
+    write(
+        "jwt",
+        "header-and-claims",
+        b"{\"alg\":\"ES256\",\"kid\":\"KEY1234567\",\"typ\":\"JWT\"}\0{\"iss\":\"TEAM123456\",\"iat\":1800000100}",
+    );
     write(
         "jwt",
         "bearer",
@@ -148,7 +155,11 @@ fn write_seeds() {
         write("raft_command", &format!("{name}.json"), &serde_json::to_vec(&command).expect("JSON"));
     }
     // Byte-built sequences: members, a huge ring, key rotations, a team with many topics, revocations.
-    write("raft_command", "sequence", &[0, 9, 3, b'x', b':', b'1', 3, b'y', b':', b'2', 0, 0, 0, 1, 3, 0, 0, 0, 64, 0, 0, 0, 2]);
+    write(
+        "raft_command",
+        "sequence",
+        &[0, 9, 3, b'x', b':', b'1', 3, b'y', b':', b'2', 0, 0, 0, 1, 3, 0, 0, 0, 64, 0, 0, 0, 2],
+    );
     write("raft_command", "huge-ring", &[3, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1]);
     write("raft_command", "many-topics", &[6, 0, 4, b'T', b'E', b'A', b'M', 1, b'Z', 120]);
     write("raft_command", "rotations", &[4, 2, 9, 4, 3, 9, 5, 1, 5, 2, 8, 1, 8, 1, 7, 4, b'T', b'E', b'A', b'M', 0]);

@@ -258,7 +258,8 @@ impl Command {
                     }
                     _ => {}
                 }
-                crate::pki::check_es256_public_key(public_key_pem).map_err(|why| format!("provider public key: {why}"))?;
+                crate::pki::check_es256_public_key(public_key_pem)
+                    .map_err(|why| format!("provider public key: {why}"))?;
             }
             Command::RemoveProvider { team_id, key_id } => {
                 check_len("team id", team_id, MAX_ID_LEN)?;
@@ -500,7 +501,11 @@ mod tests {
             (128, 0, "replication factor"),
             (128, limits::MAX_REPLICATION_FACTOR + 1, "replication factor"),
         ] {
-            refused_everywhere(&mut state, &Command::SetRing { params: RingParams { vnodes, replication_factor } }, what);
+            refused_everywhere(
+                &mut state,
+                &Command::SetRing { params: RingParams { vnodes, replication_factor } },
+                what,
+            );
         }
         let largest = RingParams { vnodes: limits::MAX_VNODES, replication_factor: limits::MAX_REPLICATION_FACTOR };
         assert_eq!(state.apply(&Command::SetRing { params: largest }), CommandResponse::Applied { epoch: Epoch(1) });
@@ -510,7 +515,8 @@ mod tests {
     #[test]
     fn members_and_their_addresses_are_bounded() {
         let mut state = ClusterState::default();
-        let put = |id, addr: String| Command::PutMember { id, device_addr: addr.clone(), cluster_addr: addr, now_ms: 1 };
+        let put =
+            |id, addr: String| Command::PutMember { id, device_addr: addr.clone(), cluster_addr: addr, now_ms: 1 };
         refused_everywhere(&mut state, &put(1, "a".repeat(limits::MAX_ADDR_LEN + 1)), "address");
         for id in 0..limits::MAX_MEMBERS as u64 {
             assert!(matches!(state.apply(&put(id, format!("n{id}:1"))), CommandResponse::Applied { .. }));
@@ -525,7 +531,10 @@ mod tests {
         let mut state = ClusterState::default();
         for id in 0..limits::MAX_TOKEN_KEYS as u32 {
             let key = TokenKey::from_secret(TokenKeyId(id), [1; 32]);
-            assert!(matches!(state.apply(&Command::RotateTokenKey { key, now_ms: 1 }), CommandResponse::Applied { .. }));
+            assert!(matches!(
+                state.apply(&Command::RotateTokenKey { key, now_ms: 1 }),
+                CommandResponse::Applied { .. }
+            ));
         }
         let one_more = TokenKey::from_secret(TokenKeyId(u32::MAX), [2; 32]);
         refused_everywhere(&mut state, &Command::RotateTokenKey { key: one_more, now_ms: 2 }, "token keys");
@@ -557,15 +566,18 @@ mod tests {
         assert!(matches!(state.apply(&put_provider("TEAM", "K0", &pem, vec![])), CommandResponse::Applied { .. }));
 
         for team in 1..limits::MAX_TEAMS {
-            assert!(matches!(state.apply(&put_provider(&format!("T{team}"), "K", &pem, vec![])), CommandResponse::Applied { .. }));
+            assert!(matches!(
+                state.apply(&put_provider(&format!("T{team}"), "K", &pem, vec![])),
+                CommandResponse::Applied { .. }
+            ));
         }
         refused_everywhere(&mut state, &put_provider("NEW-TEAM", "K", &pem, vec![]), "teams");
     }
 
     #[test]
     fn revocations_are_bounded() {
-        let mut state = ClusterState::default();
-        state.revoked = (0..limits::MAX_REVOKED as u128).map(DeviceId).collect();
+        let revoked = (0..limits::MAX_REVOKED as u128).map(DeviceId).collect();
+        let mut state = ClusterState { revoked, ..ClusterState::default() };
         refused_everywhere(&mut state, &Command::RevokeDevice { device: DeviceId(u128::MAX) }, "revoked");
         let again = Command::RevokeDevice { device: DeviceId(0) };
         assert_eq!(state.apply(&again), CommandResponse::Applied { epoch: Epoch(0) }, "revoking again is a no-op");
