@@ -390,6 +390,19 @@ impl ClusterState {
         CommandResponse::Applied { epoch: self.epoch }
     }
 
+    /// Puts ring parameters out of `limits` back to the defaults, saying so; true if it did. A state
+    /// persisted (or snapshotted) by a version without limits may hold a ring no process can build, and
+    /// would crash every node on every start. Every node repairs the same state the same way, so their
+    /// views still agree.
+    pub fn repair_ring(&mut self) -> bool {
+        if (Command::SetRing { params: self.ring }).validate(self).is_ok() {
+            return false;
+        }
+        tracing::warn!(ring = ?self.ring, "ring parameters out of bounds in the stored state; using the defaults");
+        self.ring = RingParams::default();
+        true
+    }
+
     /// Makes `keyring` hold exactly this state's token keys in their states; an empty key set (a cluster
     /// not yet bootstrapped) leaves it as it is.
     pub fn sync_keyring(&self, keyring: &crate::token::Keyring) {
@@ -510,6 +523,18 @@ mod tests {
         let largest = RingParams { vnodes: limits::MAX_VNODES, replication_factor: limits::MAX_REPLICATION_FACTOR };
         assert_eq!(state.apply(&Command::SetRing { params: largest }), CommandResponse::Applied { epoch: Epoch(1) });
         assert_eq!(state.ring, largest);
+    }
+
+    #[test]
+    fn a_stored_ring_out_of_bounds_is_repaired_to_the_defaults() {
+        let huge = RingParams { vnodes: u32::MAX, replication_factor: 3 };
+        let mut state = ClusterState { ring: huge, ..ClusterState::default() };
+        assert!(state.repair_ring());
+        assert_eq!(state.ring, RingParams::default());
+        let fine = RingParams { vnodes: 64, replication_factor: 3 };
+        let mut state = ClusterState { ring: fine, ..ClusterState::default() };
+        assert!(!state.repair_ring());
+        assert_eq!(state.ring, fine);
     }
 
     #[test]

@@ -145,7 +145,9 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, watch::Receiver
             state: ClusterState::default(),
         })
     };
-    let state = Arc::new(image.state);
+    let mut state = image.state;
+    state.repair_ring();
+    let state = Arc::new(state);
     let (published, receiver) = watch::channel(state.clone());
     let db = Arc::new(db);
     let log = LogStore { db: db.clone(), committed_index: Arc::new(std::sync::atomic::AtomicU64::new(0)) };
@@ -519,7 +521,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
         self.last_applied = image.last_applied;
         self.last_membership = image.last_membership;
-        self.state = Arc::new(image.state);
+        let mut state = image.state;
+        state.repair_ring();
+        self.state = Arc::new(state);
         self.published.send_replace(self.state.clone());
         tracing::info!(snapshot = %meta.snapshot_id, epoch = self.state.epoch.0, "installed Raft snapshot");
         Ok(())
@@ -689,6 +693,30 @@ mod tests {
         assert_eq!(as_json(&watch.borrow()), expected_state, "the receiver starts from the persisted state");
         assert_eq!(machine.state().epoch, Epoch(3));
         assert_eq!(machine.state().active_key().map(|r| r.key.id), Some(TokenKeyId(7)));
+    }
+
+    /// A state an older version persisted with a ring no process can build opens with the default ring.
+    #[tokio::test]
+    async fn a_stored_ring_out_of_bounds_opens_as_the_default() {
+        let dir = TempDir::new().expect("tempdir");
+        let path = dir.path().join("raft.redb");
+        {
+            let (_log, mut machine, _watch) = open(&path).expect("open");
+            populate(&mut machine).await;
+            let txn = machine.db.begin_write().expect("write");
+            {
+                let mut table = txn.open_table(MACHINE).expect("machine table");
+                let mut image: serde_json::Value =
+                    serde_json::from_slice(table.get(APPLIED).expect("read").expect("applied").value()).expect("json");
+                image["state"]["ring"]["vnodes"] = u32::MAX.into();
+                table.insert(APPLIED, serde_json::to_vec(&image).expect("json").as_slice()).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let (_log, machine, watch) = open(&path).expect("reopen");
+        assert_eq!(machine.state().ring, RingParams::default());
+        assert_eq!(watch.borrow().ring, RingParams::default());
+        assert_eq!(machine.state().epoch, Epoch(3), "the rest of the state is as stored");
     }
 
     #[tokio::test]
