@@ -1,6 +1,7 @@
 //! `courier-fuzz`: runs one fuzz target (or all, in turn) with the mutation harness for a given time, for
-//! long runs without cargo-fuzz. `courier-fuzz <target|all> [--seconds N] [--seed S]`; exits non-zero on
-//! the first crash, which is saved under `fuzz/artifacts/<target>/`.
+//! long runs without cargo-fuzz. `courier-fuzz <target|all> [--seconds N] [--seed S]`. A target stops at
+//! its first crash (saved under `fuzz/artifacts/<target>/`) and the others still run; the exit status is
+//! non-zero if any crashed.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
     };
     // Each target gets an equal share of the time.
     let share = Duration::from_secs(seconds) / u32::try_from(targets.len()).unwrap_or(1);
+    let mut crashed = false;
     for target in targets {
         let started = Instant::now();
         let outcome = courier_fuzz::harness::run(target, seed, u64::MAX, Some(started + share));
@@ -42,8 +44,8 @@ fn main() -> ExitCode {
         println!("{target}: {} executions in {secs:.0} s, seed {seed}", outcome.executions);
         if let Some(input) = outcome.crash {
             eprintln!("{target} crashed on {} bytes: {}", input.len(), hex::encode(&input));
-            return ExitCode::FAILURE;
+            crashed = true;
         }
     }
-    ExitCode::SUCCESS
+    if crashed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
