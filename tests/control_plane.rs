@@ -2,7 +2,8 @@
 //! pushes, retiring the old key, provider keys that come and go, device revocation, and every node and the
 //! gateway agreeing on the ring before and after a member joins. Commands go through Raft on real
 //! in-process nodes; what is asserted is only what crosses a wire (HTTP/2 answers, device-link frames) or
-//! the applied state each process routes by. It does not test Raft itself; `cluster.rs` does.
+//! the applied state each process routes by, and that commands out of the state's limits are refused
+//! before they reach the log. It does not test Raft itself; `cluster.rs` does.
 
 mod common;
 
@@ -18,7 +19,8 @@ use courier_gateway::watch::GatewayView;
 use courier_node::client::{ClientError, DeviceLink, LinkEvent};
 use courier_node::ids::{DeviceId, unix_millis};
 use courier_node::pki::ProviderCredential;
-use courier_node::raft::state::{Command, KeyState, MemberState};
+use courier_node::raft::control::ControlError;
+use courier_node::raft::state::{Command, CommandResponse, KeyState, MemberState, RingParams, limits};
 use courier_node::view::EpochView;
 use courier_proto::device::GoodbyeReason;
 use tokio::sync::watch;
@@ -261,6 +263,62 @@ async fn a_removed_provider_key_is_refused_once_the_gateway_has_the_epoch() {
     assert_eq!(state.providers[&original.team_id].keys.keys().collect::<Vec<_>>(), [&original.key_id]);
 
     device.close().await.expect("close");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_out_of_bounds_are_refused_before_they_reach_the_log() {
+    let cluster = TestCluster::start().await;
+    let control = cluster.node().control.clone();
+    let epoch = control.current().epoch;
+    let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key pair").public_key_pem();
+    let put_provider = |team_id: String, public_key_pem: String, topics: Vec<String>| Command::PutProviderKey {
+        team_id,
+        key_id: "K".into(),
+        public_key_pem,
+        topics,
+    };
+    let refused = [
+        (Command::SetRing { params: RingParams { vnodes: u32::MAX, replication_factor: 2 } }, "vnodes"),
+        (Command::SetRing { params: RingParams { vnodes: 128, replication_factor: 0 } }, "replication factor"),
+        (
+            Command::PutMember {
+                id: 77,
+                device_addr: "d".repeat(100_000),
+                cluster_addr: "c:1".into(),
+                device_name: String::new(),
+                now_ms: 1,
+            },
+            "device address",
+        ),
+        (
+            Command::SuspectClone {
+                device: DeviceId(5),
+                node: 1,
+                addrs: vec!["a".into(); 100],
+                refuse: true,
+                now_ms: 1,
+            },
+            "source addresses",
+        ),
+        (put_provider("T".repeat(1_000), pem.clone(), vec![]), "team id"),
+        (put_provider("TEAM".into(), "P".repeat(1 << 20), vec![]), "public key"),
+        (put_provider("TEAM".into(), pem.clone(), vec!["t.x".into(); limits::MAX_TOPICS_PER_TEAM + 1]), "topics"),
+    ];
+    for (command, what) in refused {
+        // A refusal from the state machine would come back as `Ok(Refused)`: an error means it never got
+        // as far as the log.
+        match control.propose(command.clone()).await {
+            Err(ControlError::Refused(reason)) => assert!(reason.contains(what), "{command}: {reason}"),
+            other => panic!("{command} was not refused before the log: {other:?}"),
+        }
+    }
+    assert_eq!(control.current().epoch, epoch, "nothing was applied");
+
+    let params = RingParams { vnodes: limits::MAX_VNODES, replication_factor: 3 };
+    let applied = control.propose(Command::SetRing { params }).await.expect("a ring within bounds is proposed");
+    assert!(matches!(applied, CommandResponse::Applied { .. }), "{applied:?}");
+    assert_eq!(control.current().ring, params);
     cluster.shutdown().await;
 }
 

@@ -131,8 +131,10 @@ impl Control {
         }
     }
 
-    /// Commits `command` through Raft, from whichever node this is.
+    /// Commits `command` through Raft, from whichever node this is. A command out of the state's limits
+    /// is refused here, before it reaches the log (the state machine checks again when it applies).
     pub async fn propose(&self, command: Command) -> Result<CommandResponse, ControlError> {
+        command.validate(&self.current()).map_err(ControlError::Refused)?;
         let (leader, addr) = self.wait_for_leader().await?;
         if leader == self.id {
             return match self.raft.client_write(command.clone()).await {
@@ -178,6 +180,15 @@ impl Control {
                 .map_err(|status| ControlError::Forward(status.message().to_string()));
         }
         let id = request.node_id;
+        let put = Command::PutMember {
+            id,
+            device_addr: request.device_addr.clone(),
+            cluster_addr: request.cluster_addr.clone(),
+            device_name: crate::pki::node_device_name(id),
+            now_ms: unix_millis(),
+        };
+        // Checked before Raft's membership changes, so a node the state would refuse never becomes a learner.
+        put.validate(&self.current()).map_err(ControlError::Refused)?;
         let _serial = self.membership_changes.lock().await;
         let (voters, learners) = self.raft_members();
         if !voters.contains(&id) && !learners.contains(&id) {
@@ -194,16 +205,8 @@ impl Control {
                 .await
                 .map_err(|e| ControlError::Raft(e.to_string()))?;
         }
-        let now_ms = unix_millis();
-        self.apply(Command::PutMember {
-            id,
-            device_addr: request.device_addr,
-            cluster_addr: request.cluster_addr,
-            device_name: crate::pki::node_device_name(id),
-            now_ms,
-        })
-        .await?;
-        self.apply(Command::SetMemberState { id, state: MemberState::Active, now_ms }).await?;
+        self.apply(put).await?;
+        self.apply(Command::SetMemberState { id, state: MemberState::Active, now_ms: unix_millis() }).await?;
         tracing::info!(node = id, voter, "node joined the cluster");
         Ok(JoinResponse { leader_id: self.id, voter })
     }

@@ -1,9 +1,15 @@
 //! The control state the Raft group agrees on, and the commands that change it.
 //!
 //! `ClusterState` is the whole replicated state machine: members, ring parameters, token keys, provider
-//! credentials, revoked devices, suspected clones and the epoch. `apply` is the only code that changes it:
-//! a plain match over `Command`, deterministic (every timestamp travels inside the command), bumping the
-//! epoch on every change it makes. Data-plane traffic never comes here.
+//! credentials, revoked devices, suspected clones and the epoch. `apply` is the only code that changes it: a
+//! plain match over `Command`, deterministic (every timestamp travels inside the command), bumping the epoch on every change
+//! it makes. Data-plane traffic never comes here.
+//!
+//! `Command::validate` bounds what one command may ask for (ring size, counts of members, keys, teams,
+//! topics and revocations, string sizes), so that no write through Raft can make the state, or what every
+//! node and gateway builds from it, grow without limit. `Control::propose` checks it before a command
+//! reaches the log and `apply` checks it again, so an out-of-bounds entry already in an old log replays as
+//! a refusal that changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -130,6 +136,36 @@ pub struct ClusterState {
     pub suspected_clones: BTreeMap<DeviceId, SuspectedClone>,
 }
 
+/// The bounds `Command::validate` enforces. Each is far above what a real cluster uses and low enough
+/// that the whole state stays a few tens of MiB at worst: it is cloned and written out on every apply.
+pub mod limits {
+    /// Virtual nodes per member: every process builds a ring of members × vnodes points.
+    pub const MAX_VNODES: u32 = 1024;
+    /// Copies of each notification (owner included); more than the members there are buys nothing.
+    pub const MAX_REPLICATION_FACTOR: u32 = 8;
+    /// Members in the control state (Raft voters are capped separately, at `MAX_VOTERS`).
+    pub const MAX_MEMBERS: usize = 256;
+    /// A member's device or cluster address (`host:port`; a DNS name is at most 253 bytes).
+    pub const MAX_ADDR_LEN: usize = 262;
+    /// Token keys of every state, retired ones included (they stay to answer `ExpiredToken`): a daily
+    /// rotation lasts almost three years.
+    pub const MAX_TOKEN_KEYS: usize = 1024;
+    /// Provider teams.
+    pub const MAX_TEAMS: usize = 1000;
+    /// Signing keys of one team.
+    pub const MAX_KEYS_PER_TEAM: usize = 16;
+    /// Topics one team may be restricted to.
+    pub const MAX_TOPICS_PER_TEAM: usize = 100;
+    /// A team id or key id (Apple's are 10 characters).
+    pub const MAX_ID_LEN: usize = 64;
+    /// A topic, as the provider API accepts it.
+    pub const MAX_TOPIC_LEN: usize = 255;
+    /// A provider public key's PEM text (a P-256 key is under 200 bytes).
+    pub const MAX_PEM_LEN: usize = 2048;
+    /// Revoked device ids.
+    pub const MAX_REVOKED: usize = 100_000;
+}
+
 /// A change to the control state, proposed through Raft.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
@@ -230,10 +266,116 @@ impl std::fmt::Display for Command {
     }
 }
 
+impl Command {
+    /// Whether `state` may take this command within `limits`; the error is the reason given to whoever
+    /// proposed it. Cheap (no allocation beyond the reason) except for parsing a provider key's PEM.
+    /// Checks only bounds and well-formedness: `ClusterState::apply` decides the rest (missing members,
+    /// the active key, …).
+    pub fn validate(&self, state: &ClusterState) -> Result<(), String> {
+        use limits::*;
+        match self {
+            Command::PutMember { id, device_addr, cluster_addr, device_name, .. } => {
+                check_len("device address", device_addr, MAX_ADDR_LEN)?;
+                check_len("cluster address", cluster_addr, MAX_ADDR_LEN)?;
+                check_len("device name", device_name, MAX_ADDR_LEN)?;
+                if !state.members.contains_key(id) && state.members.len() >= MAX_MEMBERS {
+                    return Err(format!("the cluster already has {MAX_MEMBERS} members, the most it may have"));
+                }
+            }
+            Command::SetMemberState { .. } | Command::RemoveMember { .. } | Command::RetireTokenKey { .. } => {}
+            Command::SetRing { params } => {
+                if !(1..=MAX_VNODES).contains(&params.vnodes) {
+                    return Err(format!("vnodes must be 1 to {MAX_VNODES}, not {}", params.vnodes));
+                }
+                if !(1..=MAX_REPLICATION_FACTOR).contains(&params.replication_factor) {
+                    return Err(format!(
+                        "replication factor must be 1 to {MAX_REPLICATION_FACTOR}, not {}",
+                        params.replication_factor
+                    ));
+                }
+            }
+            Command::RotateTokenKey { key, .. } => {
+                if !state.token_keys.contains_key(&key.id) && state.token_keys.len() >= MAX_TOKEN_KEYS {
+                    return Err(format!("the cluster already holds {MAX_TOKEN_KEYS} token keys, the most it may"));
+                }
+            }
+            Command::PutProviderKey { team_id, key_id, public_key_pem, topics } => {
+                check_id("team id", team_id)?;
+                check_id("key id", key_id)?;
+                check_len("provider public key", public_key_pem, MAX_PEM_LEN)?;
+                if topics.len() > MAX_TOPICS_PER_TEAM {
+                    return Err(format!("{} topics; a team may have at most {MAX_TOPICS_PER_TEAM}", topics.len()));
+                }
+                for topic in topics {
+                    if topic.is_empty() {
+                        return Err("a topic must not be empty".into());
+                    }
+                    check_len("topic", topic, MAX_TOPIC_LEN)?;
+                }
+                match state.providers.get(team_id) {
+                    None if state.providers.len() >= MAX_TEAMS => {
+                        return Err(format!("the cluster already has {MAX_TEAMS} provider teams, the most it may"));
+                    }
+                    Some(team) if !team.keys.contains_key(key_id) && team.keys.len() >= MAX_KEYS_PER_TEAM => {
+                        return Err(format!("team {team_id} already has {MAX_KEYS_PER_TEAM} keys, the most it may"));
+                    }
+                    _ => {}
+                }
+                crate::pki::check_es256_public_key(public_key_pem)
+                    .map_err(|why| format!("provider public key: {why}"))?;
+            }
+            Command::RemoveProvider { team_id, key_id } => {
+                check_len("team id", team_id, MAX_ID_LEN)?;
+                if let Some(key_id) = key_id {
+                    check_len("key id", key_id, MAX_ID_LEN)?;
+                }
+            }
+            Command::RevokeDevice { device } => {
+                if !state.revoked.contains(device) && state.revoked.len() >= MAX_REVOKED {
+                    return Err(format!("{MAX_REVOKED} devices are already revoked, the most the cluster holds"));
+                }
+            }
+            Command::SuspectClone { device, addrs, .. } => {
+                if addrs.len() > MAX_CLONE_ADDRS || addrs.iter().any(|a| a.is_empty() || a.len() > MAX_CLONE_ADDR_LEN) {
+                    return Err(format!(
+                        "at most {MAX_CLONE_ADDRS} source addresses of 1-{MAX_CLONE_ADDR_LEN} bytes each"
+                    ));
+                }
+                if !state.suspected_clones.contains_key(device) && state.suspected_clones.len() >= MAX_SUSPECTED_CLONES
+                {
+                    return Err("too many suspected clones recorded; clear or revoke some first".into());
+                }
+            }
+            Command::ClearClone { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// Refuses `value` longer than `max` bytes, saying how long it was rather than echoing it.
+fn check_len(what: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!("{what} is {} bytes; at most {max} are allowed", value.len()));
+    }
+    Ok(())
+}
+
+/// A team or key id: 1 to `MAX_ID_LEN` bytes.
+fn check_id(what: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{what} must not be empty"));
+    }
+    check_len(what, value, limits::MAX_ID_LEN)
+}
+
 impl ClusterState {
-    /// Applies one command. A refused command changes nothing, the epoch included.
+    /// Applies one command. A refused command changes nothing, the epoch included; a command out of
+    /// `limits` is refused here too, so one that reached the log before the limits existed is harmless.
     pub fn apply(&mut self, command: &Command) -> CommandResponse {
         let refused = |reason: &str| CommandResponse::Refused { reason: reason.to_string() };
+        if let Err(reason) = command.validate(self) {
+            return CommandResponse::Refused { reason };
+        }
         match command {
             Command::PutMember { id, device_addr, cluster_addr, device_name, now_ms } => {
                 let member = self.members.entry(*id).or_insert_with(|| Member {
@@ -261,12 +403,7 @@ impl ClusterState {
                     return refused("no such member");
                 }
             }
-            Command::SetRing { params } => {
-                if params.vnodes == 0 || params.replication_factor == 0 {
-                    return refused("vnodes and replication factor must be at least 1");
-                }
-                self.ring = *params;
-            }
+            Command::SetRing { params } => self.ring = *params,
             Command::RotateTokenKey { key, now_ms } => {
                 if self.token_keys.contains_key(&key.id) {
                     return refused("a token key with this id exists");
@@ -297,12 +434,6 @@ impl ClusterState {
                 }
             }
             Command::PutProviderKey { team_id, key_id, public_key_pem, topics } => {
-                if team_id.is_empty() || key_id.is_empty() {
-                    return refused("team id and key id must not be empty");
-                }
-                if let Err(why) = crate::pki::check_es256_public_key(public_key_pem) {
-                    return refused(&format!("provider public key: {why}"));
-                }
                 let team = self.providers.entry(team_id.clone()).or_default();
                 team.keys.insert(key_id.clone(), public_key_pem.clone());
                 // Adding a key without naming topics keeps the team's restriction instead of lifting it.
@@ -334,21 +465,12 @@ impl ClusterState {
                 }
             }
             Command::SuspectClone { device, node, addrs, refuse, now_ms } => {
-                if addrs.len() > MAX_CLONE_ADDRS || addrs.iter().any(|a| a.is_empty() || a.len() > MAX_CLONE_ADDR_LEN) {
-                    return refused(&format!(
-                        "at most {MAX_CLONE_ADDRS} source addresses of 1-{MAX_CLONE_ADDR_LEN} bytes each"
-                    ));
-                }
                 if self.revoked.contains(device) {
                     return refused("the device is revoked");
                 }
-                let full = self.suspected_clones.len() >= MAX_SUSPECTED_CLONES;
                 match self.suspected_clones.get_mut(device) {
                     Some(known) if known.refuse || !*refuse => return CommandResponse::Applied { epoch: self.epoch },
                     Some(known) => known.refuse = true,
-                    None if full => {
-                        return refused("too many suspected clones recorded; clear or revoke some first");
-                    }
                     None => {
                         let record =
                             SuspectedClone { since_ms: *now_ms, node: *node, addrs: addrs.clone(), refuse: *refuse };
@@ -364,6 +486,19 @@ impl ClusterState {
         }
         self.epoch.0 += 1;
         CommandResponse::Applied { epoch: self.epoch }
+    }
+
+    /// Puts ring parameters out of `limits` back to the defaults, saying so; true if it did. A state
+    /// persisted (or snapshotted) by a version without limits may hold a ring no process can build, and
+    /// would crash every node on every start. Every node repairs the same state the same way, so their
+    /// views still agree.
+    pub fn repair_ring(&mut self) -> bool {
+        if (Command::SetRing { params: self.ring }).validate(self).is_ok() {
+            return false;
+        }
+        tracing::warn!(ring = ?self.ring, "ring parameters out of bounds in the stored state; using the defaults");
+        self.ring = RingParams::default();
+        true
     }
 
     /// Makes `keyring` hold exactly this state's token keys in their states; an empty key set (a cluster
@@ -464,6 +599,132 @@ mod tests {
         assert_eq!(state.providers["TEAM"].keys.keys().collect::<Vec<_>>(), ["B"]);
         state.apply(&Command::RemoveProvider { team_id: "TEAM".into(), key_id: Some("B".into()) });
         assert!(state.providers.is_empty());
+    }
+
+    fn p256_pem() -> String {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().public_key_pem()
+    }
+
+    fn put_provider(team: &str, kid: &str, pem: &str, topics: Vec<String>) -> Command {
+        Command::PutProviderKey { team_id: team.into(), key_id: kid.into(), public_key_pem: pem.into(), topics }
+    }
+
+    /// `validate` refuses `command` naming `what`, and `apply` refuses it too without changing anything.
+    fn refused_everywhere(state: &mut ClusterState, command: &Command, what: &str) {
+        let reason = command.validate(state).expect_err(&format!("validate takes {command}"));
+        assert!(reason.contains(what), "{command}: {reason:?} should name {what:?}");
+        let before = serde_json::to_value(&*state).unwrap();
+        assert_eq!(state.apply(command), CommandResponse::Refused { reason }, "{command}");
+        assert_eq!(serde_json::to_value(&*state).unwrap(), before, "a refused {command} changed the state");
+    }
+
+    #[test]
+    fn ring_parameters_are_bounded() {
+        let mut state = ClusterState::default();
+        for (vnodes, replication_factor, what) in [
+            (0, 2, "vnodes"),
+            (limits::MAX_VNODES + 1, 2, "vnodes"),
+            (u32::MAX, 2, "vnodes"),
+            (128, 0, "replication factor"),
+            (128, limits::MAX_REPLICATION_FACTOR + 1, "replication factor"),
+        ] {
+            refused_everywhere(
+                &mut state,
+                &Command::SetRing { params: RingParams { vnodes, replication_factor } },
+                what,
+            );
+        }
+        let largest = RingParams { vnodes: limits::MAX_VNODES, replication_factor: limits::MAX_REPLICATION_FACTOR };
+        assert_eq!(state.apply(&Command::SetRing { params: largest }), CommandResponse::Applied { epoch: Epoch(1) });
+        assert_eq!(state.ring, largest);
+    }
+
+    #[test]
+    fn a_stored_ring_out_of_bounds_is_repaired_to_the_defaults() {
+        let huge = RingParams { vnodes: u32::MAX, replication_factor: 3 };
+        let mut state = ClusterState { ring: huge, ..ClusterState::default() };
+        assert!(state.repair_ring());
+        assert_eq!(state.ring, RingParams::default());
+        let fine = RingParams { vnodes: 64, replication_factor: 3 };
+        let mut state = ClusterState { ring: fine, ..ClusterState::default() };
+        assert!(!state.repair_ring());
+        assert_eq!(state.ring, fine);
+    }
+
+    #[test]
+    fn members_and_their_addresses_are_bounded() {
+        let mut state = ClusterState::default();
+        let put = |id, addr: String| Command::PutMember {
+            id,
+            device_addr: addr.clone(),
+            cluster_addr: addr,
+            device_name: String::new(),
+            now_ms: 1,
+        };
+        refused_everywhere(&mut state, &put(1, "a".repeat(limits::MAX_ADDR_LEN + 1)), "address");
+        for id in 0..limits::MAX_MEMBERS as u64 {
+            assert!(matches!(state.apply(&put(id, format!("n{id}:1"))), CommandResponse::Applied { .. }));
+        }
+        refused_everywhere(&mut state, &put(9999, "late:1".into()), "members");
+        // An existing member may still change its addresses at the limit.
+        assert!(matches!(state.apply(&put(0, "a".repeat(limits::MAX_ADDR_LEN))), CommandResponse::Applied { .. }));
+    }
+
+    #[test]
+    fn token_keys_are_bounded() {
+        let mut state = ClusterState::default();
+        for id in 0..limits::MAX_TOKEN_KEYS as u32 {
+            let key = TokenKey::from_secret(TokenKeyId(id), [1; 32]);
+            assert!(matches!(
+                state.apply(&Command::RotateTokenKey { key, now_ms: 1 }),
+                CommandResponse::Applied { .. }
+            ));
+        }
+        let one_more = TokenKey::from_secret(TokenKeyId(u32::MAX), [2; 32]);
+        refused_everywhere(&mut state, &Command::RotateTokenKey { key: one_more, now_ms: 2 }, "token keys");
+    }
+
+    #[test]
+    fn provider_ids_keys_and_topics_are_bounded() {
+        let mut state = ClusterState::default();
+        let pem = p256_pem();
+        let long_id = "T".repeat(limits::MAX_ID_LEN + 1);
+        refused_everywhere(&mut state, &put_provider(&long_id, "K", &pem, vec![]), "team id");
+        refused_everywhere(&mut state, &put_provider("", "K", &pem, vec![]), "team id");
+        refused_everywhere(&mut state, &put_provider("TEAM", &long_id, &pem, vec![]), "key id");
+        refused_everywhere(&mut state, &put_provider("TEAM", "", &pem, vec![]), "key id");
+        let huge_pem = format!("{pem}{}", " ".repeat(limits::MAX_PEM_LEN));
+        refused_everywhere(&mut state, &put_provider("TEAM", "K", &huge_pem, vec![]), "public key");
+        refused_everywhere(&mut state, &put_provider("TEAM", "K", "not a key", vec![]), "public key");
+        let topics = (0..=limits::MAX_TOPICS_PER_TEAM).map(|i| format!("app.{i}")).collect();
+        refused_everywhere(&mut state, &put_provider("TEAM", "K", &pem, topics), "topics");
+        refused_everywhere(&mut state, &put_provider("TEAM", "K", &pem, vec!["t".repeat(256)]), "topic");
+        refused_everywhere(&mut state, &put_provider("TEAM", "K", &pem, vec![String::new()]), "topic");
+        refused_everywhere(&mut state, &Command::RemoveProvider { team_id: long_id.clone(), key_id: None }, "team id");
+
+        for kid in 0..limits::MAX_KEYS_PER_TEAM {
+            let command = put_provider("TEAM", &format!("K{kid}"), &pem, vec![]);
+            assert!(matches!(state.apply(&command), CommandResponse::Applied { .. }));
+        }
+        refused_everywhere(&mut state, &put_provider("TEAM", "ONE-MORE", &pem, vec![]), "keys");
+        assert!(matches!(state.apply(&put_provider("TEAM", "K0", &pem, vec![])), CommandResponse::Applied { .. }));
+
+        for team in 1..limits::MAX_TEAMS {
+            assert!(matches!(
+                state.apply(&put_provider(&format!("T{team}"), "K", &pem, vec![])),
+                CommandResponse::Applied { .. }
+            ));
+        }
+        refused_everywhere(&mut state, &put_provider("NEW-TEAM", "K", &pem, vec![]), "teams");
+    }
+
+    #[test]
+    fn revocations_are_bounded() {
+        let revoked = (0..limits::MAX_REVOKED as u128).map(DeviceId).collect();
+        let mut state = ClusterState { revoked, ..ClusterState::default() };
+        refused_everywhere(&mut state, &Command::RevokeDevice { device: DeviceId(u128::MAX) }, "revoked");
+        let again = Command::RevokeDevice { device: DeviceId(0) };
+        assert_eq!(state.apply(&again), CommandResponse::Applied { epoch: Epoch(0) }, "revoking again is a no-op");
     }
 
     #[test]

@@ -145,7 +145,9 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, watch::Receiver
             state: ClusterState::default(),
         })
     };
-    let state = Arc::new(image.state);
+    let mut state = image.state;
+    state.repair_ring();
+    let state = Arc::new(state);
     let (published, receiver) = watch::channel(state.clone());
     let db = Arc::new(db);
     let log = LogStore { db: db.clone(), committed_index: Arc::new(std::sync::atomic::AtomicU64::new(0)) };
@@ -519,7 +521,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
         self.last_applied = image.last_applied;
         self.last_membership = image.last_membership;
-        self.state = Arc::new(image.state);
+        let mut state = image.state;
+        state.repair_ring();
+        self.state = Arc::new(state);
         self.published.send_replace(self.state.clone());
         tracing::info!(snapshot = %meta.snapshot_id, epoch = self.state.epoch.0, "installed Raft snapshot");
         Ok(())
@@ -556,7 +560,7 @@ mod tests {
     use tempfile::TempDir;
 
     use super::*;
-    use crate::raft::state::{Command, Epoch, MemberState};
+    use crate::raft::state::{Command, Epoch, MemberState, RingParams};
     use crate::token::{TokenKey, TokenKeyId};
 
     /// Opens a fresh store in its own directory; the directory lives as long as the suite's guard.
@@ -634,6 +638,31 @@ mod tests {
         assert!(machine.apply(Vec::new()).await.expect("empty batch").is_empty());
     }
 
+    /// An entry written before commands were bounded (a `SetRing` of u32::MAX virtual nodes would make
+    /// every process build a ring of billions of points) replays as a refusal that changes nothing, and
+    /// the entries after it apply as usual.
+    #[tokio::test]
+    async fn an_out_of_bounds_entry_in_an_old_log_replays_as_a_refusal() {
+        let dir = TempDir::new().expect("tempdir");
+        let (_log, mut machine, _watch) = open(&dir.path().join("raft.redb")).expect("open");
+        populate(&mut machine).await;
+        let before = as_json(&machine.state());
+        let huge = RingParams { vnodes: u32::MAX, replication_factor: u32::MAX };
+        let responses = machine
+            .apply([normal(1, 7, Command::SetRing { params: huge }), normal(1, 8, put_member(3))])
+            .await
+            .expect("apply");
+        assert!(
+            matches!(&responses[0], CommandResponse::Refused { reason } if reason.contains("vnodes")),
+            "{responses:?}"
+        );
+        assert_eq!(responses[1], CommandResponse::Applied { epoch: Epoch(4) });
+        let state = machine.state();
+        assert_eq!(state.ring, RingParams::default());
+        assert_eq!(state.epoch, Epoch(4));
+        assert_eq!(as_json(&state)["ring"], before["ring"]);
+    }
+
     #[cfg(unix)]
     #[tokio::test]
     async fn the_raft_database_holding_token_keys_is_owner_only() {
@@ -665,6 +694,30 @@ mod tests {
         assert_eq!(as_json(&watch.borrow()), expected_state, "the receiver starts from the persisted state");
         assert_eq!(machine.state().epoch, Epoch(3));
         assert_eq!(machine.state().active_key().map(|r| r.key.id), Some(TokenKeyId(7)));
+    }
+
+    /// A state an older version persisted with a ring no process can build opens with the default ring.
+    #[tokio::test]
+    async fn a_stored_ring_out_of_bounds_opens_as_the_default() {
+        let dir = TempDir::new().expect("tempdir");
+        let path = dir.path().join("raft.redb");
+        {
+            let (_log, mut machine, _watch) = open(&path).expect("open");
+            populate(&mut machine).await;
+            let txn = machine.db.begin_write().expect("write");
+            {
+                let mut table = txn.open_table(MACHINE).expect("machine table");
+                let mut image: serde_json::Value =
+                    serde_json::from_slice(table.get(APPLIED).expect("read").expect("applied").value()).expect("json");
+                image["state"]["ring"]["vnodes"] = u32::MAX.into();
+                table.insert(APPLIED, serde_json::to_vec(&image).expect("json").as_slice()).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let (_log, machine, watch) = open(&path).expect("reopen");
+        assert_eq!(machine.state().ring, RingParams::default());
+        assert_eq!(watch.borrow().ring, RingParams::default());
+        assert_eq!(machine.state().epoch, Epoch(3), "the rest of the state is as stored");
     }
 
     #[tokio::test]
