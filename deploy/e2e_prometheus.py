@@ -284,9 +284,13 @@ def main():
         leader_ids = {r["value"][1] for r in leaders}
         if len(leader_ids) != 1:
             raise Failure(f"nodes disagree on the leader: {leaders}")
-        accepted = prom.query("sum(courier_gateway_notifications_accepted_total)")
-        if not accepted or float(accepted[0]["value"][1]) < PUSHES:
-            raise Failure(f"gateway accepted counter missing or low in Prometheus: {accepted}")
+        # The gateway is scraped on its own schedule: its latest sample may predate the pushes by up to one
+        # scrape interval even when the nodes' already shows them.
+        def accepted():
+            result = prom.query("sum(courier_gateway_notifications_accepted_total)")
+            return result and float(result[0]["value"][1]) >= PUSHES
+
+        wait_for("the gateway's accepted counter in Prometheus", accepted, 30)
         checks += 1
         log(f"Prometheus has courier_node_notifications_delivered_total >= {PUSHES} and the leader series "
             f"(leader {leader_ids.pop()} seen by all three nodes)")

@@ -8,7 +8,6 @@
 mod common;
 
 use std::net::IpAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -74,29 +73,9 @@ async fn device_with_token(cluster: &TestCluster) -> (DeviceCredentials, String)
 
 /// Runs `courier ctl` against the cluster's node with its admin certificate; returns stdout.
 async fn ctl(cluster: &TestCluster, args: &[&str]) -> String {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_courier"));
-    command
-        .arg("ctl")
-        .arg("--node")
-        .arg(cluster.node().cluster_addr.to_string())
-        .arg("--pki-dir")
-        .arg(cluster.dir.path())
-        .args(args)
-        .env_remove("COURIER_CTL_NODE")
-        .env_remove("COURIER_PKI_DIR")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .expect("courier ctl finishes within 30s")
-        .expect("courier ctl runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "courier ctl {args:?} failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    let run = common::ctl(cluster.node().cluster_addr, cluster.dir.path(), args).await;
+    assert!(run.success, "courier ctl {args:?} failed: {run:?}");
+    run.stdout
 }
 
 /// The `ctl devices list` row naming `device`, split into words.

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::{Nodes, eventually};
@@ -14,47 +13,16 @@ use courier_node::ids::DeviceId;
 use courier_node::raft::state::{ClusterState, Command, KeyState};
 use courier_node::token::TokenKeyId;
 
-/// What one `courier ctl` run left behind.
-struct Run {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "success: {}\n--- stdout\n{}--- stderr\n{}", self.success, self.stdout, self.stderr)
-    }
-}
+use common::CtlRun as Run;
 
 /// Longest run of consecutive hex digits in `text`.
 fn longest_hex_run(text: &str) -> usize {
     text.split(|c: char| !c.is_ascii_hexdigit()).map(str::len).max().unwrap_or(0)
 }
 
-/// Runs `courier ctl --node <node 1> --pki-dir <cluster PKI> <args…>` with a deadline.
+/// Runs `courier ctl --node <node 1> --pki-dir <cluster PKI> <args…>`; nothing it prints may hold a secret.
 async fn ctl(nodes: &Nodes, args: &[&str]) -> Run {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_courier"));
-    command
-        .arg("ctl")
-        .arg("--node")
-        .arg(nodes.configs[0].cluster_addr.to_string())
-        .arg("--pki-dir")
-        .arg(nodes.dir.path())
-        .args(args)
-        .env_remove("COURIER_CTL_NODE")
-        .env_remove("COURIER_PKI_DIR")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .unwrap_or_else(|_| panic!("courier ctl {args:?} finished within 30s"))
-        .expect("courier ctl runs");
-    let run = Run {
-        success: output.status.success(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
+    let run = common::ctl(nodes.configs[0].cluster_addr, nodes.dir.path(), args).await;
     for (stream, text) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
         assert!(longest_hex_run(text) < 64, "courier ctl {args:?} printed a 64-hex-character run on {stream}: {run:?}");
     }

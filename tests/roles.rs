@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,31 +29,6 @@ fn as_admin(pki: &PkiDir, member: &str, into: &Path) -> PkiDir {
     PkiDir::new(into)
 }
 
-struct Run {
-    success: bool,
-    stderr: String,
-}
-
-async fn ctl(node: SocketAddr, pki: &Path, args: &[&str]) -> Run {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-        .arg("ctl")
-        .arg("--node")
-        .arg(node.to_string())
-        .arg("--pki-dir")
-        .arg(pki)
-        .args(args)
-        .env_remove("COURIER_CTL_NODE")
-        .env_remove("COURIER_PKI_DIR")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(30), output)
-        .await
-        .expect("courier ctl finishes within 30 s")
-        .expect("courier ctl runs");
-    Run { success: output.status.success(), stderr: String::from_utf8_lossy(&output.stderr).into_owned() }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_admin_certificate_runs_admin_commands() {
     let nodes = Nodes::start(2, |_| {}).await;
@@ -66,7 +39,7 @@ async fn only_the_admin_certificate_runs_admin_commands() {
     for member in ["gateway", "node-2"] {
         let stolen = tempfile::tempdir().unwrap();
         as_admin(&pki, member, stolen.path());
-        let run = ctl(node1, stolen.path(), &["keys", "rotate"]).await;
+        let run = common::ctl(node1, stolen.path(), &["keys", "rotate"]).await;
         assert!(!run.success, "ctl keys rotate with {member}'s certificate as admin.pem succeeded");
         assert!(
             run.stderr.to_lowercase().contains("permission") && run.stderr.contains("may not call Status"),
@@ -93,7 +66,7 @@ async fn only_the_admin_certificate_runs_admin_commands() {
     // The admin's change, sent to whichever node is not the leader: it names the leader, and ctl asks there.
     let leader = nodes.node(1).control.leader().expect("a leader");
     let follower = nodes.configs[if leader == 1 { 1 } else { 0 }].cluster_addr;
-    let run = ctl(follower, nodes.dir.path(), &["keys", "rotate"]).await;
+    let run = common::ctl(follower, nodes.dir.path(), &["keys", "rotate"]).await;
     assert!(run.success, "ctl keys rotate with the admin certificate, through a follower: {}", run.stderr);
     eventually(Duration::from_secs(10), "the admin's rotation is applied", || {
         std::future::ready(nodes.node(1).control.current().active_key().is_some_and(|k| k.key.id != key_before))

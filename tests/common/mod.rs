@@ -494,3 +494,42 @@ pub async fn request_checked(
     openapi::check_response(method.as_str(), path, response.status, response.apns_id.as_deref(), &response.body);
     response
 }
+
+/// What one `courier ctl` run left behind.
+pub struct CtlRun {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for CtlRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "success: {}\n--- stdout\n{}--- stderr\n{}", self.success, self.stdout, self.stderr)
+    }
+}
+
+/// Runs the real `courier ctl --node <node> --pki-dir <pki> <args…>` (nothing taken from the shell's
+/// `COURIER_*` variables) within 30 s.
+pub async fn ctl(node: std::net::SocketAddr, pki: &Path, args: &[&str]) -> CtlRun {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .arg("ctl")
+        .arg("--node")
+        .arg(node.to_string())
+        .arg("--pki-dir")
+        .arg(pki)
+        .args(args)
+        .env_remove("COURIER_CTL_NODE")
+        .env_remove("COURIER_PKI_DIR")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output)
+        .await
+        .unwrap_or_else(|_| panic!("courier ctl {args:?} finished within 30 s"))
+        .expect("courier ctl runs");
+    CtlRun {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
