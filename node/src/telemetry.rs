@@ -32,6 +32,12 @@ pub fn prometheus() -> PrometheusHandle {
             let handle = recorder.handle();
             // Another recorder may already be installed (a test harness); then ours only renders.
             let _ = metrics::set_global_recorder(recorder);
+            // Every process that renders metrics (node or gateway) exports this gauge, so it is described here.
+            metrics::describe_gauge!(
+                "process_resident_memory_bytes",
+                metrics::Unit::Bytes,
+                "Resident memory of this process (refreshed every second); the loadtest divides it by links."
+            );
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
@@ -67,11 +73,6 @@ pub fn resident_memory_bytes(pid: Option<u32>) -> Option<u64> {
 pub fn describe_node_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!("courier_node_device_links", "Device links this node holds open.");
-    describe_gauge!(
-        "process_resident_memory_bytes",
-        Unit::Bytes,
-        "Resident memory of this process (refreshed every second); the loadtest divides it by links."
-    );
     describe_counter!(
         "courier_node_notifications_dropped_total",
         "Stored notifications dropped before delivery, by reason (queue_full: over the per-topic cap)."
