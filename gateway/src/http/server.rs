@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -77,18 +77,6 @@ pub struct ConnectionLimits {
     pub max_handshakes_per_address: usize,
 }
 
-/// The part of a peer's address that names one client: a whole IPv4 address, or the /64 of an IPv6 one
-/// (a single host is routinely given a whole /64, so counting its addresses one by one would bound nothing).
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-    }
-}
-
 /// What one source address holds now.
 struct Source {
     connections: usize,
@@ -118,7 +106,7 @@ impl Sources {
 
     /// A place for one more connection from `ip`, unless that address already holds its share.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
-        let key = source_key(ip);
+        let key = courier_node::edge::limits::source_key(ip);
         let max = self.limits.max_connections_per_address;
         let per_address_handshakes = match self.limits.max_handshakes_per_address {
             0 => Semaphore::MAX_PERMITS,

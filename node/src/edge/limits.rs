@@ -59,18 +59,16 @@ impl Refusal {
     }
 }
 
-/// The key connections are counted under: an IPv4 address, or an IPv6 /64 (what one subscriber
-/// usually gets, so that one host cannot claim a fresh address per connection).
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
+/// The key connections are counted under, on the device port and the provider port alike: a whole IPv4
+/// address (an IPv4-mapped IPv6 one included), or the /64 of an IPv6 one (what one subscriber usually gets,
+/// so that one host cannot claim a fresh address per connection).
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let segments = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(segments[0], segments[1], segments[2], segments[3], 0, 0, 0, 0))
-            }
-        },
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
     }
 }
 
