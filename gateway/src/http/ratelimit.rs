@@ -13,6 +13,8 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use courier_node::edge::limits::TokenBucket;
+
 /// Keys one limiter tracks at most.
 const MAX_KEYS: usize = 100_000;
 
@@ -23,17 +25,12 @@ pub struct Limit {
     pub burst: f64,
 }
 
-struct Bucket {
-    tokens: f64,
-    refilled: Instant,
-}
-
 /// Token buckets keyed by `K`.
 pub struct RateLimiter<K> {
     limit: Limit,
     /// The label of `courier_gateway_rate_limited_total` this limiter counts under.
     scope: &'static str,
-    buckets: Mutex<HashMap<K, Bucket>>,
+    buckets: Mutex<HashMap<K, TokenBucket>>,
 }
 
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
@@ -51,20 +48,15 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             return true;
         }
         let Limit { per_sec, burst } = self.limit;
-        let burst = burst.max(1.0);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= MAX_KEYS && !buckets.contains_key(key) {
-            buckets.retain(|_, b| b.tokens + now.saturating_duration_since(b.refilled).as_secs_f64() * per_sec < burst);
+            buckets.retain(|_, b| !b.is_full(now));
             if buckets.len() >= MAX_KEYS {
                 buckets.clear();
             }
         }
-        let bucket = buckets.entry(key.clone()).or_insert(Bucket { tokens: burst, refilled: now });
-        let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * per_sec).min(burst);
-        bucket.refilled = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        let bucket = buckets.entry(key.clone()).or_insert_with(|| TokenBucket::new(burst, per_sec, now));
+        if bucket.take(now) {
             true
         } else {
             metrics::counter!("courier_gateway_rate_limited_total", "scope" => self.scope).increment(1);

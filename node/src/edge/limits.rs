@@ -198,7 +198,8 @@ impl Drop for Pending {
     }
 }
 
-/// A token bucket: up to `burst` events at once, refilled at `per_sec` events per second.
+/// A token bucket: up to `burst` events at once, refilled at `per_sec` events per second. The device link's
+/// write limit and the gateway's per-device and per-team push limits are all this bucket.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     burst: f64,
@@ -208,17 +209,27 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    /// A full bucket.
-    pub fn new(burst: u32, per_sec: f64, now: Instant) -> Self {
-        let burst = f64::from(burst.max(1));
+    /// A full bucket (a burst below one is one).
+    pub fn new(burst: f64, per_sec: f64, now: Instant) -> Self {
+        let burst = burst.max(1.0);
         TokenBucket { burst, per_sec: per_sec.max(0.0), tokens: burst, last: now }
+    }
+
+    /// The tokens it would hold at `now`.
+    fn tokens_at(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last);
+        (self.tokens + elapsed.as_secs_f64() * self.per_sec).min(self.burst)
+    }
+
+    /// Whether it has refilled completely by `now` (so forgetting it changes nothing).
+    pub fn is_full(&self, now: Instant) -> bool {
+        self.tokens_at(now) >= self.burst
     }
 
     /// Takes one token if there is one; `false` means the event is over the limit.
     pub fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last);
+        self.tokens = self.tokens_at(now);
         self.last = self.last.max(now);
-        self.tokens = (self.tokens + elapsed.as_secs_f64() * self.per_sec).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -256,7 +267,7 @@ mod tests {
     #[test]
     fn the_bucket_allows_a_burst_then_the_rate() {
         let start = Instant::now();
-        let mut bucket = TokenBucket::new(3, 2.0, start);
+        let mut bucket = TokenBucket::new(3.0, 2.0, start);
         assert!((0..3).all(|_| bucket.take(start)), "the whole burst at once");
         assert!(!bucket.take(start), "nothing beyond the burst");
         assert!(!bucket.take(start + Duration::from_millis(400)), "0.8 tokens is not one");
@@ -270,10 +281,10 @@ mod tests {
     #[test]
     fn the_bucket_survives_time_going_backwards_and_zero_rates() {
         let start = Instant::now() + Duration::from_secs(10);
-        let mut bucket = TokenBucket::new(1, 0.0, start);
+        let mut bucket = TokenBucket::new(1.0, 0.0, start);
         assert!(bucket.take(start - Duration::from_secs(5)));
         assert!(!bucket.take(start + Duration::from_secs(1_000_000)), "a zero rate never refills");
-        let mut bucket = TokenBucket::new(0, 1.0, start);
+        let mut bucket = TokenBucket::new(0.0, 1.0, start);
         assert!(bucket.take(start), "a burst of 0 still allows one");
     }
 

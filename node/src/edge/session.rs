@@ -245,7 +245,7 @@ impl DeviceLink<'_> {
             edge,
             inflight: HashMap::new(),
             untracked: 0,
-            writes: TokenBucket::new(limits.write_burst, limits.write_rate, Instant::now().into_std()),
+            writes: TokenBucket::new(f64::from(limits.write_burst), limits.write_rate, Instant::now().into_std()),
             topics: HashSet::new(),
         }
     }
