@@ -192,8 +192,12 @@ async fn with_refuse_neither_copy_receives_pushes_until_the_clone_is_cleared() {
         .into_inner();
     let result = &answer.results[0];
     assert_eq!(
-        (result.outcome, result.reason.as_str(), result.timestamp_ms),
-        (courier_proto::cluster::DeliverOutcome::Rejected as i32, "ClonedIdentity", since_ms),
+        (result.outcome, result.reason, result.timestamp_ms),
+        (
+            courier_proto::cluster::DeliverOutcome::Rejected as i32,
+            courier_proto::cluster::RefusalReason::ClonedIdentity as i32,
+            since_ms
+        ),
         "{result:?}"
     );
 

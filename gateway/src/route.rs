@@ -10,13 +10,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_node::delivery::NOT_OWNER;
 use courier_node::ids::DeviceId;
 use courier_node::peer::Peers;
 use courier_proto::cluster::{
-    DeliverOutcome, DeliverRequest, Notification, NotificationStatusRequest, NotificationStatusResponse,
+    DeliverOutcome, DeliverRequest, Notification, NotificationStatusRequest, NotificationStatusResponse, RefusalReason,
 };
 use tokio::time::Instant;
+
+use crate::http::apns::Reason;
 
 use crate::watch::ViewReceiver;
 
@@ -25,12 +26,24 @@ use crate::watch::ViewReceiver;
 pub enum Delivery {
     /// Stored, sent or (expiration 0, device away) discarded: the provider hears 200 in all three cases.
     Accepted(DeliverOutcome),
-    /// The node refused it with this APNs reason and, for `Unregistered`, the time (UNIX ms).
-    Rejected(String, u64),
+    /// The node refused it for this reason and, for `Unregistered` and `ClonedIdentity`, the time (UNIX ms).
+    Rejected(RefusalReason, u64),
     /// No owner could take it before the deadline; the provider should retry.
     Unavailable(String),
     /// The gateway began shutting down while the owner was unreachable.
     ShuttingDown,
+}
+
+/// The APNs reason a provider hears for a node's refusal: the one place the two vocabularies meet.
+/// `NotOwner` and `EpochAhead` are retried on the right owner and only reach here if that never worked.
+pub fn apns_reason(refusal: RefusalReason) -> Reason {
+    match refusal {
+        RefusalReason::BadDeviceId => Reason::BadDeviceToken,
+        RefusalReason::Unregistered => Reason::Unregistered,
+        RefusalReason::ClonedIdentity => Reason::ClonedIdentity,
+        RefusalReason::NotOwner | RefusalReason::EpochAhead => Reason::ServiceUnavailable,
+        RefusalReason::StoreFailed | RefusalReason::Unspecified => Reason::InternalServerError,
+    }
 }
 
 /// The gateway's way to the cluster.
@@ -51,7 +64,7 @@ impl NodeRouter {
     pub async fn deliver(&self, notification: Notification) -> Delivery {
         let deadline = Instant::now() + self.timeout;
         let Some(device) = DeviceId::from_slice(&notification.device_id) else {
-            return Delivery::Rejected("BadDeviceToken".into(), 0);
+            return Delivery::Rejected(RefusalReason::BadDeviceId, 0);
         };
         let mut view = self.view.clone();
         let mut attempts = 0u32;
@@ -60,7 +73,9 @@ impl NodeRouter {
             let failure = match target {
                 None => "no active member owns the device yet".to_string(),
                 Some(addr) => match self.try_deliver(&addr, notification.clone(), deadline).await {
-                    Ok(Delivery::Rejected(reason, _)) if reason == NOT_OWNER => format!("{addr} no longer owns it"),
+                    Ok(Delivery::Rejected(RefusalReason::NotOwner | RefusalReason::EpochAhead, _)) => {
+                        format!("{addr} no longer owns it")
+                    }
                     Ok(done) => return done,
                     Err(failure) => format!("{addr}: {failure}"),
                 },
@@ -151,13 +166,16 @@ impl NodeRouter {
             return Err(format!("the node answered for apns-id {:?}", result.apns_id));
         }
         match DeliverOutcome::try_from(result.outcome) {
-            Ok(outcome @ (DeliverOutcome::Stored | DeliverOutcome::Sent | DeliverOutcome::Discarded)) => {
-                Ok(Delivery::Accepted(outcome))
-            }
-            Ok(DeliverOutcome::Rejected) if !result.reason.is_empty() => {
-                Ok(Delivery::Rejected(result.reason, result.timestamp_ms))
-            }
-            Ok(DeliverOutcome::Rejected) => Ok(Delivery::Rejected("InternalServerError".into(), 0)),
+            Ok(
+                outcome @ (DeliverOutcome::Stored
+                | DeliverOutcome::Sent
+                | DeliverOutcome::Discarded
+                | DeliverOutcome::Delivered),
+            ) => Ok(Delivery::Accepted(outcome)),
+            Ok(DeliverOutcome::Rejected) => Ok(Delivery::Rejected(
+                RefusalReason::try_from(result.reason).unwrap_or(RefusalReason::Unspecified),
+                result.timestamp_ms,
+            )),
             Ok(DeliverOutcome::Unspecified) | Err(_) => {
                 Err(format!("the node answered with outcome {}", result.outcome))
             }

@@ -1,101 +1,320 @@
-//! What happens to a notification once it reaches the node that owns its device.
+//! What happens to a notification once it reaches the node that owns its device: the one place that
+//! decides its life on the node. The forwarding stream calls `deliver`, the device session calls `acked`
+//! and `backlog`, and the replication receiver calls `apply_replica`; none of them holds lifecycle logic of
+//! its own.
 //!
-//! A notification with a future expiration is committed to the store and copied to the device's ring
-//! successors at the same time, and then handed to the device's link if it has one: the gateway hears
-//! `STORED` only once it is durable on R nodes (fewer only when fewer are active), and the device acks it off
-//! every queue. A notification with expiration 0 (or already past) is never stored: it goes to a live link
-//! (`SENT`) or is dropped (`DISCARDED`), as APNs does.
+//! **Ack before commit.** A storable notification (future expiration) for a device with a live link here is
+//! written to the link at once and kept in memory for up to `ack_wait` (default 25 ms, `--ack-wait-ms`). If
+//! the device acks it within that window, which a healthy link does, nothing is ever written: no local
+//! insert, no replica copy, no deletes (`courier_node_store_writes_elided_total`), and the gateway hears
+//! `DELIVERED`. Otherwise it is committed like any other storable notification, locally and on the ring
+//! successors at once, and the gateway hears `STORED` once it is durable on R copies, or `DELIVERED` if the
+//! ack wins the race with the commit (the deletes then follow the inserts). Until one of the two happened
+//! the gateway has no answer, so an owner that dies in between loses nothing that was answered: the gateway
+//! retries on the next owner, and the device drops the repeat by apns-id.
+//!
+//! A notification for a device that is not linked here is committed first and then handed to a link that
+//! may have appeared meanwhile. A notification with expiration 0 (or already past) is never stored: it goes
+//! to a live link (`SENT`) or is dropped (`DISCARDED`), as APNs does. Every outcome is logged for the
+//! provider API's status call (`status_log`), and a push to a topic the device unregistered is refused.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use courier_proto::cluster::{DeliverOutcome, DeliverResult, Notification};
+use courier_proto::cluster::{DeliverOutcome, DeliverResult, Notification, QueueKey, RefusalReason};
+use tokio::sync::oneshot;
 
 use crate::edge::registry::{Handoff, Registry};
 use crate::ids::{DeviceId, unix_millis};
 use crate::replication::Replicator;
-use crate::store::{Inserted, Store};
+use crate::status_log::{Disposition, StatusLog};
+use crate::store::registrations::Registrations;
+use crate::store::{Inserted, Store, StoreError};
 use crate::view::{LocalView, Placement};
 
-/// The reason a node gives for a notification whose device it does not own in its current epoch; the
-/// gateway retries on the owner of its newer view and never shows it to a provider.
-pub const NOT_OWNER: &str = "NotOwner";
+/// How long a notification written to a live link waits for the device's ack before it is committed.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_millis(25);
 
-#[derive(Clone)]
-pub struct Delivery {
+/// The parts of the node a notification's life touches.
+pub struct DeliveryParts {
     pub store: Store,
     pub registry: Arc<Registry>,
     pub view: Arc<LocalView>,
     pub replicator: Arc<Replicator>,
-    // Provider API hooks (see `status_log::deliver_tracked`): unregistered topics and delivery status.
-    pub registrations: crate::store::registrations::Registrations,
-    pub status: Arc<crate::status_log::StatusLog>,
+    pub registrations: Registrations,
+    pub status: Arc<StatusLog>,
+    pub ack_wait: Duration,
 }
 
-/// The reason a push to a device refused as a cloned identity gets (410, with the time it was refused).
-pub const CLONED_IDENTITY: &str = "ClonedIdentity";
+#[derive(Clone)]
+pub struct Delivery {
+    inner: Arc<Inner>,
+}
 
-fn result(apns_id: &str, outcome: DeliverOutcome, reason: &str) -> DeliverResult {
-    DeliverResult { apns_id: apns_id.to_string(), outcome: outcome as i32, reason: reason.to_string(), timestamp_ms: 0 }
+struct Inner {
+    parts: DeliveryParts,
+    /// Notifications on a live link whose device has not acked them yet and which are not yet answered
+    /// as stored: an ack for one of these is taken here, not by the store.
+    awaiting: Mutex<HashMap<(DeviceId, String), Awaiting>>,
+}
+
+struct Awaiting {
+    /// Wakes `deliver` when the ack comes.
+    wake: Option<oneshot::Sender<()>>,
+    acked: bool,
+}
+
+/// What went wrong applying a batch of replica operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("a device id is 16 bytes")]
+    BadDeviceId,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn result(apns_id: &str, outcome: DeliverOutcome) -> DeliverResult {
+    DeliverResult {
+        apns_id: apns_id.to_string(),
+        outcome: outcome as i32,
+        reason: RefusalReason::Unspecified as i32,
+        timestamp_ms: 0,
+    }
+}
+
+fn refused(apns_id: &str, reason: RefusalReason, timestamp_ms: u64) -> DeliverResult {
+    metrics::counter!("courier_node_notifications_rejected_total", "reason" => reason.as_str_name()).increment(1);
+    DeliverResult {
+        apns_id: apns_id.to_string(),
+        outcome: DeliverOutcome::Rejected as i32,
+        reason: reason as i32,
+        timestamp_ms,
+    }
 }
 
 impl Delivery {
+    pub fn new(parts: DeliveryParts) -> Self {
+        Delivery { inner: Arc::new(Inner { parts, awaiting: Mutex::new(HashMap::new()) }) }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.parts.store
+    }
+
+    pub fn status(&self) -> &StatusLog {
+        &self.inner.parts.status
+    }
+
+    pub fn view(&self) -> &LocalView {
+        &self.inner.parts.view
+    }
+
+    fn awaiting(&self) -> std::sync::MutexGuard<'_, HashMap<(DeviceId, String), Awaiting>> {
+        self.inner.awaiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Disposes of one notification forwarded by a gateway for a device this node owns.
     pub async fn deliver(&self, notification: Notification) -> DeliverResult {
+        let parts = &self.inner.parts;
         let apns_id = notification.apns_id.clone();
         let Some(device) = DeviceId::from_slice(&notification.device_id) else {
-            metrics::counter!("courier_node_notifications_rejected_total", "reason" => "BadDeviceToken").increment(1);
-            return result(&apns_id, DeliverOutcome::Rejected, "BadDeviceToken");
+            return refused(&apns_id, RefusalReason::BadDeviceId, 0);
         };
-        if self.view.placement(device) != Placement::Here {
-            metrics::counter!("courier_node_notifications_rejected_total", "reason" => NOT_OWNER).increment(1);
-            return result(&apns_id, DeliverOutcome::Rejected, NOT_OWNER);
+        if parts.view.placement(device) != Placement::Here {
+            return refused(&apns_id, RefusalReason::NotOwner, 0);
         }
         // The gateway refuses these from its view already; this covers a gateway a moment behind.
-        if let Some(since_ms) = self.view.get().state.refused_clone(device) {
-            metrics::counter!("courier_node_notifications_rejected_total", "reason" => CLONED_IDENTITY).increment(1);
-            return DeliverResult {
-                timestamp_ms: since_ms,
-                ..result(&apns_id, DeliverOutcome::Rejected, CLONED_IDENTITY)
+        if let Some(since_ms) = parts.view.get().state.refused_clone(device) {
+            return refused(&apns_id, RefusalReason::ClonedIdentity, since_ms);
+        }
+        match parts.registrations.unregistered_at(device, &notification.topic) {
+            Ok(Some(at_ms)) => return refused(&apns_id, RefusalReason::Unregistered, at_ms),
+            Ok(None) => {}
+            Err(error) => tracing::error!(%error, "reading registrations failed; delivering anyway"),
+        }
+        // The status log keeps the notification's description, not its payload.
+        let description = Notification { payload: Vec::new(), ..notification.clone() };
+        let now_ms = unix_millis();
+        let notification = Arc::new(notification);
+        if notification.expiration <= now_ms / 1000 {
+            return match parts.registry.hand_off(device, notification) {
+                Handoff::Sent(_) => {
+                    metrics::counter!("courier_node_notifications_sent_total").increment(1);
+                    parts.status.record(device, &description, Disposition::Accepted, now_ms);
+                    result(&apns_id, DeliverOutcome::Sent)
+                }
+                Handoff::NotConnected | Handoff::SlowConsumer => {
+                    metrics::counter!("courier_node_notifications_discarded_total").increment(1);
+                    parts.status.record(device, &description, Disposition::Dropped("discarded"), now_ms);
+                    result(&apns_id, DeliverOutcome::Discarded)
+                }
             };
         }
-        let storable = notification.expiration > unix_millis() / 1000;
-        let notification = Arc::new(notification);
-        if storable {
-            // The local commit and the copies to the successors proceed together: the gateway hears STORED
-            // once both are durable, after one commit's wait instead of two in a row.
-            let (stored, _copies) =
-                tokio::join!(self.store.insert((*notification).clone()), self.replicator.put(device, &notification));
-            match stored {
-                Ok(Inserted::Duplicate) => {
-                    // A provider's retry: the copies exist again; do not hand it to the link again.
-                    metrics::counter!("courier_node_notifications_duplicate_total").increment(1);
-                    return result(&apns_id, DeliverOutcome::Stored, "");
+        let key = (device, apns_id.clone());
+        let (wake, mut woken) = oneshot::channel();
+        let waiting = {
+            let mut awaiting = self.awaiting();
+            // A provider's retry of an apns-id still on its way takes the committed path.
+            !awaiting.contains_key(&key) && {
+                awaiting.insert(key.clone(), Awaiting { wake: Some(wake), acked: false });
+                true
+            }
+        };
+        if waiting {
+            parts.status.record(device, &description, Disposition::Accepted, now_ms);
+            match parts.registry.hand_off(device, notification.clone()) {
+                Handoff::Sent(serial) => return self.await_ack(device, key, notification, &mut woken, serial).await,
+                Handoff::NotConnected | Handoff::SlowConsumer => {
+                    self.awaiting().remove(&key);
                 }
-                Ok(inserted) => {
-                    if inserted == Inserted::Collapsed {
-                        metrics::counter!("courier_node_notifications_collapsed_total").increment(1);
+            }
+        }
+        match self.commit(device, &notification).await {
+            Ok(Inserted::Duplicate) => {
+                // A provider's retry: the copies exist again; do not hand it to the link again.
+                metrics::counter!("courier_node_notifications_duplicate_total").increment(1);
+                result(&apns_id, DeliverOutcome::Stored)
+            }
+            Ok(_) => {
+                parts.status.record(device, &description, Disposition::Stored, unix_millis());
+                // Durable here and on the replicas; now to the device if it linked meanwhile.
+                parts.registry.hand_off(device, notification);
+                result(&apns_id, DeliverOutcome::Stored)
+            }
+            Err(_) => refused(&apns_id, RefusalReason::StoreFailed, 0),
+        }
+    }
+
+    /// The rest of a notification written to the link with `serial`: answered `DELIVERED` if the ack comes
+    /// within the window, else committed; whichever of the ack and the commit finishes first answers.
+    async fn await_ack(
+        &self,
+        device: DeviceId,
+        key: (DeviceId, String),
+        notification: Arc<Notification>,
+        woken: &mut oneshot::Receiver<()>,
+        serial: u64,
+    ) -> DeliverResult {
+        let parts = &self.inner.parts;
+        let apns_id = key.1.clone();
+        let _ = tokio::time::timeout(parts.ack_wait, &mut *woken).await;
+        {
+            let mut awaiting = self.awaiting();
+            if awaiting.get(&key).is_some_and(|a| a.acked) {
+                awaiting.remove(&key);
+                drop(awaiting);
+                let copies = parts.view.get().state.ring.replication_factor.max(1) as u64;
+                // Each copy's insert and delete.
+                metrics::counter!("courier_node_store_writes_elided_total").increment(2 * copies);
+                return result(&apns_id, DeliverOutcome::Delivered);
+            }
+        }
+        // Not acked in time: commit, still listening for the ack. The commit runs on its own task so that
+        // an ack answering first does not cancel it: the deletes must follow the inserts.
+        let (done, committed) = oneshot::channel();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let outcome = this.commit(device, &notification).await;
+            let acked = this.awaiting().remove(&key).is_some_and(|a| a.acked);
+            match &outcome {
+                Ok(inserted) if acked && *inserted != Inserted::Duplicate => this.forget(device, &key.1),
+                Ok(inserted) if *inserted != Inserted::Duplicate => {
+                    let description = Notification { payload: Vec::new(), ..(*notification).clone() };
+                    this.inner.parts.status.record(device, &description, Disposition::Stored, unix_millis());
+                    // The link it was written to has gone; a newer one gets it from here.
+                    if this.inner.parts.registry.serial(device).is_some_and(|now| now != serial) {
+                        this.inner.parts.registry.hand_off(device, notification);
                     }
-                    metrics::counter!("courier_node_notifications_stored_total").increment(1);
                 }
-                Err(error) => {
-                    tracing::error!(%error, "storing a notification failed");
-                    metrics::counter!("courier_node_notifications_rejected_total", "reason" => "InternalServerError")
-                        .increment(1);
-                    return result(&apns_id, DeliverOutcome::Rejected, "InternalServerError");
+                _ => {}
+            }
+            let _ = done.send(outcome.is_ok());
+        });
+        tokio::select! {
+            biased;
+            stored = committed => match stored {
+                Ok(true) => result(&apns_id, DeliverOutcome::Stored),
+                _ => refused(&apns_id, RefusalReason::StoreFailed, 0),
+            },
+            Ok(()) = woken => result(&apns_id, DeliverOutcome::Delivered),
+        }
+    }
+
+    /// Inserts locally and on the device's ring successors at the same time.
+    async fn commit(&self, device: DeviceId, notification: &Notification) -> Result<Inserted, StoreError> {
+        let parts = &self.inner.parts;
+        let (stored, _copies) =
+            tokio::join!(parts.store.insert(notification.clone()), parts.replicator.put(device, notification));
+        match &stored {
+            Ok(Inserted::Duplicate) => {}
+            Ok(inserted) => {
+                if *inserted == Inserted::Collapsed {
+                    metrics::counter!("courier_node_notifications_collapsed_total").increment(1);
                 }
+                metrics::counter!("courier_node_notifications_stored_total").increment(1);
             }
-            // Durable here and on the replicas before the gateway says 200; then to the device if it is here.
-            self.registry.hand_off(device, notification);
-            return result(&apns_id, DeliverOutcome::Stored, "");
+            Err(error) => tracing::error!(%error, "storing a notification failed"),
         }
-        match self.registry.hand_off(device, notification) {
-            Handoff::Sent => {
-                metrics::counter!("courier_node_notifications_sent_total").increment(1);
-                result(&apns_id, DeliverOutcome::Sent, "")
-            }
-            Handoff::NotConnected | Handoff::SlowConsumer => {
-                metrics::counter!("courier_node_notifications_discarded_total").increment(1);
-                result(&apns_id, DeliverOutcome::Discarded, "")
+        stored
+    }
+
+    /// The device acked `apns_id` on a link that carried it.
+    pub fn acked(&self, device: DeviceId, apns_id: &str) {
+        let parts = &self.inner.parts;
+        parts.status.delivered(device, apns_id, unix_millis());
+        {
+            let mut awaiting = self.awaiting();
+            if let Some(waiting) = awaiting.get_mut(&(device, apns_id.to_string())) {
+                // Not stored yet, or being stored: whoever holds it deletes what it stored.
+                waiting.acked = true;
+                if let Some(wake) = waiting.wake.take() {
+                    let _ = wake.send(());
+                }
+                return;
             }
         }
+        self.forget(device, apns_id);
+    }
+
+    /// Deletes an acked notification here and on the other holders; not awaited (a lost delete only means
+    /// a redelivery the device drops).
+    fn forget(&self, device: DeviceId, apns_id: &str) {
+        self.inner.parts.store.remove_later(device, apns_id);
+        self.inner.parts.replicator.remove(device, apns_id);
+    }
+
+    /// What a device that just linked here must receive: everything queued for it on any of its holders,
+    /// merged into the local store first, in arrival order.
+    pub async fn backlog(&self, device: DeviceId) -> Result<Vec<Notification>, StoreError> {
+        let parts = &self.inner.parts;
+        parts.replicator.gather(&parts.store, device).await;
+        parts.store.pending(device).await
+    }
+
+    /// Applies copies and deletes another node sent this one (its replica role, or queues handed over when
+    /// the ring moved). Returns how many operations were applied.
+    pub async fn apply_replica(&self, puts: Vec<Notification>, removes: Vec<QueueKey>) -> Result<usize, ReplicaError> {
+        let parts = &self.inner.parts;
+        let puts = futures_util::future::join_all(puts.into_iter().map(|n| async move {
+            let device = DeviceId::from_slice(&n.device_id).ok_or(ReplicaError::BadDeviceId)?;
+            let notification = Arc::new(n);
+            let inserted = parts.store.insert((*notification).clone()).await?;
+            // A queue handed over to this node's device while it is connected here goes straight to it.
+            if inserted != Inserted::Duplicate && parts.view.placement(device) == Placement::Here {
+                parts.registry.hand_off(device, notification);
+            }
+            Ok::<_, ReplicaError>(())
+        }))
+        .await;
+        let removes = futures_util::future::join_all(removes.into_iter().map(|key| async move {
+            let device = DeviceId::from_slice(&key.device_id).ok_or(ReplicaError::BadDeviceId)?;
+            parts.store.remove(device, &key.apns_id).await?;
+            Ok::<_, ReplicaError>(())
+        }))
+        .await;
+        let applied = puts.into_iter().chain(removes).collect::<Result<Vec<()>, ReplicaError>>()?.len();
+        metrics::counter!("courier_node_replicated_ops_total").increment(applied as u64);
+        Ok(applied)
     }
 }

@@ -18,7 +18,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::ClusterService;
 use crate::config::NodeConfig;
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, DeliveryParts};
 use crate::edge::registry::LinkEnd;
 use crate::edge::registry::Registry;
 use crate::edge::{self, Edge, stopped};
@@ -198,6 +198,15 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         config.redirect_rate,
         shutdown_rx.clone(),
     ));
+    let delivery = Delivery::new(DeliveryParts {
+        store: store.clone(),
+        registry: registry.clone(),
+        view: view.clone(),
+        replicator: replicator.clone(),
+        registrations: registrations.clone(),
+        status,
+        ack_wait: config.ack_wait(),
+    });
     let edge = Arc::new(Edge {
         settings: config.link_settings(),
         keyring,
@@ -205,21 +214,12 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         registry: registry.clone(),
         device_ca,
         view: view.clone(),
-        replicator: replicator.clone(),
-        registrations: registrations.clone(),
-        status: status.clone(),
+        delivery: delivery.clone(),
+        registrations,
     });
     tracker.spawn(edge::clones::report(clone_reports_rx, control.clone(), shutdown_rx.clone()));
     tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown_rx.clone(), tracker.clone()));
 
-    let delivery = Delivery {
-        store: store.clone(),
-        registry: registry.clone(),
-        view: view.clone(),
-        replicator: replicator.clone(),
-        registrations,
-        status,
-    };
     let service = ClusterService { delivery, control: control.clone(), shutdown: shutdown_rx.clone() };
     let grpc = Server::builder()
         .tls_config(grpc_tls)?

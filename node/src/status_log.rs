@@ -9,27 +9,20 @@
 //!
 //! The log is memory only, bounded two ways: entries older than the retention window (default 24 h)
 //! are evicted, and so are the oldest ones beyond the capacity (default 500,000 entries, about 250 bytes
-//! each). A node restart forgets it. `Delivery::deliver_tracked` is the `Deliver` path with the provider
-//! API's two node-side rules wrapped around it: unregistered topics are refused, and outcomes are logged.
+//! each). A node restart forgets it. `delivery` writes it; the provider API's status call reads it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use courier_proto::cluster::{
-    DeliverOutcome, DeliverResult, Notification, NotificationState, NotificationStatusResponse,
-};
+use courier_proto::cluster::{Notification, NotificationState, NotificationStatusResponse};
 
-use crate::delivery::Delivery;
-use crate::ids::{DeviceId, unix_millis};
+use crate::ids::DeviceId;
 
 /// Default for how long entries are kept.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// Default for how many entries are kept.
 pub const DEFAULT_CAPACITY: usize = 500_000;
-
-/// The reason `Deliver` gives for a topic the device unregistered; the gateway answers 410.
-pub const UNREGISTERED: &str = "Unregistered";
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -89,12 +82,18 @@ impl StatusLog {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records what `Deliver` did with `notification` at `now_ms`. A provider's retry of an apns-id
-    /// already logged for the device changes nothing.
+    /// Records what the owner did with `notification` at `now_ms`. A provider's retry of an apns-id
+    /// already logged for the device changes nothing, except that a notification accepted onto a live link
+    /// becomes stored when it had to be committed before the device acked it.
     pub fn record(&self, device: DeviceId, notification: &Notification, disposition: Disposition, now_ms: u64) {
         let mut log = self.lock();
         let key = (device.0, notification.apns_id.clone());
-        if log.entries.contains_key(&key) {
+        if let Some(entry) = log.entries.get_mut(&key) {
+            if entry.state == NotificationState::Accepted && disposition == Disposition::Stored {
+                entry.state = NotificationState::Stored;
+                entry.updated_at_ms = now_ms;
+                Self::collapse(&mut log, device, notification, now_ms);
+            }
             return;
         }
         let (state, reason) = match disposition {
@@ -102,16 +101,8 @@ impl StatusLog {
             Disposition::Accepted => (NotificationState::Accepted, ""),
             Disposition::Dropped(reason) => (NotificationState::Dropped, reason),
         };
-        if disposition == Disposition::Stored && !notification.collapse_id.is_empty() {
-            let collapse_key = (device.0, notification.topic.clone(), notification.collapse_id.clone());
-            if let Some(previous) = log.collapse.insert(collapse_key, notification.apns_id.clone())
-                && let Some(old) = log.entries.get_mut(&(device.0, previous))
-                && old.state == NotificationState::Stored
-            {
-                old.state = NotificationState::Dropped;
-                old.reason = "collapsed";
-                old.updated_at_ms = now_ms;
-            }
+        if disposition == Disposition::Stored {
+            Self::collapse(&mut log, device, notification, now_ms);
         }
         let entry = Entry {
             topic: notification.topic.clone(),
@@ -128,6 +119,23 @@ impl StatusLog {
         log.order.push_back((now_ms, device.0, notification.apns_id.clone()));
         self.evict(&mut log, now_ms);
         metrics::gauge!("courier_node_status_entries").set(log.entries.len() as f64);
+    }
+
+    /// A stored notification with a collapse id replaces the device's earlier stored one with the same id.
+    fn collapse(log: &mut Log, device: DeviceId, notification: &Notification, now_ms: u64) {
+        if notification.collapse_id.is_empty() {
+            return;
+        }
+        let collapse_key = (device.0, notification.topic.clone(), notification.collapse_id.clone());
+        if let Some(previous) = log.collapse.insert(collapse_key, notification.apns_id.clone())
+            && previous != notification.apns_id
+            && let Some(old) = log.entries.get_mut(&(device.0, previous))
+            && old.state == NotificationState::Stored
+        {
+            old.state = NotificationState::Dropped;
+            old.reason = "collapsed";
+            old.updated_at_ms = now_ms;
+        }
     }
 
     /// The device acked `apns_id` at `now_ms`.
@@ -190,45 +198,6 @@ impl StatusLog {
     }
 }
 
-impl Delivery {
-    /// `deliver`, plus the provider API's node-side rules: a push to a topic the device unregistered is
-    /// refused with `Unregistered` and the time it happened, and every outcome is logged for status.
-    pub async fn deliver_tracked(&self, notification: Notification) -> DeliverResult {
-        let device = DeviceId::from_slice(&notification.device_id);
-        if let Some(device) = device {
-            match self.registrations.unregistered_at(device, &notification.topic) {
-                Ok(Some(at_ms)) => {
-                    metrics::counter!("courier_node_notifications_rejected_total", "reason" => UNREGISTERED)
-                        .increment(1);
-                    return DeliverResult {
-                        apns_id: notification.apns_id,
-                        outcome: DeliverOutcome::Rejected as i32,
-                        reason: UNREGISTERED.into(),
-                        timestamp_ms: at_ms,
-                    };
-                }
-                Ok(None) => {}
-                Err(error) => tracing::error!(%error, "reading registrations failed; delivering anyway"),
-            }
-        }
-        // The log needs the notification's description, not its payload.
-        let description = Notification { payload: Vec::new(), ..notification.clone() };
-        let result = self.deliver(notification).await;
-        if let Some(device) = device {
-            let disposition = match DeliverOutcome::try_from(result.outcome) {
-                Ok(DeliverOutcome::Stored) => Some(Disposition::Stored),
-                Ok(DeliverOutcome::Sent) => Some(Disposition::Accepted),
-                Ok(DeliverOutcome::Discarded) => Some(Disposition::Dropped("discarded")),
-                _ => None,
-            };
-            if let Some(disposition) = disposition {
-                self.status.record(device, &description, disposition, unix_millis());
-            }
-        }
-        result
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +243,21 @@ mod tests {
         // A retry of a logged apns-id changes nothing.
         log.record(DeviceId(1), &notification("a", "", later), Disposition::Stored, 5_000);
         assert_eq!(state(&log, "a", 6_000).0, Some(NotificationState::Delivered));
+    }
+
+    #[test]
+    fn an_accepted_notification_becomes_stored_or_delivered() {
+        let log = StatusLog::new(Duration::from_secs(3600), 100);
+        log.record(DeviceId(1), &notification("a", "", 9_999), Disposition::Accepted, 1_000);
+        assert_eq!(state(&log, "a", 1_500).0, Some(NotificationState::Accepted));
+        log.record(DeviceId(1), &notification("a", "", 9_999), Disposition::Stored, 2_000);
+        let status = log.get(DeviceId(1), "a", 2_500);
+        assert_eq!((status.state, status.updated_at_ms), (NotificationState::Stored as i32, 2_000));
+        log.record(DeviceId(1), &notification("b", "", 9_999), Disposition::Accepted, 3_000);
+        log.delivered(DeviceId(1), "b", 3_100);
+        // A later commit of a notification already acked does not turn it back.
+        log.record(DeviceId(1), &notification("b", "", 9_999), Disposition::Stored, 3_200);
+        assert_eq!(state(&log, "b", 4_000).0, Some(NotificationState::Delivered));
     }
 
     #[test]

@@ -198,13 +198,13 @@ impl PushService {
         metrics::histogram!("courier_gateway_forward_latency_seconds").record(started.elapsed().as_secs_f64());
         match delivery {
             Delivery::Accepted(_) => Ok(()),
-            Delivery::Rejected(reason, timestamp_ms) => match Reason::parse(&reason) {
-                Some(reason) => Err((reason, (timestamp_ms != 0).then_some(timestamp_ms))),
-                None => {
-                    tracing::error!(apns_id = %head.apns_id.value, %reason, "the node gave an unknown reason");
-                    Err(Reason::InternalServerError.into())
+            Delivery::Rejected(refusal, timestamp_ms) => {
+                let reason = crate::route::apns_reason(refusal);
+                if reason == Reason::InternalServerError {
+                    tracing::error!(apns_id = %head.apns_id.value, ?refusal, "the node refused a notification");
                 }
-            },
+                Err((reason, (timestamp_ms != 0).then_some(timestamp_ms)))
+            }
             Delivery::Unavailable(detail) => {
                 tracing::warn!(apns_id = %head.apns_id.value, %detail, "forwarding to the node failed");
                 Err(Reason::ServiceUnavailable.into())

@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
-    ClusterView, DeliverRequest, DeliverResponse, FetchQueueRequest, FetchQueueResponse, JoinRequest, JoinResponse,
-    NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse, ProposeRequest,
-    ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse, StatusRequest,
-    StatusResponse, WatchRequest,
+    ClusterView, DeliverRequest, DeliverResponse, FetchQueueRequest, FetchQueueResponse, ForwardBatch, ForwardResults,
+    JoinRequest, JoinResponse, NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse,
+    ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse,
+    StatusRequest, StatusResponse, WatchRequest,
 };
 use futures_util::future::join_all;
 use futures_util::{Stream, StreamExt};
@@ -29,8 +29,6 @@ use crate::ids::DeviceId;
 use crate::pki::ClusterRole;
 use crate::raft::control::Control;
 use crate::raft::{Command, network};
-use crate::store::Inserted;
-use crate::view::Placement;
 
 /// Largest batch one `Deliver` may carry.
 pub const MAX_DELIVER_BATCH: usize = 1024;
@@ -77,8 +75,18 @@ impl Cluster for ClusterService {
         if batch.len() > MAX_DELIVER_BATCH {
             return Err(Status::invalid_argument(format!("at most {MAX_DELIVER_BATCH} notifications per Deliver")));
         }
-        let results = join_all(batch.into_iter().map(|n| self.delivery.deliver_tracked(n))).await;
+        let results = join_all(batch.into_iter().map(|n| self.delivery.deliver(n))).await;
         Ok(Response::new(DeliverResponse { results }))
+    }
+
+    type ForwardStream = Pin<Box<dyn Stream<Item = Result<ForwardResults, Status>> + Send + 'static>>;
+
+    async fn forward(
+        &self,
+        request: Request<tonic::Streaming<ForwardBatch>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        authorize(&request, Rpc::Deliver)?;
+        Err(Status::unimplemented("Forward is not served yet"))
     }
 
     async fn replicate(&self, request: Request<ReplicateRequest>) -> Result<Response<ReplicateResponse>, Status> {
@@ -87,27 +95,10 @@ impl Cluster for ClusterService {
         if request.puts.len() + request.removes.len() > 4 * MAX_DELIVER_BATCH {
             return Err(Status::invalid_argument("replication batch too large"));
         }
-        let delivery = &self.delivery;
-        let puts = join_all(request.puts.into_iter().map(|n| async move {
-            let device = DeviceId::from_slice(&n.device_id).ok_or_else(|| Status::invalid_argument("device id"))?;
-            let notification = Arc::new(n);
-            let inserted =
-                delivery.store.insert((*notification).clone()).await.map_err(|e| Status::internal(e.to_string()))?;
-            // A queue handed over to this node's device while it is connected here goes straight to it.
-            if inserted != Inserted::Duplicate && delivery.view.placement(device) == Placement::Here {
-                delivery.registry.hand_off(device, notification);
-            }
-            Ok::<_, Status>(())
-        }))
-        .await;
-        let removes = join_all(request.removes.into_iter().map(|key| async move {
-            let device = DeviceId::from_slice(&key.device_id).ok_or_else(|| Status::invalid_argument("device id"))?;
-            delivery.store.remove(device, &key.apns_id).await.map_err(|e| Status::internal(e.to_string()))?;
-            Ok::<_, Status>(())
-        }))
-        .await;
-        let applied = puts.into_iter().chain(removes).collect::<Result<Vec<()>, Status>>()?.len();
-        metrics::counter!("courier_node_replicated_ops_total").increment(applied as u64);
+        let applied = self.delivery.apply_replica(request.puts, request.removes).await.map_err(|e| match e {
+            crate::delivery::ReplicaError::BadDeviceId => Status::invalid_argument(e.to_string()),
+            crate::delivery::ReplicaError::Store(e) => Status::internal(e.to_string()),
+        })?;
         Ok(Response::new(ReplicateResponse { applied: applied as u32 }))
     }
 
@@ -115,7 +106,7 @@ impl Cluster for ClusterService {
         authorize(&request, Rpc::FetchQueue)?;
         let device = DeviceId::from_slice(&request.get_ref().device_id)
             .ok_or_else(|| Status::invalid_argument("a device id is 16 bytes"))?;
-        let notifications = self.delivery.store.pending(device).await.map_err(|e| Status::internal(e.to_string()))?;
+        let notifications = self.delivery.store().pending(device).await.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(FetchQueueResponse { notifications }))
     }
 
@@ -211,7 +202,7 @@ impl Cluster for ClusterService {
         let request = request.into_inner();
         let device = crate::ids::DeviceId::from_slice(&request.device_id)
             .ok_or_else(|| Status::invalid_argument("device_id must be 16 bytes"))?;
-        let status = self.delivery.status.get(device, &request.apns_id, crate::ids::unix_millis());
+        let status = self.delivery.status().get(device, &request.apns_id, crate::ids::unix_millis());
         Ok(Response::new(status))
     }
 }

@@ -99,11 +99,10 @@ pub struct Edge {
     pub device_ca: DeviceCa,
     /// Placement and revocations of the current epoch.
     pub view: Arc<crate::view::LocalView>,
-    /// Tells the replicas when the device acks.
-    pub replicator: Arc<crate::replication::Replicator>,
-    /// Provider API: topics devices unregistered (410 Unregistered) and delivery status (acks).
+    /// A notification's life: acks and the backlog a device gets when it links.
+    pub delivery: crate::delivery::Delivery,
+    /// Provider API: topics devices unregistered (410 Unregistered).
     pub registrations: crate::store::registrations::Registrations,
-    pub status: Arc<crate::status_log::StatusLog>,
 }
 
 /// Completes when `shutdown` turns true (or its sender is gone).

@@ -49,8 +49,8 @@ pub struct Attachment {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handoff {
-    /// Queued on the device's link.
-    Sent,
+    /// Queued on the device's link, the one with this serial.
+    Sent(u64),
     NotConnected,
     /// The link had a backlog; it is being closed so the device reconnects and replays its queue.
     SlowConsumer,
@@ -164,7 +164,7 @@ impl Registry {
             return Handoff::NotConnected;
         };
         match entry.notifications.try_send(notification) {
-            Ok(()) => Handoff::Sent,
+            Ok(()) => Handoff::Sent(entry.serial),
             Err(mpsc::error::TrySendError::Closed(_)) => Handoff::NotConnected,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if let Some(entry) = links.remove(&device) {
@@ -173,6 +173,11 @@ impl Registry {
                 Handoff::SlowConsumer
             }
         }
+    }
+
+    /// The serial of the device's live link, if it has one.
+    pub fn serial(&self, device: DeviceId) -> Option<u64> {
+        self.lock().get(&device).map(|e| e.serial)
     }
 
     /// Ends the device's link, if it has one; `true` if it had.
@@ -225,7 +230,8 @@ mod tests {
         assert_eq!(old.close.await.unwrap(), LinkEnd::Goodbye(GoodbyeReason::Replaced));
         registry.detach(device, old.serial);
         assert!(registry.is_connected(device), "the old link's detach must not remove the new link");
-        assert_eq!(registry.hand_off(device, Arc::new(Notification::default())), Handoff::Sent);
+        assert_eq!(registry.hand_off(device, Arc::new(Notification::default())), Handoff::Sent(new.serial));
+        assert_eq!(registry.serial(device), Some(new.serial));
         assert!(new.notifications.recv().await.is_some());
         registry.detach(device, new.serial);
         assert_eq!(registry.hand_off(device, Arc::new(Notification::default())), Handoff::NotConnected);
@@ -237,7 +243,7 @@ mod tests {
         let device = DeviceId(2);
         let attachment = registry.attach(device, HERE).unwrap();
         for _ in 0..LINK_QUEUE {
-            assert_eq!(registry.hand_off(device, Arc::new(Notification::default())), Handoff::Sent);
+            assert_eq!(registry.hand_off(device, Arc::new(Notification::default())), Handoff::Sent(attachment.serial));
         }
         assert_eq!(registry.hand_off(device, Arc::new(Notification::default())), Handoff::SlowConsumer);
         assert_eq!(attachment.close.await.unwrap(), LinkEnd::Goodbye(GoodbyeReason::SlowConsumer));

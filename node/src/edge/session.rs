@@ -171,7 +171,8 @@ async fn activate(link: &mut Link, edge: &Edge, opening: Opening) {
         Ok(cert) => {
             metrics::counter!("courier_node_activations_total", "outcome" => "issued").increment(1);
             tracing::info!(%device, "device activated");
-            let activated = wire::Activated { device_id: device.to_string(), certificate_der: cert.to_vec() };
+            let activated =
+                wire::Activated { device_id: device.to_string(), certificate_der: cert.to_vec(), owner: None };
             let _ = write(link, edge, frame(server_frame::Kind::Activated(activated))).await;
         }
         Err(error) => {
@@ -356,9 +357,7 @@ impl DeviceLink<'_> {
                     let latency = unix_millis().saturating_sub(accepted_at_ms) as f64 / 1000.0;
                     metrics::histogram!("courier_node_delivery_latency_seconds").record(latency);
                 }
-                self.edge.store.remove_later(self.device, &ack.apns_id);
-                self.edge.replicator.remove(self.device, &ack.apns_id);
-                self.edge.status.delivered(self.device, &ack.apns_id, unix_millis()); // provider API hook
+                self.edge.delivery.acked(self.device, &ack.apns_id);
             }
             Some(Kind::Ping(ping)) => {
                 let pong = frame(server_frame::Kind::Pong(wire::Pong { nonce: ping.nonce }));
@@ -440,8 +439,7 @@ async fn serve_device(
                 break 'link;
             }
         }
-        edge.replicator.gather(&edge.store, device).await;
-        match edge.store.pending(device).await {
+        match edge.delivery.backlog(device).await {
             Ok(queued) => {
                 for n in &queued {
                     if !state.send_notification(link, n).await {
