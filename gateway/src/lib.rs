@@ -73,7 +73,9 @@ impl std::fmt::Debug for RunningGateway {
 fn describe_metrics() {
     metrics::describe_counter!(
         "courier_gateway_notifications_accepted_total",
-        "Pushes the owning node accepted (stored, sent or discarded by expiration)."
+        "Pushes answered 200, by the owning node's outcome: delivered (the device acked before it had to be \
+         stored), stored (durable on R copies), sent (expiration 0, on a live link), discarded (expiration 0, \
+         device away)."
     );
     metrics::describe_counter!(
         "courier_gateway_notifications_rejected_total",

@@ -154,10 +154,10 @@ pub struct NodeConfig {
     #[arg(long, env = "COURIER_STATUS_CAPACITY", default_value_t = crate::status_log::DEFAULT_CAPACITY)]
     pub status_capacity: usize,
     /// How long a notification written to a device's live link waits for the device's ack before it is
-    /// committed to the store and the replicas, in milliseconds (1-1000). An ack within it saves every
+    /// committed to the store and the replicas, in milliseconds (1-10000). An ack within it saves every
     /// store write; the provider's answer waits at most this long plus one commit.
     #[arg(long, env = "COURIER_ACK_WAIT_MS", default_value_t = crate::delivery::DEFAULT_ACK_WAIT.as_millis() as u64,
-          value_parser = clap::value_parser!(u64).range(1..=1000))]
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub ack_wait_ms: u64,
 }
 

@@ -124,6 +124,11 @@ pub fn describe_node_metrics() {
     describe_counter!("courier_node_tokens_updated_total", "Device tokens re-issued under the active token key.");
     describe_counter!("courier_node_notifications_stored_total", "Notifications committed to the offline store.");
     describe_counter!(
+        "courier_node_store_writes_elided_total",
+        "Store writes never made because the device acked a notification within --ack-wait-ms: each such \
+         notification counts the insert and the delete of each of its R copies."
+    );
+    describe_counter!(
         "courier_node_notifications_sent_total",
         "Now-or-never notifications (not storable) written to a live link."
     );

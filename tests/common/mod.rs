@@ -420,6 +420,17 @@ pub fn free_port() -> u16 {
 
 /// Starts `courier node` with fast test timings. `ports` = (device, cluster) ports to bind, else any.
 pub async fn spawn_node(dir: &Path, id: u64, join: Option<&str>, ports: Option<(u16, u16)>) -> NodeProcess {
+    spawn_node_with(dir, id, join, ports, &[]).await
+}
+
+/// `spawn_node` with extra command-line flags for the node.
+pub async fn spawn_node_with(
+    dir: &Path,
+    id: u64,
+    join: Option<&str>,
+    ports: Option<(u16, u16)>,
+    extra: &[&str],
+) -> NodeProcess {
     use std::process::Stdio;
     use tokio::io::{AsyncBufReadExt, BufReader};
     ensure_node_certificate(dir, id);
@@ -443,6 +454,7 @@ pub async fn spawn_node(dir: &Path, id: u64, join: Option<&str>, ports: Option<(
     if let Some(seed) = join {
         command.args(["--join", seed]);
     }
+    command.args(extra);
     let mut child = command.spawn().expect("spawn courier node");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use courier_node::ids::DeviceId;
 use courier_node::token::{Keyring, OpenedToken, TokenError};
-use courier_proto::cluster::Notification;
+use courier_proto::cluster::{DeliverOutcome, Notification};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 
@@ -90,10 +90,7 @@ impl PushService {
             Err(refused) => self.drain(&parts.headers, body, limit, Err(refused)).await,
         };
         match outcome {
-            Ok(()) => {
-                metrics::counter!("courier_gateway_notifications_accepted_total").increment(1);
-                respond(StatusCode::OK, &apns_id.value, None)
-            }
+            Ok(()) => respond(StatusCode::OK, &apns_id.value, None),
             Err((reason, timestamp)) => refuse(reason, timestamp, &apns_id),
         }
     }
@@ -197,7 +194,16 @@ impl PushService {
         let delivery = self.router.deliver(notification).await;
         metrics::histogram!("courier_gateway_forward_latency_seconds").record(started.elapsed().as_secs_f64());
         match delivery {
-            Delivery::Accepted(_) => Ok(()),
+            Delivery::Accepted(outcome) => {
+                let outcome = match outcome {
+                    DeliverOutcome::Delivered => "delivered",
+                    DeliverOutcome::Stored => "stored",
+                    DeliverOutcome::Sent => "sent",
+                    _ => "discarded",
+                };
+                metrics::counter!("courier_gateway_notifications_accepted_total", "outcome" => outcome).increment(1);
+                Ok(())
+            }
             Delivery::Rejected(refusal, timestamp_ms) => {
                 let reason = crate::route::apns_reason(refusal);
                 if reason == Reason::InternalServerError {
