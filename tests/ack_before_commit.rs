@@ -115,7 +115,7 @@ async fn a_device_that_does_not_ack_in_time_gets_a_notification_durable_on_r_cop
     for holder in &holders {
         let queued: Vec<String> =
             nodes.node(*holder).store.pending(device).await.expect("read").into_iter().map(|n| n.apns_id).collect();
-        assert_eq!(queued, [apns_id.clone()], "node {holder} holds the copy before the 200");
+        assert_eq!(queued, std::slice::from_ref(&apns_id), "node {holder} holds the copy before the 200");
     }
     assert_eq!(counter(&metrics, stored).await - stored_before, 1.0, "the gateway heard `stored`");
     // The device had it on its link all along; its late ack empties every queue.
