@@ -1,11 +1,12 @@
 //! One worker process of the device swarm: holds a slice of the devices' links, each a task that
-//! connects (following redirects), registers its topic once, answers pings, acks what its app received,
-//! and reconnects with backoff and TLS session resumption when a link breaks.
+//! connects (first to the owner its activation named, else to an endpoint; following redirects), registers
+//! its topic once, answers pings, acks what its app received, and reconnects with backoff and TLS session
+//! resumption when a link breaks.
 //!
 //! Driven over stdin by the coordinator (`msg::WorkerSpec`, then `msg::Command`s); reports `msg::Progress`
 //! on stdout every 200 ms. When stdin closes (the coordinator is gone) the worker exits.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, hash_map};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,9 +31,10 @@ struct Device {
     id: DeviceId,
     connector: Connector,
     registered: AtomicBool,
-    /// The node it last linked to, and the connector checking that node's name: a reconnect goes there
-    /// first, and resumes the TLS session it made there.
-    last_node: Mutex<Option<(SocketAddr, Connector)>>,
+    /// Where the next link goes first, and the connector checking that node's name: the owner its
+    /// activation named until it has linked, then the node it last linked to (a reconnect resumes the TLS
+    /// session it made there). `None`: an endpoint, round-robin.
+    start_at: Mutex<Option<(SocketAddr, Connector)>>,
     /// apns-ids its app has seen, kept across links so redeliveries are dropped after reconnects too.
     seen: Mutex<Option<SeenIds>>,
 }
@@ -123,6 +125,8 @@ pub async fn run() -> anyhow::Result<()> {
     }
     anyhow::ensure!(!endpoints.is_empty(), "no device endpoints");
     let credentials = crate::devices::load_range(&spec.cache, spec.first, spec.count)?;
+    // Owners are a few node addresses shared by many devices: each is resolved once.
+    let mut owner_addrs: HashMap<String, Option<SocketAddr>> = HashMap::new();
     let mut devices = Vec::with_capacity(credentials.len());
     for (offset, credentials) in credentials.iter().enumerate() {
         let index = spec.first + offset;
@@ -130,12 +134,28 @@ pub async fn run() -> anyhow::Result<()> {
         if !spec.source_addrs.is_empty() {
             connector = connector.bind_to(spec.source_addrs[index % spec.source_addrs.len()]);
         }
+        let mut start_at = None;
+        if let Some(owner) = &credentials.owner {
+            let addr = match owner_addrs.entry(owner.device_addr.clone()) {
+                hash_map::Entry::Occupied(known) => *known.get(),
+                hash_map::Entry::Vacant(new) => {
+                    let resolved = courier_node::client::resolve(&owner.device_addr).await;
+                    if let Err(error) = &resolved {
+                        tracing::warn!(%error, "devices owned there start on the endpoints instead");
+                    }
+                    *new.insert(resolved.ok())
+                }
+            };
+            if let Some(addr) = addr {
+                start_at = Some((addr, connector.for_redirect(owner)?));
+            }
+        }
         devices.push(Arc::new(Device {
             index,
             id: credentials.device_id,
             connector,
             registered: AtomicBool::new(false),
-            last_node: Mutex::new(None),
+            start_at: Mutex::new(start_at),
             seen: Mutex::new(None),
         }));
     }
@@ -213,7 +233,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
     // The connector holds the name the next node is checked by: the configured one, or the one its
     // redirect gave.
     let (mut addr, mut connector) = device
-        .last_node
+        .start_at
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
@@ -245,7 +265,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
         };
         failures = 0;
         addr = link.node_addr;
-        *device.last_node.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, connector.clone()));
+        *device.start_at.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, connector.clone()));
         stats.links.fetch_add(1, Ordering::Relaxed);
         link.seen = std::mem::take(&mut seen);
         let ended = loop {
