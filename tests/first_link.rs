@@ -2,8 +2,9 @@
 //! through one node learn from `Activated.owner` which node owns them, and their first link is welcomed
 //! there without a redirect (no node counts one). When a new member takes a device over, the link opened
 //! to the owner named at activation is redirected to the new one; when that owner does not answer at all,
-//! the device starts at its configured endpoint instead. Owners are checked against what each process
-//! reports in its status document, and redirects against each process's own metrics.
+//! the device starts at its configured endpoint instead. The real `courier device` keeps the owner in its
+//! credentials directory and links there first too. Owners are checked against what each process reports
+//! in its status document, and redirects against each process's own metrics.
 
 mod common;
 
@@ -190,4 +191,52 @@ async fn a_first_link_goes_straight_to_the_owner_and_later_ones_follow_the_ring(
     link.close().await.expect("close");
 
     drop(cluster);
+}
+
+/// Runs `courier device` as device `name` through node 1 until it has registered `TOPIC`; returns the
+/// owner its credentials directory keeps, and the process (killed when dropped).
+async fn courier_device(cluster: &Cluster, name: &str) -> (RedirectTarget, tokio::process::Child) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .arg("device")
+        .arg("--dir")
+        .arg(cluster.dir.path())
+        .args(["--name", name, "--topic", common::TOPIC, "--server-name", "localhost"])
+        .args(["--node", &cluster.node(1).device_addr])
+        .env_remove("COURIER_ENROLMENT_SECRET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn courier device");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the device registers in time")
+        .expect("read stdout")
+        .expect("a line");
+    let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(event["event"], "registered", "{line}");
+    let home = cluster.dir.path().join("devices").join(name);
+    let credentials = DeviceCredentials::load(&home).expect("credentials load").expect("credentials saved");
+    assert_eq!(event["device_id"], credentials.device_id.to_string());
+    (credentials.owner.expect("the activation named an owner"), child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn courier_device_keeps_its_owner_and_links_there_first() {
+    let cluster = Cluster::start(2).await;
+    let mut devices = Vec::new();
+    // Each new device is owned by node 2 about half the time; the first that is shows the saved owner
+    // at work (one owned by node 1 would link there whether or not it had one).
+    let mut owned_elsewhere = false;
+    while !owned_elsewhere {
+        assert!(devices.len() < 20, "none of 20 devices activated through node 1 is owned by node 2");
+        let (owner, process) = courier_device(&cluster, &format!("d{}", devices.len())).await;
+        devices.push(process);
+        owned_elsewhere = owner == cluster.target(2);
+        assert!(owned_elsewhere || owner == cluster.target(1), "{owner:?} names a node of this cluster");
+    }
+    assert!(cluster.redirects().await.values().all(|n| *n == 0), "redirects: {:?}", cluster.redirects().await);
+    drop(devices);
 }
