@@ -31,10 +31,12 @@ struct Device {
     id: DeviceId,
     connector: Connector,
     registered: AtomicBool,
-    /// Where the next link goes first, and the connector checking that node's name: the owner its
-    /// activation named until it has linked, then the node it last linked to (a reconnect resumes the TLS
-    /// session it made there). `None`: an endpoint, round-robin.
-    start_at: Mutex<Option<(SocketAddr, Connector)>>,
+    /// The owner its activation named, and the connector checking that node's name: where the first
+    /// link goes, saving the redirect a round-robin endpoint would answer most of the time.
+    owner: Option<(SocketAddr, Connector)>,
+    /// The node it last linked to, and the connector checking that node's name: a reconnect goes there
+    /// first, and resumes the TLS session it made there.
+    last_node: Mutex<Option<(SocketAddr, Connector)>>,
     /// apns-ids its app has seen, kept across links so redeliveries are dropped after reconnects too.
     seen: Mutex<Option<SeenIds>>,
 }
@@ -134,7 +136,7 @@ pub async fn run() -> anyhow::Result<()> {
         if !spec.source_addrs.is_empty() {
             connector = connector.bind_to(spec.source_addrs[index % spec.source_addrs.len()]);
         }
-        let mut start_at = None;
+        let mut owner_node = None;
         if let Some(owner) = &credentials.owner {
             let addr = match owner_addrs.entry(owner.device_addr.clone()) {
                 hash_map::Entry::Occupied(known) => *known.get(),
@@ -147,7 +149,7 @@ pub async fn run() -> anyhow::Result<()> {
                 }
             };
             if let Some(addr) = addr {
-                start_at = Some((addr, connector.for_redirect(owner)?));
+                owner_node = Some((addr, connector.for_redirect(owner)?));
             }
         }
         devices.push(Arc::new(Device {
@@ -155,7 +157,8 @@ pub async fn run() -> anyhow::Result<()> {
             id: credentials.device_id,
             connector,
             registered: AtomicBool::new(false),
-            start_at: Mutex::new(start_at),
+            owner: owner_node,
+            last_node: Mutex::new(None),
             seen: Mutex::new(None),
         }));
     }
@@ -232,12 +235,10 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
     let mut seen = device.seen.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
     // The connector holds the name the next node is checked by: the configured one, or the one its
     // redirect gave.
-    let (mut addr, mut connector) = device
-        .start_at
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .unwrap_or_else(|| (shared.endpoints[device.index % shared.endpoints.len()], device.connector.clone()));
+    let first_endpoint = || (shared.endpoints[device.index % shared.endpoints.len()], device.connector.clone());
+    let last_node = device.last_node.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut to_owner = last_node.is_none() && device.owner.is_some();
+    let (mut addr, mut connector) = last_node.or_else(|| device.owner.clone()).unwrap_or_else(first_endpoint);
     let mut failures = 0u32;
     let mut orphaned = false;
     loop {
@@ -249,8 +250,16 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
             _ = cancel.cancelled() => break,
             result = attempt => result,
         };
+        let from_owner = std::mem::replace(&mut to_owner, false);
         let mut link = match result {
             Ok(link) => link,
+            Err(error) if from_owner && error.is_unanswered() => {
+                // The owner named at activation may be gone (a respawned cluster listens on other ports):
+                // start as a device without one does, at once and without counting an error.
+                tracing::debug!(device = device.index, %error, "the owner from activation did not answer");
+                (addr, connector) = first_endpoint();
+                continue;
+            }
             Err(error) => {
                 stats.error(&error);
                 failures += 1;
@@ -265,7 +274,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
         };
         failures = 0;
         addr = link.node_addr;
-        *device.start_at.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, connector.clone()));
+        *device.last_node.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, connector.clone()));
         stats.links.fetch_add(1, Ordering::Relaxed);
         link.seen = std::mem::take(&mut seen);
         let ended = loop {

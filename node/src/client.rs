@@ -61,6 +61,17 @@ pub enum ClientError {
     Credentials { path: PathBuf, detail: String },
 }
 
+impl ClientError {
+    /// The node was not reached, or went away before answering `Hello` (as opposed to answering it with a
+    /// refusal): another node may still take the link.
+    pub fn is_unanswered(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Timeout(_) | ClientError::Closed | ClientError::Unresolvable(_)
+        )
+    }
+}
+
 /// Where a redirect (or an activation's owner) sends a device.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RedirectTarget {
@@ -357,15 +368,6 @@ pub async fn resolve(device_addr: &str) -> Result<SocketAddr, ClientError> {
         .ok_or_else(|| ClientError::Unresolvable(device_addr.to_string()))
 }
 
-/// The node was not reached, or went away before answering `Hello` (as opposed to answering it with a
-/// refusal): another node may still take the link.
-fn unanswered(error: &ClientError) -> bool {
-    matches!(
-        error,
-        ClientError::Connect { .. } | ClientError::Timeout(_) | ClientError::Closed | ClientError::Unresolvable(_)
-    )
-}
-
 /// Something the node sent that the app may care about.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LinkEvent {
@@ -457,7 +459,7 @@ impl DeviceLink {
         let device_id = credentials.device_id;
         if let Some(owner) = &credentials.owner {
             match Self::connect_to_owner(&connector, owner, device_id, keepalive_secs, held_tokens).await {
-                Err(error) if unanswered(&error) => {
+                Err(error) if error.is_unanswered() => {
                     tracing::debug!(%owner, %error, "the owner from activation did not answer; trying the endpoint");
                 }
                 answered => return answered,
