@@ -253,10 +253,10 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
         let from_owner = std::mem::replace(&mut to_owner, false);
         let mut link = match result {
             Ok(link) => link,
-            Err(error) if from_owner && error.is_unanswered() => {
-                // The owner named at activation may be gone (a respawned cluster listens on other ports):
-                // start as a device without one does, at once and without counting an error.
-                tracing::debug!(device = device.index, %error, "the owner from activation did not answer");
+            Err(error) if from_owner && error.another_node_may_answer() => {
+                // The owner named at activation may be gone (a respawned cluster listens on other ports) or
+                // shutting down: start as a device without one does, at once and without counting an error.
+                tracing::debug!(device = device.index, %error, "the owner from activation did not take the link");
                 (addr, connector) = first_endpoint();
                 continue;
             }

@@ -6,7 +6,8 @@
 //!
 //! Where a link goes first: to the node that owned the device when it was activated (`Activated.owner`,
 //! kept with the credentials), which saves the redirect and second handshake a link to any other node
-//! would cost; to the configured endpoint when there is no such owner or it does not answer. Redirects are
+//! would cost; to the configured endpoint when there is no such owner or it does not answer (or turns
+//! every device away, shutting down or full). Redirects are
 //! followed either way, since the ring may have moved since activation.
 //!
 //! Which name a node's certificate must carry: on a connection to the configured endpoint, the name the
@@ -62,12 +63,17 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The node was not reached, or went away before answering `Hello` (as opposed to answering it with a
-    /// refusal): another node may still take the link.
-    pub fn is_unanswered(&self) -> bool {
+    /// The node was not reached, went away before answering `Hello`, or turns every device away for now
+    /// (shutting down, at its link limit), as opposed to refusing this device: another node may still
+    /// take the link.
+    pub fn another_node_may_answer(&self) -> bool {
         matches!(
             self,
-            ClientError::Connect { .. } | ClientError::Timeout(_) | ClientError::Closed | ClientError::Unresolvable(_)
+            ClientError::Connect { .. }
+                | ClientError::Timeout(_)
+                | ClientError::Closed
+                | ClientError::Unresolvable(_)
+                | ClientError::Goodbye { reason: GoodbyeReason::Shutdown | GoodbyeReason::Unavailable, .. }
         )
     }
 }
@@ -437,7 +443,7 @@ pub struct DeviceLink {
 
 impl DeviceLink {
     /// Opens a mutual-TLS link and says hello, asking for `keepalive_secs` (0 = the node's default): to
-    /// the owner the credentials name when it answers, else to the endpoint, following redirects to the
+    /// the owner the credentials name when it takes the link, else to the endpoint, following redirects to the
     /// node that owns this device.
     pub async fn connect(
         endpoint: &DeviceEndpoint,
@@ -459,8 +465,8 @@ impl DeviceLink {
         let device_id = credentials.device_id;
         if let Some(owner) = &credentials.owner {
             match Self::connect_to_owner(&connector, owner, device_id, keepalive_secs, held_tokens).await {
-                Err(error) if error.is_unanswered() => {
-                    tracing::debug!(%owner, %error, "the owner from activation did not answer; trying the endpoint");
+                Err(error) if error.another_node_may_answer() => {
+                    tracing::debug!(%owner, %error, "the owner from activation did not take the link; trying the endpoint");
                 }
                 answered => return answered,
             }
@@ -727,6 +733,18 @@ mod tests {
         std::fs::write(home.path().join(OWNER_FILE), "{not json").unwrap();
         let damaged = DeviceCredentials::load(home.path()).unwrap_err();
         assert!(matches!(damaged, ClientError::Credentials { .. }), "{damaged}");
+    }
+
+    #[test]
+    fn only_node_wide_failures_send_a_device_to_another_node() {
+        let bye = |reason| ClientError::Goodbye { reason, detail: String::new() };
+        assert!(bye(GoodbyeReason::Shutdown).another_node_may_answer());
+        assert!(bye(GoodbyeReason::Unavailable).another_node_may_answer());
+        assert!(ClientError::Closed.another_node_may_answer());
+        assert!(ClientError::Unresolvable("nowhere:1".into()).another_node_may_answer());
+        for refused in [GoodbyeReason::Revoked, GoodbyeReason::ClonedIdentity, GoodbyeReason::BadCertificate] {
+            assert!(!bye(refused).another_node_may_answer(), "{refused:?} refuses the device on every node");
+        }
     }
 
     #[test]
