@@ -234,7 +234,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
     stats.running.fetch_add(1, Ordering::Relaxed);
     let mut seen = device.seen.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
     // The connector holds the name the next node is checked by: the configured one, or the one its
-    // redirect gave.
+    // owner or redirect gave.
     let first_endpoint = || (shared.endpoints[device.index % shared.endpoints.len()], device.connector.clone());
     let last_node = device.last_node.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut to_owner = last_node.is_none() && device.owner.is_some();
