@@ -3,7 +3,9 @@
 //!
 //! The cache lives under `<cache-dir>/<first 16 hex of SHA-256 of the CA file>/`, so devices of one
 //! cluster are never offered to another; inside, `chunk-<k>.jsonl` holds devices `k*1000 ..` one JSON line
-//! each (device id, certificate and PKCS#8 key in hex). Chunks are written whole through a rename, so an
+//! each (device id, certificate and PKCS#8 key in hex, and the owner the activation named: its device
+//! address and server name). Lines cached before the owner was kept have none; those devices start on the
+//! endpoints round-robin and follow the redirect. Chunks are written whole through a rename, so an
 //! interrupted activation never leaves a half-written file.
 
 use std::net::SocketAddr;
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context;
-use courier_node::client::{Connector, DeviceCredentials};
+use courier_node::client::{Connector, DeviceCredentials, RedirectTarget};
 use courier_node::ids::DeviceId;
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +29,9 @@ struct Cached {
     id: DeviceId,
     cert: String,
     key: String,
+    /// Where the device's first link goes; absent from caches written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<RedirectTarget>,
 }
 
 /// The cache directory for the cluster whose CA certificate is at `ca`.
@@ -55,6 +60,7 @@ fn read_chunk(dir: &Path, chunk: usize) -> anyhow::Result<Vec<DeviceCredentials>
                 device_id: cached.id,
                 cert_der: hex::decode(cached.cert)?,
                 key_der: hex::decode(cached.key)?,
+                owner: cached.owner,
             })
         })
         .collect::<anyhow::Result<_>>()
@@ -66,8 +72,12 @@ fn write_chunk(dir: &Path, chunk: usize, devices: &[DeviceCredentials]) -> anyho
     let tmp = path.with_extension("tmp");
     let mut lines = Vec::new();
     for device in devices {
-        let cached =
-            Cached { id: device.device_id, cert: hex::encode(&device.cert_der), key: hex::encode(&device.key_der) };
+        let cached = Cached {
+            id: device.device_id,
+            cert: hex::encode(&device.cert_der),
+            key: hex::encode(&device.key_der),
+            owner: device.owner.clone(),
+        };
         serde_json::to_writer(&mut lines, &cached)?;
         lines.push(b'\n');
     }
@@ -154,7 +164,15 @@ mod tests {
     use super::*;
 
     fn fake(i: u8) -> DeviceCredentials {
-        DeviceCredentials { device_id: DeviceId(u128::from(i) + 1), cert_der: vec![i, 1], key_der: vec![i, 2] }
+        DeviceCredentials {
+            device_id: DeviceId(u128::from(i) + 1),
+            cert_der: vec![i, 1],
+            key_der: vec![i, 2],
+            owner: Some(RedirectTarget {
+                device_addr: format!("127.0.0.{i}:5223"),
+                server_name: format!("node-{i}.courier.internal"),
+            }),
+        }
     }
 
     #[test]
@@ -172,6 +190,21 @@ mod tests {
             let mode = courier_node::secret_file::mode(&chunk_path(dir.path(), chunk)).unwrap();
             assert_eq!(mode, 0o600, "a chunk holds device private keys");
         }
+    }
+
+    #[test]
+    fn owners_round_trip_and_old_lines_load_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        write_chunk(dir.path(), 0, &[fake(7)]).unwrap();
+        let old = format!(r#"{{"id":"{}","cert":"0801","key":"0802"}}"#, fake(8).device_id);
+        let mut text = std::fs::read_to_string(chunk_path(dir.path(), 0)).unwrap();
+        text.push_str(&old);
+        text.push('\n');
+        std::fs::write(chunk_path(dir.path(), 0), text).unwrap();
+        let got = load_range(dir.path(), 0, 2).unwrap();
+        assert_eq!(got[0].owner, fake(7).owner);
+        assert_eq!(got[1].device_id, fake(8).device_id);
+        assert_eq!(got[1].owner, None, "a line cached before owners were kept has none");
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! One worker process of the device swarm: holds a slice of the devices' links, each a task that
-//! connects (following redirects), registers its topic once, answers pings, acks what its app received,
-//! and reconnects with backoff and TLS session resumption when a link breaks.
+//! connects (first to the owner its activation named, else to an endpoint; following redirects), registers
+//! its topic once, answers pings, acks what its app received, and reconnects with backoff and TLS session
+//! resumption when a link breaks.
 //!
 //! Driven over stdin by the coordinator (`msg::WorkerSpec`, then `msg::Command`s); reports `msg::Progress`
 //! on stdout every 200 ms. When stdin closes (the coordinator is gone) the worker exits.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, hash_map};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +31,9 @@ struct Device {
     id: DeviceId,
     connector: Connector,
     registered: AtomicBool,
+    /// The owner its activation named, and the connector checking that node's name: where the first
+    /// link goes, saving the redirect a round-robin endpoint would answer most of the time.
+    owner: Option<(SocketAddr, Connector)>,
     /// The node it last linked to, and the connector checking that node's name: a reconnect goes there
     /// first, and resumes the TLS session it made there.
     last_node: Mutex<Option<(SocketAddr, Connector)>>,
@@ -123,6 +127,8 @@ pub async fn run() -> anyhow::Result<()> {
     }
     anyhow::ensure!(!endpoints.is_empty(), "no device endpoints");
     let credentials = crate::devices::load_range(&spec.cache, spec.first, spec.count)?;
+    // Owners are a few node addresses shared by many devices: each is resolved once.
+    let mut owner_addrs: HashMap<String, Option<SocketAddr>> = HashMap::new();
     let mut devices = Vec::with_capacity(credentials.len());
     for (offset, credentials) in credentials.iter().enumerate() {
         let index = spec.first + offset;
@@ -130,11 +136,28 @@ pub async fn run() -> anyhow::Result<()> {
         if !spec.source_addrs.is_empty() {
             connector = connector.bind_to(spec.source_addrs[index % spec.source_addrs.len()]);
         }
+        let mut owner_node = None;
+        if let Some(owner) = &credentials.owner {
+            let addr = match owner_addrs.entry(owner.device_addr.clone()) {
+                hash_map::Entry::Occupied(known) => *known.get(),
+                hash_map::Entry::Vacant(new) => {
+                    let resolved = courier_node::client::resolve(&owner.device_addr).await;
+                    if let Err(error) = &resolved {
+                        tracing::warn!(%error, "devices owned there start on the endpoints instead");
+                    }
+                    *new.insert(resolved.ok())
+                }
+            };
+            if let Some(addr) = addr {
+                owner_node = Some((addr, connector.for_redirect(owner)?));
+            }
+        }
         devices.push(Arc::new(Device {
             index,
             id: credentials.device_id,
             connector,
             registered: AtomicBool::new(false),
+            owner: owner_node,
             last_node: Mutex::new(None),
             seen: Mutex::new(None),
         }));
@@ -211,13 +234,11 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
     stats.running.fetch_add(1, Ordering::Relaxed);
     let mut seen = device.seen.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
     // The connector holds the name the next node is checked by: the configured one, or the one its
-    // redirect gave.
-    let (mut addr, mut connector) = device
-        .last_node
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .unwrap_or_else(|| (shared.endpoints[device.index % shared.endpoints.len()], device.connector.clone()));
+    // owner or redirect gave.
+    let first_endpoint = || (shared.endpoints[device.index % shared.endpoints.len()], device.connector.clone());
+    let last_node = device.last_node.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut to_owner = last_node.is_none() && device.owner.is_some();
+    let (mut addr, mut connector) = last_node.or_else(|| device.owner.clone()).unwrap_or_else(first_endpoint);
     let mut failures = 0u32;
     let mut orphaned = false;
     loop {
@@ -229,8 +250,16 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
             _ = cancel.cancelled() => break,
             result = attempt => result,
         };
+        let from_owner = std::mem::replace(&mut to_owner, false);
         let mut link = match result {
             Ok(link) => link,
+            Err(error) if from_owner && error.another_node_may_answer() => {
+                // The owner named at activation may be gone (a respawned cluster listens on other ports) or
+                // shutting down: start as a device without one does, at once and without counting an error.
+                tracing::debug!(device = device.index, %error, "the owner from activation did not take the link");
+                (addr, connector) = first_endpoint();
+                continue;
+            }
             Err(error) => {
                 stats.error(&error);
                 failures += 1;

@@ -4,10 +4,17 @@
 //! frame protocol. It answers pings, keeps the link alive, and drops notifications whose apns-id it has
 //! recently surfaced: delivery on the wire is at-least-once, to the app it is once.
 //!
-//! Which name a node's certificate must carry: on the first connection, the name the device was configured
-//! with (`DeviceEndpoint::server_name`, which every node's certificate may carry, e.g. a load balancer's
-//! name); after a redirect, the name the redirect gives (`node-<K>.courier.internal`), which only node K's
-//! certificate carries, so a node cannot pass itself off as the one the device was sent to.
+//! Where a link goes first: to the node that owned the device when it was activated (`Activated.owner`,
+//! kept with the credentials), which saves the redirect and second handshake a link to any other node
+//! would cost; to the configured endpoint when there is no such owner or it does not answer (or turns
+//! every device away, shutting down or full). Redirects are
+//! followed either way, since the ring may have moved since activation.
+//!
+//! Which name a node's certificate must carry: on a connection to the configured endpoint, the name the
+//! device was configured with (`DeviceEndpoint::server_name`, which every node's certificate may carry,
+//! e.g. a load balancer's name); on a connection to the owner or after a redirect, the name the activation
+//! or the redirect gives (`node-<K>.courier.internal`), which only node K's certificate carries, so a node
+//! cannot pass itself off as the one the device was sent to.
 
 use std::collections::{HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -45,6 +52,8 @@ pub enum ClientError {
     Closed,
     #[error("redirected to {0}")]
     Redirected(RedirectTarget),
+    #[error("node address {0:?} does not resolve")]
+    Unresolvable(String),
     #[error("unexpected frame: {0}")]
     Unexpected(String),
     #[error("no answer within {0:?}")]
@@ -53,8 +62,24 @@ pub enum ClientError {
     Credentials { path: PathBuf, detail: String },
 }
 
-/// Where a redirect sends a device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl ClientError {
+    /// The node was not reached, went away before answering `Hello`, or turns every device away for now
+    /// (shutting down, at its link limit), as opposed to refusing this device: another node may still
+    /// take the link.
+    pub fn another_node_may_answer(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. }
+                | ClientError::Timeout(_)
+                | ClientError::Closed
+                | ClientError::Unresolvable(_)
+                | ClientError::Goodbye { reason: GoodbyeReason::Shutdown | GoodbyeReason::Unavailable, .. }
+        )
+    }
+}
+
+/// Where a redirect (or an activation's owner) sends a device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RedirectTarget {
     /// The node's device address (host:port).
     pub device_addr: String,
@@ -97,6 +122,10 @@ pub struct DeviceCredentials {
     pub cert_der: Vec<u8>,
     /// PKCS#8 DER.
     pub key_der: Vec<u8>,
+    /// The node that owned the device id when it was activated, where the first link goes. `None` when
+    /// the activating node knew no owner (or predates `Activated.owner`), or for credentials saved before
+    /// it was kept: the link then starts at the configured endpoint.
+    pub owner: Option<RedirectTarget>,
 }
 
 impl std::fmt::Debug for DeviceCredentials {
@@ -106,17 +135,30 @@ impl std::fmt::Debug for DeviceCredentials {
 }
 
 impl DeviceCredentials {
-    /// Writes `device.pem` and `device.key` into `dir`.
+    /// Writes `device.pem`, `device.key` and, when there is an owner, `owner.json` into `dir`.
     pub fn save(&self, dir: &Path) -> Result<(), ClientError> {
         let err = |e: std::io::Error| ClientError::Credentials { path: dir.into(), detail: e.to_string() };
         std::fs::create_dir_all(dir).map_err(err)?;
         let cert = pem::encode(&pem::Pem::new("CERTIFICATE", self.cert_der.clone()));
         std::fs::write(dir.join("device.pem"), cert).map_err(err)?;
         let key = pem::encode(&pem::Pem::new("PRIVATE KEY", self.key_der.clone()));
-        crate::secret_file::write_secret(&dir.join("device.key"), key.as_bytes()).map_err(err)
+        crate::secret_file::write_secret(&dir.join("device.key"), key.as_bytes()).map_err(err)?;
+        let owner_path = dir.join(OWNER_FILE);
+        match &self.owner {
+            Some(owner) => {
+                let json = serde_json::to_vec_pretty(owner).map_err(|e| err(e.into()))?;
+                std::fs::write(owner_path, json).map_err(err)
+            }
+            // An owner file left by earlier credentials in this directory belongs to another device.
+            None => match std::fs::remove_file(owner_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(err(e)),
+                _ => Ok(()),
+            },
+        }
     }
 
-    /// Reads credentials saved by `save`; `None` if `dir` has none.
+    /// Reads credentials saved by `save`; `None` if `dir` has none. Directories saved before the owner was
+    /// kept (no `owner.json`) load with no owner.
     pub fn load(dir: &Path) -> Result<Option<Self>, ClientError> {
         let (cert_path, key_path) = (dir.join("device.pem"), dir.join("device.key"));
         if !cert_path.exists() || !key_path.exists() {
@@ -133,9 +175,22 @@ impl DeviceCredentials {
             path: cert_path,
             detail: "certificate names no device id".into(),
         })?;
-        Ok(Some(DeviceCredentials { device_id, cert_der: cert.to_vec(), key_der: key }))
+        let owner_path = dir.join(OWNER_FILE);
+        let owner = match std::fs::read(&owner_path) {
+            Ok(json) => Some(serde_json::from_slice(&json).map_err(|e| ClientError::Credentials {
+                path: owner_path,
+                detail: format!("not an owner address: {e}"),
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(ClientError::Credentials { path: owner_path, detail: e.to_string() }),
+        };
+        Ok(Some(DeviceCredentials { device_id, cert_der: cert.to_vec(), key_der: key, owner }))
     }
 }
+
+/// The file in a credentials directory naming the owner learned at activation (JSON: `device_addr`,
+/// `server_name`).
+const OWNER_FILE: &str = "owner.json";
 
 /// Redirects followed before giving up (more means the cluster's views disagree).
 pub const MAX_REDIRECTS: usize = 4;
@@ -299,7 +354,12 @@ pub async fn activate_via(
                 .device_id
                 .parse()
                 .map_err(|_| ClientError::Unexpected(format!("device id {:?}", activated.device_id)))?;
-            Ok(DeviceCredentials { device_id, cert_der: activated.certificate_der, key_der: key.serialize_der() })
+            Ok(DeviceCredentials {
+                device_id,
+                cert_der: activated.certificate_der,
+                key_der: key.serialize_der(),
+                owner: activated.owner.map(RedirectTarget::from).filter(|owner| !owner.device_addr.is_empty()),
+            })
         }
         other => Err(ClientError::Unexpected(format!("{other:?}"))),
     }
@@ -311,7 +371,7 @@ pub async fn resolve(device_addr: &str) -> Result<SocketAddr, ClientError> {
         .await
         .ok()
         .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| ClientError::Unexpected(format!("redirect to unresolvable {device_addr:?}")))
+        .ok_or_else(|| ClientError::Unresolvable(device_addr.to_string()))
 }
 
 /// Something the node sent that the app may care about.
@@ -382,8 +442,9 @@ pub struct DeviceLink {
 }
 
 impl DeviceLink {
-    /// Opens a mutual-TLS link and says hello, asking for `keepalive_secs` (0 = the node's default),
-    /// following redirects to the node that owns this device.
+    /// Opens a mutual-TLS link and says hello, asking for `keepalive_secs` (0 = the node's default): to
+    /// the owner the credentials name when it takes the link, else to the endpoint, following redirects to the
+    /// node that owns this device.
     pub async fn connect(
         endpoint: &DeviceEndpoint,
         credentials: &DeviceCredentials,
@@ -401,7 +462,30 @@ impl DeviceLink {
         held_tokens: &[(String, String)],
     ) -> Result<Self, ClientError> {
         let connector = Connector::new(endpoint, Some(credentials))?;
-        Self::connect_via(&connector, endpoint.addr, credentials.device_id, keepalive_secs, held_tokens).await
+        let device_id = credentials.device_id;
+        if let Some(owner) = &credentials.owner {
+            match Self::connect_to_owner(&connector, owner, device_id, keepalive_secs, held_tokens).await {
+                Err(error) if error.another_node_may_answer() => {
+                    tracing::debug!(%owner, %error, "the owner from activation did not take the link; trying the endpoint");
+                }
+                answered => return answered,
+            }
+        }
+        Self::connect_via(&connector, endpoint.addr, device_id, keepalive_secs, held_tokens).await
+    }
+
+    /// Connects to `owner` (checked by the name it gives) through `connector`, following redirects from
+    /// there.
+    pub async fn connect_to_owner(
+        connector: &Connector,
+        owner: &RedirectTarget,
+        device_id: DeviceId,
+        keepalive_secs: u32,
+        held_tokens: &[(String, String)],
+    ) -> Result<Self, ClientError> {
+        let addr = resolve(&owner.device_addr).await?;
+        let first = connector.for_redirect(owner)?;
+        Self::follow_redirects(connector, first, addr, device_id, keepalive_secs, held_tokens).await
     }
 
     /// Connects through a reusable `connector` (built with this device's credentials), following
@@ -414,8 +498,19 @@ impl DeviceLink {
         keepalive_secs: u32,
         held_tokens: &[(String, String)],
     ) -> Result<Self, ClientError> {
-        let mut addr = addr;
-        let mut current = connector.clone();
+        Self::follow_redirects(connector, connector.clone(), addr, device_id, keepalive_secs, held_tokens).await
+    }
+
+    /// Connects through `first` to `addr`, then through `connector` named as each redirect says.
+    async fn follow_redirects(
+        connector: &Connector,
+        first: Connector,
+        mut addr: SocketAddr,
+        device_id: DeviceId,
+        keepalive_secs: u32,
+        held_tokens: &[(String, String)],
+    ) -> Result<Self, ClientError> {
+        let mut current = first;
         for _ in 0..MAX_REDIRECTS {
             match Self::connect_once(&current, addr, device_id, keepalive_secs, held_tokens).await {
                 Err(ClientError::Redirected(to)) => {
@@ -604,6 +699,53 @@ impl DeviceLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn issued(dir: &Path, owner: Option<RedirectTarget>) -> DeviceCredentials {
+        pki::init(dir, &pki::PkiOptions::default()).unwrap();
+        let ca = pki::DeviceCa::load(&pki::PkiDir::new(dir)).unwrap();
+        let (key, csr) = pki::new_device_key_and_csr().unwrap();
+        let device_id = DeviceId::random();
+        let cert = ca.issue(&csr, device_id).unwrap();
+        DeviceCredentials { device_id, cert_der: cert.to_vec(), key_der: key.serialize_der(), owner }
+    }
+
+    #[test]
+    fn credentials_keep_their_owner_and_older_directories_load_without_one() {
+        let pki_dir = tempfile::tempdir().unwrap();
+        let owner =
+            RedirectTarget { device_addr: "10.0.0.2:5223".into(), server_name: "node-2.courier.internal".into() };
+        let credentials = issued(pki_dir.path(), Some(owner.clone()));
+        let home = tempfile::tempdir().unwrap();
+        credentials.save(home.path()).unwrap();
+        let loaded = DeviceCredentials::load(home.path()).unwrap().unwrap();
+        assert_eq!((loaded.device_id, loaded.owner), (credentials.device_id, Some(owner)));
+
+        // A directory written before owners were kept.
+        std::fs::remove_file(home.path().join(OWNER_FILE)).unwrap();
+        let old = DeviceCredentials::load(home.path()).unwrap().unwrap();
+        assert_eq!((old.device_id, old.owner), (credentials.device_id, None));
+
+        // Credentials without an owner saved over ones with one leave no owner behind.
+        credentials.save(home.path()).unwrap();
+        DeviceCredentials { owner: None, ..credentials.clone() }.save(home.path()).unwrap();
+        assert_eq!(DeviceCredentials::load(home.path()).unwrap().unwrap().owner, None);
+
+        std::fs::write(home.path().join(OWNER_FILE), "{not json").unwrap();
+        let damaged = DeviceCredentials::load(home.path()).unwrap_err();
+        assert!(matches!(damaged, ClientError::Credentials { .. }), "{damaged}");
+    }
+
+    #[test]
+    fn only_node_wide_failures_send_a_device_to_another_node() {
+        let bye = |reason| ClientError::Goodbye { reason, detail: String::new() };
+        assert!(bye(GoodbyeReason::Shutdown).another_node_may_answer());
+        assert!(bye(GoodbyeReason::Unavailable).another_node_may_answer());
+        assert!(ClientError::Closed.another_node_may_answer());
+        assert!(ClientError::Unresolvable("nowhere:1".into()).another_node_may_answer());
+        for refused in [GoodbyeReason::Revoked, GoodbyeReason::ClonedIdentity, GoodbyeReason::BadCertificate] {
+            assert!(!bye(refused).another_node_may_answer(), "{refused:?} refuses the device on every node");
+        }
+    }
 
     #[test]
     fn recent_ids_forget_the_oldest() {

@@ -251,7 +251,7 @@ pub fn foreign_credentials(dir: &Path) -> DeviceCredentials {
     let (key, csr) = pki::new_device_key_and_csr().expect("csr");
     let device_id = courier_node::ids::DeviceId::random();
     let cert = ca.issue(&csr, device_id).expect("issue");
-    DeviceCredentials { device_id, cert_der: cert.to_vec(), key_der: key.serialize_der() }
+    DeviceCredentials { device_id, cert_der: cert.to_vec(), key_der: key.serialize_der(), owner: None }
 }
 
 /// Several in-process nodes on real sockets forming one Raft cluster, with fast timings so failure

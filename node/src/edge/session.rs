@@ -171,14 +171,35 @@ async fn activate(link: &mut Link, edge: &Edge, opening: Opening) {
         Ok(cert) => {
             metrics::counter!("courier_node_activations_total", "outcome" => "issued").increment(1);
             tracing::info!(%device, "device activated");
-            let activated =
-                wire::Activated { device_id: device.to_string(), certificate_der: cert.to_vec(), owner: None };
+            let activated = wire::Activated {
+                device_id: device.to_string(),
+                certificate_der: cert.to_vec(),
+                owner: first_link_target(edge, device),
+            };
             let _ = write(link, edge, frame(server_frame::Kind::Activated(activated))).await;
         }
         Err(error) => {
             refused("bad_csr");
             goodbye(link, GoodbyeReason::ActivationRefused, &error.to_string()).await;
         }
+    }
+}
+
+/// Where a freshly activated device should open its first link: the owner of its id in this node's
+/// view, so a device activated on any node skips the redirect (and the second handshake) it would
+/// otherwise get. When this node is the owner it gives its own advertised address and name, as any
+/// other node would. `None` while the cluster has no owner for the id.
+fn first_link_target(edge: &Edge, device: DeviceId) -> Option<wire::Redirect> {
+    match edge.view.placement(device) {
+        Placement::Here => {
+            let view = edge.view.get();
+            let me = view.state.members.get(&edge.view.id)?;
+            Some(wire::Redirect { device_addr: me.device_addr.clone(), server_name: me.device_name() })
+        }
+        Placement::Elsewhere { device_addr, device_name, .. } => {
+            Some(wire::Redirect { device_addr, server_name: device_name })
+        }
+        Placement::Nowhere => None,
     }
 }
 
