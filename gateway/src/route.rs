@@ -34,7 +34,7 @@ use crate::watch::ViewReceiver;
 /// How the owner node disposed of one notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
-    /// Stored, sent or (expiration 0, device away) discarded: the provider hears 200 in all three cases.
+    /// Stored, delivered, sent or (expiration 0, device away) discarded: the provider hears 200 in each case.
     Accepted(DeliverOutcome),
     /// The node refused it for this reason and, for `Unregistered` and `ClonedIdentity`, the time (UNIX ms).
     Rejected(RefusalReason, u64),
@@ -75,9 +75,12 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Most notifications in one batch on a `Forward` stream.
 const MAX_BATCH: usize = 512;
 
-/// Pushes sent on one stream and not answered yet beyond which no more are sent; the node reads no
-/// further than the same bound.
-const MAX_UNANSWERED: usize = 16_384;
+// A batch the node would refuse would end the stream.
+const _: () = assert!(MAX_BATCH <= courier_node::api::forward::MAX_FORWARD_BATCH);
+
+/// Pushes sent on one stream and not answered yet beyond which no more are sent: the node's own bound, so
+/// the gateway stops sending where the node would stop reading.
+const MAX_UNANSWERED: usize = courier_node::api::forward::MAX_UNANSWERED;
 
 /// Pushes queued for a stream's task; beyond it callers wait to queue theirs.
 const QUEUED: usize = MAX_BATCH * 8;
@@ -150,10 +153,13 @@ impl NodeRouter {
         let mut shutdown = self.shutdown.clone();
         let stop = async move { courier_node::edge::stopped(&mut shutdown).await };
         match catch_up {
-            Some(epoch) => tokio::select! {
-                _ = tokio::time::timeout_at(deadline, view.wait_for(|v| v.as_ref().is_some_and(|v| v.epoch >= epoch))) => true,
-                _ = stop => false,
-            },
+            Some(epoch) => {
+                let caught_up = view.wait_for(|v| v.as_ref().is_some_and(|v| v.epoch >= epoch));
+                tokio::select! {
+                    _ = tokio::time::timeout_at(deadline, caught_up) => true,
+                    _ = stop => false,
+                }
+            }
             None => {
                 // A newer view usually explains the failure; otherwise try again shortly.
                 let wait = RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()));

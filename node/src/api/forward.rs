@@ -92,18 +92,13 @@ async fn run(mut stream: Forwarding, mut batches: Streaming<ForwardBatch>) {
                 }
             }
             batch = batches.message(), if reading && unanswered < MAX_UNANSWERED => match batch {
-                Ok(Some(batch)) => {
-                    metrics::counter!("courier_node_forward_batches_total").increment(1);
-                    metrics::histogram!("courier_node_forward_batch_size").record(batch.items.len() as f64);
-                    if batch.items.len() > MAX_FORWARD_BATCH {
-                        let refusal = format!("a Forward batch carries at most {MAX_FORWARD_BATCH} notifications");
-                        let _ = stream.out.send(Err(Status::invalid_argument(refusal))).await;
+                Ok(Some(batch)) => match stream.start(batch, &mut running, &answer) {
+                    Ok(items) => unanswered += items,
+                    Err(refusal) => {
+                        let _ = stream.out.send(Err(refusal)).await;
                         return;
                     }
-                    unanswered += batch.items.len();
-                    running.spawn(deliver_batch(stream.delivery.clone(), batch, stream.epoch_wait,
-                        stream.shutdown.clone(), answer.clone()));
-                }
+                },
                 Ok(None) => reading = false,
                 Err(status) => {
                     tracing::debug!(%status, "a gateway's Forward stream broke");
@@ -112,6 +107,27 @@ async fn run(mut stream: Forwarding, mut batches: Streaming<ForwardBatch>) {
                 }
             },
         }
+    }
+}
+
+impl Forwarding {
+    /// Starts delivering `batch` on a task of its own; how many items it carries, or why it is refused.
+    fn start(
+        &self,
+        batch: ForwardBatch,
+        running: &mut JoinSet<()>,
+        answer: &mpsc::UnboundedSender<ForwardResult>,
+    ) -> Result<usize, Status> {
+        let items = batch.items.len();
+        metrics::counter!("courier_node_forward_batches_total").increment(1);
+        metrics::histogram!("courier_node_forward_batch_size").record(items as f64);
+        if items > MAX_FORWARD_BATCH {
+            let refusal = format!("a Forward batch carries at most {MAX_FORWARD_BATCH} notifications, not {items}");
+            return Err(Status::invalid_argument(refusal));
+        }
+        let delivery = self.delivery.clone();
+        running.spawn(deliver_batch(delivery, batch, self.epoch_wait, self.shutdown.clone(), answer.clone()));
+        Ok(items)
     }
 }
 
@@ -130,7 +146,8 @@ async fn deliver_batch(
         _ = stopped(&mut shutdown) => delivery.view().get().state.epoch >= epoch,
     };
     if !caught_up {
-        metrics::counter!("courier_node_notifications_rejected_total", "reason" => RefusalReason::EpochAhead.as_str_name())
+        let reason = RefusalReason::EpochAhead.as_str_name();
+        metrics::counter!("courier_node_notifications_rejected_total", "reason" => reason)
             .increment(batch.items.len() as u64);
         for item in batch.items {
             let apns_id = item.notification.map(|n| n.apns_id).unwrap_or_default();
