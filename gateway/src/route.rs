@@ -278,7 +278,7 @@ impl NodeRouter {
 struct ForwardStream {
     addr: String,
     peers: Arc<Peers>,
-    /// Stamps each batch with the epoch it was routed by.
+    /// Its epoch stamps each batch.
     view: ViewReceiver,
     /// How long the node may take to accept a new stream.
     open_timeout: Duration,
@@ -313,9 +313,11 @@ impl ForwardStream {
         }
     }
 
-    async fn open(&self, outgoing: mpsc::UnboundedReceiver<ForwardBatch>) -> Result<Streaming<ForwardResults>, String> {
+    async fn open(
+        &self,
+        mut outgoing: mpsc::UnboundedReceiver<ForwardBatch>,
+    ) -> Result<Streaming<ForwardResults>, String> {
         let mut client = self.peers.client(&self.addr).map_err(|e| e.to_string())?;
-        let mut outgoing = outgoing;
         let batches = futures_util::stream::poll_fn(move |cx| outgoing.poll_recv(cx));
         match tokio::time::timeout(self.open_timeout, client.forward(batches)).await {
             Err(_) => Err("timed out".into()),
