@@ -183,14 +183,24 @@ async fn with_refuse_neither_copy_receives_pushes_until_the_clone_is_cleared() {
         expiration: u64::MAX / 2,
         ..Default::default()
     };
+    let batch = courier_proto::cluster::ForwardBatch {
+        epoch: control.current().epoch.0,
+        items: vec![courier_proto::cluster::ForwardItem { id: 1, notification: Some(notification) }],
+    };
     let answer = gateway
         .client(&cluster.node().cluster_addr.to_string())
         .expect("client")
-        .deliver(courier_proto::cluster::DeliverRequest { notifications: vec![notification] })
+        .forward(futures_util::stream::iter([batch]))
         .await
-        .expect("deliver")
-        .into_inner();
-    let result = &answer.results[0];
+        .expect("forward")
+        .into_inner()
+        .message()
+        .await
+        .expect("an answer")
+        .expect("a message before the stream ends");
+    assert_eq!(answer.results.len(), 1, "{answer:?}");
+    assert_eq!(answer.results[0].id, 1);
+    let result = answer.results[0].result.as_ref().expect("a result");
     assert_eq!(
         (result.outcome, result.reason, result.timestamp_ms),
         (

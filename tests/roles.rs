@@ -14,7 +14,7 @@ use courier_node::client::{ClientError, Connector, DeviceLink};
 use courier_node::peer::Peers;
 use courier_node::pki::PkiDir;
 use courier_proto::cluster::{
-    DeliverRequest, FetchQueueRequest, JoinRequest, ProposeRequest, RaftPayload, RemoveNodeRequest, ReplicateRequest,
+    FetchQueueRequest, ForwardBatch, JoinRequest, ProposeRequest, RaftPayload, RemoveNodeRequest, ReplicateRequest,
     StatusRequest, WatchRequest,
 };
 use tokio::net::TcpListener;
@@ -103,14 +103,18 @@ async fn a_gateway_certificate_is_refused_on_raft_replication_and_admin_rpcs() {
     let join = JoinRequest { node_id: 9, cluster_addr: "127.0.0.1:1".into(), device_addr: "127.0.0.1:2".into() };
     denied("Join", client.join(join).await.map(|_| tonic::Code::Ok));
     // What a gateway is for still works.
-    client.deliver(DeliverRequest::default()).await.expect("a gateway delivers");
+    let batches = futures_util::stream::iter([ForwardBatch::default()]);
+    let mut forwarded = client.forward(batches).await.expect("a gateway opens a Forward stream").into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(10), forwarded.message()).await.expect("the stream ends");
+    assert!(matches!(ended, Ok(None)), "an empty batch is answered by nothing, and the stream ends cleanly: {ended:?}");
     client.watch_cluster(WatchRequest { watcher: "test".into() }).await.expect("a gateway watches");
 
-    // The admin certificate may not touch Raft, replication or delivery either.
+    // The admin certificate may not touch Raft, replication or forwarding either.
     let admin = Peers::new(&pki, "admin", None, Duration::from_secs(2)).unwrap();
     let mut client = admin.client(&node1).unwrap();
     denied("RaftAppend as admin", client.raft_append(payload()).await.map(|_| tonic::Code::Ok));
-    denied("Deliver as admin", client.deliver(DeliverRequest::default()).await.map(|_| tonic::Code::Ok));
+    let batches = futures_util::stream::iter([ForwardBatch::default()]);
+    denied("Forward as admin", client.forward(batches).await.map(|_| tonic::Code::Ok));
     denied("WatchCluster as admin", client.watch_cluster(WatchRequest::default()).await.map(|_| tonic::Code::Ok));
 
     // A node answers a node, but not one that speaks for another in a Raft message.
@@ -118,6 +122,8 @@ async fn a_gateway_certificate_is_refused_on_raft_replication_and_admin_rpcs() {
     let mut client = node2.client(&node1).unwrap();
     let device_id = vec![7u8; 16];
     client.fetch_queue(FetchQueueRequest { device_id }).await.expect("a node fetches a queue");
+    let batches = futures_util::stream::iter([ForwardBatch::default()]);
+    denied("Forward as node 2", client.forward(batches).await.map(|_| tonic::Code::Ok));
     let as_node1 = serde_json::json!({
         "vote": {"leader_id": {"term": 1_000_000, "node_id": 1}, "committed": false},
         "last_log_id": null,

@@ -129,6 +129,10 @@ fn describe_metrics() {
         metrics::Unit::Seconds,
         "Time from forwarding a push to the node until its answer."
     );
+    metrics::describe_histogram!(
+        "courier_gateway_forward_batch_size",
+        "Pushes in one batch the gateway sent on a node's Forward stream."
+    );
 }
 
 /// The provider API's TLS: the gateway certificate for every client (with or without SNI), ALPN `h2`,
@@ -198,7 +202,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         credentials: credentials.clone(),
     };
     let (shutdown, shutdown_rx) = signal::channel(false);
-    let router = NodeRouter { peers, view: view.clone(), timeout, shutdown: shutdown_rx.clone() };
+    let router = NodeRouter::new(peers, view.clone(), timeout, shutdown_rx.clone());
     let limit = |per_sec: f64, burst: u32| Limit { per_sec, burst: f64::from(burst) };
     let service = Arc::new(PushService {
         verifier: JwtVerifier::with_refresh_limit(credentials, config.max_jwt_age_secs, config.min_jwt_refresh_secs),

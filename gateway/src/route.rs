@@ -1,30 +1,40 @@
 //! Forwarding accepted notifications to the node that owns their device, over the cluster gRPC API.
 //!
-//! The owner comes from the ring of the gateway's latest view (see `watch`). Channels are made once per
-//! node and shared: every push is one more HTTP/2 stream on a mutual-TLS connection that already exists.
-//! When the owner is unreachable, or says it no longer owns the device, the push is retried on whoever
-//! owns it in the next view, until the request's deadline; only then does the provider hear 503. Once the
-//! gateway is shutting down it stops retrying and answers at once, so that draining is not held up.
-//! `status` asks the owner for a notification's delivery status the same way.
+//! The owner comes from the ring of the gateway's latest view (see `watch`). Each node address gets one
+//! long-lived `Forward` stream, owned by a task: pushes for that node queue up for it, and it sends
+//! whatever waits as one batch stamped with the epoch of the gateway's view, then hands each push the
+//! node's answer to it (matched by id) with the epoch the node had applied. If the stream breaks, every
+//! push it had not answered fails and the next push opens a new stream. Channels come from `Peers`: every
+//! stream is one more HTTP/2 stream on a mutual-TLS connection that already exists.
+//!
+//! When the owner is unreachable, or says it does not own the device, the push is retried on whoever owns
+//! it in a newer view (after NOT_OWNER, once the gateway's view reaches the epoch the node answered with),
+//! until the request's deadline; only then does the provider hear 503. Once the gateway is shutting down it
+//! stops retrying and answers at once, so that draining is not held up. `status` asks the owner for a
+//! notification's delivery status the same way, with a unary call.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use courier_node::ids::DeviceId;
 use courier_node::peer::Peers;
+use courier_node::raft::state::Epoch;
 use courier_proto::cluster::{
-    DeliverOutcome, DeliverRequest, Notification, NotificationStatusRequest, NotificationStatusResponse, RefusalReason,
+    DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem, ForwardResult, ForwardResults, Notification,
+    NotificationStatusRequest, NotificationStatusResponse, RefusalReason,
 };
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+use tonic::Streaming;
 
 use crate::http::apns::Reason;
-
 use crate::watch::ViewReceiver;
 
 /// How the owner node disposed of one notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
-    /// Stored, sent or (expiration 0, device away) discarded: the provider hears 200 in all three cases.
+    /// Stored, delivered, sent or (expiration 0, device away) discarded: the provider hears 200 in each case.
     Accepted(DeliverOutcome),
     /// The node refused it for this reason and, for `Unregistered` and `ClonedIdentity`, the time (UNIX ms).
     Rejected(RefusalReason, u64),
@@ -53,13 +63,45 @@ pub struct NodeRouter {
     pub view: ViewReceiver,
     pub timeout: Duration,
     /// Becomes true when the gateway shuts down; retries stop then.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub shutdown: watch::Receiver<bool>,
+    /// The task owning the `Forward` stream to each node address, started on the first push there. The
+    /// tasks end when the last router is dropped.
+    streams: Arc<Mutex<HashMap<String, mpsc::Sender<Pending>>>>,
 }
 
 /// Pause between attempts when no newer view has arrived.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
+/// Most notifications in one batch on a `Forward` stream.
+const MAX_BATCH: usize = 512;
+
+// A batch the node would refuse would end the stream.
+const _: () = assert!(MAX_BATCH <= courier_node::api::forward::MAX_FORWARD_BATCH);
+
+/// Pushes sent on one stream and not answered yet beyond which no more are sent: the node's own bound, so
+/// the gateway stops sending where the node would stop reading.
+const MAX_UNANSWERED: usize = courier_node::api::forward::MAX_UNANSWERED;
+
+/// Pushes queued for a stream's task; beyond it callers wait to queue theirs.
+const QUEUED: usize = MAX_BATCH * 8;
+
+/// A push waiting for a stream's task to send it, and where its answer goes.
+struct Pending {
+    notification: Notification,
+    answer: oneshot::Sender<Result<Answer, String>>,
+}
+
+/// The node's answer to one push, and the epoch it had applied when it answered.
+struct Answer {
+    result: DeliverResult,
+    epoch: Epoch,
+}
+
 impl NodeRouter {
+    pub fn new(peers: Arc<Peers>, view: ViewReceiver, timeout: Duration, shutdown: watch::Receiver<bool>) -> Self {
+        NodeRouter { peers, view, timeout, shutdown, streams: Arc::default() }
+    }
+
     /// Hands one notification to its owner, retrying across owners until the configured timeout.
     pub async fn deliver(&self, notification: Notification) -> Delivery {
         let deadline = Instant::now() + self.timeout;
@@ -69,14 +111,25 @@ impl NodeRouter {
         let mut view = self.view.clone();
         let mut attempts = 0u32;
         loop {
-            let target = view.borrow_and_update().as_ref().and_then(|v| v.owner(device).map(|(_, a)| a.to_string()));
+            let (routed_by, target) = {
+                let current = view.borrow_and_update();
+                let current = current.as_ref();
+                let owner = current.and_then(|v| v.owner(device).map(|(_, addr)| addr.to_string()));
+                (current.map_or(Epoch::default(), |v| v.epoch), owner)
+            };
+            // After NOT_OWNER from a node ahead of this view: the epoch to wait for before retrying.
+            let mut catch_up = None;
             let failure = match target {
                 None => "no active member owns the device yet".to_string(),
                 Some(addr) => match self.try_deliver(&addr, notification.clone(), deadline).await {
-                    Ok(Delivery::Rejected(RefusalReason::NotOwner | RefusalReason::EpochAhead, _)) => {
-                        format!("{addr} no longer owns it")
+                    Ok((Delivery::Rejected(RefusalReason::NotOwner, _), epoch)) => {
+                        catch_up = Some(epoch).filter(|epoch| *epoch > routed_by);
+                        format!("{addr} does not own it at epoch {}", epoch.0)
                     }
-                    Ok(done) => return done,
+                    Ok((Delivery::Rejected(RefusalReason::EpochAhead, _), epoch)) => {
+                        format!("{addr} did not reach epoch {} (it is at {})", routed_by.0, epoch.0)
+                    }
+                    Ok((done, _)) => return done,
                     Err(failure) => format!("{addr}: {failure}"),
                 },
             };
@@ -84,24 +137,37 @@ impl NodeRouter {
             if Instant::now() >= deadline {
                 return Delivery::Unavailable(format!("{failure} (after {attempts} attempts)"));
             }
-            if !self.pause_before_retry(&mut view, deadline).await {
+            if !self.pause_before_retry(&mut view, deadline, catch_up).await {
                 return Delivery::ShuttingDown;
             }
         }
     }
 
-    /// Waits for a newer view or a short pause; false when the gateway is shutting down.
-    async fn pause_before_retry(&self, view: &mut crate::watch::ViewReceiver, deadline: Instant) -> bool {
+    /// Waits before the next attempt: for a view of at least `catch_up` if given (within the deadline),
+    /// else for a newer view or a short pause. False when the gateway is shutting down.
+    async fn pause_before_retry(&self, view: &mut ViewReceiver, deadline: Instant, catch_up: Option<Epoch>) -> bool {
         if *self.shutdown.borrow() {
             return false;
         }
         metrics::counter!("courier_gateway_forward_retries_total").increment(1);
-        // A newer view usually explains the failure; otherwise try again shortly.
-        let wait = RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()));
         let mut shutdown = self.shutdown.clone();
-        tokio::select! {
-            _ = tokio::time::timeout(wait, view.changed()) => true,
-            _ = shutdown.wait_for(|stop| *stop) => false,
+        let stop = async move { courier_node::edge::stopped(&mut shutdown).await };
+        match catch_up {
+            Some(epoch) => {
+                let caught_up = view.wait_for(|v| v.as_ref().is_some_and(|v| v.epoch >= epoch));
+                tokio::select! {
+                    _ = tokio::time::timeout_at(deadline, caught_up) => true,
+                    _ = stop => false,
+                }
+            }
+            None => {
+                // A newer view usually explains the failure; otherwise try again shortly.
+                let wait = RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()));
+                tokio::select! {
+                    _ = tokio::time::timeout(wait, view.changed()) => true,
+                    _ = stop => false,
+                }
+            }
         }
     }
 
@@ -125,7 +191,7 @@ impl NodeRouter {
                     }
                 }
             };
-            if Instant::now() >= deadline || !self.pause_before_retry(&mut view, deadline).await {
+            if Instant::now() >= deadline || !self.pause_before_retry(&mut view, deadline, None).await {
                 return Err(failure);
             }
         }
@@ -148,37 +214,182 @@ impl NodeRouter {
         }
     }
 
-    async fn try_deliver(&self, addr: &str, notification: Notification, deadline: Instant) -> Result<Delivery, String> {
-        let apns_id = notification.apns_id.clone();
-        let mut client = self.peers.client(addr).map_err(|e| e.to_string())?;
-        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let mut request = tonic::Request::new(DeliverRequest { notifications: vec![notification] });
-        request.set_timeout(remaining);
-        let response = match tokio::time::timeout(remaining, client.deliver(request)).await {
-            Err(_) => return Err("timed out".into()),
-            Ok(Err(status)) => return Err(status.to_string()),
-            Ok(Ok(response)) => response.into_inner(),
+    /// The queue of the stream task for `addr`, started if there is none.
+    fn stream(&self, addr: &str) -> mpsc::Sender<Pending> {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(stream) = streams.get(addr).filter(|s| !s.is_closed()) {
+            return stream.clone();
+        }
+        let (queue, pushes) = mpsc::channel(QUEUED);
+        let stream = ForwardStream {
+            addr: addr.to_string(),
+            peers: self.peers.clone(),
+            view: self.view.clone(),
+            open_timeout: self.timeout,
         };
-        let Some(result) = response.results.into_iter().next() else {
-            return Err("the node answered with no result".into());
+        tokio::spawn(stream.run(pushes));
+        streams.insert(addr.to_string(), queue.clone());
+        queue
+    }
+
+    /// One attempt on the node at `addr`: its answer and the epoch it had applied when it gave it.
+    async fn try_deliver(
+        &self,
+        addr: &str,
+        notification: Notification,
+        deadline: Instant,
+    ) -> Result<(Delivery, Epoch), String> {
+        let apns_id = notification.apns_id.clone();
+        let (answer, answered) = oneshot::channel();
+        let stream = self.stream(addr);
+        let attempt = async move {
+            if stream.send(Pending { notification, answer }).await.is_err() {
+                return Err("the stream's task has ended".to_string());
+            }
+            answered.await.map_err(|_| "the stream's task has ended".to_string())?
+        };
+        let Answer { result, epoch } = match tokio::time::timeout_at(deadline, attempt).await {
+            Err(_) => return Err("timed out".into()),
+            Ok(answer) => answer?,
         };
         if result.apns_id != apns_id {
             return Err(format!("the node answered for apns-id {:?}", result.apns_id));
         }
-        match DeliverOutcome::try_from(result.outcome) {
+        let delivery = match DeliverOutcome::try_from(result.outcome) {
             Ok(
                 outcome @ (DeliverOutcome::Stored
                 | DeliverOutcome::Sent
                 | DeliverOutcome::Discarded
                 | DeliverOutcome::Delivered),
-            ) => Ok(Delivery::Accepted(outcome)),
-            Ok(DeliverOutcome::Rejected) => Ok(Delivery::Rejected(
+            ) => Delivery::Accepted(outcome),
+            Ok(DeliverOutcome::Rejected) => Delivery::Rejected(
                 RefusalReason::try_from(result.reason).unwrap_or(RefusalReason::Unspecified),
                 result.timestamp_ms,
-            )),
+            ),
             Ok(DeliverOutcome::Unspecified) | Err(_) => {
-                Err(format!("the node answered with outcome {}", result.outcome))
+                return Err(format!("the node answered with outcome {}", result.outcome));
             }
+        };
+        Ok((delivery, epoch))
+    }
+}
+
+/// The task that owns the `Forward` stream to one node address.
+struct ForwardStream {
+    addr: String,
+    peers: Arc<Peers>,
+    /// Its epoch stamps each batch.
+    view: ViewReceiver,
+    /// How long the node may take to accept a new stream.
+    open_timeout: Duration,
+}
+
+/// One open stream's state: what it has sent and not had answered.
+struct OpenStream {
+    batches: mpsc::UnboundedSender<ForwardBatch>,
+    waiting: HashMap<u64, oneshot::Sender<Result<Answer, String>>>,
+    next_id: u64,
+}
+
+impl ForwardStream {
+    /// Opens a stream when a push waits and none is open, and serves it until it breaks; ends when every
+    /// router is gone and what was sent is answered.
+    async fn run(self, mut pushes: mpsc::Receiver<Pending>) {
+        while let Some(first) = pushes.recv().await {
+            let (batches, outgoing) = mpsc::unbounded_channel();
+            let mut open = OpenStream { batches, waiting: HashMap::new(), next_id: 0 };
+            // Queued before the stream opens: the node answers the stream's headers without waiting for it.
+            open.send(first, &mut pushes, &self.view);
+            let broke = match self.open(outgoing).await {
+                Ok(results) => open.serve(results, &mut pushes, &self.view).await,
+                Err(error) => Some(format!("opening the Forward stream: {error}")),
+            };
+            if let Some(reason) = broke {
+                tracing::info!(addr = %self.addr, %reason, unanswered = open.waiting.len(), "Forward stream ended");
+                for (_, waiter) in open.waiting.drain() {
+                    let _ = waiter.send(Err(reason.clone()));
+                }
+            }
+        }
+    }
+
+    async fn open(
+        &self,
+        mut outgoing: mpsc::UnboundedReceiver<ForwardBatch>,
+    ) -> Result<Streaming<ForwardResults>, String> {
+        let mut client = self.peers.client(&self.addr).map_err(|e| e.to_string())?;
+        let batches = futures_util::stream::poll_fn(move |cx| outgoing.poll_recv(cx));
+        match tokio::time::timeout(self.open_timeout, client.forward(batches)).await {
+            Err(_) => Err("timed out".into()),
+            Ok(Err(status)) => Err(status.to_string()),
+            Ok(Ok(response)) => Ok(response.into_inner()),
+        }
+    }
+}
+
+impl OpenStream {
+    /// Sends `first` and whatever else is queued (up to a batch) as one batch.
+    fn send(&mut self, first: Pending, pushes: &mut mpsc::Receiver<Pending>, view: &ViewReceiver) {
+        let mut items = Vec::new();
+        let mut next = Some(first);
+        while let Some(Pending { notification, answer }) = next {
+            // A caller past its deadline no longer waits for the answer.
+            if !answer.is_closed() {
+                let id = self.next_id;
+                self.next_id += 1;
+                items.push(ForwardItem { id, notification: Some(notification) });
+                self.waiting.insert(id, answer);
+            }
+            next = if items.len() < MAX_BATCH && self.waiting.len() < MAX_UNANSWERED {
+                pushes.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if items.is_empty() {
+            return;
+        }
+        metrics::histogram!("courier_gateway_forward_batch_size").record(items.len() as f64);
+        let epoch = view.borrow().as_ref().map_or(0, |v| v.epoch.0);
+        // A stream that has ended drops the batch; `serve` learns it from the results side.
+        let _ = self.batches.send(ForwardBatch { epoch, items });
+    }
+
+    /// Sends batches and hands out answers until the stream breaks (the reason) or every router is gone and
+    /// every push is answered (`None`).
+    async fn serve(
+        &mut self,
+        mut results: Streaming<ForwardResults>,
+        pushes: &mut mpsc::Receiver<Pending>,
+        view: &ViewReceiver,
+    ) -> Option<String> {
+        let mut routers_gone = false;
+        while !(routers_gone && self.waiting.is_empty()) {
+            tokio::select! {
+                biased;
+                message = results.message() => match message {
+                    Ok(Some(message)) => self.answer(message),
+                    Ok(None) => return Some("the node ended the stream".into()),
+                    Err(status) => return Some(status.to_string()),
+                },
+                push = pushes.recv(), if !routers_gone && self.waiting.len() < MAX_UNANSWERED => match push {
+                    Some(first) => self.send(first, pushes, view),
+                    None => routers_gone = true,
+                },
+            }
+        }
+        None
+    }
+
+    fn answer(&mut self, message: ForwardResults) {
+        let epoch = Epoch(message.epoch);
+        for ForwardResult { id, result } in message.results {
+            let Some(waiter) = self.waiting.remove(&id) else {
+                tracing::debug!(id, "a node answered a push this stream is not waiting for");
+                continue;
+            };
+            let answer = result.map(|result| Answer { result, epoch });
+            let _ = waiter.send(answer.ok_or_else(|| "the node answered with no result".to_string()));
         }
     }
 }

@@ -159,6 +159,11 @@ pub struct NodeConfig {
     #[arg(long, env = "COURIER_ACK_WAIT_MS", default_value_t = crate::delivery::DEFAULT_ACK_WAIT.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub ack_wait_ms: u64,
+    /// How long a gateway's batch stamped with a cluster epoch this node has not applied yet waits for
+    /// it, in milliseconds; then its notifications are refused as EPOCH_AHEAD and the gateway retries them.
+    #[arg(long, env = "COURIER_EPOCH_WAIT_MS",
+          default_value_t = crate::api::forward::DEFAULT_EPOCH_WAIT.as_millis() as u64)]
+    pub epoch_wait_ms: u64,
 }
 
 /// A bound address others can dial: a wildcard IP becomes loopback.
@@ -259,6 +264,10 @@ impl NodeConfig {
 
     pub fn ack_wait(&self) -> Duration {
         Duration::from_millis(self.ack_wait_ms)
+    }
+
+    pub fn epoch_wait(&self) -> Duration {
+        Duration::from_millis(self.epoch_wait_ms)
     }
 
     pub fn status_log(&self) -> crate::status_log::StatusLog {

@@ -1,7 +1,7 @@
 //! A Courier node: terminates device links, mints device tokens, stores notifications for offline
 //! devices and serves the cluster gRPC API that gateways forward pushes through.
 //!
-//! Follow a notification: `api` (gRPC `Deliver`) → `delivery` → `store` (durable queue) and
+//! Follow a notification: `api` (gRPC `Forward`) → `delivery` → `store` (durable queue) and
 //! `edge::registry` → `edge::session` (the device's link) → ack → `store` deletes it.
 
 pub mod api;

@@ -220,7 +220,12 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     tracker.spawn(edge::clones::report(clone_reports_rx, control.clone(), shutdown_rx.clone()));
     tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown_rx.clone(), tracker.clone()));
 
-    let service = ClusterService { delivery, control: control.clone(), shutdown: shutdown_rx.clone() };
+    let service = ClusterService {
+        delivery,
+        control: control.clone(),
+        shutdown: shutdown_rx.clone(),
+        epoch_wait: config.epoch_wait(),
+    };
     let grpc = Server::builder()
         .tls_config(grpc_tls)?
         .add_service(

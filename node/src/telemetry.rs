@@ -161,6 +161,11 @@ pub fn describe_node_metrics() {
         "courier_node_store_commit_batch_size",
         "Notifications written by one group commit of the store."
     );
+    describe_counter!("courier_node_forward_batches_total", "Batches gateways sent on Forward streams to this node.");
+    describe_histogram!(
+        "courier_node_forward_batch_size",
+        "Notifications in one batch a gateway forwarded to this node."
+    );
     describe_gauge!("courier_raft_term", "Current Raft term, as this node sees it.");
     describe_gauge!("courier_raft_leader_id", "Node id of the Raft leader this node knows, -1 without one.");
     describe_gauge!("courier_raft_is_leader", "1 if this node is the Raft leader, else 0.");

@@ -1,11 +1,15 @@
 //! What this node believes about the cluster right now, derived from the applied Raft state: the ring of
 //! the current epoch, where each member's devices connect, and which devices are revoked or refused as
-//! clones. Sessions and the delivery path read it; only the state watcher in `node` writes it.
+//! clones. Sessions and the delivery path read it; only the state watcher in `node` writes it. The
+//! forwarding stream also waits on it, for a gateway's batch stamped with an epoch not applied here yet.
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::ids::DeviceId;
-use crate::raft::state::{ClusterState, NodeId};
+use crate::raft::state::{ClusterState, Epoch, NodeId};
 use crate::ring::Ring;
 
 /// One epoch's state and the ring built from it.
@@ -28,17 +32,28 @@ pub enum Placement {
 pub struct LocalView {
     pub id: NodeId,
     current: RwLock<Arc<EpochView>>,
+    /// The epoch of `current`, published after it is in place, for callers waiting to reach an epoch.
+    epoch: watch::Sender<Epoch>,
 }
 
 impl LocalView {
     pub fn new(id: NodeId, state: Arc<ClusterState>) -> Self {
         let ring = Ring::from_state(&state);
-        LocalView { id, current: RwLock::new(Arc::new(EpochView { state, ring })) }
+        let epoch = watch::Sender::new(state.epoch);
+        LocalView { id, current: RwLock::new(Arc::new(EpochView { state, ring })), epoch }
     }
 
     pub fn update(&self, state: Arc<ClusterState>) {
         let ring = Ring::from_state(&state);
+        let epoch = state.epoch;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(EpochView { state, ring });
+        self.epoch.send_replace(epoch);
+    }
+
+    /// Whether this view reaches `epoch` (or a later one) within `within`; true at once if it has already.
+    pub async fn reached(&self, epoch: Epoch, within: Duration) -> bool {
+        let mut applied = self.epoch.subscribe();
+        matches!(tokio::time::timeout(within, applied.wait_for(|now| *now >= epoch)).await, Ok(Ok(_)))
     }
 
     pub fn get(&self) -> Arc<EpochView> {
@@ -68,5 +83,31 @@ impl LocalView {
     /// The device is a suspected clone recorded with the `refuse` policy: its links are turned away.
     pub fn refuses_clone(&self, device: DeviceId) -> bool {
         self.get().state.refuses_clone(device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_at(epoch: u64) -> Arc<ClusterState> {
+        Arc::new(ClusterState { epoch: Epoch(epoch), ..ClusterState::default() })
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_an_epoch_ends_when_the_view_reaches_it_or_at_the_bound() {
+        let view = Arc::new(LocalView::new(1, state_at(5)));
+        assert!(view.reached(Epoch(4), Duration::ZERO).await, "an older epoch is reached already");
+        assert!(view.reached(Epoch(5), Duration::ZERO).await);
+        assert!(!view.reached(Epoch(6), Duration::from_millis(20)).await, "nothing applied epoch 6");
+
+        let waiting = tokio::spawn({
+            let view = view.clone();
+            async move { view.reached(Epoch(7), Duration::from_secs(30)).await }
+        });
+        view.update(state_at(6));
+        view.update(state_at(7));
+        assert!(waiting.await.unwrap(), "the wait ends when epoch 7 is applied");
+        assert_eq!(view.get().state.epoch, Epoch(7));
     }
 }

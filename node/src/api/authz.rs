@@ -19,7 +19,7 @@ pub enum Rpc {
     Join,
     Replicate,
     FetchQueue,
-    Deliver,
+    Forward,
     NotificationStatus,
     Propose,
     RemoveNode,
@@ -49,7 +49,7 @@ impl Rpc {
             Rpc::Join => "Join",
             Rpc::Replicate => "Replicate",
             Rpc::FetchQueue => "FetchQueue",
-            Rpc::Deliver => "Deliver",
+            Rpc::Forward => "Forward",
             Rpc::NotificationStatus => "NotificationStatus",
             Rpc::Propose => "Propose",
             Rpc::RemoveNode => "RemoveNode",
@@ -61,14 +61,14 @@ impl Rpc {
     /// The table. Nodes may also `Propose` (only what `check_command` lets a node propose) and `Join`,
     /// because a node that is not the leader forwards those to the leader under its own certificate
     /// (`raft::control`); operator changes and `RemoveNode` are served by the leader alone. No node calls
-    /// `Deliver`, `NotificationStatus` or `Status` on another. `WatchCluster` carries the token keys, so
+    /// `Forward`, `NotificationStatus` or `Status` on another. `WatchCluster` carries the token keys, so
     /// it goes to gateways and nodes only, never to the admin tool (whose `Status` shows key ids only).
     fn allowed(self) -> Allowed {
         match self {
             Rpc::RaftAppend | Rpc::RaftVote | Rpc::RaftSnapshot | Rpc::Probe | Rpc::Replicate | Rpc::FetchQueue => {
                 NODES
             }
-            Rpc::Deliver | Rpc::NotificationStatus => GATEWAYS,
+            Rpc::Forward | Rpc::NotificationStatus => GATEWAYS,
             Rpc::Status => ADMIN,
             Rpc::Propose | Rpc::Join => Allowed { node: true, gateway: false, admin: true },
             Rpc::RemoveNode => ADMIN,
@@ -180,7 +180,7 @@ mod tests {
         Rpc::Join,
         Rpc::Replicate,
         Rpc::FetchQueue,
-        Rpc::Deliver,
+        Rpc::Forward,
         Rpc::NotificationStatus,
         Rpc::Propose,
         Rpc::RemoveNode,
@@ -192,13 +192,13 @@ mod tests {
     fn the_table_gives_each_role_only_its_rpcs() {
         let allowed =
             |role| ALL.iter().filter(|rpc| check(Some(role), **rpc).is_ok()).map(|r| r.name()).collect::<Vec<_>>();
-        assert_eq!(allowed(ClusterRole::Gateway), ["Deliver", "NotificationStatus", "WatchCluster"]);
+        assert_eq!(allowed(ClusterRole::Gateway), ["Forward", "NotificationStatus", "WatchCluster"]);
         assert_eq!(allowed(ClusterRole::Admin), ["Join", "Propose", "RemoveNode", "Status"]);
         let node = allowed(ClusterRole::Node(3));
         for rpc in ["RaftAppend", "RaftVote", "RaftSnapshot", "Probe", "Replicate", "FetchQueue", "WatchCluster"] {
             assert!(node.contains(&rpc), "{rpc}");
         }
-        for rpc in ["Deliver", "NotificationStatus", "Status"] {
+        for rpc in ["Forward", "NotificationStatus", "Status"] {
             assert!(!node.contains(&rpc), "{rpc}");
         }
         for rpc in ALL {

@@ -1,24 +1,23 @@
-//! The node's side of the cluster gRPC API (mutual TLS, cluster CA): delivery, Raft transport,
+//! The node's side of the cluster gRPC API (mutual TLS, cluster CA): forwarding, Raft transport,
 //! membership, admin and the cluster watch.
 //!
-//! `Deliver` takes a batch and delivers its notifications concurrently, so they share the store's group
-//! commits; results come back in request order. Everything else hands off to `raft::control` or
-//! `raft::network`; this module only translates between protobuf and those. Every RPC first asks `authz`
-//! whether the caller's certificate role may call it.
+//! `Forward` is served by `forward`, which streams each gateway's batches into `delivery`. Everything else
+//! hands off to `raft::control` or `raft::network`; this module only translates between protobuf and
+//! those. Every RPC first asks `authz` whether the caller's certificate role may call it.
 
 pub mod authz;
+pub mod forward;
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
-    ClusterView, DeliverRequest, DeliverResponse, FetchQueueRequest, FetchQueueResponse, ForwardBatch, ForwardResults,
-    JoinRequest, JoinResponse, NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse,
-    ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse,
-    StatusRequest, StatusResponse, WatchRequest,
+    ClusterView, FetchQueueRequest, FetchQueueResponse, ForwardBatch, ForwardResults, JoinRequest, JoinResponse,
+    NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse, ProposeRequest,
+    ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse, StatusRequest,
+    StatusResponse, WatchRequest,
 };
-use futures_util::future::join_all;
 use futures_util::{Stream, StreamExt};
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
@@ -30,14 +29,13 @@ use crate::pki::ClusterRole;
 use crate::raft::control::Control;
 use crate::raft::{Command, network};
 
-/// Largest batch one `Deliver` may carry.
-pub const MAX_DELIVER_BATCH: usize = 1024;
-
 pub struct ClusterService {
     pub delivery: Delivery,
     pub control: Arc<Control>,
     /// Ends watch streams at shutdown; the server's graceful drain would otherwise wait on them forever.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// How long a forwarded batch stamped with an epoch this node has not applied waits for it.
+    pub epoch_wait: std::time::Duration,
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Status> {
@@ -69,30 +67,22 @@ pub const LEADER_METADATA: &str = "courier-leader";
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
-        authorize(&request, Rpc::Deliver)?;
-        let batch = request.into_inner().notifications;
-        if batch.len() > MAX_DELIVER_BATCH {
-            return Err(Status::invalid_argument(format!("at most {MAX_DELIVER_BATCH} notifications per Deliver")));
-        }
-        let results = join_all(batch.into_iter().map(|n| self.delivery.deliver(n))).await;
-        Ok(Response::new(DeliverResponse { results }))
-    }
-
     type ForwardStream = Pin<Box<dyn Stream<Item = Result<ForwardResults, Status>> + Send + 'static>>;
 
     async fn forward(
         &self,
         request: Request<tonic::Streaming<ForwardBatch>>,
     ) -> Result<Response<Self::ForwardStream>, Status> {
-        authorize(&request, Rpc::Deliver)?;
-        Err(Status::unimplemented("Forward is not served yet"))
+        authorize(&request, Rpc::Forward)?;
+        let batches = request.into_inner();
+        let results = forward::serve(self.delivery.clone(), batches, self.epoch_wait, self.shutdown.clone());
+        Ok(Response::new(Box::pin(results)))
     }
 
     async fn replicate(&self, request: Request<ReplicateRequest>) -> Result<Response<ReplicateResponse>, Status> {
         authorize(&request, Rpc::Replicate)?;
         let request = request.into_inner();
-        if request.puts.len() + request.removes.len() > 4 * MAX_DELIVER_BATCH {
+        if request.puts.len() + request.removes.len() > 4 * forward::MAX_FORWARD_BATCH {
             return Err(Status::invalid_argument("replication batch too large"));
         }
         let applied = self.delivery.apply_replica(request.puts, request.removes).await.map_err(|e| match e {

@@ -1,0 +1,179 @@
+//! The node's end of a gateway's `Forward` stream: batches of notifications in, their outcomes out.
+//!
+//! Each batch runs on a task of its own, its notifications delivered concurrently through `delivery`
+//! (one may wait ~25 ms for a device's ack, so many must overlap); answers go back by item id as they
+//! complete, whatever is ready coalesced into one `ForwardResults`, each stamped with the epoch this node
+//! has applied then. A batch stamped with an epoch this node has not applied waits for it up to
+//! `epoch_wait`, then its notifications are refused as EPOCH_AHEAD. Whether this node owns a device is
+//! `delivery`'s question, not this module's.
+//!
+//! The stream is bounded: at most `MAX_FORWARD_BATCH` items a batch (a larger batch ends the stream with
+//! `InvalidArgument`), and no further batch is read while `MAX_UNANSWERED` items wait for their answers,
+//! so a gateway faster than this node is slowed by HTTP/2 flow control rather than by this node's memory.
+//! The stream ends when the gateway closes its side and every item is answered, or when the node shuts
+//! down: it then reads no more batches and ends once what it has read is answered.
+
+use std::time::Duration;
+
+use courier_proto::cluster::{
+    DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem, ForwardResult, ForwardResults, RefusalReason,
+};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::delivery::Delivery;
+use crate::edge::stopped;
+use crate::raft::state::Epoch;
+
+/// Most notifications one batch may carry.
+pub const MAX_FORWARD_BATCH: usize = 1024;
+
+/// Items read from one stream and not answered yet beyond which no further batch is read.
+pub const MAX_UNANSWERED: usize = 16_384;
+
+/// How long a batch stamped with an epoch this node has not applied waits for it (`--epoch-wait-ms`).
+pub const DEFAULT_EPOCH_WAIT: Duration = Duration::from_secs(2);
+
+/// Most answers in one `ForwardResults`, so that one message stays small whatever is ready.
+const MAX_RESULTS_PER_MESSAGE: usize = 4096;
+
+/// `ForwardResults` the stream holds for a gateway that reads slower than answers come.
+const OUTBOX: usize = 16;
+
+/// Serves one `Forward` stream; what the RPC returns as its response stream.
+pub fn serve(
+    delivery: Delivery,
+    batches: Streaming<ForwardBatch>,
+    epoch_wait: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> ReceiverStream<Result<ForwardResults, Status>> {
+    let (out, results) = mpsc::channel(OUTBOX);
+    tokio::spawn(run(Forwarding { delivery, epoch_wait, shutdown, out }, batches));
+    ReceiverStream::new(results)
+}
+
+/// What the stream's task works with.
+struct Forwarding {
+    delivery: Delivery,
+    epoch_wait: Duration,
+    /// Stops reading batches; those read are still answered.
+    shutdown: watch::Receiver<bool>,
+    out: mpsc::Sender<Result<ForwardResults, Status>>,
+}
+
+async fn run(mut stream: Forwarding, mut batches: Streaming<ForwardBatch>) {
+    let (answer, mut answers) = mpsc::unbounded_channel();
+    // Aborted with the stream: an item nobody will hear the answer to is the gateway's to retry.
+    let mut running = JoinSet::new();
+    let mut unanswered = 0usize;
+    let mut reading = true;
+    let mut ready = Vec::new();
+    while reading || unanswered > 0 {
+        tokio::select! {
+            biased;
+            _ = stopped(&mut stream.shutdown), if reading => reading = false,
+            received = answers.recv_many(&mut ready, MAX_RESULTS_PER_MESSAGE), if unanswered > 0 => {
+                unanswered = unanswered.saturating_sub(received);
+                let epoch = stream.delivery.view().get().state.epoch.0;
+                let message = ForwardResults { epoch, results: std::mem::take(&mut ready) };
+                if stream.out.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+            Some(finished) = running.join_next(), if !running.is_empty() => {
+                if let Err(error) = finished {
+                    tracing::error!(%error, "a forwarded batch's task failed");
+                    let _ = stream.out.send(Err(Status::internal("a forwarded batch failed"))).await;
+                    return;
+                }
+            }
+            batch = batches.message(), if reading && unanswered < MAX_UNANSWERED => match batch {
+                Ok(Some(batch)) => match stream.start(batch, &mut running, &answer) {
+                    Ok(items) => unanswered += items,
+                    Err(refusal) => {
+                        let _ = stream.out.send(Err(refusal)).await;
+                        return;
+                    }
+                },
+                Ok(None) => reading = false,
+                Err(status) => {
+                    tracing::debug!(%status, "a gateway's Forward stream broke");
+                    let _ = stream.out.send(Err(status)).await;
+                    return;
+                }
+            },
+        }
+    }
+}
+
+impl Forwarding {
+    /// Starts delivering `batch` on a task of its own; how many items it carries, or why it is refused.
+    fn start(
+        &self,
+        batch: ForwardBatch,
+        running: &mut JoinSet<()>,
+        answer: &mpsc::UnboundedSender<ForwardResult>,
+    ) -> Result<usize, Status> {
+        let items = batch.items.len();
+        metrics::counter!("courier_node_forward_batches_total").increment(1);
+        metrics::histogram!("courier_node_forward_batch_size").record(items as f64);
+        if items > MAX_FORWARD_BATCH {
+            let refusal = format!("a Forward batch carries at most {MAX_FORWARD_BATCH} notifications, not {items}");
+            return Err(Status::invalid_argument(refusal));
+        }
+        let delivery = self.delivery.clone();
+        running.spawn(deliver_batch(delivery, batch, self.epoch_wait, self.shutdown.clone(), answer.clone()));
+        Ok(items)
+    }
+}
+
+/// Delivers one batch's notifications concurrently, answering each as it completes; first waits for the
+/// batch's epoch if this node has not applied it.
+async fn deliver_batch(
+    delivery: Delivery,
+    batch: ForwardBatch,
+    epoch_wait: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    answer: mpsc::UnboundedSender<ForwardResult>,
+) {
+    let epoch = Epoch(batch.epoch);
+    let caught_up = tokio::select! {
+        reached = delivery.view().reached(epoch, epoch_wait) => reached,
+        _ = stopped(&mut shutdown) => delivery.view().get().state.epoch >= epoch,
+    };
+    if !caught_up {
+        let reason = RefusalReason::EpochAhead.as_str_name();
+        metrics::counter!("courier_node_notifications_rejected_total", "reason" => reason)
+            .increment(batch.items.len() as u64);
+        for item in batch.items {
+            let apns_id = item.notification.map(|n| n.apns_id).unwrap_or_default();
+            let _ = answer.send(ForwardResult { id: item.id, result: Some(epoch_ahead(apns_id)) });
+        }
+        return;
+    }
+    let mut delivering: FuturesUnordered<_> = batch
+        .items
+        .into_iter()
+        .map(|ForwardItem { id, notification }| {
+            let delivery = delivery.clone();
+            // An item without a notification has no 16-byte device id, and is refused as such.
+            async move { ForwardResult { id, result: Some(delivery.deliver(notification.unwrap_or_default()).await) } }
+        })
+        .collect();
+    while let Some(result) = delivering.next().await {
+        let _ = answer.send(result);
+    }
+}
+
+fn epoch_ahead(apns_id: String) -> DeliverResult {
+    DeliverResult {
+        apns_id,
+        outcome: DeliverOutcome::Rejected as i32,
+        reason: RefusalReason::EpochAhead as i32,
+        timestamp_ms: 0,
+    }
+}
