@@ -45,13 +45,14 @@ pub enum Delivery {
 }
 
 /// The APNs reason a provider hears for a node's refusal: the one place the two vocabularies meet.
-/// `NotOwner` and `EpochAhead` are retried on the right owner and only reach here if that never worked.
+/// `NotOwner`, `EpochAhead` and `TooFewCopies` are retried (on the right owner) and only reach here if that
+/// never worked before the deadline.
 pub fn apns_reason(refusal: RefusalReason) -> Reason {
     match refusal {
         RefusalReason::BadDeviceId => Reason::BadDeviceToken,
         RefusalReason::Unregistered => Reason::Unregistered,
         RefusalReason::ClonedIdentity => Reason::ClonedIdentity,
-        RefusalReason::NotOwner | RefusalReason::EpochAhead => Reason::ServiceUnavailable,
+        RefusalReason::NotOwner | RefusalReason::EpochAhead | RefusalReason::TooFewCopies => Reason::ServiceUnavailable,
         RefusalReason::StoreFailed | RefusalReason::Unspecified => Reason::InternalServerError,
     }
 }
@@ -128,6 +129,9 @@ impl NodeRouter {
                     }
                     Ok((Delivery::Rejected(RefusalReason::EpochAhead, _), epoch)) => {
                         format!("{addr} did not reach epoch {} (it is at {})", routed_by.0, epoch.0)
+                    }
+                    Ok((Delivery::Rejected(RefusalReason::TooFewCopies, _), _)) => {
+                        format!("{addr} could not make the replication factor's copies")
                     }
                     Ok((done, _)) => return done,
                     Err(failure) => format!("{addr}: {failure}"),

@@ -14,7 +14,9 @@
 //! retries on the next owner, and the device drops the repeat by apns-id.
 //!
 //! A notification for a device that is not linked here is committed first and then handed to a link that
-//! may have appeared meanwhile. A notification with expiration 0 (or already past) is never stored: it goes
+//! may have appeared meanwhile. R copies means the replication factor, or every active member when fewer
+//! are active; a commit that made fewer (a successor did not answer in time) is refused as TOO_FEW_COPIES,
+//! which the gateway retries until its deadline: a 200 is never given for fewer copies than promised. A notification with expiration 0 (or already past) is never stored: it goes
 //! to a live link (`SENT`) or is dropped (`DISCARDED`), as APNs does. Every outcome is logged for the
 //! provider API's status call (`status_log`), and a push to a topic the device unregistered is refused.
 
@@ -63,6 +65,25 @@ struct Awaiting {
     /// Wakes `deliver` when the ack comes.
     wake: Option<oneshot::Sender<()>>,
     acked: bool,
+}
+
+/// Why a notification could not be committed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Stored here, but on fewer holders than the replication factor asks with the members active now.
+    #[error("{made} of {wanted} copies made")]
+    TooFewCopies { made: usize, wanted: usize },
+}
+
+impl CommitError {
+    fn refusal(&self) -> RefusalReason {
+        match self {
+            CommitError::Store(_) => RefusalReason::StoreFailed,
+            CommitError::TooFewCopies { .. } => RefusalReason::TooFewCopies,
+        }
+    }
 }
 
 /// What went wrong applying a batch of replica operations.
@@ -182,7 +203,7 @@ impl Delivery {
                 parts.registry.hand_off(device, notification);
                 result(&apns_id, DeliverOutcome::Stored)
             }
-            Err(_) => refused(&apns_id, RefusalReason::StoreFailed, 0),
+            Err(error) => refused(&apns_id, error.refusal(), 0),
         }
     }
 
@@ -218,7 +239,8 @@ impl Delivery {
             let outcome = this.commit(device, &notification).await;
             let acked = this.awaiting().remove(&key).is_some_and(|a| a.acked);
             match &outcome {
-                Ok(inserted) if acked && *inserted != Inserted::Duplicate => this.forget(device, &key.1),
+                // Whatever was stored of it goes again: the device has it.
+                Ok(_) | Err(CommitError::TooFewCopies { .. }) if acked => this.forget(device, &key.1),
                 Ok(inserted) if *inserted != Inserted::Duplicate => {
                     let description = Notification { payload: Vec::new(), ..(*notification).clone() };
                     this.inner.parts.status.record(device, &description, Disposition::Stored, unix_millis());
@@ -229,34 +251,37 @@ impl Delivery {
                 }
                 _ => {}
             }
-            let _ = done.send(outcome.is_ok());
+            let _ = done.send(outcome.map(|_| ()).map_err(|error| error.refusal()));
         });
         tokio::select! {
             biased;
             stored = committed => match stored {
-                Ok(true) => result(&apns_id, DeliverOutcome::Stored),
-                _ => refused(&apns_id, RefusalReason::StoreFailed, 0),
+                Ok(Ok(())) => result(&apns_id, DeliverOutcome::Stored),
+                Ok(Err(refusal)) => refused(&apns_id, refusal, 0),
+                Err(_) => refused(&apns_id, RefusalReason::StoreFailed, 0),
             },
             Ok(()) = woken => result(&apns_id, DeliverOutcome::Delivered),
         }
     }
 
-    /// Inserts locally and on the device's ring successors at the same time.
-    async fn commit(&self, device: DeviceId, notification: &Notification) -> Result<Inserted, StoreError> {
+    /// Inserts locally and on the device's ring successors at the same time: done only once both are, on
+    /// as many holders as the replication factor asks with the members active now.
+    async fn commit(&self, device: DeviceId, notification: &Notification) -> Result<Inserted, CommitError> {
         let parts = &self.inner.parts;
-        let (stored, _copies) =
+        let (stored, copies) =
             tokio::join!(parts.store.insert(notification.clone()), parts.replicator.put(device, notification));
-        match &stored {
-            Ok(Inserted::Duplicate) => {}
-            Ok(inserted) => {
-                if *inserted == Inserted::Collapsed {
-                    metrics::counter!("courier_node_notifications_collapsed_total").increment(1);
-                }
-                metrics::counter!("courier_node_notifications_stored_total").increment(1);
+        let inserted = stored.inspect_err(|error| tracing::error!(%error, "storing a notification failed"))?;
+        if inserted != Inserted::Duplicate {
+            if inserted == Inserted::Collapsed {
+                metrics::counter!("courier_node_notifications_collapsed_total").increment(1);
             }
-            Err(error) => tracing::error!(%error, "storing a notification failed"),
+            metrics::counter!("courier_node_notifications_stored_total").increment(1);
         }
-        stored
+        if !copies.enough() {
+            tracing::debug!(%device, made = copies.made, wanted = copies.wanted, "too few copies; not promised");
+            return Err(CommitError::TooFewCopies { made: copies.made, wanted: copies.wanted });
+        }
+        Ok(inserted)
     }
 
     /// The device acked `apns_id` on a link that carried it.

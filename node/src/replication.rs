@@ -75,29 +75,31 @@ impl Replicator {
         matches!(tokio::time::timeout(self.timeout * 2, answer).await, Ok(Ok(true)))
     }
 
-    /// Copies a notification this node stored to the device's successors. Returns how many copies exist
-    /// now, this node's included.
-    pub async fn put(&self, device: DeviceId, notification: &Notification) -> usize {
+    /// Copies a notification this node stored to the device's successors. Says how many copies exist now,
+    /// this node's included, and how many the replication factor asks for with the members active now (R,
+    /// or all of them when fewer than R are active).
+    pub async fn put(&self, device: DeviceId, notification: &Notification) -> Copies {
         let view = self.view.get();
-        let wanted = view.state.ring.replication_factor.max(1) as usize;
-        let mut others = view.ring.candidates(device, usize::MAX).into_iter().filter(|id| *id != self.id);
-        let mut copies = 1;
+        let candidates = view.ring.candidates(device, usize::MAX);
+        let wanted = (view.state.ring.replication_factor.max(1) as usize).min(candidates.len().max(1));
+        let mut others = candidates.into_iter().filter(|id| *id != self.id);
+        let mut made = 1;
         // The first successors in parallel; a failed one is replaced by the next candidate.
         let first: Vec<NodeId> = others.by_ref().take(wanted - 1).collect();
         let results = join_all(first.iter().map(|node| self.put_to(*node, notification.clone()))).await;
-        copies += results.iter().filter(|ok| **ok).count();
+        made += results.iter().filter(|ok| **ok).count();
         for node in others {
-            if copies >= wanted {
+            if made >= wanted {
                 break;
             }
             if self.put_to(node, notification.clone()).await {
-                copies += 1;
+                made += 1;
             }
         }
-        if copies < wanted {
+        if made < wanted {
             metrics::counter!("courier_node_replication_degraded_total").increment(1);
         }
-        copies
+        Copies { made, wanted }
     }
 
     /// Tells the device's other candidates that `apns_id` was acked. Not awaited: a lost remove only
@@ -232,6 +234,20 @@ impl Replicator {
             released += self.hand_over(store, device, &candidates, true).await?.released;
         }
         Ok(released)
+    }
+}
+
+/// How many holders a notification has, and how many it should have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Copies {
+    pub made: usize,
+    pub wanted: usize,
+}
+
+impl Copies {
+    /// As many holders as the replication factor asks for with the members active now.
+    pub fn enough(&self) -> bool {
+        self.made >= self.wanted
     }
 }
 
