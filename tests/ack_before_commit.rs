@@ -2,7 +2,8 @@
 //! stored only if the device does not ack it within the node's ack window. Real nodes, a real gateway and
 //! real device links: an ack inside the window means no store write anywhere and a 200 answered as
 //! delivered; a device that does not ack gets a notification that is on R stores before the 200; and an
-//! owner SIGKILLed while a notification waits for its ack loses nothing the gateway answered 200.
+//! owner SIGKILLed while a notification waits for its ack loses nothing the gateway answered 200. And a
+//! notification that must be stored is never answered 200 on fewer copies than the replication factor.
 
 mod common;
 
@@ -207,6 +208,96 @@ async fn killing_the_owner_between_hand_off_and_ack_loses_nothing_answered_200()
     }
     let mut link = again.expect("the device reaches its new owner");
     assert_eq!(next_notification(&mut link).await.apns_id, apns_id, "answered 200, so it survives the owner");
+    link.ack(&apns_id).await.expect("ack");
+    link.close().await.expect("close");
+    gateway.shutdown().await;
+}
+
+/// Sends SIGSTOP or SIGCONT to a node process.
+fn signal(node: &common::NodeProcess, which: &str) {
+    let pid = node.child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args([which, &pid]).status().expect("kill").success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_is_never_answered_200_on_fewer_copies_than_promised() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    courier_node::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("temp dir");
+    courier_node::pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
+    let pki = PkiDir::new(dir.path());
+    let mut nodes = vec![spawn_node_with(dir.path(), 1, None, None, &[]).await];
+    let seed = nodes[0].cluster_addr.clone();
+    for id in 2..=3 {
+        nodes.push(spawn_node_with(dir.path(), id, Some(&seed), None, &[]).await);
+    }
+    let mut config = courier_gateway::GatewayConfig::local(dir.path().to_path_buf(), "127.0.0.1:1".parse().unwrap());
+    config.node_addrs = nodes.iter().map(|n| n.cluster_addr.clone()).collect();
+    config.request_timeout_ms = 5_000;
+    let gateway = courier_gateway::start(config).await.expect("gateway starts");
+    eventually(Duration::from_secs(30), "three active members in the gateway's view", || {
+        let view = gateway.view.borrow().clone();
+        std::future::ready(view.is_some_and(|v| v.ring.members().len() == 3))
+    })
+    .await;
+    let provider = ProviderClient::connect(gateway.provider_addr, "localhost", &pki.cluster_ca_cert())
+        .await
+        .expect("provider connects");
+    let signer = JwtSigner::from_pki(&pki).expect("signer");
+    let endpoint = DeviceEndpoint {
+        addr: nodes[0].device_addr.parse().expect("address"),
+        server_name: "localhost".into(),
+        ca_path: pki.cluster_ca_cert(),
+    };
+    // An offline device: its pushes must be stored on two nodes before they are promised.
+    let credentials = courier_node::client::activate(&endpoint, "").await.expect("activation");
+    let mut link = DeviceLink::connect(&endpoint, &credentials, 0).await.expect("device connects");
+    let token = link.register(TOPIC).await.expect("register");
+    link.close().await.expect("close");
+    let owner = gateway.view.borrow().as_ref().and_then(|v| v.owner(credentials.device_id)).expect("an owner").0;
+    let owner = &nodes[owner as usize - 1];
+    let others: Vec<&common::NodeProcess> = nodes.iter().filter(|n| n.id != owner.id).collect();
+
+    // Neither node that could hold the second copy answers: the owner alone has it, which is not enough.
+    for other in &others {
+        signal(other, "-STOP");
+    }
+    let apns_id = uuid::Uuid::new_v4().to_string();
+    let mut push = push_for(&signer, &token, r#"{"aps":{"alert":"two copies"}}"#);
+    push.apns_id = Some(apns_id.clone());
+    let answer = provider.push(&push).await.expect("request reaches the gateway");
+    assert_eq!(
+        (answer.status, answer.reason.as_deref()),
+        (503, Some("ServiceUnavailable")),
+        "one copy is not promised: {answer:?}"
+    );
+    let owner_metrics = format!("http://{}/metrics", owner.metrics_addr);
+    eventually(Duration::from_secs(20), "the owner refused the push for too few copies", || {
+        let url = owner_metrics.clone();
+        async move {
+            let text = http_get(&url).await;
+            metric_value(&text, r#"courier_node_notifications_rejected_total{reason="TOO_FEW_COPIES"}"#)
+                .is_some_and(|n| n >= 1.0)
+        }
+    })
+    .await;
+
+    // Back again: the provider's retry of the same apns-id is promised, and the device gets it once.
+    for other in &others {
+        signal(other, "-CONT");
+    }
+    let mut answered = None;
+    for _ in 0..10 {
+        push.authorization = Some(format!("bearer {}", signer.sign()));
+        let answer = provider.push(&push).await.expect("request reaches the gateway");
+        if answer.status == 200 {
+            answered = Some(answer);
+            break;
+        }
+    }
+    assert!(answered.is_some(), "the retry is answered 200 once both holders answer");
+    let mut link = DeviceLink::connect(&endpoint, &credentials, 0).await.expect("device connects");
+    assert_eq!(next_notification(&mut link).await.apns_id, apns_id);
     link.ack(&apns_id).await.expect("ack");
     link.close().await.expect("close");
     gateway.shutdown().await;
