@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "courier", version, about = "Self-hostable, APNs-compatible push notification service")]
 struct Cli {
+    /// Threads of the async runtime (default: one per CPU). Several Courier processes sharing a few cores
+    /// (a test or load-test cluster on one machine) run better with 1 each: fewer threads contend for the
+    /// same cores. A node or gateway on a machine of its own keeps the default.
+    #[arg(long, global = true, env = "COURIER_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    worker_threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,11 +35,20 @@ enum Command {
     Ctl(cmd::ctl::CtlArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = cli.worker_threads {
+        runtime.worker_threads(usize::from(threads));
+    }
+    runtime.build()?.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
     cmd::init_tracing();
     courier_node::tls::install_crypto_provider();
-    match Cli::parse().command {
+    match command {
         Command::Dev(args) => cmd::dev::run(args).await,
         Command::Node(args) => cmd::serve::node(args).await,
         Command::Gateway(args) => cmd::serve::gateway(args).await,

@@ -377,7 +377,12 @@ impl OpenStream {
                     Err(status) => return Some(status.to_string()),
                 },
                 push = pushes.recv(), if !routers_gone && self.waiting.len() < MAX_UNANSWERED => match push {
-                    Some(first) => self.send(first, pushes, view),
+                    Some(first) => {
+                        // Let the request tasks that are ready now queue their pushes too, so that a busy
+                        // gateway sends batches rather than one push a message; an idle one loses nothing.
+                        tokio::task::yield_now().await;
+                        self.send(first, pushes, view)
+                    }
                     None => routers_gone = true,
                 },
             }

@@ -59,6 +59,10 @@ pub struct TargetArgs {
     /// The `courier` binary to spawn (default: the one beside this binary).
     #[arg(long)]
     pub courier_bin: Option<PathBuf>,
+    /// Runtime threads of each spawned node and gateway process (`courier --worker-threads`; default one
+    /// per CPU). On 2 cores, 1 and 2 gave the same push throughput within run-to-run noise (BENCHMARKS.md).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub spawn_threads: Option<u16>,
     /// Extra flag for every spawned node, e.g. `--node-arg=--failure-timeout-ms=1000` (repeatable).
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     pub node_args: Vec<String>,

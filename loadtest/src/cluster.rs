@@ -172,6 +172,7 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
     courier_node::pki::init(dir, &options).with_context(|| format!("creating the PKI in {}", dir.display()))?;
     let pki = PkiDir::new(dir);
     let mut nodes: Vec<SpawnedNode> = Vec::new();
+    let threads = args.spawn_threads.map(|t| t.to_string());
     for id in 1..=n as u64 {
         let data = dir.join(format!("node-{id}"));
         if data.exists() {
@@ -180,6 +181,7 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
         let mut command = tokio::process::Command::new(&bin);
         command
             .args(["node", "--node-id", &id.to_string()])
+            .args(threads.iter().flat_map(|t| ["--worker-threads", t.as_str()]))
             .arg("--data-dir")
             .arg(&data)
             .arg("--pki-dir")
@@ -221,6 +223,7 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
     crate::die_with_parent(&mut gateway_command);
     let mut gateway = gateway_command
         .arg("gateway")
+        .args(threads.iter().flat_map(|t| ["--worker-threads", t.as_str()]))
         .arg("--pki-dir")
         .arg(dir)
         .args(["--node-addr", &node_addrs.join(",")])

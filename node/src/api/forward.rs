@@ -77,6 +77,13 @@ async fn run(mut stream: Forwarding, mut batches: Streaming<ForwardBatch>) {
             biased;
             _ = stopped(&mut stream.shutdown), if reading => reading = false,
             received = answers.recv_many(&mut ready, MAX_RESULTS_PER_MESSAGE), if unanswered > 0 => {
+                // Let deliveries that are finishing now add their answers to this message.
+                tokio::task::yield_now().await;
+                let mut received = received;
+                while ready.len() < MAX_RESULTS_PER_MESSAGE && let Ok(more) = answers.try_recv() {
+                    ready.push(more);
+                    received += 1;
+                }
                 unanswered = unanswered.saturating_sub(received);
                 let epoch = stream.delivery.view().get().state.epoch.0;
                 let message = ForwardResults { epoch, results: std::mem::take(&mut ready) };
