@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Nodes, TOPIC, eventually, free_port, http_get, metric_value, push_for, spawn_node_with};
+use common::{Nodes, TOPIC, eventually, http_get, metric_value, push_for, spawn_node_with};
 use courier_gateway::provider::{JwtSigner, ProviderClient};
 use courier_node::client::{DeviceEndpoint, DeviceLink, LinkEvent};
 use courier_node::pki::{PkiDir, PkiOptions};
@@ -138,41 +138,59 @@ async fn a_device_that_does_not_ack_in_time_gets_a_notification_durable_on_r_cop
     nodes.shutdown().await;
 }
 
+/// Three `courier node` processes (with `node_flags`) and an in-process gateway with `request_timeout_ms`.
+struct ProcessCluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<common::NodeProcess>,
+    gateway: courier_gateway::RunningGateway,
+    provider: ProviderClient,
+    signer: JwtSigner,
+    endpoints: Vec<DeviceEndpoint>,
+}
+
+impl ProcessCluster {
+    async fn start(node_flags: &[&str], request_timeout_ms: u64) -> ProcessCluster {
+        courier_node::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        courier_node::pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
+        let pki = PkiDir::new(dir.path());
+        let mut nodes = vec![spawn_node_with(dir.path(), 1, None, None, node_flags).await];
+        let seed = nodes[0].cluster_addr.clone();
+        for id in 2..=3 {
+            nodes.push(spawn_node_with(dir.path(), id, Some(&seed), None, node_flags).await);
+        }
+        let mut config =
+            courier_gateway::GatewayConfig::local(dir.path().to_path_buf(), "127.0.0.1:1".parse().unwrap());
+        config.node_addrs = nodes.iter().map(|n| n.cluster_addr.clone()).collect();
+        config.request_timeout_ms = request_timeout_ms;
+        let gateway = courier_gateway::start(config).await.expect("gateway starts");
+        eventually(Duration::from_secs(30), "three active members in the gateway's view", || {
+            let view = gateway.view.borrow().clone();
+            std::future::ready(view.is_some_and(|v| v.ring.members().len() == 3))
+        })
+        .await;
+        let provider = ProviderClient::connect(gateway.provider_addr, "localhost", &pki.cluster_ca_cert())
+            .await
+            .expect("provider connects");
+        let signer = JwtSigner::from_pki(&pki).expect("signer");
+        let endpoints = nodes
+            .iter()
+            .map(|n| DeviceEndpoint {
+                addr: n.device_addr.parse().expect("address"),
+                server_name: "localhost".into(),
+                ca_path: pki.cluster_ca_cert(),
+            })
+            .collect();
+        ProcessCluster { dir, nodes, gateway, provider, signer, endpoints }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_owner_between_hand_off_and_ack_loses_nothing_answered_200() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    courier_node::tls::install_crypto_provider();
-    let dir = tempfile::tempdir().expect("temp dir");
-    courier_node::pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
-    let pki = PkiDir::new(dir.path());
     // A window of 3 s: the kill lands inside it, before the owner could commit anything.
-    let slow_commit = ["--ack-wait-ms", "3000"];
-    let mut nodes = vec![spawn_node_with(dir.path(), 1, None, Some((free_port(), free_port())), &slow_commit).await];
-    let seed = nodes[0].cluster_addr.clone();
-    for id in 2..=3 {
-        nodes.push(spawn_node_with(dir.path(), id, Some(&seed), None, &slow_commit).await);
-    }
-    let mut config = courier_gateway::GatewayConfig::local(dir.path().to_path_buf(), "127.0.0.1:1".parse().unwrap());
-    config.node_addrs = nodes.iter().map(|n| n.cluster_addr.clone()).collect();
-    config.request_timeout_ms = 20_000;
-    let gateway = courier_gateway::start(config).await.expect("gateway starts");
-    eventually(Duration::from_secs(30), "three active members in the gateway's view", || {
-        let view = gateway.view.borrow().clone();
-        std::future::ready(view.is_some_and(|v| v.ring.members().len() == 3))
-    })
-    .await;
-    let provider = ProviderClient::connect(gateway.provider_addr, "localhost", &pki.cluster_ca_cert())
-        .await
-        .expect("provider connects");
-    let signer = JwtSigner::from_pki(&pki).expect("signer");
-    let endpoints: Vec<DeviceEndpoint> = nodes
-        .iter()
-        .map(|n| DeviceEndpoint {
-            addr: n.device_addr.parse().expect("address"),
-            server_name: "localhost".into(),
-            ca_path: pki.cluster_ca_cert(),
-        })
-        .collect();
+    let ProcessCluster { dir: _dir, mut nodes, gateway, provider, signer, endpoints } =
+        ProcessCluster::start(&["--ack-wait-ms", "3000"], 20_000).await;
     let endpoint = |i: usize| endpoints[i].clone();
 
     let credentials = courier_node::client::activate(&endpoint(0), "").await.expect("activation");
@@ -222,33 +240,9 @@ fn signal(node: &common::NodeProcess, which: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_is_never_answered_200_on_fewer_copies_than_promised() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    courier_node::tls::install_crypto_provider();
-    let dir = tempfile::tempdir().expect("temp dir");
-    courier_node::pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
-    let pki = PkiDir::new(dir.path());
-    let mut nodes = vec![spawn_node_with(dir.path(), 1, None, None, &[]).await];
-    let seed = nodes[0].cluster_addr.clone();
-    for id in 2..=3 {
-        nodes.push(spawn_node_with(dir.path(), id, Some(&seed), None, &[]).await);
-    }
-    let mut config = courier_gateway::GatewayConfig::local(dir.path().to_path_buf(), "127.0.0.1:1".parse().unwrap());
-    config.node_addrs = nodes.iter().map(|n| n.cluster_addr.clone()).collect();
-    config.request_timeout_ms = 5_000;
-    let gateway = courier_gateway::start(config).await.expect("gateway starts");
-    eventually(Duration::from_secs(30), "three active members in the gateway's view", || {
-        let view = gateway.view.borrow().clone();
-        std::future::ready(view.is_some_and(|v| v.ring.members().len() == 3))
-    })
-    .await;
-    let provider = ProviderClient::connect(gateway.provider_addr, "localhost", &pki.cluster_ca_cert())
-        .await
-        .expect("provider connects");
-    let signer = JwtSigner::from_pki(&pki).expect("signer");
-    let endpoint = DeviceEndpoint {
-        addr: nodes[0].device_addr.parse().expect("address"),
-        server_name: "localhost".into(),
-        ca_path: pki.cluster_ca_cert(),
-    };
+    let ProcessCluster { dir: _dir, nodes, gateway, provider, signer, endpoints } =
+        ProcessCluster::start(&[], 5_000).await;
+    let endpoint = endpoints[0].clone();
     // An offline device: its pushes must be stored on two nodes before they are promised.
     let credentials = courier_node::client::activate(&endpoint, "").await.expect("activation");
     let mut link = DeviceLink::connect(&endpoint, &credentials, 0).await.expect("device connects");

@@ -15,7 +15,7 @@ use courier_gateway::provider::{JwtSigner, ProviderClient};
 use courier_node::client::{DeviceEndpoint, DeviceLink};
 use courier_node::peer::Peers;
 use courier_node::pki::{PkiDir, PkiOptions};
-use courier_node::raft::state::{Epoch, MemberState, NodeId};
+use courier_node::raft::state::MemberState;
 use courier_proto::cluster::{DeliverOutcome, ForwardBatch, ForwardItem, ForwardResults, Notification, RefusalReason};
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
@@ -183,21 +183,6 @@ fn item(id: u64, device: courier_node::ids::DeviceId) -> ForwardItem {
     ForwardItem { id, notification: Some(notification) }
 }
 
-/// The first epoch (as node 1 applied it) in which `id` is an active member.
-async fn epoch_active(nodes: &Nodes, id: NodeId) -> Epoch {
-    let mut active_at = None;
-    eventually(Duration::from_secs(30), &format!("node {id} is an active member"), || {
-        let state = nodes.node(1).control.current();
-        let active = state.members.get(&id).is_some_and(|m| m.state == MemberState::Active);
-        if active {
-            active_at = Some(state.epoch);
-        }
-        std::future::ready(active)
-    })
-    .await;
-    active_at.expect("an epoch")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_behind_by_an_epoch_is_told_so_and_retries_on_the_right_owner() {
     let mut nodes = Nodes::start(3, |config| config.epoch_wait_ms = 300).await;
@@ -207,7 +192,7 @@ async fn a_gateway_behind_by_an_epoch_is_told_so_and_retries_on_the_right_owner(
 
     nodes.add_node_with(4, |config| config.epoch_wait_ms = 300).await;
     nodes.wait_all_ready().await;
-    let joined_at = epoch_active(&nodes, 4).await;
+    let joined_at = nodes.epoch_active(4).await;
     eventually(Duration::from_secs(30), "every node applied the epoch node 4 joined in", || {
         std::future::ready(nodes.running().all(|n| n.view.get().state.epoch >= joined_at))
     })

@@ -109,21 +109,6 @@ async fn gateway_reaches(gateway: &RunningGateway, epoch: Epoch) {
     .await;
 }
 
-/// The first epoch (as node 1 applied it) in which `id` is an active member.
-async fn epoch_active(nodes: &Nodes, id: NodeId) -> Epoch {
-    let mut active_at = None;
-    eventually(SETTLE, &format!("node {id} is an active member"), || {
-        let state = nodes.node(1).control.current();
-        let active = state.members.get(&id).is_some_and(|m| m.state == MemberState::Active);
-        if active {
-            active_at = Some(state.epoch);
-        }
-        std::future::ready(active)
-    })
-    .await;
-    active_at.expect("an epoch")
-}
-
 /// The link's notifications up to a ping's pong, as apns-ids, acking none.
 async fn sync_ids(link: &mut DeviceLink) -> Vec<String> {
     let arrived = tokio::time::timeout(Duration::from_secs(15), link.sync()).await.expect("pong in time");
@@ -230,7 +215,7 @@ async fn a_fourth_node_takes_only_the_devices_it_now_owns_and_their_queues_move_
     }
 
     nodes.add_node(4).await;
-    let joined_at = epoch_active(&nodes, 4).await;
+    let joined_at = nodes.epoch_active(4).await;
     rebalanced_to(&nodes, joined_at).await;
     gateway_reaches(&gateway, joined_at).await;
     let after: Arc<EpochView> = nodes.node(1).view.get();

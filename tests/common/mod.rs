@@ -323,6 +323,22 @@ impl Nodes {
         .await;
     }
 
+    /// The first epoch (as node 1 applied it) in which node `id` is an active member.
+    pub async fn epoch_active(&self, id: u64) -> courier_node::raft::state::Epoch {
+        let mut active_at = None;
+        eventually(Duration::from_secs(30), &format!("node {id} is an active member"), || {
+            let state = self.node(1).control.current();
+            let active =
+                state.members.get(&id).is_some_and(|m| m.state == courier_node::raft::state::MemberState::Active);
+            if active {
+                active_at = Some(state.epoch);
+            }
+            std::future::ready(active)
+        })
+        .await;
+        active_at.expect("an epoch")
+    }
+
     /// The leader as the running nodes agree on it.
     pub async fn leader(&self) -> u64 {
         let mut agreed = None;
