@@ -7,8 +7,8 @@
 //! Where a link goes first: to the node that owned the device when it was activated (`Activated.owner`,
 //! kept with the credentials), which saves the redirect and second handshake a link to any other node
 //! would cost; to the configured endpoint when there is no such owner or it does not answer (or turns
-//! every device away, shutting down or full). Redirects are
-//! followed either way, since the ring may have moved since activation.
+//! every device away, shutting down or full). Redirects are followed either way, since the ring may have
+//! moved since activation.
 //!
 //! Which name a node's certificate must carry: on a connection to the configured endpoint, the name the
 //! device was configured with (`DeviceEndpoint::server_name`, which every node's certificate may carry,

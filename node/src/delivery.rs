@@ -16,9 +16,11 @@
 //! A notification for a device that is not linked here is committed first and then handed to a link that
 //! may have appeared meanwhile. R copies means the replication factor, or every active member when fewer
 //! are active; a commit that made fewer (a successor did not answer in time) is refused as TOO_FEW_COPIES,
-//! which the gateway retries until its deadline: a 200 is never given for fewer copies than promised. A notification with expiration 0 (or already past) is never stored: it goes
-//! to a live link (`SENT`) or is dropped (`DISCARDED`), as APNs does. Every outcome is logged for the
-//! provider API's status call (`status_log`), and a push to a topic the device unregistered is refused.
+//! which the gateway retries until its deadline: a 200 is never given for fewer copies than promised.
+//!
+//! A notification with expiration 0 (or already past) is never stored: it goes to a live link (`SENT`) or
+//! is dropped (`DISCARDED`), as APNs does. Every outcome is logged for the provider API's status call
+//! (`status_log`), and a push to a topic the device unregistered is refused.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -104,7 +106,8 @@ fn result(apns_id: &str, outcome: DeliverOutcome) -> DeliverResult {
     }
 }
 
-fn refused(apns_id: &str, reason: RefusalReason, timestamp_ms: u64) -> DeliverResult {
+/// A refusal of `apns_id`, counted by reason.
+pub(crate) fn refused(apns_id: &str, reason: RefusalReason, timestamp_ms: u64) -> DeliverResult {
     metrics::counter!("courier_node_notifications_rejected_total", "reason" => reason.as_str_name()).increment(1);
     DeliverResult {
         apns_id: apns_id.to_string(),
@@ -154,20 +157,18 @@ impl Delivery {
             Ok(None) => {}
             Err(error) => tracing::error!(%error, "reading registrations failed; delivering anyway"),
         }
-        // The status log keeps the notification's description, not its payload.
-        let description = Notification { payload: Vec::new(), ..notification.clone() };
         let now_ms = unix_millis();
         let notification = Arc::new(notification);
         if notification.expiration <= now_ms / 1000 {
-            return match parts.registry.hand_off(device, notification) {
+            return match parts.registry.hand_off(device, notification.clone()) {
                 Handoff::Sent(_) => {
                     metrics::counter!("courier_node_notifications_sent_total").increment(1);
-                    parts.status.record(device, &description, Disposition::Accepted, now_ms);
+                    parts.status.record(device, &notification, Disposition::Accepted, now_ms);
                     result(&apns_id, DeliverOutcome::Sent)
                 }
                 Handoff::NotConnected | Handoff::SlowConsumer => {
                     metrics::counter!("courier_node_notifications_discarded_total").increment(1);
-                    parts.status.record(device, &description, Disposition::Dropped("discarded"), now_ms);
+                    parts.status.record(device, &notification, Disposition::Dropped("discarded"), now_ms);
                     result(&apns_id, DeliverOutcome::Discarded)
                 }
             };
@@ -183,7 +184,7 @@ impl Delivery {
             }
         };
         if waiting {
-            parts.status.record(device, &description, Disposition::Accepted, now_ms);
+            parts.status.record(device, &notification, Disposition::Accepted, now_ms);
             match parts.registry.hand_off(device, notification.clone()) {
                 Handoff::Sent(serial) => return self.await_ack(device, key, notification, &mut woken, serial).await,
                 Handoff::NotConnected | Handoff::SlowConsumer => {
@@ -198,7 +199,7 @@ impl Delivery {
                 result(&apns_id, DeliverOutcome::Stored)
             }
             Ok(_) => {
-                parts.status.record(device, &description, Disposition::Stored, unix_millis());
+                parts.status.record(device, &notification, Disposition::Stored, unix_millis());
                 // Durable here and on the replicas; now to the device if it linked meanwhile.
                 parts.registry.hand_off(device, notification);
                 result(&apns_id, DeliverOutcome::Stored)
@@ -225,8 +226,8 @@ impl Delivery {
             if awaiting.get(&key).is_some_and(|a| a.acked) {
                 awaiting.remove(&key);
                 drop(awaiting);
-                let copies = parts.view.get().state.ring.replication_factor.max(1) as u64;
                 // Each copy's insert and delete.
+                let copies = parts.view.get().copies_wanted() as u64;
                 metrics::counter!("courier_node_store_writes_elided_total").increment(2 * copies);
                 return result(&apns_id, DeliverOutcome::Delivered);
             }
@@ -242,8 +243,7 @@ impl Delivery {
                 // Whatever was stored of it goes again: the device has it.
                 Ok(_) | Err(CommitError::TooFewCopies { .. }) if acked => this.forget(device, &key.1),
                 Ok(inserted) if *inserted != Inserted::Duplicate => {
-                    let description = Notification { payload: Vec::new(), ..(*notification).clone() };
-                    this.inner.parts.status.record(device, &description, Disposition::Stored, unix_millis());
+                    this.inner.parts.status.record(device, &notification, Disposition::Stored, unix_millis());
                     // The link it was written to has gone; a newer one gets it from here.
                     if this.inner.parts.registry.serial(device).is_some_and(|now| now != serial) {
                         this.inner.parts.registry.hand_off(device, notification);

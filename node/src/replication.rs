@@ -80,9 +80,8 @@ impl Replicator {
     /// or all of them when fewer than R are active).
     pub async fn put(&self, device: DeviceId, notification: &Notification) -> Copies {
         let view = self.view.get();
-        let candidates = view.ring.candidates(device, usize::MAX);
-        let wanted = (view.state.ring.replication_factor.max(1) as usize).min(candidates.len().max(1));
-        let mut others = candidates.into_iter().filter(|id| *id != self.id);
+        let wanted = view.copies_wanted();
+        let mut others = view.ring.candidates(device, usize::MAX).into_iter().filter(|id| *id != self.id);
         let mut made = 1;
         // The first successors in parallel; a failed one is replaced by the next candidate.
         let first: Vec<NodeId> = others.by_ref().take(wanted - 1).collect();

@@ -18,6 +18,14 @@ pub struct EpochView {
     pub ring: Ring,
 }
 
+impl EpochView {
+    /// How many holders a stored notification must have in this epoch: the replication factor, or every
+    /// active member when fewer are active.
+    pub fn copies_wanted(&self) -> usize {
+        (self.state.ring.replication_factor.max(1) as usize).min(self.ring.members().len().max(1))
+    }
+}
+
 /// Where a device belongs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {

@@ -15,9 +15,7 @@
 
 use std::time::Duration;
 
-use courier_proto::cluster::{
-    DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem, ForwardResult, ForwardResults, RefusalReason,
-};
+use courier_proto::cluster::{ForwardBatch, ForwardItem, ForwardResult, ForwardResults, RefusalReason};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, watch};
@@ -25,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, refused};
 use crate::edge::stopped;
 use crate::raft::state::Epoch;
 
@@ -153,12 +151,10 @@ async fn deliver_batch(
         _ = stopped(&mut shutdown) => delivery.view().get().state.epoch >= epoch,
     };
     if !caught_up {
-        let reason = RefusalReason::EpochAhead.as_str_name();
-        metrics::counter!("courier_node_notifications_rejected_total", "reason" => reason)
-            .increment(batch.items.len() as u64);
         for item in batch.items {
             let apns_id = item.notification.map(|n| n.apns_id).unwrap_or_default();
-            let _ = answer.send(ForwardResult { id: item.id, result: Some(epoch_ahead(apns_id)) });
+            let refusal = refused(&apns_id, RefusalReason::EpochAhead, 0);
+            let _ = answer.send(ForwardResult { id: item.id, result: Some(refusal) });
         }
         return;
     }
@@ -173,14 +169,5 @@ async fn deliver_batch(
         .collect();
     while let Some(result) = delivering.next().await {
         let _ = answer.send(result);
-    }
-}
-
-fn epoch_ahead(apns_id: String) -> DeliverResult {
-    DeliverResult {
-        apns_id,
-        outcome: DeliverOutcome::Rejected as i32,
-        reason: RefusalReason::EpochAhead as i32,
-        timestamp_ms: 0,
     }
 }
