@@ -4,6 +4,12 @@ mod cmd;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: a push allocates and frees small buffers at every hop (HTTP/2
+/// frames, protobuf messages, TLS records), and glibc's malloc was a tenth of a gateway's CPU under load
+/// (BENCHMARKS.md, "The push path, round 3").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "courier", version, about = "Self-hostable, APNs-compatible push notification service")]
 struct Cli {
