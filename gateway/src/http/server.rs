@@ -368,11 +368,14 @@ impl Connection {
         let handler_activity = activity.clone();
         let handler = service_fn(move |request| {
             let (service, auth, busy) = (service.clone(), auth.clone(), handler_activity.begin());
-            async move {
+            // Boxed: hyper moves each stream's future into a task of its own, and a request's whole
+            // state machine (routing and forwarding included) is large enough that copying it showed in
+            // profiles; a box is moved as one pointer.
+            Box::pin(async move {
                 let response = service.handle(request, &auth).await;
                 drop(busy);
                 Ok::<_, Infallible>(response)
-            }
+            })
         });
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
