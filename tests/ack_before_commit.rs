@@ -9,10 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Nodes, TOPIC, eventually, http_get, metric_value, push_for, spawn_node_with};
-use courier_gateway::provider::{JwtSigner, ProviderClient};
-use courier_node::client::{DeviceEndpoint, DeviceLink, LinkEvent};
-use courier_node::pki::{PkiDir, PkiOptions};
+use common::{Nodes, ProcessCluster, TOPIC, eventually, http_get, metric_value, push_for, signal};
+use courier_node::client::{DeviceLink, LinkEvent};
 
 /// The tests read process-wide metrics (every in-process node and gateway shares one recorder): one at a
 /// time, so one test's pushes do not move another's counters.
@@ -138,53 +136,6 @@ async fn a_device_that_does_not_ack_in_time_gets_a_notification_durable_on_r_cop
     nodes.shutdown().await;
 }
 
-/// Three `courier node` processes (with `node_flags`) and an in-process gateway with `request_timeout_ms`.
-struct ProcessCluster {
-    dir: tempfile::TempDir,
-    nodes: Vec<common::NodeProcess>,
-    gateway: courier_gateway::RunningGateway,
-    provider: ProviderClient,
-    signer: JwtSigner,
-    endpoints: Vec<DeviceEndpoint>,
-}
-
-impl ProcessCluster {
-    async fn start(node_flags: &[&str], request_timeout_ms: u64) -> ProcessCluster {
-        courier_node::tls::install_crypto_provider();
-        let dir = tempfile::tempdir().expect("temp dir");
-        courier_node::pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
-        let pki = PkiDir::new(dir.path());
-        let mut nodes = vec![spawn_node_with(dir.path(), 1, None, None, node_flags).await];
-        let seed = nodes[0].cluster_addr.clone();
-        for id in 2..=3 {
-            nodes.push(spawn_node_with(dir.path(), id, Some(&seed), None, node_flags).await);
-        }
-        let mut config =
-            courier_gateway::GatewayConfig::local(dir.path().to_path_buf(), "127.0.0.1:1".parse().unwrap());
-        config.node_addrs = nodes.iter().map(|n| n.cluster_addr.clone()).collect();
-        config.request_timeout_ms = request_timeout_ms;
-        let gateway = courier_gateway::start(config).await.expect("gateway starts");
-        eventually(Duration::from_secs(30), "three active members in the gateway's view", || {
-            let view = gateway.view.borrow().clone();
-            std::future::ready(view.is_some_and(|v| v.ring.members().len() == 3))
-        })
-        .await;
-        let provider = ProviderClient::connect(gateway.provider_addr, "localhost", &pki.cluster_ca_cert())
-            .await
-            .expect("provider connects");
-        let signer = JwtSigner::from_pki(&pki).expect("signer");
-        let endpoints = nodes
-            .iter()
-            .map(|n| DeviceEndpoint {
-                addr: n.device_addr.parse().expect("address"),
-                server_name: "localhost".into(),
-                ca_path: pki.cluster_ca_cert(),
-            })
-            .collect();
-        ProcessCluster { dir, nodes, gateway, provider, signer, endpoints }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_owner_between_hand_off_and_ack_loses_nothing_answered_200() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -229,12 +180,6 @@ async fn killing_the_owner_between_hand_off_and_ack_loses_nothing_answered_200()
     link.ack(&apns_id).await.expect("ack");
     link.close().await.expect("close");
     gateway.shutdown().await;
-}
-
-/// Sends SIGSTOP or SIGCONT to a node process.
-fn signal(node: &common::NodeProcess, which: &str) {
-    let pid = node.child.id().expect("running").to_string();
-    assert!(std::process::Command::new("kill").args([which, &pid]).status().expect("kill").success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,7 +58,6 @@ pub struct RunningGateway {
     provider_task: JoinHandle<()>,
     metrics_task: JoinHandle<()>,
     watch_task: JoinHandle<()>,
-    readiness_task: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for RunningGateway {
@@ -195,11 +194,14 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let timeout = Duration::from_millis(config.request_timeout_ms);
     let peers = Arc::new(Peers::new(&pki, "gateway", config.node_server_name.clone(), timeout)?);
     let (views, view) = signal::channel(None);
+    // Ready while the cluster watch hears a node that knows its leader (see `watch`).
+    let readiness = Readiness::default();
     let cluster_watch = ClusterWatch {
         seeds: config.node_addrs.clone(),
         peers: peers.clone(),
         keyring: keyring.clone(),
         credentials: credentials.clone(),
+        readiness: readiness.clone(),
     };
     let (shutdown, shutdown_rx) = signal::channel(false);
     let router = NodeRouter::new(peers, view.clone(), timeout, shutdown_rx.clone());
@@ -235,14 +237,6 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let provider_task = tokio::spawn(server.run());
     let watch_task = tokio::spawn(cluster_watch.run(views, shutdown_rx.clone()));
 
-    // Ready once it has a view of the cluster to route by.
-    let readiness = Readiness::default();
-    let mut ready_view = view.clone();
-    let ready_flag = readiness.clone();
-    let readiness_task = tokio::spawn(async move {
-        let _ = ready_view.wait_for(|v| v.is_some()).await;
-        ready_flag.set(true);
-    });
     let mut metrics_shutdown = shutdown_rx;
     let metrics_task = tokio::spawn(async move {
         let stop = async move {
@@ -254,16 +248,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     });
 
     tracing::info!(%provider_addr, %metrics_addr, nodes = ?config.node_addrs, "gateway started");
-    Ok(RunningGateway {
-        provider_addr,
-        metrics_addr,
-        view,
-        shutdown,
-        provider_task,
-        metrics_task,
-        watch_task,
-        readiness_task,
-    })
+    Ok(RunningGateway { provider_addr, metrics_addr, view, shutdown, provider_task, metrics_task, watch_task })
 }
 
 impl RunningGateway {
@@ -274,8 +259,7 @@ impl RunningGateway {
 
     /// Stops accepting, lets in-flight requests finish (for a few seconds at most) and joins every task.
     pub async fn shutdown(self) {
-        let RunningGateway { shutdown, mut provider_task, mut metrics_task, watch_task, readiness_task, .. } = self;
-        readiness_task.abort();
+        let RunningGateway { shutdown, mut provider_task, mut metrics_task, watch_task, .. } = self;
         let _ = shutdown.send(true);
         let _ = watch_task.await;
         let _ = shutdown.send(true);

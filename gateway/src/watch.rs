@@ -1,10 +1,13 @@
 //! The gateway's view of the cluster, learned only from nodes' `WatchCluster` streams: the ring of the
 //! latest epoch, member addresses, token keys, provider credentials and refused clones.
 //!
-//! One task keeps one stream open to some member. When that member goes away it fails over to the next
-//! candidate (the configured seeds, then every member the last view named), so the gateway keeps routing
-//! as long as any member answers. A view older than the one held is ignored: a lagging member must not
-//! turn the gateway's clock back.
+//! One task keeps one stream open to some member. The node sends the state whenever it changes and a
+//! heartbeat (epoch, leader, applied index) every second otherwise. When the stream breaks, ends, stays
+//! silent for three heartbeats (a paused or hung node), or its node knows no leader for as long, the
+//! gateway fails over to another member of its last view (active ones first, the configured seeds after
+//! them, the member it just left last), so it keeps learning new epochs as long as any member answers. It
+//! reports ready (`/readyz`) only while the node it follows is heard and knows a leader. A view older than
+//! the one held is ignored: a lagging member must not turn the gateway's clock back.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use courier_node::peer::Peers;
 use courier_node::pki::ProviderCredential;
 use courier_node::raft::state::{ClusterState, Epoch, Member, MemberState, NodeId};
 use courier_node::ring::Ring;
+use courier_node::telemetry::Readiness;
 use courier_node::token::Keyring;
 use courier_proto::cluster::WatchRequest;
 use tokio::sync::watch;
@@ -65,21 +69,39 @@ pub struct ClusterWatch {
     pub peers: Arc<Peers>,
     pub keyring: Keyring,
     pub credentials: ProviderCredentials,
+    /// The gateway's `/readyz`: true while the watched node is heard and knows its leader.
+    pub readiness: Readiness,
 }
+
+/// A watched node that sends nothing for this long (three missed heartbeats), or that knows no leader for
+/// this long, is left for another member.
+pub const WATCH_SILENCE: Duration = Duration::from_secs(3 * courier_node::api::WATCH_HEARTBEAT.as_secs());
 
 impl ClusterWatch {
     pub async fn run(self, views: watch::Sender<Option<Arc<GatewayView>>>, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
+        let mut left: Option<String> = None;
         loop {
-            let candidates = self.candidates(&views.borrow());
+            let mut heard = false;
+            let candidates = self.candidates(&views.borrow(), left.as_deref());
             for addr in candidates {
-                tokio::select! {
-                    outcome = self.follow(&addr, &views) => match outcome {
-                        Ok(()) => tracing::info!(%addr, "cluster watch ended; failing over"),
-                        Err(error) => tracing::info!(%addr, %error, "cluster watch unavailable; failing over"),
-                    },
+                let (heard_here, why) = tokio::select! {
+                    outcome = self.follow(&addr, &views) => outcome,
                     _ = courier_node::edge::stopped(&mut shutdown) => return,
+                };
+                self.readiness.set(false);
+                metrics::counter!("courier_gateway_watch_failovers_total").increment(1);
+                tracing::info!(%addr, reason = %why, "cluster watch lost; failing over");
+                left = Some(addr);
+                if heard_here {
+                    // The view it gave may name members the list was made without.
+                    heard = true;
+                    break;
                 }
+            }
+            if heard {
+                backoff = Duration::from_millis(100);
+                continue;
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -89,35 +111,82 @@ impl ClusterWatch {
         }
     }
 
-    /// Seeds first, then the last view's members, active ones before the rest, without repeats.
-    fn candidates(&self, view: &Option<Arc<GatewayView>>) -> Vec<String> {
-        let mut out: Vec<String> = self.seeds.clone();
+    /// With no view yet, the configured seeds. With one, its members (active ones first), then the seeds;
+    /// the member just `left` comes last, so a failover goes to another member rather than back to a seed
+    /// that may be the node that fell silent.
+    fn candidates(&self, view: &Option<Arc<GatewayView>>, left: Option<&str>) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
         if let Some(view) = view {
             let mut members: Vec<&Member> = view.members.values().collect();
             members.sort_by_key(|m| (m.state != MemberState::Active, m.id));
             out.extend(members.into_iter().map(|m| m.cluster_addr.clone()));
         }
+        out.extend(self.seeds.iter().cloned());
         let mut seen = std::collections::HashSet::new();
-        out.retain(|addr| seen.insert(addr.clone()));
+        out.retain(|addr| Some(addr.as_str()) != left && seen.insert(addr.clone()));
+        out.extend(left.map(str::to_string));
         out
     }
 
-    async fn follow(&self, addr: &str, views: &watch::Sender<Option<Arc<GatewayView>>>) -> Result<(), String> {
-        let mut client = self.peers.client(addr).map_err(|e| e.to_string())?;
+    /// Follows one node's stream until it fails, ends, falls silent or has no leader for `WATCH_SILENCE`.
+    /// Returns whether it heard anything, and why it stopped.
+    async fn follow(&self, addr: &str, views: &watch::Sender<Option<Arc<GatewayView>>>) -> (bool, String) {
+        let mut heard = false;
+        let why = self.follow_until_lost(addr, views, &mut heard).await;
+        (heard, why)
+    }
+
+    async fn follow_until_lost(
+        &self,
+        addr: &str,
+        views: &watch::Sender<Option<Arc<GatewayView>>>,
+        heard: &mut bool,
+    ) -> String {
+        let mut client = match self.peers.client(addr) {
+            Ok(client) => client,
+            Err(error) => return error.to_string(),
+        };
         let request = WatchRequest { watcher: "gateway".into() };
-        let mut stream = client.watch_cluster(request).await.map_err(|s| s.message().to_string())?.into_inner();
+        let opened = tokio::time::timeout(WATCH_SILENCE, client.watch_cluster(request)).await;
+        let mut stream = match opened {
+            Err(_) => return format!("no answer for {WATCH_SILENCE:?}"),
+            Ok(Err(status)) => return status.message().to_string(),
+            Ok(Ok(response)) => response.into_inner(),
+        };
         tracing::info!(%addr, "watching the cluster");
-        while let Some(message) = stream.message().await.map_err(|s| s.message().to_string())? {
-            let state: ClusterState = serde_json::from_slice(&message.state_json).map_err(|e| e.to_string())?;
-            let newer = views.borrow().as_ref().is_none_or(|held| state.epoch >= held.epoch);
-            if !newer {
-                continue;
+        let mut leaderless_since: Option<tokio::time::Instant> = None;
+        loop {
+            let message = match tokio::time::timeout(WATCH_SILENCE, stream.message()).await {
+                Err(_) => return format!("nothing heard for {WATCH_SILENCE:?}"),
+                Ok(Err(status)) => return status.message().to_string(),
+                Ok(Ok(None)) => return "the node ended the stream".to_string(),
+                Ok(Ok(Some(message))) => message,
+            };
+            if !message.state_json.is_empty() {
+                let state: ClusterState = match serde_json::from_slice(&message.state_json) {
+                    Ok(state) => state,
+                    Err(error) => return format!("an unreadable cluster state: {error}"),
+                };
+                let newer = views.borrow().as_ref().is_none_or(|held| state.epoch >= held.epoch);
+                if newer {
+                    self.apply(&state);
+                    metrics::gauge!("courier_gateway_cluster_epoch").set(state.epoch.0 as f64);
+                    views.send_replace(Some(Arc::new(GatewayView::from_state(&state, message.leader_id))));
+                }
             }
-            self.apply(&state);
-            metrics::gauge!("courier_gateway_cluster_epoch").set(state.epoch.0 as f64);
-            views.send_replace(Some(Arc::new(GatewayView::from_state(&state, message.leader_id))));
+            *heard = true;
+            if message.leader_id == 0 {
+                // Between two leaders for a moment, as in any election; for longer, a node cut off from the
+                // rest, which may be the one that is behind.
+                let since = *leaderless_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= WATCH_SILENCE {
+                    return format!("the node has known no leader for {WATCH_SILENCE:?}");
+                }
+            } else {
+                leaderless_since = None;
+                self.readiness.set(views.borrow().is_some());
+            }
         }
-        Ok(())
     }
 
     fn apply(&self, state: &ClusterState) {

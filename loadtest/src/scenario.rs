@@ -623,6 +623,9 @@ pub async fn offline(args: OfflineArgs) -> anyhow::Result<bool> {
     conclude("courier-loadtest offline", rows, r.result, failures, &r.path, r.finished)
 }
 
+/// The queue cap of the nodes the failover scenario spawns, unless `--node-arg` sets one.
+const FAILOVER_QUEUE_CAP: u64 = 1_000_000;
+
 pub async fn failover(args: FailoverArgs) -> anyhow::Result<bool> {
     let nodes = args.target.spawn.unwrap_or(0);
     anyhow::ensure!(
@@ -632,7 +635,15 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<bool> {
     );
     let kill_index =
         args.kill_node.unwrap_or(nodes).checked_sub(1).filter(|i| *i < nodes).context("--kill-node is out of range")?;
-    let mut run = prepare("failover", &args.target, &args.swarm, &args.output, true).await?;
+    // What an offline device misses must all wait for it: at saturation a device that sits out the load
+    // gets far more than the node's default queue cap (100 per device and topic), and the oldest beyond
+    // the cap are dropped by design, which this scenario would count as lost. A cap given with
+    // `--node-arg` wins.
+    let mut target = args.target.clone();
+    if !target.node_args.iter().any(|arg| arg.starts_with("--queue-cap-per-topic")) {
+        target.node_args.push(format!("--queue-cap-per-topic={FAILOVER_QUEUE_CAP}"));
+    }
+    let mut run = prepare("failover", &target, &args.swarm, &args.output, true).await?;
     run.connect_all(true).await?;
     let targets = run.targets()?;
     if args.offline_every > 0 {

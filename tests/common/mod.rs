@@ -561,3 +561,62 @@ pub async fn ctl(node: std::net::SocketAddr, pki: &Path, args: &[&str]) -> CtlRu
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// Three `courier node` processes (with `node_flags`) and an in-process gateway with `request_timeout_ms`,
+/// with a provider client, the provider JWT signer and each node's device endpoint.
+pub struct ProcessCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProcess>,
+    pub gateway: courier_gateway::RunningGateway,
+    pub provider: ProviderClient,
+    pub signer: JwtSigner,
+    pub endpoints: Vec<DeviceEndpoint>,
+}
+
+impl ProcessCluster {
+    pub async fn start(node_flags: &[&str], request_timeout_ms: u64) -> ProcessCluster {
+        ProcessCluster::start_with(node_flags, |config| config.request_timeout_ms = request_timeout_ms).await
+    }
+
+    /// `start`, with the gateway's configuration adjusted (its seeds are every node's cluster address).
+    pub async fn start_with(node_flags: &[&str], adjust: impl FnOnce(&mut courier_gateway::GatewayConfig)) -> Self {
+        courier_node::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        courier_node::pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
+        let pki = PkiDir::new(dir.path());
+        let mut nodes = vec![spawn_node_with(dir.path(), 1, None, None, node_flags).await];
+        let seed = nodes[0].cluster_addr.clone();
+        for id in 2..=3 {
+            nodes.push(spawn_node_with(dir.path(), id, Some(&seed), None, node_flags).await);
+        }
+        let mut config =
+            courier_gateway::GatewayConfig::local(dir.path().to_path_buf(), "127.0.0.1:1".parse().unwrap());
+        config.node_addrs = nodes.iter().map(|n| n.cluster_addr.clone()).collect();
+        adjust(&mut config);
+        let gateway = courier_gateway::start(config).await.expect("gateway starts");
+        eventually(Duration::from_secs(30), "three active members in the gateway's view", || {
+            let view = gateway.view.borrow().clone();
+            std::future::ready(view.is_some_and(|v| v.ring.members().len() == 3))
+        })
+        .await;
+        let provider = ProviderClient::connect(gateway.provider_addr, "localhost", &pki.cluster_ca_cert())
+            .await
+            .expect("provider connects");
+        let signer = JwtSigner::from_pki(&pki).expect("signer");
+        let endpoints = nodes
+            .iter()
+            .map(|n| DeviceEndpoint {
+                addr: n.device_addr.parse().expect("address"),
+                server_name: "localhost".into(),
+                ca_path: pki.cluster_ca_cert(),
+            })
+            .collect();
+        ProcessCluster { dir, nodes, gateway, provider, signer, endpoints }
+    }
+}
+
+/// Sends SIGSTOP or SIGCONT to a node process.
+pub fn signal(node: &NodeProcess, which: &str) {
+    let pid = node.child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args([which, &pid]).status().expect("kill").success());
+}

@@ -29,6 +29,10 @@ use crate::pki::ClusterRole;
 use crate::raft::control::Control;
 use crate::raft::{Command, network};
 
+/// How often a `WatchCluster` stream carries a heartbeat: the gateway takes three missed ones as a silent
+/// node (`courier_gateway::watch`).
+pub const WATCH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct ClusterService {
     pub delivery: Delivery,
     pub control: Arc<Control>,
@@ -174,11 +178,20 @@ impl Cluster for ClusterService {
         let control = self.control.clone();
         let mut shutdown = self.shutdown.clone();
         let stop = async move { crate::edge::stopped(&mut shutdown).await };
-        let views = WatchStream::new(self.control.state.clone()).take_until(stop).map(move |state| {
+        let states = WatchStream::new(self.control.state.clone()).map(Some);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + WATCH_HEARTBEAT, WATCH_HEARTBEAT);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let heartbeats = tokio_stream::wrappers::IntervalStream::new(ticks).map(|_| None);
+        let views = futures_util::stream::select(states, heartbeats).take_until(stop).map(move |changed| {
+            let (epoch, state_json) = match changed {
+                Some(state) => (state.epoch, json(&*state)?),
+                None => (control.current().epoch, Vec::new()),
+            };
             Ok(ClusterView {
-                epoch: state.epoch.0,
+                epoch: epoch.0,
                 leader_id: control.leader().unwrap_or(0),
-                state_json: json(&*state)?,
+                state_json,
+                applied_index: control.applied_index(),
             })
         });
         Ok(Response::new(Box::pin(views)))

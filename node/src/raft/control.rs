@@ -83,6 +83,11 @@ impl Control {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// The index of the last Raft log entry this node has applied.
+    pub fn applied_index(&self) -> u64 {
+        self.raft.metrics().borrow().last_applied.map_or(0, |log_id| log_id.index)
+    }
+
     /// An active member of the epoch it has applied, with a known leader: what `/readyz` reports.
     pub fn is_serving(&self) -> bool {
         let active = self.current().members.get(&self.id).is_some_and(|m| m.state == MemberState::Active);
