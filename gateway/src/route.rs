@@ -45,14 +45,16 @@ pub enum Delivery {
 }
 
 /// The APNs reason a provider hears for a node's refusal: the one place the two vocabularies meet.
-/// `NotOwner`, `EpochAhead` and `TooFewCopies` are retried (on the right owner) and only reach here if that
+/// `NotOwner`, `EpochAhead`, `TooFewCopies` and `NoLease` are retried (on the right owner) and only reach here if that
 /// never worked before the deadline.
 pub fn apns_reason(refusal: RefusalReason) -> Reason {
     match refusal {
         RefusalReason::BadDeviceId => Reason::BadDeviceToken,
         RefusalReason::Unregistered => Reason::Unregistered,
         RefusalReason::ClonedIdentity => Reason::ClonedIdentity,
-        RefusalReason::NotOwner | RefusalReason::EpochAhead | RefusalReason::TooFewCopies => Reason::ServiceUnavailable,
+        RefusalReason::NotOwner | RefusalReason::EpochAhead | RefusalReason::TooFewCopies | RefusalReason::NoLease => {
+            Reason::ServiceUnavailable
+        }
         RefusalReason::StoreFailed | RefusalReason::Unspecified => Reason::InternalServerError,
     }
 }
@@ -132,6 +134,9 @@ impl NodeRouter {
                     }
                     Ok((Delivery::Rejected(RefusalReason::TooFewCopies, _), _)) => {
                         format!("{addr} could not make the replication factor's copies")
+                    }
+                    Ok((Delivery::Rejected(RefusalReason::NoLease, _), epoch)) => {
+                        format!("{addr} has lost touch with the cluster (at epoch {})", epoch.0)
                     }
                     Ok((done, _)) => return done,
                     Err(failure) => format!("{addr}: {failure}"),

@@ -3,7 +3,8 @@
 //!
 //! One task keeps one stream open to some member. The node sends the state whenever it changes and a
 //! heartbeat (epoch, leader, applied index) every second otherwise. When the stream breaks, ends, stays
-//! silent for three heartbeats (a paused or hung node), or its node knows no leader for as long, the
+//! silent for three heartbeats (a paused or hung node), or its node knows no leader or has lost its owner's
+//! lease (it has not heard from a Raft quorum, `courier_node::raft::lease`) for as long, the
 //! gateway fails over to another member of its last view (active ones first, the configured seeds after
 //! them, the member it just left last), so it keeps learning new epochs as long as any member answers. It
 //! reports ready (`/readyz`) only while the node it follows is heard and knows a leader. A view older than
@@ -69,12 +70,12 @@ pub struct ClusterWatch {
     pub peers: Arc<Peers>,
     pub keyring: Keyring,
     pub credentials: ProviderCredentials,
-    /// The gateway's `/readyz`: true while the watched node is heard and knows its leader.
+    /// The gateway's `/readyz`: true while the watched node is heard, knows its leader and holds its lease.
     pub readiness: Readiness,
 }
 
-/// A watched node that sends nothing for this long (three missed heartbeats), or that knows no leader for
-/// this long, is left for another member.
+/// A watched node that sends nothing for this long (three missed heartbeats), or that knows no leader or
+/// holds no lease for this long, is left for another member.
 pub const WATCH_SILENCE: Duration = Duration::from_secs(3 * courier_node::api::WATCH_HEARTBEAT.as_secs());
 
 impl ClusterWatch {
@@ -175,12 +176,13 @@ impl ClusterWatch {
                 }
             }
             *heard = true;
-            if message.leader_id == 0 {
+            if message.leader_id == 0 || message.lease_lost {
                 // Between two leaders for a moment, as in any election; for longer, a node cut off from the
-                // rest, which may be the one that is behind.
+                // rest (a leader cut off still names itself, but has lost its lease), whose view may be
+                // behind.
                 let since = *leaderless_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= WATCH_SILENCE {
-                    return format!("the node has known no leader for {WATCH_SILENCE:?}");
+                    return format!("the node has been out of touch with the quorum for {WATCH_SILENCE:?}");
                 }
             } else {
                 leaderless_since = None;

@@ -58,6 +58,11 @@ pub struct NodeConfig {
     /// A member that answers no probe for this long is marked down, in milliseconds.
     #[arg(long, env = "COURIER_FAILURE_TIMEOUT_MS", default_value_t = 3000)]
     pub failure_timeout_ms: u64,
+    /// How long after its last contact with a Raft quorum this node still acts as an owner, in
+    /// milliseconds (default: two thirds of the failure timeout less the probe interval). It must end before
+    /// the leader's failure timeout would mark the node down (see `raft::lease`).
+    #[arg(long, env = "COURIER_LEASE_MS")]
+    pub lease_ms: Option<u64>,
     /// Rotate the token key automatically this often, in seconds (unset: only on `courier ctl keys rotate`).
     #[arg(long, env = "COURIER_KEY_ROTATION_SECS")]
     pub key_rotation_secs: Option<u64>,
@@ -272,6 +277,21 @@ impl NodeConfig {
 
     pub fn status_log(&self) -> crate::status_log::StatusLog {
         crate::status_log::StatusLog::new(Duration::from_secs(self.status_retention_secs), self.status_capacity)
+    }
+
+    /// The owner's lease: `--lease-ms`, or two thirds of what the failure timeout leaves after a probe interval
+    /// (at least three Raft heartbeats); refused when it would outlast the failure timeout.
+    pub fn lease(&self) -> Result<Duration, crate::node::NodeError> {
+        let room = self.failure_timeout_ms.saturating_sub(self.probe_interval_ms);
+        let lease_ms = self.lease_ms.unwrap_or((room * 2 / 3).max(self.raft_heartbeat_ms * 3));
+        if lease_ms == 0 || lease_ms >= room {
+            return Err(crate::node::NodeError::LeaseTooLong {
+                lease_ms,
+                failure_timeout_ms: self.failure_timeout_ms,
+                probe_interval_ms: self.probe_interval_ms,
+            });
+        }
+        Ok(Duration::from_millis(lease_ms))
     }
 
     pub fn control_settings(&self) -> ControlSettings {

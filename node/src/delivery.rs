@@ -148,6 +148,11 @@ impl Delivery {
         if parts.view.placement(device) != Placement::Here {
             return refused(&apns_id, RefusalReason::NotOwner, 0);
         }
+        // Cut off from the quorum for longer than the lease: the others may be giving the device to
+        // another node, so this one must not accept for it (`raft::lease`).
+        if !parts.view.holds_lease() {
+            return refused(&apns_id, RefusalReason::NoLease, 0);
+        }
         // The gateway refuses these from its view already; this covers a gateway a moment behind.
         if let Some(since_ms) = parts.view.get().state.refused_clone(device) {
             return refused(&apns_id, RefusalReason::ClonedIdentity, since_ms);

@@ -25,6 +25,7 @@ use crate::edge::{self, Edge, stopped};
 use crate::peer::{PeerError, Peers};
 use crate::pki::{ClusterRole, DeviceCa, PkiDir, PkiError};
 use crate::raft::control::{Control, ControlError};
+use crate::raft::lease::Lease;
 use crate::raft::network::Network;
 use crate::raft::state::{ClusterState, Command, Epoch, MemberState};
 use crate::raft::store::RaftStoreError;
@@ -64,6 +65,12 @@ pub enum NodeError {
     Peers(#[from] PeerError),
     #[error("bootstrapping the cluster: {0}")]
     Bootstrap(#[from] ControlError),
+    #[error(
+        "--lease-ms {lease_ms} must be shorter than --failure-timeout-ms {failure_timeout_ms} less \
+         --probe-interval-ms {probe_interval_ms}, or a node cut off from the others could still accept \
+         notifications when they give its devices to another node"
+    )]
+    LeaseTooLong { lease_ms: u64, failure_timeout_ms: u64, probe_interval_ms: u64 },
     #[error("--node-id-from-hostname: host name {0:?} does not end in -<number>")]
     NoOrdinal(String),
     #[error(
@@ -164,15 +171,17 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     )
     .await
     .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let lease = Arc::new(Lease::new(raft.clone(), config.node_id, config.lease()?));
     let control = Arc::new(Control {
         id: config.node_id,
         raft: raft.clone(),
         state: state.clone(),
         peers: peers.clone(),
         settings: config.control_settings(),
+        lease: lease.clone(),
         membership_changes: tokio::sync::Mutex::new(()),
     });
-    let view = Arc::new(LocalView::new(config.node_id, state.borrow().clone()));
+    let view = Arc::new(LocalView::new(config.node_id, state.borrow().clone(), Some(lease)));
     let replicator = Arc::new(Replicator::new(config.node_id, peers, view.clone(), Duration::from_secs(2)));
     let (rebalanced, rebalanced_rx) = watch::channel(Epoch::default());
     let keyring = Keyring::default();

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::ids::DeviceId;
+use crate::raft::lease::Lease;
 use crate::raft::state::{ClusterState, Epoch, NodeId};
 use crate::ring::Ring;
 
@@ -42,13 +43,22 @@ pub struct LocalView {
     current: RwLock<Arc<EpochView>>,
     /// The epoch of `current`, published after it is in place, for callers waiting to reach an epoch.
     epoch: watch::Sender<Epoch>,
+    /// The owner's lease (`raft::lease`); `None` only where no Raft group runs (unit tests), which always
+    /// act as owners.
+    lease: Option<Arc<Lease>>,
 }
 
 impl LocalView {
-    pub fn new(id: NodeId, state: Arc<ClusterState>) -> Self {
+    pub fn new(id: NodeId, state: Arc<ClusterState>, lease: Option<Arc<Lease>>) -> Self {
         let ring = Ring::from_state(&state);
         let epoch = watch::Sender::new(state.epoch);
-        LocalView { id, current: RwLock::new(Arc::new(EpochView { state, ring })), epoch }
+        LocalView { id, current: RwLock::new(Arc::new(EpochView { state, ring })), epoch, lease }
+    }
+
+    /// Whether this node may act as the owner of the devices its view gives it: it holds the lease, so the
+    /// cluster cannot have given them to another node yet.
+    pub fn holds_lease(&self) -> bool {
+        self.lease.as_ref().is_none_or(|lease| lease.held())
     }
 
     pub fn update(&self, state: Arc<ClusterState>) {
@@ -104,7 +114,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wait_for_an_epoch_ends_when_the_view_reaches_it_or_at_the_bound() {
-        let view = Arc::new(LocalView::new(1, state_at(5)));
+        let view = Arc::new(LocalView::new(1, state_at(5), None));
         assert!(view.reached(Epoch(4), Duration::ZERO).await, "an older epoch is reached already");
         assert!(view.reached(Epoch(5), Duration::ZERO).await);
         assert!(!view.reached(Epoch(6), Duration::from_millis(20)).await, "nothing applied epoch 6");

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod fabric;
 pub mod openapi;
 
 use std::future::Future;
@@ -447,20 +448,41 @@ pub async fn spawn_node_with(
     ports: Option<(u16, u16)>,
     extra: &[&str],
 ) -> NodeProcess {
+    spawn_node_in(dir, id, join, None, ports, extra).await
+}
+
+/// `spawn_node_with`, run inside network namespace `netns.0` with every listener on address `netns.1`
+/// when given (see `fabric`), else on loopback.
+pub async fn spawn_node_in(
+    dir: &Path,
+    id: u64,
+    join: Option<&str>,
+    netns: Option<(&str, &str)>,
+    ports: Option<(u16, u16)>,
+    extra: &[&str],
+) -> NodeProcess {
     use std::process::Stdio;
     use tokio::io::{AsyncBufReadExt, BufReader};
     ensure_node_certificate(dir, id);
     let (device_port, cluster_port) = ports.unwrap_or((0, 0));
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_courier"));
+    let host = netns.map_or("127.0.0.1", |(_, host)| host);
+    let mut command = match netns {
+        Some((namespace, _)) => {
+            let mut command = tokio::process::Command::new("ip");
+            command.args(["netns", "exec", namespace, env!("CARGO_BIN_EXE_courier")]);
+            command
+        }
+        None => tokio::process::Command::new(env!("CARGO_BIN_EXE_courier")),
+    };
     command
         .args(["node", "--node-id", &id.to_string()])
         .arg("--data-dir")
         .arg(dir.join(format!("node-{id}")))
         .arg("--pki-dir")
         .arg(dir)
-        .args(["--device-addr", &format!("127.0.0.1:{device_port}")])
-        .args(["--cluster-addr", &format!("127.0.0.1:{cluster_port}")])
-        .args(["--node-metrics-addr", "127.0.0.1:0", "--open-enrolment"])
+        .args(["--device-addr", &format!("{host}:{device_port}")])
+        .args(["--cluster-addr", &format!("{host}:{cluster_port}")])
+        .args(["--node-metrics-addr", &format!("{host}:0"), "--open-enrolment"])
         .args(["--raft-heartbeat-ms", "100", "--raft-election-timeout-ms", "500"])
         .args(["--probe-interval-ms", "200", "--failure-timeout-ms", "1000", "--drain-deadline-secs", "20"])
         .env("RUST_LOG", std::env::var("COURIER_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
@@ -580,14 +602,32 @@ impl ProcessCluster {
 
     /// `start`, with the gateway's configuration adjusted (its seeds are every node's cluster address).
     pub async fn start_with(node_flags: &[&str], adjust: impl FnOnce(&mut courier_gateway::GatewayConfig)) -> Self {
+        ProcessCluster::start_on(None, node_flags, adjust).await
+    }
+
+    /// `start_with`, node `i` (1–3) in `fabric`'s namespace `i` when given.
+    pub async fn start_on(
+        fabric: Option<&fabric::Fabric>,
+        node_flags: &[&str],
+        adjust: impl FnOnce(&mut courier_gateway::GatewayConfig),
+    ) -> Self {
         courier_node::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         courier_node::pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
         let pki = PkiDir::new(dir.path());
-        let mut nodes = vec![spawn_node_with(dir.path(), 1, None, None, node_flags).await];
+        if let Some(fabric) = fabric {
+            // Peers and the gateway check a node's certificate against the address they dial.
+            for id in 1..=3 {
+                pki::issue(&pki, pki::ClusterRole::Node(id), &[fabric.host(id)]).expect("node certificate");
+            }
+        }
+        let names: Vec<(String, String)> =
+            (1..=3).map(|id| fabric.map(|f| (f.namespace(id), f.host(id))).unwrap_or_default()).collect();
+        let place = |id: u64| fabric.map(|_| (names[id as usize - 1].0.as_str(), names[id as usize - 1].1.as_str()));
+        let mut nodes = vec![spawn_node_in(dir.path(), 1, None, place(1), None, node_flags).await];
         let seed = nodes[0].cluster_addr.clone();
         for id in 2..=3 {
-            nodes.push(spawn_node_with(dir.path(), id, Some(&seed), None, node_flags).await);
+            nodes.push(spawn_node_in(dir.path(), id, Some(&seed), place(id), None, node_flags).await);
         }
         let mut config =
             courier_gateway::GatewayConfig::local(dir.path().to_path_buf(), "127.0.0.1:1".parse().unwrap());

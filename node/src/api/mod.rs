@@ -106,7 +106,9 @@ impl Cluster for ClusterService {
 
     async fn raft_append(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let caller = authorize(&request, Rpc::RaftAppend)?;
-        network::serve_append(&self.control.raft, request.get_ref(), caller).await.map(Response::new)
+        network::serve_append(&self.control.raft, &self.control.lease, request.get_ref(), caller)
+            .await
+            .map(Response::new)
     }
 
     async fn raft_vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -116,7 +118,9 @@ impl Cluster for ClusterService {
 
     async fn raft_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let caller = authorize(&request, Rpc::RaftSnapshot)?;
-        network::serve_snapshot(&self.control.raft, request.get_ref(), caller).await.map(Response::new)
+        network::serve_snapshot(&self.control.raft, &self.control.lease, request.get_ref(), caller)
+            .await
+            .map(Response::new)
     }
 
     async fn probe(&self, request: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
@@ -192,6 +196,7 @@ impl Cluster for ClusterService {
                 leader_id: control.leader().unwrap_or(0),
                 state_json,
                 applied_index: control.applied_index(),
+                lease_lost: !control.lease.held(),
             })
         });
         Ok(Response::new(Box::pin(views)))

@@ -427,6 +427,9 @@ async fn serve_device(
         return goodbye(link, GoodbyeReason::ClonedIdentity, CLONE_DETAIL).await;
     }
     match edge.view.placement(device) {
+        Placement::Here if !edge.view.holds_lease() => {
+            return goodbye(link, GoodbyeReason::Unavailable, "this node has lost touch with the cluster").await;
+        }
         Placement::Here => {}
         Placement::Elsewhere { device_addr, device_name, .. } => {
             return redirect(link, wire::Redirect { device_addr, server_name: device_name }).await;

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::Raft;
+use super::lease::Lease;
 use super::state::{ClusterState, Command, CommandResponse, KeyState, MemberState, NodeId};
 use crate::ids::unix_millis;
 use crate::peer::Peers;
@@ -69,6 +70,8 @@ pub struct Control {
     pub state: watch::Receiver<Arc<ClusterState>>,
     pub peers: Arc<Peers>,
     pub settings: ControlSettings,
+    /// Whether this node has heard from a quorum recently enough to act as an owner.
+    pub lease: Arc<Lease>,
     /// Serialises membership changes on the leader: openraft refuses a change while another is in
     /// flight, and several nodes joining at once is the normal way a cluster starts.
     pub membership_changes: tokio::sync::Mutex<()>,
@@ -88,10 +91,11 @@ impl Control {
         self.raft.metrics().borrow().last_applied.map_or(0, |log_id| log_id.index)
     }
 
-    /// An active member of the epoch it has applied, with a known leader: what `/readyz` reports.
+    /// An active member of the epoch it has applied, with a known leader and the lease: what `/readyz`
+    /// reports.
     pub fn is_serving(&self) -> bool {
         let active = self.current().members.get(&self.id).is_some_and(|m| m.state == MemberState::Active);
-        active && self.leader().is_some()
+        active && self.leader().is_some() && self.lease.held()
     }
 
     /// The client for a peer's cluster API, for forwarding to the leader.

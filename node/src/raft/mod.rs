@@ -5,6 +5,7 @@
 //! configuration is declared here, once.
 
 pub mod control;
+pub mod lease;
 pub mod network;
 pub mod state;
 pub mod status;

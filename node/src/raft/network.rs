@@ -16,6 +16,7 @@ use openraft::raft::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::lease::Lease;
 use super::{NodeId, Raft, TypeConfig};
 use crate::api::authz::{self, Rpc as AuthzRpc};
 use crate::peer::Peers;
@@ -125,14 +126,21 @@ fn check_sender(rpc: AuthzRpc, caller: ClusterRole, vote: &openraft::Vote<NodeId
     }
 }
 
+/// Applies a leader's `AppendEntries`; one this node accepts (any answer but a higher vote) renews its
+/// lease.
 pub async fn serve_append(
     raft: &Raft,
+    lease: &Lease,
     payload: &RaftPayload,
     caller: ClusterRole,
 ) -> Result<RaftPayload, tonic::Status> {
     let request: AppendEntriesRequest<TypeConfig> = decode(payload)?;
     check_sender(AuthzRpc::RaftAppend, caller, &request.vote)?;
-    encode(&raft.append_entries(request).await)
+    let answer = raft.append_entries(request).await;
+    if matches!(&answer, Ok(response) if !matches!(response, AppendEntriesResponse::HigherVote(_))) {
+        lease.heard_from_leader();
+    }
+    encode(&answer)
 }
 
 pub async fn serve_vote(raft: &Raft, payload: &RaftPayload, caller: ClusterRole) -> Result<RaftPayload, tonic::Status> {
@@ -141,12 +149,19 @@ pub async fn serve_vote(raft: &Raft, payload: &RaftPayload, caller: ClusterRole)
     encode(&raft.vote(request).await)
 }
 
+/// Installs a leader's snapshot (a chunk of it); an accepted one renews the lease.
 pub async fn serve_snapshot(
     raft: &Raft,
+    lease: &Lease,
     payload: &RaftPayload,
     caller: ClusterRole,
 ) -> Result<RaftPayload, tonic::Status> {
     let request: InstallSnapshotRequest<TypeConfig> = decode(payload)?;
     check_sender(AuthzRpc::RaftSnapshot, caller, &request.vote)?;
-    encode(&raft.install_snapshot(request).await)
+    let vote = request.vote;
+    let answer = raft.install_snapshot(request).await;
+    if matches!(&answer, Ok(response) if response.vote <= vote) {
+        lease.heard_from_leader();
+    }
+    encode(&answer)
 }

@@ -1,0 +1,64 @@
+//! The owner's lease: a node acts as the owner of its devices only while it has heard from a Raft quorum
+//! recently, so that a node cut off from the others stops before they give its devices to someone else.
+//!
+//! A follower holds the lease for `duration` after the last `AppendEntries` (heartbeats included) or
+//! snapshot it accepted from a current leader. The leader holds it while a quorum acknowledged it within
+//! `duration` (openraft's `millis_since_quorum_ack`); a leader that is the only voter always holds it. A
+//! node without the lease refuses forwarded pushes as `NO_LEASE` (the gateway retries them elsewhere, as it
+//! does `NOT_OWNER`), refuses device `Hello`s with `UNAVAILABLE`, and reports not ready.
+//!
+//! Why that fences: the leader marks a member down only after it has answered no probe for the failure
+//! timeout, counted from its last answer; the cut-off node's lease ran from the last heartbeat it got,
+//! which is no earlier than that answer less one probe interval. So with `duration + probe interval <
+//! failure timeout` (checked at start; the default lease is two thirds of `failure timeout - probe interval`) the
+//! cut-off node has stopped accepting before the epoch that moves its devices exists, and no two nodes
+//! accept a device's notifications at the same time, as long as the nodes' clocks run at about the same
+//! rate (they are monotonic clocks measuring intervals, never compared across machines).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::Raft;
+use super::state::NodeId;
+
+pub struct Lease {
+    raft: Raft,
+    id: NodeId,
+    duration: Duration,
+    origin: Instant,
+    /// Milliseconds after `origin` of the last contact with a current leader, plus one (0: none yet).
+    last_contact: AtomicU64,
+}
+
+impl Lease {
+    pub fn new(raft: Raft, id: NodeId, duration: Duration) -> Self {
+        Lease { raft, id, duration, origin: Instant::now(), last_contact: AtomicU64::new(0) }
+    }
+
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+
+    /// A current leader's `AppendEntries` or snapshot was accepted just now.
+    pub fn heard_from_leader(&self) {
+        let now = self.origin.elapsed().as_millis() as u64 + 1;
+        self.last_contact.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Whether this node may act as an owner now.
+    pub fn held(&self) -> bool {
+        let limit = self.duration.as_millis() as u64;
+        {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            if metrics.current_leader == Some(self.id) {
+                if metrics.membership_config.membership().voter_ids().count() <= 1 {
+                    return true;
+                }
+                return metrics.millis_since_quorum_ack.is_some_and(|ms| ms < limit);
+            }
+        }
+        let last = self.last_contact.load(Ordering::Relaxed);
+        last != 0 && (self.origin.elapsed().as_millis() as u64 + 1).saturating_sub(last) < limit
+    }
+}
