@@ -1,8 +1,8 @@
 //! The gateway's cluster watch when the node it follows stops answering: real `courier node` processes
 //! paused with SIGSTOP, and a real gateway whose only seed is the paused node. The node's heartbeats let the
 //! gateway tell a quiet cluster from a silent node; it fails over to another member, keeps learning new
-//! epochs there (so a push for a device of the paused node reaches its new owner), and reports not ready
-//! while no node it can reach is heard.
+//! epochs there (so a push already waiting on the paused node is taken to the device's new owner), and
+//! reports not ready while no node it can reach is heard.
 
 mod common;
 
@@ -43,8 +43,16 @@ async fn a_gateway_whose_node_is_paused_follows_another_member_and_routes_by_its
     let token = link.register(TOPIC).await.expect("register");
     link.close().await.expect("close");
 
-    // Node 1 stops answering anything: its watch stream stays open and silent.
+    // Node 1 stops answering anything: its watch stream stays open and silent. A push sent now goes to
+    // node 1 first (the gateway does not know yet) and must not wait there for its whole deadline.
     signal(&nodes[0], "-STOP");
+    let apns_id = uuid::Uuid::new_v4().to_string();
+    let mut push = push_for(&signer, &token, r#"{"aps":{"alert":"node 1 is paused"}}"#);
+    push.apns_id = Some(apns_id.clone());
+    let answer = tokio::spawn({
+        let provider = provider.clone();
+        async move { provider.push(&push).await.expect("request reaches the gateway") }
+    });
     eventually(Duration::from_secs(30), "the gateway learns that node 1 is down", || {
         let view = gateway.view.borrow().clone();
         std::future::ready(view.is_some_and(|v| v.members.get(&1).is_some_and(|m| m.state != MemberState::Active)))
@@ -54,12 +62,9 @@ async fn a_gateway_whose_node_is_paused_follows_another_member_and_routes_by_its
     assert!(metric_value(&text, "courier_gateway_watch_failovers_total").is_some_and(|n| n >= 1.0), "{text}");
     eventually(Duration::from_secs(10), "ready again, following another member", || ready(gateway.metrics_addr)).await;
 
-    // So the device's pushes go to its new owner, stored on the two active nodes.
-    let apns_id = uuid::Uuid::new_v4().to_string();
-    let mut push = push_for(&signer, &token, r#"{"aps":{"alert":"node 1 is paused"}}"#);
-    push.apns_id = Some(apns_id.clone());
-    let answer = provider.push(&push).await.expect("request reaches the gateway");
-    assert_eq!(answer.status, 200, "routed by the epoch that moved the device: {answer:?}");
+    // So the push leaves node 1 for the device's new owner, stored on the two active nodes.
+    let answer = answer.await.expect("push task");
+    assert_eq!(answer.status, 200, "retried on the owner of the epoch that moved the device: {answer:?}");
 
     // Every node silent: nothing to route by, so not ready; ready again once they answer.
     signal(&nodes[1], "-STOP");

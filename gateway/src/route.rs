@@ -124,7 +124,7 @@ impl NodeRouter {
             let mut catch_up = None;
             let failure = match target {
                 None => "no active member owns the device yet".to_string(),
-                Some(addr) => match self.try_deliver(&addr, notification.clone(), deadline).await {
+                Some(addr) => match self.try_deliver_while_owner(device, &addr, notification.clone(), deadline).await {
                     Ok((Delivery::Rejected(RefusalReason::NotOwner, _), epoch)) => {
                         catch_up = Some(epoch).filter(|epoch| *epoch > routed_by);
                         format!("{addr} does not own it at epoch {}", epoch.0)
@@ -149,6 +149,26 @@ impl NodeRouter {
             if !self.pause_before_retry(&mut view, deadline, catch_up).await {
                 return Delivery::ShuttingDown;
             }
+        }
+    }
+
+    /// One attempt on `addr`, abandoned if a newer view gives the device to another node first: a node
+    /// that hangs (paused, or cut off) must not hold a push until its deadline once the cluster has moved
+    /// on. Abandoning is safe: the retry goes to the new owner, the old one refuses the push if it wakes
+    /// (it no longer owns the device, or has no lease), and a copy it had already taken is one the device
+    /// drops by apns-id.
+    async fn try_deliver_while_owner(
+        &self,
+        device: DeviceId,
+        addr: &str,
+        notification: Notification,
+        deadline: Instant,
+    ) -> Result<(Delivery, Epoch), String> {
+        let mut view = self.view.clone();
+        let moved = view.wait_for(|v| v.as_ref().and_then(|v| v.owner(device)).is_none_or(|(_, owner)| owner != addr));
+        tokio::select! {
+            answer = self.try_deliver(addr, notification, deadline) => answer,
+            Ok(_) = moved => Err("a newer view gives the device to another node".to_string()),
         }
     }
 
