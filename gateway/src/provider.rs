@@ -262,17 +262,22 @@ impl ProviderClient {
             (HeaderName::from_static("apns-collapse-id"), &push.collapse_id),
             (HeaderName::from_static("apns-push-type"), &push.push_type),
         ];
-        let mut request = http::Request::new(Full::new(Bytes::from(push.payload.clone())));
-        *request.method_mut() = http::Method::POST;
-        *request.uri_mut() =
-            format!("{}/3/device/{}", self.origin, push.token).parse::<http::Uri>().map_err(http::Error::from)?;
-        let headers = request.headers_mut();
+        let uri = format!("{}/3/device/{}", self.origin, push.token).parse::<http::Uri>().map_err(http::Error::from)?;
+        let mut headers = http::HeaderMap::with_capacity(named.len());
         for (name, value) in named {
             if let Some(value) = value {
                 headers.insert(name, http::HeaderValue::from_str(value).map_err(http::Error::from)?);
             }
         }
-        self.send(request).await
+        let body = Bytes::from(push.payload.clone());
+        self.send(|| {
+            let mut request = http::Request::new(Full::new(body.clone()));
+            *request.method_mut() = http::Method::POST;
+            *request.uri_mut() = uri.clone();
+            *request.headers_mut() = headers.clone();
+            Ok(request)
+        })
+        .await
     }
 
     /// Sends an arbitrary request; for tests that need requests `push` cannot express.
@@ -283,17 +288,28 @@ impl ProviderClient {
         headers: Vec<(String, String)>,
         body: Vec<u8>,
     ) -> Result<PushResponse, ProviderError> {
-        let mut builder = http::Request::builder().method(method).uri(format!("{}{}", self.origin, path));
-        for (name, value) in headers {
-            builder = builder.header(name, value);
-        }
-        self.send(builder.body(Full::new(Bytes::from(body)))?).await
+        let body = Bytes::from(body);
+        self.send(|| {
+            let mut builder = http::Request::builder().method(method.clone()).uri(format!("{}{}", self.origin, path));
+            for (name, value) in &headers {
+                builder = builder.header(name, value);
+            }
+            Ok(builder.body(Full::new(body.clone()))?)
+        })
+        .await
     }
 
-    async fn send(&self, request: http::Request<Full<Bytes>>) -> Result<PushResponse, ProviderError> {
-        let mut sender = self.sender().await?;
-        sender.ready().await?;
-        let response = sender.send_request(request).await?;
+    /// Sends the request `build` makes. When the gateway closed the connection before it processed the
+    /// request (its GOAWAY names an earlier last stream, or the request never left), it is sent once more
+    /// on a new connection, as RFC 9113 §6.8 allows and APNs client libraries do.
+    async fn send(
+        &self,
+        build: impl Fn() -> Result<http::Request<Full<Bytes>>, ProviderError>,
+    ) -> Result<PushResponse, ProviderError> {
+        let response = match self.send_once(build()?).await {
+            Err(ProviderError::Http(error)) if never_processed(&error) => self.send_once(build()?).await?,
+            answered => answered?,
+        };
         let status = response.status().as_u16();
         let apns_id = response.headers().get("apns-id").and_then(|v| v.to_str().ok()).map(str::to_string);
         let body = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
@@ -312,6 +328,28 @@ impl ProviderClient {
             body,
         })
     }
+
+    async fn send_once(
+        &self,
+        request: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, ProviderError> {
+        let mut sender = self.sender().await?;
+        if sender.ready().await.is_err() {
+            // Closed between the check and now, before this request left: a new connection, once.
+            sender = self.sender().await?;
+            sender.ready().await?;
+        }
+        Ok(sender.send_request(request).await?)
+    }
+}
+
+/// The request did not reach the gateway's handler: it was never sent, or the gateway's GOAWAY refused its
+/// stream (streams above the GOAWAY's last stream id were not processed, RFC 9113 §6.8).
+fn never_processed(error: &hyper::Error) -> bool {
+    let refused = std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| h2.is_go_away() && h2.is_remote());
+    error.is_canceled() || refused
 }
 
 #[cfg(test)]
