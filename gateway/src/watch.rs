@@ -7,8 +7,8 @@
 //! lease (it has not heard from a Raft quorum, `courier_node::raft::lease`) for as long, the
 //! gateway fails over to another member of its last view (active ones first, the configured seeds after
 //! them, the member it just left last), so it keeps learning new epochs as long as any member answers. It
-//! reports ready (`/readyz`) only while the node it follows is heard and knows a leader. A view older than
-//! the one held is ignored: a lagging member must not turn the gateway's clock back.
+//! reports ready (`/readyz`) only while the node it follows is heard, knows a leader and holds its lease.
+//! A view older than the one held is ignored: a lagging member must not turn the gateway's clock back.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

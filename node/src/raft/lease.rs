@@ -10,10 +10,10 @@
 //! Why that fences: the leader marks a member down only after it has answered no probe for the failure
 //! timeout, counted from its last answer; the cut-off node's lease ran from the last heartbeat it got,
 //! which is no earlier than that answer less one probe interval. So with `duration + probe interval <
-//! failure timeout` (checked at start; the default lease is two thirds of `failure timeout - probe interval`) the
-//! cut-off node has stopped accepting before the epoch that moves its devices exists, and no two nodes
-//! accept a device's notifications at the same time, as long as the nodes' clocks run at about the same
-//! rate (they are monotonic clocks measuring intervals, never compared across machines).
+//! failure timeout` (checked at start; the default lease is two thirds of `failure timeout - probe
+//! interval`) the cut-off node has stopped accepting before the epoch that moves its devices exists, and no
+//! two nodes accept a device's notifications at the same time, as long as the nodes' clocks run at about
+//! the same rate (they are monotonic clocks measuring intervals, never compared across machines).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -33,10 +33,6 @@ pub struct Lease {
 impl Lease {
     pub fn new(raft: Raft, id: NodeId, duration: Duration) -> Self {
         Lease { raft, id, duration, origin: Instant::now(), last_contact: AtomicU64::new(0) }
-    }
-
-    pub fn duration(&self) -> Duration {
-        self.duration
     }
 
     /// A current leader's `AppendEntries` or snapshot was accepted just now.
