@@ -27,7 +27,7 @@ enum Command {
     /// Run a whole local cluster (node + gateway) on loopback with generated PKI.
     Dev(cmd::dev::DevArgs),
     /// Run a cluster node.
-    Node(cmd::serve::NodeArgs),
+    Node(Box<cmd::serve::NodeArgs>),
     /// Run a provider-facing gateway.
     Gateway(cmd::serve::GatewayArgs),
     /// Create certificate authorities, certificates and keys.
@@ -56,7 +56,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     courier_node::tls::install_crypto_provider();
     match command {
         Command::Dev(args) => cmd::dev::run(args).await,
-        Command::Node(args) => cmd::serve::node(args).await,
+        Command::Node(args) => cmd::serve::node(*args).await,
         Command::Gateway(args) => cmd::serve::gateway(args).await,
         Command::Pki(command) => cmd::pki::run(command),
         Command::Device(args) => cmd::device::run(args).await,

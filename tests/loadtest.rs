@@ -143,9 +143,48 @@ fn failover_proves_exactly_once_across_a_killed_node() {
 }
 
 #[test]
+fn chaos_runs_a_seeded_schedule_of_every_fault_kind_and_keeps_every_promise() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "chaos",
+        "--spawn",
+        "3",
+        "--devices",
+        "150",
+        "--rate",
+        "100",
+        "--duration",
+        "24",
+        "--calm",
+        "1",
+        "--seed",
+        "7",
+        "--node-arg=--failure-timeout-ms=1000",
+        "--node-arg=--probe-interval-ms=200",
+        "--node-arg=--raft-heartbeat-ms=100",
+        "--node-arg=--raft-election-timeout-ms=500",
+        "--quiet",
+    ];
+    let out = loadtest(dir.path(), &args);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let (sent, _) = assert_ledger_balances(&out.json);
+    assert!(sent > 1000, "{sent}");
+    let chaos = &out.json["chaos"];
+    assert_eq!(u(&chaos["seed"]), 7);
+    assert_eq!((u(&chaos["lost"]), u(&chaos["duplicates"]), u(&chaos["misdelivered"])), (0, 0, 0), "{chaos}");
+    let windows = chaos["windows"].as_array().expect("fault windows");
+    let kinds: std::collections::BTreeSet<&str> = windows.iter().filter_map(|w| w["fault"].as_str()).collect();
+    assert_eq!(kinds, ["kill", "pause", "restart"].into(), "seed 7 draws every fault kind: {chaos}");
+    assert!(windows.iter().all(|w| w["recovered"] == true), "ready again after every fault: {chaos}");
+}
+
+#[test]
 fn bad_requests_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = loadtest(dir.path(), &["failover", "--spawn", "2", "--devices", "10", "--quiet"]);
+    assert_eq!(out.code, Some(2));
+    assert!(out.stderr.contains("at least 3 nodes"), "{}", out.stderr);
+    let out = loadtest(dir.path(), &["chaos", "--spawn", "2", "--devices", "10", "--quiet"]);
     assert_eq!(out.code, Some(2));
     assert!(out.stderr.contains("at least 3 nodes"), "{}", out.stderr);
     let out = loadtest(dir.path(), &["push", "--devices", "10", "--quiet"]);

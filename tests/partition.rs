@@ -1,5 +1,6 @@
-//! Fenced ownership under a network partition, with real `courier node` processes each in a network
-//! namespace of its own (`common::fabric`) and the gateway, the provider and the devices in the test's.
+//! Fenced ownership under partitions and pauses, with real `courier node` processes (each in a network
+//! namespace of its own, `common::fabric`, where the fault is a network one) and the gateway, the provider
+//! and the devices in the test's process.
 //!
 //! The scenario that lost 56 of 96 acknowledged pushes before: three nodes, 24 devices registered and then
 //! offline, the leader (whose cluster watch the gateway follows) cut off from the other two nodes while the
@@ -7,15 +8,21 @@
 //! SIGKILLed and the network healed, then the devices back. Every push answered 200 must arrive, once, at
 //! its own device; every answer during the cut is 200 or 503 and comes within the request timeout; and the
 //! cut-off node stops acting as an owner once its lease runs out: it reports not ready.
+//!
+//! The pause: a follower SIGSTOPped for longer than the failure timeout (its sockets still accept, nothing
+//! answers: the "peer that accepts and never answers" too) while pushes go to every device, then resumed.
+//! It is marked active again only after answering steadily for `--rejoin-after-ms`, its devices' queues move
+//! back to it, and every push answered 200, before or after, arrives once at its own device.
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::fabric::Fabric;
-use common::{ProcessCluster, TOPIC, eventually, http_get, push_for};
-use courier_node::client::{DeviceCredentials, DeviceLink, LinkEvent};
+use common::{ProcessCluster, TOPIC, eventually, http_get, push_for, signal};
+use courier_gateway::provider::{JwtSigner, ProviderClient, PushResponse};
+use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(8);
 
@@ -39,6 +46,95 @@ async fn collect(link: &mut DeviceLink, expected: &BTreeSet<String>, limit: Dura
     got
 }
 
+/// `count` devices, each activated and registered through node `i % 3`, then offline.
+async fn offline_devices(endpoints: &[DeviceEndpoint], count: usize) -> Vec<(DeviceCredentials, String)> {
+    let mut devices = Vec::new();
+    for i in 0..count {
+        let endpoint = &endpoints[i % endpoints.len()];
+        let credentials = courier_node::client::activate(endpoint, "").await.expect("activation");
+        let mut link = DeviceLink::connect(endpoint, &credentials, 0).await.expect("device connects");
+        let token = link.register(TOPIC).await.expect("register");
+        link.close().await.expect("close");
+        devices.push((credentials, token));
+    }
+    devices
+}
+
+/// One push and its answer.
+struct Answered {
+    device: usize,
+    apns_id: String,
+    answer: PushResponse,
+    took: Duration,
+}
+
+/// `per_device` pushes to every device, all at once; each answer is 200 or 503 and comes within the
+/// request timeout.
+async fn push_all(
+    provider: &ProviderClient,
+    signer: &JwtSigner,
+    devices: &[(DeviceCredentials, String)],
+    per_device: usize,
+) -> Vec<Answered> {
+    let mut pushes = Vec::new();
+    for (d, (_, token)) in devices.iter().enumerate() {
+        for k in 0..per_device {
+            let mut push = push_for(signer, token, &format!(r#"{{"aps":{{"alert":"{d}/{k}"}}}}"#));
+            push.apns_id = Some(uuid::Uuid::new_v4().to_string());
+            pushes.push((d, push));
+        }
+    }
+    let answers = futures_util::future::join_all(pushes.into_iter().map(|(device, push)| async move {
+        let started = Instant::now();
+        let answer = provider.push(&push).await.expect("request reaches the gateway");
+        Answered { device, apns_id: push.apns_id.expect("apns-id"), answer, took: started.elapsed() }
+    }))
+    .await;
+    for Answered { answer, took, .. } in &answers {
+        assert!(
+            answer.status == 200 || (answer.status == 503 && answer.reason.as_deref() == Some("ServiceUnavailable")),
+            "every answer during a fault is 200 or 503: {answer:?}"
+        );
+        assert!(*took < REQUEST_TIMEOUT + Duration::from_secs(3), "answered within the request timeout: {took:?}");
+    }
+    answers
+}
+
+/// Brings every device back through `endpoint` (following redirects) and checks the ledger: each push in
+/// `answers` that was answered 200 arrives, and nothing arrives at a device it was not sent to.
+async fn every_200_arrives(
+    endpoint: &DeviceEndpoint,
+    devices: &[(DeviceCredentials, String)],
+    answers: &[Answered],
+) -> usize {
+    let mut lost = Vec::new();
+    let mut answered_200 = 0;
+    for (d, (credentials, _)) in devices.iter().enumerate() {
+        let expected: BTreeSet<String> =
+            answers.iter().filter(|a| a.device == d && a.answer.status == 200).map(|a| a.apns_id.clone()).collect();
+        answered_200 += expected.len();
+        let mut link = None;
+        for _ in 0..150 {
+            match DeviceLink::connect(endpoint, credentials, 0).await {
+                Ok(linked) => {
+                    link = Some(linked);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let mut link = link.expect("the device links");
+        let got = collect(&mut link, &expected, Duration::from_secs(15)).await;
+        let _ = link.close().await;
+        let sent_to_it: BTreeSet<&String> = answers.iter().filter(|a| a.device == d).map(|a| &a.apns_id).collect();
+        assert!(got.iter().all(|id| sent_to_it.contains(id)), "device {d} got only its own notifications");
+        let distinct: BTreeSet<&String> = got.iter().collect();
+        lost.extend(expected.iter().filter(|id| !distinct.contains(id)).map(|id| format!("{d}:{id}")));
+    }
+    assert!(lost.is_empty(), "{} of {answered_200} pushes answered 200 never arrived: {lost:?}", lost.len());
+    answered_200
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_its_peers_loses_nothing_answered_200() {
     let mut fabric = Fabric::new(&[1, 2, 3]);
@@ -52,16 +148,7 @@ async fn a_leader_cut_off_from_its_peers_loses_nothing_answered_200() {
     })
     .await;
 
-    // 24 devices, registered, then offline.
-    let mut devices: Vec<(DeviceCredentials, String)> = Vec::new();
-    for i in 0..24 {
-        let endpoint = &endpoints[i % 3];
-        let credentials = courier_node::client::activate(endpoint, "").await.expect("activation");
-        let mut link = DeviceLink::connect(endpoint, &credentials, 0).await.expect("device connects");
-        let token = link.register(TOPIC).await.expect("register");
-        link.close().await.expect("close");
-        devices.push((credentials, token));
-    }
+    let devices = offline_devices(&endpoints, 24).await;
     let owned_by_1 = devices
         .iter()
         .filter(|(c, _)| gateway.view.borrow().as_ref().and_then(|v| v.owner(c.device_id)).is_some_and(|o| o.0 == 1))
@@ -77,64 +164,64 @@ async fn a_leader_cut_off_from_its_peers_loses_nothing_answered_200() {
     .await;
 
     // Four pushes per device during the cut, all at once.
-    let mut pushes = Vec::new();
-    for (d, (_, token)) in devices.iter().enumerate() {
-        for k in 0..4 {
-            let mut push = push_for(&signer, token, &format!(r#"{{"aps":{{"alert":"{d}/{k}"}}}}"#));
-            push.apns_id = Some(uuid::Uuid::new_v4().to_string());
-            pushes.push((d, push));
-        }
-    }
-    let answers = futures_util::future::join_all(pushes.into_iter().map(|(d, push)| {
-        let provider = provider.clone();
-        async move {
-            let started = Instant::now();
-            let answer = provider.push(&push).await.expect("request reaches the gateway");
-            (d, push.apns_id.expect("apns-id"), answer, started.elapsed())
-        }
-    }))
-    .await;
-    let mut accepted: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
-    for (d, apns_id, answer, took) in &answers {
-        assert!(
-            answer.status == 200 || (answer.status == 503 && answer.reason.as_deref() == Some("ServiceUnavailable")),
-            "every answer during the cut is 200 or 503: {answer:?}"
-        );
-        assert!(*took < REQUEST_TIMEOUT + Duration::from_secs(3), "answered within the request timeout: {took:?}");
-        if answer.status == 200 {
-            accepted.entry(*d).or_default().insert(apns_id.clone());
-        }
-    }
-    let answered_200: usize = accepted.values().map(BTreeSet::len).sum();
-    assert!(answered_200 > 0, "the majority side keeps accepting pushes");
-    println!("during the cut: {answered_200} of {} pushes answered 200, the rest 503", answers.len());
+    let answers = push_all(&provider, &signer, &devices, 4).await;
+    let during = answers.iter().filter(|a| a.answer.status == 200).count();
+    assert!(during > 0, "the majority side keeps accepting pushes");
+    println!("during the cut: {during} of {} pushes answered 200, the rest 503", answers.len());
 
     // The cut-off node dies, the network heals, the devices come back through node 2.
     nodes[0].child.start_kill().expect("SIGKILL");
     let _ = nodes[0].child.wait().await;
     fabric.heal();
-    let mut lost = Vec::new();
-    for (d, (credentials, _)) in devices.iter().enumerate() {
-        let expected = accepted.get(&d).cloned().unwrap_or_default();
-        let mut link = None;
-        for _ in 0..150 {
-            match DeviceLink::connect(&endpoints[1], credentials, 0).await {
-                Ok(linked) => {
-                    link = Some(linked);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        let mut link = link.expect("the device links to a survivor");
-        let got = collect(&mut link, &expected, Duration::from_secs(15)).await;
-        let _ = link.close().await;
-        let sent_to_it: BTreeSet<&String> =
-            answers.iter().filter(|(device, ..)| *device == d).map(|(_, apns_id, ..)| apns_id).collect();
-        assert!(got.iter().all(|id| sent_to_it.contains(id)), "device {d} got only its own notifications");
-        let distinct: BTreeSet<&String> = got.iter().collect();
-        lost.extend(expected.iter().filter(|id| !distinct.contains(id)).map(|id| format!("{d}:{id}")));
-    }
-    assert!(lost.is_empty(), "{} of {answered_200} pushes answered 200 never arrived: {lost:?}", lost.len());
+    every_200_arrives(&endpoints[1], &devices, &answers).await;
+    gateway.shutdown().await;
+}
+
+/// How long a paused node must answer steadily before it is active again, in the pause test.
+const REJOIN_AFTER: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_paused_past_the_failure_timeout_loses_nothing_and_rejoins_only_once_steady() {
+    let rejoin_ms = REJOIN_AFTER.as_millis().to_string();
+    let ProcessCluster { dir: _dir, nodes, gateway, provider, signer, endpoints } =
+        ProcessCluster::start_on(None, &["--rejoin-after-ms", &rejoin_ms], |config| {
+            config.request_timeout_ms = REQUEST_TIMEOUT.as_millis() as u64;
+        })
+        .await;
+    let members = || gateway.view.borrow().as_ref().map_or(0, |v| v.ring.members().len());
+    let devices = offline_devices(&endpoints, 24).await;
+    // A follower: pausing the leader would also test an election, which the failover tests do.
+    let leader = gateway.view.borrow().as_ref().expect("a view").leader;
+    let paused = nodes.iter().find(|n| n.id != leader).expect("a follower");
+    let owned = devices
+        .iter()
+        .filter(|(c, _)| {
+            gateway.view.borrow().as_ref().and_then(|v| v.owner(c.device_id)).is_some_and(|o| o.0 == paused.id)
+        })
+        .count();
+    assert!(owned > 0, "the paused node owns some of the 24 devices");
+
+    signal(paused, "-STOP");
+    let mut answers = push_all(&provider, &signer, &devices, 3).await;
+    let during = answers.iter().filter(|a| a.answer.status == 200).count();
+    println!("during the pause: {during} of {} pushes answered 200, the rest 503", answers.len());
+    assert!(during > 0, "the others keep accepting pushes");
+    eventually(Duration::from_secs(10), "the paused node is marked down", || std::future::ready(members() == 2)).await;
+
+    signal(paused, "-CONT");
+    let resumed = Instant::now();
+    eventually(Duration::from_secs(30), "the resumed node is active again", || std::future::ready(members() == 3))
+        .await;
+    let back_after = resumed.elapsed();
+    println!("marked active again {back_after:?} after it resumed");
+    assert!(
+        back_after >= REJOIN_AFTER - Duration::from_millis(500),
+        "a node that was down rejoins only after answering for --rejoin-after-ms: {back_after:?}"
+    );
+
+    // More pushes now that its devices are its own again (their queues moved back to it), then the ledger.
+    answers.extend(push_all(&provider, &signer, &devices, 1).await);
+    let answered_200 = every_200_arrives(&endpoints[0], &devices, &answers).await;
+    assert!(answered_200 > during, "pushes after the pause are accepted");
     gateway.shutdown().await;
 }

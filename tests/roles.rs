@@ -98,7 +98,7 @@ async fn a_gateway_certificate_is_refused_on_raft_replication_and_admin_rpcs() {
     denied("RaftSnapshot", client.raft_snapshot(payload()).await.map(|_| tonic::Code::Ok));
     denied("Replicate", client.replicate(ReplicateRequest::default()).await.map(|_| tonic::Code::Ok));
     let device_id = vec![7u8; 16];
-    denied("FetchQueue", client.fetch_queue(FetchQueueRequest { device_id }).await.map(|_| tonic::Code::Ok));
+    denied("FetchQueue", client.fetch_queue(FetchQueueRequest { device_id, epoch: 0 }).await.map(|_| tonic::Code::Ok));
     denied("Status", client.status(StatusRequest { devices: vec![] }).await.map(|_| tonic::Code::Ok));
     let join = JoinRequest { node_id: 9, cluster_addr: "127.0.0.1:1".into(), device_addr: "127.0.0.1:2".into() };
     denied("Join", client.join(join).await.map(|_| tonic::Code::Ok));
@@ -121,7 +121,7 @@ async fn a_gateway_certificate_is_refused_on_raft_replication_and_admin_rpcs() {
     let node2 = Peers::new(&pki, "node-2", None, Duration::from_secs(2)).unwrap();
     let mut client = node2.client(&node1).unwrap();
     let device_id = vec![7u8; 16];
-    client.fetch_queue(FetchQueueRequest { device_id }).await.expect("a node fetches a queue");
+    client.fetch_queue(FetchQueueRequest { device_id, epoch: 0 }).await.expect("a node fetches a queue");
     let batches = futures_util::stream::iter([ForwardBatch::default()]);
     denied("Forward as node 2", client.forward(batches).await.map(|_| tonic::Code::Ok));
     let as_node1 = serde_json::json!({

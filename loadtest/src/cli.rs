@@ -39,6 +39,9 @@ pub enum Command {
     Offline(OfflineArgs),
     /// Kill one node process mid-run; the ledger proves exactly-once delivery and times the recovery.
     Failover(FailoverArgs),
+    /// A seeded random schedule of faults (pause, kill, restart) under push load; the ledger's verdict and a
+    /// timeline of faults, epochs and error rates.
+    Chaos(ChaosArgs),
     /// Internal: one device-swarm worker process, driven over stdin/stdout by the coordinator.
     #[command(hide = true)]
     Worker,
@@ -69,6 +72,10 @@ pub struct TargetArgs {
     /// Extra flag for the spawned gateway (repeatable).
     #[arg(long = "gateway-arg", allow_hyphen_values = true)]
     pub gateway_args: Vec<String>,
+    /// Spawned nodes bind fixed ports, so that a node restarted by a scenario comes back at the addresses
+    /// the cluster and the devices know (set by scenarios, not a flag).
+    #[arg(skip)]
+    pub restartable: bool,
 
     /// Existing cluster: node device endpoints (host:port, comma-separated). Devices start on them round-robin
     /// and follow redirects to their owners.
@@ -261,6 +268,52 @@ pub struct FailoverArgs {
     /// are part of the ledger too (0: all online).
     #[arg(long, default_value_t = 3)]
     pub offline_every: usize,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ChaosArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// The faults to draw from, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "pause,kill,restart")]
+    pub faults: Vec<Fault>,
+    /// Seed of the schedule (default: random, printed so a run can be repeated).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Mean seconds of calm between the cluster being ready again and the next fault.
+    #[arg(long, default_value_t = 4.0)]
+    pub calm: f64,
+    /// Every Nth device stays offline during the load and reconnects at the end (0: all online).
+    #[arg(long, default_value_t = 3)]
+    pub offline_every: usize,
+}
+
+/// A fault `chaos` injects into one spawned node.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fault {
+    /// SIGSTOP for one to three failure timeouts, then SIGCONT.
+    Pause,
+    /// SIGKILL, then started again on its data after one to three seconds.
+    Kill,
+    /// SIGTERM (drain), then started again at once.
+    Restart,
+}
+
+impl Fault {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Pause => "pause",
+            Fault::Kill => "kill",
+            Fault::Restart => "restart",
+        }
+    }
 }
 
 /// Parses `host:port` into its first address.

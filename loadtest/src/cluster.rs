@@ -27,6 +27,8 @@ pub struct SpawnedNode {
     pub cluster_addr: String,
     pub metrics_addr: String,
     pub killed: bool,
+    /// The `courier` arguments it was started with, to start it again (`Target::restart`).
+    args: Vec<String>,
 }
 
 pub struct Target {
@@ -40,6 +42,10 @@ pub struct Target {
     pub node_metrics: Vec<String>,
     pub nodes: Vec<SpawnedNode>,
     pub gateway: Option<Child>,
+    /// A spawned gateway's metrics address.
+    pub gateway_metrics: Option<String>,
+    /// What spawned the nodes: the `courier` binary and the spawn directory.
+    spawner: Option<(PathBuf, PathBuf)>,
 }
 
 impl Target {
@@ -82,6 +88,60 @@ impl Target {
         node.child.start_kill().context("killing the node")?;
         node.killed = true;
         Ok(node.device_addr.clone())
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, SIGTERM) to spawned node `index`.
+    pub fn signal(&self, index: usize, signal: libc::c_int) -> anyhow::Result<()> {
+        let node = self.nodes.get(index).context("no such node")?;
+        // SAFETY: kill(2) with a pid this process spawned and still holds (not yet reaped).
+        let sent = unsafe { libc::kill(node.pid as libc::pid_t, signal) };
+        anyhow::ensure!(sent == 0, "signal {signal} to node {}: {}", node.id, std::io::Error::last_os_error());
+        Ok(())
+    }
+
+    /// SIGTERM to spawned node `index`, then waits (up to `deadline`) for it to drain and exit.
+    pub async fn terminate(&mut self, index: usize, deadline: Duration) -> anyhow::Result<()> {
+        self.signal(index, libc::SIGTERM)?;
+        let node = &mut self.nodes[index];
+        let status = tokio::time::timeout(deadline, node.child.wait())
+            .await
+            .with_context(|| format!("node {} did not exit within {deadline:?} of SIGTERM", node.id))??;
+        node.killed = true;
+        anyhow::ensure!(status.success(), "node {} exited with {status} after SIGTERM", node.id);
+        Ok(())
+    }
+
+    /// Starts spawned node `index` again, after a kill or a terminate, on its data and its addresses (the
+    /// cluster must have been spawned `restartable`).
+    pub async fn restart(&mut self, index: usize) -> anyhow::Result<()> {
+        let (bin, dir) = self.spawner.clone().context("only a spawned node can be restarted")?;
+        let node = self.nodes.get_mut(index).context("no such node")?;
+        let _ = node.child.wait().await;
+        let restarted = start_node(&bin, &dir, node.id, node.args.clone(), true).await?;
+        self.node_metrics[index] = format!("http://{}/metrics", restarted.metrics_addr);
+        *node = restarted;
+        Ok(())
+    }
+
+    /// Whether every spawned node that is not down is ready, and so is the gateway.
+    pub async fn healthy(&self) -> bool {
+        for node in self.nodes.iter().filter(|n| !n.killed) {
+            if !ready(&node.metrics_addr).await {
+                return false;
+            }
+        }
+        match &self.gateway_metrics {
+            Some(addr) => ready(addr).await,
+            None => true,
+        }
+    }
+
+    /// The epoch of the spawned gateway's view, from its metrics.
+    pub async fn gateway_epoch(&self) -> Option<u64> {
+        let text = http_get(&format!("http://{}/metrics", self.gateway_metrics.as_ref()?)).await.ok()?;
+        text.lines().find_map(|line| {
+            line.strip_prefix("courier_gateway_cluster_epoch ")?.trim().parse::<f64>().ok().map(|e| e as u64)
+        })
     }
 
     /// Stops spawned processes (SIGKILL; their data is wiped at the next start anyway).
@@ -127,6 +187,8 @@ async fn existing(args: &TargetArgs) -> anyhow::Result<Target> {
         node_metrics: args.node_metrics.clone(),
         nodes: Vec::new(),
         gateway: None,
+        gateway_metrics: None,
+        spawner: None,
     })
 }
 
@@ -159,9 +221,52 @@ async fn listening(child: &mut Child, what: &str) -> anyhow::Result<serde_json::
     Ok(value)
 }
 
-fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+/// `<dir>/<name>.log`, new, or appended to for a restarted process.
+fn log_file(dir: &Path, name: &str, append: bool) -> anyhow::Result<std::fs::File> {
     let path = dir.join(format!("{name}.log"));
-    std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))
+}
+
+/// A loopback port free right now, for a node that must come back on the same address.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts `courier <args>` as node `id`, logging to `<dir>/node-<id>.log`, and waits for its addresses.
+async fn start_node(
+    bin: &Path,
+    dir: &Path,
+    id: u64,
+    args: Vec<String>,
+    append_log: bool,
+) -> anyhow::Result<SpawnedNode> {
+    let mut command = tokio::process::Command::new(bin);
+    command
+        .args(&args)
+        .env("RUST_LOG", std::env::var("COURIER_LOADTEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::piped())
+        .stderr(log_file(dir, &format!("node-{id}"), append_log)?)
+        .kill_on_drop(true);
+    crate::die_with_parent(&mut command);
+    let mut child = command.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    let value = listening(&mut child, &format!("node {id}")).await?;
+    let field = |name: &str| value[name].as_str().unwrap_or_default().to_string();
+    Ok(SpawnedNode {
+        id,
+        pid: child.id().unwrap_or(0),
+        child,
+        device_addr: field("device_addr"),
+        cluster_addr: field("cluster_addr"),
+        metrics_addr: field("metrics_addr"),
+        killed: false,
+        args,
+    })
 }
 
 async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Target> {
@@ -178,37 +283,19 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
         if data.exists() {
             std::fs::remove_dir_all(&data).with_context(|| format!("wiping {}", data.display()))?;
         }
-        let mut command = tokio::process::Command::new(&bin);
-        command
-            .args(["node", "--node-id", &id.to_string()])
-            .args(threads.iter().flat_map(|t| ["--worker-threads", t.as_str()]))
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--pki-dir")
-            .arg(dir)
-            .args(["--device-addr", "127.0.0.1:0", "--cluster-addr", "127.0.0.1:0"])
-            .args(["--node-metrics-addr", "127.0.0.1:0", "--open-enrolment"])
-            .args(&args.node_args)
-            .env("RUST_LOG", std::env::var("COURIER_LOADTEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdout(Stdio::piped())
-            .stderr(log_file(dir, &format!("node-{id}"))?)
-            .kill_on_drop(true);
+        let (device, cluster) = if args.restartable { (free_port()?, free_port()?) } else { (0, 0) };
+        let mut node_args: Vec<String> = vec!["node".into(), "--node-id".into(), id.to_string()];
+        node_args.extend(threads.iter().flat_map(|t| ["--worker-threads".to_string(), t.clone()]));
+        node_args.extend(["--data-dir".into(), data.display().to_string()]);
+        node_args.extend(["--pki-dir".into(), dir.display().to_string()]);
+        node_args.extend(["--device-addr".into(), format!("127.0.0.1:{device}")]);
+        node_args.extend(["--cluster-addr".into(), format!("127.0.0.1:{cluster}")]);
+        node_args.extend(["--node-metrics-addr".into(), "127.0.0.1:0".into(), "--open-enrolment".into()]);
+        node_args.extend(args.node_args.iter().cloned());
         if let Some(seed) = nodes.first() {
-            command.args(["--join", &seed.cluster_addr]);
+            node_args.extend(["--join".into(), seed.cluster_addr.clone()]);
         }
-        crate::die_with_parent(&mut command);
-        let mut child = command.spawn().with_context(|| format!("starting {}", bin.display()))?;
-        let value = listening(&mut child, &format!("node {id}")).await?;
-        let field = |name: &str| value[name].as_str().unwrap_or_default().to_string();
-        nodes.push(SpawnedNode {
-            id,
-            pid: child.id().unwrap_or(0),
-            child,
-            device_addr: field("device_addr"),
-            cluster_addr: field("cluster_addr"),
-            metrics_addr: field("metrics_addr"),
-            killed: false,
-        });
+        nodes.push(start_node(&bin, dir, id, node_args, false).await?);
     }
     // Every node ready (an active member with a leader), so devices are not moved by a late join.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -232,7 +319,7 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
         .args(&args.gateway_args)
         .env("RUST_LOG", std::env::var("COURIER_LOADTEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::piped())
-        .stderr(log_file(dir, "gateway")?)
+        .stderr(log_file(dir, "gateway", false)?)
         .kill_on_drop(true)
         .spawn()
         .context("starting the gateway")?;
@@ -259,6 +346,8 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
         node_metrics: nodes.iter().map(|n| format!("http://{}/metrics", n.metrics_addr)).collect(),
         nodes,
         gateway: Some(gateway),
+        gateway_metrics: Some(gateway_metrics),
+        spawner: Some((bin, dir.clone())),
     })
 }
 

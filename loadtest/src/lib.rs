@@ -10,6 +10,7 @@
 //! The target is a local cluster it spawns as child processes (`--spawn N`, see [`cluster`]) or an existing
 //! one given by its endpoints, CA and provider key. The four scenarios are in [`scenario`].
 
+pub mod chaos;
 pub mod cli;
 pub mod cluster;
 pub mod devices;
@@ -51,6 +52,7 @@ pub fn main() -> ExitCode {
                 cli::Command::Push(args) => scenario::push(args).await,
                 cli::Command::Offline(args) => scenario::offline(args).await,
                 cli::Command::Failover(args) => scenario::failover(args).await,
+                cli::Command::Chaos(args) => chaos::chaos(args).await,
             }
         };
         // Ctrl-C drops the run, and with it every child process (spawned nodes, the gateway, workers).

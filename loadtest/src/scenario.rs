@@ -1,4 +1,4 @@
-//! The four scenarios. Each prepares the target and the swarm the same way (`prepare`), drives its phases,
+//! The four scenarios beside `chaos`. Each prepares the target and the swarm the same way (`prepare`), drives its phases,
 //! prints a summary table, writes the JSON result, and returns whether the run passed.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -20,11 +20,11 @@ use crate::report::{Ledger, Percentiles, ProgressLine, PushSummary, print_table,
 use crate::swarm::{LINKS_PER_SOURCE, LINKS_PER_WORKER, Swarm, SwarmPlan, SwarmTotals, SwarmView};
 
 /// A prepared run: the cluster, the swarm (started, links not yet opened) and the ledger.
-struct Run {
+pub(crate) struct Run {
     scenario: &'static str,
-    target: Target,
+    pub(crate) target: Target,
     swarm: Swarm,
-    ledger: Arc<Mutex<Ledger>>,
+    pub(crate) ledger: Arc<Mutex<Ledger>>,
     run_id: u32,
     devices: usize,
     workers: usize,
@@ -37,7 +37,7 @@ struct Run {
     ramp_timeout: Duration,
 }
 
-async fn prepare(
+pub(crate) async fn prepare(
     scenario: &'static str,
     target_args: &TargetArgs,
     swarm_args: &SwarmArgs,
@@ -170,7 +170,7 @@ async fn progress_loop(
 }
 
 impl Run {
-    fn phase(&self, name: &str) {
+    pub(crate) fn phase(&self, name: &str) {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = name.to_string();
     }
 
@@ -195,7 +195,7 @@ impl Run {
 
     /// Opens every link and, when registering, waits for every token; fails with what went wrong if the
     /// swarm does not get there in time.
-    async fn connect_all(&mut self, register: bool) -> anyhow::Result<Duration> {
+    pub(crate) async fn connect_all(&mut self, register: bool) -> anyhow::Result<Duration> {
         self.phase("connect");
         let started = Instant::now();
         self.swarm.command(&Command::Connect).await?;
@@ -218,7 +218,7 @@ impl Run {
     }
 
     /// Closes the links of every `every`th device and waits until they are closed.
-    async fn disconnect(&mut self, every: usize) -> anyhow::Result<()> {
+    pub(crate) async fn disconnect(&mut self, every: usize) -> anyhow::Result<()> {
         self.phase("close");
         self.swarm.command(&Command::Disconnect { every }).await?;
         let expected = (self.devices - self.devices.div_ceil(every.max(1))) as u64;
@@ -228,7 +228,7 @@ impl Run {
     }
 
     /// Tokens by device, in device order.
-    fn targets(&self) -> anyhow::Result<Vec<(u64, String)>> {
+    pub(crate) fn targets(&self) -> anyhow::Result<Vec<(u64, String)>> {
         self.swarm
             .view
             .tokens()
@@ -238,7 +238,7 @@ impl Run {
             .collect()
     }
 
-    fn load_plan(&self, load: &LoadArgs, topic: &str, targets: Vec<(u64, String)>) -> LoadPlan {
+    pub(crate) fn load_plan(&self, load: &LoadArgs, topic: &str, targets: Vec<(u64, String)>) -> LoadPlan {
         LoadPlan {
             provider_addr: self.target.provider_addr,
             server_name: self.target.server_name.clone(),
@@ -256,7 +256,7 @@ impl Run {
     }
 
     /// Waits (up to `--drain-timeout`) for accepted notifications still on their way.
-    async fn drain(&self) -> anyhow::Result<bool> {
+    pub(crate) async fn drain(&self) -> anyhow::Result<bool> {
         self.phase("drain");
         let timeout = Duration::from_secs(self.output.drain_timeout);
         self.wait(timeout, |run| run.ledger.lock().unwrap_or_else(|e| e.into_inner()).complete()).await
@@ -293,7 +293,7 @@ impl Run {
 }
 
 /// Proof that `Run::finish` ran (the cluster is stopped) before results are written.
-struct Finished;
+pub(crate) struct Finished;
 
 fn swarm_rows(rows: &mut Vec<(String, String)>, totals: &SwarmTotals) {
     rows.push((
@@ -322,7 +322,7 @@ fn push_rows(rows: &mut Vec<(String, String)>, summary: &PushSummary, e2e: &Perc
 }
 
 /// Pass/fail: the reasons a run failed (empty = passed).
-fn verdict(s: &PushSummary, output: &OutputArgs, extra: Vec<String>) -> Vec<String> {
+pub(crate) fn verdict(s: &PushSummary, output: &OutputArgs, extra: Vec<String>) -> Vec<String> {
     let mut failures = extra;
     if !s.consistent {
         failures.push("the ledger does not balance (sent != received + errors)".into());
@@ -340,7 +340,7 @@ fn verdict(s: &PushSummary, output: &OutputArgs, extra: Vec<String>) -> Vec<Stri
     failures
 }
 
-fn conclude(
+pub(crate) fn conclude(
     title: &str,
     mut rows: Vec<(String, String)>,
     mut result: serde_json::Value,
@@ -475,20 +475,20 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<bool> {
 }
 
 /// What every push-carrying scenario reports once the cluster is stopped.
-struct PushResult {
-    summary: PushSummary,
+pub(crate) struct PushResult {
+    pub(crate) summary: PushSummary,
     e2e: Percentiles,
     response: Percentiles,
     totals: SwarmTotals,
     last_receipt_us: Option<u64>,
-    path: PathBuf,
-    result: serde_json::Value,
+    pub(crate) path: PathBuf,
+    pub(crate) result: serde_json::Value,
     output: OutputArgs,
-    finished: Finished,
+    pub(crate) finished: Finished,
 }
 
 impl Run {
-    async fn finish_pushes(self) -> anyhow::Result<PushResult> {
+    pub(crate) async fn finish_pushes(self) -> anyhow::Result<PushResult> {
         let path = self.json_path();
         let result = self.describe();
         let output = self.output.clone();
@@ -510,14 +510,14 @@ impl Run {
 }
 
 impl PushResult {
-    fn rows(&self) -> Vec<(String, String)> {
+    pub(crate) fn rows(&self) -> Vec<(String, String)> {
         let mut rows = Vec::new();
         push_rows(&mut rows, &self.summary, &self.e2e, &self.response);
         swarm_rows(&mut rows, &self.totals);
         rows
     }
 
-    fn json(&mut self) {
+    pub(crate) fn json(&mut self) {
         self.result["pushes"] = json!(self.summary);
         self.result["end_to_end_ms"] = json!(self.e2e);
         self.result["provider_answer_ms"] = json!(self.response);
@@ -624,7 +624,7 @@ pub async fn offline(args: OfflineArgs) -> anyhow::Result<bool> {
 }
 
 /// The queue cap of the nodes the failover scenario spawns, unless `--node-arg` sets one.
-const FAILOVER_QUEUE_CAP: u64 = 1_000_000;
+pub(crate) const FAILOVER_QUEUE_CAP: u64 = 1_000_000;
 
 pub async fn failover(args: FailoverArgs) -> anyhow::Result<bool> {
     let nodes = args.target.spawn.unwrap_or(0);

@@ -58,6 +58,17 @@ pub struct NodeConfig {
     /// A member that answers no probe for this long is marked down, in milliseconds.
     #[arg(long, env = "COURIER_FAILURE_TIMEOUT_MS", default_value_t = 3000)]
     pub failure_timeout_ms: u64,
+    /// When fewer members are active than the replication factor, whether a stored notification may be
+    /// answered 200 on every active member (`true`, the default: a one- or two-node cluster keeps
+    /// accepting) or only on R copies (`false`: the production overlay's choice; pushes are then answered
+    /// 503 until enough nodes are back). Give every node the same value.
+    #[arg(long, env = "COURIER_DEGRADED_WRITES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub degraded_writes: bool,
+    /// A member marked down is marked active again only after answering every probe for this long, in
+    /// milliseconds (default: the failure timeout), so a flapping link does not move its devices back and
+    /// forth.
+    #[arg(long, env = "COURIER_REJOIN_AFTER_MS")]
+    pub rejoin_after_ms: Option<u64>,
     /// How long after its last contact with a Raft quorum this node still acts as an owner, in
     /// milliseconds (default: two thirds of the failure timeout less the probe interval). It must end before
     /// the leader's failure timeout would mark the node down (see `raft::lease`).
@@ -298,6 +309,7 @@ impl NodeConfig {
         ControlSettings {
             probe_interval: Duration::from_millis(self.probe_interval_ms.max(10)),
             failure_timeout: Duration::from_millis(self.failure_timeout_ms),
+            rejoin_after: Duration::from_millis(self.rejoin_after_ms.unwrap_or(self.failure_timeout_ms)),
             key_rotation: self.key_rotation_secs.map(Duration::from_secs),
             key_grace: Duration::from_secs(self.key_grace_secs),
         }

@@ -232,7 +232,7 @@ impl Delivery {
                 awaiting.remove(&key);
                 drop(awaiting);
                 // Each copy's insert and delete.
-                let copies = parts.view.get().copies_wanted() as u64;
+                let copies = parts.replicator.copies_wanted() as u64;
                 metrics::counter!("courier_node_store_writes_elided_total").increment(2 * copies);
                 return result(&apns_id, DeliverOutcome::Delivered);
             }

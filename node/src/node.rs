@@ -182,7 +182,8 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         membership_changes: tokio::sync::Mutex::new(()),
     });
     let view = Arc::new(LocalView::new(config.node_id, state.borrow().clone(), Some(lease)));
-    let replicator = Arc::new(Replicator::new(config.node_id, peers, view.clone(), Duration::from_secs(2)));
+    let replicator =
+        Arc::new(Replicator::new(config.node_id, peers, view.clone(), Duration::from_secs(2), config.degraded_writes));
     let (rebalanced, rebalanced_rx) = watch::channel(Epoch::default());
     let keyring = Keyring::default();
     state.borrow().sync_keyring(&keyring);
@@ -420,12 +421,19 @@ async fn sweep_orphans(replicator: Arc<Replicator>, store: Store, mut shutdown: 
 
 const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
 
-/// A node restarted after a drain or a crash asks to be active again once a leader is known.
+/// A node restarted after a drain or a crash asks to be active again once a leader is known (after a crash,
+/// once it has run for `rejoin_after`).
 async fn reactivate(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
+    let started = tokio::time::Instant::now();
     loop {
         let me = control.current().members.get(&control.id).map(|m| m.state);
+        // A node that drained left on purpose and comes back at once; one the leader marked down (it
+        // crashed, or was cut off) first runs for `rejoin_after`, as the leader would make it answer for.
+        let settled = started.elapsed() >= control.settings.rejoin_after;
         match me {
-            Some(MemberState::Draining) | Some(MemberState::Down) if control.leader().is_some() => {
+            Some(MemberState::Draining) | Some(MemberState::Down)
+                if control.leader().is_some() && (me == Some(MemberState::Draining) || settled) =>
+            {
                 let now_ms = crate::ids::unix_millis();
                 let command = Command::SetMemberState { id: control.id, state: MemberState::Active, now_ms };
                 match control.apply(command).await {

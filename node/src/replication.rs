@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use courier_proto::cluster::{FetchQueueRequest, Notification, QueueKey, ReplicateRequest};
 use futures_util::StreamExt;
@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::DeviceId;
 use crate::peer::Peers;
-use crate::raft::state::NodeId;
+use crate::raft::state::{Epoch, NodeId};
 use crate::ring::Ring;
 use crate::store::Store;
 use crate::view::LocalView;
@@ -31,8 +31,57 @@ use crate::view::LocalView;
 const MAX_BATCH: usize = 512;
 
 enum PeerOp {
-    Put(Box<Notification>, oneshot::Sender<bool>),
+    /// A copy, the epoch of the view that decided it, and who waits for the outcome.
+    Put(Box<Notification>, Epoch, oneshot::Sender<bool>),
     Remove(QueueKey),
+}
+
+/// One peer's batching task and its breaker.
+struct Link {
+    ops: mpsc::Sender<PeerOp>,
+    breaker: Arc<Breaker>,
+}
+
+/// Fails fast towards a peer that just failed. After a failed batch the peer is skipped for a cool-down
+/// (250 ms, doubling with each failure in a row up to the replication timeout): its puts fail at once, so
+/// the next ring candidate takes them instead of every push waiting out the timeout on a peer that accepts
+/// connections and never answers. The first batch after the cool-down tries the peer again.
+struct Breaker {
+    state: Mutex<BreakerState>,
+    longest: Duration,
+}
+
+#[derive(Default)]
+struct BreakerState {
+    open_until: Option<Instant>,
+    cooldown: Duration,
+}
+
+const FIRST_COOLDOWN: Duration = Duration::from_millis(250);
+
+impl Breaker {
+    fn new(longest: Duration) -> Self {
+        Breaker { state: Mutex::new(BreakerState::default()), longest }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the peer is being skipped now.
+    fn open(&self) -> bool {
+        self.lock().open_until.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn record(&self, ok: bool) {
+        let mut state = self.lock();
+        if ok {
+            *state = BreakerState::default();
+        } else {
+            state.cooldown = (state.cooldown * 2).clamp(FIRST_COOLDOWN, self.longest.max(FIRST_COOLDOWN));
+            state.open_until = Some(Instant::now() + state.cooldown);
+        }
+    }
 }
 
 pub struct Replicator {
@@ -40,36 +89,63 @@ pub struct Replicator {
     peers: Arc<Peers>,
     view: Arc<LocalView>,
     /// One batching task per peer address.
-    links: Mutex<HashMap<String, mpsc::Sender<PeerOp>>>,
+    links: Mutex<HashMap<String, Link>>,
     /// How long a put waits for a peer before the next candidate is tried.
     timeout: Duration,
+    /// Whether fewer than R copies are enough while fewer than R members are active (`--degraded-writes`).
+    degraded: bool,
 }
 
 impl Replicator {
-    pub fn new(id: NodeId, peers: Arc<Peers>, view: Arc<LocalView>, timeout: Duration) -> Self {
-        Replicator { id, peers, view, links: Mutex::new(HashMap::new()), timeout }
+    pub fn new(id: NodeId, peers: Arc<Peers>, view: Arc<LocalView>, timeout: Duration, degraded: bool) -> Self {
+        Replicator { id, peers, view, links: Mutex::new(HashMap::new()), timeout, degraded }
     }
 
-    fn link(&self, addr: &str) -> mpsc::Sender<PeerOp> {
+    /// How many holders a notification stored now must have (`EpochView::copies_wanted`).
+    pub fn copies_wanted(&self) -> usize {
+        self.view.get().copies_wanted(self.degraded)
+    }
+
+    fn link(&self, addr: &str) -> (mpsc::Sender<PeerOp>, Arc<Breaker>) {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(link) = links.get(addr).filter(|l| !l.is_closed()) {
-            return link.clone();
+        if let Some(link) = links.get(addr).filter(|l| !l.ops.is_closed()) {
+            return (link.ops.clone(), link.breaker.clone());
         }
         let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
-        tokio::spawn(send_batches(self.id, addr.to_string(), self.peers.clone(), rx, self.timeout));
-        links.insert(addr.to_string(), tx.clone());
-        tx
+        let breaker = Arc::new(Breaker::new(self.timeout));
+        let task = BatchTask {
+            from: self.id,
+            addr: addr.to_string(),
+            peers: self.peers.clone(),
+            view: self.view.clone(),
+            breaker: breaker.clone(),
+            timeout: self.timeout,
+        };
+        tokio::spawn(task.run(rx));
+        links.insert(addr.to_string(), Link { ops: tx.clone(), breaker: breaker.clone() });
+        (tx, breaker)
+    }
+
+    /// Whether puts to `addr` are being skipped after a failure (`Breaker`).
+    fn skipped(&self, addr: &str) -> bool {
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.get(addr).is_some_and(|link| link.breaker.open())
     }
 
     fn addr_of(&self, node: NodeId) -> Option<String> {
         self.view.get().state.members.get(&node).map(|m| m.cluster_addr.clone())
     }
 
-    /// Sends one copy to `node`; `true` once it is durably stored there.
-    pub async fn put_to(&self, node: NodeId, notification: Notification) -> bool {
+    /// Sends one copy to `node`, decided in a view of `epoch`; `true` once it is durably stored there.
+    pub async fn put_to(&self, node: NodeId, notification: Notification, epoch: Epoch) -> bool {
         let Some(addr) = self.addr_of(node) else { return false };
+        let (ops, breaker) = self.link(&addr);
+        if breaker.open() {
+            metrics::counter!("courier_node_replication_skipped_total").increment(1);
+            return false;
+        }
         let (reply, answer) = oneshot::channel();
-        if self.link(&addr).send(PeerOp::Put(Box::new(notification), reply)).await.is_err() {
+        if ops.send(PeerOp::Put(Box::new(notification), epoch, reply)).await.is_err() {
             return false;
         }
         matches!(tokio::time::timeout(self.timeout * 2, answer).await, Ok(Ok(true)))
@@ -77,21 +153,22 @@ impl Replicator {
 
     /// Copies a notification this node stored to the device's successors. Says how many copies exist now,
     /// this node's included, and how many the replication factor asks for with the members active now (R,
-    /// or all of them when fewer than R are active).
+    /// or with degraded writes all of them when fewer than R are active).
     pub async fn put(&self, device: DeviceId, notification: &Notification) -> Copies {
         let view = self.view.get();
-        let wanted = view.copies_wanted();
+        let wanted = view.copies_wanted(self.degraded);
         let mut others = view.ring.candidates(device, usize::MAX).into_iter().filter(|id| *id != self.id);
         let mut made = 1;
         // The first successors in parallel; a failed one is replaced by the next candidate.
         let first: Vec<NodeId> = others.by_ref().take(wanted - 1).collect();
-        let results = join_all(first.iter().map(|node| self.put_to(*node, notification.clone()))).await;
+        let epoch = view.state.epoch;
+        let results = join_all(first.iter().map(|node| self.put_to(*node, notification.clone(), epoch))).await;
         made += results.iter().filter(|ok| **ok).count();
         for node in others {
             if made >= wanted {
                 break;
             }
-            if self.put_to(node, notification.clone()).await {
+            if self.put_to(node, notification.clone(), epoch).await {
                 made += 1;
             }
         }
@@ -112,7 +189,7 @@ impl Replicator {
             }
             if let Some(addr) = self.addr_of(node) {
                 let key = QueueKey { device_id: device.to_bytes().to_vec(), apns_id: apns_id.to_string() };
-                let _ = self.link(&addr).try_send(PeerOp::Remove(key));
+                let _ = self.link(&addr).0.try_send(PeerOp::Remove(key));
             }
         }
     }
@@ -166,9 +243,10 @@ impl Replicator {
         release: bool,
     ) -> Result<RebalanceReport, crate::store::StoreError> {
         let queue = store.pending(device).await?;
+        let epoch = self.view.get().state.epoch;
         let mut complete = true;
         for target in targets {
-            let sent = join_all(queue.iter().map(|n| self.put_to(*target, n.clone()))).await;
+            let sent = join_all(queue.iter().map(|n| self.put_to(*target, n.clone(), epoch))).await;
             complete &= sent.iter().all(|ok| *ok);
         }
         let mut report = RebalanceReport { moved: queue.len() * targets.len(), released: 0 };
@@ -197,13 +275,20 @@ impl Replicator {
             .into_iter()
             .filter(|id| *id != self.id)
             .filter_map(|id| view.state.members.get(&id).map(|m| m.cluster_addr.clone()))
+            .filter(|addr| !self.skipped(addr))
             .collect();
+        let epoch = view.state.epoch.0;
         let fetched = join_all(others.iter().map(|addr| async move {
             let mut client = self.peers.client(addr).ok()?;
-            let mut request = tonic::Request::new(FetchQueueRequest { device_id: device.to_bytes().to_vec() });
+            let mut request = tonic::Request::new(FetchQueueRequest { device_id: device.to_bytes().to_vec(), epoch });
             request.set_timeout(self.timeout);
-            let answer = tokio::time::timeout(self.timeout, client.fetch_queue(request)).await.ok()?.ok()?;
-            Some(answer.into_inner().notifications)
+            let answer = tokio::time::timeout(self.timeout, client.fetch_queue(request)).await.ok()?.ok()?.into_inner();
+            if answer.stale {
+                // This node no longer owns the device in the holder's newer view: its link will be redirected.
+                tracing::debug!(%device, %addr, epoch = answer.epoch, "queue fetch fenced; this node is behind");
+                return None;
+            }
+            Some(answer.notifications)
         }))
         .await;
         let now_secs = crate::ids::unix_millis() / 1000;
@@ -259,45 +344,105 @@ pub struct RebalanceReport {
     pub released: usize,
 }
 
-async fn send_batches(
+/// One peer's batching task: sends what queued up while the previous batch was in flight as one RPC.
+struct BatchTask {
     from: NodeId,
     addr: String,
     peers: Arc<Peers>,
-    mut ops: mpsc::Receiver<PeerOp>,
+    view: Arc<LocalView>,
+    breaker: Arc<Breaker>,
     timeout: Duration,
-) {
-    while let Some(first) = ops.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match ops.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+}
+
+impl BatchTask {
+    async fn run(self, mut ops: mpsc::Receiver<PeerOp>) {
+        while let Some(first) = ops.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match ops.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
             }
+            self.send(batch).await;
         }
-        let mut request = ReplicateRequest { from_node: from, puts: Vec::new(), removes: Vec::new() };
+    }
+
+    async fn send(&self, batch: Vec<PeerOp>) {
+        let mut request = ReplicateRequest { from_node: self.from, ..Default::default() };
+        let mut epoch: Option<Epoch> = None;
         let mut waiters = Vec::new();
         for op in batch {
             match op {
-                PeerOp::Put(n, reply) => {
+                PeerOp::Put(n, decided, reply) => {
                     request.puts.push(*n);
+                    epoch = Some(epoch.map_or(decided, |e| e.min(decided)));
                     waiters.push(reply);
                 }
                 PeerOp::Remove(key) => request.removes.push(key),
             }
         }
-        let ok = match peers.client(&addr) {
+        // Removes alone are stamped with the current epoch: nothing in them is decided by ownership.
+        request.epoch = epoch.unwrap_or_else(|| self.view.get().state.epoch).0;
+        if self.breaker.open() {
+            // Failed a moment ago: skip it rather than make these wait out another timeout.
+            metrics::counter!("courier_node_replication_skipped_total").increment(waiters.len() as u64);
+            for waiter in waiters {
+                let _ = waiter.send(false);
+            }
+            return;
+        }
+        let answer = match self.peers.client(&self.addr) {
             Ok(mut client) => {
                 let mut call = tonic::Request::new(request);
-                call.set_timeout(timeout);
-                matches!(tokio::time::timeout(timeout, client.replicate(call)).await, Ok(Ok(_)))
+                call.set_timeout(self.timeout);
+                match tokio::time::timeout(self.timeout, client.replicate(call)).await {
+                    Ok(Ok(answer)) => Some(answer.into_inner()),
+                    _ => None,
+                }
             }
-            Err(_) => false,
+            Err(_) => None,
         };
-        if !ok {
+        self.breaker.record(answer.is_some());
+        let Some(answer) = answer else {
             metrics::counter!("courier_node_replication_failures_total").increment(1);
+            for waiter in waiters {
+                let _ = waiter.send(false);
+            }
+            return;
+        };
+        for (index, waiter) in waiters.into_iter().enumerate() {
+            let _ = waiter.send(!answer.refused.contains(&(index as u32)));
         }
-        for waiter in waiters {
-            let _ = waiter.send(ok);
+        if !answer.refused.is_empty() {
+            // The peer's view is newer and moved these devices: catch up before the next batch is stamped.
+            metrics::counter!("courier_node_replication_fenced_total").increment(answer.refused.len() as u64);
+            self.view.reached(Epoch(answer.epoch), self.timeout).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_peer_is_skipped_for_a_doubling_cooldown_until_it_answers_again() {
+        let breaker = Breaker::new(Duration::from_secs(1));
+        assert!(!breaker.open(), "a new peer is tried");
+        breaker.record(false);
+        assert!(breaker.open(), "skipped right after a failure");
+        let cooldowns: Vec<Duration> = (0..4)
+            .map(|_| {
+                breaker.record(false);
+                breaker.lock().cooldown
+            })
+            .collect();
+        let ms = |ms| Duration::from_millis(ms);
+        assert_eq!(cooldowns, [ms(500), ms(1000), ms(1000), ms(1000)], "doubling, up to the replication timeout");
+        breaker.record(true);
+        assert!(!breaker.open(), "an answer closes it at once");
+        breaker.record(false);
+        assert_eq!(breaker.lock().cooldown, FIRST_COOLDOWN, "and the next failure starts over");
     }
 }

@@ -20,10 +20,16 @@ pub struct EpochView {
 }
 
 impl EpochView {
-    /// How many holders a stored notification must have in this epoch: the replication factor, or every
-    /// active member when fewer are active.
-    pub fn copies_wanted(&self) -> usize {
-        (self.state.ring.replication_factor.max(1) as usize).min(self.ring.members().len().max(1))
+    /// Whether `node` owns `device` in this epoch.
+    pub fn owns(&self, node: NodeId, device: DeviceId) -> bool {
+        self.ring.owner(device) == Some(node)
+    }
+
+    /// How many holders a stored notification must have in this epoch: the replication factor, or, with
+    /// `degraded` writes allowed, every active member when fewer are active.
+    pub fn copies_wanted(&self, degraded: bool) -> usize {
+        let factor = self.state.ring.replication_factor.max(1) as usize;
+        if degraded { factor.min(self.ring.members().len().max(1)) } else { factor }
     }
 }
 
@@ -36,6 +42,16 @@ pub enum Placement {
     Elsewhere { node: NodeId, device_addr: String, device_name: String },
     /// No active member yet (the cluster is forming).
     Nowhere,
+}
+
+/// How the epoch stamped on another node's request compares with this node's view.
+pub enum Fence {
+    /// The same epoch: the sender decided with what this node knows.
+    Current,
+    /// This node has applied a newer epoch (given): the sender may act on ownership that has moved.
+    Behind(Arc<EpochView>),
+    /// This node did not reach the request's epoch within its wait.
+    Ahead,
 }
 
 pub struct LocalView {
@@ -72,6 +88,16 @@ impl LocalView {
     pub async fn reached(&self, epoch: Epoch, within: Duration) -> bool {
         let mut applied = self.epoch.subscribe();
         matches!(tokio::time::timeout(within, applied.wait_for(|now| *now >= epoch)).await, Ok(Ok(_)))
+    }
+
+    /// Where a data-plane request another node stamped with `epoch` stands against this view, after
+    /// waiting up to `within` for this view to reach it.
+    pub async fn fence(&self, epoch: Epoch, within: Duration) -> Fence {
+        if !self.reached(epoch, within).await {
+            return Fence::Ahead;
+        }
+        let view = self.get();
+        if view.state.epoch > epoch { Fence::Behind(view) } else { Fence::Current }
     }
 
     pub fn get(&self) -> Arc<EpochView> {

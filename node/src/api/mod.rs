@@ -27,7 +27,8 @@ use crate::delivery::Delivery;
 use crate::ids::DeviceId;
 use crate::pki::ClusterRole;
 use crate::raft::control::Control;
-use crate::raft::{Command, network};
+use crate::raft::{Command, Epoch, network};
+use crate::view::{EpochView, Fence};
 
 /// How often a `WatchCluster` stream carries a heartbeat: the gateway takes three missed ones as a silent
 /// node (`courier_gateway::watch`).
@@ -66,6 +67,22 @@ impl ClusterService {
     }
 }
 
+impl ClusterService {
+    /// This node's view when it is newer than the epoch another node stamped on a data-plane request
+    /// (`LocalView::fence`); a request from an epoch this node does not reach within its epoch wait is
+    /// refused as UNAVAILABLE.
+    async fn newer_view(&self, epoch: u64) -> Result<Option<Arc<EpochView>>, Status> {
+        match self.delivery.view().fence(Epoch(epoch), self.epoch_wait).await {
+            Fence::Ahead => Err(Status::unavailable(format!(
+                "node {} has not reached epoch {epoch}; try again once it has",
+                self.control.id
+            ))),
+            Fence::Behind(view) => Ok(Some(view)),
+            Fence::Current => Ok(None),
+        }
+    }
+}
+
 /// The metadata key in which a follower names the leader's cluster API address.
 pub const LEADER_METADATA: &str = "courier-leader";
 
@@ -84,24 +101,52 @@ impl Cluster for ClusterService {
     }
 
     async fn replicate(&self, request: Request<ReplicateRequest>) -> Result<Response<ReplicateResponse>, Status> {
-        authorize(&request, Rpc::Replicate)?;
+        let caller = authorize(&request, Rpc::Replicate)?;
+        authz::check_node_claim(Rpc::Replicate, caller, request.get_ref().from_node)?;
         let request = request.into_inner();
         if request.puts.len() + request.removes.len() > 4 * forward::MAX_FORWARD_BATCH {
             return Err(Status::invalid_argument("replication batch too large"));
         }
-        let applied = self.delivery.apply_replica(request.puts, request.removes).await.map_err(|e| match e {
+        let (puts, refused) = match self.newer_view(request.epoch).await? {
+            None => (request.puts, Vec::new()),
+            Some(view) => {
+                let mut puts = Vec::with_capacity(request.puts.len());
+                let mut refused = Vec::new();
+                for (index, put) in request.puts.into_iter().enumerate() {
+                    match DeviceId::from_slice(&put.device_id) {
+                        Some(device) if !view.owns(request.from_node, device) => refused.push(index as u32),
+                        _ => puts.push(put),
+                    }
+                }
+                if !refused.is_empty() {
+                    metrics::counter!("courier_node_replicas_fenced_total").increment(refused.len() as u64);
+                }
+                (puts, refused)
+            }
+        };
+        let applied = self.delivery.apply_replica(puts, request.removes).await.map_err(|e| match e {
             crate::delivery::ReplicaError::BadDeviceId => Status::invalid_argument(e.to_string()),
             crate::delivery::ReplicaError::Store(e) => Status::internal(e.to_string()),
         })?;
-        Ok(Response::new(ReplicateResponse { applied: applied as u32 }))
+        let epoch = self.delivery.view().get().state.epoch.0;
+        Ok(Response::new(ReplicateResponse { applied: applied as u32, epoch, refused }))
     }
 
     async fn fetch_queue(&self, request: Request<FetchQueueRequest>) -> Result<Response<FetchQueueResponse>, Status> {
-        authorize(&request, Rpc::FetchQueue)?;
+        let caller = authorize(&request, Rpc::FetchQueue)?;
         let device = DeviceId::from_slice(&request.get_ref().device_id)
             .ok_or_else(|| Status::invalid_argument("a device id is 16 bytes"))?;
+        if let Some(view) = self.newer_view(request.get_ref().epoch).await?
+            && let crate::pki::ClusterRole::Node(sender) = caller
+            && !view.owns(sender, device)
+        {
+            metrics::counter!("courier_node_queue_fetches_fenced_total").increment(1);
+            let epoch = view.state.epoch.0;
+            return Ok(Response::new(FetchQueueResponse { notifications: Vec::new(), epoch, stale: true }));
+        }
         let notifications = self.delivery.store().pending(device).await.map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(FetchQueueResponse { notifications }))
+        let epoch = self.delivery.view().get().state.epoch.0;
+        Ok(Response::new(FetchQueueResponse { notifications, epoch, stale: false }))
     }
 
     async fn raft_append(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

@@ -57,10 +57,21 @@ pub struct ControlSettings {
     pub probe_interval: Duration,
     /// A member unanswered for this long is marked down.
     pub failure_timeout: Duration,
+    /// A member marked down answers every probe for this long before it is marked active again.
+    pub rejoin_after: Duration,
     /// Rotate the token key automatically this often; `None` = only on `courier ctl keys rotate`.
     pub key_rotation: Option<Duration>,
     /// How long a rotated-out key keeps opening tokens before it retires.
     pub key_grace: Duration,
+}
+
+/// What the leader has seen of each member's probes since it began to lead.
+#[derive(Default)]
+struct ProbeHistory {
+    /// When each member last answered.
+    last_answer: HashMap<NodeId, Instant>,
+    /// Since when each member has answered every probe (absent after a miss).
+    answering_since: HashMap<NodeId, Instant>,
 }
 
 /// This node's handle on the Raft group.
@@ -303,10 +314,13 @@ impl Control {
         TokenKey::generate(TokenKeyId(next))
     }
 
-    /// The leader's periodic duties; runs on every node and acts only while it leads.
+    /// The leader's periodic duties; runs on every node and acts only while it leads. A tick that cannot
+    /// finish (an isolated leader's writes never commit) is abandoned after twice the failure timeout, so
+    /// the duties go on once the leader can commit again, or stop when it no longer leads.
     pub async fn run_leader_duties(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut last_answer: HashMap<NodeId, Instant> = HashMap::new();
+        let mut probes = ProbeHistory::default();
         let mut leading_since: Option<Instant> = None;
+        let bound = self.settings.failure_timeout.max(self.settings.probe_interval) * 2;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.probe_interval) => {}
@@ -317,20 +331,25 @@ impl Control {
                 continue;
             }
             let since = *leading_since.get_or_insert_with(|| {
-                last_answer.clear();
+                probes = ProbeHistory::default();
                 Instant::now()
             });
-            if let Err(error) = self.leader_tick(&mut last_answer, since).await {
-                tracing::warn!(%error, "leader duties");
+            let tick = tokio::select! {
+                tick = tokio::time::timeout(bound, self.leader_tick(&mut probes, since)) => tick,
+                _ = crate::edge::stopped(&mut shutdown) => return,
+            };
+            match tick {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "leader duties"),
+                Err(_) => {
+                    metrics::counter!("courier_node_leader_ticks_abandoned_total").increment(1);
+                    tracing::warn!(bound_ms = bound.as_millis() as u64, "leader duties did not finish; abandoned");
+                }
             }
         }
     }
 
-    async fn leader_tick(
-        &self,
-        last_answer: &mut HashMap<NodeId, Instant>,
-        since: Instant,
-    ) -> Result<(), ControlError> {
+    async fn leader_tick(&self, probes: &mut ProbeHistory, since: Instant) -> Result<(), ControlError> {
         let state = self.current();
         let now_ms = unix_millis();
         if let Some(me) = state.members.get(&self.id)
@@ -353,15 +372,24 @@ impl Control {
         }))
         .await;
         for (member, answered) in others.iter().zip(answers) {
+            let now = Instant::now();
             if answered {
-                last_answer.insert(member.id, Instant::now());
-                if matches!(member.state, MemberState::Down | MemberState::Joining) {
+                probes.last_answer.insert(member.id, now);
+                let streak = *probes.answering_since.entry(member.id).or_insert(now);
+                // A new member joins at once; one marked down must first answer for `rejoin_after`.
+                let rejoin = match member.state {
+                    MemberState::Joining => true,
+                    MemberState::Down => now.duration_since(streak) >= self.settings.rejoin_after,
+                    _ => false,
+                };
+                if rejoin {
                     tracing::info!(node = member.id, "member answers again; marking it active");
                     self.apply(Command::SetMemberState { id: member.id, state: MemberState::Active, now_ms }).await?;
                 }
                 continue;
             }
-            let silent_since = last_answer.get(&member.id).copied().unwrap_or(since);
+            probes.answering_since.remove(&member.id);
+            let silent_since = probes.last_answer.get(&member.id).copied().unwrap_or(since);
             if member.state == MemberState::Active && silent_since.elapsed() >= self.settings.failure_timeout {
                 tracing::warn!(node = member.id, "member missed its probes; marking it down");
                 self.apply(Command::SetMemberState { id: member.id, state: MemberState::Down, now_ms }).await?;

@@ -1,0 +1,86 @@
+//! Epoch fencing on the data plane between nodes, over real gRPC with node certificates: a replication
+//! batch or a queue fetch stamped with an epoch older than the receiver's is refused for the devices its
+//! sender no longer owns there (what a node that was cut off or paused while its devices moved would send),
+//! accepted for the devices it still owns, and one stamped with an epoch the receiver has not reached waits
+//! and is then refused as unavailable. A node may not speak for another.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Nodes;
+use courier_node::ids::{DeviceId, unix_millis};
+use courier_node::peer::Peers;
+use courier_proto::cluster::{FetchQueueRequest, Notification, ReplicateRequest};
+
+fn notification(device: DeviceId, apns_id: &str) -> Notification {
+    Notification {
+        device_id: device.to_bytes().to_vec(),
+        topic: common::TOPIC.into(),
+        apns_id: apns_id.into(),
+        payload: br#"{"aps":{}}"#.to_vec(),
+        expiration: unix_millis() / 1000 + 3600,
+        ..Notification::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_replicas_and_fetches_are_refused_for_devices_the_sender_no_longer_owns() {
+    let nodes = Nodes::start(2, |config| config.epoch_wait_ms = 300).await;
+    let node1 = nodes.node(1);
+    let view = node1.view.get();
+    let epoch = view.state.epoch.0;
+    assert!(epoch > 1, "the cluster has been through a few epochs: {epoch}");
+    let owned_by = |node: u64| {
+        std::iter::repeat_with(DeviceId::random).find(|d| view.owns(node, *d)).expect("a device owned by the node")
+    };
+    let (mine, theirs) = (owned_by(1), owned_by(2));
+
+    // Node 2's certificate, as node 2 would send after a pause that ended in an older epoch.
+    let as_node2 = Peers::new(&nodes.pki(), "node-2", None, Duration::from_secs(5)).expect("peers");
+    let mut client = as_node2.client(&node1.cluster_addr.to_string()).expect("client");
+    let stale = ReplicateRequest {
+        from_node: 2,
+        puts: vec![notification(mine, "for-1"), notification(theirs, "for-2")],
+        removes: vec![],
+        epoch: epoch - 1,
+    };
+    let answer = client.replicate(stale).await.expect("a stale batch is answered").into_inner();
+    assert_eq!(answer.refused, vec![0], "only the put for a device node 2 does not own is refused");
+    assert_eq!(answer.epoch, epoch, "the answer names the receiver's epoch");
+    assert!(node1.store.pending(mine).await.expect("store").is_empty(), "the refused copy was not stored");
+    let kept = node1.store.pending(theirs).await.expect("store");
+    assert_eq!(kept.iter().map(|n| n.apns_id.as_str()).collect::<Vec<_>>(), ["for-2"], "the other copy was stored");
+
+    // In the receiver's epoch nothing is refused: a hand-over from a node that is not the owner is normal.
+    let current = ReplicateRequest { from_node: 2, puts: vec![notification(mine, "for-1")], removes: vec![], epoch };
+    let answer = client.replicate(current).await.expect("a current batch is answered").into_inner();
+    assert!(answer.refused.is_empty(), "{:?}", answer.refused);
+    assert_eq!(node1.store.pending(mine).await.expect("store").len(), 1);
+
+    // An epoch the receiver never reaches: refused after its wait, and nothing applied.
+    let ahead = ReplicateRequest {
+        from_node: 2,
+        puts: vec![notification(theirs, "from-the-future")],
+        removes: vec![],
+        epoch: epoch + 1000,
+    };
+    let refused = client.replicate(ahead).await.expect_err("an epoch from the future is refused");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(node1.store.pending(theirs).await.expect("store").len(), 1, "nothing from it was applied");
+
+    // Speaking for node 1 with node 2's certificate is refused.
+    let forged = ReplicateRequest { from_node: 1, puts: vec![], removes: vec![], epoch };
+    let refused = client.replicate(forged).await.expect_err("a forged sender is refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+
+    // Queue fetches: a stale node 2 gets nothing for node 1's device, and its own device's queue.
+    let fetch = |device: DeviceId, epoch: u64| FetchQueueRequest { device_id: device.to_bytes().to_vec(), epoch };
+    let answer = client.fetch_queue(fetch(mine, epoch - 1)).await.expect("fetch").into_inner();
+    assert!(answer.stale && answer.notifications.is_empty(), "fenced: {answer:?}");
+    let answer = client.fetch_queue(fetch(theirs, epoch - 1)).await.expect("fetch").into_inner();
+    assert!(!answer.stale && answer.notifications.len() == 1, "its own device's queue: {answer:?}");
+    let answer = client.fetch_queue(fetch(mine, epoch)).await.expect("fetch").into_inner();
+    assert!(!answer.stale && answer.notifications.len() == 1, "in the current epoch: {answer:?}");
+    nodes.shutdown().await;
+}
