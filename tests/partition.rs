@@ -137,7 +137,7 @@ async fn every_200_arrives(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_its_peers_loses_nothing_answered_200() {
-    let mut fabric = Fabric::new(&[1, 2, 3]);
+    let mut fabric = Fabric::new(&[1, 2, 3]).expect("a network namespace per node (root and iproute2)");
     let ProcessCluster { dir: _dir, mut nodes, gateway, provider, signer, endpoints } =
         ProcessCluster::start_on(Some(&fabric), &[], |config| {
             config.request_timeout_ms = REQUEST_TIMEOUT.as_millis() as u64;
@@ -155,7 +155,7 @@ async fn a_leader_cut_off_from_its_peers_loses_nothing_answered_200() {
         .count();
     assert!(owned_by_1 > 0, "node 1 owns some of the 24 devices");
 
-    fabric.isolate(1);
+    fabric.isolate(1).expect("cut node 1 off");
     let node_1_ready = format!("http://{}/readyz", nodes[0].metrics_addr);
     eventually(Duration::from_secs(10), "the cut-off node reports not ready once its lease ends", || {
         let url = node_1_ready.clone();
@@ -172,7 +172,7 @@ async fn a_leader_cut_off_from_its_peers_loses_nothing_answered_200() {
     // The cut-off node dies, the network heals, the devices come back through node 2.
     nodes[0].child.start_kill().expect("SIGKILL");
     let _ = nodes[0].child.wait().await;
-    fabric.heal();
+    fabric.heal().expect("heal");
     every_200_arrives(&endpoints[1], &devices, &answers).await;
     gateway.shutdown().await;
 }

@@ -8,10 +8,10 @@
 //! - `pause`: SIGSTOP for one to three failure timeouts, then SIGCONT (a stall longer than failure
 //!   detection: the node is marked down, its devices move, and it comes back behind the cluster);
 //! - `kill`: SIGKILL, down for one to three seconds, then started again on its data and addresses;
-//! - `restart`: SIGTERM (the node drains), then started again at once: one step of a rolling restart.
-//!
-//! Network partitions need network namespaces (root) around each node; `tests/partition.rs` covers them,
-//! this scenario does not yet.
+//! - `restart`: SIGTERM (the node drains), then started again at once: one step of a rolling restart;
+//! - `partition`: cut off from the other nodes for half a failure timeout to three (blackhole routes
+//!   between network namespaces, `fabric`: needs root and iproute2), while the gateway and the devices
+//!   still reach it; then healed.
 
 use std::time::Duration;
 
@@ -89,6 +89,7 @@ impl Schedule {
             Fault::Pause => self.failure_timeout.mul_f64(self.rng.random_range(1.0..3.0)),
             Fault::Kill => Duration::from_secs_f64(self.rng.random_range(1.0..3.0)),
             Fault::Restart => Duration::ZERO,
+            Fault::Partition => self.failure_timeout.mul_f64(self.rng.random_range(0.5..3.0)),
         };
         Step { calm, fault, index, hold }
     }
@@ -123,6 +124,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<bool> {
     let seed = args.seed.unwrap_or_else(|| rand::rng().next_u64());
     let mut target = args.target.clone();
     target.restartable = true;
+    target.partitionable = args.faults.contains(&Fault::Partition);
     // As in failover: every notification an offline device misses must wait for it.
     if !target.node_args.iter().any(|arg| arg.starts_with("--queue-cap-per-topic")) {
         target.node_args.push(format!("--queue-cap-per-topic={FAILOVER_QUEUE_CAP}"));
@@ -171,6 +173,11 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<bool> {
                 run.target.terminate(index, Duration::from_secs(90)).await?;
                 run.target.restart(index).await?;
             }
+            Fault::Partition => {
+                run.target.isolate(index)?;
+                tokio::time::sleep(hold).await;
+                run.target.heal()?;
+            }
         }
         timeline.push(mark(&run, started, fault, node, "undone").await);
         let deadline = Instant::now() + RECOVERY_BOUND;
@@ -211,7 +218,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<bool> {
     println!("\ntimeline (seconds into the load; gateway epoch; answered / errors so far):");
     for e in &timeline {
         println!(
-            "  {:>7.2}  {:<7} node {}  {:<20} epoch {:>4}  {} / {}",
+            "  {:>7.2}  {:<9} node {}  {:<20} epoch {:>4}  {} / {}",
             e.at_secs,
             e.fault.name(),
             e.node,
@@ -276,7 +283,7 @@ mod tests {
     use super::*;
 
     fn steps(seed: u64) -> Vec<Step> {
-        let all = vec![Fault::Pause, Fault::Kill, Fault::Restart];
+        let all = vec![Fault::Pause, Fault::Kill, Fault::Restart, Fault::Partition];
         let mut schedule = Schedule::new(seed, all, 3, 4.0, Duration::from_secs(3));
         (0..20).map(|_| schedule.next()).collect()
     }
@@ -293,10 +300,11 @@ mod tests {
                 Fault::Pause => assert!((3.0..9.0).contains(&hold), "{step:?}"),
                 Fault::Kill => assert!((1.0..3.0).contains(&hold), "{step:?}"),
                 Fault::Restart => assert_eq!(hold, 0.0),
+                Fault::Partition => assert!((1.5..9.0).contains(&hold), "{step:?}"),
             }
         }
         let kinds: std::collections::BTreeSet<&str> = steps(7).iter().map(|s| s.fault.name()).collect();
-        assert_eq!(kinds.len(), 3, "twenty draws name every fault kind");
+        assert_eq!(kinds.len(), 4, "twenty draws name every fault kind");
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub enum Command {
     Offline(OfflineArgs),
     /// Kill one node process mid-run; the ledger proves exactly-once delivery and times the recovery.
     Failover(FailoverArgs),
-    /// A seeded random schedule of faults (pause, kill, restart) under push load; the ledger's verdict and a
+    /// A seeded random schedule of faults (pause, kill, restart, partition) under push load; the ledger's verdict and a
     /// timeline of faults, epochs and error rates.
     Chaos(ChaosArgs),
     /// Internal: one device-swarm worker process, driven over stdin/stdout by the coordinator.
@@ -76,6 +76,10 @@ pub struct TargetArgs {
     /// the cluster and the devices know (set by scenarios, not a flag).
     #[arg(skip)]
     pub restartable: bool,
+    /// Spawned nodes run in a network namespace each (`fabric`), so that a scenario can cut one off from
+    /// the others (set by scenarios; needs root and iproute2).
+    #[arg(skip)]
+    pub partitionable: bool,
 
     /// Existing cluster: node device endpoints (host:port, comma-separated). Devices start on them round-robin
     /// and follow redirects to their owners.
@@ -280,8 +284,8 @@ pub struct ChaosArgs {
     pub load: LoadArgs,
     #[command(flatten)]
     pub output: OutputArgs,
-    /// The faults to draw from, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "pause,kill,restart")]
+    /// The faults to draw from, comma-separated (`partition` needs root and iproute2).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "pause,kill,restart,partition")]
     pub faults: Vec<Fault>,
     /// Seed of the schedule (default: random, printed so a run can be repeated).
     #[arg(long)]
@@ -304,6 +308,9 @@ pub enum Fault {
     Kill,
     /// SIGTERM (drain), then started again at once.
     Restart,
+    /// Cut off from the other nodes (still reached by the gateway and the devices) for half a failure
+    /// timeout to three of them, then healed.
+    Partition,
 }
 
 impl Fault {
@@ -312,6 +319,7 @@ impl Fault {
             Fault::Pause => "pause",
             Fault::Kill => "kill",
             Fault::Restart => "restart",
+            Fault::Partition => "partition",
         }
     }
 }

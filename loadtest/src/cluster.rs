@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
 
 use crate::cli::TargetArgs;
+use crate::fabric::Fabric;
 
 pub struct SpawnedNode {
     pub id: u64,
@@ -27,7 +28,8 @@ pub struct SpawnedNode {
     pub cluster_addr: String,
     pub metrics_addr: String,
     pub killed: bool,
-    /// The `courier` arguments it was started with, to start it again (`Target::restart`).
+    /// The program and arguments it was started with, to start it again (`Target::restart`).
+    program: PathBuf,
     args: Vec<String>,
 }
 
@@ -44,8 +46,10 @@ pub struct Target {
     pub gateway: Option<Child>,
     /// A spawned gateway's metrics address.
     pub gateway_metrics: Option<String>,
-    /// What spawned the nodes: the `courier` binary and the spawn directory.
-    spawner: Option<(PathBuf, PathBuf)>,
+    /// The spawn directory, where restarted nodes log.
+    spawn_dir: Option<PathBuf>,
+    /// The nodes' network namespaces, when spawned `partitionable`.
+    fabric: Option<Fabric>,
 }
 
 impl Target {
@@ -114,13 +118,25 @@ impl Target {
     /// Starts spawned node `index` again, after a kill or a terminate, on its data and its addresses (the
     /// cluster must have been spawned `restartable`).
     pub async fn restart(&mut self, index: usize) -> anyhow::Result<()> {
-        let (bin, dir) = self.spawner.clone().context("only a spawned node can be restarted")?;
+        let dir = self.spawn_dir.clone().context("only a spawned node can be restarted")?;
         let node = self.nodes.get_mut(index).context("no such node")?;
         let _ = node.child.wait().await;
-        let restarted = start_node(&bin, &dir, node.id, node.args.clone(), true).await?;
+        let restarted = start_node(&node.program.clone(), &dir, node.id, node.args.clone(), true).await?;
         self.node_metrics[index] = format!("http://{}/metrics", restarted.metrics_addr);
         *node = restarted;
         Ok(())
+    }
+
+    /// Cuts spawned node `index` off from the other nodes (the cluster must have been spawned
+    /// `partitionable`); the gateway and the devices still reach it.
+    pub fn isolate(&mut self, index: usize) -> anyhow::Result<()> {
+        let id = self.nodes.get(index).context("no such node")?.id;
+        self.fabric.as_mut().context("the nodes were not spawned in network namespaces")?.isolate(id)
+    }
+
+    /// Undoes every cut.
+    pub fn heal(&mut self) -> anyhow::Result<()> {
+        self.fabric.as_mut().map_or(Ok(()), Fabric::heal)
     }
 
     /// Whether every spawned node that is not down is ready, and so is the gateway.
@@ -152,6 +168,8 @@ impl Target {
         for node in &mut self.nodes {
             let _ = node.child.kill().await;
         }
+        // The namespaces go once their processes have exited.
+        drop(self.fabric.take());
     }
 }
 
@@ -188,7 +206,8 @@ async fn existing(args: &TargetArgs) -> anyhow::Result<Target> {
         nodes: Vec::new(),
         gateway: None,
         gateway_metrics: None,
-        spawner: None,
+        spawn_dir: None,
+        fabric: None,
     })
 }
 
@@ -238,15 +257,16 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Starts `courier <args>` as node `id`, logging to `<dir>/node-<id>.log`, and waits for its addresses.
+/// Starts `program <args>` (`courier node …`, or `ip netns exec … courier node …`) as node `id`, logging
+/// to `<dir>/node-<id>.log`, and waits for its addresses.
 async fn start_node(
-    bin: &Path,
+    program: &Path,
     dir: &Path,
     id: u64,
     args: Vec<String>,
     append_log: bool,
 ) -> anyhow::Result<SpawnedNode> {
-    let mut command = tokio::process::Command::new(bin);
+    let mut command = tokio::process::Command::new(program);
     command
         .args(&args)
         .env("RUST_LOG", std::env::var("COURIER_LOADTEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
@@ -254,7 +274,7 @@ async fn start_node(
         .stderr(log_file(dir, &format!("node-{id}"), append_log)?)
         .kill_on_drop(true);
     crate::die_with_parent(&mut command);
-    let mut child = command.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    let mut child = command.spawn().with_context(|| format!("starting {}", program.display()))?;
     let value = listening(&mut child, &format!("node {id}")).await?;
     let field = |name: &str| value[name].as_str().unwrap_or_default().to_string();
     Ok(SpawnedNode {
@@ -265,6 +285,7 @@ async fn start_node(
         cluster_addr: field("cluster_addr"),
         metrics_addr: field("metrics_addr"),
         killed: false,
+        program: program.to_path_buf(),
         args,
     })
 }
@@ -276,6 +297,17 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
     let options = PkiOptions { nodes: (1..=n as u64).collect(), ..PkiOptions::default() };
     courier_node::pki::init(dir, &options).with_context(|| format!("creating the PKI in {}", dir.display()))?;
     let pki = PkiDir::new(dir);
+    let fabric = if args.partitionable {
+        let fabric = Fabric::new(&options.nodes)?;
+        // Peers, the gateway and devices check a node's certificate against the address they dial.
+        for &id in &options.nodes {
+            courier_node::pki::issue(&pki, courier_node::pki::ClusterRole::Node(id), &[fabric.host(id)])
+                .with_context(|| format!("a certificate for node {id} at {}", fabric.host(id)))?;
+        }
+        Some(fabric)
+    } else {
+        None
+    };
     let mut nodes: Vec<SpawnedNode> = Vec::new();
     let threads = args.spawn_threads.map(|t| t.to_string());
     for id in 1..=n as u64 {
@@ -284,18 +316,24 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
             std::fs::remove_dir_all(&data).with_context(|| format!("wiping {}", data.display()))?;
         }
         let (device, cluster) = if args.restartable { (free_port()?, free_port()?) } else { (0, 0) };
-        let mut node_args: Vec<String> = vec!["node".into(), "--node-id".into(), id.to_string()];
+        let host = fabric.as_ref().map_or_else(|| "127.0.0.1".to_string(), |f| f.host(id));
+        // In a namespace of its own, through `ip netns exec` (which execs, so the pid is the node's).
+        let (program, mut node_args): (PathBuf, Vec<String>) = match &fabric {
+            Some(f) => ("ip".into(), vec!["netns".into(), "exec".into(), f.namespace(id), bin.display().to_string()]),
+            None => (bin.clone(), Vec::new()),
+        };
+        node_args.extend(["node".into(), "--node-id".into(), id.to_string()]);
         node_args.extend(threads.iter().flat_map(|t| ["--worker-threads".to_string(), t.clone()]));
         node_args.extend(["--data-dir".into(), data.display().to_string()]);
         node_args.extend(["--pki-dir".into(), dir.display().to_string()]);
-        node_args.extend(["--device-addr".into(), format!("127.0.0.1:{device}")]);
-        node_args.extend(["--cluster-addr".into(), format!("127.0.0.1:{cluster}")]);
-        node_args.extend(["--node-metrics-addr".into(), "127.0.0.1:0".into(), "--open-enrolment".into()]);
+        node_args.extend(["--device-addr".into(), format!("{host}:{device}")]);
+        node_args.extend(["--cluster-addr".into(), format!("{host}:{cluster}")]);
+        node_args.extend(["--node-metrics-addr".into(), format!("{host}:0"), "--open-enrolment".into()]);
         node_args.extend(args.node_args.iter().cloned());
         if let Some(seed) = nodes.first() {
             node_args.extend(["--join".into(), seed.cluster_addr.clone()]);
         }
-        nodes.push(start_node(&bin, dir, id, node_args, false).await?);
+        nodes.push(start_node(&program, dir, id, node_args, false).await?);
     }
     // Every node ready (an active member with a leader), so devices are not moved by a late join.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -347,7 +385,8 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
         nodes,
         gateway: Some(gateway),
         gateway_metrics: Some(gateway_metrics),
-        spawner: Some((bin, dir.clone())),
+        spawn_dir: Some(dir.clone()),
+        fabric,
     })
 }
 

@@ -14,6 +14,7 @@ pub mod chaos;
 pub mod cli;
 pub mod cluster;
 pub mod devices;
+pub mod fabric;
 pub mod load;
 pub mod msg;
 pub mod report;

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-pub mod fabric;
+pub use courier_loadtest::fabric;
 pub mod openapi;
 
 use std::future::Future;
