@@ -271,7 +271,8 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     }
     tracker.spawn(crate::raft::status::export_metrics(control.clone(), committed_index, shutdown_rx.clone()));
 
-    let readiness = Readiness::default();
+    // Set every 200 ms (`track_readiness`): a flag older than a second is from before a stall.
+    let readiness = Readiness::refreshed_within(Duration::from_secs(1));
     tracker.spawn(track_readiness(control.clone(), readiness.clone(), shutdown_rx.clone()));
     let mut metrics_stop = shutdown_rx.clone();
     tracker.spawn(async move {

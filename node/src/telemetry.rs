@@ -5,9 +5,9 @@
 //! role says it can do its job) on the metrics port.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::StatusCode;
@@ -178,17 +178,42 @@ pub fn describe_node_metrics() {
 }
 
 /// Readiness of one role in this process; `/readyz` answers 200 only when every registered flag is set.
+/// A flag made `refreshed_within` a bound also reads as not ready once it has not been set for that long:
+/// its setter runs periodically, so a stale flag means the process was stalled (SIGSTOP, a long pause)
+/// and what it last said may no longer hold.
 #[derive(Clone, Default)]
 pub struct Readiness {
     ready: Arc<AtomicBool>,
+    fresh_for: Option<Duration>,
+    /// When it was last set, in milliseconds since `origin()`.
+    set_at_ms: Arc<AtomicU64>,
+}
+
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    origin().elapsed().as_millis() as u64
 }
 
 impl Readiness {
+    /// A flag that must be set at least every `bound` to read as ready.
+    pub fn refreshed_within(bound: Duration) -> Self {
+        Readiness { fresh_for: Some(bound), ..Readiness::default() }
+    }
+
     pub fn set(&self, ready: bool) {
+        self.set_at_ms.store(now_ms(), Ordering::SeqCst);
         self.ready.store(ready, Ordering::SeqCst);
     }
+
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        let fresh = self.fresh_for.is_none_or(|bound| {
+            now_ms().saturating_sub(self.set_at_ms.load(Ordering::SeqCst)) <= bound.as_millis() as u64
+        });
+        fresh && self.ready.load(Ordering::SeqCst)
     }
 }
 
@@ -214,4 +239,25 @@ pub async fn serve(
             }),
         );
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flag_that_must_be_refreshed_reads_not_ready_once_stale() {
+        let kept = Readiness::default();
+        let refreshed = Readiness::refreshed_within(Duration::from_millis(50));
+        assert!(!refreshed.is_ready() && !kept.is_ready(), "not ready until set");
+        kept.set(true);
+        refreshed.set(true);
+        assert!(refreshed.is_ready() && kept.is_ready());
+        // As a process stalled past the bound would find it on waking.
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(!refreshed.is_ready(), "stale: set longer ago than its bound");
+        assert!(kept.is_ready(), "a flag without a bound stays as set");
+        refreshed.set(true);
+        assert!(refreshed.is_ready(), "ready again once refreshed");
+    }
 }
