@@ -13,6 +13,11 @@
 //! answers: the "peer that accepts and never answers" too) while pushes go to every device, then resumed.
 //! It is marked active again only after answering steadily for `--rejoin-after-ms`, its devices' queues move
 //! back to it, and every push answered 200, before or after, arrives once at its own device.
+//!
+//! A partition during a rolling restart: one node cut off from the others while the two others are
+//! restarted in turn (SIGTERM, drain, start again on the same data and addresses), so that for a while no
+//! Raft quorum exists; pushes keep coming the whole time. Answers are 200 or 503 within the request
+//! timeout, and after the heal every push answered 200 arrives once.
 
 mod common;
 
@@ -20,7 +25,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::fabric::Fabric;
-use common::{ProcessCluster, TOPIC, eventually, http_get, push_for, signal};
+use common::{ProcessCluster, TOPIC, eventually, http_get, push_for, signal, spawn_node_in};
 use courier_gateway::provider::{JwtSigner, ProviderClient, PushResponse};
 use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent};
 
@@ -223,5 +228,57 @@ async fn a_node_paused_past_the_failure_timeout_loses_nothing_and_rejoins_only_o
     answers.extend(push_all(&provider, &signer, &devices, 1).await);
     let answered_200 = every_200_arrives(&endpoints[0], &devices, &answers).await;
     assert!(answered_200 > during, "pushes after the pause are accepted");
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_during_a_rolling_restart_loses_nothing_answered_200() {
+    let mut fabric = Fabric::new(&[1, 2, 3]).expect("a network namespace per node (root and iproute2)");
+    let ProcessCluster { dir, mut nodes, gateway, provider, signer, endpoints } =
+        ProcessCluster::start_on(Some(&fabric), &[], |config| {
+            config.request_timeout_ms = REQUEST_TIMEOUT.as_millis() as u64;
+        })
+        .await;
+    let devices = std::sync::Arc::new(offline_devices(&endpoints, 24).await);
+    fabric.isolate(3).expect("cut node 3 off");
+    eventually(Duration::from_secs(10), "the cut-off node is marked down", || {
+        std::future::ready(gateway.view.borrow().as_ref().is_some_and(|v| v.ring.members().len() == 2))
+    })
+    .await;
+
+    // One push per device after another, until the restarts are over.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pushing = tokio::spawn({
+        let (stop, devices) = (stop.clone(), devices.clone());
+        async move {
+            let mut answers = Vec::new();
+            while !stop.is_cancelled() {
+                answers.extend(push_all(&provider, &signer, &devices, 1).await);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            answers
+        }
+    });
+    for index in [0, 1] {
+        let id = nodes[index].id;
+        let port = |addr: &str| addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("a port");
+        let ports = (port(&nodes[index].device_addr), port(&nodes[index].cluster_addr));
+        nodes[index].terminate(Duration::from_secs(40)).await;
+        let (namespace, host) = (fabric.namespace(id), fabric.host(id));
+        nodes[index] = spawn_node_in(dir.path(), id, None, Some((&namespace, &host)), Some(ports), &[]).await;
+        let ready = format!("http://{}/readyz", nodes[index].metrics_addr);
+        eventually(Duration::from_secs(40), &format!("node {id} is ready again after its restart"), || {
+            let url = ready.clone();
+            async move { http_get(&url).await.starts_with("HTTP/1.1 200") }
+        })
+        .await;
+    }
+    fabric.heal().expect("heal");
+    stop.cancel();
+    let answers = pushing.await.expect("pushes");
+    let during = answers.iter().filter(|a| a.answer.status == 200).count();
+    println!("during the partition and the restarts: {during} of {} pushes answered 200", answers.len());
+    assert!(during > 0, "pushes are accepted while a quorum exists");
+    every_200_arrives(&endpoints[0], &devices, &answers).await;
     gateway.shutdown().await;
 }

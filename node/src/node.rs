@@ -236,7 +236,11 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         shutdown: shutdown_rx.clone(),
         epoch_wait: config.epoch_wait(),
     };
+    // Keepalive pings close a connection whose peer vanished (cut off, or gone without a FIN), which a
+    // graceful shutdown would otherwise wait on for as long as TCP takes to give up.
     let grpc = Server::builder()
+        .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
+        .http2_keepalive_timeout(Some(GRPC_KEEPALIVE))
         .tls_config(grpc_tls)?
         .add_service(
             ClusterServer::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20),
@@ -245,9 +249,19 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
             let mut rx = shutdown_rx.clone();
             async move { stopped(&mut rx).await }
         });
+    let mut stop = shutdown_rx.clone();
     tracker.spawn(async move {
-        if let Err(error) = grpc.await {
-            tracing::error!(%error, "cluster API server failed");
+        // In-flight calls get `GRPC_DRAIN` to finish after shutdown begins; connections still open then
+        // (to a peer that stopped answering) are dropped rather than held on to.
+        let drained = async move {
+            stopped(&mut stop).await;
+            tokio::time::sleep(GRPC_DRAIN).await;
+        };
+        tokio::select! {
+            served = grpc => if let Err(error) = served {
+                tracing::error!(%error, "cluster API server failed");
+            },
+            _ = drained => tracing::warn!("cluster API connections still open {GRPC_DRAIN:?} into shutdown; dropped"),
         }
     });
 
@@ -421,6 +435,12 @@ async fn sweep_orphans(replicator: Arc<Replicator>, store: Store, mut shutdown: 
 }
 
 const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
+
+/// How often the cluster API pings an idle connection, and how long it waits for the answer.
+const GRPC_KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// How long the cluster API's in-flight calls have to finish once shutdown begins.
+const GRPC_DRAIN: Duration = Duration::from_secs(5);
 
 /// A node restarted after a drain or a crash asks to be active again once a leader is known (after a crash,
 /// once it has run for `rejoin_after`).
