@@ -14,6 +14,10 @@
 //! It is marked active again only after answering steadily for `--rejoin-after-ms`, its devices' queues move
 //! back to it, and every push answered 200, before or after, arrives once at its own device.
 //!
+//! A symmetric partition: a follower cut off from everything (the other nodes, the gateway and the
+//! devices) while pushes go to every device; after the heal it is active again and every push answered
+//! 200 arrives once.
+//!
 //! A partition during a rolling restart: one node cut off from the others while the two others are
 //! restarted in turn (SIGTERM, drain, start again on the same data and addresses), so that for a while no
 //! Raft quorum exists; pushes keep coming the whole time. Answers are 200 or 503 within the request
@@ -30,6 +34,9 @@ use courier_gateway::provider::{JwtSigner, ProviderClient, PushResponse};
 use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// The tests are timing-sensitive (leases, failure timeouts) on a two-core machine: one cluster at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Everything that arrives on a link within `quiet` of the last arrival, up to `limit` in all, acked.
 async fn collect(link: &mut DeviceLink, expected: &BTreeSet<String>, limit: Duration) -> Vec<String> {
@@ -142,6 +149,7 @@ async fn every_200_arrives(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_its_peers_loses_nothing_answered_200() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut fabric = Fabric::new(&[1, 2, 3]).expect("a network namespace per node (root and iproute2)");
     let ProcessCluster { dir: _dir, mut nodes, gateway, provider, signer, endpoints } =
         ProcessCluster::start_on(Some(&fabric), &[], |config| {
@@ -187,6 +195,7 @@ const REJOIN_AFTER: Duration = Duration::from_secs(3);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_paused_past_the_failure_timeout_loses_nothing_and_rejoins_only_once_steady() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let rejoin_ms = REJOIN_AFTER.as_millis().to_string();
     let ProcessCluster { dir: _dir, nodes, gateway, provider, signer, endpoints } =
         ProcessCluster::start_on(None, &["--rejoin-after-ms", &rejoin_ms], |config| {
@@ -233,6 +242,7 @@ async fn a_node_paused_past_the_failure_timeout_loses_nothing_and_rejoins_only_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_during_a_rolling_restart_loses_nothing_answered_200() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut fabric = Fabric::new(&[1, 2, 3]).expect("a network namespace per node (root and iproute2)");
     let ProcessCluster { dir, mut nodes, gateway, provider, signer, endpoints } =
         ProcessCluster::start_on(Some(&fabric), &[], |config| {
@@ -280,5 +290,44 @@ async fn a_partition_during_a_rolling_restart_loses_nothing_answered_200() {
     println!("during the partition and the restarts: {during} of {} pushes answered 200", answers.len());
     assert!(during > 0, "pushes are accepted while a quorum exists");
     every_200_arrives(&endpoints[0], &devices, &answers).await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_everything_loses_nothing_answered_200_and_rejoins_after_the_heal() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut fabric = Fabric::new(&[1, 2, 3]).expect("a network namespace per node (root and iproute2)");
+    let ProcessCluster { dir: _dir, nodes, gateway, provider, signer, endpoints } =
+        ProcessCluster::start_on(Some(&fabric), &[], |config| {
+            config.request_timeout_ms = REQUEST_TIMEOUT.as_millis() as u64;
+        })
+        .await;
+    let members = || gateway.view.borrow().as_ref().map_or(0, |v| v.ring.members().len());
+    let devices = offline_devices(&endpoints, 24).await;
+    let leader = gateway.view.borrow().as_ref().expect("a view").leader;
+    let cut = nodes.iter().position(|n| n.id != leader).expect("a follower");
+    let owned = devices
+        .iter()
+        .filter(|(c, _)| {
+            gateway.view.borrow().as_ref().and_then(|v| v.owner(c.device_id)).is_some_and(|o| o.0 == nodes[cut].id)
+        })
+        .count();
+    assert!(owned > 0, "the cut-off node owns some of the 24 devices");
+
+    fabric.cut_off(nodes[cut].id).expect("cut the node off from everything");
+    let mut answers = push_all(&provider, &signer, &devices, 3).await;
+    let during = answers.iter().filter(|a| a.answer.status == 200).count();
+    println!("during the partition: {during} of {} pushes answered 200", answers.len());
+    assert!(during > 0, "the majority side keeps accepting pushes");
+    eventually(Duration::from_secs(10), "the cut-off node is marked down", || std::future::ready(members() == 2)).await;
+
+    fabric.heal().expect("heal");
+    eventually(Duration::from_secs(30), "the node is active again after the heal", || {
+        std::future::ready(members() == 3)
+    })
+    .await;
+    answers.extend(push_all(&provider, &signer, &devices, 1).await);
+    let leader_index = nodes.iter().position(|n| n.id == leader).expect("the leader");
+    every_200_arrives(&endpoints[leader_index], &devices, &answers).await;
     gateway.shutdown().await;
 }

@@ -252,9 +252,31 @@ fn log_file(dir: &Path, name: &str, append: bool) -> anyhow::Result<std::fs::Fil
         .with_context(|| format!("creating {}", path.display()))
 }
 
-/// A loopback port free right now, for a node that must come back on the same address.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A loopback port free right now, for a process that must come back on the same address after a restart.
+///
+/// The port is taken from below the kernel's ephemeral range: a port from that range (what binding port 0
+/// gives) can meanwhile become the local end of any outgoing connection on the machine, and the process
+/// then fails to bind it when it starts or restarts. Below the range only other listeners compete. A port
+/// is handed out at most once per process.
+pub fn free_port() -> anyhow::Result<u16> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let floor = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768)
+        .clamp(12_000, 49_152);
+    let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    for _ in 0..2_000 {
+        let port = rand::random_range(10_000..floor);
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port below {floor}")
 }
 
 /// Starts `program <args>` (`courier node …`, or `ip netns exec … courier node …`) as node `id`, logging

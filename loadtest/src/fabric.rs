@@ -5,8 +5,9 @@
 //! so packets between the two vanish in both directions (connections hang, as across a real partition)
 //! while both still reach, and are reached from, the test's namespace. `heal` removes them.
 //!
-//! Needs root and iproute2 (`ip netns`), as CI has. Names and the /24 are derived from the process id, and
-//! everything is removed when the fabric is dropped (the namespaces go once their processes exit).
+//! Needs root and iproute2 (`ip netns`), as CI has. Names and the /24 are derived from the process id and
+//! a count of the fabrics it made, and everything is removed when the fabric is dropped (the namespaces go
+//! once their processes exit).
 
 use std::process::Command;
 
@@ -15,7 +16,8 @@ pub struct Fabric {
     /// The first three octets of the /24: the bridge is `.1`, node `i` is `.(10 + i)`.
     net: String,
     nodes: Vec<u64>,
-    cuts: Vec<(u64, u64)>,
+    /// Blackhole routes in place: inside node `.0`'s namespace, to address `.1`.
+    blackholes: Vec<(u64, String)>,
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -31,12 +33,15 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 impl Fabric {
     /// A bridge and one namespace for each node id in `nodes`.
     pub fn new(nodes: &[u64]) -> anyhow::Result<Fabric> {
-        let pid = std::process::id();
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let (pid, made) = (std::process::id(), MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        // 56 × 256 /24s in 10.200.0.0–10.255.255.0; fabrics of one process differ in the low bits.
+        let net = (pid.wrapping_mul(8).wrapping_add(made)) % (56 * 256);
         let fabric = Fabric {
-            tag: format!("cf{}", pid % 100_000),
-            net: format!("10.{}.{}", 200 + (pid / 250) % 50, pid % 250),
+            tag: format!("cf{}x{}", pid % 100_000, made % 100),
+            net: format!("10.{}.{}", 200 + net / 256, net % 256),
             nodes: nodes.to_vec(),
-            cuts: Vec::new(),
+            blackholes: Vec::new(),
         };
         let bridge = fabric.bridge();
         ip(&["link", "add", &bridge, "type", "bridge"])?;
@@ -70,11 +75,17 @@ impl Fabric {
         format!("{}.{}", self.net, 10 + id)
     }
 
+    /// Packets from inside node `id`'s namespace to `addr` vanish from now on.
+    fn blackhole(&mut self, id: u64, addr: String) -> anyhow::Result<()> {
+        ip(&["-n", &self.namespace(id), "route", "add", "blackhole", &format!("{addr}/32")])?;
+        self.blackholes.push((id, addr));
+        Ok(())
+    }
+
     /// Packets between nodes `a` and `b` are dropped from now on, both ways.
     pub fn cut(&mut self, a: u64, b: u64) -> anyhow::Result<()> {
-        ip(&["-n", &self.namespace(a), "route", "add", "blackhole", &format!("{}/32", self.host(b))])?;
-        self.cuts.push((a, b));
-        ip(&["-n", &self.namespace(b), "route", "add", "blackhole", &format!("{}/32", self.host(a))])
+        self.blackhole(a, self.host(b))?;
+        self.blackhole(b, self.host(a))
     }
 
     /// Node `id` is cut off from every other node; the caller's namespace still reaches it.
@@ -87,21 +98,17 @@ impl Fabric {
         Ok(())
     }
 
+    /// Node `id` is cut off from everything: the other nodes and the caller's namespace (its answers to
+    /// the gateway and the devices vanish too), as a machine on the far side of a partition.
+    pub fn cut_off(&mut self, id: u64) -> anyhow::Result<()> {
+        self.isolate(id)?;
+        self.blackhole(id, format!("{}.1", self.net))
+    }
+
     /// Every cut is undone; an error if any blackhole route is left.
     pub fn heal(&mut self) -> anyhow::Result<()> {
-        for (a, b) in std::mem::take(&mut self.cuts) {
-            for (from, to) in [(a, b), (b, a)] {
-                let route = format!("{}/32", self.host(to));
-                // A route that was never added (a cut that failed half-way) is not there to delete.
-                let _ = ip(&["-n", &self.namespace(from), "route", "del", "blackhole", &route]);
-            }
-        }
-        for &id in &self.nodes {
-            let shown = Command::new("ip")
-                .args(["-n", &self.namespace(id), "route", "show", "type", "blackhole"])
-                .output()
-                .map_err(|e| anyhow::anyhow!("running ip (iproute2): {e}"))?;
-            anyhow::ensure!(shown.stdout.is_empty(), "node {id} still has blackhole routes after healing");
+        for (id, addr) in std::mem::take(&mut self.blackholes) {
+            ip(&["-n", &self.namespace(id), "route", "del", "blackhole", &format!("{addr}/32")])?;
         }
         Ok(())
     }

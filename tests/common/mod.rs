@@ -430,9 +430,10 @@ pub struct NodeProcess {
     pub metrics_addr: String,
 }
 
-/// A port free right now on loopback, for processes that must come back on the same address.
+/// A port free right now on loopback and outside the ephemeral range, for processes that must come back
+/// on the same address (see `courier_loadtest::cluster::free_port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    courier_loadtest::cluster::free_port().expect("free port")
 }
 
 /// Starts `courier node` with fast test timings. `ports` = (device, cluster) ports to bind, else any.
