@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     cmd::init_tracing();
-    courier_node::tls::install_crypto_provider();
+    courier_core::tls::install_crypto_provider();
     match command {
         Command::Dev(args) => cmd::dev::run(args).await,
         Command::Node(args) => cmd::serve::node(*args).await,

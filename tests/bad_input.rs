@@ -37,12 +37,12 @@ async fn provider_errors_carry_apns_reasons_and_reach_no_device() {
     flipped[40] = if flipped[40] == b'0' { b'1' } else { b'0' };
     let forged = String::from_utf8(flipped).unwrap();
 
-    let two_hours_ago = (courier_node::ids::unix_millis() / 1000) as i64 - 7200;
+    let two_hours_ago = (courier_core::ids::unix_millis() / 1000) as i64 - 7200;
     let old_jwt = format!("bearer {}", cluster.signer.sign_at(two_hours_ago));
     let stranger = tempfile::tempdir().unwrap();
-    courier_node::pki::init(stranger.path(), &Default::default()).unwrap();
+    courier_core::pki::init(stranger.path(), &Default::default()).unwrap();
     let stranger_signer =
-        courier_gateway::provider::JwtSigner::from_pki(&courier_node::pki::PkiDir::new(stranger.path())).unwrap();
+        courier_gateway::provider::JwtSigner::from_pki(&courier_core::pki::PkiDir::new(stranger.path())).unwrap();
     let stranger_jwt = format!("bearer {}", stranger_signer.sign());
     let other_topic = Some("com.example.other".to_string());
 

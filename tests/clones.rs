@@ -176,7 +176,7 @@ async fn with_refuse_neither_copy_receives_pushes_until_the_clone_is_cleared() {
     assert_eq!(response.timestamp, Some(since_ms));
     // The node refuses it too, for a gateway whose view is a moment behind.
     let gateway =
-        courier_node::peer::Peers::new(&cluster.pki(), "gateway", None, Duration::from_secs(2)).expect("peers");
+        courier_core::peer::Peers::new(&cluster.pki(), "gateway", None, Duration::from_secs(2)).expect("peers");
     let notification = courier_proto::cluster::Notification {
         apns_id: uuid::Uuid::new_v4().to_string(),
         device_id: device.to_bytes().to_vec(),

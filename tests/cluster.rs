@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{Nodes, eventually, push_for};
-use courier_node::ids::DeviceId;
-use courier_node::raft::state::{Command, MemberState};
+use courier_core::ids::DeviceId;
+use courier_core::state::{Command, MemberState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_is_elected_and_writes_continue() {

@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::{ProcessCluster, TOPIC, eventually, http_get, metric_value, push_for, signal};
+use courier_core::state::MemberState;
 use courier_node::client::DeviceLink;
-use courier_node::raft::state::MemberState;
 
 /// The gateway's `/readyz` answers 200.
 async fn ready(metrics_addr: std::net::SocketAddr) -> bool {

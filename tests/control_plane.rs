@@ -13,14 +13,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Nodes, TOPIC, TestCluster, eventually, push_for};
+use courier_core::ids::{DeviceId, unix_millis};
+use courier_core::pki::ProviderCredential;
+use courier_core::state::{Command, CommandResponse, KeyState, MemberState, RingParams, limits};
 use courier_gateway::RunningGateway;
 use courier_gateway::provider::{JwtSigner, PushResponse};
 use courier_gateway::watch::GatewayView;
 use courier_node::client::{ClientError, DeviceLink, LinkEvent};
-use courier_node::ids::{DeviceId, unix_millis};
-use courier_node::pki::ProviderCredential;
 use courier_node::raft::control::ControlError;
-use courier_node::raft::state::{Command, CommandResponse, KeyState, MemberState, RingParams, limits};
 use courier_node::view::EpochView;
 use courier_proto::device::GoodbyeReason;
 use tokio::sync::watch;

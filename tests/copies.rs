@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{Nodes, TOPIC, eventually, push_for};
+use courier_core::state::RingParams;
 use courier_node::client::DeviceLink;
-use courier_node::raft::state::RingParams;
 use courier_node::raft::{Command, CommandResponse};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,9 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::{Nodes, eventually};
-use courier_node::ids::DeviceId;
-use courier_node::raft::state::{ClusterState, Command, KeyState};
-use courier_node::token::TokenKeyId;
+use courier_core::ids::DeviceId;
+use courier_core::state::{ClusterState, Command, KeyState};
+use courier_core::token::TokenKeyId;
 
 use common::CtlRun as Run;
 
@@ -191,7 +191,7 @@ async fn devices_list_shows_suspected_clones_and_clear_clone_removes_them() {
         node: 2,
         addrs: vec!["192.0.2.7".into(), "198.51.100.9".into()],
         refuse: true,
-        now_ms: courier_node::ids::unix_millis(),
+        now_ms: courier_core::ids::unix_millis(),
     };
     let leader = nodes.leader().await;
     nodes.node(leader).control.apply(suspect).await.expect("the suspicion applies");

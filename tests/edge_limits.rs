@@ -62,7 +62,7 @@ async fn tls_link(endpoint: &DeviceEndpoint, credentials: &DeviceCredentials, re
         vec![CertificateDer::from(credentials.cert_der.clone())],
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(credentials.key_der.clone())),
     );
-    let config = courier_node::tls::client_config(&endpoint.ca_path, Some(identity), &[]).expect("client config");
+    let config = courier_core::tls::client_config(&endpoint.ca_path, Some(identity), &[]).expect("client config");
     let socket = TcpSocket::new_v4().expect("socket");
     if let Some(bytes) = receive_buffer {
         socket.set_recv_buffer_size(bytes).expect("receive buffer");

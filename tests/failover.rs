@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{NodeProcess, TOPIC, eventually, free_port, push_for, spawn_node};
+use courier_core::peer::Peers;
+use courier_core::pki::{PkiDir, PkiOptions};
 use courier_gateway::provider::{JwtSigner, ProviderClient};
 use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent, SeenIds};
-use courier_node::peer::Peers;
-use courier_node::pki::{PkiDir, PkiOptions};
 use courier_proto::cluster::StatusRequest;
 use tokio::sync::Semaphore;
 
@@ -54,9 +54,9 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
-        courier_node::tls::install_crypto_provider();
+        courier_core::tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
-        courier_node::pki::init(dir.path(), &PkiOptions::default()).unwrap();
+        courier_core::pki::init(dir.path(), &PkiOptions::default()).unwrap();
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let mut nodes = vec![spawn_node(dir.path(), 1, None, Some(ports[0])).await];
         let seed = nodes[0].cluster_addr.clone();

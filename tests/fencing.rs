@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::Nodes;
-use courier_node::ids::{DeviceId, unix_millis};
-use courier_node::peer::Peers;
+use courier_core::ids::{DeviceId, unix_millis};
+use courier_core::peer::Peers;
 use courier_proto::cluster::{FetchQueueRequest, Notification, ReplicateRequest};
 
 fn notification(device: DeviceId, apns_id: &str) -> Notification {

@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{NodeProcess, eventually, free_port, http_get, spawn_node};
+use courier_core::ids::DeviceId;
+use courier_core::peer::Peers;
+use courier_core::pki::{self, PkiDir, PkiOptions};
 use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink, RedirectTarget};
-use courier_node::ids::DeviceId;
-use courier_node::peer::Peers;
-use courier_node::pki::{self, PkiDir, PkiOptions};
 use courier_proto::cluster::StatusRequest;
 
 /// Devices activated through node 1: enough that some are owned by node 1 and some elsewhere, and that
@@ -32,7 +32,7 @@ struct Cluster {
 
 impl Cluster {
     async fn start(count: u64) -> Cluster {
-        courier_node::tls::install_crypto_provider();
+        courier_core::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
         let peers = Peers::new(&PkiDir::new(dir.path()), "admin", None, Duration::from_secs(2)).expect("admin client");

@@ -11,11 +11,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{Nodes, TOPIC, eventually, push_for, spawn_node};
+use courier_core::peer::Peers;
+use courier_core::pki::{PkiDir, PkiOptions};
+use courier_core::state::MemberState;
 use courier_gateway::provider::{JwtSigner, ProviderClient};
 use courier_node::client::{DeviceEndpoint, DeviceLink};
-use courier_node::peer::Peers;
-use courier_node::pki::{PkiDir, PkiOptions};
-use courier_node::raft::state::MemberState;
 use courier_proto::cluster::{DeliverOutcome, ForwardBatch, ForwardItem, ForwardResults, Notification, RefusalReason};
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
@@ -27,9 +27,9 @@ const PUSHES_PER_DEVICE: usize = 60;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_pushes_through_a_gateway_to_three_nodes_are_all_answered_and_arrive() {
-    courier_node::tls::install_crypto_provider();
+    courier_core::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    courier_node::pki::init(dir.path(), &PkiOptions::default()).unwrap();
+    courier_core::pki::init(dir.path(), &PkiOptions::default()).unwrap();
     let first = spawn_node(dir.path(), 1, None, None).await;
     let seed = first.cluster_addr.clone();
     let mut nodes = vec![first];
@@ -172,7 +172,7 @@ impl RawForward {
 }
 
 /// A notification for `device` that is stored only if the device is linked (expiration 0).
-fn item(id: u64, device: courier_node::ids::DeviceId) -> ForwardItem {
+fn item(id: u64, device: courier_core::ids::DeviceId) -> ForwardItem {
     let notification = Notification {
         device_id: device.to_bytes().to_vec(),
         topic: TOPIC.into(),
@@ -234,7 +234,7 @@ async fn a_gateway_behind_by_an_epoch_is_told_so_and_retries_on_the_right_owner(
 
     // The same stream still serves the devices the node does own, whatever the batch's older epoch.
     let kept = loop {
-        let candidate = courier_node::ids::DeviceId::from_slice(&rand_bytes()).expect("16 bytes");
+        let candidate = courier_core::ids::DeviceId::from_slice(&rand_bytes()).expect("16 bytes");
         if nodes.node(old_owner).view.get().ring.owner(candidate) == Some(old_owner) {
             break candidate;
         }
@@ -259,7 +259,7 @@ async fn a_gateway_behind_by_an_epoch_is_told_so_and_retries_on_the_right_owner(
     assert!(answer.epoch < future, "the node answers with its own epoch {}, not {future}", answer.epoch);
 
     // A batch over the bound ends the stream with InvalidArgument.
-    let oversize = (0..=courier_node::api::forward::MAX_FORWARD_BATCH as u64).map(|id| item(id, kept)).collect();
+    let oversize = (0..=courier_core::protocol::MAX_FORWARD_BATCH as u64).map(|id| item(id, kept)).collect();
     stream.batches.send(ForwardBatch { epoch: 0, items: oversize }).expect("the stream is open");
     let refused = tokio::time::timeout(Duration::from_secs(20), stream.results.message()).await.expect("in time");
     match refused {

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{TOPIC, TestCluster};
-use courier_node::pki::ProviderCredential;
+use courier_core::pki::ProviderCredential;
 
 fn client_available(dir: &Path) -> bool {
     let installed = dir.join("node_modules/@parse/node-apn").exists();

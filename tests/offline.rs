@@ -9,7 +9,7 @@ use common::{TOPIC, TestCluster};
 use courier_node::client::DeviceLink;
 
 fn now_secs() -> u64 {
-    courier_node::ids::unix_millis() / 1000
+    courier_core::ids::unix_millis() / 1000
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

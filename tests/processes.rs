@@ -7,9 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::{eventually, spawn_node};
-use courier_node::ids::DeviceId;
-use courier_node::peer::Peers;
-use courier_node::pki::{PkiDir, PkiOptions};
+use courier_core::ids::DeviceId;
+use courier_core::peer::Peers;
+use courier_core::pki::{PkiDir, PkiOptions};
 use courier_proto::cluster::StatusRequest;
 
 async fn status(peers: &Peers, addr: &str, devices: &[String]) -> Option<serde_json::Value> {
@@ -29,9 +29,9 @@ fn member_states(doc: &serde_json::Value) -> Vec<(u64, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_processes_agree_with_a_gateway_on_every_owner_and_survive_a_kill() {
-    courier_node::tls::install_crypto_provider();
+    courier_core::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    courier_node::pki::init(dir.path(), &PkiOptions::default()).unwrap();
+    courier_core::pki::init(dir.path(), &PkiOptions::default()).unwrap();
     let pki = PkiDir::new(dir.path());
     let first = spawn_node(dir.path(), 1, None, None).await;
     let second = spawn_node(dir.path(), 2, Some(&first.cluster_addr), None).await;

@@ -75,7 +75,7 @@ fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
 
 impl RawH2 {
     async fn connect(cluster: &TestCluster, alpn: &[&[u8]], server_name: ServerName<'static>) -> RawH2 {
-        let config = courier_node::tls::client_config(&cluster.pki().cluster_ca_cert(), None, alpn).unwrap();
+        let config = courier_core::tls::client_config(&cluster.pki().cluster_ca_cert(), None, alpn).unwrap();
         let tcp = TcpStream::connect(cluster.gateway.provider_addr).await.unwrap();
         let tls = TlsConnector::from(Arc::new(config)).connect(server_name, tcp).await.unwrap();
         let mut raw = RawH2 { tls };
@@ -278,13 +278,13 @@ async fn shutdown_is_a_two_step_goaway_that_lets_open_streams_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_concurrent_requests_on_one_connection() {
     let cluster = TestCluster::start().await;
-    let keyring = courier_node::token::Keyring::default();
+    let keyring = courier_core::token::Keyring::default();
     keyring.replace_with_states(cluster.node().control.current().token_keys.values().map(|r| (r.key.clone(), r.state)));
     let authorization = format!("bearer {}", cluster.signer.sign());
     let tasks: Vec<_> = (0..10_000u128)
         .map(|i| {
             let push = Push {
-                token: keyring.mint(courier_node::ids::DeviceId(i + 1), TOPIC).unwrap(),
+                token: keyring.mint(courier_core::ids::DeviceId(i + 1), TOPIC).unwrap(),
                 topic: Some(TOPIC.into()),
                 authorization: Some(authorization.clone()),
                 // Now or never: the devices are away, so nothing waits on the disk.

@@ -59,7 +59,7 @@ async fn new_provider(cluster: &TestCluster) -> ProviderClient {
 
 /// A TLS connection to the provider port that completes its handshake and then says nothing.
 async fn silent_tls(cluster: &TestCluster) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let config = courier_node::tls::client_config(&cluster.pki().cluster_ca_cert(), None, &[b"h2"]).unwrap();
+    let config = courier_core::tls::client_config(&cluster.pki().cluster_ca_cert(), None, &[b"h2"]).unwrap();
     let tcp = TcpStream::connect(cluster.gateway.provider_addr).await.unwrap();
     TlsConnector::from(Arc::new(config)).connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
 }

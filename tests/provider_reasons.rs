@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{TOPIC, TestCluster, eventually, openapi, request_checked, send_checked};
+use courier_core::ids::unix_millis;
+use courier_core::pki::PkiDir;
+use courier_core::token::{TokenKey, TokenKeyId};
 use courier_gateway::http::apns::Reason;
 use courier_gateway::provider::{ProviderClient, Push, PushResponse};
-use courier_node::ids::unix_millis;
-use courier_node::pki::PkiDir;
 use courier_node::raft::Command;
-use courier_node::token::{TokenKey, TokenKeyId};
 
 fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
@@ -240,7 +240,7 @@ async fn certificate_auth_needs_no_jwt_and_is_bound_to_its_team_and_topics() {
 
     // From another provider CA: the TLS handshake refuses it; no HTTP answer at all.
     let foreign = tempfile::tempdir().unwrap();
-    courier_node::pki::init(foreign.path(), &Default::default()).unwrap();
+    courier_core::pki::init(foreign.path(), &Default::default()).unwrap();
     let (foreign_cert, foreign_key) =
         issue_cert_with_ctl(&PkiDir::new(foreign.path()), "FOREIGN001", &[TOPIC], out.path());
     let refused = match ProviderClient::connect_with_certificate(
@@ -376,11 +376,11 @@ async fn rate_limits_and_token_refresh_limits_answer_429() {
     assert_answer("device flooded", &p, &cluster.send(&p).await, 429, Some("TooManyRequests"));
 
     // The team: 8 pushes in all (the device's 4 count), then 429 whatever the device.
-    let keyring = courier_node::token::Keyring::default();
+    let keyring = courier_core::token::Keyring::default();
     keyring.replace_with_states(cluster.node().control.current().token_keys.values().map(|r| (r.key.clone(), r.state)));
     let mut answers = Vec::new();
     for i in 0..5u128 {
-        let p = push(&keyring.mint(courier_node::ids::DeviceId(1000 + i), TOPIC).unwrap());
+        let p = push(&keyring.mint(courier_core::ids::DeviceId(1000 + i), TOPIC).unwrap());
         answers.push(cluster.send(&p).await.status);
     }
     assert_eq!(answers, [200, 200, 200, 200, 429]);

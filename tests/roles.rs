@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Nodes, eventually};
+use courier_core::peer::Peers;
+use courier_core::pki::PkiDir;
 use courier_node::client::{ClientError, Connector, DeviceLink};
-use courier_node::peer::Peers;
-use courier_node::pki::PkiDir;
 use courier_proto::cluster::{
     FetchQueueRequest, ForwardBatch, JoinRequest, ProposeRequest, RaftPayload, RemoveNodeRequest, ReplicateRequest,
     StatusRequest, WatchRequest,
@@ -157,7 +157,7 @@ async fn a_device_redirected_to_node_2_refuses_node_1s_certificate() {
     nodes.wait_all_ready().await;
     let pki = nodes.pki();
     let node2_device = nodes.configs[1].device_addr;
-    let impostor_tls = courier_node::tls::device_server_config(&pki, "node-1").unwrap();
+    let impostor_tls = courier_core::tls::device_server_config(&pki, "node-1").unwrap();
     let impostor = tokio_rustls::TlsAcceptor::from(Arc::new(impostor_tls));
     let stand = Arc::new(std::sync::Mutex::new(Stand::Relay));
     let stop = CancellationToken::new();
@@ -205,7 +205,7 @@ async fn a_device_redirected_to_node_2_refuses_node_1s_certificate() {
         Ok(_) => panic!("node 1 linked node 2's device instead of redirecting it"),
     };
     assert_eq!(to.device_addr, front_addr.to_string());
-    assert_eq!(to.server_name, courier_node::pki::node_device_name(2), "the redirect names node 2's own name");
+    assert_eq!(to.server_name, courier_core::pki::node_device_name(2), "the redirect names node 2's own name");
 
     // Node 2 itself behind that address: the device follows the redirect and links.
     let link = DeviceLink::connect_via(&connector, entry.addr, credentials.device_id, 0, &[])

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Nodes, TOPIC, eventually, push_for};
+use courier_core::ids::DeviceId;
+use courier_core::state::{Epoch, MemberState, NodeId};
 use courier_gateway::RunningGateway;
 use courier_gateway::provider::{JwtSigner, ProviderClient};
 use courier_node::RunningNode;
 use courier_node::client::{DeviceCredentials, DeviceLink, LinkEvent};
-use courier_node::ids::DeviceId;
-use courier_node::raft::state::{Epoch, MemberState, NodeId};
 use courier_node::view::EpochView;
 use futures_util::future::join_all;
 

@@ -15,11 +15,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_node::peer::{PeerError, Peers};
-use courier_node::pki::{PkiDir, PkiError};
-use courier_node::telemetry::Readiness;
-use courier_node::tls::TlsError;
-use courier_node::token::Keyring;
+use courier_core::peer::{PeerError, Peers};
+use courier_core::pki::{PkiDir, PkiError};
+use courier_core::telemetry::Readiness;
+use courier_core::tls::TlsError;
+use courier_core::token::Keyring;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::sync::watch as signal;
@@ -146,17 +146,17 @@ fn provider_tls(
     let provider_ca = pki.provider_ca_cert();
     if !provider_ca.exists() {
         tracing::warn!(path = %provider_ca.display(), "no provider CA: certificate-based provider auth is off");
-        return Ok(courier_node::tls::server_config(chain, key, &[b"h2"])?);
+        return Ok(courier_core::tls::server_config(chain, key, &[b"h2"])?);
     }
-    let roots = courier_node::tls::roots_from(&provider_ca)?;
+    let roots = courier_core::tls::roots_from(&provider_ca)?;
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
-        courier_node::tls::crypto_provider(),
+        courier_core::tls::crypto_provider(),
     )
     .allow_unauthenticated()
     .build()
     .map_err(TlsError::from)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(courier_node::tls::crypto_provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(courier_core::tls::crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::from)?
         .with_client_cert_verifier(verifier)
@@ -176,17 +176,17 @@ fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, Ga
 
 /// Loads keys and certificates from the PKI directory, binds both ports and starts serving.
 pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError> {
-    courier_node::tls::install_crypto_provider();
-    courier_node::telemetry::prometheus();
+    courier_core::tls::install_crypto_provider();
+    courier_core::telemetry::prometheus();
     describe_metrics();
 
     let pki = PkiDir::new(&config.pki_dir);
-    courier_node::pki::export_certificate_expiry(&[
+    courier_core::pki::export_certificate_expiry(&[
         ("gateway", pki.member_cert("gateway")),
         ("cluster-ca", pki.cluster_ca_cert()),
     ]);
-    let chain = courier_node::pki::load_certs(&pki.member_cert("gateway"))?;
-    let key = courier_node::pki::load_key(&pki.member_key("gateway"))?;
+    let chain = courier_core::pki::load_certs(&pki.member_cert("gateway"))?;
+    let key = courier_core::pki::load_key(&pki.member_key("gateway"))?;
     let tls = provider_tls(&pki, chain, key)?;
     // Keys and credentials arrive with the first view from the cluster; until then every push is refused.
     let keyring = Keyring::default();
@@ -242,7 +242,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         let stop = async move {
             let _ = metrics_shutdown.wait_for(|stop| *stop).await;
         };
-        if let Err(error) = courier_node::telemetry::serve(metrics_listener, vec![readiness], stop).await {
+        if let Err(error) = courier_core::telemetry::serve(metrics_listener, vec![readiness], stop).await {
             tracing::error!(%error, "gateway metrics server failed");
         }
     });

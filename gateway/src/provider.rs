@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use courier_node::pki::{PkiDir, ProviderCredential};
+use courier_core::pki::{PkiDir, ProviderCredential};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -28,9 +28,9 @@ pub enum ProviderError {
     #[error("the provider signing key is not a usable ES256 key: {0}")]
     BadSigningKey(jsonwebtoken::errors::Error),
     #[error(transparent)]
-    Pki(#[from] courier_node::pki::PkiError),
+    Pki(#[from] courier_core::pki::PkiError),
     #[error(transparent)]
-    Tls(#[from] courier_node::tls::TlsError),
+    Tls(#[from] courier_core::tls::TlsError),
     #[error("reading {path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("{0:?} is not a valid TLS server name")]
@@ -87,7 +87,7 @@ impl JwtSigner {
 
     /// A token issued now.
     pub fn sign(&self) -> String {
-        self.sign_at((courier_node::ids::unix_millis() / 1000) as i64)
+        self.sign_at((courier_core::ids::unix_millis() / 1000) as i64)
     }
 
     /// A token claiming to be issued at `iat` (UNIX seconds); tests use it to make stale tokens.
@@ -203,8 +203,8 @@ impl ProviderClient {
         cert_pem_path: &Path,
         key_pem_path: &Path,
     ) -> Result<Self, ProviderError> {
-        let chain = courier_node::pki::load_certs(cert_pem_path)?;
-        let key = courier_node::pki::load_key(key_pem_path)?;
+        let chain = courier_core::pki::load_certs(cert_pem_path)?;
+        let key = courier_core::pki::load_key(key_pem_path)?;
         ProviderClient::connect_with(addr, server_name, ca_pem_path, Some((chain, key))).await
     }
 
@@ -214,7 +214,7 @@ impl ProviderClient {
         ca_pem_path: &Path,
         identity: Option<(Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
     ) -> Result<Self, ProviderError> {
-        let config = courier_node::tls::client_config(ca_pem_path, identity, &[b"h2"])?;
+        let config = courier_core::tls::client_config(ca_pem_path, identity, &[b"h2"])?;
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|_| ProviderError::BadServerName(server_name.to_string()))?;
         let dial = Dial { addr, name, tls: Arc::new(config) };
@@ -379,7 +379,7 @@ mod tests {
     #[test]
     fn from_pki_reads_the_generated_credential() {
         let dir = tempfile::tempdir().unwrap();
-        let credential = courier_node::pki::init(dir.path(), &Default::default()).unwrap();
+        let credential = courier_core::pki::init(dir.path(), &Default::default()).unwrap();
         let signer = JwtSigner::from_pki(&PkiDir::new(dir.path())).unwrap();
         assert_eq!(signer.team_id(), credential.team_id);
         assert_eq!(signer.key_id(), credential.key_id);

@@ -17,9 +17,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use courier_node::ids::DeviceId;
-use courier_node::peer::Peers;
-use courier_node::raft::state::Epoch;
+use courier_core::ids::DeviceId;
+use courier_core::peer::Peers;
+use courier_core::state::Epoch;
 use courier_proto::cluster::{
     DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem, ForwardResult, ForwardResults, Notification,
     NotificationStatusRequest, NotificationStatusResponse, RefusalReason,
@@ -79,11 +79,11 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 const MAX_BATCH: usize = 512;
 
 // A batch the node would refuse would end the stream.
-const _: () = assert!(MAX_BATCH <= courier_node::api::forward::MAX_FORWARD_BATCH);
+const _: () = assert!(MAX_BATCH <= courier_core::protocol::MAX_FORWARD_BATCH);
 
 /// Pushes sent on one stream and not answered yet beyond which no more are sent: the node's own bound, so
 /// the gateway stops sending where the node would stop reading.
-const MAX_UNANSWERED: usize = courier_node::api::forward::MAX_UNANSWERED;
+const MAX_UNANSWERED: usize = courier_core::protocol::MAX_UNANSWERED;
 
 /// Pushes queued for a stream's task; beyond it callers wait to queue theirs.
 const QUEUED: usize = MAX_BATCH * 8;
@@ -180,7 +180,7 @@ impl NodeRouter {
         }
         metrics::counter!("courier_gateway_forward_retries_total").increment(1);
         let mut shutdown = self.shutdown.clone();
-        let stop = async move { courier_node::edge::stopped(&mut shutdown).await };
+        let stop = async move { courier_core::shutdown::stopped(&mut shutdown).await };
         match catch_up {
             Some(epoch) => {
                 let caught_up = view.wait_for(|v| v.as_ref().is_some_and(|v| v.epoch >= epoch));

@@ -14,13 +14,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_node::ids::DeviceId;
-use courier_node::peer::Peers;
-use courier_node::pki::ProviderCredential;
-use courier_node::raft::state::{ClusterState, Epoch, Member, MemberState, NodeId};
-use courier_node::ring::Ring;
-use courier_node::telemetry::Readiness;
-use courier_node::token::Keyring;
+use courier_core::ids::DeviceId;
+use courier_core::peer::Peers;
+use courier_core::pki::ProviderCredential;
+use courier_core::ring::Ring;
+use courier_core::state::{ClusterState, Epoch, Member, MemberState, NodeId};
+use courier_core::telemetry::Readiness;
+use courier_core::token::Keyring;
 use courier_proto::cluster::WatchRequest;
 use tokio::sync::watch;
 
@@ -76,7 +76,7 @@ pub struct ClusterWatch {
 
 /// A watched node that sends nothing for this long (three missed heartbeats), or that knows no leader or
 /// holds no lease for this long, is left for another member.
-pub const WATCH_SILENCE: Duration = Duration::from_secs(3 * courier_node::api::WATCH_HEARTBEAT.as_secs());
+pub const WATCH_SILENCE: Duration = Duration::from_secs(3 * courier_core::protocol::WATCH_HEARTBEAT.as_secs());
 
 impl ClusterWatch {
     pub async fn run(self, views: watch::Sender<Option<Arc<GatewayView>>>, mut shutdown: watch::Receiver<bool>) {
@@ -88,7 +88,7 @@ impl ClusterWatch {
             for addr in candidates {
                 let (heard_here, why) = tokio::select! {
                     outcome = self.follow(&addr, &views) => outcome,
-                    _ = courier_node::edge::stopped(&mut shutdown) => return,
+                    _ = courier_core::shutdown::stopped(&mut shutdown) => return,
                 };
                 self.readiness.set(false);
                 metrics::counter!("courier_gateway_watch_failovers_total").increment(1);
@@ -106,7 +106,7 @@ impl ClusterWatch {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = courier_node::edge::stopped(&mut shutdown) => return,
+                _ = courier_core::shutdown::stopped(&mut shutdown) => return,
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }

@@ -12,8 +12,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
+use courier_core::pki::{PkiDir, PkiOptions};
 use courier_gateway::provider::JwtSigner;
-use courier_node::pki::{PkiDir, PkiOptions};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
 
@@ -69,7 +69,7 @@ impl Target {
         if self.spawned() {
             let mut total = 0;
             for node in self.nodes.iter().filter(|n| !n.killed) {
-                total += courier_node::telemetry::resident_memory_bytes(Some(node.pid))?;
+                total += courier_core::telemetry::resident_memory_bytes(Some(node.pid))?;
             }
             return Some(total);
         }
@@ -317,13 +317,13 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
     let bin = courier_bin(args)?;
     let dir = &args.spawn_dir;
     let options = PkiOptions { nodes: (1..=n as u64).collect(), ..PkiOptions::default() };
-    courier_node::pki::init(dir, &options).with_context(|| format!("creating the PKI in {}", dir.display()))?;
+    courier_core::pki::init(dir, &options).with_context(|| format!("creating the PKI in {}", dir.display()))?;
     let pki = PkiDir::new(dir);
     let fabric = if args.partitionable {
         let fabric = Fabric::new(&options.nodes)?;
         // Peers, the gateway and devices check a node's certificate against the address they dial.
         for &id in &options.nodes {
-            courier_node::pki::issue(&pki, courier_node::pki::ClusterRole::Node(id), &[fabric.host(id)])
+            courier_core::pki::issue(&pki, courier_core::pki::ClusterRole::Node(id), &[fabric.host(id)])
                 .with_context(|| format!("a certificate for node {id} at {}", fabric.host(id)))?;
         }
         Some(fabric)

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context;
+use courier_core::ids::DeviceId;
 use courier_node::client::{Connector, DeviceCredentials, RedirectTarget};
-use courier_node::ids::DeviceId;
 use serde::{Deserialize, Serialize};
 
 /// Devices per cache file.
@@ -82,7 +82,7 @@ fn write_chunk(dir: &Path, chunk: usize, devices: &[DeviceCredentials]) -> anyho
         lines.push(b'\n');
     }
     // The chunk holds device private keys.
-    courier_node::secret_file::write_secret(&tmp, &lines).with_context(|| format!("writing {}", tmp.display()))?;
+    courier_core::secret_file::write_secret(&tmp, &lines).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
@@ -187,7 +187,7 @@ mod tests {
         assert!(load_range(dir.path(), CHUNK, 3).is_err(), "chunk 1 holds only two devices");
         #[cfg(unix)]
         for chunk in 0..2 {
-            let mode = courier_node::secret_file::mode(&chunk_path(dir.path(), chunk)).unwrap();
+            let mode = courier_core::secret_file::mode(&chunk_path(dir.path(), chunk)).unwrap();
             assert_eq!(mode, 0o600, "a chunk holds device private keys");
         }
     }

@@ -29,7 +29,7 @@ use clap::Parser;
 /// The entry point of the `courier-loadtest` binary.
 pub fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    courier_node::tls::install_crypto_provider();
+    courier_core::tls::install_crypto_provider();
     raise_fd_limit();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(

@@ -59,7 +59,7 @@ pub(crate) async fn prepare(
         );
     }
     let cache = crate::devices::cache_dir(&swarm_args.cache_dir, &target.ca)?;
-    let roots = Arc::new(courier_node::tls::roots_from(&target.ca)?);
+    let roots = Arc::new(courier_core::tls::roots_from(&target.ca)?);
     let activation = Connector::with_roots(roots, &target.server_name, None)?;
     let activated =
         crate::devices::ensure(&cache, devices, &endpoints, &activation, &target.enrolment_secret, output.quiet)

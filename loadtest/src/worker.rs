@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use courier_core::ids::DeviceId;
 use courier_node::client::{ClientError, Connector, DeviceLink, LinkEvent, SeenIds};
-use courier_node::ids::DeviceId;
 use rand::Rng;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::Semaphore;
@@ -120,7 +120,7 @@ pub async fn run() -> anyhow::Result<()> {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let first = lines.next_line().await?.context("no worker spec on stdin")?;
     let spec: WorkerSpec = serde_json::from_str(&first).context("parsing the worker spec")?;
-    let roots = Arc::new(courier_node::tls::roots_from(&spec.ca)?);
+    let roots = Arc::new(courier_core::tls::roots_from(&spec.ca)?);
     let mut endpoints = Vec::new();
     for endpoint in &spec.endpoints {
         endpoints.push(crate::cli::resolve(endpoint).await?);
@@ -404,7 +404,7 @@ async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
             tokens: std::mem::take(&mut *stats.tokens.lock().unwrap_or_else(|e| e.into_inner())),
             orphaned: stats.orphaned.load(Ordering::Relaxed),
             recovered: std::mem::take(&mut *stats.recovered.lock().unwrap_or_else(|e| e.into_inner())),
-            rss: courier_node::telemetry::resident_memory_bytes(None).unwrap_or(0),
+            rss: courier_core::telemetry::resident_memory_bytes(None).unwrap_or(0),
             done,
         };
         // The coordinator reads line by line; a broken pipe means it is gone, and so should we be.

@@ -9,21 +9,15 @@ pub mod client;
 pub mod config;
 pub mod delivery;
 pub mod edge;
-pub mod ids;
 pub mod node;
-pub mod peer;
-pub mod pki;
 pub mod raft;
 pub mod replication;
-pub mod ring;
-pub mod secret_file;
 pub mod status_log;
 pub mod store;
-pub mod telemetry;
-pub mod tls;
-pub mod token;
-pub mod topic;
 pub mod view;
+
+// What the node shares with every process, under the names it had here.
+pub use courier_core::{ids, peer, pki, ring, secret_file, telemetry, tls, token, topic};
 
 pub use config::NodeConfig;
 pub use node::{NodeError, RunningNode, start};

@@ -21,7 +21,7 @@ use crate::config::NodeConfig;
 use crate::delivery::{Delivery, DeliveryParts};
 use crate::edge::registry::LinkEnd;
 use crate::edge::registry::Registry;
-use crate::edge::{self, Edge, stopped};
+use crate::edge::{self, Edge};
 use crate::peer::{PeerError, Peers};
 use crate::pki::{ClusterRole, DeviceCa, PkiDir, PkiError};
 use crate::raft::control::{Control, ControlError};
@@ -36,6 +36,7 @@ use crate::telemetry::{self, Readiness};
 use crate::tls::{self, TlsError};
 use crate::token::{Keyring, KeyringError};
 use crate::view::{LocalView, Placement};
+use courier_core::shutdown::stopped;
 use courier_proto::cluster::JoinRequest;
 use courier_proto::device::GoodbyeReason;
 

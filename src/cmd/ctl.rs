@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use courier_node::ids::{DeviceId, unix_millis};
-use courier_node::peer::Peers;
-use courier_node::pki::PkiDir;
-use courier_node::raft::state::{Command, CommandResponse};
-use courier_node::token::{TokenKey, TokenKeyId};
+use courier_core::ids::{DeviceId, unix_millis};
+use courier_core::peer::Peers;
+use courier_core::pki::PkiDir;
+use courier_core::state::{Command, CommandResponse};
+use courier_core::token::{TokenKey, TokenKeyId};
 use courier_proto::cluster::cluster_client::ClusterClient;
 use courier_proto::cluster::{JoinRequest, ProposeRequest, RemoveNodeRequest, StatusRequest};
 use serde_json::Value;
@@ -291,13 +291,13 @@ pub fn issue_provider_cert(
     validity: Duration,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     let pki = PkiDir::new(pki_dir);
-    let (cert, key) = courier_node::pki::issue_provider_cert(&pki, team_id, topics, validity)
+    let (cert, key) = courier_core::pki::issue_provider_cert(&pki, team_id, topics, validity)
         .with_context(|| format!("signing with the provider CA in {}", pki_dir.display()))?;
     let cert_path = out.join(format!("provider-{team_id}.pem"));
     let key_path = out.join(format!("provider-{team_id}.key"));
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(&cert_path, cert).with_context(|| format!("writing {}", cert_path.display()))?;
-    courier_node::secret_file::write_secret(&key_path, key.as_bytes())
+    courier_core::secret_file::write_secret(&key_path, key.as_bytes())
         .with_context(|| format!("writing {}", key_path.display()))?;
     Ok((cert_path, key_path))
 }
@@ -355,7 +355,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Providers(ProvidersCommand::Add { team_id, key_id, public_key, topics }) => {
             let public_key_pem =
                 std::fs::read_to_string(&public_key).with_context(|| format!("reading {}", public_key.display()))?;
-            if let Err(why) = courier_node::pki::check_es256_public_key(&public_key_pem) {
+            if let Err(why) = courier_core::pki::check_es256_public_key(&public_key_pem) {
                 bail!("{} is not an ES256 public key: {why}", public_key.display());
             }
             propose(&peers, node, Command::PutProviderKey { team_id, key_id, public_key_pem, topics }).await?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use courier_node::pki::{self, PkiDir, PkiOptions};
+use courier_core::pki::{self, PkiDir, PkiOptions};
 
 #[derive(clap::Args)]
 pub struct DevArgs {

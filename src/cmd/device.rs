@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use courier_core::pki::PkiDir;
 use courier_node::client::{ClientError, DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent, SeenIds};
-use courier_node::pki::PkiDir;
 use courier_proto::device::GoodbyeReason;
 
 #[derive(clap::Args)]

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use courier_node::pki::{self, ClusterRole, PkiDir, PkiOptions};
+use courier_core::pki::{self, ClusterRole, PkiDir, PkiOptions};
 
 #[derive(clap::Subcommand)]
 pub enum PkiCommand {

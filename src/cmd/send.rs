@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use courier_core::pki::PkiDir;
 use courier_gateway::provider::{JwtSigner, ProviderClient, Push};
-use courier_node::pki::PkiDir;
 
 #[derive(clap::Args)]
 pub struct SendArgs {

@@ -11,11 +11,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use courier_core::pki::{self, PkiDir, PkiOptions};
 use courier_gateway::provider::{JwtSigner, ProviderClient, Push, PushResponse};
 use courier_gateway::{GatewayConfig, RunningGateway};
 use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink};
 use courier_node::edge::codec::FrameCodec;
-use courier_node::pki::{self, PkiDir, PkiOptions};
 use courier_node::{NodeConfig, RunningNode};
 use courier_proto::device::{GoodbyeReason, ServerFrame, server_frame};
 use futures_util::StreamExt;
@@ -30,7 +30,7 @@ pub const TOPIC: &str = "com.example.app";
 /// Once per test process: the ring crypto provider, and logs when `RUST_LOG` asks for them
 /// (`RUST_LOG=courier_node=debug` shows what a failing test's cluster did).
 pub fn init_test_process() {
-    courier_node::tls::install_crypto_provider();
+    courier_core::tls::install_crypto_provider();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -212,7 +212,7 @@ pub async fn raw_link(
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key_der.clone())),
         )
     });
-    let config = courier_node::tls::client_config(&endpoint.ca_path, identity, &[]).expect("client config");
+    let config = courier_core::tls::client_config(&endpoint.ca_path, identity, &[]).expect("client config");
     let tcp = TcpStream::connect(endpoint.addr).await?;
     let mut tls =
         TlsConnector::from(Arc::new(config)).connect(ServerName::try_from("localhost").expect("name"), tcp).await?;
@@ -250,7 +250,7 @@ pub fn foreign_credentials(dir: &Path) -> DeviceCredentials {
     pki::init(dir, &PkiOptions::default()).expect("foreign PKI");
     let ca = pki::DeviceCa::load(&PkiDir::new(dir)).expect("foreign CA");
     let (key, csr) = pki::new_device_key_and_csr().expect("csr");
-    let device_id = courier_node::ids::DeviceId::random();
+    let device_id = courier_core::ids::DeviceId::random();
     let cert = ca.issue(&csr, device_id).expect("issue");
     DeviceCredentials { device_id, cert_der: cert.to_vec(), key_der: key.serialize_der(), owner: None }
 }
@@ -325,12 +325,11 @@ impl Nodes {
     }
 
     /// The first epoch (as node 1 applied it) in which node `id` is an active member.
-    pub async fn epoch_active(&self, id: u64) -> courier_node::raft::state::Epoch {
+    pub async fn epoch_active(&self, id: u64) -> courier_core::state::Epoch {
         let mut active_at = None;
         eventually(Duration::from_secs(30), &format!("node {id} is an active member"), || {
             let state = self.node(1).control.current();
-            let active =
-                state.members.get(&id).is_some_and(|m| m.state == courier_node::raft::state::MemberState::Active);
+            let active = state.members.get(&id).is_some_and(|m| m.state == courier_core::state::MemberState::Active);
             if active {
                 active_at = Some(state.epoch);
             }
@@ -612,9 +611,9 @@ impl ProcessCluster {
         node_flags: &[&str],
         adjust: impl FnOnce(&mut courier_gateway::GatewayConfig),
     ) -> Self {
-        courier_node::tls::install_crypto_provider();
+        courier_core::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
-        courier_node::pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
+        courier_core::pki::init(dir.path(), &PkiOptions::default()).expect("PKI");
         let pki = PkiDir::new(dir.path());
         if let Some(fabric) = fabric {
             // Peers and the gateway check a node's certificate against the address they dial.

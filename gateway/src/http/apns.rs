@@ -302,18 +302,18 @@ pub fn parse_head(method: &Method, uri: &Uri, headers: &HeaderMap, apns_id: &Apn
         return Err(Reason::BadMessageId);
     }
     let expiration = match text(headers, "apns-expiration", Reason::BadExpirationDate)? {
-        None => courier_node::ids::unix_millis() / 1000 + DEFAULT_STORAGE_SECS,
+        None => courier_core::ids::unix_millis() / 1000 + DEFAULT_STORAGE_SECS,
         Some(value) => parse_decimal(value).ok_or(Reason::BadExpirationDate)?,
     };
     let push_type = match text(headers, "apns-push-type", Reason::InvalidPushType)? {
         // APNs still accepts pushes without it; the channel suffix (if any) says what they are.
-        None => courier_node::topic::channel(&topic).map_or("alert", |(_, required)| required).to_string(),
+        None => courier_core::topic::channel(&topic).map_or("alert", |(_, required)| required).to_string(),
         Some(value) if PUSH_TYPES.contains(&value) => value.to_string(),
         Some(_) => return Err(Reason::InvalidPushType),
     };
     // A channel suffix and its push type go together, both ways.
-    let required = courier_node::topic::channel(&topic).map(|(_, push_type)| push_type);
-    let needs_suffix = courier_node::topic::CHANNEL_SUFFIXES.iter().any(|(_, t)| *t == push_type);
+    let required = courier_core::topic::channel(&topic).map(|(_, push_type)| push_type);
+    let needs_suffix = courier_core::topic::CHANNEL_SUFFIXES.iter().any(|(_, t)| *t == push_type);
     if required.is_some_and(|t| t != push_type) || (required.is_none() && needs_suffix) {
         return Err(Reason::BadTopic);
     }
@@ -474,7 +474,7 @@ mod tests {
         assert!(head.apns_id.generated);
         assert!(is_canonical_uuid(&head.apns_id.value));
         assert_eq!(head.apns_id.value, head.apns_id.value.to_lowercase());
-        let now = courier_node::ids::unix_millis() / 1000;
+        let now = courier_core::ids::unix_millis() / 1000;
         assert!(head.expiration >= now + DEFAULT_STORAGE_SECS - 5 && head.expiration <= now + DEFAULT_STORAGE_SECS + 5);
         assert_eq!(head.authorization.as_deref(), Some("bearer x.y.z"));
         assert_eq!(head.payload_limit(), MAX_PAYLOAD);
@@ -577,7 +577,7 @@ mod tests {
         for push_type in ["alert", "background", "location", "mdm", "pushtotalk", "widgets", "controls"] {
             let mut headers = with("apns-priority", b"5");
             headers.insert("apns-push-type", HeaderValue::from_str(push_type).unwrap());
-            let topic = match courier_node::topic::CHANNEL_SUFFIXES.iter().find(|(_, t)| *t == push_type) {
+            let topic = match courier_core::topic::CHANNEL_SUFFIXES.iter().find(|(_, t)| *t == push_type) {
                 Some((suffix, _)) => format!("com.example.app{suffix}"),
                 None => "com.example.app".into(),
             };

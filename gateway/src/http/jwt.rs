@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use courier_node::pki::ProviderCredential;
+use courier_core::pki::ProviderCredential;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use super::apns::Reason;
@@ -45,12 +45,12 @@ pub struct AuthorizedProvider {
 impl AuthorizedProvider {
     /// Whether the provider may push to `topic`; its channels (`.voip`, …) go with the app's topic.
     pub fn may_push_to(&self, topic: &str) -> bool {
-        let app = courier_node::topic::app_topic(topic);
+        let app = courier_core::topic::app_topic(topic);
         self.topics.is_empty() || self.topics.iter().any(|t| t == topic || t == app)
     }
 
     /// The provider a verified client certificate from the provider CA speaks for.
-    pub fn from_certificate(identity: courier_node::pki::ProviderIdentity) -> Self {
+    pub fn from_certificate(identity: courier_core::pki::ProviderIdentity) -> Self {
         AuthorizedProvider { team_id: identity.team_id.into(), topics: identity.topics.into() }
     }
 }
@@ -326,7 +326,7 @@ mod tests {
     }
 
     fn now() -> i64 {
-        (courier_node::ids::unix_millis() / 1000) as i64
+        (courier_core::ids::unix_millis() / 1000) as i64
     }
 
     fn custom(p8: &[u8], kid: Option<&str>, claims: serde_json::Value) -> String {

@@ -16,8 +16,8 @@ pub mod status;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier_node::ids::DeviceId;
-use courier_node::token::{Keyring, OpenedToken, TokenError};
+use courier_core::ids::DeviceId;
+use courier_core::token::{Keyring, OpenedToken, TokenError};
 use courier_proto::cluster::{DeliverOutcome, Notification};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -159,7 +159,7 @@ impl PushService {
             ConnectionAuth::Certificate(provider) => Ok(provider.clone()),
             ConnectionAuth::BadCertificate => Err(Reason::BadCertificate),
             ConnectionAuth::Token => {
-                let now = (courier_node::ids::unix_millis() / 1000) as i64;
+                let now = (courier_core::ids::unix_millis() / 1000) as i64;
                 self.verifier.authenticate(authorization, now)
             }
         }
@@ -171,7 +171,7 @@ impl PushService {
             TokenError::Retired(_) => Reason::ExpiredToken,
             _ => Reason::BadDeviceToken,
         })?;
-        if !token.is_for_topic(courier_node::topic::app_topic(topic)) {
+        if !token.is_for_topic(courier_core::topic::app_topic(topic)) {
             return Err(Reason::DeviceTokenNotForTopic);
         }
         Ok(token)
@@ -188,7 +188,7 @@ impl PushService {
             expiration: head.expiration,
             collapse_id: head.collapse_id.clone().unwrap_or_default(),
             push_type: head.push_type.clone(),
-            accepted_at_ms: courier_node::ids::unix_millis(),
+            accepted_at_ms: courier_core::ids::unix_millis(),
         };
         let started = Instant::now();
         let delivery = self.router.deliver(notification).await;
@@ -224,7 +224,7 @@ impl PushService {
 fn refuse(reason: Reason, timestamp: Option<u64>, apns_id: &ApnsId) -> Response<Full<Bytes>> {
     metrics::counter!("courier_gateway_notifications_rejected_total", "reason" => reason.as_str()).increment(1);
     let status = reason.status();
-    let timestamp = (status == StatusCode::GONE).then(|| timestamp.unwrap_or_else(courier_node::ids::unix_millis));
+    let timestamp = (status == StatusCode::GONE).then(|| timestamp.unwrap_or_else(courier_core::ids::unix_millis));
     respond(status, &apns_id.value, Some(apns::error_body(reason.as_str(), timestamp)))
 }
 

@@ -13,7 +13,7 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use courier_node::edge::limits::TokenBucket;
+use courier_core::rate::TokenBucket;
 
 /// Keys one limiter tracks at most.
 const MAX_KEYS: usize = 100_000;

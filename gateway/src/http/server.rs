@@ -106,7 +106,7 @@ impl Sources {
 
     /// A place for one more connection from `ip`, unless that address already holds its share.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
-        let key = courier_node::edge::limits::source_key(ip);
+        let key = courier_core::rate::source_key(ip);
         let max = self.limits.max_connections_per_address;
         let per_address_handshakes = match self.limits.max_handshakes_per_address {
             0 => Semaphore::MAX_PERMITS,
@@ -326,7 +326,7 @@ struct Connection {
 fn connection_auth(certificates: Option<&[rustls::pki_types::CertificateDer<'static>]>) -> ConnectionAuth {
     match certificates.and_then(|chain| chain.first()) {
         None => ConnectionAuth::Token,
-        Some(leaf) => match courier_node::pki::provider_identity_from_cert(leaf) {
+        Some(leaf) => match courier_core::pki::provider_identity_from_cert(leaf) {
             Some(identity) => ConnectionAuth::Certificate(AuthorizedProvider::from_certificate(identity)),
             None => ConnectionAuth::BadCertificate,
         },

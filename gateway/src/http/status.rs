@@ -62,14 +62,14 @@ async fn lookup(
     let authorization = parts.headers.get(http::header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
     let provider = service.authenticate(auth, authorization)?;
     let opened = service.keyring.open(token).map_err(|error| match error {
-        courier_node::token::TokenError::Retired(_) => Reason::ExpiredToken,
+        courier_core::token::TokenError::Retired(_) => Reason::ExpiredToken,
         _ => Reason::BadDeviceToken,
     })?;
     let record = service.router.status(opened.device_id, apns_id).await.map_err(|detail| {
         tracing::warn!(%detail, "asking the owner for a status failed");
         Reason::ServiceUnavailable
     })?;
-    if !record.found || !opened.is_for_topic(courier_node::topic::app_topic(&record.topic)) {
+    if !record.found || !opened.is_for_topic(courier_core::topic::app_topic(&record.topic)) {
         return Err(Reason::UnknownNotification);
     }
     if !provider.may_push_to(&record.topic) {

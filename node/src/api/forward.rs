@@ -23,15 +23,11 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use courier_core::protocol::{MAX_FORWARD_BATCH, MAX_UNANSWERED};
+use courier_core::shutdown::stopped;
+
 use crate::delivery::{Delivery, refused};
-use crate::edge::stopped;
 use crate::raft::state::Epoch;
-
-/// Most notifications one batch may carry.
-pub const MAX_FORWARD_BATCH: usize = 1024;
-
-/// Items read from one stream and not answered yet beyond which no further batch is read.
-pub const MAX_UNANSWERED: usize = 16_384;
 
 /// How long a batch stamped with an epoch this node has not applied waits for it (`--epoch-wait-ms`).
 pub const DEFAULT_EPOCH_WAIT: Duration = Duration::from_secs(2);

@@ -30,10 +30,6 @@ use crate::raft::control::Control;
 use crate::raft::{Command, Epoch, network};
 use crate::view::{EpochView, Fence};
 
-/// How often a `WatchCluster` stream carries a heartbeat: the gateway takes three missed ones as a silent
-/// node (`courier_gateway::watch`).
-pub const WATCH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
-
 pub struct ClusterService {
     pub delivery: Delivery,
     pub control: Arc<Control>,
@@ -104,7 +100,7 @@ impl Cluster for ClusterService {
         let caller = authorize(&request, Rpc::Replicate)?;
         authz::check_node_claim(Rpc::Replicate, caller, request.get_ref().from_node)?;
         let request = request.into_inner();
-        if request.puts.len() + request.removes.len() > 4 * forward::MAX_FORWARD_BATCH {
+        if request.puts.len() + request.removes.len() > 4 * courier_core::protocol::MAX_FORWARD_BATCH {
             return Err(Status::invalid_argument("replication batch too large"));
         }
         let (puts, refused) = match self.newer_view(request.epoch).await? {
@@ -226,9 +222,12 @@ impl Cluster for ClusterService {
         tracing::debug!(watcher = %request.get_ref().watcher, "cluster watch opened");
         let control = self.control.clone();
         let mut shutdown = self.shutdown.clone();
-        let stop = async move { crate::edge::stopped(&mut shutdown).await };
+        let stop = async move { courier_core::shutdown::stopped(&mut shutdown).await };
         let states = WatchStream::new(self.control.state.clone()).map(Some);
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + WATCH_HEARTBEAT, WATCH_HEARTBEAT);
+        let mut ticks = tokio::time::interval_at(
+            tokio::time::Instant::now() + courier_core::protocol::WATCH_HEARTBEAT,
+            courier_core::protocol::WATCH_HEARTBEAT,
+        );
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let heartbeats = tokio_stream::wrappers::IntervalStream::new(ticks).map(|_| None);
         let views = futures_util::stream::select(states, heartbeats).take_until(stop).map(move |changed| {

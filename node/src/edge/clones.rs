@@ -154,7 +154,7 @@ pub async fn report(
                 Some(report) => report,
                 None => return,
             },
-            _ = super::stopped(&mut shutdown) => return,
+            _ = courier_core::shutdown::stopped(&mut shutdown) => return,
         };
         let recorded =
             control.current().suspected_clones.get(&report.device).is_some_and(|r| r.refuse || !report.refuse);
@@ -170,7 +170,7 @@ pub async fn report(
         };
         let proposed = tokio::select! {
             result = control.apply(command) => result,
-            _ = super::stopped(&mut shutdown) => return,
+            _ = courier_core::shutdown::stopped(&mut shutdown) => return,
         };
         if let Err(error) = proposed {
             tracing::warn!(device = %report.device, %error, "recording a suspected clone failed");

@@ -5,14 +5,17 @@
 //! any TLS work) beyond either cap. TLS handshakes take a slot from a small global pool only once the
 //! whole ClientHello has arrived, so silent connections cost a socket and a few bytes, never a slot, and
 //! one source address may hold at most half the slots and a bounded number of handshakes in progress.
-//! `TokenBucket` bounds a live link's frames that cause writes. Neither knows about frames or TLS.
+//! A live link's frames that cause writes are bounded by `courier_core::rate::TokenBucket`. Neither knows
+//! about frames or TLS.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use courier_core::rate::{TokenBucket, source_key};
 
 /// TLS handshakes a node works on at once. In a reconnect storm the rest wait their turn without costing
 /// CPU, so each handshake finishes quickly instead of all of them slowly (and timing out, and retrying).
@@ -56,19 +59,6 @@ impl Refusal {
 
     pub fn count(self) {
         metrics::counter!("courier_node_links_refused_total", "reason" => self.as_str()).increment(1);
-    }
-}
-
-/// The key connections are counted under, on the device port and the provider port alike: a whole IPv4
-/// address (an IPv4-mapped IPv6 one included), or the /64 of an IPv6 one (what one subscriber usually gets,
-/// so that one host cannot claim a fresh address per connection).
-pub fn source_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
     }
 }
 
@@ -198,47 +188,6 @@ impl Drop for Pending {
     }
 }
 
-/// A token bucket: up to `burst` events at once, refilled at `per_sec` events per second. The device link's
-/// write limit and the gateway's per-device and per-team push limits are all this bucket.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    burst: f64,
-    per_sec: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// A full bucket (a burst below one is one).
-    pub fn new(burst: f64, per_sec: f64, now: Instant) -> Self {
-        let burst = burst.max(1.0);
-        TokenBucket { burst, per_sec: per_sec.max(0.0), tokens: burst, last: now }
-    }
-
-    /// The tokens it would hold at `now`.
-    fn tokens_at(&self, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.last);
-        (self.tokens + elapsed.as_secs_f64() * self.per_sec).min(self.burst)
-    }
-
-    /// Whether it has refilled completely by `now` (so forgetting it changes nothing).
-    pub fn is_full(&self, now: Instant) -> bool {
-        self.tokens_at(now) >= self.burst
-    }
-
-    /// Takes one token if there is one; `false` means the event is over the limit.
-    pub fn take(&mut self, now: Instant) -> bool {
-        self.tokens = self.tokens_at(now);
-        self.last = self.last.max(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// Limits on one device link's frames that cause writes.
 #[derive(Debug, Clone)]
 pub struct LinkLimits {
@@ -262,30 +211,6 @@ mod tests {
             max_pending_per_source: per_source,
             max_handshakes_per_source: handshakes,
         }
-    }
-
-    #[test]
-    fn the_bucket_allows_a_burst_then_the_rate() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(3.0, 2.0, start);
-        assert!((0..3).all(|_| bucket.take(start)), "the whole burst at once");
-        assert!(!bucket.take(start), "nothing beyond the burst");
-        assert!(!bucket.take(start + Duration::from_millis(400)), "0.8 tokens is not one");
-        assert!(bucket.take(start + Duration::from_millis(500)), "one token after half a second at 2/s");
-        assert!(!bucket.take(start + Duration::from_millis(500)));
-        let later = start + Duration::from_secs(3600);
-        assert!((0..3).all(|_| bucket.take(later)), "refills up to the burst");
-        assert!(!bucket.take(later), "but never beyond it");
-    }
-
-    #[test]
-    fn the_bucket_survives_time_going_backwards_and_zero_rates() {
-        let start = Instant::now() + Duration::from_secs(10);
-        let mut bucket = TokenBucket::new(1.0, 0.0, start);
-        assert!(bucket.take(start - Duration::from_secs(5)));
-        assert!(!bucket.take(start + Duration::from_secs(1_000_000)), "a zero rate never refills");
-        let mut bucket = TokenBucket::new(0.0, 1.0, start);
-        assert!(bucket.take(start), "a burst of 0 still allows one");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod session;
 use std::sync::Arc;
 use std::time::Duration;
 
+use courier_core::shutdown::stopped;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
@@ -103,11 +104,6 @@ pub struct Edge {
     pub delivery: crate::delivery::Delivery,
     /// Provider API: topics devices unregistered (410 Unregistered).
     pub registrations: crate::store::registrations::Registrations,
-}
-
-/// Completes when `shutdown` turns true (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Why a connection that passed admission still did not become a link.

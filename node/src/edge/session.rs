@@ -112,7 +112,7 @@ async fn first_frame(link: &mut Link, opening: Opening) -> Option<device_frame::
     let Opening { deadline, pending, mut shutdown } = opening;
     let first = tokio::select! {
         first = tokio::time::timeout_at(deadline, link.next()) => first,
-        _ = super::stopped(&mut shutdown) => {
+        _ = courier_core::shutdown::stopped(&mut shutdown) => {
             drop(pending);
             goodbye(link, GoodbyeReason::Shutdown, "node shutting down").await;
             return None;
@@ -477,7 +477,7 @@ async fn serve_device(
         loop {
             super::codec::release_idle_buffers(link);
             tokio::select! {
-                _ = super::stopped(&mut shutdown) => {
+                _ = courier_core::shutdown::stopped(&mut shutdown) => {
                     goodbye(link, GoodbyeReason::Shutdown, "node shutting down").await;
                     break;
                 }

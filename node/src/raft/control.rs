@@ -324,7 +324,7 @@ impl Control {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.probe_interval) => {}
-                _ = crate::edge::stopped(&mut shutdown) => return,
+                _ = courier_core::shutdown::stopped(&mut shutdown) => return,
             }
             if !self.is_leader() {
                 leading_since = None;
@@ -336,7 +336,7 @@ impl Control {
             });
             let tick = tokio::select! {
                 tick = tokio::time::timeout(bound, self.leader_tick(&mut probes, since)) => tick,
-                _ = crate::edge::stopped(&mut shutdown) => return,
+                _ = courier_core::shutdown::stopped(&mut shutdown) => return,
             };
             match tick {
                 Ok(Ok(())) => {}
@@ -433,7 +433,7 @@ impl Control {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = crate::edge::stopped(&mut shutdown) => return,
+                _ = courier_core::shutdown::stopped(&mut shutdown) => return,
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }

@@ -1,17 +1,18 @@
 //! The node's Raft replica of the cluster's control state (openraft 0.9).
 //!
-//! `state` is the state machine's data and its `apply`; `store` persists the Raft log and the state
+//! `state` (in `courier_core`, re-exported here) is the state machine's data and its `apply`; `store` persists the Raft log and the state
 //! machine in the node's redb database; `network` carries Raft RPCs over the cluster gRPC service. The type
 //! configuration is declared here, once.
 
 pub mod control;
 pub mod lease;
 pub mod network;
-pub mod state;
 pub mod status;
 pub mod store;
 
 use std::io::Cursor;
+
+pub use courier_core::state;
 
 pub use state::{ClusterState, Command, CommandResponse, Epoch, NodeId};
 

@@ -126,7 +126,7 @@ pub async fn export_metrics(
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = crate::edge::stopped(&mut shutdown) => return,
+            _ = courier_core::shutdown::stopped(&mut shutdown) => return,
         }
     }
 }

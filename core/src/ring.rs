@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use consistent_hash::{DefaultHash, Node, StaticHashRing};
 
 use crate::ids::DeviceId;
-use crate::raft::state::{ClusterState, Epoch, MemberState, NodeId};
+use crate::state::{ClusterState, Epoch, MemberState, NodeId};
 
 /// The ring of one epoch.
 pub struct Ring {
