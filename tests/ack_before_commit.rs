@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Nodes, ProcessCluster, TOPIC, eventually, http_get, metric_value, push_for, signal};
-use courier_node::client::{DeviceLink, LinkEvent};
+use courier_device::{DeviceLink, LinkEvent};
 
 /// The tests read process-wide metrics (every in-process node and gateway shares one recorder): one at a
 /// time, so one test's pushes do not move another's counters.
@@ -39,7 +39,7 @@ async fn a_device_that_acks_at_once_costs_no_store_write_and_is_answered_deliver
     // A long window, so that even a slow test machine acks inside it.
     let nodes = Nodes::start(3, |config| config.ack_wait_ms = 1000).await;
     let (gateway, provider, signer) = nodes.gateway().await;
-    let credentials = courier_node::client::activate(&nodes.endpoint(1), "").await.expect("activation");
+    let credentials = courier_device::activate(&nodes.endpoint(1), "").await.expect("activation");
     let mut link = DeviceLink::connect(&nodes.endpoint(1), &credentials, 0).await.expect("device connects");
     let token = link.register(TOPIC).await.expect("register");
     let metrics = format!("http://{}/metrics", nodes.node(1).metrics_addr);
@@ -94,7 +94,7 @@ async fn a_device_that_does_not_ack_in_time_gets_a_notification_durable_on_r_cop
     let _turn = ONE_AT_A_TIME.lock().await;
     let nodes = Nodes::start(3, |config| config.ack_wait_ms = 50).await;
     let (gateway, provider, signer) = nodes.gateway().await;
-    let credentials = courier_node::client::activate(&nodes.endpoint(2), "").await.expect("activation");
+    let credentials = courier_device::activate(&nodes.endpoint(2), "").await.expect("activation");
     let mut link = DeviceLink::connect(&nodes.endpoint(2), &credentials, 0).await.expect("device connects");
     let token = link.register(TOPIC).await.expect("register");
     let metrics = format!("http://{}/metrics", nodes.node(1).metrics_addr);
@@ -144,7 +144,7 @@ async fn killing_the_owner_between_hand_off_and_ack_loses_nothing_answered_200()
         ProcessCluster::start(&["--ack-wait-ms", "3000"], 20_000).await;
     let endpoint = |i: usize| endpoints[i].clone();
 
-    let credentials = courier_node::client::activate(&endpoint(0), "").await.expect("activation");
+    let credentials = courier_device::activate(&endpoint(0), "").await.expect("activation");
     let mut link = DeviceLink::connect(&endpoint(0), &credentials, 0).await.expect("device connects");
     let token = link.register(TOPIC).await.expect("register");
     let owner = endpoints.iter().position(|e| e.addr == link.node_addr).expect("linked to a node");
@@ -189,7 +189,7 @@ async fn a_push_is_never_answered_200_on_fewer_copies_than_promised() {
         ProcessCluster::start(&[], 5_000).await;
     let endpoint = endpoints[0].clone();
     // An offline device: its pushes must be stored on two nodes before they are promised.
-    let credentials = courier_node::client::activate(&endpoint, "").await.expect("activation");
+    let credentials = courier_device::activate(&endpoint, "").await.expect("activation");
     let mut link = DeviceLink::connect(&endpoint, &credentials, 0).await.expect("device connects");
     let token = link.register(TOPIC).await.expect("register");
     link.close().await.expect("close");

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use common::{TOPIC, TestCluster, read_goodbye};
+use courier_device::DeviceLink;
+use courier_device::codec::FrameCodec;
 use courier_gateway::provider::Push;
-use courier_node::client::DeviceLink;
-use courier_node::edge::codec::FrameCodec;
 use courier_proto::device::{DeviceFrame, GoodbyeReason, Hello, device_frame};
 use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -151,10 +151,7 @@ async fn hostile_device_links_are_closed_and_harm_no_other_link() {
     // An invalid topic name.
     let mut bad_topic = DeviceLink::connect(&endpoint, &credentials, 0).await.unwrap();
     let error = bad_topic.register("has spaces").await.unwrap_err();
-    assert!(
-        matches!(error, courier_node::client::ClientError::Goodbye { reason: GoodbyeReason::BadTopic, .. }),
-        "{error}"
-    );
+    assert!(matches!(error, courier_device::ClientError::Goodbye { reason: GoodbyeReason::BadTopic, .. }), "{error}");
     still_delivers(&cluster, &mut healthy, &token, "protocol violations").await;
 
     let metrics = cluster.metrics().await;

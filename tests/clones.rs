@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{TOPIC, TestCluster, eventually, metric_value};
-use courier_node::client::{ClientError, Connector, DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent};
+use courier_device::{ClientError, Connector, DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent};
 use courier_node::edge::clones::ClonePolicy;
 use courier_proto::device::GoodbyeReason;
 use tokio::task::JoinHandle;

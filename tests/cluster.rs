@@ -42,12 +42,12 @@ async fn a_silent_node_is_marked_down_routed_around_and_back_when_it_returns() {
 
     // A device owned by the victim, registered while it is up, offline from then on.
     let credentials = loop {
-        let c = courier_node::client::activate(&nodes.endpoint(leader), "").await.unwrap();
+        let c = courier_device::activate(&nodes.endpoint(leader), "").await.unwrap();
         if nodes.node(leader).view.get().ring.owner(c.device_id) == Some(victim) {
             break c;
         }
     };
-    let mut link = courier_node::client::DeviceLink::connect(&nodes.endpoint(leader), &credentials, 0).await.unwrap();
+    let mut link = courier_device::DeviceLink::connect(&nodes.endpoint(leader), &credentials, 0).await.unwrap();
     assert_eq!(link.node_addr, nodes.configs[victim as usize - 1].device_addr, "redirected to its owner");
     let token = link.register(common::TOPIC).await.unwrap();
     link.close().await.unwrap();
@@ -141,9 +141,8 @@ async fn a_gateway_fails_over_when_its_watch_source_dies() {
     })
     .await;
     let (mut device, token) = {
-        let credentials = courier_node::client::activate(&nodes.endpoint(survivor), "").await.unwrap();
-        let mut link =
-            courier_node::client::DeviceLink::connect(&nodes.endpoint(survivor), &credentials, 0).await.unwrap();
+        let credentials = courier_device::activate(&nodes.endpoint(survivor), "").await.unwrap();
+        let mut link = courier_device::DeviceLink::connect(&nodes.endpoint(survivor), &credentials, 0).await.unwrap();
         let token = link.register(common::TOPIC).await.unwrap();
         (link, token)
     };

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{ProcessCluster, TOPIC, eventually, http_get, metric_value, push_for, signal};
 use courier_core::state::MemberState;
-use courier_node::client::DeviceLink;
+use courier_device::DeviceLink;
 
 /// The gateway's `/readyz` answers 200.
 async fn ready(metrics_addr: std::net::SocketAddr) -> bool {
@@ -31,7 +31,7 @@ async fn a_gateway_whose_node_is_paused_follows_another_member_and_routes_by_its
     // An offline device that node 1 owns.
     let mut found = None;
     for _ in 0..40 {
-        let credentials = courier_node::client::activate(&endpoints[1], "").await.expect("activation");
+        let credentials = courier_device::activate(&endpoints[1], "").await.expect("activation");
         let owner = gateway.view.borrow().as_ref().and_then(|v| v.owner(credentials.device_id)).map(|(id, _)| id);
         if owner == Some(1) {
             found = Some(credentials);
@@ -93,7 +93,7 @@ async fn a_gateway_whose_node_is_paused_follows_another_member_and_routes_by_its
             .await
             .expect("a notification in time")
             .expect("the link stays healthy");
-        if let courier_node::client::LinkEvent::Notification(n) = event {
+        if let courier_device::LinkEvent::Notification(n) = event {
             break n;
         }
     };

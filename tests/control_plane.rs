@@ -16,10 +16,10 @@ use common::{Nodes, TOPIC, TestCluster, eventually, push_for};
 use courier_core::ids::{DeviceId, unix_millis};
 use courier_core::pki::ProviderCredential;
 use courier_core::state::{Command, CommandResponse, KeyState, MemberState, RingParams, limits};
+use courier_device::{ClientError, DeviceLink, LinkEvent};
 use courier_gateway::RunningGateway;
 use courier_gateway::provider::{JwtSigner, PushResponse};
 use courier_gateway::watch::GatewayView;
-use courier_node::client::{ClientError, DeviceLink, LinkEvent};
 use courier_node::raft::control::ControlError;
 use courier_node::view::EpochView;
 use courier_proto::device::GoodbyeReason;
@@ -64,7 +64,7 @@ async fn rotating_the_token_key_under_a_push_stream_fails_no_push_and_retiring_i
     let control = nodes.node(1).control.clone();
     let old_key = control.current().active_key().expect("the cluster starts with an active key").key.id;
 
-    let credentials = courier_node::client::activate(&nodes.endpoint(1), "").await.expect("activation");
+    let credentials = courier_device::activate(&nodes.endpoint(1), "").await.expect("activation");
     let mut link = DeviceLink::connect(&nodes.endpoint(1), &credentials, 0).await.expect("device connects");
     let old_token = link.register(TOPIC).await.expect("register");
 

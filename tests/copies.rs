@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Nodes, TOPIC, eventually, push_for};
 use courier_core::state::RingParams;
-use courier_node::client::DeviceLink;
+use courier_device::DeviceLink;
 use courier_node::raft::{Command, CommandResponse};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,7 +22,7 @@ async fn with_fewer_nodes_than_the_replication_factor_200_needs_degraded_writes(
         let (gateway, provider, signer) = nodes.gateway_with(|config| config.request_timeout_ms = 2000).await;
 
         let endpoint = nodes.endpoint(1);
-        let credentials = courier_node::client::activate(&endpoint, "").await.expect("activation");
+        let credentials = courier_device::activate(&endpoint, "").await.expect("activation");
         let mut link = DeviceLink::connect(&endpoint, &credentials, 0).await.expect("device connects");
         let token = link.register(TOPIC).await.expect("register");
         link.close().await.expect("close");
@@ -51,7 +51,7 @@ async fn with_fewer_nodes_than_the_replication_factor_200_needs_degraded_writes(
         let mut link = DeviceLink::connect(&endpoint, &credentials, 0).await.expect("device reconnects");
         let first = tokio::time::timeout(Duration::from_secs(10), link.next_event()).await;
         assert!(
-            matches!(first, Ok(Ok(courier_node::client::LinkEvent::Notification(_)))),
+            matches!(first, Ok(Ok(courier_device::LinkEvent::Notification(_)))),
             "the stored push arrives: {first:?}"
         );
         let _ = link.close().await;

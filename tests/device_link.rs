@@ -1,13 +1,14 @@
-//! The device link's lifecycle: activation, keepalive, and two links with one certificate.
+//! The device link's lifecycle: activation, keepalive, and two links with one certificate; and the SDK's
+//! `Device`, which stays linked (and hands each notification over once) across a SIGKILL of its node.
 
 mod common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{TestCluster, read_goodbye};
-use courier_node::client::{ClientError, DeviceLink};
-use courier_node::edge::codec::FrameCodec;
+use common::{ProcessCluster, TOPIC, TestCluster, push_for, read_goodbye};
+use courier_device::codec::FrameCodec;
+use courier_device::{Backoff, ClientError, Device, DeviceEvent, DeviceLink};
 use courier_proto::device::{DeviceFrame, GoodbyeReason, Hello, device_frame};
 use futures_util::SinkExt;
 use tokio_util::codec::Framed;
@@ -19,7 +20,7 @@ async fn activations_never_repeat_an_id_and_certificates_work() {
     let tasks: Vec<_> = (0..24)
         .map(|_| {
             let endpoint = endpoint.clone();
-            tokio::spawn(async move { courier_node::client::activate(&endpoint, "anything").await })
+            tokio::spawn(async move { courier_device::activate(&endpoint, "anything").await })
         })
         .collect();
     let mut ids = HashSet::new();
@@ -43,9 +44,9 @@ async fn enrolment_secret_is_enforced() {
     })
     .await;
     let endpoint = cluster.endpoint();
-    let error = courier_node::client::activate(&endpoint, "wrong").await.unwrap_err();
+    let error = courier_device::activate(&endpoint, "wrong").await.unwrap_err();
     assert!(matches!(error, ClientError::Goodbye { reason: GoodbyeReason::ActivationRefused, .. }), "{error}");
-    assert!(courier_node::client::activate(&endpoint, "s3cret").await.is_ok());
+    assert!(courier_device::activate(&endpoint, "s3cret").await.is_ok());
     cluster.shutdown().await;
 }
 
@@ -98,4 +99,82 @@ async fn a_second_link_with_the_same_certificate_replaces_the_first() {
     let metrics = cluster.metrics().await;
     assert!(metrics.contains("courier_node_link_replacements_total"), "{metrics}");
     cluster.shutdown().await;
+}
+
+/// The next event of `device` within 30 s.
+async fn next(device: &mut Device) -> DeviceEvent {
+    tokio::time::timeout(Duration::from_secs(30), device.next_event())
+        .await
+        .expect("an event in time")
+        .expect("the cluster does not refuse the device")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_relinks_through_its_nodes_sigkill_and_sees_each_notification_once() {
+    let ProcessCluster { dir: _dir, mut nodes, gateway, provider, signer, endpoints } =
+        ProcessCluster::start(&[], 10_000).await;
+    // A device owned by a node other than the one its endpoint names, so the endpoint outlives the owner.
+    let endpoint = endpoints[0].clone();
+    let owner_of = |c: &courier_device::DeviceCredentials| {
+        gateway.view.borrow().as_ref().and_then(|v| v.owner(c.device_id)).map(|(id, _)| id)
+    };
+    let mut credentials = None;
+    for _ in 0..40 {
+        let c = courier_device::activate(&endpoint, "").await.expect("activation");
+        if owner_of(&c).is_some_and(|id| id != nodes[0].id) {
+            credentials = Some(c);
+            break;
+        }
+    }
+    let credentials = credentials.expect("some device of forty is owned by another node");
+    let victim = nodes.iter().position(|n| Some(n.id) == owner_of(&credentials)).expect("the owner runs");
+
+    let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(400));
+    let mut device = Device::new(endpoint, credentials).expect("device").with_topic(TOPIC, None).with_backoff(backoff);
+    let DeviceEvent::Linked { node, .. } = next(&mut device).await else { panic!("linked first") };
+    assert_eq!(node.to_string(), nodes[victim].device_addr, "the first link goes to the owner from activation");
+    let DeviceEvent::Token { topic, token } = next(&mut device).await else { panic!("then its token") };
+    assert_eq!(topic, TOPIC);
+
+    let push = |text: &str| {
+        let mut push = push_for(&signer, &token, &format!(r#"{{"aps":{{"alert":"{text}"}}}}"#));
+        push.apns_id = Some(uuid::Uuid::new_v4().to_string());
+        push
+    };
+    let before = push("before");
+    assert_eq!(provider.push(&before).await.expect("push").status, 200);
+    let DeviceEvent::Notification(n) = next(&mut device).await else { panic!("the notification") };
+    assert_eq!(Some(n.apns_id), before.apns_id);
+
+    // The owner dies; the device loses its link, backs off, and links again through the endpoint to the
+    // device's new owner. A push answered 200 meanwhile reaches the app once, and the token stays.
+    nodes[victim].child.start_kill().expect("SIGKILL");
+    let _ = nodes[victim].child.wait().await;
+    let after = push("after");
+    assert_eq!(provider.push(&after).await.expect("push").status, 200);
+    // The first notification was not acked when the link died (acks go out at the app's next call), so the
+    // new owner has it from its replica and sends it again: the device drops the repeat.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut lost, mut relinked, mut tokens) = (0, None, 0);
+    loop {
+        assert!(Instant::now() < deadline, "the second notification arrives on a new link in time");
+        match next(&mut device).await {
+            DeviceEvent::Lost { retry_in, .. } => {
+                lost += 1;
+                assert!(retry_in <= Duration::from_millis(400), "backoff stays under its ceiling: {retry_in:?}");
+            }
+            DeviceEvent::Linked { node, .. } => relinked = Some(node),
+            DeviceEvent::Token { .. } => tokens += 1,
+            DeviceEvent::Notification(n) => {
+                assert_eq!(Some(n.apns_id), after.apns_id, "only the new notification reaches the app");
+                break;
+            }
+        }
+    }
+    assert!(lost >= 1, "the link loss was reported");
+    let relinked = relinked.expect("linked again before the notification").to_string();
+    assert_ne!(relinked, nodes[victim].device_addr, "relinked to a live node");
+    assert_eq!(tokens, 0, "the token survives the relink unchanged");
+    device.close().await.expect("close");
+    gateway.shutdown().await;
 }

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{RawLink, TOPIC, TestCluster, eventually, metric_value, read_goodbye};
+use courier_device::codec::FrameCodec;
+use courier_device::{DeviceCredentials, DeviceEndpoint, DeviceLink};
 use courier_gateway::provider::Push;
-use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink};
-use courier_node::edge::codec::FrameCodec;
 use courier_proto::device::{
     Ack, DeviceFrame, GoodbyeReason, Hello, RegisterTopic, ServerFrame, UnregisterTopic, device_frame, server_frame,
 };

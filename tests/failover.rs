@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use common::{NodeProcess, TOPIC, eventually, free_port, push_for, spawn_node};
 use courier_core::peer::Peers;
 use courier_core::pki::{PkiDir, PkiOptions};
+use courier_device::{DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent, SeenIds};
 use courier_gateway::provider::{JwtSigner, ProviderClient};
-use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent, SeenIds};
 use courier_proto::cluster::StatusRequest;
 use tokio::sync::Semaphore;
 
@@ -120,7 +120,7 @@ impl Harness {
                 let (endpoint, limit) = (endpoints[i % endpoints.len()].clone(), limit.clone());
                 tokio::spawn(async move {
                     let _permit = limit.acquire().await.unwrap();
-                    let credentials = courier_node::client::activate(&endpoint, "").await.expect("activation");
+                    let credentials = courier_device::activate(&endpoint, "").await.expect("activation");
                     let mut link = DeviceLink::connect(&endpoint, &credentials, 30).await.expect("connect");
                     let token = link.register(TOPIC).await.expect("register");
                     link.close().await.expect("close");

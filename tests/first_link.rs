@@ -15,7 +15,7 @@ use common::{NodeProcess, eventually, free_port, http_get, spawn_node};
 use courier_core::ids::DeviceId;
 use courier_core::peer::Peers;
 use courier_core::pki::{self, PkiDir, PkiOptions};
-use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink, RedirectTarget};
+use courier_device::{DeviceCredentials, DeviceEndpoint, DeviceLink, RedirectTarget};
 use courier_proto::cluster::StatusRequest;
 
 /// Devices activated through node 1: enough that some are owned by node 1 and some elsewhere, and that
@@ -128,7 +128,7 @@ async fn a_first_link_goes_straight_to_the_owner_and_later_ones_follow_the_ring(
 
     let mut devices = Vec::with_capacity(DEVICES);
     for _ in 0..DEVICES {
-        devices.push(courier_node::client::activate(&node1, "").await.expect("activation through node 1"));
+        devices.push(courier_device::activate(&node1, "").await.expect("activation through node 1"));
     }
     let ids: Vec<DeviceId> = devices.iter().map(|d| d.device_id).collect();
     let owners = cluster.owners(&ids).await;

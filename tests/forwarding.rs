@@ -14,8 +14,8 @@ use common::{Nodes, TOPIC, eventually, push_for, spawn_node};
 use courier_core::peer::Peers;
 use courier_core::pki::{PkiDir, PkiOptions};
 use courier_core::state::MemberState;
+use courier_device::{DeviceEndpoint, DeviceLink};
 use courier_gateway::provider::{JwtSigner, ProviderClient};
-use courier_node::client::{DeviceEndpoint, DeviceLink};
 use courier_proto::cluster::{DeliverOutcome, ForwardBatch, ForwardItem, ForwardResults, Notification, RefusalReason};
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
@@ -65,7 +65,7 @@ async fn many_concurrent_pushes_through_a_gateway_to_three_nodes_are_all_answere
     let mut devices = Vec::new();
     for i in 0..DEVICES {
         let endpoint = &endpoints[i % endpoints.len()];
-        let credentials = courier_node::client::activate(endpoint, "").await.expect("activation");
+        let credentials = courier_device::activate(endpoint, "").await.expect("activation");
         let mut link = DeviceLink::connect(endpoint, &credentials, 0).await.expect("device connects");
         let token = link.register(TOPIC).await.expect("register");
         devices.push((link, token));
@@ -201,7 +201,7 @@ async fn a_gateway_behind_by_an_epoch_is_told_so_and_retries_on_the_right_owner(
     // A device the ring moved from an old member to node 4.
     let entry = nodes.endpoint(1);
     let credentials = loop {
-        let credentials = courier_node::client::activate(&entry, "").await.expect("activation");
+        let credentials = courier_device::activate(&entry, "").await.expect("activation");
         let device = credentials.device_id;
         if nodes.node(1).view.get().ring.owner(device) == Some(4) && before.ring.owner(device) != Some(4) {
             break credentials;

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{TOPIC, TestCluster};
-use courier_node::client::DeviceLink;
+use courier_device::DeviceLink;
 
 fn now_secs() -> u64 {
     courier_core::ids::unix_millis() / 1000

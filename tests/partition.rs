@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use common::fabric::Fabric;
 use common::{ProcessCluster, TOPIC, eventually, http_get, push_for, signal, spawn_node_in};
+use courier_device::{DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent};
 use courier_gateway::provider::{JwtSigner, ProviderClient, PushResponse};
-use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(8);
 
@@ -63,7 +63,7 @@ async fn offline_devices(endpoints: &[DeviceEndpoint], count: usize) -> Vec<(Dev
     let mut devices = Vec::new();
     for i in 0..count {
         let endpoint = &endpoints[i % endpoints.len()];
-        let credentials = courier_node::client::activate(endpoint, "").await.expect("activation");
+        let credentials = courier_device::activate(endpoint, "").await.expect("activation");
         let mut link = DeviceLink::connect(endpoint, &credentials, 0).await.expect("device connects");
         let token = link.register(TOPIC).await.expect("register");
         link.close().await.expect("close");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{Nodes, eventually};
 use courier_core::peer::Peers;
 use courier_core::pki::PkiDir;
-use courier_node::client::{ClientError, Connector, DeviceLink};
+use courier_device::{ClientError, Connector, DeviceLink};
 use courier_proto::cluster::{
     FetchQueueRequest, ForwardBatch, JoinRequest, ProposeRequest, RaftPayload, RemoveNodeRequest, ReplicateRequest,
     StatusRequest, WatchRequest,
@@ -191,7 +191,7 @@ async fn a_device_redirected_to_node_2_refuses_node_1s_certificate() {
     // A device node 2 owns, dialling node 1 by the name it was configured with.
     let entry = nodes.endpoint(1);
     let credentials = loop {
-        let credentials = courier_node::client::activate(&entry, "").await.expect("activation");
+        let credentials = courier_device::activate(&entry, "").await.expect("activation");
         if nodes.node(1).view.get().ring.owner(credentials.device_id) == Some(2) {
             break credentials;
         }

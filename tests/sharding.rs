@@ -14,10 +14,10 @@ use std::time::Duration;
 use common::{Nodes, TOPIC, eventually, push_for};
 use courier_core::ids::DeviceId;
 use courier_core::state::{Epoch, MemberState, NodeId};
+use courier_device::{DeviceCredentials, DeviceLink, LinkEvent};
 use courier_gateway::RunningGateway;
 use courier_gateway::provider::{JwtSigner, ProviderClient};
 use courier_node::RunningNode;
-use courier_node::client::{DeviceCredentials, DeviceLink, LinkEvent};
 use courier_node::view::EpochView;
 use futures_util::future::join_all;
 
@@ -43,7 +43,7 @@ impl OfflineDevice {
 }
 
 async fn activate(nodes: &Nodes, through: NodeId) -> DeviceCredentials {
-    courier_node::client::activate(&nodes.endpoint(through), "").await.expect("activation")
+    courier_device::activate(&nodes.endpoint(through), "").await.expect("activation")
 }
 
 /// Connects through node `through` (following redirects), registers `TOPIC` and closes the link.

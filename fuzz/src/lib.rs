@@ -16,9 +16,9 @@ use std::sync::OnceLock;
 
 use base64::Engine as _;
 use bytes::BytesMut;
+use courier_device::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError};
 use courier_gateway::http::apns::{self, Reason};
 use courier_gateway::http::jwt::{JwtVerifier, ProviderCredentials};
-use courier_node::edge::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError};
 use courier_node::ids::DeviceId;
 use courier_node::pki::ProviderCredential;
 use courier_node::token::{KeyState, Keyring, TokenKey, TokenKeyId};

@@ -3,7 +3,7 @@
 //! `cargo test -p courier-fuzz --test write_seeds -- --ignored`.
 
 use bytes::BytesMut;
-use courier_node::edge::codec::{DEFAULT_MAX_FRAME, FrameCodec};
+use courier_device::codec::{DEFAULT_MAX_FRAME, FrameCodec};
 use courier_node::ids::DeviceId;
 use courier_node::raft::state::{Command, MemberState, RingParams};
 use courier_node::token::{TokenKey, TokenKeyId};

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context;
 use courier_core::ids::DeviceId;
-use courier_node::client::{Connector, DeviceCredentials, RedirectTarget};
+use courier_device::{Connector, DeviceCredentials, RedirectTarget};
 use serde::{Deserialize, Serialize};
 
 /// Devices per cache file.
@@ -114,7 +114,7 @@ pub async fn ensure(
                 let secret = enrolment_secret.to_string();
                 tokio::spawn(async move {
                     let _permit = limit.acquire_owned().await?;
-                    let credentials = courier_node::client::activate_via(&connector, addr, &secret)
+                    let credentials = courier_device::activate_via(&connector, addr, &secret)
                         .await
                         .with_context(|| format!("activating a device at {addr}"))?;
                     activated.fetch_add(1, Ordering::Relaxed);

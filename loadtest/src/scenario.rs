@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use courier_node::client::Connector;
+use courier_device::Connector;
 use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use courier_core::ids::DeviceId;
-use courier_node::client::{ClientError, Connector, DeviceLink, LinkEvent, SeenIds};
-use rand::Rng;
+use courier_device::{Backoff, ClientError, Connector, DeviceLink, LinkEvent, SeenIds};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -109,9 +108,9 @@ impl Shared {
         }
     }
 
-    fn backoff(&self, failures: u32) -> Duration {
-        let base = 50u64.saturating_mul(1 << failures.min(10)).min(self.spec.max_backoff_ms.max(1));
-        Duration::from_millis(rand::rng().random_range(base / 2..=base))
+    /// Reconnect delays: 100 ms doubling to `--max-backoff-ms`, with jitter.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(Duration::from_millis(100), Duration::from_millis(self.spec.max_backoff_ms))
     }
 }
 
@@ -141,7 +140,7 @@ pub async fn run() -> anyhow::Result<()> {
             let addr = match owner_addrs.entry(owner.device_addr.clone()) {
                 hash_map::Entry::Occupied(known) => *known.get(),
                 hash_map::Entry::Vacant(new) => {
-                    let resolved = courier_node::client::resolve(&owner.device_addr).await;
+                    let resolved = courier_device::resolve(&owner.device_addr).await;
                     if let Err(error) = &resolved {
                         tracing::warn!(%error, "devices owned there start on the endpoints instead");
                     }
@@ -225,7 +224,7 @@ pub async fn run() -> anyhow::Result<()> {
 /// What ended a link.
 enum Ended {
     Cancelled,
-    Redirect(courier_node::client::RedirectTarget),
+    Redirect(courier_device::RedirectTarget),
     Broke(ClientError),
 }
 
@@ -239,7 +238,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
     let last_node = device.last_node.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut to_owner = last_node.is_none() && device.owner.is_some();
     let (mut addr, mut connector) = last_node.or_else(|| device.owner.clone()).unwrap_or_else(first_endpoint);
-    let mut failures = 0u32;
+    let mut backoff = shared.backoff();
     let mut orphaned = false;
     loop {
         let attempt = async {
@@ -262,17 +261,16 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
             }
             Err(error) => {
                 stats.error(&error);
-                failures += 1;
                 // A dead or refusing node: try the next one (which redirects to the owner).
                 addr = shared.next_endpoint(addr, device.index);
                 connector = device.connector.clone();
                 tokio::select! {
                     _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(shared.backoff(failures)) => continue,
+                    _ = tokio::time::sleep(backoff.failed()) => continue,
                 }
             }
         };
-        failures = 0;
+        backoff.succeeded();
         addr = link.node_addr;
         *device.last_node.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, connector.clone()));
         stats.links.fetch_add(1, Ordering::Relaxed);
@@ -318,7 +316,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
             }
             Ended::Redirect(to) => {
                 if let (Ok(next), Ok(named)) =
-                    (courier_node::client::resolve(&to.device_addr).await, device.connector.for_redirect(&to))
+                    (courier_device::resolve(&to.device_addr).await, device.connector.for_redirect(&to))
                 {
                     addr = next;
                     connector = named;
@@ -331,10 +329,10 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
                     stats.orphaned.fetch_add(1, Ordering::Relaxed);
                 }
                 tracing::debug!(device = device.index, %error, "link broke; reconnecting");
-                failures = 1;
+                backoff.succeeded();
                 tokio::select! {
                     _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(shared.backoff(failures)) => {}
+                    _ = tokio::time::sleep(backoff.failed()) => {}
                 }
             }
         }
@@ -356,10 +354,10 @@ async fn connect(
     let mut link = loop {
         match DeviceLink::connect_once(connector, addr, device.id, 0, &[]).await {
             Ok(link) => break link,
-            Err(ClientError::Redirected(to)) if redirects < courier_node::client::MAX_REDIRECTS => {
+            Err(ClientError::Redirected(to)) if redirects < courier_device::MAX_REDIRECTS => {
                 stats.redirected.fetch_add(1, Ordering::Relaxed);
                 redirects += 1;
-                addr = courier_node::client::resolve(&to.device_addr).await?;
+                addr = courier_device::resolve(&to.device_addr).await?;
                 *connector = device.connector.for_redirect(&to)?;
             }
             Err(error) => return Err(error),

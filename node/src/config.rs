@@ -102,7 +102,7 @@ pub struct NodeConfig {
     #[arg(long, env = "COURIER_OPEN_ENROLMENT")]
     pub open_enrolment: bool,
     /// Hard limit on one device-link frame, in bytes.
-    #[arg(long, env = "COURIER_MAX_FRAME_BYTES", default_value_t = crate::edge::codec::DEFAULT_MAX_FRAME)]
+    #[arg(long, env = "COURIER_MAX_FRAME_BYTES", default_value_t = courier_device::codec::DEFAULT_MAX_FRAME)]
     pub max_frame_bytes: usize,
     /// Shortest keepalive interval a device may negotiate, in seconds.
     #[arg(long, env = "COURIER_KEEPALIVE_MIN_SECS", default_value_t = 10)]

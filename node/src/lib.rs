@@ -5,7 +5,6 @@
 //! `edge::registry` → `edge::session` (the device's link) → ack → `store` deletes it.
 
 pub mod api;
-pub mod client;
 pub mod config;
 pub mod delivery;
 pub mod edge;

@@ -4,11 +4,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context;
 use courier_core::pki::PkiDir;
-use courier_node::client::{ClientError, DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent, SeenIds};
+use courier_device::{ClientError, Device, DeviceCredentials, DeviceEndpoint, DeviceEvent};
 use courier_proto::device::GoodbyeReason;
 
 #[derive(clap::Args)]
@@ -51,94 +50,61 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
     let credentials = match DeviceCredentials::load(&home)? {
         Some(credentials) => credentials,
         None => {
-            let credentials = courier_node::client::activate(&endpoint, &args.enrolment_secret)
-                .await
-                .context("activating the device")?;
+            let credentials =
+                courier_device::activate(&endpoint, &args.enrolment_secret).await.context("activating the device")?;
             credentials.save(&home)?;
             eprintln!("activated as device {}", credentials.device_id);
             credentials
         }
     };
-    let mut backoff = Duration::from_millis(500);
-    // Kept across reconnects, so a notification redelivered on a new link is still printed only once.
-    let mut seen = SeenIds::default();
+    let held = std::fs::read_to_string(token_file(&args.dir, &args.name, &args.topic)).ok();
+    let mut device = Device::new(endpoint, credentials)?
+        .with_topic(&args.topic, held.map(|token| token.trim().to_string()))
+        .with_keepalive(args.keepalive);
     loop {
-        match session(&args, &endpoint, &credentials, &mut seen).await {
+        let event = tokio::select! {
+            event = device.next_event() => event,
+            _ = super::terminated() => return Ok(()),
+        };
+        match event {
             Err(ClientError::Goodbye { reason: GoodbyeReason::Revoked, detail }) => {
                 anyhow::bail!("this device was revoked: {detail}")
             }
             Err(ClientError::Goodbye { reason: GoodbyeReason::ClonedIdentity, detail }) => {
                 anyhow::bail!("the cluster refuses this device as a suspected clone: {detail}")
             }
-            Err(error) => eprintln!("link lost: {error}; reconnecting in {backoff:?}"),
-            Ok(()) => {}
+            Err(error) => return Err(error.into()),
+            Ok(DeviceEvent::Linked { .. }) => {}
+            Ok(DeviceEvent::Lost { error, retry_in }) => eprintln!("link lost: {error}; reconnecting in {retry_in:?}"),
+            Ok(DeviceEvent::Token { topic, token }) => {
+                let _ = std::fs::write(token_file(&args.dir, &args.name, &topic), &token);
+                let device_id = device.device_id().to_string();
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "registered", "device_id": device_id, "topic": topic, "token": token})
+                );
+            }
+            Ok(DeviceEvent::Notification(n)) => print_notification(&n),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = super::terminated() => return Ok(()),
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 
-async fn session(
-    args: &DeviceArgs,
-    endpoint: &DeviceEndpoint,
-    credentials: &DeviceCredentials,
-    seen: &mut SeenIds,
-) -> Result<(), ClientError> {
-    let token_path = token_file(&args.dir, &args.name, &args.topic);
-    let held: Vec<(String, String)> = std::fs::read_to_string(&token_path)
-        .map(|token| vec![(args.topic.clone(), token.trim().to_string())])
-        .unwrap_or_default();
-    let mut link = DeviceLink::connect_with(endpoint, credentials, args.keepalive, &held).await?;
-    std::mem::swap(&mut link.seen, seen);
-    let result = serve_link(args, credentials, &mut link).await;
-    std::mem::swap(&mut link.seen, seen);
-    result
-}
-
-async fn serve_link(
-    args: &DeviceArgs,
-    credentials: &DeviceCredentials,
-    link: &mut DeviceLink,
-) -> Result<(), ClientError> {
-    let token_path = token_file(&args.dir, &args.name, &args.topic);
-    let token = link.register(&args.topic).await?;
-    let _ = std::fs::write(&token_path, &token);
+/// One notification as a JSON line on stdout; a payload that is not JSON is shown as text.
+fn print_notification(n: &courier_device::Notification) {
+    let payload: serde_json::Value = serde_json::from_slice(&n.payload)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&n.payload).into_owned()));
     println!(
         "{}",
-        serde_json::json!({"event": "registered", "device_id": credentials.device_id.to_string(), "topic": args.topic, "token": token})
+        serde_json::json!({
+            "event": "notification",
+            "apns_id": n.apns_id,
+            "topic": n.topic,
+            "priority": n.priority,
+            "expiration": n.expiration,
+            "collapse_id": n.collapse_id,
+            "push_type": n.push_type,
+            "accepted_at_ms": n.accepted_at_ms,
+            "payload": payload,
+        })
     );
-    loop {
-        let event = tokio::select! {
-            event = link.next_app_event() => event?,
-            _ = super::terminated() => std::process::exit(0),
-        };
-        let n = match event {
-            LinkEvent::Notification(n) => n,
-            LinkEvent::TokenUpdated { topic, token } => {
-                let _ = std::fs::write(token_file(&args.dir, &args.name, &topic), &token);
-                println!("{}", serde_json::json!({"event": "token_updated", "topic": topic, "token": token}));
-                continue;
-            }
-            LinkEvent::Redirect(device_addr) => return Err(ClientError::Redirected(device_addr)),
-        };
-        let payload: serde_json::Value = serde_json::from_slice(&n.payload)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&n.payload).into_owned()));
-        println!(
-            "{}",
-            serde_json::json!({
-                "event": "notification",
-                "apns_id": n.apns_id,
-                "topic": n.topic,
-                "priority": n.priority,
-                "expiration": n.expiration,
-                "collapse_id": n.collapse_id,
-                "push_type": n.push_type,
-                "accepted_at_ms": n.accepted_at_ms,
-                "payload": payload,
-            })
-        );
-    }
 }

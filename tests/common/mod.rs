@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_core::pki::{self, PkiDir, PkiOptions};
+use courier_device::codec::FrameCodec;
+use courier_device::{DeviceCredentials, DeviceEndpoint, DeviceLink};
 use courier_gateway::provider::{JwtSigner, ProviderClient, Push, PushResponse};
 use courier_gateway::{GatewayConfig, RunningGateway};
-use courier_node::client::{DeviceCredentials, DeviceEndpoint, DeviceLink};
-use courier_node::edge::codec::FrameCodec;
 use courier_node::{NodeConfig, RunningNode};
 use courier_proto::device::{GoodbyeReason, ServerFrame, server_frame};
 use futures_util::StreamExt;
@@ -137,7 +137,7 @@ impl TestCluster {
     }
 
     pub async fn activate(&self) -> DeviceCredentials {
-        courier_node::client::activate(&self.endpoint(), "").await.expect("activation")
+        courier_device::activate(&self.endpoint(), "").await.expect("activation")
     }
 
     /// Activates a device, connects it and registers `TOPIC`; returns the link and its token.

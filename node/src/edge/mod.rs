@@ -2,12 +2,12 @@
 //!
 //! `serve` accepts TCP connections on the device port, completes the TLS handshake (a client certificate
 //! from the device CA is verified when offered) and hands each link to `session`, which speaks the frame
-//! protocol. `codec` is the only code that sees the link's bytes; `registry` maps device ids to live links;
+//! protocol. `courier_device::codec` (the frame codec the device SDK shares) is the only code that sees
+//! the link's bytes; `registry` maps device ids to live links;
 //! `limits` bounds what connections (before their first frame) and links may cost.
 //! `clones` recognises one device certificate used by several devices.
 
 pub mod clones;
-pub mod codec;
 pub mod limits;
 pub mod registry;
 pub mod session;

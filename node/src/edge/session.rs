@@ -22,19 +22,19 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::codec::Framed;
 
 use super::Edge;
-use super::codec::FrameCodec;
 use super::limits::{Pending, TokenBucket};
 use super::registry::LinkEnd;
 use crate::ids::{DeviceId, unix_millis};
 use crate::pki;
 use crate::token::KeyState;
 use crate::view::Placement;
+use courier_device::codec::FrameCodec;
 
 pub type Link = Framed<TlsStream<TcpStream>, FrameCodec<DeviceFrame>>;
 
 /// A device link's stream, on the heap: the session's future then holds a pointer, not the TLS state.
 pub fn boxed_link(tls: TlsStream<TcpStream>, max_frame: usize) -> Box<Link> {
-    Box::new(super::codec::lean(tls, FrameCodec::new(max_frame)))
+    Box::new(courier_device::codec::lean(tls, FrameCodec::new(max_frame)))
 }
 
 /// Longest topic name accepted, in bytes.
@@ -475,7 +475,7 @@ async fn serve_device(
         }
         let mut last_heard = Instant::now();
         loop {
-            super::codec::release_idle_buffers(link);
+            courier_device::codec::release_idle_buffers(link);
             tokio::select! {
                 _ = courier_core::shutdown::stopped(&mut shutdown) => {
                     goodbye(link, GoodbyeReason::Shutdown, "node shutting down").await;
