@@ -1,9 +1,8 @@
-//! Shutdown as every process sends it: a `watch` channel whose value turns `true` once, and tasks that wait
-//! for that.
+//! Shutdown, one way in every process (tokio-util's primitives, as its documentation on graceful
+//! shutdown describes): a `CancellationToken` that the owner of a set of tasks cancels once and that each
+//! task waits on (`token.cancelled()`, cloned into every task), and a `TaskTracker` the owner waits on
+//! until every task it spawned has finished. An owner that may be dropped without shutting down holds a
+//! `DropGuard`, so its tasks are still told to stop.
 
-use tokio::sync::watch;
-
-/// Completes when `shutdown` turns true (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
+pub use tokio_util::sync::{CancellationToken, DropGuard};
+pub use tokio_util::task::TaskTracker;

@@ -7,8 +7,9 @@
 //! tag, so a token cannot be forged or altered without the key. The topic digest inside binds a token to
 //! one `apns-topic`.
 //!
-//! Where keys come from is the `Keyring`'s business: today a file in the PKI directory; later the Raft
-//! state. Gateways and nodes only ever ask the keyring for "the key that mints" and "the key with this id".
+//! Where keys come from is the `Keyring`'s business: the Raft state's token keys (`ctl keys rotate`,
+//! `ClusterState::sync_keyring`), the first of them seeded at bootstrap from the file `courier pki init`
+//! writes. Gateways and nodes only ever ask the keyring for "the key that mints" and "the key with this id".
 
 use std::collections::BTreeMap;
 use std::fmt;

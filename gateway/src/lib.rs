@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use courier_core::peer::{PeerError, Peers};
 use courier_core::pki::{PkiDir, PkiError};
+use courier_core::shutdown::{CancellationToken, DropGuard};
 use courier_core::telemetry::Readiness;
 use courier_core::tls::TlsError;
 use courier_core::token::Keyring;
@@ -46,7 +47,8 @@ pub enum GatewayError {
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 
-/// A started gateway. Dropping it leaves its tasks running; call `shutdown` to stop them.
+/// A started gateway. Dropping it tells its tasks to stop but waits for none of them; `shutdown` drains
+/// and joins them.
 pub struct RunningGateway {
     /// Where the provider API actually listens (the OS picks the port when configured with 0).
     pub provider_addr: SocketAddr,
@@ -54,7 +56,8 @@ pub struct RunningGateway {
     pub metrics_addr: SocketAddr,
     /// The latest view of the cluster this gateway routes by.
     pub view: ViewReceiver,
-    shutdown: signal::Sender<bool>,
+    shutdown: CancellationToken,
+    _stop_on_drop: DropGuard,
     provider_task: JoinHandle<()>,
     metrics_task: JoinHandle<()>,
     watch_task: JoinHandle<()>,
@@ -203,8 +206,8 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         credentials: credentials.clone(),
         readiness: readiness.clone(),
     };
-    let (shutdown, shutdown_rx) = signal::channel(false);
-    let router = NodeRouter::new(peers, view.clone(), timeout, shutdown_rx.clone());
+    let shutdown = CancellationToken::new();
+    let router = NodeRouter::new(peers, view.clone(), timeout, shutdown.clone());
     let limit = |per_sec: f64, burst: u32| Limit { per_sec, burst: f64::from(burst) };
     let service = Arc::new(PushService {
         verifier: JwtVerifier::with_refresh_limit(credentials, config.max_jwt_age_secs, config.min_jwt_refresh_secs),
@@ -225,7 +228,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         acceptor: TlsAcceptor::from(Arc::new(tls)),
         service,
         connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
-        shutdown: shutdown_rx.clone(),
+        shutdown: shutdown.clone(),
         idle_timeout: Duration::from_secs(config.idle_timeout_secs.max(1)),
         limits: ConnectionLimits {
             first_request_timeout: Duration::from_millis(config.first_request_timeout_ms.max(1)),
@@ -235,20 +238,27 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         },
     };
     let provider_task = tokio::spawn(server.run());
-    let watch_task = tokio::spawn(cluster_watch.run(views, shutdown_rx.clone()));
+    let watch_task = tokio::spawn(cluster_watch.run(views, shutdown.clone()));
 
-    let mut metrics_shutdown = shutdown_rx;
+    let stop = shutdown.clone().cancelled_owned();
     let metrics_task = tokio::spawn(async move {
-        let stop = async move {
-            let _ = metrics_shutdown.wait_for(|stop| *stop).await;
-        };
         if let Err(error) = courier_core::telemetry::serve(metrics_listener, vec![readiness], stop).await {
             tracing::error!(%error, "gateway metrics server failed");
         }
     });
 
     tracing::info!(%provider_addr, %metrics_addr, nodes = ?config.node_addrs, "gateway started");
-    Ok(RunningGateway { provider_addr, metrics_addr, view, shutdown, provider_task, metrics_task, watch_task })
+    let _stop_on_drop = shutdown.clone().drop_guard();
+    Ok(RunningGateway {
+        provider_addr,
+        metrics_addr,
+        view,
+        shutdown,
+        _stop_on_drop,
+        provider_task,
+        metrics_task,
+        watch_task,
+    })
 }
 
 impl RunningGateway {
@@ -260,9 +270,8 @@ impl RunningGateway {
     /// Stops accepting, lets in-flight requests finish (for a few seconds at most) and joins every task.
     pub async fn shutdown(self) {
         let RunningGateway { shutdown, mut provider_task, mut metrics_task, watch_task, .. } = self;
-        let _ = shutdown.send(true);
+        shutdown.cancel();
         let _ = watch_task.await;
-        let _ = shutdown.send(true);
         // The provider server bounds its own drain; the margin covers a task that ignores the signal.
         let limit = SHUTDOWN_GRACE + Duration::from_secs(1);
         if tokio::time::timeout(limit, &mut provider_task).await.is_err() {

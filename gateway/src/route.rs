@@ -24,9 +24,11 @@ use courier_proto::cluster::{
     DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem, ForwardResult, ForwardResults, Notification,
     NotificationStatusRequest, NotificationStatusResponse, RefusalReason,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::Streaming;
+
+use courier_core::shutdown::CancellationToken;
 
 use crate::http::apns::Reason;
 use crate::watch::ViewReceiver;
@@ -66,7 +68,7 @@ pub struct NodeRouter {
     pub view: ViewReceiver,
     pub timeout: Duration,
     /// Becomes true when the gateway shuts down; retries stop then.
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: CancellationToken,
     /// The task owning the `Forward` stream to each node address, started on the first push there. The
     /// tasks end when the last router is dropped.
     streams: Arc<Mutex<HashMap<String, mpsc::Sender<Pending>>>>,
@@ -101,7 +103,7 @@ struct Answer {
 }
 
 impl NodeRouter {
-    pub fn new(peers: Arc<Peers>, view: ViewReceiver, timeout: Duration, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(peers: Arc<Peers>, view: ViewReceiver, timeout: Duration, shutdown: CancellationToken) -> Self {
         NodeRouter { peers, view, timeout, shutdown, streams: Arc::default() }
     }
 
@@ -175,12 +177,11 @@ impl NodeRouter {
     /// Waits before the next attempt: for a view of at least `catch_up` if given (within the deadline),
     /// else for a newer view or a short pause. False when the gateway is shutting down.
     async fn pause_before_retry(&self, view: &mut ViewReceiver, deadline: Instant, catch_up: Option<Epoch>) -> bool {
-        if *self.shutdown.borrow() {
+        if self.shutdown.is_cancelled() {
             return false;
         }
         metrics::counter!("courier_gateway_forward_retries_total").increment(1);
-        let mut shutdown = self.shutdown.clone();
-        let stop = async move { courier_core::shutdown::stopped(&mut shutdown).await };
+        let stop = self.shutdown.clone().cancelled_owned();
         match catch_up {
             Some(epoch) => {
                 let caught_up = view.wait_for(|v| v.as_ref().is_some_and(|v| v.epoch >= epoch));

@@ -24,6 +24,8 @@ use courier_core::token::Keyring;
 use courier_proto::cluster::WatchRequest;
 use tokio::sync::watch;
 
+use courier_core::shutdown::CancellationToken;
+
 use crate::http::jwt::ProviderCredentials;
 
 /// One epoch as the gateway routes by it.
@@ -79,7 +81,7 @@ pub struct ClusterWatch {
 pub const WATCH_SILENCE: Duration = Duration::from_secs(3 * courier_core::protocol::WATCH_HEARTBEAT.as_secs());
 
 impl ClusterWatch {
-    pub async fn run(self, views: watch::Sender<Option<Arc<GatewayView>>>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, views: watch::Sender<Option<Arc<GatewayView>>>, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         let mut left: Option<String> = None;
         loop {
@@ -88,7 +90,7 @@ impl ClusterWatch {
             for addr in candidates {
                 let (heard_here, why) = tokio::select! {
                     outcome = self.follow(&addr, &views) => outcome,
-                    _ = courier_core::shutdown::stopped(&mut shutdown) => return,
+                    _ = shutdown.cancelled() => return,
                 };
                 self.readiness.set(false);
                 metrics::counter!("courier_gateway_watch_failovers_total").increment(1);
@@ -106,7 +108,7 @@ impl ClusterWatch {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = courier_core::shutdown::stopped(&mut shutdown) => return,
+                _ = shutdown.cancelled() => return,
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }

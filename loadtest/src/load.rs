@@ -138,7 +138,7 @@ pub async fn run(plan: LoadPlan, ledger: Arc<Mutex<Ledger>>) -> anyhow::Result<L
         }
         Rate::PerSecond(rate) => {
             let mut seq = 0u64;
-            let tasks = tokio_util::task::TaskTracker::new();
+            let tasks = courier_core::shutdown::TaskTracker::new();
             loop {
                 let now = Instant::now();
                 if now >= end || seq >= limit {

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use courier_core::shutdown::CancellationToken;
 use courier_device::Connector;
 use serde_json::json;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::cli::{ConnectArgs, FailoverArgs, LoadArgs, OfflineArgs, OutputArgs, PushArgs, SwarmArgs, TargetArgs};
 use crate::cluster::Target;

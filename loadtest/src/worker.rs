@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use courier_core::ids::DeviceId;
+use courier_core::shutdown::CancellationToken;
 use courier_device::{Backoff, ClientError, Connector, DeviceLink, LinkEvent, SeenIds};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::msg::{Command, Marker, Progress, WorkerSpec};
 

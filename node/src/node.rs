@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::TcpListenerStream;
-use tokio_util::task::TaskTracker;
+
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::ClusterService;
@@ -36,7 +36,7 @@ use crate::telemetry::{self, Readiness};
 use crate::tls::{self, TlsError};
 use crate::token::{Keyring, KeyringError};
 use crate::view::{LocalView, Placement};
-use courier_core::shutdown::stopped;
+use courier_core::shutdown::{CancellationToken, DropGuard, TaskTracker};
 use courier_proto::cluster::JoinRequest;
 use courier_proto::device::GoodbyeReason;
 
@@ -104,7 +104,7 @@ fn check_node_certificate(pki: &PkiDir, id: u64) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// A started node. Dropping it without `shutdown` leaves its tasks running until the runtime ends.
+/// A started node. Dropping it without `shutdown` tells its tasks to stop but waits for none of them.
 pub struct RunningNode {
     pub device_addr: SocketAddr,
     pub cluster_addr: SocketAddr,
@@ -115,7 +115,8 @@ pub struct RunningNode {
     pub view: Arc<LocalView>,
     /// The last epoch whose ring this node has rebalanced its queues for.
     pub rebalanced: watch::Receiver<Epoch>,
-    shutdown: watch::Sender<bool>,
+    shutdown: CancellationToken,
+    _stop_on_drop: DropGuard,
     tracker: TaskTracker,
 }
 
@@ -194,7 +195,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         .identity(Identity::from_pem(read(pki.member_cert(&member))?, read(pki.member_key(&member))?))
         .client_ca_root(Certificate::from_pem(read(pki.cluster_ca_cert())?));
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(follow_state(
         state.clone(),
@@ -207,7 +208,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
             rebalanced,
         },
         config.redirect_rate,
-        shutdown_rx.clone(),
+        shutdown.clone(),
     ));
     let delivery = Delivery::new(DeliveryParts {
         store: store.clone(),
@@ -228,13 +229,13 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         delivery: delivery.clone(),
         registrations,
     });
-    tracker.spawn(edge::clones::report(clone_reports_rx, control.clone(), shutdown_rx.clone()));
-    tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown_rx.clone(), tracker.clone()));
+    tracker.spawn(edge::clones::report(clone_reports_rx, control.clone(), shutdown.clone()));
+    tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown.clone(), tracker.clone()));
 
     let service = ClusterService {
         delivery,
         control: control.clone(),
-        shutdown: shutdown_rx.clone(),
+        shutdown: shutdown.clone(),
         epoch_wait: config.epoch_wait(),
     };
     // Keepalive pings close a connection whose peer vanished (cut off, or gone without a FIN), which a
@@ -246,16 +247,13 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         .add_service(
             ClusterServer::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20),
         )
-        .serve_with_incoming_shutdown(cluster_incoming(cluster_listener), {
-            let mut rx = shutdown_rx.clone();
-            async move { stopped(&mut rx).await }
-        });
-    let mut stop = shutdown_rx.clone();
+        .serve_with_incoming_shutdown(cluster_incoming(cluster_listener), shutdown.clone().cancelled_owned());
+    let stop = shutdown.clone();
     tracker.spawn(async move {
         // In-flight calls get `GRPC_DRAIN` to finish after shutdown begins; connections still open then
         // (to a peer that stopped answering) are dropped rather than held on to.
         let drained = async move {
-            stopped(&mut stop).await;
+            stop.cancelled().await;
             tokio::time::sleep(GRPC_DRAIN).await;
         };
         tokio::select! {
@@ -276,22 +274,22 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
             cluster_addr: advertised_cluster.clone(),
             device_addr: advertised_device.clone(),
         };
-        let (control, stop) = (control.clone(), shutdown_rx.clone());
+        let (control, stop) = (control.clone(), shutdown.clone());
         tracker.spawn(async move { control.join_through(&seeds, request, stop).await });
     }
-    tracker.spawn(control.clone().run_leader_duties(shutdown_rx.clone()));
-    tracker.spawn(sweep_orphans(replicator.clone(), store.clone(), shutdown_rx.clone()));
+    tracker.spawn(control.clone().run_leader_duties(shutdown.clone()));
+    tracker.spawn(sweep_orphans(replicator.clone(), store.clone(), shutdown.clone()));
     if initialized {
-        tracker.spawn(reactivate(control.clone(), shutdown_rx.clone()));
+        tracker.spawn(reactivate(control.clone(), shutdown.clone()));
     }
-    tracker.spawn(crate::raft::status::export_metrics(control.clone(), committed_index, shutdown_rx.clone()));
+    tracker.spawn(crate::raft::status::export_metrics(control.clone(), committed_index, shutdown.clone()));
 
     // Set every 200 ms (`track_readiness`): a flag older than a second is from before a stall.
     let readiness = Readiness::refreshed_within(Duration::from_secs(1));
-    tracker.spawn(track_readiness(control.clone(), readiness.clone(), shutdown_rx.clone()));
-    let mut metrics_stop = shutdown_rx.clone();
+    tracker.spawn(track_readiness(control.clone(), readiness.clone(), shutdown.clone()));
+    let metrics_stop = shutdown.clone().cancelled_owned();
     tracker.spawn(async move {
-        let stop = async move { stopped(&mut metrics_stop).await };
+        let stop = metrics_stop;
         if let Err(error) = telemetry::serve(metrics_listener, vec![readiness], stop).await {
             tracing::error!(%error, "metrics server failed");
         }
@@ -307,6 +305,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         control,
         view,
         rebalanced: rebalanced_rx,
+        _stop_on_drop: shutdown.clone().drop_guard(),
         shutdown,
         tracker,
     })
@@ -341,14 +340,14 @@ async fn follow_state(
     mut state: watch::Receiver<Arc<ClusterState>>,
     followers: Followers,
     redirect_rate: u32,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let (latest, work) = watch::channel(state.borrow().clone());
     let reconciler = tokio::spawn(reconcile(work, followers.clone(), redirect_rate, shutdown.clone()));
     loop {
         tokio::select! {
             changed = state.changed() => if changed.is_err() { break },
-            _ = stopped(&mut shutdown) => break,
+            _ = shutdown.cancelled() => break,
         }
         let current = state.borrow_and_update().clone();
         followers.view.update(current.clone());
@@ -367,7 +366,7 @@ async fn reconcile(
     mut work: watch::Receiver<Arc<ClusterState>>,
     followers: Followers,
     redirect_rate: u32,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let Followers { view, registry, store, replicator, rebalanced, .. } = followers;
     let pause = Duration::from_secs(1) / redirect_rate.max(1);
@@ -375,14 +374,14 @@ async fn reconcile(
     loop {
         tokio::select! {
             changed = work.changed() => if changed.is_err() { return },
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         }
         let current = work.borrow_and_update().clone();
         let ring = Ring::from_state(&current);
         if ring.members() != ring_before.members() || ring_before.members().is_empty() {
             let rebalance = tokio::select! {
                 result = replicator.rebalance(&store, &ring_before) => result,
-                _ = stopped(&mut shutdown) => return,
+                _ = shutdown.cancelled() => return,
             };
             match rebalance {
                 Ok(report) if report != RebalanceReport::default() => {
@@ -417,15 +416,15 @@ async fn reconcile(
 
 /// Every few seconds, moves copies this node holds for devices it is no longer a candidate for: writes
 /// that raced a ring change land on the old holders after their rebalance read the queue.
-async fn sweep_orphans(replicator: Arc<Replicator>, store: Store, mut shutdown: watch::Receiver<bool>) {
+async fn sweep_orphans(replicator: Arc<Replicator>, store: Store, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(ORPHAN_SWEEP) => {}
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         }
         let sweep = tokio::select! {
             result = replicator.sweep_orphans(&store) => result,
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         };
         match sweep {
             Ok(0) => {}
@@ -445,7 +444,7 @@ const GRPC_DRAIN: Duration = Duration::from_secs(5);
 
 /// A node restarted after a drain or a crash asks to be active again once a leader is known (after a crash,
 /// once it has run for `rejoin_after`).
-async fn reactivate(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
+async fn reactivate(control: Arc<Control>, shutdown: CancellationToken) {
     let started = tokio::time::Instant::now();
     loop {
         let me = control.current().members.get(&control.id).map(|m| m.state);
@@ -468,18 +467,18 @@ async fn reactivate(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) 
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         }
     }
 }
 
 /// Ready once this node is an active member of an epoch it has applied and a leader is known.
-async fn track_readiness(control: Arc<Control>, readiness: Readiness, mut shutdown: watch::Receiver<bool>) {
+async fn track_readiness(control: Arc<Control>, readiness: Readiness, shutdown: CancellationToken) {
     loop {
         readiness.set(control.is_serving());
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         }
     }
 }
@@ -488,7 +487,7 @@ impl RunningNode {
     /// Closes every link with a goodbye, stops the listeners, commits the store and returns when all
     /// tasks have ended, leaving the data directory free to reopen.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
         self.tracker.close();
         self.tracker.wait().await;
         if let Err(error) = self.control.raft.shutdown().await {

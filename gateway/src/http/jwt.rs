@@ -3,9 +3,9 @@
 //! APNs provider tokens carry `kid` (which signing key) in the header and `iss` (team id) and `iat` (when
 //! it was made) in the claims, and no `exp`: a token is good for an hour after `iat`. Providers are told to
 //! reuse one token for many pushes, so a verified token string is remembered and its signature is not
-//! checked again; its age still is, on every push. The set of credentials is replaceable at run time
-//! (today it comes from the PKI directory; later from the Raft state), and replacing it forgets every
-//! remembered token.
+//! checked again; its age still is, on every push. The set of credentials is replaceable at run time (it
+//! is the Raft state's provider teams, `ctl providers add/remove`, the first seeded at bootstrap from the
+//! PKI directory), and replacing it forgets every remembered token.
 //!
 //! APNs answers 429 `TooManyProviderTokenUpdates` to a team that switches to a new token more often than
 //! every 20 minutes. Courier can do the same (`min_refresh_secs`, per key id, checked only after the new

@@ -24,11 +24,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use courier_core::shutdown::CancellationToken;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
@@ -57,7 +58,7 @@ pub struct ProviderServer {
     /// One permit per open connection; when they run out, accepting waits.
     pub connections: Arc<Semaphore>,
     /// Becomes `true` when the gateway shuts down.
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: CancellationToken,
     /// A connection with no request for this long is closed.
     pub idle_timeout: Duration,
     /// What a connection may cost before its first request.
@@ -172,15 +173,10 @@ impl Drop for HandshakeGauge {
     }
 }
 
-/// Resolves once shutdown is signalled (or the signal's sender is gone, which means the same).
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
 impl ProviderServer {
     /// Accepts connections until shutdown, then waits (at most `SHUTDOWN_GRACE`) for them to drain.
     pub async fn run(self) {
-        let ProviderServer { listener, acceptor, service, connections, mut shutdown, idle_timeout, limits } = self;
+        let ProviderServer { listener, acceptor, service, connections, shutdown, idle_timeout, limits } = self;
         let sources = Sources::new(limits);
         let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
         let mut tasks = JoinSet::new();
@@ -188,14 +184,14 @@ impl ProviderServer {
             // Reap finished connections so the set only holds live ones.
             while tasks.try_join_next().is_some() {}
             let permit = tokio::select! {
-                _ = stopping(&mut shutdown) => break,
+                _ = shutdown.cancelled() => break,
                 permit = connections.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
                 },
             };
             let (tcp, peer) = tokio::select! {
-                _ = stopping(&mut shutdown) => break,
+                _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
@@ -334,7 +330,7 @@ fn connection_auth(certificates: Option<&[rustls::pki_types::CertificateDer<'sta
 }
 
 impl Connection {
-    async fn serve(self, tcp: TcpStream, mut shutdown: watch::Receiver<bool>, _permit: OwnedSemaphorePermit) {
+    async fn serve(self, tcp: TcpStream, shutdown: CancellationToken, _permit: OwnedSemaphorePermit) {
         let Connection { acceptor, service, idle_timeout, first_request_deadline, handshakes, source } = self;
         let _gauge = ConnectionGauge::open();
         let _ = tcp.set_nodelay(true);
@@ -347,7 +343,7 @@ impl Connection {
             Some(acceptor.accept(tcp).await)
         };
         let tls = tokio::select! {
-            _ = stopping(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
             handshake = tokio::time::timeout_at(first_request_deadline, handshake) => match handshake {
                 Ok(Some(Ok(tls))) => tls,
                 Ok(Some(Err(error))) => {
@@ -388,7 +384,7 @@ impl Connection {
         let result = loop {
             tokio::select! {
                 result = connection.as_mut() => break result,
-                _ = stopping(&mut shutdown) => {
+                _ = shutdown.cancelled() => {
                     // GOAWAY: no new streams, but the ones already open run to completion.
                     connection.as_mut().graceful_shutdown();
                     break connection.await;

@@ -18,13 +18,13 @@ use std::time::Duration;
 use courier_proto::cluster::{ForwardBatch, ForwardItem, ForwardResult, ForwardResults, RefusalReason};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use courier_core::protocol::{MAX_FORWARD_BATCH, MAX_UNANSWERED};
-use courier_core::shutdown::stopped;
+use courier_core::shutdown::CancellationToken;
 
 use crate::delivery::{Delivery, refused};
 use crate::raft::state::Epoch;
@@ -43,7 +43,7 @@ pub fn serve(
     delivery: Delivery,
     batches: Streaming<ForwardBatch>,
     epoch_wait: Duration,
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> ReceiverStream<Result<ForwardResults, Status>> {
     let (out, results) = mpsc::channel(OUTBOX);
     tokio::spawn(run(Forwarding { delivery, epoch_wait, shutdown, out }, batches));
@@ -55,11 +55,11 @@ struct Forwarding {
     delivery: Delivery,
     epoch_wait: Duration,
     /// Stops reading batches; those read are still answered.
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
     out: mpsc::Sender<Result<ForwardResults, Status>>,
 }
 
-async fn run(mut stream: Forwarding, mut batches: Streaming<ForwardBatch>) {
+async fn run(stream: Forwarding, mut batches: Streaming<ForwardBatch>) {
     let (answer, mut answers) = mpsc::unbounded_channel();
     // Aborted with the stream: an item nobody will hear the answer to is the gateway's to retry.
     let mut running = JoinSet::new();
@@ -69,7 +69,7 @@ async fn run(mut stream: Forwarding, mut batches: Streaming<ForwardBatch>) {
     while reading || unanswered > 0 {
         tokio::select! {
             biased;
-            _ = stopped(&mut stream.shutdown), if reading => reading = false,
+            _ = stream.shutdown.cancelled(), if reading => reading = false,
             received = answers.recv_many(&mut ready, MAX_RESULTS_PER_MESSAGE), if unanswered > 0 => {
                 // Let deliveries that are finishing now add their answers to this message.
                 tokio::task::yield_now().await;
@@ -138,13 +138,13 @@ async fn deliver_batch(
     delivery: Delivery,
     batch: ForwardBatch,
     epoch_wait: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
     answer: mpsc::UnboundedSender<ForwardResult>,
 ) {
     let epoch = Epoch(batch.epoch);
     let caught_up = tokio::select! {
         reached = delivery.view().reached(epoch, epoch_wait) => reached,
-        _ = stopped(&mut shutdown) => delivery.view().get().state.epoch >= epoch,
+        _ = shutdown.cancelled() => delivery.view().get().state.epoch >= epoch,
     };
     if !caught_up {
         for item in batch.items {

@@ -23,6 +23,8 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use self::authz::{Rpc, authorize};
+use courier_core::shutdown::CancellationToken;
+
 use crate::delivery::Delivery;
 use crate::ids::DeviceId;
 use crate::pki::ClusterRole;
@@ -34,7 +36,7 @@ pub struct ClusterService {
     pub delivery: Delivery,
     pub control: Arc<Control>,
     /// Ends watch streams at shutdown; the server's graceful drain would otherwise wait on them forever.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub shutdown: CancellationToken,
     /// How long a forwarded batch stamped with an epoch this node has not applied waits for it.
     pub epoch_wait: std::time::Duration,
 }
@@ -221,8 +223,7 @@ impl Cluster for ClusterService {
         authorize(&request, Rpc::WatchCluster)?;
         tracing::debug!(watcher = %request.get_ref().watcher, "cluster watch opened");
         let control = self.control.clone();
-        let mut shutdown = self.shutdown.clone();
-        let stop = async move { courier_core::shutdown::stopped(&mut shutdown).await };
+        let stop = self.shutdown.clone().cancelled_owned();
         let states = WatchStream::new(self.control.state.clone()).map(Some);
         let mut ticks = tokio::time::interval_at(
             tokio::time::Instant::now() + courier_core::protocol::WATCH_HEARTBEAT,

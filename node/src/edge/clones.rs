@@ -13,7 +13,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+
+use courier_core::shutdown::CancellationToken;
 
 use crate::ids::{DeviceId, unix_millis};
 use crate::raft::control::Control;
@@ -143,18 +145,14 @@ pub const REPORT_QUEUE: usize = 256;
 
 /// Proposes each suspicion to the cluster, unless the applied state already records it (as strictly):
 /// every node and gateway then sees the device id, and with `refuse` turns its links and pushes away.
-pub async fn report(
-    mut reports: mpsc::Receiver<CloneReport>,
-    control: Arc<Control>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn report(mut reports: mpsc::Receiver<CloneReport>, control: Arc<Control>, shutdown: CancellationToken) {
     loop {
         let report = tokio::select! {
             report = reports.recv() => match report {
                 Some(report) => report,
                 None => return,
             },
-            _ = courier_core::shutdown::stopped(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         };
         let recorded =
             control.current().suspected_clones.get(&report.device).is_some_and(|r| r.refuse || !report.refuse);
@@ -170,7 +168,7 @@ pub async fn report(
         };
         let proposed = tokio::select! {
             result = control.apply(command) => result,
-            _ = courier_core::shutdown::stopped(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         };
         if let Err(error) = proposed {
             tracing::warn!(device = %report.device, %error, "recording a suspected clone failed");

@@ -15,11 +15,10 @@ pub mod session;
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_core::shutdown::stopped;
+use courier_core::shutdown::{CancellationToken, TaskTracker};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
-use tokio_util::task::TaskTracker;
 
 use crate::pki::DeviceCa;
 use crate::store::Store;
@@ -158,7 +157,7 @@ async fn connection(
     edge: Arc<Edge>,
     mut pending: limits::Pending,
     permits: Arc<Semaphore>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let deadline = tokio::time::Instant::now() + edge.settings.handshake_timeout;
     // The handshake's state is boxed and freed when it completes, so that the task, which is sized for its
@@ -166,7 +165,7 @@ async fn connection(
     let shaken = tokio::time::timeout_at(deadline, Box::pin(handshake(&acceptor, tcp, peer, &edge, &mut pending)));
     let shaken = tokio::select! {
         shaken = shaken => shaken,
-        _ = stopped(&mut shutdown) => return,
+        _ = shutdown.cancelled() => return,
     };
     let mut link = match shaken {
         Ok(Handshake::Done(link)) => link,
@@ -198,7 +197,7 @@ pub async fn serve(
     acceptor: TlsAcceptor,
     edge: Arc<Edge>,
     max_links: usize,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(max_links));
@@ -214,7 +213,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         };
         let pending = match admission.admit(peer.ip()) {
             Ok(pending) => pending,

@@ -16,10 +16,11 @@ use courier_proto::cluster::Notification;
 use courier_proto::device::{self as wire, DeviceFrame, GoodbyeReason, ServerFrame, device_frame, server_frame};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_util::codec::Framed;
+
+use courier_core::shutdown::CancellationToken;
 
 use super::Edge;
 use super::limits::{Pending, TokenBucket};
@@ -52,11 +53,11 @@ pub struct Opening {
     pub deadline: Instant,
     pub pending: Pending,
     /// A node shutting down does not wait for first frames.
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: CancellationToken,
 }
 
 /// Runs one link to completion.
-pub async fn run(mut link: Box<Link>, edge: Arc<Edge>, shutdown: watch::Receiver<bool>, opening: Opening) {
+pub async fn run(mut link: Box<Link>, edge: Arc<Edge>, shutdown: CancellationToken, opening: Opening) {
     let peer_cert = link.get_ref().get_ref().1.peer_certificates().and_then(|chain| chain.first()).cloned();
     match peer_cert {
         None => activate(&mut link, &edge, opening).await,
@@ -109,10 +110,10 @@ async fn write(link: &mut Link, edge: &Edge, frame: ServerFrame) -> Result<(), W
 /// Reads the first frame within the connection's deadline, or says goodbye and returns `None`. Either
 /// way the connection stops counting as pending.
 async fn first_frame(link: &mut Link, opening: Opening) -> Option<device_frame::Kind> {
-    let Opening { deadline, pending, mut shutdown } = opening;
+    let Opening { deadline, pending, shutdown } = opening;
     let first = tokio::select! {
         first = tokio::time::timeout_at(deadline, link.next()) => first,
-        _ = courier_core::shutdown::stopped(&mut shutdown) => {
+        _ = shutdown.cancelled() => {
             drop(pending);
             goodbye(link, GoodbyeReason::Shutdown, "node shutting down").await;
             return None;
@@ -406,13 +407,7 @@ async fn too_many_topics(link: &mut Link, max: usize) {
     goodbye(link, GoodbyeReason::TooManyTopics, &detail).await;
 }
 
-async fn serve_device(
-    link: &mut Link,
-    device: DeviceId,
-    edge: &Edge,
-    mut shutdown: watch::Receiver<bool>,
-    opening: Opening,
-) {
+async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, shutdown: CancellationToken, opening: Opening) {
     let hello = match first_frame(link, opening).await {
         Some(device_frame::Kind::Hello(hello)) => hello,
         Some(_) => {
@@ -477,7 +472,7 @@ async fn serve_device(
         loop {
             courier_device::codec::release_idle_buffers(link);
             tokio::select! {
-                _ = courier_core::shutdown::stopped(&mut shutdown) => {
+                _ = shutdown.cancelled() => {
                     goodbye(link, GoodbyeReason::Shutdown, "node shutting down").await;
                     break;
                 }

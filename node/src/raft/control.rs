@@ -15,6 +15,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
+use courier_core::shutdown::CancellationToken;
+
 use super::Raft;
 use super::lease::Lease;
 use super::state::{ClusterState, Command, CommandResponse, KeyState, MemberState, NodeId};
@@ -317,14 +319,14 @@ impl Control {
     /// The leader's periodic duties; runs on every node and acts only while it leads. A tick that cannot
     /// finish (an isolated leader's writes never commit) is abandoned after twice the failure timeout, so
     /// the duties go on once the leader can commit again, or stop when it no longer leads.
-    pub async fn run_leader_duties(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run_leader_duties(self: Arc<Self>, shutdown: CancellationToken) {
         let mut probes = ProbeHistory::default();
         let mut leading_since: Option<Instant> = None;
         let bound = self.settings.failure_timeout.max(self.settings.probe_interval) * 2;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.probe_interval) => {}
-                _ = courier_core::shutdown::stopped(&mut shutdown) => return,
+                _ = shutdown.cancelled() => return,
             }
             if !self.is_leader() {
                 leading_since = None;
@@ -336,7 +338,7 @@ impl Control {
             });
             let tick = tokio::select! {
                 tick = tokio::time::timeout(bound, self.leader_tick(&mut probes, since)) => tick,
-                _ = courier_core::shutdown::stopped(&mut shutdown) => return,
+                _ = shutdown.cancelled() => return,
             };
             match tick {
                 Ok(Ok(())) => {}
@@ -414,7 +416,7 @@ impl Control {
     }
 
     /// Joins through `seeds` (tried in turn, again and again) until a member accepts.
-    pub async fn join_through(&self, seeds: &[String], request: JoinRequest, mut shutdown: watch::Receiver<bool>) {
+    pub async fn join_through(&self, seeds: &[String], request: JoinRequest, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(200);
         loop {
             for seed in seeds {
@@ -433,7 +435,7 @@ impl Control {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = courier_core::shutdown::stopped(&mut shutdown) => return,
+                _ = shutdown.cancelled() => return,
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::watch;
+
+use courier_core::shutdown::CancellationToken;
 
 use super::control::Control;
 use super::state::{KeyState, MemberState};
@@ -93,7 +94,7 @@ pub fn status(control: &Control, devices: &[String]) -> Value {
 pub async fn export_metrics(
     control: Arc<Control>,
     committed_index: Arc<std::sync::atomic::AtomicU64>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let node = control.id.to_string();
     loop {
@@ -126,7 +127,7 @@ pub async fn export_metrics(
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = courier_core::shutdown::stopped(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         }
     }
 }
