@@ -197,7 +197,7 @@ async fn a_first_link_goes_straight_to_the_owner_and_later_ones_follow_the_ring(
 /// owner its credentials directory keeps, and the process (killed when dropped).
 async fn courier_device(cluster: &Cluster, name: &str) -> (RedirectTarget, tokio::process::Child) {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+    let mut child = common::command(env!("CARGO_BIN_EXE_courier"))
         .arg("device")
         .arg("--dir")
         .arg(cluster.dir.path())

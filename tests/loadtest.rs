@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 /// Each run spawns a whole cluster; on two cores they take turns.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -21,7 +20,7 @@ struct Outcome {
 fn loadtest(dir: &Path, args: &[&str]) -> Outcome {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let json_path = dir.join("result.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_courier-loadtest"))
+    let output = common::std_command(env!("CARGO_BIN_EXE_courier-loadtest"))
         .args(args)
         .arg("--spawn-dir")
         .arg(dir.join("cluster"))

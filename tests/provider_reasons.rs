@@ -30,7 +30,7 @@ fn assert_answer(what: &str, push: &Push, response: &PushResponse, status: u16, 
 
 /// Writes a provider certificate with `courier ctl providers issue-cert`, as an operator would.
 fn issue_cert_with_ctl(pki: &PkiDir, team: &str, topics: &[&str], out: &Path) -> (PathBuf, PathBuf) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_courier"));
+    let mut command = common::std_command(env!("CARGO_BIN_EXE_courier"));
     command.args(["ctl", "--pki-dir"]).arg(&pki.dir).args(["providers", "issue-cert", "--team-id", team]);
     for topic in topics {
         command.args(["--topic", topic]);

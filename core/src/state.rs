@@ -79,6 +79,14 @@ pub struct RingParams {
     pub replication_factor: u32,
 }
 
+impl RingParams {
+    /// How many nodes hold each stored notification: the replication factor, at least one (a factor of 0
+    /// in an old log is refused when applied, so this is a guard, not a setting).
+    pub fn copies(&self) -> usize {
+        self.replication_factor.max(1) as usize
+    }
+}
+
 impl Default for RingParams {
     fn default() -> Self {
         RingParams { vnodes: 128, replication_factor: 2 }
@@ -159,7 +167,7 @@ pub mod limits {
     /// A team id or key id (Apple's are 10 characters).
     pub const MAX_ID_LEN: usize = 64;
     /// A topic, as the provider API accepts it.
-    pub const MAX_TOPIC_LEN: usize = 255;
+    pub const MAX_TOPIC_LEN: usize = crate::topic::MAX_TOPIC_LEN;
     /// A provider public key's PEM text (a P-256 key is under 200 bytes).
     pub const MAX_PEM_LEN: usize = 2048;
     /// Revoked device ids.

@@ -18,6 +18,15 @@ pub const CHANNEL_SUFFIXES: &[(&str, &str)] = &[
     (".voip", "voip"),
 ];
 
+/// Longest topic, in bytes: APNs bundle ids with a channel suffix stay well inside it.
+pub const MAX_TOPIC_LEN: usize = 255;
+
+/// 1–255 printable ASCII characters, no spaces: what a bundle id plus a channel suffix can be. Devices'
+/// registrations and providers' `apns-topic` are both checked by this.
+pub fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= MAX_TOPIC_LEN && topic.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// The channel suffix of `topic` and the push type it requires, if it has one.
 pub fn channel(topic: &str) -> Option<(&'static str, &'static str)> {
     CHANNEL_SUFFIXES.iter().copied().find(|(suffix, _)| topic.len() > suffix.len() && topic.ends_with(suffix))
@@ -34,6 +43,17 @@ pub fn app_topic(topic: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topics_are_checked() {
+        assert!(valid_topic("com.example.app"));
+        assert!(valid_topic("com.example.app.voip"));
+        assert!(valid_topic(&"a".repeat(MAX_TOPIC_LEN)));
+        assert!(!valid_topic(""));
+        assert!(!valid_topic("has space"));
+        assert!(!valid_topic("naïve"));
+        assert!(!valid_topic(&"a".repeat(MAX_TOPIC_LEN + 1)));
+    }
 
     #[test]
     fn suffixes_are_stripped_to_the_app_topic() {

@@ -136,7 +136,8 @@ fn bind_address_no_port(socket: &TcpSocket) {
 #[cfg(not(target_os = "linux"))]
 fn bind_address_no_port(_socket: &TcpSocket) {}
 
-/// The first address `host:port` resolves to (a redirect names the node's advertised device address).
+/// The first address `host:port` resolves to (a redirect names the node's advertised device address; the
+/// load generator resolves its endpoints with this too).
 pub async fn resolve(device_addr: &str) -> Result<SocketAddr, ClientError> {
     tokio::net::lookup_host(device_addr)
         .await

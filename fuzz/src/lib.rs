@@ -16,12 +16,12 @@ use std::sync::OnceLock;
 
 use base64::Engine as _;
 use bytes::BytesMut;
+use courier_core::ids::DeviceId;
+use courier_core::pki::ProviderCredential;
+use courier_core::token::{KeyState, Keyring, TokenKey, TokenKeyId};
 use courier_device::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError};
 use courier_gateway::http::apns::{self, Reason};
 use courier_gateway::http::jwt::{JwtVerifier, ProviderCredentials};
-use courier_node::ids::DeviceId;
-use courier_node::pki::ProviderCredential;
-use courier_node::token::{KeyState, Keyring, TokenKey, TokenKeyId};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use tokio_util::codec::{Decoder, Encoder};
@@ -116,7 +116,7 @@ pub fn apns_head(data: &[u8]) {
     let apns_id = apns::response_apns_id(&headers);
     match apns::parse_head(&method, &uri, &headers, &apns_id) {
         Ok(head) => {
-            assert!(apns::valid_topic(&head.topic), "accepted topic {:?}", head.topic);
+            assert!(courier_core::topic::valid_topic(&head.topic), "accepted topic {:?}", head.topic);
             assert!(!head.device_token.is_empty());
             assert!(matches!(head.priority, 1 | 5 | 10), "priority {}", head.priority);
             assert!(apns::PUSH_TYPES.contains(&head.push_type.as_str()));

@@ -3,9 +3,9 @@
 
 use std::sync::OnceLock;
 
-use courier_node::ids::DeviceId;
-use courier_node::raft::state::{ClusterState, Command, CommandResponse, MemberState, RingParams, limits};
-use courier_node::token::{KeyState, TokenKey, TokenKeyId};
+use courier_core::ids::DeviceId;
+use courier_core::state::{ClusterState, Command, CommandResponse, MemberState, RingParams, limits};
+use courier_core::token::{KeyState, TokenKey, TokenKeyId};
 
 /// A real provider public key, so that key-adding commands can succeed.
 fn provider_pem() -> &'static str {
@@ -107,8 +107,8 @@ fn check_limits(state: &ClusterState) {
         assert!(team.topics.iter().all(|t| !t.is_empty() && t.len() <= limits::MAX_TOPIC_LEN));
     }
     assert!(state.revoked.len() <= limits::MAX_REVOKED);
-    assert!(state.suspected_clones.len() <= courier_node::raft::state::MAX_SUSPECTED_CLONES);
-    assert!(state.suspected_clones.values().all(|s| s.addrs.len() <= courier_node::raft::state::MAX_CLONE_ADDRS));
+    assert!(state.suspected_clones.len() <= courier_core::state::MAX_SUSPECTED_CLONES);
+    assert!(state.suspected_clones.values().all(|s| s.addrs.len() <= courier_core::state::MAX_CLONE_ADDRS));
     assert!(state.suspected_clones.keys().all(|d| !state.revoked.contains(d)), "revocation ends a suspicion");
 }
 

@@ -3,10 +3,10 @@
 //! `cargo test -p courier-fuzz --test write_seeds -- --ignored`.
 
 use bytes::BytesMut;
+use courier_core::ids::DeviceId;
+use courier_core::state::{Command, MemberState, RingParams};
+use courier_core::token::{TokenKey, TokenKeyId};
 use courier_device::codec::{DEFAULT_MAX_FRAME, FrameCodec};
-use courier_node::ids::DeviceId;
-use courier_node::raft::state::{Command, MemberState, RingParams};
-use courier_node::token::{TokenKey, TokenKeyId};
 use courier_proto::device::{self as wire, device_frame, server_frame};
 use tokio_util::codec::Encoder;
 

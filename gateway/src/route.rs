@@ -35,7 +35,7 @@ use crate::watch::ViewReceiver;
 
 /// How the owner node disposed of one notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delivery {
+pub enum Forwarded {
     /// Stored, delivered, sent or (expiration 0, device away) discarded: the provider hears 200 in each case.
     Accepted(DeliverOutcome),
     /// The node refused it for this reason and, for `Unregistered` and `ClonedIdentity`, the time (UNIX ms).
@@ -108,10 +108,10 @@ impl NodeRouter {
     }
 
     /// Hands one notification to its owner, retrying across owners until the configured timeout.
-    pub async fn deliver(&self, notification: Notification) -> Delivery {
+    pub async fn deliver(&self, notification: Notification) -> Forwarded {
         let deadline = Instant::now() + self.timeout;
         let Some(device) = DeviceId::from_slice(&notification.device_id) else {
-            return Delivery::Rejected(RefusalReason::BadDeviceId, 0);
+            return Forwarded::Rejected(RefusalReason::BadDeviceId, 0);
         };
         let mut view = self.view.clone();
         let mut attempts = 0u32;
@@ -127,17 +127,17 @@ impl NodeRouter {
             let failure = match target {
                 None => "no active member owns the device yet".to_string(),
                 Some(addr) => match self.try_deliver_while_owner(device, &addr, notification.clone(), deadline).await {
-                    Ok((Delivery::Rejected(RefusalReason::NotOwner, _), epoch)) => {
+                    Ok((Forwarded::Rejected(RefusalReason::NotOwner, _), epoch)) => {
                         catch_up = Some(epoch).filter(|epoch| *epoch > routed_by);
                         format!("{addr} does not own it at epoch {}", epoch.0)
                     }
-                    Ok((Delivery::Rejected(RefusalReason::EpochAhead, _), epoch)) => {
+                    Ok((Forwarded::Rejected(RefusalReason::EpochAhead, _), epoch)) => {
                         format!("{addr} did not reach epoch {} (it is at {})", routed_by.0, epoch.0)
                     }
-                    Ok((Delivery::Rejected(RefusalReason::TooFewCopies, _), _)) => {
+                    Ok((Forwarded::Rejected(RefusalReason::TooFewCopies, _), _)) => {
                         format!("{addr} could not make the replication factor's copies")
                     }
-                    Ok((Delivery::Rejected(RefusalReason::NoLease, _), epoch)) => {
+                    Ok((Forwarded::Rejected(RefusalReason::NoLease, _), epoch)) => {
                         format!("{addr} has lost touch with the cluster (at epoch {})", epoch.0)
                     }
                     Ok((done, _)) => return done,
@@ -146,10 +146,10 @@ impl NodeRouter {
             };
             attempts += 1;
             if Instant::now() >= deadline {
-                return Delivery::Unavailable(format!("{failure} (after {attempts} attempts)"));
+                return Forwarded::Unavailable(format!("{failure} (after {attempts} attempts)"));
             }
             if !self.pause_before_retry(&mut view, deadline, catch_up).await {
-                return Delivery::ShuttingDown;
+                return Forwarded::ShuttingDown;
             }
         }
     }
@@ -165,7 +165,7 @@ impl NodeRouter {
         addr: &str,
         notification: Notification,
         deadline: Instant,
-    ) -> Result<(Delivery, Epoch), String> {
+    ) -> Result<(Forwarded, Epoch), String> {
         let mut view = self.view.clone();
         let moved = view.wait_for(|v| v.as_ref().and_then(|v| v.owner(device)).is_none_or(|(_, owner)| owner != addr));
         tokio::select! {
@@ -268,7 +268,7 @@ impl NodeRouter {
         addr: &str,
         notification: Notification,
         deadline: Instant,
-    ) -> Result<(Delivery, Epoch), String> {
+    ) -> Result<(Forwarded, Epoch), String> {
         let apns_id = notification.apns_id.clone();
         let (answer, answered) = oneshot::channel();
         let stream = self.stream(addr);
@@ -291,8 +291,8 @@ impl NodeRouter {
                 | DeliverOutcome::Sent
                 | DeliverOutcome::Discarded
                 | DeliverOutcome::Delivered),
-            ) => Delivery::Accepted(outcome),
-            Ok(DeliverOutcome::Rejected) => Delivery::Rejected(
+            ) => Forwarded::Accepted(outcome),
+            Ok(DeliverOutcome::Rejected) => Forwarded::Rejected(
                 RefusalReason::try_from(result.reason).unwrap_or(RefusalReason::Unspecified),
                 result.timestamp_ms,
             ),

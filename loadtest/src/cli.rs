@@ -1,6 +1,6 @@
 //! Command-line interface: one subcommand per scenario, sharing the target, swarm, load and output flags.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 /// Where the loadtest keeps what it makes between runs (a spawned cluster's PKI, cached device keys): never
@@ -322,13 +322,4 @@ impl Fault {
             Fault::Partition => "partition",
         }
     }
-}
-
-/// Parses `host:port` into its first address.
-pub async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
-    tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("resolving {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("{addr} resolves to no address"))
 }

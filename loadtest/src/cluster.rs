@@ -197,7 +197,7 @@ async fn existing(args: &TargetArgs) -> anyhow::Result<Target> {
     let provider = args.provider_addr.clone().unwrap_or_default();
     Ok(Target {
         device_addrs: args.device_addr.clone(),
-        provider_addr: crate::cli::resolve(&provider).await?,
+        provider_addr: courier_device::resolve(&provider).await?,
         server_name: args.server_name.clone(),
         ca,
         signer,

@@ -48,7 +48,7 @@ pub(crate) async fn prepare(
     let target = Target::from_args(target_args, output.quiet).await?;
     let mut endpoints: Vec<SocketAddr> = Vec::new();
     for addr in &target.device_addrs {
-        endpoints.push(crate::cli::resolve(addr).await?);
+        endpoints.push(courier_device::resolve(addr).await?);
     }
     let devices = swarm_args.devices;
     if target.spawned() && devices.div_ceil(target.nodes.len()) > 19_000 {

@@ -122,7 +122,7 @@ pub async fn run() -> anyhow::Result<()> {
     let roots = Arc::new(courier_core::tls::roots_from(&spec.ca)?);
     let mut endpoints = Vec::new();
     for endpoint in &spec.endpoints {
-        endpoints.push(crate::cli::resolve(endpoint).await?);
+        endpoints.push(courier_device::resolve(endpoint).await?);
     }
     anyhow::ensure!(!endpoints.is_empty(), "no device endpoints");
     let credentials = crate::devices::load_range(&spec.cache, spec.first, spec.count)?;
@@ -200,7 +200,7 @@ pub async fn run() -> anyhow::Result<()> {
                 }
             }
             Command::Killing { addr } => {
-                let addr = crate::cli::resolve(&addr).await?;
+                let addr = courier_device::resolve(&addr).await?;
                 *shared.killing.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
             }
             Command::Exit => break,

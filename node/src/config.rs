@@ -167,7 +167,7 @@ pub struct NodeConfig {
     #[arg(long, env = "COURIER_STATUS_RETENTION_SECS", default_value_t = 24 * 3600)]
     pub status_retention_secs: u64,
     /// Most entries the delivery-status log holds (about 250 bytes each); the oldest go first.
-    #[arg(long, env = "COURIER_STATUS_CAPACITY", default_value_t = crate::status_log::DEFAULT_CAPACITY)]
+    #[arg(long, env = "COURIER_STATUS_CAPACITY", default_value_t = crate::delivery_status::DEFAULT_CAPACITY)]
     pub status_capacity: usize,
     /// How long a notification written to a device's live link waits for the device's ack before it is
     /// committed to the store and the replicas, in milliseconds (1-10000). An ack within it saves every
@@ -286,8 +286,8 @@ impl NodeConfig {
         Duration::from_millis(self.epoch_wait_ms)
     }
 
-    pub fn status_log(&self) -> crate::status_log::StatusLog {
-        crate::status_log::StatusLog::new(Duration::from_secs(self.status_retention_secs), self.status_capacity)
+    pub fn status_log(&self) -> crate::delivery_status::StatusLog {
+        crate::delivery_status::StatusLog::new(Duration::from_secs(self.status_retention_secs), self.status_capacity)
     }
 
     /// The owner's lease: `--lease-ms`, or two thirds of what the failure timeout leaves after a probe interval

@@ -20,7 +20,7 @@
 //!
 //! A notification with expiration 0 (or already past) is never stored: it goes to a live link (`SENT`) or
 //! is dropped (`DISCARDED`), as APNs does. Every outcome is logged for the provider API's status call
-//! (`status_log`), and a push to a topic the device unregistered is refused.
+//! (`delivery_status`), and a push to a topic the device unregistered is refused.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,10 +29,10 @@ use std::time::Duration;
 use courier_proto::cluster::{DeliverOutcome, DeliverResult, Notification, QueueKey, RefusalReason};
 use tokio::sync::oneshot;
 
+use crate::delivery_status::{Disposition, StatusLog};
 use crate::edge::registry::{Handoff, Registry};
 use crate::ids::{DeviceId, unix_millis};
 use crate::replication::Replicator;
-use crate::status_log::{Disposition, StatusLog};
 use crate::store::registrations::Registrations;
 use crate::store::{Inserted, Store, StoreError};
 use crate::view::{LocalView, Placement};

@@ -7,11 +7,11 @@
 pub mod api;
 pub mod config;
 pub mod delivery;
+pub mod delivery_status;
 pub mod edge;
 pub mod node;
 pub mod raft;
 pub mod replication;
-pub mod status_log;
 pub mod store;
 pub mod view;
 

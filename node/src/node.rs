@@ -282,7 +282,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     if initialized {
         tracker.spawn(reactivate(control.clone(), shutdown.clone()));
     }
-    tracker.spawn(crate::raft::status::export_metrics(control.clone(), committed_index, shutdown.clone()));
+    tracker.spawn(crate::raft::report::export_metrics(control.clone(), committed_index, shutdown.clone()));
 
     // Set every 200 ms (`track_readiness`): a flag older than a second is from before a stall.
     let readiness = Readiness::refreshed_within(Duration::from_secs(1));

@@ -182,7 +182,7 @@ impl Replicator {
     /// means a redelivery the client drops.
     pub fn remove(&self, device: DeviceId, apns_id: &str) {
         let view = self.view.get();
-        let holders = view.state.ring.replication_factor.max(1) as usize + 1;
+        let holders = view.state.ring.copies() + 1;
         for node in view.ring.candidates(device, holders) {
             if node == self.id {
                 continue;
@@ -198,7 +198,7 @@ impl Replicator {
     /// at a time.
     pub async fn rebalance(&self, store: &Store, before: &Ring) -> Result<RebalanceReport, crate::store::StoreError> {
         let view = self.view.get();
-        let wanted = view.state.ring.replication_factor.max(1) as usize;
+        let wanted = view.state.ring.copies();
         let devices = store.devices().await?;
         let reports: Vec<Result<RebalanceReport, crate::store::StoreError>> = futures_util::stream::iter(devices)
             .map(|device| self.rebalance_device(store, before, &view.ring, wanted, device))
@@ -268,7 +268,7 @@ impl Replicator {
     /// when the device connects, before its queue is replayed. Unreachable candidates are skipped.
     pub async fn gather(&self, store: &Store, device: DeviceId) -> usize {
         let view = self.view.get();
-        let holders = view.state.ring.replication_factor.max(1) as usize + 1;
+        let holders = view.state.ring.copies() + 1;
         let others: Vec<String> = view
             .ring
             .candidates(device, holders)
@@ -308,7 +308,7 @@ impl Replicator {
     /// rebalance) to their candidates, then drops them here.
     pub async fn sweep_orphans(&self, store: &Store) -> Result<usize, crate::store::StoreError> {
         let view = self.view.get();
-        let wanted = view.state.ring.replication_factor.max(1) as usize;
+        let wanted = view.state.ring.copies();
         let mut released = 0;
         for device in store.devices().await? {
             let candidates = view.ring.candidates(device, wanted);

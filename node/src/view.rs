@@ -28,7 +28,7 @@ impl EpochView {
     /// How many holders a stored notification must have in this epoch: the replication factor, or, with
     /// `degraded` writes allowed, every active member when fewer are active.
     pub fn copies_wanted(&self, degraded: bool) -> usize {
-        let factor = self.state.ring.replication_factor.max(1) as usize;
+        let factor = self.state.ring.copies();
         if degraded { factor.min(self.ring.members().len().max(1)) } else { factor }
     }
 }

@@ -429,6 +429,30 @@ pub struct NodeProcess {
     pub metrics_addr: String,
 }
 
+/// The `COURIER_*` variables of the shell running the tests, which no process a test starts may inherit:
+/// a developer's `COURIER_DEGRADED_WRITES=false` would otherwise change what a test sees.
+pub fn shell_courier_vars() -> Vec<String> {
+    std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()).filter(|n| n.starts_with("COURIER_")).collect()
+}
+
+/// A command for `program` that inherits none of `shell_courier_vars`.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
+    for name in shell_courier_vars() {
+        command.env_remove(name);
+    }
+    command
+}
+
+/// `command`, blocking.
+pub fn std_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let mut command = std::process::Command::new(program);
+    for name in shell_courier_vars() {
+        command.env_remove(name);
+    }
+    command
+}
+
 /// A port free right now on loopback and outside the ephemeral range, for processes that must come back
 /// on the same address (see `courier_loadtest::cluster::free_port`).
 pub fn free_port() -> u16 {
@@ -468,11 +492,11 @@ pub async fn spawn_node_in(
     let host = netns.map_or("127.0.0.1", |(_, host)| host);
     let mut command = match netns {
         Some((namespace, _)) => {
-            let mut command = tokio::process::Command::new("ip");
+            let mut command = command("ip");
             command.args(["netns", "exec", namespace, env!("CARGO_BIN_EXE_courier")]);
             command
         }
-        None => tokio::process::Command::new(env!("CARGO_BIN_EXE_courier")),
+        None => command(env!("CARGO_BIN_EXE_courier")),
     };
     command
         .args(["node", "--node-id", &id.to_string()])
@@ -561,15 +585,13 @@ impl std::fmt::Debug for CtlRun {
 /// Runs the real `courier ctl --node <node> --pki-dir <pki> <args…>` (nothing taken from the shell's
 /// `COURIER_*` variables) within 30 s.
 pub async fn ctl(node: std::net::SocketAddr, pki: &Path, args: &[&str]) -> CtlRun {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+    let output = command(env!("CARGO_BIN_EXE_courier"))
         .arg("ctl")
         .arg("--node")
         .arg(node.to_string())
         .arg("--pki-dir")
         .arg(pki)
         .args(args)
-        .env_remove("COURIER_CTL_NODE")
-        .env_remove("COURIER_PKI_DIR")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();

@@ -86,6 +86,17 @@ pub enum Reason {
     InvalidPayload,
 }
 
+/// A device token that does not open: 410 `ExpiredToken` when its key was retired (the device has a newer
+/// token by now), else 400 `BadDeviceToken`.
+impl From<courier_core::token::TokenError> for Reason {
+    fn from(error: courier_core::token::TokenError) -> Self {
+        match error {
+            courier_core::token::TokenError::Retired(_) => Reason::ExpiredToken,
+            _ => Reason::BadDeviceToken,
+        }
+    }
+}
+
 impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -240,13 +251,6 @@ impl ApnsId {
     }
 }
 
-/// A refused request: the reason, and the `apns-id` to echo (when one could be determined).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub reason: Reason,
-    pub apns_id: Option<String>,
-}
-
 /// Chooses the `apns-id` to echo on a response to this request, before anything else is validated, so
 /// that even refusals carry it. A value that is not text is replaced by a generated one.
 pub fn response_apns_id(headers: &HeaderMap) -> ApnsId {
@@ -291,7 +295,7 @@ pub fn parse_head(method: &Method, uri: &Uri, headers: &HeaderMap, apns_id: &Apn
     let topic = match text(headers, "apns-topic", Reason::BadTopic)? {
         None => return Err(Reason::MissingTopic),
         Some("") => return Err(Reason::MissingTopic),
-        Some(topic) if !valid_topic(topic) => return Err(Reason::BadTopic),
+        Some(topic) if !courier_core::topic::valid_topic(topic) => return Err(Reason::BadTopic),
         Some(topic) => topic.to_string(),
     };
     if !apns_id.generated && !is_canonical_uuid(&apns_id.value) {
@@ -345,11 +349,6 @@ pub fn parse_head(method: &Method, uri: &Uri, headers: &HeaderMap, apns_id: &Apn
         collapse_id,
         push_type,
     })
-}
-
-/// 1–255 printable ASCII characters, no spaces: what a bundle id plus a channel suffix can be.
-pub fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty() && topic.len() <= 255 && topic.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Plain decimal digits only: `u64::from_str` would also take a leading `+`.

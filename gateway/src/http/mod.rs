@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use courier_core::ids::DeviceId;
-use courier_core::token::{Keyring, OpenedToken, TokenError};
+use courier_core::token::{Keyring, OpenedToken};
 use courier_proto::cluster::{DeliverOutcome, Notification};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::route::{Delivery, NodeRouter};
+use crate::route::{Forwarded, NodeRouter};
 use apns::{ApnsId, PushHead, Reason};
 use jwt::{AuthorizedProvider, JwtVerifier};
 use ratelimit::RateLimiter;
@@ -167,10 +167,7 @@ impl PushService {
 
     /// Opens a device token and checks it is for `topic`'s app.
     fn open_token(&self, device_token: &str, topic: &str) -> Result<OpenedToken, Reason> {
-        let token = self.keyring.open(device_token).map_err(|error| match error {
-            TokenError::Retired(_) => Reason::ExpiredToken,
-            _ => Reason::BadDeviceToken,
-        })?;
+        let token = self.keyring.open(device_token).map_err(Reason::from)?;
         if !token.is_for_topic(courier_core::topic::app_topic(topic)) {
             return Err(Reason::DeviceTokenNotForTopic);
         }
@@ -194,7 +191,7 @@ impl PushService {
         let delivery = self.router.deliver(notification).await;
         metrics::histogram!("courier_gateway_forward_latency_seconds").record(started.elapsed().as_secs_f64());
         match delivery {
-            Delivery::Accepted(outcome) => {
+            Forwarded::Accepted(outcome) => {
                 let outcome = match outcome {
                     DeliverOutcome::Delivered => "delivered",
                     DeliverOutcome::Stored => "stored",
@@ -204,18 +201,18 @@ impl PushService {
                 metrics::counter!("courier_gateway_notifications_accepted_total", "outcome" => outcome).increment(1);
                 Ok(())
             }
-            Delivery::Rejected(refusal, timestamp_ms) => {
+            Forwarded::Rejected(refusal, timestamp_ms) => {
                 let reason = crate::route::apns_reason(refusal);
                 if reason == Reason::InternalServerError {
                     tracing::error!(apns_id = %head.apns_id.value, ?refusal, "the node refused a notification");
                 }
                 Err((reason, (timestamp_ms != 0).then_some(timestamp_ms)))
             }
-            Delivery::Unavailable(detail) => {
+            Forwarded::Unavailable(detail) => {
                 tracing::warn!(apns_id = %head.apns_id.value, %detail, "forwarding to the node failed");
                 Err(Reason::ServiceUnavailable.into())
             }
-            Delivery::ShuttingDown => Err(Reason::Shutdown.into()),
+            Forwarded::ShuttingDown => Err(Reason::Shutdown.into()),
         }
     }
 }

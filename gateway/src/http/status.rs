@@ -61,10 +61,7 @@ async fn lookup(
     }
     let authorization = parts.headers.get(http::header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
     let provider = service.authenticate(auth, authorization)?;
-    let opened = service.keyring.open(token).map_err(|error| match error {
-        courier_core::token::TokenError::Retired(_) => Reason::ExpiredToken,
-        _ => Reason::BadDeviceToken,
-    })?;
+    let opened = service.keyring.open(token).map_err(Reason::from)?;
     let record = service.router.status(opened.device_id, apns_id).await.map_err(|detail| {
         tracing::warn!(%detail, "asking the owner for a status failed");
         Reason::ServiceUnavailable

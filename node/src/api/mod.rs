@@ -211,7 +211,7 @@ impl Cluster for ClusterService {
         if devices.len() > 10_000 {
             return Err(Status::invalid_argument("at most 10000 devices per status request"));
         }
-        Ok(Response::new(StatusResponse { json: json(&crate::raft::status::status(&self.control, devices))? }))
+        Ok(Response::new(StatusResponse { json: json(&crate::raft::report::status(&self.control, devices))? }))
     }
 
     type WatchClusterStream = Pin<Box<dyn Stream<Item = Result<ClusterView, Status>> + Send + 'static>>;

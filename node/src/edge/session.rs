@@ -38,8 +38,6 @@ pub fn boxed_link(tls: TlsStream<TcpStream>, max_frame: usize) -> Box<Link> {
     Box::new(courier_device::codec::lean(tls, FrameCodec::new(max_frame)))
 }
 
-/// Longest topic name accepted, in bytes.
-pub const MAX_TOPIC_LEN: usize = 255;
 /// What a device refused as a suspected clone is told.
 const CLONE_DETAIL: &str =
     "this device certificate is in use by more than one device; an operator must clear or revoke it";
@@ -223,10 +221,6 @@ fn replacement_token(edge: &Edge, device: DeviceId, held: &wire::HeldToken) -> O
     Some(wire::TokenUpdated { topic: held.topic.clone(), token })
 }
 
-fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty() && topic.len() <= MAX_TOPIC_LEN && topic.bytes().all(|b| b.is_ascii_graphic())
-}
-
 fn notification_frame(n: &Notification) -> ServerFrame {
     frame(server_frame::Kind::Notification(wire::Notification {
         apns_id: n.apns_id.clone(),
@@ -241,7 +235,7 @@ fn notification_frame(n: &Notification) -> ServerFrame {
 }
 
 /// The state of an authenticated link between frames.
-struct DeviceLink<'a> {
+struct LinkState<'a> {
     device: DeviceId,
     edge: &'a Edge,
     /// apns-id → when the gateway accepted it, for every notification this link carried and the device
@@ -260,10 +254,10 @@ enum Next {
     Close,
 }
 
-impl DeviceLink<'_> {
-    fn new(device: DeviceId, edge: &Edge) -> DeviceLink<'_> {
+impl LinkState<'_> {
+    fn new(device: DeviceId, edge: &Edge) -> LinkState<'_> {
         let limits = &edge.settings.link_limits;
-        DeviceLink {
+        LinkState {
             device,
             edge,
             inflight: HashMap::new(),
@@ -323,7 +317,7 @@ impl DeviceLink<'_> {
         use device_frame::Kind;
         match kind {
             Some(Kind::RegisterTopic(request)) => {
-                if !valid_topic(&request.topic) {
+                if !courier_core::topic::valid_topic(&request.topic) {
                     goodbye(link, GoodbyeReason::BadTopic, "topic must be 1-255 printable ASCII characters").await;
                     return Next::Close;
                 }
@@ -345,7 +339,7 @@ impl DeviceLink<'_> {
                 }
             }
             Some(Kind::UnregisterTopic(request)) => {
-                if !valid_topic(&request.topic) {
+                if !courier_core::topic::valid_topic(&request.topic) {
                     goodbye(link, GoodbyeReason::BadTopic, "topic must be 1-255 printable ASCII characters").await;
                     return Next::Close;
                 }
@@ -440,7 +434,7 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, shutdown: 
     let Ok(mut attachment) = edge.registry.attach(device, peer) else {
         return goodbye(link, GoodbyeReason::ClonedIdentity, CLONE_DETAIL).await;
     };
-    let mut state = DeviceLink::new(device, edge);
+    let mut state = LinkState::new(device, edge);
     let welcome = wire::Welcome {
         device_id: device.to_string(),
         keepalive_secs: keepalive.as_secs() as u32,
@@ -512,19 +506,4 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, shutdown: 
         }
     }
     edge.registry.detach(device, attachment.serial);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn topics_are_checked() {
-        assert!(valid_topic("com.example.app"));
-        assert!(valid_topic("com.example.app.voip"));
-        assert!(!valid_topic(""));
-        assert!(!valid_topic("has space"));
-        assert!(!valid_topic("naïve"));
-        assert!(!valid_topic(&"a".repeat(MAX_TOPIC_LEN + 1)));
-    }
 }

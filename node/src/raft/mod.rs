@@ -7,7 +7,7 @@
 pub mod control;
 pub mod lease;
 pub mod network;
-pub mod status;
+pub mod report;
 pub mod store;
 
 use std::io::Cursor;

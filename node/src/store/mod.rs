@@ -53,7 +53,8 @@ pub enum StoreError {
     Closed,
 }
 
-fn db_err(e: impl std::fmt::Display) -> StoreError {
+/// A redb error as a store error (redb has one error type per operation).
+pub(crate) fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
 }
 

@@ -14,15 +14,11 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::StoreError;
+use super::{StoreError, db_err};
 use crate::ids::DeviceId;
 
 /// (device id, app topic) → when the device unregistered it, UNIX ms.
 const UNREGISTERED: TableDefinition<(u128, &str), u64> = TableDefinition::new("unregistered_topics");
-
-fn db_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Db(e.to_string())
-}
 
 /// Handle to the registrations database; cheap to clone.
 #[derive(Clone)]
