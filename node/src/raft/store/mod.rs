@@ -1,32 +1,34 @@
 //! Durable storage for the node's Raft replica: the log, the vote and the state machine, in one redb file.
 //!
-//! `open` returns the two halves openraft's storage-v2 API asks for. `LogStore` keeps log entries by index
-//! plus the vote, the committed log id and the last purged log id; every write is committed (fsync) before
-//! openraft is told it happened. `StateMachineStore` keeps the applied `ClusterState` together with the last
-//! applied log id and membership, rewritten in one transaction per `apply` batch so a restarted node resumes
-//! where it stopped instead of replaying the log; it also keeps the current snapshot, and publishes every
-//! new `ClusterState` on a watch channel for the rest of the node.
+//! `open` returns the two halves openraft's storage-v2 API asks for (in the shape of openraft's
+//! `log-rocks` and `sm-rocks` examples, one file each). `LogStore` (`log.rs`) keeps log entries by index
+//! plus the vote, the committed log id and the last purged log id; every write is committed (fsync)
+//! before openraft is told it happened. `StateMachineStore` (`machine.rs`) keeps the applied
+//! `ClusterState` together with the last applied log id and membership, rewritten in one transaction per
+//! `apply` batch so a restarted node resumes where it stopped instead of replaying the log; it also keeps
+//! the current snapshot, and publishes every new `ClusterState` on a watch channel for the rest of the
+//! node.
 //!
 //! This is a separate database from the notification queues (`crate::store`): the control plane's write
 //! pattern (small, rare, must be fsynced one by one) has nothing in common with the queue's group commits.
 //! Nothing here interprets commands; that is `state::ClusterState::apply`. Records hold token-key secrets,
 //! so they are never logged: only `Command`'s `Display` (which hides secrets) reaches the logs.
 
-use std::io::Cursor;
-use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::Arc;
 
-use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
-use openraft::{
-    BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, LogState, OptionalSend, RaftLogReader,
-    RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
-};
+use openraft::{BasicNode, LogId, StorageError, StoredMembership};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{ClusterState, CommandResponse, NodeId, TypeConfig};
+use super::{ClusterState, NodeId};
+
+mod log;
+mod machine;
+
+pub use log::LogStore;
+pub use machine::StateMachineStore;
 
 /// Log index → serde_json of the `Entry`. Indexes are contiguous between the last purged and the last entry.
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -181,386 +183,21 @@ where
     tokio::task::spawn_blocking(work).await?
 }
 
-/// The Raft log and vote. Clones share the database and serve as openraft's log readers.
-#[derive(Clone)]
-pub struct LogStore {
-    db: Arc<Database>,
-    /// The last committed log index openraft reported, for the `courier_raft_committed_index` gauge.
-    committed_index: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl LogStore {
-    /// A live reading of the committed log index (0 before anything is committed).
-    pub fn committed_index(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.committed_index.clone()
-    }
-
-    /// Writes one log-meta record durably.
-    async fn put_meta<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), RaftStoreError> {
-        let bytes = serde_json::to_vec(value)?;
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_write()?;
-            txn.open_table(LOG_META)?.insert(key, bytes.as_slice())?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn get_meta<T: serde::de::DeserializeOwned + Send + 'static>(
-        &self,
-        key: &'static str,
-    ) -> Result<Option<T>, RaftStoreError> {
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_read()?;
-            read_json(&txn.open_table(LOG_META)?, key)
-        })
-        .await
-    }
-}
-
-impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + OptionalSend>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, RaftError> {
-        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_read()?;
-            let log = txn.open_table(LOG)?;
-            let mut entries = Vec::new();
-            for row in log.range::<u64>(bounds)? {
-                let (_, value) = row?;
-                entries.push(serde_json::from_slice(value.value())?);
-            }
-            Ok(entries)
-        })
-        .await
-        .map_err(|e| StorageIOError::read_logs(&e).into())
-    }
-}
-
-impl RaftLogStorage<TypeConfig> for LogStore {
-    type LogReader = LogStore;
-
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftError> {
-        let db = self.db.clone();
-        let (last_purged_log_id, last_entry) = blocking(move || {
-            let txn = db.begin_read()?;
-            let last_purged: Option<LogId<NodeId>> = read_json(&txn.open_table(LOG_META)?, LAST_PURGED)?;
-            let last_entry = match txn.open_table(LOG)?.last()? {
-                Some((_, value)) => Some(serde_json::from_slice::<EntryLogId>(value.value())?.log_id),
-                None => None,
-            };
-            Ok((last_purged, last_entry))
-        })
-        .await
-        .map_err(|e| StorageIOError::read_logs(&e))?;
-        Ok(LogState { last_purged_log_id, last_log_id: last_entry.or(last_purged_log_id) })
-    }
-
-    async fn get_log_reader(&mut self) -> Self::LogReader {
-        self.clone()
-    }
-
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftError> {
-        self.put_meta(VOTE, vote).await.map_err(|e| StorageIOError::write_vote(&e).into())
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftError> {
-        self.get_meta(VOTE).await.map_err(|e| StorageIOError::read_vote(&e).into())
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), RaftError> {
-        let index = committed.map_or(0, |c| c.index);
-        self.committed_index.store(index, std::sync::atomic::Ordering::Relaxed);
-        self.put_meta(COMMITTED, &committed)
-            .await
-            .map_err(|e| StorageIOError::new(ErrorSubject::Store, ErrorVerb::Write, &e).into())
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, RaftError> {
-        // Stored as `Option` itself, so "never saved" and "saved as None" both read back as None.
-        let committed: Option<Option<LogId<NodeId>>> = self
-            .get_meta(COMMITTED)
-            .await
-            .map_err(|e| StorageIOError::new(ErrorSubject::Store, ErrorVerb::Read, &e))?;
-        Ok(committed.flatten())
-    }
-
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), RaftError>
-    where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
-        I::IntoIter: OptionalSend,
-    {
-        let rows = entries
-            .into_iter()
-            .map(|entry| Ok((entry.log_id.index, serde_json::to_vec(&entry)?)))
-            .collect::<Result<Vec<_>, serde_json::Error>>()
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_write()?;
-            {
-                let mut log = txn.open_table(LOG)?;
-                for (index, bytes) in &rows {
-                    log.insert(*index, bytes.as_slice())?;
-                }
-            }
-            // Default durability is immediate: once this returns the entries are on disk, which is what
-            // the callback below promises openraft.
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StorageIOError::write_logs(&e))?;
-        callback.log_io_completed(Ok(()));
-        Ok(())
-    }
-
-    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftError> {
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_write()?;
-            txn.open_table(LOG)?.retain_in(log_id.index.., |_, _| false)?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Delete, &e).into())
-    }
-
-    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftError> {
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_write()?;
-            {
-                let mut meta = txn.open_table(LOG_META)?;
-                let previous: Option<LogId<NodeId>> = read_json(&meta, LAST_PURGED)?;
-                // Openraft only purges forwards; keeping the maximum makes a replayed purge harmless.
-                if previous < Some(log_id) {
-                    meta.insert(LAST_PURGED, serde_json::to_vec(&log_id)?.as_slice())?;
-                }
-                txn.open_table(LOG)?.retain_in(..=log_id.index, |_, _| false)?;
-            }
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Delete, &e).into())
-    }
-}
-
-/// The applied control state. Clones are snapshot builders: they capture the state as of the clone.
-#[derive(Clone)]
-pub struct StateMachineStore {
-    db: Arc<Database>,
-    last_applied: Option<LogId<NodeId>>,
-    last_membership: Membership,
-    /// Shared with the watch channel, so publishing costs no copy; `apply` copies on write.
-    state: Arc<ClusterState>,
-    /// Behind an `Arc` because snapshot builders are clones of this struct; only the original publishes.
-    published: Arc<watch::Sender<Arc<ClusterState>>>,
-}
-
-impl StateMachineStore {
-    /// The state as of the last apply or snapshot install.
-    pub fn state(&self) -> Arc<ClusterState> {
-        self.state.clone()
-    }
-
-    fn image_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(&MachineImage {
-            last_applied: self.last_applied,
-            last_membership: self.last_membership.clone(),
-            state: &*self.state,
-        })
-    }
-}
-
-impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftError> {
-        let data = self.image_bytes().map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        let last_log_id = self.last_applied;
-        let last_membership = self.last_membership.clone();
-        let db = self.db.clone();
-        let stored_data = data.clone();
-        let meta = blocking(move || {
-            let txn = db.begin_write()?;
-            let meta = {
-                let mut machine = txn.open_table(MACHINE)?;
-                let seq = read_json::<u64>(&machine, SNAPSHOT_SEQ)?.unwrap_or(0) + 1;
-                machine.insert(SNAPSHOT_SEQ, serde_json::to_vec(&seq)?.as_slice())?;
-                let snapshot_id = match last_log_id {
-                    Some(id) => format!("{}-{}-{seq}", id.leader_id.term, id.index),
-                    None => format!("0-0-{seq}"),
-                };
-                let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
-                // A builder holds the state as of when it was made; if a newer snapshot was installed
-                // meanwhile, it stays the current one.
-                let current: Option<SnapshotMeta<NodeId, BasicNode>> = read_json(&machine, SNAPSHOT_META)?;
-                if current.is_none_or(|current| current.last_log_id <= meta.last_log_id) {
-                    machine.insert(SNAPSHOT_META, serde_json::to_vec(&meta)?.as_slice())?;
-                    machine.insert(SNAPSHOT_DATA, stored_data.as_slice())?;
-                }
-                meta
-            };
-            txn.commit()?;
-            Ok(meta)
-        })
-        .await
-        .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        tracing::info!(snapshot = %meta.snapshot_id, epoch = self.state.epoch.0, "built Raft snapshot");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
-    }
-}
-
-impl RaftStateMachine<TypeConfig> for StateMachineStore {
-    type SnapshotBuilder = StateMachineStore;
-
-    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership), RaftError> {
-        Ok((self.last_applied, self.last_membership.clone()))
-    }
-
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResponse>, RaftError>
-    where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
-        I::IntoIter: OptionalSend,
-    {
-        // Applied to copies first, so a failed write leaves this state machine as it was on disk.
-        let mut state = self.state.clone();
-        let mut batch_last = None;
-        let mut last_membership = self.last_membership.clone();
-        let mut responses = Vec::new();
-        for entry in entries {
-            batch_last = Some(entry.log_id);
-            let response = match entry.payload {
-                EntryPayload::Blank => CommandResponse::Applied { epoch: state.epoch },
-                EntryPayload::Normal(command) => {
-                    let response = Arc::make_mut(&mut state).apply(&command);
-                    tracing::debug!(index = entry.log_id.index, %command, ?response, "applied");
-                    response
-                }
-                EntryPayload::Membership(membership) => {
-                    last_membership = StoredMembership::new(Some(entry.log_id), membership);
-                    CommandResponse::Applied { epoch: state.epoch }
-                }
-            };
-            responses.push(response);
-        }
-        let Some(last) = batch_last else {
-            return Ok(responses);
-        };
-
-        let bytes = serde_json::to_vec(&MachineImage {
-            last_applied: Some(last),
-            last_membership: last_membership.clone(),
-            state: &*state,
-        })
-        .map_err(|e| StorageIOError::apply(last, &e))?;
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_write()?;
-            txn.open_table(MACHINE)?.insert(APPLIED, bytes.as_slice())?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StorageIOError::apply(last, &e))?;
-
-        self.last_applied = Some(last);
-        self.last_membership = last_membership;
-        self.state = state;
-        self.published.send_replace(self.state.clone());
-        Ok(responses)
-    }
-
-    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
-    }
-
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), RaftError> {
-        let signature = meta.signature();
-        let data = snapshot.into_inner();
-        // The bytes came from another node: decode and check them before anything is replaced.
-        let image: MachineImage<ClusterState> =
-            serde_json::from_slice(&data).map_err(|e| StorageIOError::read_snapshot(Some(signature.clone()), &e))?;
-        if image.last_applied != meta.last_log_id || image.last_membership != meta.last_membership {
-            let e = RaftStoreError::SnapshotMismatch { snapshot_id: meta.snapshot_id.clone() };
-            return Err(StorageIOError::read_snapshot(Some(signature), &e).into());
-        }
-
-        let meta_bytes =
-            serde_json::to_vec(meta).map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_write()?;
-            {
-                let mut machine = txn.open_table(MACHINE)?;
-                // The snapshot's data is a `MachineImage`, the same record `apply` keeps.
-                machine.insert(APPLIED, data.as_slice())?;
-                machine.insert(SNAPSHOT_META, meta_bytes.as_slice())?;
-                machine.insert(SNAPSHOT_DATA, data.as_slice())?;
-            }
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StorageIOError::write_snapshot(Some(signature), &e))?;
-
-        self.last_applied = image.last_applied;
-        self.last_membership = image.last_membership;
-        let mut state = image.state;
-        state.repair_ring();
-        self.state = Arc::new(state);
-        self.published.send_replace(self.state.clone());
-        tracing::info!(snapshot = %meta.snapshot_id, epoch = self.state.epoch.0, "installed Raft snapshot");
-        Ok(())
-    }
-
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftError> {
-        let db = self.db.clone();
-        let stored = blocking(move || {
-            let txn = db.begin_read()?;
-            let machine = txn.open_table(MACHINE)?;
-            let Some(meta) = read_json::<SnapshotMeta<NodeId, BasicNode>>(&machine, SNAPSHOT_META)? else {
-                return Ok(None);
-            };
-            // Both are written in one transaction, so one without the other means the file is damaged.
-            let Some(data) = machine.get(SNAPSHOT_DATA)? else {
-                return Err(RaftStoreError::SnapshotDataMissing { snapshot_id: meta.snapshot_id });
-            };
-            let data = data.value().to_vec();
-            Ok(Some((meta, data)))
-        })
-        .await
-        .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        Ok(stored.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
-    use openraft::storage::RaftLogStorageExt;
+    use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
     use openraft::testing::{StoreBuilder, Suite, blank_ent, log_id, membership_ent};
-    use openraft::{CommittedLeaderId, Membership};
+    use openraft::{RaftLogReader, RaftSnapshotBuilder};
+    use std::io::Cursor;
+
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, Membership, SnapshotMeta, StorageIOError, Vote};
     use tempfile::TempDir;
 
     use super::*;
-    use crate::raft::state::{Command, Epoch, MemberState, RingParams};
+    use crate::raft::TypeConfig;
+    use crate::raft::state::{Command, CommandResponse, Epoch, MemberState, RingParams};
     use crate::token::{TokenKey, TokenKeyId};
 
     /// Opens a fresh store in its own directory; the directory lives as long as the suite's guard.
