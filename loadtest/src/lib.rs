@@ -8,7 +8,9 @@
 //!   histograms, errors by APNs reason, losses and duplicates.
 //!
 //! The target is a local cluster it spawns as child processes (`--spawn N`, see [`cluster`]) or an existing
-//! one given by its endpoints, CA and provider key. The four scenarios are in [`scenario`].
+//! one given by its endpoints, CA and provider key. The four scenarios are in [`scenario`], the fault
+//! schedule in [`chaos`]; the binary (`src/bin/courier-loadtest.rs` in the root package) parses the
+//! command line and runs one of them.
 
 pub mod chaos;
 pub mod cli;
@@ -21,58 +23,6 @@ pub mod report;
 pub mod scenario;
 pub mod swarm;
 pub mod worker;
-
-use std::process::ExitCode;
-
-use clap::Parser;
-
-/// The entry point of the `courier-loadtest` binary.
-pub fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
-    courier_core::tls::install_crypto_provider();
-    raise_fd_limit();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("courier-loadtest: starting the runtime: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let outcome = runtime.block_on(async move {
-        let run = async move {
-            match cli.command {
-                cli::Command::Worker => worker::run().await.map(|()| true),
-                cli::Command::Connect(args) => scenario::connect(args).await,
-                cli::Command::Push(args) => scenario::push(args).await,
-                cli::Command::Offline(args) => scenario::offline(args).await,
-                cli::Command::Failover(args) => scenario::failover(args).await,
-                cli::Command::Chaos(args) => chaos::chaos(args).await,
-            }
-        };
-        // Ctrl-C drops the run, and with it every child process (spawned nodes, the gateway, workers).
-        tokio::select! {
-            outcome = run => outcome,
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; the spawned cluster and workers are stopped")),
-        }
-    });
-    // Device tasks may still be closing; the process is done either way.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    match outcome {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(error) => {
-            eprintln!("courier-loadtest: {error:#}");
-            ExitCode::from(2)
-        }
-    }
-}
 
 /// Raises the soft open-file limit to the hard one; child processes (workers, spawned nodes) inherit it.
 pub fn raise_fd_limit() {

@@ -1,5 +1,6 @@
-//! The four scenarios beside `chaos`. Each prepares the target and the swarm the same way (`prepare`), drives its phases,
-//! prints a summary table, writes the JSON result, and returns whether the run passed.
+//! The four scenarios beside `chaos`, one file each (`connect`, `push`, `offline`, `failover`), and what
+//! they share here: each prepares the target and the swarm the same way (`prepare`), drives its phases,
+//! prints a summary table, writes the JSON result (`conclude`), and returns whether the run passed.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -18,6 +19,17 @@ use crate::load::LoadPlan;
 use crate::msg::{Command, WorkerSpec};
 use crate::report::{Ledger, Percentiles, ProgressLine, PushSummary, print_table, write_json};
 use crate::swarm::{LINKS_PER_SOURCE, LINKS_PER_WORKER, Swarm, SwarmPlan, SwarmTotals, SwarmView};
+
+mod connect;
+mod failover;
+mod offline;
+mod push;
+
+pub use connect::connect;
+pub(crate) use failover::FAILOVER_QUEUE_CAP;
+pub use failover::failover;
+pub use offline::offline;
+pub use push::push;
 
 /// A prepared run: the cluster, the swarm (started, links not yet opened) and the ledger.
 pub(crate) struct Run {
@@ -362,118 +374,6 @@ fn kib(bytes: f64) -> f64 {
     bytes / 1024.0
 }
 
-pub async fn connect(args: ConnectArgs) -> anyhow::Result<bool> {
-    let mut run = prepare("connect", &args.target, &args.swarm, &args.output, false).await?;
-    let n = run.devices as u64;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let rss_before = run.target.node_rss().await;
-    let before = run.swarm.view.totals();
-    let ramp = run.connect_all(false).await?;
-    let ramped = run.swarm.view.totals();
-    run.phase("hold");
-    tokio::time::sleep(Duration::from_secs(args.hold)).await;
-    let rss_after = run.target.node_rss().await;
-    let held = run.swarm.view.totals();
-    let handshakes = |t: &SwarmTotals| t.full + t.resumed + t.redirected;
-    let ramp_handshakes = handshakes(&ramped) - handshakes(&before);
-    let per_link = match (rss_before, rss_after) {
-        (Some(before), Some(after)) => Some(kib(after.saturating_sub(before) as f64 / n as f64)),
-        _ => None,
-    };
-    let client_per_link = kib(held.rss as f64 / n as f64);
-
-    let mut resume = None;
-    if !args.no_resume {
-        run.disconnect(1).await?;
-        let closed = run.swarm.view.totals();
-        let took = run.connect_all(false).await?;
-        let again = run.swarm.view.totals();
-        resume = Some((
-            took,
-            again.resumed - closed.resumed,
-            again.full - closed.full,
-            handshakes(&again) - handshakes(&closed),
-        ));
-    }
-    let path = run.json_path();
-    let nodes = run.target.nodes.len();
-    let mut result = run.describe();
-    let output = run.output.clone();
-    let (totals, finished) = run.finish().await?;
-
-    let ramp_secs = ramp.as_secs_f64();
-    let mut rows = vec![
-        ("links".into(), format!("{} of {n}", ramped.links)),
-        ("ramp".into(), format!("{ramp_secs:.2} s: {:.0} links/s", n as f64 / ramp_secs)),
-        (
-            "handshakes in the ramp".into(),
-            format!(
-                "{ramp_handshakes} ({:.0}/s): {} full, {} redirected",
-                ramp_handshakes as f64 / ramp_secs,
-                ramped.full - before.full,
-                ramped.redirected - before.redirected
-            ),
-        ),
-        (
-            "node memory per idle link".into(),
-            per_link.map(|k| format!("{k:.1} KiB (RSS, {} nodes)", nodes)).unwrap_or("unknown".into()),
-        ),
-        ("loadtest memory per link".into(), format!("{client_per_link:.1} KiB (worker RSS)")),
-    ];
-    if let Some((took, resumed, full, count)) = resume {
-        rows.push((
-            "reconnect (resumption)".into(),
-            format!(
-                "{:.2} s: {:.0} links/s, {count} handshakes ({resumed} resumed, {full} full)",
-                took.as_secs_f64(),
-                n as f64 / took.as_secs_f64()
-            ),
-        ));
-    }
-    swarm_rows(&mut rows, &totals);
-    let attempts = handshakes(&totals) + totals.connect_error_count();
-    result["links"] = json!({
-        "target": n,
-        "reached": ramped.links,
-        "ramp_secs": ramp_secs,
-        "links_per_sec": n as f64 / ramp_secs,
-        "ramp_handshakes": ramp_handshakes,
-        "ramp_handshakes_per_sec": ramp_handshakes as f64 / ramp_secs,
-        "attempts": attempts,
-        "handshakes_full": totals.full,
-        "handshakes_resumed": totals.resumed,
-        "handshakes_redirected": totals.redirected,
-        "errors": totals.connect_errors,
-        "error_samples": totals.error_samples,
-        "drops": totals.drops,
-    });
-    result["memory"] = json!({
-        "node_rss_before": rss_before,
-        "node_rss_after": rss_after,
-        "node_kib_per_link": per_link,
-        "loadtest_rss": held.rss,
-        "loadtest_kib_per_link": client_per_link,
-    });
-    if let Some((took, resumed, full, count)) = resume {
-        result["reconnect"] = json!({
-            "secs": took.as_secs_f64(),
-            "links_per_sec": n as f64 / took.as_secs_f64(),
-            "handshakes": count,
-            "resumed": resumed,
-            "full": full,
-        });
-    }
-    let error_rate = totals.connect_error_count() as f64 / attempts.max(1) as f64;
-    let mut failures = Vec::new();
-    if ramped.links < n {
-        failures.push(format!("only {} of {n} links", ramped.links));
-    }
-    if error_rate > output.max_error_rate {
-        failures.push(format!("link error rate {error_rate:.4} over --max-error-rate {}", output.max_error_rate));
-    }
-    conclude("courier-loadtest connect", rows, result, failures, &path, finished)
-}
-
 /// What every push-carrying scenario reports once the cluster is stopped.
 pub(crate) struct PushResult {
     pub(crate) summary: PushSummary,
@@ -530,184 +430,4 @@ impl PushResult {
             "drops": self.totals.drops,
         });
     }
-}
-
-pub async fn push(args: PushArgs) -> anyhow::Result<bool> {
-    let mut run = prepare("push", &args.target, &args.swarm, &args.output, true).await?;
-    run.connect_all(true).await?;
-    let targets = run.targets()?;
-    run.phase("push");
-    let plan = run.load_plan(&args.load, &args.swarm.topic, targets);
-    let outcome = crate::load::run(plan, run.ledger.clone()).await?;
-    let drained = run.drain().await?;
-    let mut r = run.finish_pushes().await?;
-    let secs = outcome.elapsed.as_secs_f64().max(1e-6);
-    let mut rows = vec![
-        ("offered rate".into(), args.load.rate.to_string()),
-        (
-            "load".into(),
-            format!("{:.2} s over {} connections x {} streams", secs, args.load.connections, args.load.streams),
-        ),
-        ("answered pushes/s".into(), format!("{:.0}", r.summary.sent as f64 / secs)),
-        ("delivered pushes/s".into(), format!("{:.0}", r.summary.received as f64 / secs)),
-    ];
-    rows.extend(r.rows());
-    r.json();
-    r.result["load"] = json!({
-        "rate": args.load.rate.to_string(),
-        "connections": args.load.connections,
-        "streams": args.load.streams,
-        "secs": secs,
-        "answered_per_sec": r.summary.sent as f64 / secs,
-        "accepted_per_sec": r.summary.accepted as f64 / secs,
-        "delivered_per_sec": r.summary.received as f64 / secs,
-        "drained": drained,
-    });
-    let failures = verdict(&r.summary, &r.output, Vec::new());
-    conclude("courier-loadtest push", rows, r.result, failures, &r.path, r.finished)
-}
-
-pub async fn offline(args: OfflineArgs) -> anyhow::Result<bool> {
-    anyhow::ensure!(args.per_device >= 1, "--per-device must be at least 1");
-    let mut run = prepare("offline", &args.target, &args.swarm, &args.output, true).await?;
-    run.connect_all(true).await?;
-    let targets = run.targets()?;
-    run.disconnect(1).await?;
-    run.phase("store");
-    let total = (args.per_device * run.devices) as u64;
-    let mut plan = run.load_plan(&args.load, &args.swarm.topic, targets);
-    plan.limit = Some(total);
-    // The store phase ends when all `total` are sent, not by time.
-    plan.duration = Duration::from_secs(24 * 3600);
-    let stored = crate::load::run(plan, run.ledger.clone()).await?;
-    let received_offline = run.ledger.lock().unwrap_or_else(|e| e.into_inner()).receipts;
-    run.phase("reconnect");
-    let reconnect_at = crate::unix_micros();
-    let relink = run.connect_all(false).await?;
-    let drained = run.drain().await?;
-    let devices = run.devices;
-    let mut r = run.finish_pushes().await?;
-    let store_secs = stored.elapsed.as_secs_f64().max(1e-6);
-    let drain_secs = r.last_receipt_us.map(|last| last.saturating_sub(reconnect_at) as f64 / 1e6).unwrap_or(0.0);
-    let drain_rate = if drain_secs > 0.0 { r.summary.received as f64 / drain_secs } else { 0.0 };
-    let mut rows = vec![
-        (
-            "stored".into(),
-            format!(
-                "{} ({} per device), {:.0}/s accepted",
-                r.summary.accepted,
-                args.per_device,
-                r.summary.accepted as f64 / store_secs
-            ),
-        ),
-        ("relinked".into(), format!("{devices} links in {:.2} s", relink.as_secs_f64())),
-        ("drain".into(), format!("{} in {drain_secs:.2} s: {drain_rate:.0} notifications/s", r.summary.received)),
-    ];
-    rows.extend(r.rows());
-    r.json();
-    r.result["offline"] = json!({
-        "per_device": args.per_device,
-        "stored": r.summary.accepted,
-        "store_secs": store_secs,
-        "received_while_offline": received_offline,
-        "relink_secs": relink.as_secs_f64(),
-        "drain_secs": drain_secs,
-        "drain_per_sec": drain_rate,
-        "drained": drained,
-    });
-    let mut extra = Vec::new();
-    if received_offline > 0 {
-        extra.push(format!("{received_offline} notifications arrived while every device was offline"));
-    }
-    let failures = verdict(&r.summary, &r.output, extra);
-    conclude("courier-loadtest offline", rows, r.result, failures, &r.path, r.finished)
-}
-
-/// The queue cap of the nodes the failover scenario spawns, unless `--node-arg` sets one.
-pub(crate) const FAILOVER_QUEUE_CAP: u64 = 1_000_000;
-
-pub async fn failover(args: FailoverArgs) -> anyhow::Result<bool> {
-    let nodes = args.target.spawn.unwrap_or(0);
-    anyhow::ensure!(
-        nodes >= 3,
-        "failover kills a node process it started: it needs --spawn with at least 3 nodes (so the Raft group \
-         keeps a majority and every queue a replica)"
-    );
-    let kill_index =
-        args.kill_node.unwrap_or(nodes).checked_sub(1).filter(|i| *i < nodes).context("--kill-node is out of range")?;
-    // What an offline device misses must all wait for it: at saturation a device that sits out the load
-    // gets far more than the node's default queue cap (100 per device and topic), and the oldest beyond
-    // the cap are dropped by design, which this scenario would count as lost. A cap given with
-    // `--node-arg` wins.
-    let mut target = args.target.clone();
-    if !target.node_args.iter().any(|arg| arg.starts_with("--queue-cap-per-topic")) {
-        target.node_args.push(format!("--queue-cap-per-topic={FAILOVER_QUEUE_CAP}"));
-    }
-    let mut run = prepare("failover", &target, &args.swarm, &args.output, true).await?;
-    run.connect_all(true).await?;
-    let targets = run.targets()?;
-    if args.offline_every > 0 {
-        run.disconnect(args.offline_every).await?;
-    }
-    run.phase("load");
-    let plan = run.load_plan(&args.load, &args.swarm.topic, targets);
-    let load = tokio::spawn(crate::load::run(plan, run.ledger.clone()));
-    tokio::time::sleep(Duration::from_secs_f64(args.kill_after.max(0.0))).await;
-    let victim = run.target.nodes[kill_index].device_addr.clone();
-    run.swarm.command(&Command::Killing { addr: victim.clone() }).await?;
-    run.target.kill(kill_index)?;
-    let killed_at = crate::unix_micros();
-    run.phase("killed");
-    let outcome = load.await??;
-    // Devices that sat out the load come back for what was stored for them.
-    run.connect_all(false).await?;
-    let drained = run.drain().await?;
-    let recovered = run.swarm.view.recovered();
-    let mut r = run.finish_pushes().await?;
-    let orphaned = r.totals.orphaned;
-    let after_kill = |t: u64| t.saturating_sub(killed_at) as f64 / 1e6;
-    let first = recovered.iter().min().map(|t| after_kill(*t));
-    let last = (recovered.len() as u64 >= orphaned && orphaned > 0)
-        .then(|| recovered.iter().max().map(|t| after_kill(*t)))
-        .flatten();
-    let secs = outcome.elapsed.as_secs_f64().max(1e-6);
-    let mut rows = vec![
-        ("killed".into(), format!("node {} ({victim}) with SIGKILL after {:.1} s", kill_index + 1, args.kill_after)),
-        ("load".into(), format!("{} at {} pushes/s for {:.1} s", r.summary.sent, args.load.rate, secs)),
-        ("links lost with the node".into(), orphaned.to_string()),
-        (
-            "first delivery via new owner".into(),
-            first.map(|s| format!("{s:.2} s after the kill")).unwrap_or_else(|| "none".into()),
-        ),
-        (
-            "every orphan delivered again".into(),
-            last.map(|s| format!("{s:.2} s after the kill"))
-                .unwrap_or_else(|| format!("{} of {orphaned}", recovered.len())),
-        ),
-        ("lost (accepted, never received)".into(), r.summary.lost().to_string()),
-    ];
-    rows.extend(r.rows());
-    r.json();
-    r.result["failover"] = json!({
-        "killed_node": kill_index + 1,
-        "kill_after_secs": args.kill_after,
-        "orphaned_links": orphaned,
-        "orphans_recovered": recovered.len(),
-        "first_recovery_secs": first,
-        "all_recovered_secs": last,
-        "lost": r.summary.lost(),
-        "duplicates": r.summary.duplicates,
-        "drained": drained,
-        "load_secs": secs,
-    });
-    let mut extra = Vec::new();
-    if r.summary.lost() > 0 {
-        extra.push(format!(
-            "{} accepted notifications never arrived (e.g. {:?})",
-            r.summary.lost(),
-            r.summary.lost_sample
-        ));
-    }
-    let failures = verdict(&r.summary, &r.output, extra);
-    conclude("courier-loadtest failover", rows, r.result, failures, &r.path, r.finished)
 }
