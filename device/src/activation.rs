@@ -9,9 +9,10 @@ use courier_proto::device::{self as wire, device_frame, server_frame};
 use futures_util::SinkExt;
 
 use crate::connector::Connector;
-use crate::credentials::{DeviceCredentials, DeviceEndpoint, RedirectTarget};
+use crate::credentials::{DeviceCredentials, DeviceEndpoint};
 use crate::error::ClientError;
 use crate::link::{device_frame, next_frame};
+use crate::redirect::RedirectTarget;
 
 /// Asks the node for a device certificate: a fresh key, a CSR, and the enrolment secret.
 pub async fn activate(endpoint: &DeviceEndpoint, enrolment_secret: &str) -> Result<DeviceCredentials, ClientError> {

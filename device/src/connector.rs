@@ -14,8 +14,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::codec::Framed;
 
 use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec};
-use crate::credentials::{DeviceCredentials, DeviceEndpoint, RedirectTarget};
+use crate::credentials::{DeviceCredentials, DeviceEndpoint};
 use crate::error::ClientError;
+use crate::redirect::RedirectTarget;
 
 pub(crate) type ClientLink = Framed<TlsStream<TcpStream>, FrameCodec<ServerFrame>>;
 

@@ -10,7 +10,7 @@ use courier_core::tls::TlsError;
 use courier_proto::device::GoodbyeReason;
 
 use crate::codec::FrameError;
-use crate::credentials::RedirectTarget;
+use crate::redirect::RedirectTarget;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

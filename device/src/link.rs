@@ -10,8 +10,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 
 use crate::connector::{ClientLink, Connector, resolve};
-use crate::credentials::{DeviceCredentials, DeviceEndpoint, RedirectTarget};
+use crate::credentials::{DeviceCredentials, DeviceEndpoint};
 use crate::error::ClientError;
+use crate::redirect::RedirectTarget;
 use crate::seen::SeenIds;
 
 /// Redirects followed before giving up (more means the cluster's views disagree).

@@ -12,9 +12,10 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::connector::Connector;
-use crate::credentials::{DeviceCredentials, DeviceEndpoint, RedirectTarget};
+use crate::credentials::{DeviceCredentials, DeviceEndpoint};
 use crate::error::ClientError;
 use crate::link::{DeviceLink, LinkEvent};
+use crate::redirect::RedirectTarget;
 use crate::seen::SeenIds;
 
 /// What happened on a `Device`, for the app.

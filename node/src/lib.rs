@@ -9,6 +9,7 @@ pub mod config;
 pub mod delivery;
 pub mod delivery_status;
 pub mod edge;
+pub mod follow;
 pub mod node;
 pub mod raft;
 pub mod replication;

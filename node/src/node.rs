@@ -1,6 +1,6 @@
 //! Starting and stopping a node: opens its databases, starts its Raft replica, binds its three listeners
-//! and wires the edge, the store, the control plane and the cluster API together. A state watcher keeps
-//! the node's keyring, ring and links in step with each applied epoch. Shutdown is one broadcast: every
+//! and wires the edge, the store, the control plane and the cluster API together, and starts the
+//! background loops that live with the state they drive (`follow`, `Replicator`, `Control`). Shutdown is one broadcast: every
 //! link says goodbye, the gRPC server drains, Raft stops, the store's writer commits what it holds, and
 //! `shutdown` returns only when all of that has finished.
 
@@ -19,7 +19,6 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::api::ClusterService;
 use crate::config::NodeConfig;
 use crate::delivery::{Delivery, DeliveryParts};
-use crate::edge::registry::LinkEnd;
 use crate::edge::registry::Registry;
 use crate::edge::{self, Edge};
 use crate::peer::{PeerError, Peers};
@@ -27,18 +26,16 @@ use crate::pki::{ClusterRole, DeviceCa, PkiDir, PkiError};
 use crate::raft::control::{Control, ControlError};
 use crate::raft::lease::Lease;
 use crate::raft::network::Network;
-use crate::raft::state::{ClusterState, Command, Epoch, MemberState};
+use crate::raft::state::{Command, Epoch, MemberState};
 use crate::raft::store::RaftStoreError;
-use crate::replication::{RebalanceReport, Replicator};
-use crate::ring::Ring;
+use crate::replication::Replicator;
 use crate::store::{Store, StoreError};
 use crate::telemetry::{self, Readiness};
 use crate::tls::{self, TlsError};
 use crate::token::{Keyring, KeyringError};
-use crate::view::{LocalView, Placement};
+use crate::view::LocalView;
 use courier_core::shutdown::{CancellationToken, DropGuard, TaskTracker};
 use courier_proto::cluster::JoinRequest;
-use courier_proto::device::GoodbyeReason;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -197,9 +194,9 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    tracker.spawn(follow_state(
+    tracker.spawn(crate::follow::follow_state(
         state.clone(),
-        Followers {
+        crate::follow::Followers {
             view: view.clone(),
             keyring: keyring.clone(),
             registry: registry.clone(),
@@ -278,15 +275,15 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         tracker.spawn(async move { control.join_through(&seeds, request, stop).await });
     }
     tracker.spawn(control.clone().run_leader_duties(shutdown.clone()));
-    tracker.spawn(sweep_orphans(replicator.clone(), store.clone(), shutdown.clone()));
+    tracker.spawn(replicator.clone().sweep_orphans_every_few_seconds(store.clone(), shutdown.clone()));
     if initialized {
-        tracker.spawn(reactivate(control.clone(), shutdown.clone()));
+        tracker.spawn(control.clone().reactivate(shutdown.clone()));
     }
     tracker.spawn(crate::raft::report::export_metrics(control.clone(), committed_index, shutdown.clone()));
 
-    // Set every 200 ms (`track_readiness`): a flag older than a second is from before a stall.
+    // Set every 200 ms (`Control::track_readiness`): a flag older than a second is from before a stall.
     let readiness = Readiness::refreshed_within(Duration::from_secs(1));
-    tracker.spawn(track_readiness(control.clone(), readiness.clone(), shutdown.clone()));
+    tracker.spawn(control.clone().track_readiness(readiness.clone(), shutdown.clone()));
     let metrics_stop = shutdown.clone().cancelled_owned();
     tracker.spawn(async move {
         let stop = metrics_stop;
@@ -322,166 +319,11 @@ fn cluster_incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = s
     })
 }
 
-/// What `follow_state` keeps in step with the applied state.
-#[derive(Clone)]
-struct Followers {
-    view: Arc<LocalView>,
-    keyring: Keyring,
-    registry: Arc<Registry>,
-    store: Store,
-    replicator: Arc<Replicator>,
-    rebalanced: watch::Sender<Epoch>,
-}
-
-/// Keeps the view and the keyring in step with every applied epoch at once, and hands each epoch to
-/// `reconcile` for the slower work. The view must never wait behind that work: a node routing new links by
-/// an older epoch than its peers would bounce devices between them.
-async fn follow_state(
-    mut state: watch::Receiver<Arc<ClusterState>>,
-    followers: Followers,
-    redirect_rate: u32,
-    shutdown: CancellationToken,
-) {
-    let (latest, work) = watch::channel(state.borrow().clone());
-    let reconciler = tokio::spawn(reconcile(work, followers.clone(), redirect_rate, shutdown.clone()));
-    loop {
-        tokio::select! {
-            changed = state.changed() => if changed.is_err() { break },
-            _ = shutdown.cancelled() => break,
-        }
-        let current = state.borrow_and_update().clone();
-        followers.view.update(current.clone());
-        current.sync_keyring(&followers.keyring);
-        latest.send_replace(current);
-    }
-    drop(latest);
-    let _ = reconciler.await;
-}
-
-/// When the ring changes, moves queues to their new holders; then closes the links of revoked devices and
-/// refused clones, and redirects devices the ring places elsewhere, at most `redirect_rate` a second so
-/// that a membership change does not become a reconnect storm. Always works on the newest epoch: a newer one arriving during
-/// a redirect pass starts the pass over.
-async fn reconcile(
-    mut work: watch::Receiver<Arc<ClusterState>>,
-    followers: Followers,
-    redirect_rate: u32,
-    shutdown: CancellationToken,
-) {
-    let Followers { view, registry, store, replicator, rebalanced, .. } = followers;
-    let pause = Duration::from_secs(1) / redirect_rate.max(1);
-    let mut ring_before = Ring::from_state(&work.borrow());
-    loop {
-        tokio::select! {
-            changed = work.changed() => if changed.is_err() { return },
-            _ = shutdown.cancelled() => return,
-        }
-        let current = work.borrow_and_update().clone();
-        let ring = Ring::from_state(&current);
-        if ring.members() != ring_before.members() || ring_before.members().is_empty() {
-            let rebalance = tokio::select! {
-                result = replicator.rebalance(&store, &ring_before) => result,
-                _ = shutdown.cancelled() => return,
-            };
-            match rebalance {
-                Ok(report) if report != RebalanceReport::default() => {
-                    tracing::info!(epoch = current.epoch.0, ?report, "queues moved for the new ring");
-                }
-                Ok(_) => {}
-                Err(error) => tracing::error!(%error, "moving queues for the new ring failed"),
-            }
-            ring_before = ring;
-        }
-        rebalanced.send_replace(current.epoch);
-        for device in registry.devices() {
-            if work.has_changed().unwrap_or(true) {
-                break;
-            }
-            if current.revoked.contains(&device) {
-                registry.close(device, LinkEnd::Goodbye(GoodbyeReason::Revoked));
-                continue;
-            }
-            if current.refuses_clone(device) {
-                registry.close(device, LinkEnd::Goodbye(GoodbyeReason::ClonedIdentity));
-                continue;
-            }
-            if let Placement::Elsewhere { device_addr, device_name, .. } = view.placement(device) {
-                let to = courier_proto::device::Redirect { device_addr, server_name: device_name };
-                registry.close(device, LinkEnd::Redirect(to));
-                tokio::time::sleep(pause).await;
-            }
-        }
-    }
-}
-
-/// Every few seconds, moves copies this node holds for devices it is no longer a candidate for: writes
-/// that raced a ring change land on the old holders after their rebalance read the queue.
-async fn sweep_orphans(replicator: Arc<Replicator>, store: Store, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(ORPHAN_SWEEP) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        let sweep = tokio::select! {
-            result = replicator.sweep_orphans(&store) => result,
-            _ = shutdown.cancelled() => return,
-        };
-        match sweep {
-            Ok(0) => {}
-            Ok(released) => tracing::info!(released, "handed stray copies to their devices' candidates"),
-            Err(error) => tracing::warn!(%error, "sweeping stray copies failed"),
-        }
-    }
-}
-
-const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
-
 /// How often the cluster API pings an idle connection, and how long it waits for the answer.
 const GRPC_KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// How long the cluster API's in-flight calls have to finish once shutdown begins.
 const GRPC_DRAIN: Duration = Duration::from_secs(5);
-
-/// A node restarted after a drain or a crash asks to be active again once a leader is known (after a crash,
-/// once it has run for `rejoin_after`).
-async fn reactivate(control: Arc<Control>, shutdown: CancellationToken) {
-    let started = tokio::time::Instant::now();
-    loop {
-        let me = control.current().members.get(&control.id).map(|m| m.state);
-        // A node that drained left on purpose and comes back at once; one the leader marked down (it
-        // crashed, or was cut off) first runs for `rejoin_after`, as the leader would make it answer for.
-        let settled = started.elapsed() >= control.settings.rejoin_after;
-        match me {
-            Some(MemberState::Draining) | Some(MemberState::Down)
-                if control.leader().is_some() && (me == Some(MemberState::Draining) || settled) =>
-            {
-                let now_ms = crate::ids::unix_millis();
-                let command = Command::SetMemberState { id: control.id, state: MemberState::Active, now_ms };
-                match control.apply(command).await {
-                    Ok(_) => return,
-                    Err(error) => tracing::info!(%error, "asking to be active again; will retry"),
-                }
-            }
-            Some(MemberState::Active) => return,
-            _ => {}
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
-}
-
-/// Ready once this node is an active member of an epoch it has applied and a leader is known.
-async fn track_readiness(control: Arc<Control>, readiness: Readiness, shutdown: CancellationToken) {
-    loop {
-        readiness.set(control.is_serving());
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
-}
 
 impl RunningNode {
     /// Closes every link with a goodbye, stops the listeners, commits the store and returns when all

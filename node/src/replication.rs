@@ -20,6 +20,8 @@ use futures_util::StreamExt;
 use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
+use courier_core::shutdown::CancellationToken;
+
 use crate::ids::DeviceId;
 use crate::peer::Peers;
 use crate::raft::state::{Epoch, NodeId};
@@ -260,6 +262,9 @@ impl Replicator {
     }
 }
 
+/// How often `sweep_orphans_every_few_seconds` sweeps.
+const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
+
 /// Devices whose queues move at the same time during a rebalance.
 const REBALANCE_PARALLELISM: usize = 64;
 
@@ -302,6 +307,26 @@ impl Replicator {
             metrics::counter!("courier_node_queue_gathered_total").increment(added as u64);
         }
         added
+    }
+
+    /// Every few seconds, moves copies this node holds for devices it is no longer a candidate for: writes
+    /// that raced a ring change land on the old holders after their rebalance read the queue.
+    pub async fn sweep_orphans_every_few_seconds(self: Arc<Self>, store: Store, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(ORPHAN_SWEEP) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let sweep = tokio::select! {
+                result = self.sweep_orphans(&store) => result,
+                _ = shutdown.cancelled() => return,
+            };
+            match sweep {
+                Ok(0) => {}
+                Ok(released) => tracing::info!(released, "handed stray copies to their devices' candidates"),
+                Err(error) => tracing::warn!(%error, "sweeping stray copies failed"),
+            }
+        }
     }
 
     /// Hands the queues of devices this node is not a candidate for (copies that arrived after the last

@@ -23,6 +23,7 @@ use super::state::{ClusterState, Command, CommandResponse, KeyState, MemberState
 use crate::ids::unix_millis;
 use crate::peer::Peers;
 use crate::pki::{PkiDir, ProviderCredential};
+use crate::telemetry::Readiness;
 use crate::token::{Keyring, TokenKey, TokenKeyId};
 
 /// Most voters the group keeps; further members are learners.
@@ -314,6 +315,47 @@ impl Control {
     pub fn next_token_key(&self) -> TokenKey {
         let next = self.current().token_keys.keys().map(|id| id.0).max().unwrap_or(0) + 1;
         TokenKey::generate(TokenKeyId(next))
+    }
+
+    /// A node restarted after a drain or a crash asks to be active again once a leader is known (after a crash,
+    /// once it has run for `rejoin_after`).
+    pub async fn reactivate(self: Arc<Self>, shutdown: CancellationToken) {
+        let started = tokio::time::Instant::now();
+        loop {
+            let me = self.current().members.get(&self.id).map(|m| m.state);
+            // A node that drained left on purpose and comes back at once; one the leader marked down (it
+            // crashed, or was cut off) first runs for `rejoin_after`, as the leader would make it answer for.
+            let settled = started.elapsed() >= self.settings.rejoin_after;
+            match me {
+                Some(MemberState::Draining) | Some(MemberState::Down)
+                    if self.leader().is_some() && (me == Some(MemberState::Draining) || settled) =>
+                {
+                    let now_ms = unix_millis();
+                    let command = Command::SetMemberState { id: self.id, state: MemberState::Active, now_ms };
+                    match self.apply(command).await {
+                        Ok(_) => return,
+                        Err(error) => tracing::info!(%error, "asking to be active again; will retry"),
+                    }
+                }
+                Some(MemberState::Active) => return,
+                _ => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Ready once this node is an active member of an epoch it has applied and a leader is known.
+    pub async fn track_readiness(self: Arc<Self>, readiness: Readiness, shutdown: CancellationToken) {
+        loop {
+            readiness.set(self.is_serving());
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
     }
 
     /// The leader's periodic duties; runs on every node and acts only while it leads. A tick that cannot
