@@ -77,6 +77,20 @@ async fn a_silent_node_is_marked_down_routed_around_and_back_when_it_returns() {
         std::future::ready(state.members[&victim].state == MemberState::Active)
     })
     .await;
+    // Both pushes answered 200 reach the device, once each, wherever its queue is now.
+    let mut link = courier_device::DeviceLink::connect(&nodes.endpoint(leader), &credentials, 0).await.unwrap();
+    let mut payloads = Vec::new();
+    while payloads.len() < 2 {
+        let n = tokio::time::timeout(Duration::from_secs(15), link.next_notification())
+            .await
+            .expect("both notifications in time")
+            .expect("the link stays up");
+        payloads.push(String::from_utf8(n.payload).unwrap());
+    }
+    payloads.sort();
+    assert_eq!(payloads, [r#"{"n":0}"#, r#"{"n":1}"#]);
+    assert!(link.sync().await.unwrap().iter().all(|n| !link.seen.insert(&n.apns_id)), "nothing new arrives after");
+    link.close().await.unwrap();
 
     // Everything survives a restart of every node from its data directory.
     let before = nodes.node(leader).control.current();

@@ -14,7 +14,7 @@ use futures_util::SinkExt;
 use tokio_util::codec::Framed;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn activations_never_repeat_an_id_and_certificates_work() {
+async fn concurrent_activations_each_get_a_certificate_that_names_their_id_and_links() {
     let cluster = TestCluster::start().await;
     let endpoint = cluster.endpoint();
     let tasks: Vec<_> = (0..24)
@@ -23,16 +23,23 @@ async fn activations_never_repeat_an_id_and_certificates_work() {
             tokio::spawn(async move { courier_device::activate(&endpoint, "anything").await })
         })
         .collect();
-    let mut ids = HashSet::new();
     let mut credentials = Vec::new();
     for task in tasks {
-        let c = task.await.unwrap().expect("activation");
-        assert!(ids.insert(c.device_id), "device id {} issued twice", c.device_id);
-        credentials.push(c);
+        credentials.push(task.await.unwrap().expect("activation"));
     }
-    // The certificate names the id the node sees on the link.
-    let link = DeviceLink::connect(&endpoint, &credentials[0], 0).await.unwrap();
-    assert_eq!(link.device_id, credentials[0].device_id);
+    // Each answer's certificate names the id the answer gave (not another activation's), and each
+    // certificate opens a link on which the node sees that id.
+    let mut ids = HashSet::new();
+    for c in &credentials {
+        let cert = rustls::pki_types::CertificateDer::from(c.cert_der.clone());
+        assert_eq!(courier_core::pki::device_id_from_cert(&cert), Some(c.device_id), "the certificate names its id");
+        assert!(ids.insert(c.device_id), "device id {} issued twice", c.device_id);
+    }
+    for c in credentials.iter().step_by(6) {
+        let link = DeviceLink::connect(&endpoint, c, 0).await.expect("the certificate links");
+        assert_eq!(link.device_id, c.device_id);
+        link.close().await.expect("close");
+    }
     cluster.shutdown().await;
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TOPIC, TestCluster};
+use common::{TOPIC, TestCluster, eventually};
 use courier_device::DeviceLink;
 
 fn now_secs() -> u64 {
@@ -28,6 +28,7 @@ async fn offline_notifications_survive_a_node_restart_and_arrive_once() {
     .await;
 
     let later = (now_secs() + 3600).to_string();
+    let expires_at = now_secs() + 2;
     let send = |apns_id: &str, expiration: String, collapse: Option<&str>, body: &str| {
         let mut push = cluster.push(&token, body);
         push.apns_id = Some(apns_id.into());
@@ -43,7 +44,7 @@ async fn offline_notifications_survive_a_node_restart_and_arrive_once() {
     let already_expired = "00000000-0000-4000-8000-000000000006";
     for push in [
         send(kept, later.clone(), None, r#"{"n":"kept"}"#),
-        send(expired_soon, (now_secs() + 2).to_string(), None, r#"{"n":"expires"}"#),
+        send(expired_soon, expires_at.to_string(), None, r#"{"n":"expires"}"#),
         send(never_stored, "0".into(), None, r#"{"n":"now-or-never"}"#),
         send(collapsed_old, later.clone(), Some("score"), r#"{"score":"1-0"}"#),
         send(collapsed_new, later.clone(), Some("score"), r#"{"score":"2-0"}"#),
@@ -58,9 +59,11 @@ async fn offline_notifications_survive_a_node_restart_and_arrive_once() {
     drop((store, registry));
 
     cluster.stop_node().await;
-    // Let the short-lived one pass its expiration while the node is down.
-    let expires_at = tokio::time::Instant::now() + Duration::from_secs(3);
-    tokio::time::sleep_until(expires_at).await;
+    // The short-lived one's expiration passes while the node is down (expirations are whole UNIX seconds).
+    eventually(Duration::from_secs(10), "the short-lived notification's expiration passes", || {
+        std::future::ready(now_secs() > expires_at)
+    })
+    .await;
     cluster.start_node().await;
 
     let mut link = DeviceLink::connect(&cluster.endpoint(), &credentials, 0).await.unwrap();
