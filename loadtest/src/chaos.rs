@@ -24,7 +24,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::cli::{ChaosArgs, Fault};
-use crate::scenario::{FAILOVER_QUEUE_CAP, Run, conclude, prepare};
+use crate::scenario::{Run, conclude, prepare, start_load, with_uncapped_queues};
 
 /// The nodes' failure timeout when `--node-arg` does not set one (the node's own default).
 const DEFAULT_FAILURE_TIMEOUT: Duration = Duration::from_millis(3000);
@@ -122,25 +122,16 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<bool> {
     );
     anyhow::ensure!(!args.faults.is_empty(), "--faults names no fault");
     let seed = args.seed.unwrap_or_else(|| rand::rng().next_u64());
-    let mut target = args.target.clone();
+    // As in failover: every notification an offline device misses must wait for it.
+    let mut target = with_uncapped_queues(&args.target);
     target.restartable = true;
     target.partitionable = args.faults.contains(&Fault::Partition);
-    // As in failover: every notification an offline device misses must wait for it.
-    if !target.node_args.iter().any(|arg| arg.starts_with("--queue-cap-per-topic")) {
-        target.node_args.push(format!("--queue-cap-per-topic={FAILOVER_QUEUE_CAP}"));
-    }
     let failure_timeout = failure_timeout(&target.node_args);
     let mut run = prepare("chaos", &target, &args.swarm, &args.output, true).await?;
     if !args.output.quiet {
         eprintln!("chaos seed {seed} (rerun the same schedule with --seed {seed})");
     }
-    run.connect_all(true).await?;
-    let targets = run.targets()?;
-    if args.offline_every > 0 {
-        run.disconnect(args.offline_every).await?;
-    }
-    run.phase("load");
-    let plan = run.load_plan(&args.load, &args.swarm.topic, targets);
+    let plan = start_load(&mut run, &args.load, &args.swarm.topic, args.offline_every).await?;
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(args.load.duration.max(0.0));
     let load = tokio::spawn(crate::load::run(plan, run.ledger.clone()));

@@ -4,7 +4,36 @@
 use super::*;
 
 /// The queue cap of the nodes the failover scenario spawns, unless `--node-arg` sets one.
-pub(crate) const FAILOVER_QUEUE_CAP: u64 = 1_000_000;
+const FAILOVER_QUEUE_CAP: u64 = 1_000_000;
+
+/// `target` with the nodes' queue cap raised to `FAILOVER_QUEUE_CAP` unless `--node-arg` sets one. What an
+/// offline device misses must all wait for it: at saturation a device that sits out the load gets far
+/// more than the node's default cap (100 per device and topic), and the oldest beyond the cap are dropped
+/// by design, which a scenario that counts losses would count as lost. Failover and chaos both need this.
+pub(crate) fn with_uncapped_queues(target: &TargetArgs) -> TargetArgs {
+    let mut target = target.clone();
+    if !target.node_args.iter().any(|arg| arg.starts_with("--queue-cap-per-topic")) {
+        target.node_args.push(format!("--queue-cap-per-topic={FAILOVER_QUEUE_CAP}"));
+    }
+    target
+}
+
+/// Links every device, takes every `offline_every`-th one offline again (0: none), and enters the load
+/// phase: how each scenario that pushes through faults begins.
+pub(crate) async fn start_load(
+    run: &mut Run,
+    load: &LoadArgs,
+    topic: &str,
+    offline_every: usize,
+) -> anyhow::Result<LoadPlan> {
+    run.connect_all(true).await?;
+    let targets = run.targets()?;
+    if offline_every > 0 {
+        run.disconnect(offline_every).await?;
+    }
+    run.phase("load");
+    Ok(run.load_plan(load, topic, targets))
+}
 
 pub async fn failover(args: FailoverArgs) -> anyhow::Result<bool> {
     let nodes = args.target.spawn.unwrap_or(0);
@@ -15,22 +44,9 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<bool> {
     );
     let kill_index =
         args.kill_node.unwrap_or(nodes).checked_sub(1).filter(|i| *i < nodes).context("--kill-node is out of range")?;
-    // What an offline device misses must all wait for it: at saturation a device that sits out the load
-    // gets far more than the node's default queue cap (100 per device and topic), and the oldest beyond
-    // the cap are dropped by design, which this scenario would count as lost. A cap given with
-    // `--node-arg` wins.
-    let mut target = args.target.clone();
-    if !target.node_args.iter().any(|arg| arg.starts_with("--queue-cap-per-topic")) {
-        target.node_args.push(format!("--queue-cap-per-topic={FAILOVER_QUEUE_CAP}"));
-    }
+    let target = with_uncapped_queues(&args.target);
     let mut run = prepare("failover", &target, &args.swarm, &args.output, true).await?;
-    run.connect_all(true).await?;
-    let targets = run.targets()?;
-    if args.offline_every > 0 {
-        run.disconnect(args.offline_every).await?;
-    }
-    run.phase("load");
-    let plan = run.load_plan(&args.load, &args.swarm.topic, targets);
+    let plan = start_load(&mut run, &args.load, &args.swarm.topic, args.offline_every).await?;
     let load = tokio::spawn(crate::load::run(plan, run.ledger.clone()));
     tokio::time::sleep(Duration::from_secs_f64(args.kill_after.max(0.0))).await;
     let victim = run.target.nodes[kill_index].device_addr.clone();

@@ -26,8 +26,8 @@ mod offline;
 mod push;
 
 pub use connect::connect;
-pub(crate) use failover::FAILOVER_QUEUE_CAP;
 pub use failover::failover;
+pub(crate) use failover::{start_load, with_uncapped_queues};
 pub use offline::offline;
 pub use push::push;
 
