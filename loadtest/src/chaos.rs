@@ -248,7 +248,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<bool> {
     let s = &r.summary;
     let mut failures = Vec::new();
     if !s.consistent {
-        failures.push("the ledger does not balance (sent != received + errors)".into());
+        failures.push("the ledger does not balance (a push with no answer, or with two)".into());
     }
     if s.lost() > 0 {
         failures.push(format!("{} accepted notifications never arrived (e.g. {:?})", s.lost(), s.lost_sample));

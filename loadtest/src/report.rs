@@ -25,6 +25,8 @@ pub struct Ledger {
     targets: Vec<u64>,
     state: Vec<u8>,
     received: Vec<u8>,
+    /// Answers per sequence number (saturating): each push must get exactly one.
+    answers: Vec<u8>,
     /// Answers received (any status, or a transport error).
     pub sent: u64,
     pub accepted: u64,
@@ -51,6 +53,7 @@ impl Ledger {
             targets: Vec::new(),
             state: Vec::new(),
             received: Vec::new(),
+            answers: Vec::new(),
             sent: 0,
             accepted: 0,
             accepted_received: 0,
@@ -78,6 +81,7 @@ impl Ledger {
         if self.state.len() <= i {
             self.state.resize(i + 1, PENDING);
             self.received.resize(i + 1, 0);
+            self.answers.resize(i + 1, 0);
         }
         i
     }
@@ -86,6 +90,7 @@ impl Ledger {
     pub fn answer(&mut self, seq: u64, outcome: Result<(), String>, latency_us: u64) {
         let i = self.grow(seq);
         self.sent += 1;
+        self.answers[i] = self.answers[i].saturating_add(1);
         let _ = self.response.record(latency_us.max(1));
         match outcome {
             Ok(()) => {
@@ -129,8 +134,10 @@ impl Ledger {
         self.errors.values().sum()
     }
 
-    /// The final accounting: `sent = received + errors`, where errors include accepted notifications that
-    /// never arrived (`NotReceived`).
+    /// The final accounting. `consistent` is checked per sequence number, not from the running counters:
+    /// the load issues numbers 0, 1, 2, … and every one up to the last answered must have exactly one
+    /// answer (none missing, none answered twice), and their count must be what the counters say was sent.
+    /// Errors include accepted notifications that never arrived (`NotReceived`).
     pub fn summary(&self, stale: u64) -> PushSummary {
         let mut errors = self.errors.clone();
         let (mut received, mut duplicates, mut despite_error, mut lost) = (0u64, 0u64, 0u64, Vec::new());
@@ -150,13 +157,14 @@ impl Ledger {
                 _ => {}
             }
         }
-        let error_total: u64 = errors.values().sum();
+        let answered = self.answers.iter().rposition(|&n| n > 0).map_or(0, |last| last + 1);
+        let exactly_once = self.answers[..answered].iter().all(|&n| n == 1);
         PushSummary {
             sent: self.sent,
             accepted: self.accepted,
             received,
             errors,
-            consistent: self.sent == received + error_total,
+            consistent: exactly_once && self.sent == answered as u64,
             duplicates,
             misdelivered: self.misdelivered,
             delivered_despite_error: despite_error,
@@ -181,7 +189,7 @@ pub struct PushSummary {
     pub received: u64,
     /// Errors by APNs reason, `transport: ...`, and `NotReceived` for accepted notifications that never came.
     pub errors: BTreeMap<String, u64>,
-    /// `sent == received + sum(errors)`.
+    /// Every push issued, up to the last one answered, has exactly one answer (checked per apns-id).
     pub consistent: bool,
     /// Extra arrivals at the app of an accepted notification (exactly-once means zero).
     pub duplicates: u64,
@@ -311,8 +319,31 @@ mod tests {
         assert_eq!(summary.lost(), 1);
         assert_eq!(summary.error_total(), 3);
         assert!(summary.consistent);
+        assert_eq!(summary.sent, summary.received + summary.error_total());
         assert_eq!((summary.duplicates, summary.misdelivered, summary.delivered_despite_error), (1, 1, 1));
         assert_eq!(summary.lost_sample, vec![crate::msg::apns_id(1, 1)]);
+    }
+
+    #[test]
+    fn a_push_answered_twice_or_never_breaks_the_ledger() {
+        let mut twice = Ledger::new(1);
+        twice.set_targets(vec![1]);
+        twice.answer(0, Ok(()), 10);
+        twice.answer(0, Err("ServiceUnavailable".into()), 10);
+        twice.answer(1, Ok(()), 10);
+        assert!(!twice.summary(0).consistent, "seq 0 has two answers");
+
+        let mut gap = Ledger::new(1);
+        gap.set_targets(vec![1]);
+        gap.answer(0, Ok(()), 10);
+        gap.answer(2, Ok(()), 10);
+        assert!(!gap.summary(0).consistent, "seq 1 was issued and never answered");
+
+        let mut whole = Ledger::new(1);
+        whole.set_targets(vec![1]);
+        (0..3).for_each(|seq| whole.answer(seq, Ok(()), 10));
+        whole.receipt(5, 10, 1); // a receipt beyond the last answer does not make an answer missing
+        assert!(whole.summary(0).consistent);
     }
 
     #[test]

@@ -321,7 +321,7 @@ fn push_rows(rows: &mut Vec<(String, String)>, summary: &PushSummary, e2e: &Perc
     rows.push(("accepted (200)".into(), summary.accepted.to_string()));
     rows.push(("received".into(), summary.received.to_string()));
     rows.push(("errors".into(), format!("{} {:?}", summary.error_total(), summary.errors)));
-    rows.push(("sent = received + errors".into(), summary.consistent.to_string()));
+    rows.push(("every push answered once".into(), summary.consistent.to_string()));
     rows.push(("duplicates / misdelivered".into(), format!("{} / {}", summary.duplicates, summary.misdelivered)));
     if summary.delivered_despite_error > 0 || summary.stale > 0 {
         rows.push((
@@ -337,7 +337,7 @@ fn push_rows(rows: &mut Vec<(String, String)>, summary: &PushSummary, e2e: &Perc
 pub(crate) fn verdict(s: &PushSummary, output: &OutputArgs, extra: Vec<String>) -> Vec<String> {
     let mut failures = extra;
     if !s.consistent {
-        failures.push("the ledger does not balance (sent != received + errors)".into());
+        failures.push("the ledger does not balance (a push with no answer, or with two)".into());
     }
     if s.duplicates > 0 {
         failures.push(format!("{} duplicate deliveries to the app", s.duplicates));
