@@ -72,6 +72,15 @@ async fn offline_devices(endpoints: &[DeviceEndpoint], count: usize) -> Vec<(Dev
     devices
 }
 
+/// How many of `devices` node `node` owns in the gateway's view.
+fn owned_by(gateway: &courier_gateway::RunningGateway, devices: &[(DeviceCredentials, String)], node: u64) -> usize {
+    let view = gateway.view.borrow();
+    devices
+        .iter()
+        .filter(|(c, _)| view.as_ref().and_then(|v| v.owner(c.device_id)).is_some_and(|o| o.0 == node))
+        .count()
+}
+
 /// One push and its answer.
 struct Answered {
     device: usize,
@@ -162,11 +171,7 @@ async fn a_leader_cut_off_from_its_peers_loses_nothing_answered_200() {
     .await;
 
     let devices = offline_devices(&endpoints, 24).await;
-    let owned_by_1 = devices
-        .iter()
-        .filter(|(c, _)| gateway.view.borrow().as_ref().and_then(|v| v.owner(c.device_id)).is_some_and(|o| o.0 == 1))
-        .count();
-    assert!(owned_by_1 > 0, "node 1 owns some of the 24 devices");
+    assert!(owned_by(&gateway, &devices, 1) > 0, "node 1 owns some of the 24 devices");
 
     fabric.isolate(1).expect("cut node 1 off");
     let node_1_ready = format!("http://{}/readyz", nodes[0].metrics_addr);
@@ -207,12 +212,7 @@ async fn a_node_paused_past_the_failure_timeout_loses_nothing_and_rejoins_only_o
     // A follower: pausing the leader would also test an election, which the failover tests do.
     let leader = gateway.view.borrow().as_ref().expect("a view").leader;
     let paused = nodes.iter().find(|n| n.id != leader).expect("a follower");
-    let owned = devices
-        .iter()
-        .filter(|(c, _)| {
-            gateway.view.borrow().as_ref().and_then(|v| v.owner(c.device_id)).is_some_and(|o| o.0 == paused.id)
-        })
-        .count();
+    let owned = owned_by(&gateway, &devices, paused.id);
     assert!(owned > 0, "the paused node owns some of the 24 devices");
 
     signal(paused, "-STOP");
@@ -306,12 +306,7 @@ async fn a_node_cut_off_from_everything_loses_nothing_answered_200_and_rejoins_a
     let devices = offline_devices(&endpoints, 24).await;
     let leader = gateway.view.borrow().as_ref().expect("a view").leader;
     let cut = nodes.iter().position(|n| n.id != leader).expect("a follower");
-    let owned = devices
-        .iter()
-        .filter(|(c, _)| {
-            gateway.view.borrow().as_ref().and_then(|v| v.owner(c.device_id)).is_some_and(|o| o.0 == nodes[cut].id)
-        })
-        .count();
+    let owned = owned_by(&gateway, &devices, nodes[cut].id);
     assert!(owned > 0, "the cut-off node owns some of the 24 devices");
 
     fabric.cut_off(nodes[cut].id).expect("cut the node off from everything");

@@ -435,22 +435,18 @@ pub fn shell_courier_vars() -> Vec<String> {
     std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()).filter(|n| n.starts_with("COURIER_")).collect()
 }
 
-/// A command for `program` that inherits none of `shell_courier_vars`.
-pub fn command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(program);
-    for name in shell_courier_vars() {
-        command.env_remove(name);
-    }
-    command
-}
-
-/// `command`, blocking.
+/// A blocking command for `program` that inherits none of `shell_courier_vars`.
 pub fn std_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
     let mut command = std::process::Command::new(program);
     for name in shell_courier_vars() {
         command.env_remove(name);
     }
     command
+}
+
+/// `std_command`, for tokio.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    std_command(program).into()
 }
 
 /// A port free right now on loopback and outside the ephemeral range, for processes that must come back

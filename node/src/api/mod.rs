@@ -23,6 +23,7 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use self::authz::{Rpc, authorize};
+use courier_core::protocol::{MAX_FORWARD_BATCH, WATCH_HEARTBEAT};
 use courier_core::shutdown::CancellationToken;
 
 use crate::delivery::Delivery;
@@ -102,7 +103,7 @@ impl Cluster for ClusterService {
         let caller = authorize(&request, Rpc::Replicate)?;
         authz::check_node_claim(Rpc::Replicate, caller, request.get_ref().from_node)?;
         let request = request.into_inner();
-        if request.puts.len() + request.removes.len() > 4 * courier_core::protocol::MAX_FORWARD_BATCH {
+        if request.puts.len() + request.removes.len() > 4 * MAX_FORWARD_BATCH {
             return Err(Status::invalid_argument("replication batch too large"));
         }
         let (puts, refused) = match self.newer_view(request.epoch).await? {
@@ -225,10 +226,7 @@ impl Cluster for ClusterService {
         let control = self.control.clone();
         let stop = self.shutdown.clone().cancelled_owned();
         let states = WatchStream::new(self.control.state.clone()).map(Some);
-        let mut ticks = tokio::time::interval_at(
-            tokio::time::Instant::now() + courier_core::protocol::WATCH_HEARTBEAT,
-            courier_core::protocol::WATCH_HEARTBEAT,
-        );
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + WATCH_HEARTBEAT, WATCH_HEARTBEAT);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let heartbeats = tokio_stream::wrappers::IntervalStream::new(ticks).map(|_| None);
         let views = futures_util::stream::select(states, heartbeats).take_until(stop).map(move |changed| {
