@@ -38,8 +38,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(8);
 /// The tests are timing-sensitive (leases, failure timeouts) on a two-core machine: one cluster at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Everything that arrives on a link within `quiet` of the last arrival, up to `limit` in all, acked.
-async fn collect(link: &mut DeviceLink, expected: &BTreeSet<String>, limit: Duration) -> Vec<String> {
+/// What arrives on a link (acked) until half a second passes with nothing new once all of `expected` is in, up to `limit` in all; and
+/// whether the link is still up. A link ends early when the device's owner changes (the node sends a
+/// redirect and closes it), as it may while a healed node rejoins.
+async fn collect(link: &mut DeviceLink, expected: &BTreeSet<String>, limit: Duration) -> (Vec<String>, bool) {
     let started = Instant::now();
     let mut got = Vec::new();
     while started.elapsed() < limit {
@@ -47,15 +49,15 @@ async fn collect(link: &mut DeviceLink, expected: &BTreeSet<String>, limit: Dura
         let wait = if expected.iter().all(|id| have.contains(id)) { Duration::from_millis(500) } else { limit };
         match tokio::time::timeout(wait, link.next_event()).await {
             Err(_) => break,
-            Ok(Err(error)) => panic!("the link failed: {error}"),
+            Ok(Err(_)) | Ok(Ok(LinkEvent::Redirect(_))) => return (got, false),
             Ok(Ok(LinkEvent::Notification(n))) => {
                 link.ack(&n.apns_id).await.expect("ack");
                 got.push(n.apns_id);
             }
-            Ok(Ok(_)) => {}
+            Ok(Ok(LinkEvent::TokenUpdated { .. })) => {}
         }
     }
-    got
+    (got, true)
 }
 
 /// `count` devices, each activated and registered through node `i % 3`, then offline.
@@ -134,19 +136,29 @@ async fn every_200_arrives(
         let expected: BTreeSet<String> =
             answers.iter().filter(|a| a.device == d && a.answer.status == 200).map(|a| a.apns_id.clone()).collect();
         answered_200 += expected.len();
-        let mut link = None;
-        for _ in 0..150 {
-            match DeviceLink::connect(endpoint, credentials, 0).await {
-                Ok(linked) => {
-                    link = Some(linked);
-                    break;
+        // Link, collect, and link again (following redirects) if the link ends before the quiet spell.
+        let mut got = Vec::new();
+        let started = Instant::now();
+        loop {
+            let mut link = None;
+            for _ in 0..150 {
+                match DeviceLink::connect(endpoint, credentials, 0).await {
+                    Ok(linked) => {
+                        link = Some(linked);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
+            let mut link = link.expect("the device links");
+            let (more, still_up) = collect(&mut link, &expected, Duration::from_secs(15)).await;
+            got.extend(more);
+            if still_up {
+                let _ = link.close().await;
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "device {d}'s links keep ending");
         }
-        let mut link = link.expect("the device links");
-        let got = collect(&mut link, &expected, Duration::from_secs(15)).await;
-        let _ = link.close().await;
         let sent_to_it: BTreeSet<&String> = answers.iter().filter(|a| a.device == d).map(|a| &a.apns_id).collect();
         assert!(got.iter().all(|id| sent_to_it.contains(id)), "device {d} got only its own notifications");
         let distinct: BTreeSet<&String> = got.iter().collect();
@@ -286,6 +298,10 @@ async fn a_partition_during_a_rolling_restart_loses_nothing_answered_200() {
     fabric.heal().expect("heal");
     stop.cancel();
     let answers = pushing.await.expect("pushes");
+    eventually(Duration::from_secs(30), "the cut-off node is active again after the heal", || {
+        std::future::ready(gateway.view.borrow().as_ref().is_some_and(|v| v.ring.members().len() == 3))
+    })
+    .await;
     let during = answers.iter().filter(|a| a.answer.status == 200).count();
     println!("during the partition and the restarts: {during} of {} pushes answered 200", answers.len());
     assert!(during > 0, "pushes are accepted while a quorum exists");
