@@ -15,13 +15,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use courier_core::listen::{BindError, bind};
 use courier_core::peer::{PeerError, Peers};
 use courier_core::pki::{PkiDir, PkiError};
 use courier_core::shutdown::{CancellationToken, DropGuard};
 use courier_core::telemetry::Readiness;
 use courier_core::tls::TlsError;
 use courier_core::token::Keyring;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::sync::watch as signal;
 use tokio::task::JoinHandle;
@@ -43,8 +43,8 @@ pub enum GatewayError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Peers(#[from] PeerError),
-    #[error("binding {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Bind(#[from] BindError),
 }
 
 /// A started gateway. Dropping it tells its tasks to stop but waits for none of them; `shutdown` drains
@@ -169,14 +169,6 @@ fn provider_tls(
     Ok(config)
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
-    TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { addr, source })
-}
-
-fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, GatewayError> {
-    listener.local_addr().map_err(|source| GatewayError::Bind { addr, source })
-}
-
 /// Loads keys and certificates from the PKI directory, binds both ports and starts serving.
 pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError> {
     courier_core::tls::install_crypto_provider();
@@ -218,10 +210,8 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         team_limit: RateLimiter::new("team", limit(config.team_rate_per_sec, config.team_burst)),
     });
 
-    let provider_listener = bind(config.provider_addr).await?;
-    let provider_addr = local_addr(&provider_listener, config.provider_addr)?;
-    let metrics_listener = bind(config.metrics_addr).await?;
-    let metrics_addr = local_addr(&metrics_listener, config.metrics_addr)?;
+    let (provider_listener, provider_addr) = bind("the provider port", config.provider_addr).await?;
+    let (metrics_listener, metrics_addr) = bind("the metrics port", config.metrics_addr).await?;
 
     let server = ProviderServer {
         listener: provider_listener,

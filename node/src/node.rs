@@ -34,6 +34,7 @@ use crate::telemetry::{self, Readiness};
 use crate::tls::{self, TlsError};
 use crate::token::{Keyring, KeyringError};
 use crate::view::LocalView;
+use courier_core::listen::{BindError, bind};
 use courier_core::shutdown::{CancellationToken, DropGuard, TaskTracker};
 use courier_proto::cluster::JoinRequest;
 
@@ -47,8 +48,8 @@ pub enum NodeError {
     Keys(#[from] KeyringError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("binding {what} on {addr}: {source}")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("reading {path}: {source}")]
     Read { path: String, source: std::io::Error },
     #[error("cluster API TLS: {0}")]
@@ -117,10 +118,6 @@ pub struct RunningNode {
     tracker: TaskTracker,
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(addr).await.map_err(|source| NodeError::Bind { what, addr, source })
-}
-
 fn read(path: std::path::PathBuf) -> Result<Vec<u8>, NodeError> {
     std::fs::read(&path).map_err(|source| NodeError::Read { path: path.display().to_string(), source })
 }
@@ -147,13 +144,9 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     let registrations = crate::store::registrations::Registrations::open(&config.data_dir.join("registrations.redb"))?;
     let status = Arc::new(config.status_log());
 
-    let device_listener = bind("the device port", config.device_addr).await?;
-    let cluster_listener = bind("the cluster API", config.cluster_addr).await?;
-    let metrics_listener = bind("the metrics port", config.metrics_addr).await?;
-    let local = |l: &TcpListener, addr| l.local_addr().unwrap_or(addr);
-    let device_addr = local(&device_listener, config.device_addr);
-    let cluster_addr = local(&cluster_listener, config.cluster_addr);
-    let metrics_addr = local(&metrics_listener, config.metrics_addr);
+    let (device_listener, device_addr) = bind("the device port", config.device_addr).await?;
+    let (cluster_listener, cluster_addr) = bind("the cluster API", config.cluster_addr).await?;
+    let (metrics_listener, metrics_addr) = bind("the metrics port", config.metrics_addr).await?;
     let advertised_cluster = config.advertised_cluster_addr(cluster_addr);
     let advertised_device = config.advertised_device_addr(device_addr);
 

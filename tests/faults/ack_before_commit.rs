@@ -5,16 +5,13 @@
 //! owner SIGKILLed while a notification waits for its ack loses nothing the gateway answered 200. And a
 //! notification that must be stored is never answered 200 on fewer copies than the replication factor.
 
-mod common;
+use crate::ONE_AT_A_TIME;
+use crate::common;
 
 use std::time::Duration;
 
 use common::{Nodes, ProcessCluster, TOPIC, eventually, http_get, metric_value, push_for, signal};
 use courier_device::{DeviceLink, LinkEvent};
-
-/// The tests read process-wide metrics (every in-process node and gateway shares one recorder): one at a
-/// time, so one test's pushes do not move another's counters.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn counter(metrics_url: &str, name: &str) -> f64 {
     metric_value(&http_get(metrics_url).await, name).unwrap_or(0.0)

@@ -4,7 +4,7 @@
 //! checked for leaked secrets: a token-key secret is 64 hex characters, and no output may hold such a run.
 //! Parsing of flags and the printing code are not unit-tested here, only their effect end to end.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! `gateway/openapi.yaml` (see `common::openapi`). Also: certificate-based auth, `Unregistered` after a
 //! device unregisters, the delivery-status extension, rate limits and the token-refresh limit.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -396,7 +396,7 @@ async fn rate_limits_and_token_refresh_limits_answer_429() {
     cluster.shutdown().await;
 }
 
-/// The only test here whose pushes are retried, so the process-wide retry counter is its own.
+/// The only test in this binary whose pushes are retried, so the process-wide retry counter is its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_side_failures_are_500_and_503() {
     let cluster = TestCluster::start_configured(|_| {}, |gateway| gateway.request_timeout_ms = 5_000).await;

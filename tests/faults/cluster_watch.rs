@@ -4,7 +4,7 @@
 //! epochs there (so a push already waiting on the paused node is taken to the device's new owner), and
 //! reports not ready while no node it can reach is heard.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ async fn ready(metrics_addr: std::net::SocketAddr) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_whose_node_is_paused_follows_another_member_and_routes_by_its_epochs() {
+    let _turn = crate::ONE_AT_A_TIME.lock().await;
     // The gateway knows only node 1, so it watches node 1 first.
     let ProcessCluster { dir: _dir, nodes, gateway, provider, signer, endpoints } =
         ProcessCluster::start_with(&[], |config| {

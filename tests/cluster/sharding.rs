@@ -5,7 +5,7 @@
 //! sockets; what is asserted is what crosses a wire (HTTP/2 answers, device-link frames) and what each
 //! node's store holds. The ring's hashing is tested in `ring.rs` and Raft in `cluster.rs`, not here.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -2,7 +2,8 @@
 //! 1,000 devices (some connected, some offline), a steady stream of pushes, and a ledger of apns-ids that
 //! proves every push answered 200 reached its device's app exactly once.
 
-mod common;
+use crate::ONE_AT_A_TIME;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,9 +35,6 @@ struct Ledger {
     linked: std::collections::HashSet<usize>,
 }
 
-/// The two scenarios each run a whole cluster and a thousand devices; on two cores they take turns.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 struct Device {
     credentials: DeviceCredentials,
     token: String,
@@ -53,7 +51,9 @@ struct Harness {
 }
 
 impl Harness {
-    async fn start() -> Harness {
+    /// The cluster, the gateway and the fleet; the provider connects last, since a connection that sends no
+    /// request within the gateway's first-request deadline is closed, and building the fleet takes a while.
+    async fn start() -> (Harness, Vec<Arc<Device>>) {
         courier_core::tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         courier_core::pki::init(dir.path(), &PkiOptions::default()).unwrap();
@@ -76,22 +76,27 @@ impl Harness {
             std::future::ready(view.is_some_and(|v| v.ring.members().len() == 3))
         })
         .await;
+        let fleet = fleet(endpoints(&dir, &nodes)).await;
         let provider =
             ProviderClient::connect(gateway.provider_addr, "localhost", &pki.cluster_ca_cert()).await.unwrap();
         let signer = JwtSigner::from_pki(&pki).unwrap();
-        Harness { dir, nodes, ports, gateway, provider, signer, peers: harness_peers }
+        (Harness { dir, nodes, ports, gateway, provider, signer, peers: harness_peers }, fleet)
     }
 
     fn endpoints(&self) -> Vec<DeviceEndpoint> {
-        self.nodes
-            .iter()
-            .map(|n| DeviceEndpoint {
-                addr: n.device_addr.parse().unwrap(),
-                server_name: "localhost".into(),
-                ca_path: PkiDir::new(self.dir.path()).cluster_ca_cert(),
-            })
-            .collect()
+        endpoints(&self.dir, &self.nodes)
     }
+}
+
+fn endpoints(dir: &tempfile::TempDir, nodes: &[NodeProcess]) -> Vec<DeviceEndpoint> {
+    nodes
+        .iter()
+        .map(|n| DeviceEndpoint {
+            addr: n.device_addr.parse().unwrap(),
+            server_name: "localhost".into(),
+            ca_path: PkiDir::new(dir.path()).cluster_ca_cert(),
+        })
+        .collect()
 }
 
 /// Member states as the node at `cluster_addr` sees them.
@@ -110,30 +115,28 @@ async fn states(peers: &Peers, cluster_addr: &str) -> Option<Vec<(u64, String)>>
     }
 }
 
-impl Harness {
-    /// Activates the fleet and registers every device's topic (through any node; redirects are followed).
-    async fn fleet(&self) -> Vec<Arc<Device>> {
-        let endpoints = self.endpoints();
-        let limit = Arc::new(Semaphore::new(16));
-        let tasks: Vec<_> = (0..DEVICES)
-            .map(|i| {
-                let (endpoint, limit) = (endpoints[i % endpoints.len()].clone(), limit.clone());
-                tokio::spawn(async move {
-                    let _permit = limit.acquire().await.unwrap();
-                    let credentials = courier_device::activate(&endpoint, "").await.expect("activation");
-                    let mut link = DeviceLink::connect(&endpoint, &credentials, 30).await.expect("connect");
-                    let token = link.register(TOPIC).await.expect("register");
-                    link.close().await.expect("close");
-                    Arc::new(Device { credentials, token })
-                })
+/// `DEVICES` devices, each activated and its topic registered (through any node; redirects are followed),
+/// then offline again.
+async fn fleet(endpoints: Vec<DeviceEndpoint>) -> Vec<Arc<Device>> {
+    let limit = Arc::new(Semaphore::new(16));
+    let tasks: Vec<_> = (0..DEVICES)
+        .map(|i| {
+            let (endpoint, limit) = (endpoints[i % endpoints.len()].clone(), limit.clone());
+            tokio::spawn(async move {
+                let _permit = limit.acquire().await.unwrap();
+                let credentials = courier_device::activate(&endpoint, "").await.expect("activation");
+                let mut link = DeviceLink::connect(&endpoint, &credentials, 30).await.expect("connect");
+                let token = link.register(TOPIC).await.expect("register");
+                link.close().await.expect("close");
+                Arc::new(Device { credentials, token })
             })
-            .collect();
-        let mut fleet = Vec::new();
-        for task in tasks {
-            fleet.push(task.await.unwrap());
-        }
-        fleet
+        })
+        .collect();
+    let mut fleet = Vec::new();
+    for task in tasks {
+        fleet.push(task.await.unwrap());
     }
+    fleet
 }
 
 /// Keeps one device's app connected until `stop`, reconnecting through any node, recording what the app
@@ -270,8 +273,7 @@ type Apps = Vec<tokio::task::JoinHandle<()>>;
 
 /// A cluster, an activated fleet, an empty ledger, and the first `CONNECTED` apps online.
 async fn start_scenario() -> (Harness, Vec<Arc<Device>>, Arc<Mutex<Ledger>>, Arc<AtomicBool>, Apps) {
-    let harness = Harness::start().await;
-    let fleet = harness.fleet().await;
+    let (harness, fleet) = Harness::start().await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let endpoints = harness.endpoints();

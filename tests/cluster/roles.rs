@@ -3,7 +3,7 @@
 //! certificate in place of `admin.pem`; raw gRPC calls with a gateway's), and a device redirected to node 2
 //! refuses a server that presents node 1's certificate on the address the redirect names.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

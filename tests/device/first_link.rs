@@ -6,7 +6,7 @@
 //! credentials directory and links there first too. Owners are checked against what each process reports
 //! in its status document, and redirects against each process's own metrics.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

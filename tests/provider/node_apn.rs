@@ -7,7 +7,7 @@
 //! plain `cargo test` works anywhere; `.ci/run` sets `COURIER_REQUIRE_NODE_APN=1`, which makes a missing
 //! client a failure.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

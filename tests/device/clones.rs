@@ -5,7 +5,7 @@
 //! link, the provider's pushes answer 410 `ClonedIdentity`, and after `ctl devices clear-clone` the device
 //! works again. One device that merely moves to a new address is never reported.
 
-mod common;
+use crate::common;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! Store and forward: notifications for a disconnected device survive a node restart and arrive once on
 //! reconnect; expired ones and collapsed-over ones do not.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

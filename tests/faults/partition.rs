@@ -23,7 +23,8 @@
 //! Raft quorum exists; pushes keep coming the whole time. Answers are 200 or 503 within the request
 //! timeout, and after the heal every push answered 200 arrives once.
 
-mod common;
+use crate::ONE_AT_A_TIME;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -34,9 +35,6 @@ use courier_device::{DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent};
 use courier_gateway::provider::{JwtSigner, ProviderClient, PushResponse};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(8);
-
-/// The tests are timing-sensitive (leases, failure timeouts) on a two-core machine: one cluster at a time.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// What arrives on a link (acked) until half a second passes with nothing new once all of `expected` is in, up to `limit` in all; and
 /// whether the link is still up. A link ends early when the device's owner changes (the node sends a

@@ -2,12 +2,9 @@
 //! processes, real worker processes), checking that its report adds up. Speed figures stay out of tests;
 //! they are in BENCHMARKS.md.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
-
-/// Each run spawns a whole cluster; on two cores they take turns.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 struct Outcome {
     code: Option<i32>,
@@ -18,7 +15,7 @@ struct Outcome {
 
 /// Runs `courier-loadtest <args>` with its cluster, cache and result in `dir`.
 fn loadtest(dir: &Path, args: &[&str]) -> Outcome {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = crate::ONE_AT_A_TIME.blocking_lock();
     let json_path = dir.join("result.json");
     let output = common::std_command(env!("CARGO_BIN_EXE_courier-loadtest"))
         .args(args)

@@ -4,7 +4,7 @@
 //! ALPN or SNI, and the two-step GOAWAY that lets an in-flight request finish. Also 10,000 concurrent
 //! requests on one connection through an ordinary client.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,9 +3,10 @@
 //! do not lock real devices out; a device that stops reading is closed as a slow consumer; floods of
 //! frames that cause writes end the link with their reason and store no more than the caps allow.
 //!
-//! Metrics are per process, so the tests here run one at a time and compare before and after.
+//! Metrics are per process, so these tests take turns with the rest of the binary and compare before
+//! and after.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,9 +25,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
-
-/// One test at a time: they read process-wide metrics, and the connection test wants the machine.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Holds `count` TCP connections from `source` to `addr`, sending nothing, until its stdin closes; prints
 /// `held <n>` once they are all open.
@@ -106,7 +104,7 @@ fn sample(text: &str, series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_from_other_processes_do_not_lock_out_devices() {
-    let _serial = SERIAL.lock().await;
+    let _turn = crate::ONE_AT_A_TIME.lock().await;
     // A long deadline, so the silent connections are still held when the device is done.
     let cluster = TestCluster::start_with(|config| config.handshake_timeout_secs = 120).await;
     let addr = cluster.node_config.device_addr;
@@ -154,7 +152,7 @@ async fn silent_connections_from_other_processes_do_not_lock_out_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_connections_are_capped_per_address_and_end_at_the_deadline() {
-    let _serial = SERIAL.lock().await;
+    let _turn = crate::ONE_AT_A_TIME.lock().await;
     let cluster = TestCluster::start_with(|config| {
         config.max_pending_per_address = 4;
         config.handshake_timeout_secs = 3;
@@ -189,7 +187,7 @@ async fn pending_connections_are_capped_per_address_and_end_at_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_stops_reading_is_closed_as_slow() {
-    let _serial = SERIAL.lock().await;
+    let _turn = crate::ONE_AT_A_TIME.lock().await;
     // The gateway's per-device rate limit is lifted: the test pushes to one device as fast as it can.
     let cluster = TestCluster::start_configured(
         |config| config.link_write_timeout_ms = 500,
@@ -242,7 +240,7 @@ async fn a_device_that_stops_reading_is_closed_as_slow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_floods_end_the_link_and_store_at_most_the_cap() {
-    let _serial = SERIAL.lock().await;
+    let _turn = crate::ONE_AT_A_TIME.lock().await;
     const CAP: usize = 8;
     let mut cluster = TestCluster::start_with(|config| {
         config.max_topics_per_device = CAP;
@@ -303,7 +301,7 @@ async fn topic_floods_end_the_link_and_store_at_most_the_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_for_notifications_never_carried_write_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _turn = crate::ONE_AT_A_TIME.lock().await;
     let cluster = TestCluster::start().await;
     let credentials = cluster.activate().await;
     let mut sdk = DeviceLink::connect(&cluster.endpoint(), &credentials, 0).await.unwrap();

@@ -1,7 +1,7 @@
 //! The control plane across nodes: elections, failure detection, restarts, snapshots and placement.
 //! Every node is a real node on real sockets (in this process); Raft travels over mutual-TLS gRPC.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! 503 `ServiceUnavailable` (after the gateway's retries within its deadline) unless `--degraded-writes`
 //! allows every active node to be enough. Three in-process nodes with R = 3, one of them stopped.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

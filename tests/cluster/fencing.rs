@@ -4,7 +4,7 @@
 //! accepted for the devices it still owns, and one stamped with an epoch the receiver has not reached waits
 //! and is then refused as unavailable. A node may not speak for another.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

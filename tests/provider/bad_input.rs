@@ -2,7 +2,7 @@
 //! from a real HTTP/2 request, every device-link error from a real TLS connection, while a healthy device
 //! on the same node keeps receiving.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

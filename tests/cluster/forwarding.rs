@@ -5,7 +5,7 @@
 //! oversize batch ends the stream, and a push through a gateway after the ring changed reaches its device
 //! on the new owner (in-process nodes on real sockets, so the test can read each node's ring).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! the applied state each process routes by, and that commands out of the state's limits are refused
 //! before they reach the log. It does not test Raft itself; `cluster.rs` does.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! A push travels the whole way: provider → gateway (HTTP/2, JWT) → node (gRPC, mTLS) → device (mTLS link)
 //! → ack → deleted from the store.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

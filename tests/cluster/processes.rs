@@ -2,7 +2,7 @@
 //! owner for the same epoch as a gateway in this process, and a node killed with SIGKILL is marked down
 //! and routed around.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 //! never a reset; an upper-case token shares its lower-case form's rate limit and is delivered; and an
 //! oversized body gets 413 while its connection stays usable.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -150,6 +150,7 @@ async fn h2_exchange(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_silent_tls_connections_do_not_lock_a_provider_out() {
+    let _turn = crate::ONE_AT_A_TIME.lock().await;
     // The gateway's defaults: connection cap, per-address caps, first-request deadline.
     let cluster = TestCluster::start().await;
     let (_device, token) = cluster.device().await;
@@ -210,6 +211,7 @@ async fn ten_thousand_silent_tls_connections_do_not_lock_a_provider_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_without_a_request_in_time_is_closed_and_counted() {
+    let _turn = crate::ONE_AT_A_TIME.lock().await;
     let cluster = TestCluster::start_configured(
         |_| {},
         |gateway| {
@@ -267,6 +269,7 @@ async fn a_connection_without_a_request_in_time_is_closed_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_pushes_to_one_token_all_get_whole_answers() {
+    let _turn = crate::ONE_AT_A_TIME.lock().await;
     // Default limits: a burst of 100 per device, then 20 per second.
     let cluster = TestCluster::start().await;
     let (device, token) = cluster.device().await;
@@ -308,6 +311,7 @@ async fn a_thousand_concurrent_pushes_to_one_token_all_get_whole_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upper_case_token_shares_the_rate_limit_and_is_delivered() {
+    let _turn = crate::ONE_AT_A_TIME.lock().await;
     let cluster = TestCluster::start_configured(
         |_| {},
         |gateway| {
@@ -346,6 +350,7 @@ async fn an_upper_case_token_shares_the_rate_limit_and_is_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_body_gets_413_and_the_connection_stays_usable() {
+    let _turn = crate::ONE_AT_A_TIME.lock().await;
     let cluster = TestCluster::start().await;
     let (_device, token) = cluster.device().await;
     let (client, mut ping) = h2_client(&cluster).await;

@@ -1,7 +1,7 @@
 //! The device link's lifecycle: activation, keepalive, and two links with one certificate; and the SDK's
 //! `Device`, which stays linked (and hands each notification over once) across a SIGKILL of its node.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
