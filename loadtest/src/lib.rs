@@ -48,8 +48,16 @@ pub fn die_with_parent(command: &mut tokio::process::Command) {
     }
 }
 
-/// Microseconds since the UNIX epoch: the clock every receipt and send time is taken from (the swarm and
-/// the provider run on one machine, so they share it).
-pub fn unix_micros() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+/// Microseconds on the machine's monotonic clock (`CLOCK_MONOTONIC`, shared by every process on the
+/// machine): the clock every receipt and send time is taken from, since the swarm and the provider run on
+/// one machine. Unlike the wall clock, it is never stepped or slewed back while a run measures latencies
+/// across processes.
+pub fn clock_micros() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    let result = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    if result != 0 {
+        return 0;
+    }
+    now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000
 }

@@ -86,6 +86,39 @@ impl Sender {
     }
 }
 
+/// The pacer wakes at most this often: at most 2,000 times a second, each push's own due time below that
+/// rate. Waking for every push at 8,000/s cost the loaded machine enough to triple the p99 it measured.
+const PACER_QUANTUM: Duration = Duration::from_micros(500);
+
+/// How many pushes are due, from `start` at `rate` a second until `end` (at most `limit`), published by a
+/// thread of its own at each due time (or every `PACER_QUANTUM` at higher rates). A thread's sleep wakes
+/// within tens of microseconds of its deadline; tokio's timer wheel has a resolution of one millisecond and
+/// wakes up to that much after a push was due, lateness the open-loop sender would count as the cluster's
+/// latency. The channel closes at `end`.
+fn pacer(start: Instant, end: Instant, rate: f64, limit: u64) -> anyhow::Result<tokio::sync::watch::Receiver<u64>> {
+    let (publish, due) = tokio::sync::watch::channel(0u64);
+    let (start, end) = (start.into_std(), end.into_std());
+    std::thread::Builder::new().name("pacer".into()).spawn(move || {
+        loop {
+            let now = std::time::Instant::now();
+            if now >= end {
+                // Every push due before the end, however late this wake-up came.
+                let due_count = (((end - start).as_secs_f64() * rate).ceil() as u64).min(limit);
+                let _ = publish.send_if_modified(|count| std::mem::replace(count, due_count.max(*count)) < due_count);
+                break;
+            }
+            let due_count = (((now - start).as_secs_f64() * rate) as u64 + 1).min(limit);
+            if publish.send(due_count).is_err() || due_count >= limit {
+                break;
+            }
+            let next_due = start + Duration::from_secs_f64(due_count as f64 / rate);
+            let wake = next_due.max(now + PACER_QUANTUM).min(end);
+            std::thread::sleep(wake.saturating_duration_since(std::time::Instant::now()));
+        }
+    })?;
+    Ok(due)
+}
+
 fn short(text: &str) -> String {
     text.chars().take(80).collect()
 }
@@ -101,15 +134,18 @@ pub async fn run(plan: LoadPlan, ledger: Arc<Mutex<Ledger>>) -> anyhow::Result<L
         clients.push((client, Semaphore::new(plan.streams.max(1))));
     }
     ledger.lock().unwrap_or_else(|e| e.into_inner()).set_targets(plan.targets.iter().map(|(d, _)| *d).collect());
-    let start = Instant::now();
+    let authorization = format!("bearer {}", plan.signer.sign());
+    // The two clocks are read together: a push's send time in its payload is `start_us` plus its offset
+    // from `start`, and anything between the two reads (a JWT signature) would shift every latency.
+    let (start, start_us) = (Instant::now(), crate::clock_micros());
     let sender = Arc::new(Sender {
         clients,
-        authorization: format!("bearer {}", plan.signer.sign()),
+        authorization,
         topic: plan.topic.clone(),
         run_id: plan.run_id,
         targets: plan.targets,
         start,
-        start_us: crate::unix_micros(),
+        start_us,
         ledger: ledger.clone(),
         outstanding: AtomicU64::new(0),
     });
@@ -137,15 +173,13 @@ pub async fn run(plan: LoadPlan, ledger: Arc<Mutex<Ledger>>) -> anyhow::Result<L
             }
         }
         Rate::PerSecond(rate) => {
+            let mut due = pacer(start, end, rate, limit)?;
             let mut seq = 0u64;
             let tasks = courier_core::shutdown::TaskTracker::new();
             loop {
-                let now = Instant::now();
-                if now >= end || seq >= limit {
-                    break;
-                }
-                let due_count = ((now - start).as_secs_f64() * rate) as u64 + 1;
-                while seq < due_count.min(limit) {
+                let closed = due.changed().await.is_err();
+                let due_count = *due.borrow_and_update();
+                while seq < due_count {
                     let due = start + Duration::from_secs_f64(seq as f64 / rate);
                     if sender.outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
                         ledger.lock().unwrap_or_else(|e| e.into_inner()).answer(
@@ -163,8 +197,9 @@ pub async fn run(plan: LoadPlan, ledger: Arc<Mutex<Ledger>>) -> anyhow::Result<L
                     }
                     seq += 1;
                 }
-                let next_due = start + Duration::from_secs_f64(seq as f64 / rate);
-                tokio::time::sleep_until(next_due.min(end)).await;
+                if closed {
+                    break;
+                }
             }
             tasks.close();
             tasks.wait().await;
@@ -172,4 +207,34 @@ pub async fn run(plan: LoadPlan, ledger: Arc<Mutex<Ledger>>) -> anyhow::Result<L
     }
     let sent = ledger.lock().unwrap_or_else(|e| e.into_inner()).sent;
     Ok(LoadOutcome { sent, elapsed: start.elapsed() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pacer never announces a push before it is due, announces every push due by the end, and stops
+    /// at the limit.
+    #[tokio::test]
+    async fn the_pacer_announces_pushes_when_due_never_before() {
+        let rate = 2_000.0;
+        let start = Instant::now();
+        let mut due = pacer(start, start + Duration::from_millis(200), rate, u64::MAX).unwrap();
+        let mut last = 0;
+        while due.changed().await.is_ok() {
+            let count = *due.borrow_and_update();
+            let seen_at = Instant::now();
+            assert!(count > last, "counts only grow: {last} then {count}");
+            // Push `count - 1` is the latest announced; it must be due by now.
+            let latest_due = start + Duration::from_secs_f64((count - 1) as f64 / rate);
+            assert!(latest_due <= seen_at, "push {} announced before it was due", count - 1);
+            last = count;
+        }
+        assert!((399..=401).contains(&last), "every push due within the 200 ms was announced: {last}");
+
+        let start = Instant::now();
+        let mut due = pacer(start, start + Duration::from_secs(10), rate, 7).unwrap();
+        while due.changed().await.is_ok() {}
+        assert_eq!(*due.borrow(), 7, "the limit stops the pacer");
+    }
 }

@@ -119,7 +119,7 @@ impl Ledger {
         if self.received[i] == 1 && self.state[i] == ACCEPTED {
             self.accepted_received += 1;
         }
-        let now = crate::unix_micros();
+        let now = crate::clock_micros();
         self.last_receipt_us = Some(now);
         let _ = self.end_to_end.record(latency_us.max(1));
         let _ = self.interval.record(latency_us.max(1));

@@ -283,7 +283,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
             };
             match event {
                 Ok(LinkEvent::Notification(n)) => {
-                    let now = crate::unix_micros();
+                    let now = crate::clock_micros();
                     match serde_json::from_slice::<Marker>(&n.payload) {
                         Ok(Marker { lt: (run, seq, _, sent_us) }) if run == shared.spec.run_id => {
                             let latency = now.saturating_sub(sent_us);

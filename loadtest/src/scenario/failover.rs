@@ -52,7 +52,7 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<bool> {
     let victim = run.target.nodes[kill_index].device_addr.clone();
     run.swarm.command(&Command::Killing { addr: victim.clone() }).await?;
     run.target.kill(kill_index)?;
-    let killed_at = crate::unix_micros();
+    let killed_at = crate::clock_micros();
     run.phase("killed");
     let outcome = load.await??;
     // Devices that sat out the load come back for what was stored for them.

@@ -18,7 +18,7 @@ pub async fn offline(args: OfflineArgs) -> anyhow::Result<bool> {
     let stored = crate::load::run(plan, run.ledger.clone()).await?;
     let received_offline = run.ledger.lock().unwrap_or_else(|e| e.into_inner()).receipts;
     run.phase("reconnect");
-    let reconnect_at = crate::unix_micros();
+    let reconnect_at = crate::clock_micros();
     let relink = run.connect_all(false).await?;
     let drained = run.drain().await?;
     let devices = run.devices;
