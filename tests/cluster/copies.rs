@@ -6,7 +6,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{Nodes, TOPIC, eventually, push_for};
+use common::{Nodes, eventually, push_for};
 use courier_core::state::RingParams;
 use courier_device::DeviceLink;
 use courier_node::raft::{Command, CommandResponse};
@@ -22,9 +22,7 @@ async fn with_fewer_nodes_than_the_replication_factor_200_needs_degraded_writes(
         let (gateway, provider, signer) = nodes.gateway_with(|config| config.request_timeout_ms = 2000).await;
 
         let endpoint = nodes.endpoint(1);
-        let credentials = courier_device::activate(&endpoint, "").await.expect("activation");
-        let mut link = DeviceLink::connect(&endpoint, &credentials, 0).await.expect("device connects");
-        let token = link.register(TOPIC).await.expect("register");
+        let (credentials, link, token) = common::registered_device(&endpoint).await;
         link.close().await.expect("close");
 
         let push = |n: usize| push_for(&signer, &token, &format!(r#"{{"aps":{{"alert":"{n}"}}}}"#));

@@ -65,9 +65,7 @@ async fn many_concurrent_pushes_through_a_gateway_to_three_nodes_are_all_answere
     let mut devices = Vec::new();
     for i in 0..DEVICES {
         let endpoint = &endpoints[i % endpoints.len()];
-        let credentials = courier_device::activate(endpoint, "").await.expect("activation");
-        let mut link = DeviceLink::connect(endpoint, &credentials, 0).await.expect("device connects");
-        let token = link.register(TOPIC).await.expect("register");
+        let (_, link, token) = common::registered_device(endpoint).await;
         devices.push((link, token));
     }
     let owners: BTreeSet<std::net::SocketAddr> = devices.iter().map(|(link, _)| link.node_addr).collect();

@@ -410,6 +410,14 @@ impl Nodes {
 }
 
 /// A push as a provider would send it.
+/// A new device activated through `endpoint`, linked (following redirects) and registered for `TOPIC`.
+pub async fn registered_device(endpoint: &DeviceEndpoint) -> (DeviceCredentials, DeviceLink, String) {
+    let credentials = courier_device::activate(endpoint, "").await.expect("activation");
+    let mut link = DeviceLink::connect(endpoint, &credentials, 0).await.expect("device connects");
+    let token = link.register(TOPIC).await.expect("register");
+    (credentials, link, token)
+}
+
 pub fn push_for(signer: &JwtSigner, token: &str, payload: &str) -> Push {
     Push {
         token: token.to_string(),

@@ -141,9 +141,7 @@ async fn killing_the_owner_between_hand_off_and_ack_loses_nothing_answered_200()
         ProcessCluster::start(&["--ack-wait-ms", "3000"], 20_000).await;
     let endpoint = |i: usize| endpoints[i].clone();
 
-    let credentials = courier_device::activate(&endpoint(0), "").await.expect("activation");
-    let mut link = DeviceLink::connect(&endpoint(0), &credentials, 0).await.expect("device connects");
-    let token = link.register(TOPIC).await.expect("register");
+    let (credentials, mut link, token) = common::registered_device(&endpoint(0)).await;
     let owner = endpoints.iter().position(|e| e.addr == link.node_addr).expect("linked to a node");
 
     let apns_id = uuid::Uuid::new_v4().to_string();
@@ -186,9 +184,7 @@ async fn a_push_is_never_answered_200_on_fewer_copies_than_promised() {
         ProcessCluster::start(&[], 5_000).await;
     let endpoint = endpoints[0].clone();
     // An offline device: its pushes must be stored on two nodes before they are promised.
-    let credentials = courier_device::activate(&endpoint, "").await.expect("activation");
-    let mut link = DeviceLink::connect(&endpoint, &credentials, 0).await.expect("device connects");
-    let token = link.register(TOPIC).await.expect("register");
+    let (credentials, link, token) = common::registered_device(&endpoint).await;
     link.close().await.expect("close");
     let owner = gateway.view.borrow().as_ref().and_then(|v| v.owner(credentials.device_id)).expect("an owner").0;
     let owner = &nodes[owner as usize - 1];

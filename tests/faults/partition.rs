@@ -30,7 +30,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::fabric::Fabric;
-use common::{ProcessCluster, TOPIC, eventually, http_get, push_for, signal, spawn_node_in};
+use common::{ProcessCluster, eventually, http_get, push_for, signal, spawn_node_in};
 use courier_device::{DeviceCredentials, DeviceEndpoint, DeviceLink, LinkEvent};
 use courier_gateway::provider::{JwtSigner, ProviderClient, PushResponse};
 
@@ -63,9 +63,7 @@ async fn offline_devices(endpoints: &[DeviceEndpoint], count: usize) -> Vec<(Dev
     let mut devices = Vec::new();
     for i in 0..count {
         let endpoint = &endpoints[i % endpoints.len()];
-        let credentials = courier_device::activate(endpoint, "").await.expect("activation");
-        let mut link = DeviceLink::connect(endpoint, &credentials, 0).await.expect("device connects");
-        let token = link.register(TOPIC).await.expect("register");
+        let (credentials, link, token) = common::registered_device(endpoint).await;
         link.close().await.expect("close");
         devices.push((credentials, token));
     }
