@@ -5,9 +5,9 @@
 //! mints them). Trust: `pki` (the cluster's certificate authority and the identities it issues),
 //! `secret_file` (files that hold secrets), `tls` (rustls configurations from those identities), `peer`
 //! (gRPC channels to other members). Placement: `state` (the control state the Raft group agrees on,
-//! with its commands), `ring` (which node owns a device in an epoch). Running: `listen` (binding ports), `protocol` (bounds
-//! both ends of the cluster protocol keep), `rate` (token buckets and client sources), `telemetry` (metrics,
-//! health and readiness), `shutdown`.
+//! with its commands), `ring` (which node owns a device in an epoch). Running: `listen` (binding ports),
+//! `protocol` (bounds both ends of the cluster protocol keep), `rate` (token buckets and client sources),
+//! `telemetry` (metrics, health and readiness), `shutdown`.
 
 pub mod ids;
 pub mod listen;

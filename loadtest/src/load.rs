@@ -104,7 +104,13 @@ fn pacer(start: Instant, end: Instant, rate: f64, limit: u64) -> anyhow::Result<
             if now >= end {
                 // Every push due before the end, however late this wake-up came.
                 let due_count = (((end - start).as_secs_f64() * rate).ceil() as u64).min(limit);
-                let _ = publish.send_if_modified(|count| std::mem::replace(count, due_count.max(*count)) < due_count);
+                publish.send_if_modified(|count| {
+                    let grows = *count < due_count;
+                    if grows {
+                        *count = due_count;
+                    }
+                    grows
+                });
                 break;
             }
             let due_count = (((now - start).as_secs_f64() * rate) as u64 + 1).min(limit);
@@ -173,12 +179,12 @@ pub async fn run(plan: LoadPlan, ledger: Arc<Mutex<Ledger>>) -> anyhow::Result<L
             }
         }
         Rate::PerSecond(rate) => {
-            let mut due = pacer(start, end, rate, limit)?;
+            let mut due_counts = pacer(start, end, rate, limit)?;
             let mut seq = 0u64;
             let tasks = courier_core::shutdown::TaskTracker::new();
             loop {
-                let closed = due.changed().await.is_err();
-                let due_count = *due.borrow_and_update();
+                let closed = due_counts.changed().await.is_err();
+                let due_count = *due_counts.borrow_and_update();
                 while seq < due_count {
                     let due = start + Duration::from_secs_f64(seq as f64 / rate);
                     if sender.outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {

@@ -142,9 +142,7 @@ impl TestCluster {
 
     /// Activates a device, connects it and registers `TOPIC`; returns the link and its token.
     pub async fn device(&self) -> (DeviceLink, String) {
-        let credentials = self.activate().await;
-        let mut link = DeviceLink::connect(&self.endpoint(), &credentials, 0).await.expect("device connects");
-        let token = link.register(TOPIC).await.expect("register");
+        let (_, link, token) = registered_device(&self.endpoint()).await;
         (link, token)
     }
 
@@ -416,6 +414,18 @@ pub async fn registered_device(endpoint: &DeviceEndpoint) -> (DeviceCredentials,
     let mut link = DeviceLink::connect(endpoint, &credentials, 0).await.expect("device connects");
     let token = link.register(TOPIC).await.expect("register");
     (credentials, link, token)
+}
+
+/// Links `credentials` through `endpoint` (following redirects), trying every 100 ms up to `attempts`
+/// times while no node takes the link (one restarting, or a ring still settling).
+pub async fn link_again(endpoint: &DeviceEndpoint, credentials: &DeviceCredentials, attempts: usize) -> DeviceLink {
+    for _ in 1..attempts {
+        match DeviceLink::connect(endpoint, credentials, 0).await {
+            Ok(link) => return link,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    DeviceLink::connect(endpoint, credentials, 0).await.expect("the device links again")
 }
 
 pub fn push_for(signer: &JwtSigner, token: &str, payload: &str) -> Push {

@@ -80,15 +80,7 @@ async fn a_gateway_whose_node_is_paused_follows_another_member_and_routes_by_its
     eventually(Duration::from_secs(30), "the gateway reports ready again", || ready(gateway.metrics_addr)).await;
 
     // The notification answered 200 reaches the device once.
-    let mut delivered = None;
-    for _ in 0..100 {
-        if let Ok(link) = DeviceLink::connect(&endpoints[1], &credentials, 0).await {
-            delivered = Some(link);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut link = delivered.expect("the device links again");
+    let mut link = common::link_again(&endpoints[1], &credentials, 100).await;
     let notification = loop {
         let event = tokio::time::timeout(Duration::from_secs(15), link.next_event())
             .await

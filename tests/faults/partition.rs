@@ -136,17 +136,7 @@ async fn every_200_arrives(
         let mut got = Vec::new();
         let started = Instant::now();
         loop {
-            let mut link = None;
-            for _ in 0..150 {
-                match DeviceLink::connect(endpoint, credentials, 0).await {
-                    Ok(linked) => {
-                        link = Some(linked);
-                        break;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-            let mut link = link.expect("the device links");
+            let mut link = common::link_again(endpoint, credentials, 150).await;
             let (more, still_up) = collect(&mut link, &expected, Duration::from_secs(15)).await;
             got.extend(more);
             if still_up {
