@@ -9,6 +9,7 @@
 //! `protocol` (bounds both ends of the cluster protocol keep), `rate` (token buckets and client sources),
 //! `telemetry` (metrics, health and readiness), `shutdown`.
 
+pub mod channel;
 pub mod ids;
 pub mod listen;
 pub mod peer;

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::channel::{ChannelCommand, ChannelRefusal};
 use crate::ids::DeviceId;
 pub use crate::token::KeyState;
 use crate::token::{TokenKey, TokenKeyId};
@@ -236,6 +237,11 @@ pub enum Command {
     ClearClone {
         device: DeviceId,
     },
+    /// A change to the broadcast channels. Applied to the channel book (`crate::channel`), never to this
+    /// state: it leaves the epoch alone.
+    Channel {
+        command: ChannelCommand,
+    },
 }
 
 impl Command {
@@ -245,6 +251,14 @@ impl Command {
     pub fn is_cluster_internal(&self) -> bool {
         matches!(self, Command::PutMember { .. } | Command::SetMemberState { .. } | Command::SuspectClone { .. })
     }
+
+    /// The channel command this is, if it is one.
+    pub fn as_channel(&self) -> Option<&ChannelCommand> {
+        match self {
+            Command::Channel { command } => Some(command),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +267,10 @@ pub enum CommandResponse {
     Applied { epoch: Epoch },
     /// Valid Raft entry, refused by the state machine; nothing changed.
     Refused { reason: String },
+    /// A channel command taken; the channel book is now at this version.
+    ChannelApplied { version: u64 },
+    /// A channel command the book refused; nothing changed.
+    ChannelRefused { refusal: ChannelRefusal },
 }
 
 impl std::fmt::Display for Command {
@@ -270,6 +288,12 @@ impl std::fmt::Display for Command {
             Command::RevokeDevice { device } => write!(f, "revoke {device}"),
             Command::SuspectClone { device, refuse, .. } => write!(f, "suspect-clone {device} (refuse: {refuse})"),
             Command::ClearClone { device } => write!(f, "clear-clone {device}"),
+            Command::Channel { command: ChannelCommand::Create { record, .. } } => {
+                write!(f, "create-channel {} ({}/{})", record.id, record.team_id, record.app)
+            }
+            Command::Channel { command: ChannelCommand::Delete { id, team_id, app } } => {
+                write!(f, "delete-channel {id} ({team_id}/{app})")
+            }
         }
     }
 }
@@ -355,6 +379,17 @@ impl Command {
                 }
             }
             Command::ClearClone { .. } => {}
+            Command::Channel { command } => {
+                let (team_id, app) = match command {
+                    ChannelCommand::Create { record, .. } => (&record.team_id, &record.app),
+                    ChannelCommand::Delete { team_id, app, .. } => (team_id, app),
+                };
+                check_id("team id", team_id)?;
+                if app.is_empty() {
+                    return Err("a channel's app must not be empty".into());
+                }
+                check_len("app", app, MAX_TOPIC_LEN)?;
+            }
         }
         Ok(())
     }
@@ -491,6 +526,8 @@ impl ClusterState {
                     return refused("the device is not a suspected clone");
                 }
             }
+            // The state machine hands these to the channel book; reaching here is a bug, and changes nothing.
+            Command::Channel { .. } => return refused("a channel command is not applied to the control state"),
         }
         self.epoch.0 += 1;
         CommandResponse::Applied { epoch: self.epoch }

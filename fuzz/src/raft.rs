@@ -81,6 +81,9 @@ fn check_apply(state: &mut ClusterState, command: &Command) {
             let old = before["epoch"].as_u64().expect("epoch is a number");
             assert!(epoch.0 == old || epoch.0 == old + 1, "epoch went from {old} to {}", epoch.0);
         }
+        CommandResponse::ChannelApplied { .. } | CommandResponse::ChannelRefused { .. } => {
+            panic!("the control state answered {command} as a channel command")
+        }
     }
     check_limits(state);
 }

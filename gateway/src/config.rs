@@ -13,6 +13,11 @@ pub struct GatewayConfig {
     #[arg(long = "provider-addr", env = "COURIER_PROVIDER_ADDR", default_value = "0.0.0.0:8443")]
     pub provider_addr: SocketAddr,
 
+    /// Address APNs channel management (broadcast channels: create, read, delete, list) listens on; same
+    /// TLS and authentication as the provider API. APNs uses 2196 in production (2195 in its sandbox).
+    #[arg(long = "channels-addr", env = "COURIER_CHANNELS_ADDR", default_value = "0.0.0.0:2196")]
+    pub channels_addr: SocketAddr,
+
     /// Address the gateway's Prometheus metrics and health endpoints listen on.
     #[arg(long = "gateway-metrics-addr", env = "COURIER_GATEWAY_METRICS_ADDR", default_value = "0.0.0.0:9401")]
     pub metrics_addr: SocketAddr,
@@ -110,6 +115,7 @@ impl GatewayConfig {
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         GatewayConfig {
             provider_addr: loopback,
+            channels_addr: loopback,
             metrics_addr: loopback,
             pki_dir,
             node_addrs: vec![node_addr.to_string()],
@@ -147,6 +153,7 @@ mod tests {
         let cli = Cli::try_parse_from(["courier"]).unwrap();
         assert_eq!(cli.gateway.provider_addr.port(), 8443);
         assert_eq!(cli.gateway.metrics_addr.port(), 9401);
+        assert_eq!(cli.gateway.channels_addr.port(), 2196);
         assert_eq!(cli.gateway.node_addrs, ["127.0.0.1:7400"]);
         assert_eq!(cli.gateway.request_timeout_ms, 10_000);
         assert_eq!(cli.gateway.max_jwt_age_secs, 3600);

@@ -5,6 +5,7 @@
 //! state of its own beyond caches: any number of gateways can run side by side. `start` brings one up;
 //! `RunningGateway::shutdown` drains it. `provider` is the client half, for the CLI, tests and load tests.
 
+pub mod channels;
 pub mod config;
 pub mod http;
 pub mod provider;
@@ -30,7 +31,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::http::PushService;
 use crate::http::jwt::{JwtVerifier, ProviderCredentials};
 use crate::http::ratelimit::{Limit, RateLimiter};
-use crate::http::server::{ConnectionLimits, ProviderServer, SHUTDOWN_GRACE};
+use crate::channels::ChannelView;
+use crate::http::server::{Api, ConnectionLimits, ProviderServer, SHUTDOWN_GRACE};
 pub use config::GatewayConfig;
 use route::NodeRouter;
 use watch::{ClusterWatch, ViewReceiver};
@@ -52,6 +54,8 @@ pub enum GatewayError {
 pub struct RunningGateway {
     /// Where the provider API actually listens (the OS picks the port when configured with 0).
     pub provider_addr: SocketAddr,
+    /// Where channel management actually listens.
+    pub channels_addr: SocketAddr,
     /// Where metrics and health endpoints actually listen.
     pub metrics_addr: SocketAddr,
     /// The latest view of the cluster this gateway routes by.
@@ -59,6 +63,7 @@ pub struct RunningGateway {
     shutdown: CancellationToken,
     _stop_on_drop: DropGuard,
     provider_task: JoinHandle<()>,
+    channels_task: JoinHandle<()>,
     metrics_task: JoinHandle<()>,
     watch_task: JoinHandle<()>,
 }
@@ -67,6 +72,7 @@ impl std::fmt::Debug for RunningGateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningGateway")
             .field("provider_addr", &self.provider_addr)
+            .field("channels_addr", &self.channels_addr)
             .field("metrics_addr", &self.metrics_addr)
             .finish()
     }
@@ -126,6 +132,12 @@ fn describe_metrics() {
         "Forwarded pushes retried on the owner of a newer cluster view."
     );
     metrics::describe_gauge!("courier_gateway_cluster_epoch", "Cluster epoch of the view this gateway routes by.");
+    metrics::describe_gauge!("courier_gateway_channels", "Broadcast channels in this gateway's copy of the channel book.");
+    metrics::describe_counter!(
+        "courier_gateway_channel_requests_total",
+        "Channel management requests, by call (create, read, delete, list; refused before the call was known) \
+         and outcome (ok, or the APNs reason)."
+    );
     metrics::describe_histogram!(
         "courier_gateway_forward_latency_seconds",
         metrics::Unit::Seconds,
@@ -191,12 +203,14 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let (views, view) = signal::channel(None);
     // Ready while the cluster watch hears a node that knows its leader (see `watch`).
     let readiness = Readiness::default();
+    let channels = Arc::new(ChannelView::default());
     let cluster_watch = ClusterWatch {
         seeds: config.node_addrs.clone(),
         peers: peers.clone(),
         keyring: keyring.clone(),
         credentials: credentials.clone(),
         readiness: readiness.clone(),
+        channels: channels.clone(),
     };
     let shutdown = CancellationToken::new();
     let router = NodeRouter::new(peers, view.clone(), timeout, shutdown.clone());
@@ -208,16 +222,23 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         body_timeout: timeout,
         device_limit: RateLimiter::new("device", limit(config.device_rate_per_sec, config.device_burst)),
         team_limit: RateLimiter::new("team", limit(config.team_rate_per_sec, config.team_burst)),
+        channels,
     });
 
     let (provider_listener, provider_addr) = bind("the provider port", config.provider_addr).await?;
+    let (channels_listener, channels_addr) = bind("the channels port", config.channels_addr).await?;
     let (metrics_listener, metrics_addr) = bind("the metrics port", config.metrics_addr).await?;
 
-    let server = ProviderServer {
-        listener: provider_listener,
-        acceptor: TlsAcceptor::from(Arc::new(tls)),
-        service,
-        connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+    // The two provider-facing listeners share the TLS setup, the service and the connection cap; each has
+    // its own per-address and handshake bookkeeping.
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let server = |api, listener| ProviderServer {
+        api,
+        listener,
+        acceptor: acceptor.clone(),
+        service: service.clone(),
+        connections: connections.clone(),
         shutdown: shutdown.clone(),
         idle_timeout: Duration::from_secs(config.idle_timeout_secs.max(1)),
         limits: ConnectionLimits {
@@ -227,7 +248,8 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
             max_handshakes_per_address: config.max_handshakes_per_address,
         },
     };
-    let provider_task = tokio::spawn(server.run());
+    let provider_task = tokio::spawn(server(Api::Push, provider_listener).run());
+    let channels_task = tokio::spawn(server(Api::Channels, channels_listener).run());
     let watch_task = tokio::spawn(cluster_watch.run(views, shutdown.clone()));
 
     let stop = shutdown.clone().cancelled_owned();
@@ -237,15 +259,17 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         }
     });
 
-    tracing::info!(%provider_addr, %metrics_addr, nodes = ?config.node_addrs, "gateway started");
+    tracing::info!(%provider_addr, %channels_addr, %metrics_addr, nodes = ?config.node_addrs, "gateway started");
     let _stop_on_drop = shutdown.clone().drop_guard();
     Ok(RunningGateway {
         provider_addr,
+        channels_addr,
         metrics_addr,
         view,
         shutdown,
         _stop_on_drop,
         provider_task,
+        channels_task,
         metrics_task,
         watch_task,
     })
@@ -259,18 +283,16 @@ impl RunningGateway {
 
     /// Stops accepting, lets in-flight requests finish (for a few seconds at most) and joins every task.
     pub async fn shutdown(self) {
-        let RunningGateway { shutdown, mut provider_task, mut metrics_task, watch_task, .. } = self;
+        let RunningGateway { shutdown, provider_task, channels_task, metrics_task, watch_task, .. } = self;
         shutdown.cancel();
         let _ = watch_task.await;
-        // The provider server bounds its own drain; the margin covers a task that ignores the signal.
+        // The servers bound their own drain; the margin covers a task that ignores the signal.
         let limit = SHUTDOWN_GRACE + Duration::from_secs(1);
-        if tokio::time::timeout(limit, &mut provider_task).await.is_err() {
-            provider_task.abort();
-            let _ = provider_task.await;
-        }
-        if tokio::time::timeout(limit, &mut metrics_task).await.is_err() {
-            metrics_task.abort();
-            let _ = metrics_task.await;
+        for mut task in [provider_task, channels_task, metrics_task] {
+            if tokio::time::timeout(limit, &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+            }
         }
         tracing::info!("gateway stopped");
     }

@@ -137,6 +137,15 @@ pub struct PushResponse {
     /// `timestamp` from a 410 body.
     pub timestamp: Option<u64>,
     pub body: Vec<u8>,
+    /// Every response header (channel management answers carry `apns-request-id` and `apns-channel-id`).
+    pub headers: http::HeaderMap,
+}
+
+impl PushResponse {
+    /// A response header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
 }
 
 /// An HTTP/2 connection to a gateway's provider API.
@@ -312,7 +321,8 @@ impl ProviderClient {
         };
         let status = response.status().as_u16();
         let apns_id = response.headers().get("apns-id").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let body = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, MAX_RESPONSE_BODY)
             .collect()
             .await
             .map_err(|e| ProviderError::Body(e.to_string()))?
@@ -326,6 +336,7 @@ impl ProviderClient {
             reason: field("reason").and_then(|v| v.as_str().map(str::to_string)),
             timestamp: field("timestamp").and_then(|v| v.as_u64()),
             body,
+            headers: parts.headers,
         })
     }
 

@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use courier_core::ids::DeviceId;
 use courier_core::peer::Peers;
-use courier_core::state::Epoch;
+use courier_core::state::{Epoch, MemberState};
 use courier_proto::cluster::{
-    DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem, ForwardResult, ForwardResults, Notification,
-    NotificationStatusRequest, NotificationStatusResponse, RefusalReason,
+    DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem, ForwardResult, ForwardResults, ManageChannelRequest,
+    ManageChannelResponse, Notification, NotificationStatusRequest, NotificationStatusResponse, RefusalReason,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -43,6 +43,19 @@ pub enum Forwarded {
     /// No owner could take it before the deadline; the provider should retry.
     Unavailable(String),
     /// The gateway began shutting down while the owner was unreachable.
+    ShuttingDown,
+}
+
+/// What came of asking the cluster to change a channel.
+#[derive(Debug)]
+pub enum ChannelAnswer {
+    /// The node's answer, and whether an earlier attempt may have been applied without its answer arriving.
+    Answered(ManageChannelResponse, bool),
+    /// The node refused the request as malformed (a bug in the gateway, or a limit it does not know).
+    Invalid(String),
+    /// No node answered before the deadline.
+    Unavailable(String),
+    /// The gateway began shutting down before a node answered.
     ShuttingDown,
 }
 
@@ -241,6 +254,53 @@ impl NodeRouter {
             Err(_) => Err("timed out".into()),
             Ok(Err(status)) => Err(status.to_string()),
             Ok(Ok(response)) => Ok(response.into_inner()),
+        }
+    }
+
+    /// Asks the cluster to create or delete a channel: the leader of the gateway's view if it names one,
+    /// else any active member (which forwards to the leader), retrying until the deadline. Also says whether
+    /// an attempt before the answered one may have been applied (its answer was lost), which turns a
+    /// create's `EXISTS` or a delete's `UNKNOWN_CHANNEL` into the earlier attempt's success.
+    pub async fn manage_channel(&self, request: ManageChannelRequest) -> ChannelAnswer {
+        let deadline = Instant::now() + self.timeout;
+        let mut view = self.view.clone();
+        let mut retried = false;
+        loop {
+            let target = view.borrow_and_update().as_ref().and_then(|v| {
+                let leader = v.members.get(&v.leader).filter(|m| m.state == MemberState::Active);
+                let any = v.members.values().find(|m| m.state == MemberState::Active);
+                leader.or(any).map(|m| m.cluster_addr.clone())
+            });
+            let failure = match target {
+                None => "no active member to ask".to_string(),
+                Some(addr) => {
+                    let mut client = match self.peers.client(&addr) {
+                        Ok(client) => client,
+                        Err(error) => return ChannelAnswer::Unavailable(error.to_string()),
+                    };
+                    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                    let mut call = tonic::Request::new(request.clone());
+                    call.set_timeout(remaining);
+                    match tokio::time::timeout(remaining, client.manage_channel(call)).await {
+                        Ok(Ok(response)) => return ChannelAnswer::Answered(response.into_inner(), retried),
+                        Ok(Err(status))
+                            if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition) =>
+                        {
+                            return ChannelAnswer::Invalid(status.message().to_string());
+                        }
+                        Ok(Err(status)) => format!("{addr}: {status}"),
+                        Err(_) => format!("{addr}: timed out"),
+                    }
+                }
+            };
+            retried = true;
+            if Instant::now() >= deadline || !self.pause_before_retry(&mut view, deadline, None).await {
+                return if self.shutdown.is_cancelled() {
+                    ChannelAnswer::ShuttingDown
+                } else {
+                    ChannelAnswer::Unavailable(failure)
+                };
+            }
         }
     }
 

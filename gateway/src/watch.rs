@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use courier_core::shutdown::CancellationToken;
 
+use crate::channels::ChannelView;
 use crate::http::jwt::ProviderCredentials;
 
 /// One epoch as the gateway routes by it.
@@ -74,6 +75,8 @@ pub struct ClusterWatch {
     pub credentials: ProviderCredentials,
     /// The gateway's `/readyz`: true while the watched node is heard, knows its leader and holds its lease.
     pub readiness: Readiness,
+    /// The channel book, kept from the stream's channel updates.
+    pub channels: Arc<ChannelView>,
 }
 
 /// A watched node that sends nothing for this long (three missed heartbeats), or that knows no leader or
@@ -176,6 +179,11 @@ impl ClusterWatch {
                     metrics::gauge!("courier_gateway_cluster_epoch").set(state.epoch.0 as f64);
                     views.send_replace(Some(Arc::new(GatewayView::from_state(&state, message.leader_id))));
                 }
+            }
+            if let Some(update) = &message.channels
+                && let Err(why) = self.channels.apply(update)
+            {
+                return why;
             }
             *heard = true;
             if message.leader_id == 0 || message.lease_lost {

@@ -64,6 +64,10 @@ pub struct NodeConfig {
     /// 503 until enough nodes are back). Give every node the same value.
     #[arg(long, env = "COURIER_DEGRADED_WRITES", default_value_t = true, action = clap::ArgAction::Set)]
     pub degraded_writes: bool,
+    /// Most broadcast channels one provider team may have for one app. Checked by the node a channel
+    /// create reaches, and carried in the command, so give every node the same value.
+    #[arg(long, env = "COURIER_MAX_CHANNELS_PER_APP", default_value_t = courier_core::channel::DEFAULT_MAX_CHANNELS_PER_APP)]
+    pub max_channels_per_app: u32,
     /// A member marked down is marked active again only after answering every probe for this long, in
     /// milliseconds (default: the failure timeout), so a flapping link does not move its devices back and
     /// forth.
@@ -312,6 +316,7 @@ impl NodeConfig {
             rejoin_after: Duration::from_millis(self.rejoin_after_ms.unwrap_or(self.failure_timeout_ms)),
             key_rotation: self.key_rotation_secs.map(Duration::from_secs),
             key_grace: Duration::from_secs(self.key_grace_secs),
+            max_channels_per_app: self.max_channels_per_app,
         }
     }
 

@@ -23,6 +23,7 @@ use crate::edge::registry::Registry;
 use crate::edge::{self, Edge};
 use crate::peer::{PeerError, Peers};
 use crate::pki::{ClusterRole, DeviceCa, PkiDir, PkiError};
+use crate::raft::channels::ChannelShelf;
 use crate::raft::control::{Control, ControlError};
 use crate::raft::lease::Lease;
 use crate::raft::network::Network;
@@ -151,7 +152,9 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     let advertised_device = config.advertised_device_addr(device_addr);
 
     // The control plane: Raft over the cluster API, its state published on a watch channel.
-    let (log_store, state_machine, state) = crate::raft::store::open(&config.data_dir.join("raft.redb"))?;
+    let channels = ChannelShelf::new(courier_core::channel::ChannelBook::default());
+    let (log_store, state_machine, state) =
+        crate::raft::store::open_with(&config.data_dir.join("raft.redb"), channels.clone())?;
     let committed_index = log_store.committed_index();
     let peers = Arc::new(Peers::new(&pki, &member, None, Duration::from_secs(2))?);
     let raft = crate::raft::Raft::new(
@@ -172,6 +175,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         settings: config.control_settings(),
         lease: lease.clone(),
         membership_changes: tokio::sync::Mutex::new(()),
+        channels,
     });
     let view = Arc::new(LocalView::new(config.node_id, state.borrow().clone(), Some(lease)));
     let replicator =

@@ -186,6 +186,10 @@ async fn propose(peers: &Peers, addr: &str, command: Command) -> anyhow::Result<
             Ok(())
         }
         CommandResponse::Refused { reason } => bail!("refused: {reason}"),
+        // `ctl` proposes no channel command; an admin certificate may not.
+        other @ (CommandResponse::ChannelApplied { .. } | CommandResponse::ChannelRefused { .. }) => {
+            bail!("unexpected answer {other:?}")
+        }
     }
 }
 

@@ -21,6 +21,9 @@ pub struct DevArgs {
     topic: String,
     #[arg(long, default_value = "127.0.0.1:8443")]
     provider_addr: SocketAddr,
+    /// Where channel management (broadcast channels) listens; APNs's port.
+    #[arg(long, default_value = "127.0.0.1:2196")]
+    channels_addr: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:9500")]
     gateway_metrics_addr: SocketAddr,
     /// Device port of node 1.
@@ -71,6 +74,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut gateway_config = courier_gateway::GatewayConfig::local(args.dir.clone(), args.cluster_base);
     gateway_config.node_addrs = nodes.iter().map(|n| n.cluster_addr.to_string()).collect();
     gateway_config.provider_addr = args.provider_addr;
+    gateway_config.channels_addr = args.channels_addr;
     gateway_config.metrics_addr = args.gateway_metrics_addr;
     let gateway = courier_gateway::start(gateway_config).await.context("starting the gateway")?;
 
@@ -86,6 +90,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         gateway.provider_addr,
         paths.cluster_ca_cert().display()
     );
+    println!("  channels      https://{}  (APNs channel management, same CA and credentials)", gateway.channels_addr);
     for (i, node) in nodes.iter().enumerate() {
         println!(
             "  node {}        devices {}  cluster API {}  metrics http://{}/metrics",

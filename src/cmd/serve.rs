@@ -42,6 +42,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         serde_json::json!({
             "event": "listening",
             "provider_addr": gateway.provider_addr.to_string(),
+            "channels_addr": gateway.channels_addr.to_string(),
             "metrics_addr": gateway.metrics_addr.to_string(),
         })
     );

@@ -7,7 +7,7 @@ pub use courier_loadtest::fabric;
 pub mod openapi;
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -581,6 +581,18 @@ pub async fn request_checked(
     let response = client.request(method.clone(), path, headers, body).await.expect("request reaches the gateway");
     openapi::check_response(method.as_str(), path, response.status, response.apns_id.as_deref(), &response.body);
     response
+}
+
+/// Writes a provider certificate with `courier ctl providers issue-cert`, as an operator would.
+pub fn issue_cert_with_ctl(pki: &PkiDir, team: &str, topics: &[&str], out: &Path) -> (PathBuf, PathBuf) {
+    let mut command = std_command(env!("CARGO_BIN_EXE_courier"));
+    command.args(["ctl", "--pki-dir"]).arg(&pki.dir).args(["providers", "issue-cert", "--team-id", team]);
+    for topic in topics {
+        command.args(["--topic", topic]);
+    }
+    let output = command.arg("--out").arg(out).output().expect("courier ctl runs");
+    assert!(output.status.success(), "issue-cert failed: {}", String::from_utf8_lossy(&output.stderr));
+    (out.join(format!("provider-{team}.pem")), out.join(format!("provider-{team}.key")))
 }
 
 /// What one `courier ctl` run left behind.

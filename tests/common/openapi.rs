@@ -47,18 +47,45 @@ fn operation(method: &str, path: &str) -> &'static Value {
         .expect("an operation")
 }
 
+/// The documented channel-management operation for a request on the channels port: any path other than
+/// the two channel paths is documented (404 `BadPath`) on the first.
+fn channel_operation(method: &str, path: &str) -> &'static Value {
+    let template = if path.starts_with("/1/apps/") && path.ends_with("/all-channels") {
+        "/1/apps/{bundleId}/all-channels"
+    } else {
+        "/1/apps/{bundleId}/channels"
+    };
+    let item = document()["paths"].get(template).unwrap_or_else(|| panic!("{template} is not documented"));
+    let methods = item.as_object().expect("path item");
+    methods
+        .get(&method.to_ascii_lowercase())
+        .or_else(|| ["post", "get"].iter().find_map(|m| methods.get(*m)))
+        .expect("an operation")
+}
+
 /// Checks one response against the document, panicking with a description of the first mismatch.
 pub fn check_response(method: &str, path: &str, status: u16, apns_id: Option<&str>, body: &[u8]) {
-    let op = operation(method, path);
     let context = format!("{method} {path} -> {status} {}", String::from_utf8_lossy(body));
+    check(operation(method, path), &context, status, |name| name != "apns-id" || apns_id.is_some(), body);
+}
+
+/// Checks one answer of the channels port against the document, its headers included.
+pub fn check_channel_response(method: &str, path: &str, status: u16, headers: &http::HeaderMap, body: &[u8]) {
+    let context = format!("{method} {path} -> {status} {}", String::from_utf8_lossy(body));
+    check(channel_operation(method, path), &context, status, |name| headers.contains_key(name), body);
+}
+
+/// Checks a response against operation `op`: its status is documented, every documented required header
+/// is `present`, and the body is exactly what the document says.
+fn check(op: &Value, context: &str, status: u16, present: impl Fn(&str) -> bool, body: &[u8]) {
     let response = op["responses"]
         .get(status.to_string())
         .map(resolve)
         .unwrap_or_else(|| panic!("{context}: status {status} is not documented for this operation"));
     if let Some(headers) = response.get("headers").and_then(Value::as_object) {
         for (name, header) in headers {
-            if resolve(header)["required"].as_bool() == Some(true) && name == "apns-id" {
-                assert!(apns_id.is_some(), "{context}: the documented header apns-id is missing");
+            if resolve(header)["required"].as_bool() == Some(true) {
+                assert!(present(name), "{context}: the documented header {name} is missing");
             }
         }
     }

@@ -28,18 +28,6 @@ fn assert_answer(what: &str, push: &Push, response: &PushResponse, status: u16, 
     }
 }
 
-/// Writes a provider certificate with `courier ctl providers issue-cert`, as an operator would.
-fn issue_cert_with_ctl(pki: &PkiDir, team: &str, topics: &[&str], out: &Path) -> (PathBuf, PathBuf) {
-    let mut command = common::std_command(env!("CARGO_BIN_EXE_courier"));
-    command.args(["ctl", "--pki-dir"]).arg(&pki.dir).args(["providers", "issue-cert", "--team-id", team]);
-    for topic in topics {
-        command.args(["--topic", topic]);
-    }
-    let output = command.arg("--out").arg(out).output().expect("courier ctl runs");
-    assert!(output.status.success(), "issue-cert failed: {}", String::from_utf8_lossy(&output.stderr));
-    (out.join(format!("provider-{team}.pem")), out.join(format!("provider-{team}.key")))
-}
-
 async fn cert_client(cluster: &TestCluster, cert: &Path, key: &Path) -> ProviderClient {
     ProviderClient::connect_with_certificate(
         cluster.gateway.provider_addr,
@@ -212,7 +200,7 @@ async fn certificate_auth_needs_no_jwt_and_is_bound_to_its_team_and_topics() {
     let cluster = TestCluster::start().await;
     let (mut device, token) = cluster.device().await;
     let out = tempfile::tempdir().unwrap();
-    let (cert, key) = issue_cert_with_ctl(&cluster.pki(), "CERTTEAM01", &[TOPIC], out.path());
+    let (cert, key) = common::issue_cert_with_ctl(&cluster.pki(), "CERTTEAM01", &[TOPIC], out.path());
     let client = cert_client(&cluster, &cert, &key).await;
 
     let push = Push { authorization: None, apns_id: Some(uuid()), ..cluster.push(&token, r#"{"via":"cert"}"#) };
@@ -242,7 +230,7 @@ async fn certificate_auth_needs_no_jwt_and_is_bound_to_its_team_and_topics() {
     let foreign = tempfile::tempdir().unwrap();
     courier_core::pki::init(foreign.path(), &Default::default()).unwrap();
     let (foreign_cert, foreign_key) =
-        issue_cert_with_ctl(&PkiDir::new(foreign.path()), "FOREIGN001", &[TOPIC], out.path());
+        common::issue_cert_with_ctl(&PkiDir::new(foreign.path()), "FOREIGN001", &[TOPIC], out.path());
     let refused = match ProviderClient::connect_with_certificate(
         cluster.gateway.provider_addr,
         "localhost",
@@ -341,7 +329,7 @@ async fn delivery_status_follows_a_notification() {
 
     // A provider that may not push to the topic may not see it either.
     let out = tempfile::tempdir().unwrap();
-    let (cert, key) = issue_cert_with_ctl(&cluster.pki(), "OTHERTEAM1", &["com.example.other"], out.path());
+    let (cert, key) = common::issue_cert_with_ctl(&cluster.pki(), "OTHERTEAM1", &["com.example.other"], out.path());
     let stranger = cert_client(&cluster, &cert, &key).await;
     let path = status_path(&offline_token, &second);
     let response = request_checked(&stranger, http::Method::GET, &path, Vec::new(), Vec::new()).await;
@@ -435,11 +423,17 @@ async fn server_side_failures_are_500_and_503() {
 
 #[test]
 fn the_openapi_document_lists_every_reason_under_its_status() {
-    let push = "/3/device/{deviceToken}";
+    let operations = [
+        ("/3/device/{deviceToken}", "post"),
+        ("/v1/status/{deviceToken}/{apnsId}", "get"),
+        ("/1/apps/{bundleId}/channels", "post"),
+        ("/1/apps/{bundleId}/channels", "get"),
+        ("/1/apps/{bundleId}/channels", "delete"),
+        ("/1/apps/{bundleId}/all-channels", "get"),
+    ];
     for reason in Reason::ALL {
         let status = reason.status().as_u16();
-        let documented = [push, "/v1/status/{deviceToken}/{apnsId}"].iter().any(|path| {
-            let method = if path.starts_with("/3/") { "post" } else { "get" };
+        let documented = operations.iter().any(|(path, method)| {
             openapi::documented_reasons(path, method, status).contains(&reason.as_str().to_string())
         });
         assert!(documented, "{reason} ({status}) is not in gateway/openapi.yaml");

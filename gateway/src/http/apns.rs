@@ -84,6 +84,22 @@ pub enum Reason {
     /// Courier extension, not an APNs reason: the body is not a JSON object. APNs itself answers such
     /// payloads inconsistently; Courier refuses them up front so that devices only ever see JSON objects.
     InvalidPayload,
+    /// Channels: a read, delete or broadcast without `apns-channel-id`.
+    MissingChannelId,
+    /// Channels: an `apns-channel-id` that is not an id this cluster gives out.
+    BadChannelId,
+    /// Channels: no such channel for this team and app (never created, or deleted).
+    ChannelNotRegistered,
+    /// Channels: a create body whose `message-storage-policy` is missing or not 0 or 1.
+    BadRequestParams,
+    /// Channels: a create body that is not a JSON object.
+    BadRequestPayload,
+    /// Channels: a create body without `push-type`.
+    MissingPushType,
+    /// Channels: the team has as many channels for the app as the cluster allows.
+    CannotCreateChannelConfig,
+    /// 403, channels: the app in the path is not one the provider may use.
+    TopicMismatch,
 }
 
 /// A device token that does not open: 410 `ExpiredToken` when its key was retired (the device has a newer
@@ -132,6 +148,14 @@ impl Reason {
             Reason::InternalServerError => "InternalServerError",
             Reason::ServiceUnavailable => "ServiceUnavailable",
             Reason::InvalidPayload => "InvalidPayload",
+            Reason::MissingChannelId => "MissingChannelId",
+            Reason::BadChannelId => "BadChannelId",
+            Reason::ChannelNotRegistered => "ChannelNotRegistered",
+            Reason::BadRequestParams => "BadRequestParams",
+            Reason::BadRequestPayload => "BadRequestPayload",
+            Reason::MissingPushType => "MissingPushType",
+            Reason::CannotCreateChannelConfig => "CannotCreateChannelConfig",
+            Reason::TopicMismatch => "TopicMismatch",
         }
     }
 
@@ -142,7 +166,8 @@ impl Reason {
             | Reason::InvalidProviderToken
             | Reason::MissingProviderToken
             | Reason::BadCertificate
-            | Reason::Forbidden => StatusCode::FORBIDDEN,
+            | Reason::Forbidden
+            | Reason::TopicMismatch => StatusCode::FORBIDDEN,
             Reason::BadPath | Reason::UnknownNotification => StatusCode::NOT_FOUND,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -190,6 +215,14 @@ impl Reason {
         Reason::Shutdown,
         Reason::UnknownNotification,
         Reason::InvalidPayload,
+        Reason::MissingChannelId,
+        Reason::BadChannelId,
+        Reason::ChannelNotRegistered,
+        Reason::BadRequestParams,
+        Reason::BadRequestPayload,
+        Reason::MissingPushType,
+        Reason::CannotCreateChannelConfig,
+        Reason::TopicMismatch,
     ];
 
     /// The reason a node's answer names, if it is one of ours.

@@ -8,6 +8,7 @@
 //! that the answer ends the stream instead of a reset.
 
 pub mod apns;
+pub mod channels;
 pub mod jwt;
 pub mod ratelimit;
 pub mod server;
@@ -51,8 +52,10 @@ pub struct PushService {
     /// Pushes per device and app: what a token names once opened, however its hex is spelled and whichever
     /// token key minted it.
     pub(crate) device_limit: RateLimiter<DeviceLimitKey>,
-    /// Pushes per provider team.
+    /// Pushes (and channel requests) per provider team.
     pub(crate) team_limit: RateLimiter<std::sync::Arc<str>>,
+    /// The cluster's broadcast channels as this gateway last heard them.
+    pub(crate) channels: std::sync::Arc<crate::channels::ChannelView>,
 }
 
 /// The device rate limit's key: the device id and the app-topic digest inside an opened token.

@@ -50,8 +50,18 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Pause after a failed `accept` (usually out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Which of the provider-facing APIs a listener serves; they share everything but their routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// Pushes and delivery status (`PushService::handle`).
+    Push,
+    /// Channel management (`PushService::handle_channels`).
+    Channels,
+}
+
 /// The provider-facing HTTPS server.
 pub struct ProviderServer {
+    pub api: Api,
     pub listener: TcpListener,
     pub acceptor: TlsAcceptor,
     pub service: Arc<PushService>,
@@ -176,7 +186,7 @@ impl Drop for HandshakeGauge {
 impl ProviderServer {
     /// Accepts connections until shutdown, then waits (at most `SHUTDOWN_GRACE`) for them to drain.
     pub async fn run(self) {
-        let ProviderServer { listener, acceptor, service, connections, shutdown, idle_timeout, limits } = self;
+        let ProviderServer { api, listener, acceptor, service, connections, shutdown, idle_timeout, limits } = self;
         let sources = Sources::new(limits);
         let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
         let mut tasks = JoinSet::new();
@@ -212,6 +222,7 @@ impl ProviderServer {
             };
             tracing::debug!(%peer, "provider connected");
             let connection = Connection {
+                api,
                 acceptor: acceptor.clone(),
                 service: service.clone(),
                 idle_timeout,
@@ -306,6 +317,7 @@ impl Drop for Busy {
 
 /// One connection task's share of the server.
 struct Connection {
+    api: Api,
     acceptor: TlsAcceptor,
     service: Arc<PushService>,
     idle_timeout: Duration,
@@ -331,7 +343,7 @@ fn connection_auth(certificates: Option<&[rustls::pki_types::CertificateDer<'sta
 
 impl Connection {
     async fn serve(self, tcp: TcpStream, shutdown: CancellationToken, _permit: OwnedSemaphorePermit) {
-        let Connection { acceptor, service, idle_timeout, first_request_deadline, handshakes, source } = self;
+        let Connection { api, acceptor, service, idle_timeout, first_request_deadline, handshakes, source } = self;
         let _gauge = ConnectionGauge::open();
         let _ = tcp.set_nodelay(true);
         let handshake = async {
@@ -368,7 +380,10 @@ impl Connection {
             // state machine (routing and forwarding included) is large enough that copying it showed in
             // profiles; a box is moved as one pointer.
             Box::pin(async move {
-                let response = service.handle(request, &auth).await;
+                let response = match api {
+                    Api::Push => service.handle(request, &auth).await,
+                    Api::Channels => service.handle_channels(request, &auth).await,
+                };
                 drop(busy);
                 Ok::<_, Infallible>(response)
             })

@@ -25,6 +25,7 @@ pub enum Rpc {
     RemoveNode,
     Status,
     WatchCluster,
+    ManageChannel,
 }
 
 /// Which kinds of caller an RPC admits.
@@ -55,6 +56,7 @@ impl Rpc {
             Rpc::RemoveNode => "RemoveNode",
             Rpc::Status => "Status",
             Rpc::WatchCluster => "WatchCluster",
+            Rpc::ManageChannel => "ManageChannel",
         }
     }
 
@@ -68,7 +70,7 @@ impl Rpc {
             Rpc::RaftAppend | Rpc::RaftVote | Rpc::RaftSnapshot | Rpc::Probe | Rpc::Replicate | Rpc::FetchQueue => {
                 NODES
             }
-            Rpc::Forward | Rpc::NotificationStatus => GATEWAYS,
+            Rpc::Forward | Rpc::NotificationStatus | Rpc::ManageChannel => GATEWAYS,
             Rpc::Status => ADMIN,
             Rpc::Propose | Rpc::Join => Allowed { node: true, gateway: false, admin: true },
             Rpc::RemoveNode => ADMIN,
@@ -122,12 +124,38 @@ pub fn check(role: Option<ClusterRole>, rpc: Rpc) -> Result<ClusterRole, Status>
     }
 }
 
-/// Which proposals each role may make: a node only cluster-internal ones (its own membership, failure
-/// detection, suspected clones), the admin only operator changes.
-pub fn check_command(caller: ClusterRole, cluster_internal: bool) -> Result<(), Status> {
-    match (caller, cluster_internal) {
-        (ClusterRole::Node(_), true) | (ClusterRole::Admin, false) => Ok(()),
-        (ClusterRole::Node(_), false) => Err(denied(
+/// Who a proposal comes from, by what it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proposal {
+    /// What nodes propose of themselves: their own membership, failure detection, suspected clones.
+    ClusterInternal,
+    /// A channel created or deleted for a gateway's provider (`ManageChannel`), forwarded to the leader by
+    /// the node the gateway asked.
+    Channel,
+    /// Everything else: `courier ctl`.
+    Operator,
+}
+
+impl Proposal {
+    pub fn of(command: &crate::raft::Command) -> Self {
+        if command.is_cluster_internal() {
+            Proposal::ClusterInternal
+        } else if command.as_channel().is_some() {
+            Proposal::Channel
+        } else {
+            Proposal::Operator
+        }
+    }
+}
+
+/// Which proposals each role may make: a node cluster-internal ones and the channel changes it forwards,
+/// the admin only operator changes. A node certificate therefore cannot rotate keys, add providers or
+/// revoke devices, and a gateway certificate proposes nothing but channel changes (`ManageChannel`).
+pub fn check_command(caller: ClusterRole, proposal: Proposal) -> Result<(), Status> {
+    match (caller, proposal) {
+        (ClusterRole::Node(_), Proposal::ClusterInternal | Proposal::Channel)
+        | (ClusterRole::Admin, Proposal::Operator) => Ok(()),
+        (ClusterRole::Node(_), Proposal::Operator) => Err(denied(
             Rpc::Propose,
             role_label(Some(caller)),
             format!("{caller} may not propose an operator change; only the admin certificate may"),
@@ -172,7 +200,7 @@ fn denied(rpc: Rpc, role: &'static str, message: String) -> Status {
 mod tests {
     use super::*;
 
-    const ALL: [Rpc; 13] = [
+    const ALL: [Rpc; 14] = [
         Rpc::RaftAppend,
         Rpc::RaftVote,
         Rpc::RaftSnapshot,
@@ -186,19 +214,20 @@ mod tests {
         Rpc::RemoveNode,
         Rpc::Status,
         Rpc::WatchCluster,
+        Rpc::ManageChannel,
     ];
 
     #[test]
     fn the_table_gives_each_role_only_its_rpcs() {
         let allowed =
             |role| ALL.iter().filter(|rpc| check(Some(role), **rpc).is_ok()).map(|r| r.name()).collect::<Vec<_>>();
-        assert_eq!(allowed(ClusterRole::Gateway), ["Forward", "NotificationStatus", "WatchCluster"]);
+        assert_eq!(allowed(ClusterRole::Gateway), ["Forward", "NotificationStatus", "WatchCluster", "ManageChannel"]);
         assert_eq!(allowed(ClusterRole::Admin), ["Join", "Propose", "RemoveNode", "Status"]);
         let node = allowed(ClusterRole::Node(3));
         for rpc in ["RaftAppend", "RaftVote", "RaftSnapshot", "Probe", "Replicate", "FetchQueue", "WatchCluster"] {
             assert!(node.contains(&rpc), "{rpc}");
         }
-        for rpc in ["Forward", "NotificationStatus", "Status"] {
+        for rpc in ["Forward", "NotificationStatus", "Status", "ManageChannel"] {
             assert!(!node.contains(&rpc), "{rpc}");
         }
         for rpc in ALL {

@@ -6,6 +6,7 @@
 //! those. Every RPC first asks `authz` whether the caller's certificate role may call it.
 
 pub mod authz;
+pub mod channels;
 pub mod forward;
 
 use std::pin::Pin;
@@ -13,13 +14,12 @@ use std::sync::Arc;
 
 use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
-    ClusterView, FetchQueueRequest, FetchQueueResponse, ForwardBatch, ForwardResults, JoinRequest, JoinResponse,
-    NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse, ProposeRequest,
+    ChannelUpdate, ClusterView, FetchQueueRequest, FetchQueueResponse, ForwardBatch, ForwardResults, JoinRequest,
+    JoinResponse, ManageChannelRequest, ManageChannelResponse, NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse, ProposeRequest,
     ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse, StatusRequest,
     StatusResponse, WatchRequest,
 };
-use futures_util::{Stream, StreamExt};
-use tokio_stream::wrappers::WatchStream;
+use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
 use self::authz::{Rpc, authorize};
@@ -188,7 +188,7 @@ impl Cluster for ClusterService {
         let caller = authorize(&request, Rpc::Propose)?;
         let command: Command = serde_json::from_slice(&request.get_ref().command_json)
             .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
-        authz::check_command(caller, command.is_cluster_internal())?;
+        authz::check_command(caller, authz::Proposal::of(&command))?;
         if caller == ClusterRole::Admin {
             self.leader_only().await?;
         }
@@ -223,26 +223,21 @@ impl Cluster for ClusterService {
     ) -> Result<Response<Self::WatchClusterStream>, Status> {
         authorize(&request, Rpc::WatchCluster)?;
         tracing::debug!(watcher = %request.get_ref().watcher, "cluster watch opened");
-        let control = self.control.clone();
-        let stop = self.shutdown.clone().cancelled_owned();
-        let states = WatchStream::new(self.control.state.clone()).map(Some);
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + WATCH_HEARTBEAT, WATCH_HEARTBEAT);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let heartbeats = tokio_stream::wrappers::IntervalStream::new(ticks).map(|_| None);
-        let views = futures_util::stream::select(states, heartbeats).take_until(stop).map(move |changed| {
-            let (epoch, state_json) = match changed {
-                Some(state) => (state.epoch, json(&*state)?),
-                None => (control.current().epoch, Vec::new()),
-            };
-            Ok(ClusterView {
-                epoch: epoch.0,
-                leader_id: control.leader().unwrap_or(0),
-                state_json,
-                applied_index: control.applied_index(),
-                lease_lost: !control.lease.held(),
-            })
-        });
-        Ok(Response::new(Box::pin(views)))
+        let (views, stream) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(watch(self.control.clone(), views, self.shutdown.clone()));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(stream))))
+    }
+
+    async fn manage_channel(
+        &self,
+        request: Request<ManageChannelRequest>,
+    ) -> Result<Response<ManageChannelResponse>, Status> {
+        authorize(&request, Rpc::ManageChannel)?;
+        let max_per_app = self.control.settings.max_channels_per_app;
+        let command = channels::command(request.into_inner(), max_per_app, crate::ids::unix_millis())?;
+        tracing::info!(%command, "channel change asked");
+        let response = self.control.propose(command).await?;
+        Ok(Response::new(channels::answer(response)?))
     }
 
     async fn notification_status(
@@ -255,5 +250,79 @@ impl Cluster for ClusterService {
             .ok_or_else(|| Status::invalid_argument("device_id must be 16 bytes"))?;
         let status = self.delivery.status().get(device, &request.apns_id, crate::ids::unix_millis());
         Ok(Response::new(status))
+    }
+}
+
+/// One `WatchCluster` stream until the watcher goes or the node stops: the state now and at every change,
+/// the channel book whole and then its changes, and a heartbeat every `WATCH_HEARTBEAT` otherwise.
+async fn watch(
+    control: Arc<Control>,
+    views: tokio::sync::mpsc::Sender<Result<ClusterView, Status>>,
+    shutdown: CancellationToken,
+) {
+    let view = |state: Option<&crate::raft::ClusterState>, channels: Option<ChannelUpdate>| {
+        let state_json = state.map(json).transpose()?.unwrap_or_default();
+        Ok(ClusterView {
+            epoch: state.map_or_else(|| control.current().epoch, |state| state.epoch).0,
+            leader_id: control.leader().unwrap_or(0),
+            state_json,
+            applied_index: control.applied_index(),
+            lease_lost: !control.lease.held(),
+            channels,
+        })
+    };
+    let mut states = control.state.clone();
+    let mut book = control.channels.watch();
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + WATCH_HEARTBEAT, WATCH_HEARTBEAT);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first message is the state with the first part of the book.
+    let state = states.borrow_and_update().clone();
+    let mut pending: Vec<Result<ClusterView, Status>> = match channels::whole_book(&book) {
+        Ok(updates) => {
+            let mut updates = updates.into_iter();
+            let mut out = vec![view(Some(&state), updates.next())];
+            out.extend(updates.map(|update| view(None, Some(update))));
+            out
+        }
+        Err(status) => vec![Err(status)],
+    };
+    loop {
+        for message in pending.drain(..) {
+            let failed = message.is_err();
+            if views.send(message).await.is_err() || failed {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = views.closed() => return,
+            changed = states.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let state = states.borrow_and_update().clone();
+                pending.push(view(Some(&state), None));
+            }
+            event = book.events.recv() => {
+                let update = match event {
+                    Ok(event) => channels::change(&event),
+                    // Too far behind to catch up change by change: the whole book again.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Ok(None),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                match update {
+                    Ok(Some(update)) => pending.push(view(None, Some(update))),
+                    Ok(None) => {
+                        book = control.channels.watch();
+                        match channels::whole_book(&book) {
+                            Ok(updates) => pending.extend(updates.into_iter().map(|update| view(None, Some(update)))),
+                            Err(status) => pending.push(Err(status)),
+                        }
+                    }
+                    Err(status) => pending.push(Err(status)),
+                }
+            }
+            _ = ticks.tick() => pending.push(view(None, None)),
+        }
     }
 }

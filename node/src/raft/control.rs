@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 use courier_core::shutdown::CancellationToken;
 
 use super::Raft;
+use super::channels::ChannelShelf;
 use super::lease::Lease;
 use super::state::{ClusterState, Command, CommandResponse, KeyState, MemberState, NodeId};
 use crate::ids::unix_millis;
@@ -66,6 +67,8 @@ pub struct ControlSettings {
     pub key_rotation: Option<Duration>,
     /// How long a rotated-out key keeps opening tokens before it retires.
     pub key_grace: Duration,
+    /// Most channels a team may create for one app (carried in each create this node proposes).
+    pub max_channels_per_app: u32,
 }
 
 /// What the leader has seen of each member's probes since it began to lead.
@@ -89,6 +92,8 @@ pub struct Control {
     /// Serialises membership changes on the leader: openraft refuses a change while another is in
     /// flight, and several nodes joining at once is the normal way a cluster starts.
     pub membership_changes: tokio::sync::Mutex<()>,
+    /// The applied channel book (written by the state machine only).
+    pub channels: Arc<ChannelShelf>,
 }
 
 impl Control {
@@ -188,6 +193,8 @@ impl Control {
         match self.propose(command).await? {
             CommandResponse::Applied { epoch } => Ok(epoch),
             CommandResponse::Refused { reason } => Err(ControlError::Refused(reason)),
+            CommandResponse::ChannelApplied { .. } => Ok(self.current().epoch),
+            CommandResponse::ChannelRefused { refusal } => Err(ControlError::Refused(format!("{refusal:?}"))),
         }
     }
 

@@ -4,6 +4,7 @@
 //! machine in the node's redb database; `network` carries Raft RPCs over the cluster gRPC service. The type
 //! configuration is declared here, once.
 
+pub mod channels;
 pub mod control;
 pub mod lease;
 pub mod network;

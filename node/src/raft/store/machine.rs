@@ -14,7 +14,9 @@ use redb::{Database, ReadableDatabase};
 use tokio::sync::watch;
 
 use super::*;
+use crate::raft::channels::ChannelShelf;
 use crate::raft::{ClusterState, CommandResponse, NodeId, TypeConfig};
+use courier_core::channel::{ChannelBook, ChannelChange, ChannelRecord, PendingChanges};
 
 /// The applied control state. Clones are snapshot builders: they capture the state as of the clone.
 #[derive(Clone)]
@@ -26,6 +28,10 @@ pub struct StateMachineStore {
     pub(super) state: Arc<ClusterState>,
     /// Behind an `Arc` because snapshot builders are clones of this struct; only the original publishes.
     pub(super) published: Arc<watch::Sender<Arc<ClusterState>>>,
+    /// The channel book, shared with the rest of the node; the state machine is its only writer.
+    pub(super) channels: Arc<ChannelShelf>,
+    /// In a snapshot builder: the channels as of when it was made (`channels` moves on without it).
+    pub(super) frozen_channels: Option<Arc<(u64, Vec<ChannelRecord>)>>,
 }
 
 impl StateMachineStore {
@@ -34,11 +40,30 @@ impl StateMachineStore {
         self.state.clone()
     }
 
+    /// The channel book this node has applied.
+    pub fn channels(&self) -> Arc<ChannelShelf> {
+        self.channels.clone()
+    }
+
+    /// The channels as of this builder's making, or now.
+    fn channel_records(&self) -> (u64, Vec<ChannelRecord>) {
+        match &self.frozen_channels {
+            Some(frozen) => (frozen.0, frozen.1.clone()),
+            None => {
+                let book = self.channels.read();
+                (book.version(), book.records().cloned().collect())
+            }
+        }
+    }
+
     fn image_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let (channels_version, channels) = self.channel_records();
         serde_json::to_vec(&MachineImage {
             last_applied: self.last_applied,
             last_membership: self.last_membership.clone(),
             state: &*self.state,
+            channels_version,
+            channels: Some(channels),
         })
     }
 }
@@ -93,26 +118,49 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         // Applied to copies first, so a failed write leaves this state machine as it was on disk.
+        // Channel commands are decided against the book as the batch's earlier ones leave it, and reach the
+        // shelf only once stored.
         let mut state = self.state.clone();
         let mut batch_last = None;
         let mut last_membership = self.last_membership.clone();
         let mut responses = Vec::new();
-        for entry in entries {
-            batch_last = Some(entry.log_id);
-            let response = match entry.payload {
-                EntryPayload::Blank => CommandResponse::Applied { epoch: state.epoch },
-                EntryPayload::Normal(command) => {
-                    let response = Arc::make_mut(&mut state).apply(&command);
-                    tracing::debug!(index = entry.log_id.index, %command, ?response, "applied");
-                    response
-                }
-                EntryPayload::Membership(membership) => {
-                    last_membership = StoredMembership::new(Some(entry.log_id), membership);
-                    CommandResponse::Applied { epoch: state.epoch }
-                }
-            };
-            responses.push(response);
-        }
+        let mut pending = PendingChanges::default();
+        let mut state_touched = false;
+        let channels_version = {
+            let book = self.channels.read();
+            for entry in entries {
+                batch_last = Some(entry.log_id);
+                let response = match entry.payload {
+                    EntryPayload::Blank => CommandResponse::Applied { epoch: state.epoch },
+                    EntryPayload::Normal(command) => {
+                        let response = match command.as_channel() {
+                            Some(channel) => match command.validate(&state) {
+                                Err(reason) => CommandResponse::Refused { reason },
+                                Ok(()) => match book.decide(channel, &mut pending) {
+                                    Ok(()) => CommandResponse::ChannelApplied {
+                                        version: book.version() + pending.changes().len() as u64,
+                                    },
+                                    Err(refusal) => CommandResponse::ChannelRefused { refusal },
+                                },
+                            },
+                            None => {
+                                state_touched = true;
+                                Arc::make_mut(&mut state).apply(&command)
+                            }
+                        };
+                        tracing::debug!(index = entry.log_id.index, %command, ?response, "applied");
+                        response
+                    }
+                    EntryPayload::Membership(membership) => {
+                        state_touched = true;
+                        last_membership = StoredMembership::new(Some(entry.log_id), membership);
+                        CommandResponse::Applied { epoch: state.epoch }
+                    }
+                };
+                responses.push(response);
+            }
+            book.version() + pending.changes().len() as u64
+        };
         let Some(last) = batch_last else {
             return Ok(responses);
         };
@@ -121,12 +169,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             last_applied: Some(last),
             last_membership: last_membership.clone(),
             state: &*state,
+            channels_version,
+            channels: None,
         })
         .map_err(|e| StorageIOError::apply(last, &e))?;
+        let changes = Arc::new(pending.into_changes());
+        let stored = changes.clone();
         let db = self.db.clone();
         blocking(move || {
             let txn = db.begin_write()?;
             txn.open_table(MACHINE)?.insert(APPLIED, bytes.as_slice())?;
+            if !stored.is_empty() {
+                let mut table = txn.open_table(CHANNELS)?;
+                for change in stored.iter() {
+                    match change {
+                        ChannelChange::Put { record } => {
+                            table.insert(record.id.0.as_slice(), serde_json::to_vec(record)?.as_slice())?;
+                        }
+                        ChannelChange::Delete { id } => {
+                            table.remove(id.0.as_slice())?;
+                        }
+                    }
+                }
+            }
             txn.commit()?;
             Ok(())
         })
@@ -136,12 +201,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.last_applied = Some(last);
         self.last_membership = last_membership;
         self.state = state;
-        self.published.send_replace(self.state.clone());
+        self.channels.take(&changes);
+        // A batch of channel commands alone moves no epoch: nothing that follows the state needs to hear it.
+        if state_touched {
+            self.published.send_replace(self.state.clone());
+        }
         Ok(responses)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
+        let mut builder = self.clone();
+        builder.frozen_channels = Some(Arc::new(self.channel_records()));
+        builder
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftError> {
@@ -165,15 +236,36 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
         let meta_bytes =
             serde_json::to_vec(meta).map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
+        let records = image.channels.unwrap_or_default();
+        // The applied image keeps its channels in their table, not inline.
+        let applied = serde_json::to_vec(&MachineImage {
+            last_applied: image.last_applied,
+            last_membership: image.last_membership.clone(),
+            state: &image.state,
+            channels_version: image.channels_version,
+            channels: None,
+        })
+        .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
+        let rows = records
+            .iter()
+            .map(|record| Ok((record.id, serde_json::to_vec(record)?)))
+            .collect::<Result<Vec<_>, serde_json::Error>>()
+            .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
         let db = self.db.clone();
         blocking(move || {
             let txn = db.begin_write()?;
             {
                 let mut machine = txn.open_table(MACHINE)?;
-                // The snapshot's data is a `MachineImage`, the same record `apply` keeps.
-                machine.insert(APPLIED, data.as_slice())?;
+                machine.insert(APPLIED, applied.as_slice())?;
                 machine.insert(SNAPSHOT_META, meta_bytes.as_slice())?;
                 machine.insert(SNAPSHOT_DATA, data.as_slice())?;
+            }
+            txn.delete_table(CHANNELS)?;
+            {
+                let mut table = txn.open_table(CHANNELS)?;
+                for (id, bytes) in &rows {
+                    table.insert(id.0.as_slice(), bytes.as_slice())?;
+                }
             }
             txn.commit()?;
             Ok(())
@@ -183,6 +275,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
         self.last_applied = image.last_applied;
         self.last_membership = image.last_membership;
+        self.channels.replace(ChannelBook::from_records(image.channels_version, records));
         let mut state = image.state;
         state.repair_ring();
         self.state = Arc::new(state);

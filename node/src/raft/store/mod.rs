@@ -22,7 +22,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::channels::ChannelShelf;
 use super::{ClusterState, NodeId};
+use courier_core::channel::{ChannelBook, ChannelRecord};
 
 mod log;
 mod machine;
@@ -36,6 +38,9 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 const LOG_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_log_meta");
 /// The applied state machine and the current snapshot, serde_json (snapshot data as raw bytes).
 const MACHINE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_machine");
+/// The channel book: channel id (16 bytes) → serde_json of its `ChannelRecord`. Written in the same
+/// transaction as the `APPLIED` image, whose `channels_version` it matches.
+const CHANNELS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("raft_channels");
 
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
@@ -109,6 +114,12 @@ struct MachineImage<S> {
     last_applied: Option<LogId<NodeId>>,
     last_membership: Membership,
     state: S,
+    /// The channel book's version; absent from images written before channels existed.
+    #[serde(default)]
+    channels_version: u64,
+    /// Every channel, in a snapshot only: the applied image leaves them in `CHANNELS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    channels: Option<Vec<ChannelRecord>>,
 }
 
 /// Just the log id of a stored entry, so finding the last log id does not decode its command.
@@ -120,6 +131,14 @@ struct EntryLogId {
 /// Opens (creating if needed) the Raft database at `path` and returns the log store, the state machine and
 /// a receiver that always holds the latest applied `ClusterState`, starting with what was persisted.
 pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, watch::Receiver<Arc<ClusterState>>), RaftStoreError> {
+    open_with(path, ChannelShelf::new(ChannelBook::default()))
+}
+
+/// `open`, loading the stored channels into `channels` (the shelf the rest of the node reads them from).
+pub fn open_with(
+    path: &Path,
+    channels: Arc<ChannelShelf>,
+) -> Result<(LogStore, StateMachineStore, watch::Receiver<Arc<ClusterState>>), RaftStoreError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|source| RaftStoreError::CreateDir { path: path.display().to_string(), source })?;
@@ -135,6 +154,7 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, watch::Receiver
         txn.open_table(LOG)?;
         txn.open_table(LOG_META)?;
         txn.open_table(MACHINE)?;
+        txn.open_table(CHANNELS)?;
     }
     txn.commit()?;
 
@@ -145,8 +165,21 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, watch::Receiver
             last_applied: None,
             last_membership: Membership::default(),
             state: ClusterState::default(),
+            channels_version: 0,
+            channels: None,
         })
     };
+    let records = {
+        let txn = db.begin_read()?;
+        let table = txn.open_table(CHANNELS)?;
+        let mut records = Vec::new();
+        for row in table.iter()? {
+            let (_, value) = row?;
+            records.push(serde_json::from_slice::<ChannelRecord>(value.value())?);
+        }
+        records
+    };
+    channels.replace(ChannelBook::from_records(image.channels_version, records));
     let mut state = image.state;
     state.repair_ring();
     let state = Arc::new(state);
@@ -159,6 +192,8 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, watch::Receiver
         last_membership: image.last_membership,
         state,
         published: Arc::new(published),
+        channels,
+        frozen_channels: None,
     };
     Ok((log, machine, receiver))
 }
@@ -436,6 +471,105 @@ mod tests {
         assert_eq!(as_json(&watch.borrow()), before.0);
         let current = machine.get_current_snapshot().await.expect("current").expect("a snapshot");
         assert_eq!(current.meta, genuine.meta);
+    }
+
+    fn channel(n: u8, team: &str) -> ChannelRecord {
+        ChannelRecord {
+            id: courier_core::channel::ChannelId([n; 16]),
+            team_id: team.into(),
+            app: "com.example.app".into(),
+            policy: courier_core::channel::StoragePolicy::MostRecent,
+            push_type: courier_core::channel::ChannelPushType::LiveActivity,
+            created_ms: u64::from(n),
+        }
+    }
+
+    fn create(n: u8, team: &str) -> Command {
+        Command::Channel {
+            command: courier_core::channel::ChannelCommand::Create { record: channel(n, team), max_per_app: 2 },
+        }
+    }
+
+    fn ids(shelf: &ChannelShelf) -> Vec<u8> {
+        let mut ids: Vec<u8> = shelf.read().records().map(|r| r.id.0[0]).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Channel commands change the book, not the control state: no epoch moves and nothing is published on
+    /// the state watch. The book is stored row by row, survives a reopen and travels in snapshots, where
+    /// an installed one replaces whatever channels the receiver held.
+    #[tokio::test]
+    async fn channels_are_stored_apart_from_the_state_and_travel_in_snapshots() {
+        let dir = TempDir::new().expect("tempdir");
+        let path = dir.path().join("raft.redb");
+        let shelf = ChannelShelf::new(ChannelBook::default());
+        let (log, mut machine, mut watch) = open_with(&path, shelf.clone()).expect("open");
+        populate(&mut machine).await;
+        watch.borrow_and_update();
+        let mut changes = shelf.watch().events;
+        let delete = Command::Channel {
+            command: courier_core::channel::ChannelCommand::Delete {
+                team_id: "T".into(),
+                app: "com.example.app".into(),
+                id: courier_core::channel::ChannelId([1; 16]),
+            },
+        };
+        let responses = machine
+            .apply([
+                normal(1, 7, create(1, "T")),
+                normal(1, 8, create(2, "T")),
+                normal(1, 9, create(3, "T")),
+                normal(1, 10, delete),
+                normal(1, 11, create(3, "T")),
+                normal(1, 12, create(4, "U")),
+            ])
+            .await
+            .expect("apply");
+        use courier_core::channel::ChannelRefusal;
+        assert_eq!(
+            responses,
+            [
+                CommandResponse::ChannelApplied { version: 1 },
+                CommandResponse::ChannelApplied { version: 2 },
+                CommandResponse::ChannelRefused { refusal: ChannelRefusal::TooMany },
+                CommandResponse::ChannelApplied { version: 3 },
+                CommandResponse::ChannelApplied { version: 4 },
+                CommandResponse::ChannelApplied { version: 5 },
+            ]
+        );
+        assert_eq!(machine.state().epoch, Epoch(3), "channels move no epoch");
+        assert!(!watch.has_changed().expect("sender alive"), "a batch of channel commands publishes no state");
+        assert_eq!(ids(&shelf), [2, 3, 4]);
+        let mut heard = 0;
+        while changes.try_recv().is_ok() {
+            heard += 1;
+        }
+        assert_eq!(heard, 5, "each change is published once");
+        let snapshot = machine.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        drop((log, machine));
+
+        let reopened = ChannelShelf::new(ChannelBook::default());
+        let (_log, _machine, _watch) = open_with(&path, reopened.clone()).expect("reopen");
+        assert_eq!(ids(&reopened), [2, 3, 4]);
+        assert_eq!(reopened.read().version(), 5);
+        assert_eq!(reopened.read().count("T", "com.example.app"), 2);
+
+        // A follower holding a channel the snapshot does not have ends up with exactly the snapshot's.
+        let follower_shelf = ChannelShelf::new(ChannelBook::default());
+        let follower_path = dir.path().join("follower.redb");
+        {
+            let (_log, mut follower, _watch) = open_with(&follower_path, follower_shelf.clone()).expect("follower");
+            follower.apply([normal(1, 1, create(9, "V"))]).await.expect("apply");
+            let mut resets = follower_shelf.watch().events;
+            follower.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("install");
+            assert!(matches!(resets.try_recv(), Ok(crate::raft::channels::ChannelEvent::Reset)));
+        }
+        assert_eq!(ids(&follower_shelf), [2, 3, 4]);
+        let again = ChannelShelf::new(ChannelBook::default());
+        let (_log, _follower, _watch) = open_with(&follower_path, again.clone()).expect("reopen follower");
+        assert_eq!(ids(&again), [2, 3, 4], "the installed channels replaced the stored ones");
+        assert_eq!(again.read().version(), 5);
     }
 
     #[tokio::test]

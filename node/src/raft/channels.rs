@@ -1,0 +1,114 @@
+//! The applied channel book as the rest of the node reads it, and the changes it takes as watchers hear
+//! them.
+//!
+//! The state machine (`store::machine`) decides channel commands and stores them; once they are committed
+//! it hands them here. A change is published while the book's write lock is held, and a watcher reads the
+//! whole book and subscribes under the read lock, so a watcher sees every change exactly once after the
+//! records it started from, never one twice or one missed. A watcher too slow for the bounded queue of
+//! changes, or one that was watching when a snapshot replaced the book, is told to start over.
+
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use courier_core::channel::{ChannelBook, ChannelChange, ChannelRecord};
+use tokio::sync::broadcast;
+
+/// Changes a watcher may fall behind by before it must read the whole book again.
+const WATCH_QUEUE: usize = 4096;
+
+/// What a watcher hears after its first read.
+#[derive(Debug, Clone)]
+pub enum ChannelEvent {
+    /// One change, which brings the book to `version`.
+    Change { version: u64, change: ChannelChange },
+    /// The book was replaced (a snapshot was installed): read it whole again.
+    Reset,
+}
+
+/// The node's channel book, shared by the state machine, the cluster API and the device links.
+pub struct ChannelShelf {
+    book: RwLock<ChannelBook>,
+    events: broadcast::Sender<ChannelEvent>,
+}
+
+/// A watcher's start: every record at `version`, and the changes after it.
+pub struct ChannelWatch {
+    pub version: u64,
+    pub records: Vec<ChannelRecord>,
+    pub events: broadcast::Receiver<ChannelEvent>,
+}
+
+impl ChannelShelf {
+    pub fn new(book: ChannelBook) -> Arc<Self> {
+        let (events, _) = broadcast::channel(WATCH_QUEUE);
+        Arc::new(ChannelShelf { book: RwLock::new(book), events })
+    }
+
+    /// The book as applied. Hold the guard briefly: the state machine waits for it to apply.
+    pub fn read(&self) -> RwLockReadGuard<'_, ChannelBook> {
+        self.book.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Every record now, and a receiver of every change after them.
+    pub fn watch(&self) -> ChannelWatch {
+        let book = self.read();
+        let events = self.events.subscribe();
+        ChannelWatch { version: book.version(), records: book.records().cloned().collect(), events }
+    }
+
+    /// Takes committed changes, publishing each.
+    pub fn take(&self, changes: &[ChannelChange]) {
+        let mut book = self.book.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for change in changes {
+            book.take(change);
+            // No receiver is not an error: nobody is watching.
+            let _ = self.events.send(ChannelEvent::Change { version: book.version(), change: change.clone() });
+        }
+    }
+
+    /// Replaces the whole book (a snapshot installed) and tells every watcher to read it again.
+    pub fn replace(&self, book: ChannelBook) {
+        let mut held = self.book.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *held = book;
+        let _ = self.events.send(ChannelEvent::Reset);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use courier_core::channel::{ChannelId, ChannelPushType, StoragePolicy};
+
+    use super::*;
+
+    fn put(n: u8) -> ChannelChange {
+        ChannelChange::Put {
+            record: ChannelRecord {
+                id: ChannelId([n; 16]),
+                team_id: "T".into(),
+                app: "a".into(),
+                policy: StoragePolicy::MostRecent,
+                push_type: ChannelPushType::LiveActivity,
+                created_ms: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn a_watcher_hears_each_change_after_its_start_once() {
+        let shelf = ChannelShelf::new(ChannelBook::default());
+        shelf.take(&[put(1)]);
+        let mut watch = shelf.watch();
+        assert_eq!((watch.version, watch.records.len()), (1, 1));
+        shelf.take(&[put(2), ChannelChange::Delete { id: ChannelId([1; 16]) }]);
+        let versions: Vec<u64> = (0..2)
+            .map(|_| match watch.events.try_recv().expect("a change") {
+                ChannelEvent::Change { version, .. } => version,
+                ChannelEvent::Reset => panic!("no reset was made"),
+            })
+            .collect();
+        assert_eq!(versions, [2, 3]);
+        assert!(watch.events.try_recv().is_err(), "nothing more");
+        shelf.replace(ChannelBook::default());
+        assert!(matches!(watch.events.try_recv(), Ok(ChannelEvent::Reset)));
+        assert!(shelf.read().is_empty());
+    }
+}
