@@ -194,6 +194,11 @@ impl ChannelBook {
         self.channels.get(&id).filter(|record| record.team_id == team && record.app == app)
     }
 
+    /// The channel `id`, whoever created it (for the nodes, which deliver by id alone).
+    pub fn find(&self, id: ChannelId) -> Option<&ChannelRecord> {
+        self.channels.get(&id)
+    }
+
     /// The ids of `team`'s channels for `app`, oldest first.
     pub fn list(&self, team: &str, app: &str) -> Vec<&ChannelRecord> {
         let mut records: Vec<&ChannelRecord> =
@@ -417,7 +422,11 @@ mod tests {
         assert_eq!(book.decide(&create(1, "T", "x", 3), &mut pending), Err(ChannelRefusal::Exists));
         assert_eq!(book.decide(&create(2, "T", "x", 3), &mut pending), Err(ChannelRefusal::Exists));
         // A delete frees a place for the next create in the same batch.
-        let delete = |n: u8, team: &str| ChannelCommand::Delete { team_id: team.into(), app: "app".into(), id: ChannelId([n; 16]) };
+        let delete = |n: u8, team: &str| ChannelCommand::Delete {
+            team_id: team.into(),
+            app: "app".into(),
+            id: ChannelId([n; 16]),
+        };
         assert_eq!(book.decide(&delete(1, "U"), &mut pending), Err(ChannelRefusal::Unknown), "not U's channel");
         assert_eq!(book.decide(&delete(1, "T"), &mut pending), Ok(()));
         assert_eq!(book.decide(&delete(1, "T"), &mut pending), Err(ChannelRefusal::Unknown), "already deleted");

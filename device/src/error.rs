@@ -36,6 +36,8 @@ pub enum ClientError {
     Timeout(Duration),
     #[error("device credentials in {path}: {detail}")]
     Credentials { path: PathBuf, detail: String },
+    #[error("the node refused the subscription to channel {channel_id}: {reason:?}")]
+    ChannelRefused { channel_id: String, reason: courier_proto::device::ChannelRefusal },
 }
 
 impl ClientError {

@@ -237,6 +237,38 @@ impl DeviceLink {
             .await
     }
 
+    /// Subscribes this link to a broadcast channel (base64 id, as the provider created it). `last_seen` is
+    /// the apns_id of the last broadcast the device got on it: a channel that keeps its latest broadcast
+    /// sends it next unless it is that one. Returns the channel's app (its broadcasts' topic), or
+    /// `ClientError::ChannelRefused`. Subscriptions last as long as the link: subscribe on every link.
+    pub async fn subscribe(&mut self, channel_id: &str, last_seen: Option<&str>) -> Result<String, ClientError> {
+        let request =
+            wire::SubscribeChannel { channel_id: channel_id.into(), last_seen: last_seen.unwrap_or_default().into() };
+        self.send(device_frame::Kind::SubscribeChannel(request)).await?;
+        let answer = self
+            .wait_for(|kind| match kind {
+                server_frame::Kind::ChannelSubscribed(done) if done.channel_id == channel_id => {
+                    Some(Ok(done.topic.clone()))
+                }
+                server_frame::Kind::ChannelRefused(refused) if refused.channel_id == channel_id => Some(Err(
+                    wire::ChannelRefusal::try_from(refused.reason).unwrap_or(wire::ChannelRefusal::Unspecified),
+                )),
+                _ => None,
+            })
+            .await?;
+        answer.map_err(|reason| ClientError::ChannelRefused { channel_id: channel_id.to_string(), reason })
+    }
+
+    /// Ends this link's subscription to a channel.
+    pub async fn unsubscribe(&mut self, channel_id: &str) -> Result<(), ClientError> {
+        let request = wire::UnsubscribeChannel { channel_id: channel_id.into() };
+        self.send(device_frame::Kind::UnsubscribeChannel(request)).await?;
+        self.wait_for(|kind| {
+            matches!(kind, server_frame::Kind::ChannelUnsubscribed(done) if done.channel_id == channel_id).then_some(())
+        })
+        .await
+    }
+
     pub async fn ack(&mut self, apns_id: &str) -> Result<(), ClientError> {
         self.send(device_frame::Kind::Ack(wire::Ack { apns_id: apns_id.into() })).await
     }
@@ -280,7 +312,10 @@ impl DeviceLink {
             self.flush_acks().await?;
             match self.next_event().await? {
                 LinkEvent::Notification(n) => {
-                    self.unacked.push_back(n.apns_id.clone());
+                    // A broadcast is not acked: it was never queued for this device.
+                    if n.channel_id.is_empty() {
+                        self.unacked.push_back(n.apns_id.clone());
+                    }
                     if self.seen.insert(&n.apns_id) {
                         return Ok(LinkEvent::Notification(n));
                     }

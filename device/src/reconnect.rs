@@ -30,6 +30,11 @@ pub enum DeviceEvent {
     Notification(wire::Notification),
     /// The link failed or dropped; the next call waits `retry_in` and reconnects.
     Lost { error: ClientError, retry_in: Duration },
+    /// A channel given to `with_channel` is subscribed on the new link; its broadcasts carry `topic`.
+    Subscribed { channel_id: String, topic: String },
+    /// The node refused a channel given to `with_channel` (unknown or deleted, or one too many): it is
+    /// dropped from the device's channels and not asked for again.
+    ChannelRefused { channel_id: String, reason: wire::ChannelRefusal },
 }
 
 /// A device's connection to the cluster, kept up for as long as the app runs. Cancel-safe: a
@@ -42,6 +47,9 @@ pub struct Device {
     /// Topics to register on every link, with the token last issued for each (sent in `Hello`, so one
     /// minted under a retired key comes back replaced).
     topics: BTreeMap<String, Option<String>>,
+    /// Broadcast channels to subscribe to on every link, with the apns_id of the last broadcast received
+    /// on each (so a kept one already seen is not sent again).
+    channels: BTreeMap<String, Option<String>>,
     link: Option<DeviceLink>,
     /// Where the next link goes first: the owner from activation, then where a redirect pointed.
     first: Option<RedirectTarget>,
@@ -62,6 +70,7 @@ impl Device {
             connector,
             keepalive_secs: 0,
             topics: BTreeMap::new(),
+            channels: BTreeMap::new(),
             link: None,
             seen: SeenIds::default(),
             backoff: Backoff::default(),
@@ -73,6 +82,12 @@ impl Device {
     /// Registers `topic` on every link; `token` is the one the app already holds, if any.
     pub fn with_topic(mut self, topic: &str, token: Option<String>) -> Self {
         self.topics.insert(topic.to_string(), token);
+        self
+    }
+
+    /// Subscribes to broadcast channel `channel_id` (base64, as the provider created it) on every link.
+    pub fn with_channel(mut self, channel_id: &str) -> Self {
+        self.channels.entry(channel_id.to_string()).or_default();
         self
     }
 
@@ -104,7 +119,12 @@ impl Device {
             return self.relink().await;
         };
         match link.next_app_event().await {
-            Ok(LinkEvent::Notification(n)) => Ok(DeviceEvent::Notification(n)),
+            Ok(LinkEvent::Notification(n)) => {
+                if let Some(last_seen) = self.channels.get_mut(&n.channel_id) {
+                    *last_seen = Some(n.apns_id.clone());
+                }
+                Ok(DeviceEvent::Notification(n))
+            }
             Ok(LinkEvent::TokenUpdated { topic, token }) => {
                 self.topics.insert(topic.clone(), Some(token.clone()));
                 Ok(DeviceEvent::Token { topic, token })
@@ -150,10 +170,28 @@ impl Device {
             for topic in self.topics.keys() {
                 tokens.push((topic.clone(), link.register(topic).await?));
             }
-            Ok::<_, ClientError>((link, tokens))
+            let mut subscriptions = Vec::new();
+            for (channel_id, last_seen) in &self.channels {
+                let answer = match link.subscribe(channel_id, last_seen.as_deref()).await {
+                    Ok(topic) => Ok(topic),
+                    Err(ClientError::ChannelRefused { reason, .. }) => Err(reason),
+                    Err(error) => return Err(error),
+                };
+                subscriptions.push((channel_id.clone(), answer));
+            }
+            Ok::<_, ClientError>((link, tokens, subscriptions))
         };
         match attempt.await {
-            Ok((mut link, tokens)) => {
+            Ok((mut link, tokens, subscriptions)) => {
+                for (channel_id, answer) in subscriptions {
+                    self.pending.push_back(match answer {
+                        Ok(topic) => DeviceEvent::Subscribed { channel_id, topic },
+                        Err(reason) => {
+                            self.channels.remove(&channel_id);
+                            DeviceEvent::ChannelRefused { channel_id, reason }
+                        }
+                    });
+                }
                 self.retry_at = None;
                 self.backoff.succeeded();
                 for (topic, token) in tokens {

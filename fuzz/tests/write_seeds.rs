@@ -80,6 +80,7 @@ fn write_seeds() {
                     collapse_id: "c".into(),
                     push_type: "alert".into(),
                     accepted_at_ms: 5,
+                    channel_id: String::new(),
                 })),
                 server(server_frame::Kind::Redirect(wire::Redirect {
                     device_addr: "node-2:5223".into(),

@@ -28,10 +28,10 @@ use tokio::sync::watch as signal;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use crate::channels::ChannelView;
 use crate::http::PushService;
 use crate::http::jwt::{JwtVerifier, ProviderCredentials};
 use crate::http::ratelimit::{Limit, RateLimiter};
-use crate::channels::ChannelView;
 use crate::http::server::{Api, ConnectionLimits, ProviderServer, SHUTDOWN_GRACE};
 pub use config::GatewayConfig;
 use route::NodeRouter;
@@ -132,7 +132,10 @@ fn describe_metrics() {
         "Forwarded pushes retried on the owner of a newer cluster view."
     );
     metrics::describe_gauge!("courier_gateway_cluster_epoch", "Cluster epoch of the view this gateway routes by.");
-    metrics::describe_gauge!("courier_gateway_channels", "Broadcast channels in this gateway's copy of the channel book.");
+    metrics::describe_gauge!(
+        "courier_gateway_channels",
+        "Broadcast channels in this gateway's copy of the channel book."
+    );
     metrics::describe_counter!(
         "courier_gateway_channel_requests_total",
         "Channel management requests, by call (create, read, delete, list; refused before the call was known) \

@@ -13,16 +13,17 @@
 //! stops retrying and answers at once, so that draining is not held up. `status` asks the owner for a
 //! notification's delivery status the same way, with a unary call.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use courier_core::ids::DeviceId;
 use courier_core::peer::Peers;
-use courier_core::state::{Epoch, MemberState};
+use courier_core::state::{Epoch, MemberState, NodeId};
 use courier_proto::cluster::{
-    DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem, ForwardResult, ForwardResults, ManageChannelRequest,
-    ManageChannelResponse, Notification, NotificationStatusRequest, NotificationStatusResponse, RefusalReason,
+    BroadcastOutcome, BroadcastRequest, BroadcastResponse, DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem,
+    ForwardResult, ForwardResults, ManageChannelRequest, ManageChannelResponse, Notification,
+    NotificationStatusRequest, NotificationStatusResponse, RefusalReason,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -56,6 +57,19 @@ pub enum ChannelAnswer {
     /// No node answered before the deadline.
     Unavailable(String),
     /// The gateway began shutting down before a node answered.
+    ShuttingDown,
+}
+
+/// What came of a broadcast.
+#[derive(Debug)]
+pub enum Broadcasted {
+    /// Every member of the view took it; handed to this many linked subscribers in all.
+    Done { subscribers: u64 },
+    /// A member kept refusing it until the deadline (it has no such channel, or could not keep it).
+    Refused(BroadcastOutcome, String),
+    /// A member could not be reached before the deadline.
+    Unavailable(String),
+    /// The gateway began shutting down.
     ShuttingDown,
 }
 
@@ -284,7 +298,10 @@ impl NodeRouter {
                     match tokio::time::timeout(remaining, client.manage_channel(call)).await {
                         Ok(Ok(response)) => return ChannelAnswer::Answered(response.into_inner(), retried),
                         Ok(Err(status))
-                            if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition) =>
+                            if matches!(
+                                status.code(),
+                                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+                            ) =>
                         {
                             return ChannelAnswer::Invalid(status.message().to_string());
                         }
@@ -301,6 +318,83 @@ impl NodeRouter {
                     ChannelAnswer::Unavailable(failure)
                 };
             }
+        }
+    }
+
+    /// Hands a broadcast to every active (and draining) member of the gateway's view, each once, retrying
+    /// those that fail until the deadline. A member that answers from a newer epoch may know members this
+    /// view does not: the gateway catches up to it and sends to any it has not reached yet.
+    pub async fn broadcast(&self, notification: Notification) -> Broadcasted {
+        let deadline = Instant::now() + self.timeout;
+        let mut view = self.view.clone();
+        let mut reached: HashSet<NodeId> = HashSet::new();
+        let mut subscribers = 0u64;
+        loop {
+            let (epoch, targets) = {
+                let current = view.borrow_and_update();
+                let Some(current) = current.as_ref() else {
+                    return Broadcasted::Unavailable("no view of the cluster yet".into());
+                };
+                let targets: Vec<(NodeId, String)> = current
+                    .members
+                    .values()
+                    .filter(|m| matches!(m.state, MemberState::Active | MemberState::Draining))
+                    .filter(|m| !reached.contains(&m.id))
+                    .map(|m| (m.id, m.cluster_addr.clone()))
+                    .collect();
+                (current.epoch, targets)
+            };
+            if targets.is_empty() {
+                return Broadcasted::Done { subscribers };
+            }
+            let request = BroadcastRequest { epoch: epoch.0, notification: Some(notification.clone()) };
+            let calls = targets.iter().map(|(_, addr)| self.try_broadcast(addr, request.clone(), deadline));
+            let answers = futures_util::future::join_all(calls).await;
+            let mut newest = epoch;
+            let mut failure = None;
+            for ((id, addr), answer) in targets.into_iter().zip(answers) {
+                match answer {
+                    Ok(response) => {
+                        newest = newest.max(Epoch(response.epoch));
+                        match response.outcome() {
+                            BroadcastOutcome::Sent | BroadcastOutcome::Kept => {
+                                reached.insert(id);
+                                subscribers += response.subscribers;
+                            }
+                            outcome => failure = Some(Broadcasted::Refused(outcome, format!("node {id} at {addr}"))),
+                        }
+                    }
+                    Err(why) => failure = Some(Broadcasted::Unavailable(format!("node {id} at {addr}: {why}"))),
+                }
+            }
+            let catch_up = (newest > epoch).then_some(newest);
+            if failure.is_none() && catch_up.is_none() {
+                // Every target took it; the next round finds none left.
+                continue;
+            }
+            if Instant::now() >= deadline {
+                return failure.unwrap_or_else(|| Broadcasted::Unavailable("the view did not catch up in time".into()));
+            }
+            if !self.pause_before_retry(&mut view, deadline, catch_up).await {
+                return Broadcasted::ShuttingDown;
+            }
+        }
+    }
+
+    async fn try_broadcast(
+        &self,
+        addr: &str,
+        request: BroadcastRequest,
+        deadline: Instant,
+    ) -> Result<BroadcastResponse, String> {
+        let mut client = self.peers.client(addr).map_err(|e| e.to_string())?;
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(remaining);
+        match tokio::time::timeout(remaining, client.broadcast(request)).await {
+            Err(_) => Err("timed out".into()),
+            Ok(Err(status)) => Err(status.to_string()),
+            Ok(Ok(response)) => Ok(response.into_inner()),
         }
     }
 

@@ -5,6 +5,7 @@
 //! `edge::registry` → `edge::session` (the device's link) → ack → `store` deletes it.
 
 pub mod api;
+pub mod broadcast;
 pub mod config;
 pub mod delivery;
 pub mod delivery_status;

@@ -213,6 +213,11 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         status,
         ack_wait: config.ack_wait(),
     });
+    let broadcasts = crate::broadcast::Broadcasts::open(
+        &config.data_dir.join("broadcasts.redb"),
+        registry.clone(),
+        control.channels.clone(),
+    )?;
     let edge = Arc::new(Edge {
         settings: config.link_settings(),
         keyring,
@@ -222,12 +227,14 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         view: view.clone(),
         delivery: delivery.clone(),
         registrations,
+        broadcasts: broadcasts.clone(),
     });
     tracker.spawn(edge::clones::report(clone_reports_rx, control.clone(), shutdown.clone()));
     tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown.clone(), tracker.clone()));
 
     let service = ClusterService {
         delivery,
+        broadcasts,
         control: control.clone(),
         shutdown: shutdown.clone(),
         epoch_wait: config.epoch_wait(),

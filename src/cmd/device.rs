@@ -1,6 +1,7 @@
 //! `courier device`: a demo device. Activates once (the certificate is kept under
 //! `<dir>/devices/<name>/`), connects, registers a topic, prints its token and then every notification as
-//! one JSON line on stdout, acking each. It reconnects with backoff when the link drops.
+//! one JSON line on stdout, acking each. With `--channel`, it subscribes to broadcast channels on every link
+//! and prints their broadcasts too. It reconnects with backoff when the link drops.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,10 @@ pub struct DeviceArgs {
     /// Keepalive to ask for, in seconds (0 = the node's default).
     #[arg(long, default_value_t = 0)]
     keepalive: u32,
+    /// A broadcast channel to subscribe to (its base64 id, as `apns-channel-id` gave it); repeatable.
+    /// Broadcasts print like other notifications, with their `channel_id`.
+    #[arg(long = "channel")]
+    channels: Vec<String>,
 }
 
 /// Where `device` remembers the token it got for a topic, so `courier send` can default to it.
@@ -61,6 +66,9 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
     let mut device = Device::new(endpoint, credentials)?
         .with_topic(&args.topic, held.map(|token| token.trim().to_string()))
         .with_keepalive(args.keepalive);
+    for channel in &args.channels {
+        device = device.with_channel(channel);
+    }
     loop {
         let event = tokio::select! {
             event = device.next_event() => event,
@@ -85,6 +93,16 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
                 );
             }
             Ok(DeviceEvent::Notification(n)) => print_notification(&n),
+            Ok(DeviceEvent::Subscribed { channel_id, topic }) => {
+                println!("{}", serde_json::json!({"event": "subscribed", "channel_id": channel_id, "topic": topic}));
+            }
+            Ok(DeviceEvent::ChannelRefused { channel_id, reason }) => {
+                let reason = reason.as_str_name();
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "channel_refused", "channel_id": channel_id, "reason": reason})
+                );
+            }
         }
     }
 }
@@ -104,6 +122,7 @@ fn print_notification(n: &courier_device::Notification) {
             "collapse_id": n.collapse_id,
             "push_type": n.push_type,
             "accepted_at_ms": n.accepted_at_ms,
+            "channel_id": n.channel_id,
             "payload": payload,
         })
     );

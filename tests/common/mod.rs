@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub use courier_loadtest::fabric;
+pub mod channels;
 pub mod openapi;
 
 use std::future::Future;

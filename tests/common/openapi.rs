@@ -47,10 +47,12 @@ fn operation(method: &str, path: &str) -> &'static Value {
         .expect("an operation")
 }
 
-/// The documented channel-management operation for a request on the channels port: any path other than
-/// the two channel paths is documented (404 `BadPath`) on the first.
+/// The documented operation for a broadcast, or for a request on the channels port: any path there other
+/// than the two channel paths is documented (404 `BadPath`) on the first.
 fn channel_operation(method: &str, path: &str) -> &'static Value {
-    let template = if path.starts_with("/1/apps/") && path.ends_with("/all-channels") {
+    let template = if path.starts_with("/4/broadcasts/apps/") {
+        "/4/broadcasts/apps/{bundleId}"
+    } else if path.starts_with("/1/apps/") && path.ends_with("/all-channels") {
         "/1/apps/{bundleId}/all-channels"
     } else {
         "/1/apps/{bundleId}/channels"
@@ -69,7 +71,7 @@ pub fn check_response(method: &str, path: &str, status: u16, apns_id: Option<&st
     check(operation(method, path), &context, status, |name| name != "apns-id" || apns_id.is_some(), body);
 }
 
-/// Checks one answer of the channels port against the document, its headers included.
+/// Checks one answer of the channels port, or to a broadcast, against the document, its headers included.
 pub fn check_channel_response(method: &str, path: &str, status: u16, headers: &http::HeaderMap, body: &[u8]) {
     let context = format!("{method} {path} -> {status} {}", String::from_utf8_lossy(body));
     check(channel_operation(method, path), &context, status, |name| headers.contains_key(name), body);

@@ -176,6 +176,9 @@ async fn a_device_relinks_through_its_nodes_sigkill_and_sees_each_notification_o
                 assert_eq!(Some(n.apns_id), after.apns_id, "only the new notification reaches the app");
                 break;
             }
+            other @ (DeviceEvent::Subscribed { .. } | DeviceEvent::ChannelRefused { .. }) => {
+                panic!("this device subscribes to no channel: {other:?}")
+            }
         }
     }
     assert!(lost >= 1, "the link loss was reported");

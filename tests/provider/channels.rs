@@ -7,83 +7,11 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{TestCluster, eventually, openapi};
+use common::channels::{ALL_CHANNELS, CHANNELS, Channels, assert_reason};
+use common::{TestCluster, eventually};
 use courier_core::channel::ChannelId;
-use courier_gateway::provider::{ProviderClient, PushResponse};
+use courier_gateway::provider::ProviderClient;
 use http::Method;
-
-const CHANNELS: &str = "/1/apps/com.example.app/channels";
-const ALL_CHANNELS: &str = "/1/apps/com.example.app/all-channels";
-
-/// A provider connection to the gateway's channels port.
-struct Channels {
-    client: ProviderClient,
-    /// `bearer <jwt>`, or `None` on a certificate-authenticated connection.
-    authorization: Option<String>,
-}
-
-impl Channels {
-    async fn connect(cluster: &TestCluster) -> Self {
-        let client =
-            ProviderClient::connect(cluster.gateway.channels_addr, "localhost", &cluster.pki().cluster_ca_cert())
-                .await
-                .expect("the channels port speaks HTTP/2 over TLS");
-        Channels { client, authorization: Some(format!("bearer {}", cluster.signer.sign())) }
-    }
-
-    /// Sends a request with the connection's credentials, `headers` and `body`; checks the answer against
-    /// the document and that `apns-request-id` comes back (the one sent, if it was sent).
-    async fn call(&self, method: Method, path: &str, headers: &[(&str, &str)], body: &str) -> PushResponse {
-        let mut all: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
-        if let Some(authorization) = &self.authorization {
-            all.push(("authorization".into(), authorization.clone()));
-        }
-        let response = self
-            .client
-            .request(method.clone(), path, all, body.as_bytes().to_vec())
-            .await
-            .expect("the request reaches the gateway");
-        openapi::check_channel_response(method.as_str(), path, response.status, &response.headers, &response.body);
-        let echoed = response.header("apns-request-id").expect("every answer carries apns-request-id");
-        if let Some((_, sent)) = headers.iter().find(|(name, _)| *name == "apns-request-id") {
-            assert_eq!(echoed, *sent, "apns-request-id echoed");
-        }
-        response
-    }
-
-    async fn create(&self, body: &str) -> PushResponse {
-        self.call(Method::POST, CHANNELS, &[], body).await
-    }
-
-    async fn create_ok(&self, policy: u8, push_type: &str) -> String {
-        let body = format!(r#"{{"message-storage-policy": {policy}, "push-type": "{push_type}"}}"#);
-        let response = self.create(&body).await;
-        assert_eq!(response.status, 201, "{response:?}");
-        assert!(response.body.is_empty());
-        let id = response.header("apns-channel-id").expect("a created channel's id").to_string();
-        assert!(ChannelId::parse(&id).is_some(), "{id} is 16 bytes of base64");
-        id
-    }
-
-    async fn read(&self, id: &str) -> PushResponse {
-        self.call(Method::GET, CHANNELS, &[("apns-channel-id", id)], "").await
-    }
-
-    async fn delete(&self, id: &str) -> PushResponse {
-        self.call(Method::DELETE, CHANNELS, &[("apns-channel-id", id)], "").await
-    }
-
-    async fn list(&self) -> Vec<String> {
-        let response = self.call(Method::GET, ALL_CHANNELS, &[], "").await;
-        assert_eq!(response.status, 200, "{response:?}");
-        let body: serde_json::Value = serde_json::from_slice(&response.body).expect("JSON");
-        body["channels"].as_array().expect("channels").iter().map(|id| id.as_str().unwrap_or("").to_string()).collect()
-    }
-}
-
-fn assert_reason(what: &str, response: &PushResponse, status: u16, reason: &str) {
-    assert_eq!((response.status, response.reason.as_deref()), (status, Some(reason)), "{what}: {response:?}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_are_created_read_listed_and_deleted() {
@@ -114,7 +42,7 @@ async fn channels_are_created_read_listed_and_deleted() {
     assert_eq!((deleted.status, deleted.body.len()), (204, 0), "{deleted:?}");
     assert_reason("read after delete", &channels.read(&first).await, 400, "ChannelNotRegistered");
     assert_reason("delete twice", &channels.delete(&first).await, 400, "ChannelNotRegistered");
-    assert_eq!(channels.list().await, [second.clone()]);
+    assert_eq!(channels.list().await, [second.as_str()]);
 
     // The book is in the Raft state: it survives the node's restart, and the gateway hears it again.
     let mut cluster = cluster;
@@ -199,9 +127,11 @@ async fn every_channel_reason_is_answered() {
     assert_reason("another team's app", &other.call(Method::GET, ALL_CHANNELS, &[], "").await, 403, "TopicMismatch");
     let own = other.call(Method::GET, "/1/apps/com.example.other/all-channels", &[], "").await;
     assert_eq!((own.status, own.body.as_slice()), (200, br#"{"channels":[]}"#.as_slice()), "{own:?}");
-    let elsewhere = other.call(Method::GET, "/1/apps/com.example.other/channels", &[("apns-channel-id", &id)], "").await;
+    let elsewhere =
+        other.call(Method::GET, "/1/apps/com.example.other/channels", &[("apns-channel-id", &id)], "").await;
     assert_reason("the id of another team's channel", &elsewhere, 400, "ChannelNotRegistered");
-    let delete = other.call(Method::DELETE, "/1/apps/com.example.other/channels", &[("apns-channel-id", &id)], "").await;
+    let delete =
+        other.call(Method::DELETE, "/1/apps/com.example.other/channels", &[("apns-channel-id", &id)], "").await;
     assert_reason("deleting another team's channel", &delete, 400, "ChannelNotRegistered");
     assert_eq!(channels.read(&id).await.status, 200, "still there for its own team");
 
@@ -237,7 +167,7 @@ async fn a_channel_reaches_every_member_and_gateway() {
         through_third.read(&id).await.status == 200
     })
     .await;
-    assert_eq!(through_third.list().await, [id.clone()]);
+    assert_eq!(through_third.list().await, [id.as_str()]);
     assert_eq!(through_third.delete(&id).await.status, 204);
     eventually(Duration::from_secs(10), "the first gateway hears of the delete", || async {
         through_first.read(&id).await.status == 400

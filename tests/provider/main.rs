@@ -8,6 +8,7 @@
 mod common;
 
 mod bad_input;
+mod broadcasts;
 mod channels;
 mod end_to_end;
 mod node_apn;

@@ -430,6 +430,7 @@ fn the_openapi_document_lists_every_reason_under_its_status() {
         ("/1/apps/{bundleId}/channels", "get"),
         ("/1/apps/{bundleId}/channels", "delete"),
         ("/1/apps/{bundleId}/all-channels", "get"),
+        ("/4/broadcasts/apps/{bundleId}", "post"),
     ];
     for reason in Reason::ALL {
         let status = reason.status().as_u16();

@@ -76,7 +76,7 @@ pub fn parse_call<'a>(method: &Method, path: &'a str) -> Result<(Call, &'a str),
 }
 
 /// The `apns-request-id` to echo: the request's own value if it is text, else a generated one.
-fn request_id(headers: &HeaderMap) -> (String, Result<(), Reason>) {
+pub(crate) fn request_id(headers: &HeaderMap) -> (String, Result<(), Reason>) {
     match headers.get(REQUEST_ID_HEADER).map(|value| value.to_str()) {
         None => (uuid::Uuid::new_v4().hyphenated().to_string(), Ok(())),
         Some(Ok(value)) if apns::is_canonical_uuid(value) => (value.to_string(), Ok(())),
@@ -145,7 +145,8 @@ impl PushService {
     {
         let (parts, body) = request.into_parts();
         let (request_id, request_id_ok) = request_id(&parts.headers);
-        let head = request_id_ok.and_then(|()| self.admit_channel_call(&parts.method, parts.uri.path(), &parts.headers, auth));
+        let head =
+            request_id_ok.and_then(|()| self.admit_channel_call(&parts.method, parts.uri.path(), &parts.headers, auth));
         let call = head.as_ref().map_or("refused", |head| head.call.name());
         let outcome = match head {
             Err(reason) => match self.drain(&parts.headers, body, MAX_BODY, Err(reason.into())).await {
@@ -254,7 +255,9 @@ impl PushService {
         match self.router.manage_channel(request).await {
             ChannelAnswer::Answered(response, retried) => {
                 let outcome = response.outcome();
-                if outcome == ChannelOutcome::Done && !self.channels.caught_up(response.version, self.body_timeout).await {
+                if outcome == ChannelOutcome::Done
+                    && !self.channels.caught_up(response.version, self.body_timeout).await
+                {
                     // Applied all the same; only a read on this gateway right after may miss it.
                     tracing::warn!(version = response.version, "the channel book did not reach a change in time");
                 }
@@ -274,7 +277,12 @@ impl PushService {
 }
 
 /// An answer with `apns-request-id`, and `apns-channel-id` when it names a channel.
-fn answer(status: StatusCode, request_id: &str, channel: Option<ChannelId>, body: Option<Vec<u8>>) -> Response<Full<Bytes>> {
+pub(crate) fn answer(
+    status: StatusCode,
+    request_id: &str,
+    channel: Option<ChannelId>,
+    body: Option<Vec<u8>>,
+) -> Response<Full<Bytes>> {
     let has_body = body.is_some();
     let mut response = Response::new(Full::new(body.map(Bytes::from).unwrap_or_default()));
     *response.status_mut() = status;
@@ -331,8 +339,14 @@ mod tests {
         assert_eq!(parse(r#"{"message-storage-policy": 0, "push-type": "voip"}"#), Err(Reason::InvalidPushType));
         assert_eq!(parse(r#"{"message-storage-policy": 0, "push-type": 3}"#), Err(Reason::InvalidPushType));
         assert_eq!(parse(r#"{"push-type": "LiveActivity"}"#), Err(Reason::BadRequestParams));
-        assert_eq!(parse(r#"{"message-storage-policy": 2, "push-type": "LiveActivity"}"#), Err(Reason::BadRequestParams));
-        assert_eq!(parse(r#"{"message-storage-policy": "1", "push-type": "LiveActivity"}"#), Err(Reason::BadRequestParams));
+        assert_eq!(
+            parse(r#"{"message-storage-policy": 2, "push-type": "LiveActivity"}"#),
+            Err(Reason::BadRequestParams)
+        );
+        assert_eq!(
+            parse(r#"{"message-storage-policy": "1", "push-type": "LiveActivity"}"#),
+            Err(Reason::BadRequestParams)
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! that the answer ends the stream instead of a reset.
 
 pub mod apns;
+pub mod broadcast;
 pub mod channels;
 pub mod jwt;
 pub mod ratelimit;
@@ -77,6 +78,9 @@ impl PushService {
         B: hyper::body::Body<Data = Bytes>,
     {
         let (parts, body) = request.into_parts();
+        if parts.uri.path().starts_with(broadcast::BROADCAST_PATH_PREFIX) {
+            return self.handle_broadcast(parts, body, auth).await;
+        }
         if parts.uri.path().starts_with(apns::STATUS_PATH_PREFIX) {
             // A status request has no body; one sent anyway is read first all the same.
             if let Err((reason, _)) = self.drain(&parts.headers, body, apns::MAX_PAYLOAD, Ok(())).await {
@@ -189,6 +193,7 @@ impl PushService {
             collapse_id: head.collapse_id.clone().unwrap_or_default(),
             push_type: head.push_type.clone(),
             accepted_at_ms: courier_core::ids::unix_millis(),
+            channel_id: Vec::new(),
         };
         let started = Instant::now();
         let delivery = self.router.deliver(notification).await;

@@ -26,6 +26,7 @@ pub enum Rpc {
     Status,
     WatchCluster,
     ManageChannel,
+    Broadcast,
 }
 
 /// Which kinds of caller an RPC admits.
@@ -57,6 +58,7 @@ impl Rpc {
             Rpc::Status => "Status",
             Rpc::WatchCluster => "WatchCluster",
             Rpc::ManageChannel => "ManageChannel",
+            Rpc::Broadcast => "Broadcast",
         }
     }
 
@@ -70,7 +72,7 @@ impl Rpc {
             Rpc::RaftAppend | Rpc::RaftVote | Rpc::RaftSnapshot | Rpc::Probe | Rpc::Replicate | Rpc::FetchQueue => {
                 NODES
             }
-            Rpc::Forward | Rpc::NotificationStatus | Rpc::ManageChannel => GATEWAYS,
+            Rpc::Forward | Rpc::NotificationStatus | Rpc::ManageChannel | Rpc::Broadcast => GATEWAYS,
             Rpc::Status => ADMIN,
             Rpc::Propose | Rpc::Join => Allowed { node: true, gateway: false, admin: true },
             Rpc::RemoveNode => ADMIN,
@@ -200,7 +202,7 @@ fn denied(rpc: Rpc, role: &'static str, message: String) -> Status {
 mod tests {
     use super::*;
 
-    const ALL: [Rpc; 14] = [
+    const ALL: [Rpc; 15] = [
         Rpc::RaftAppend,
         Rpc::RaftVote,
         Rpc::RaftSnapshot,
@@ -215,19 +217,23 @@ mod tests {
         Rpc::Status,
         Rpc::WatchCluster,
         Rpc::ManageChannel,
+        Rpc::Broadcast,
     ];
 
     #[test]
     fn the_table_gives_each_role_only_its_rpcs() {
         let allowed =
             |role| ALL.iter().filter(|rpc| check(Some(role), **rpc).is_ok()).map(|r| r.name()).collect::<Vec<_>>();
-        assert_eq!(allowed(ClusterRole::Gateway), ["Forward", "NotificationStatus", "WatchCluster", "ManageChannel"]);
+        assert_eq!(
+            allowed(ClusterRole::Gateway),
+            ["Forward", "NotificationStatus", "WatchCluster", "ManageChannel", "Broadcast"]
+        );
         assert_eq!(allowed(ClusterRole::Admin), ["Join", "Propose", "RemoveNode", "Status"]);
         let node = allowed(ClusterRole::Node(3));
         for rpc in ["RaftAppend", "RaftVote", "RaftSnapshot", "Probe", "Replicate", "FetchQueue", "WatchCluster"] {
             assert!(node.contains(&rpc), "{rpc}");
         }
-        for rpc in ["Forward", "NotificationStatus", "Status", "ManageChannel"] {
+        for rpc in ["Forward", "NotificationStatus", "Status", "ManageChannel", "Broadcast"] {
             assert!(!node.contains(&rpc), "{rpc}");
         }
         for rpc in ALL {

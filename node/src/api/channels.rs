@@ -18,7 +18,8 @@ const RECORDS_PER_UPDATE: usize = 2000;
 /// The command a gateway's request asks for; `max_per_app` is this node's limit.
 pub fn command(request: ManageChannelRequest, max_per_app: u32, now_ms: u64) -> Result<Command, Status> {
     let ManageChannelRequest { team_id, app, action } = request;
-    let id = |bytes: &[u8]| ChannelId::from_slice(bytes).ok_or_else(|| Status::invalid_argument("a channel id is 16 bytes"));
+    let id =
+        |bytes: &[u8]| ChannelId::from_slice(bytes).ok_or_else(|| Status::invalid_argument("a channel id is 16 bytes"));
     let command = match action {
         Some(Action::Create(create)) => {
             let policy = u8::try_from(create.message_storage_policy)

@@ -14,10 +14,11 @@ use std::sync::Arc;
 
 use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
-    ChannelUpdate, ClusterView, FetchQueueRequest, FetchQueueResponse, ForwardBatch, ForwardResults, JoinRequest,
-    JoinResponse, ManageChannelRequest, ManageChannelResponse, NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse, ProposeRequest,
-    ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse, StatusRequest,
-    StatusResponse, WatchRequest,
+    BroadcastOutcome, BroadcastRequest, BroadcastResponse, ChannelUpdate, ClusterView, FetchQueueRequest,
+    FetchQueueResponse, ForwardBatch, ForwardResults, JoinRequest, JoinResponse, ManageChannelRequest,
+    ManageChannelResponse, NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse,
+    ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse,
+    StatusRequest, StatusResponse, WatchRequest,
 };
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
@@ -35,6 +36,8 @@ use crate::view::{EpochView, Fence};
 
 pub struct ClusterService {
     pub delivery: Delivery,
+    /// Broadcasts: this node's subscribers and kept broadcasts.
+    pub broadcasts: crate::broadcast::Broadcasts,
     pub control: Arc<Control>,
     /// Ends watch streams at shutdown; the server's graceful drain would otherwise wait on them forever.
     pub shutdown: CancellationToken,
@@ -238,6 +241,26 @@ impl Cluster for ClusterService {
         tracing::info!(%command, "channel change asked");
         let response = self.control.propose(command).await?;
         Ok(Response::new(channels::answer(response)?))
+    }
+
+    async fn broadcast(&self, request: Request<BroadcastRequest>) -> Result<Response<BroadcastResponse>, Status> {
+        authorize(&request, Rpc::Broadcast)?;
+        let notification = request
+            .into_inner()
+            .notification
+            .ok_or_else(|| Status::invalid_argument("a broadcast carries a notification"))?;
+        let handed = self.broadcasts.deliver(notification, crate::ids::unix_millis()).await;
+        let epoch = self.control.current().epoch.0;
+        let (outcome, subscribers) = match handed {
+            Ok(crate::broadcast::Handed::Sent(n)) => (BroadcastOutcome::Sent, n),
+            Ok(crate::broadcast::Handed::Kept(n)) => (BroadcastOutcome::Kept, n),
+            Ok(crate::broadcast::Handed::UnknownChannel) => (BroadcastOutcome::UnknownChannel, 0),
+            Err(error) => {
+                tracing::error!(%error, "keeping a broadcast failed");
+                (BroadcastOutcome::StoreFailed, 0)
+            }
+        };
+        Ok(Response::new(BroadcastResponse { outcome: outcome as i32, epoch, subscribers }))
     }
 
     async fn notification_status(

@@ -103,6 +103,8 @@ pub struct Edge {
     pub delivery: crate::delivery::Delivery,
     /// Provider API: topics devices unregistered (410 Unregistered).
     pub registrations: crate::store::registrations::Registrations,
+    /// Broadcast channels: links' subscriptions and kept broadcasts.
+    pub broadcasts: crate::broadcast::Broadcasts,
 }
 
 /// Why a connection that passed admission still did not become a link.

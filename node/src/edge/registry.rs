@@ -175,6 +175,17 @@ impl Registry {
         }
     }
 
+    /// Queues a broadcast on the device's link `serial` if that link is still up and has room; a full queue
+    /// only loses this broadcast for this device (unlike `hand_off`, it does not close the link: nothing
+    /// was stored for it to replay).
+    pub fn offer(&self, device: DeviceId, serial: u64, notification: Arc<Notification>) -> bool {
+        let links = self.lock();
+        match links.get(&device) {
+            Some(entry) if entry.serial == serial => entry.notifications.try_send(notification).is_ok(),
+            _ => false,
+        }
+    }
+
     /// The serial of the device's live link, if it has one.
     pub fn serial(&self, device: DeviceId) -> Option<u64> {
         self.lock().get(&device).map(|e| e.serial)

@@ -29,6 +29,7 @@ use crate::ids::{DeviceId, unix_millis};
 use crate::pki;
 use crate::token::KeyState;
 use crate::view::Placement;
+use courier_core::channel::ChannelId;
 use courier_device::codec::FrameCodec;
 
 pub type Link = Framed<TlsStream<TcpStream>, FrameCodec<DeviceFrame>>;
@@ -44,6 +45,8 @@ const CLONE_DETAIL: &str =
 /// Notifications a link remembers having carried (to tell its acks from forged ones, and for the latency
 /// histogram). Beyond it the link only counts what it carried untracked.
 const MAX_TRACKED_INFLIGHT: usize = 4096;
+/// Broadcast channels one link may subscribe to.
+pub const MAX_CHANNELS_PER_LINK: usize = 64;
 
 /// A connection that has not yet sent its first frame: the deadline it has from accept, and its place
 /// among pending connections, given up once the first frame arrives.
@@ -231,12 +234,15 @@ fn notification_frame(n: &Notification) -> ServerFrame {
         collapse_id: n.collapse_id.clone(),
         push_type: n.push_type.clone(),
         accepted_at_ms: n.accepted_at_ms,
+        channel_id: ChannelId::from_slice(&n.channel_id).map(|id| id.to_string()).unwrap_or_default(),
     }))
 }
 
 /// The state of an authenticated link between frames.
 struct LinkState<'a> {
     device: DeviceId,
+    /// The registry's serial of this link: subscriptions are held by it.
+    serial: u64,
     edge: &'a Edge,
     /// apns-id → when the gateway accepted it, for every notification this link carried and the device
     /// has not acked: only these acks become store and replication writes.
@@ -247,6 +253,8 @@ struct LinkState<'a> {
     writes: TokenBucket,
     /// App topics this link registered or unregistered (capped at the per-device topic limit).
     topics: HashSet<String>,
+    /// Broadcast channels this link subscribes to (at most `MAX_CHANNELS_PER_LINK`).
+    channels: HashSet<ChannelId>,
 }
 
 enum Next {
@@ -255,20 +263,24 @@ enum Next {
 }
 
 impl LinkState<'_> {
-    fn new(device: DeviceId, edge: &Edge) -> LinkState<'_> {
+    fn new(device: DeviceId, serial: u64, edge: &Edge) -> LinkState<'_> {
         let limits = &edge.settings.link_limits;
         LinkState {
             device,
+            serial,
             edge,
             inflight: HashMap::new(),
             untracked: 0,
             writes: TokenBucket::new(f64::from(limits.write_burst), limits.write_rate, Instant::now().into_std()),
             topics: HashSet::new(),
+            channels: HashSet::new(),
         }
     }
 
     async fn send_notification(&mut self, link: &mut Link, n: &Notification) -> bool {
-        if self.inflight.len() < MAX_TRACKED_INFLIGHT {
+        if !n.channel_id.is_empty() {
+            // A broadcast is not acked: nothing was queued for this device.
+        } else if self.inflight.len() < MAX_TRACKED_INFLIGHT {
             self.inflight.insert(n.apns_id.clone(), n.accepted_at_ms);
         } else {
             self.untracked += 1;
@@ -375,6 +387,26 @@ impl LinkState<'_> {
                 }
                 self.edge.delivery.acked(self.device, &ack.apns_id);
             }
+            Some(Kind::SubscribeChannel(request)) => {
+                if !self.charge(link, "SubscribeChannel").await {
+                    return Next::Close;
+                }
+                return self.subscribe(link, request).await;
+            }
+            Some(Kind::UnsubscribeChannel(request)) => {
+                if !self.charge(link, "UnsubscribeChannel").await {
+                    return Next::Close;
+                }
+                if let Some(channel) = ChannelId::parse(&request.channel_id)
+                    && self.channels.remove(&channel)
+                {
+                    self.edge.broadcasts.unsubscribe(self.device, self.serial, channel);
+                }
+                let done = wire::ChannelUnsubscribed { channel_id: request.channel_id };
+                if write(link, self.edge, frame(server_frame::Kind::ChannelUnsubscribed(done))).await.is_err() {
+                    return Next::Close;
+                }
+            }
             Some(Kind::Ping(ping)) => {
                 let pong = frame(server_frame::Kind::Pong(wire::Pong { nonce: ping.nonce }));
                 if write(link, self.edge, pong).await.is_err() {
@@ -393,6 +425,57 @@ impl LinkState<'_> {
             }
         }
         Next::Continue
+    }
+}
+
+impl LinkState<'_> {
+    /// Subscribes this link to a channel and answers: `ChannelSubscribed` (followed by the channel's kept
+    /// broadcast when the device has not seen it), or `ChannelRefused` with the link left up.
+    async fn subscribe(&mut self, link: &mut Link, request: wire::SubscribeChannel) -> Next {
+        use wire::ChannelRefusal;
+        let channel_id = request.channel_id;
+        let refused = |reason: ChannelRefusal| {
+            metrics::counter!("courier_node_channel_subscriptions_refused_total", "reason" => reason.as_str_name())
+                .increment(1);
+            frame(server_frame::Kind::ChannelRefused(wire::ChannelRefused {
+                channel_id: channel_id.clone(),
+                reason: reason as i32,
+            }))
+        };
+        let answer = match ChannelId::parse(&channel_id) {
+            None => Err(refused(ChannelRefusal::BadChannelId)),
+            Some(channel) if !self.channels.contains(&channel) && self.channels.len() >= MAX_CHANNELS_PER_LINK => {
+                Err(refused(ChannelRefusal::TooManyChannels))
+            }
+            Some(channel) => {
+                let now_ms = unix_millis();
+                match self.edge.broadcasts.subscribe(self.device, self.serial, channel, &request.last_seen, now_ms) {
+                    None => Err(refused(ChannelRefusal::UnknownChannel)),
+                    Some((topic, kept)) => {
+                        self.channels.insert(channel);
+                        Ok((wire::ChannelSubscribed { channel_id: channel_id.clone(), topic }, kept))
+                    }
+                }
+            }
+        };
+        let written = match answer {
+            Err(refusal) => write(link, self.edge, refusal).await.is_ok(),
+            Ok((subscribed, kept)) => {
+                write(link, self.edge, frame(server_frame::Kind::ChannelSubscribed(subscribed))).await.is_ok()
+                    && match kept {
+                        Some(kept) => self.send_notification(link, &kept).await,
+                        None => true,
+                    }
+            }
+        };
+        if written { Next::Continue } else { Next::Close }
+    }
+
+    /// Forgets this link's subscriptions; it has ended.
+    fn end(&mut self) {
+        for channel in self.channels.drain() {
+            self.edge.broadcasts.unsubscribe(self.device, self.serial, channel);
+        }
     }
 }
 
@@ -434,7 +517,7 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, shutdown: 
     let Ok(mut attachment) = edge.registry.attach(device, peer) else {
         return goodbye(link, GoodbyeReason::ClonedIdentity, CLONE_DETAIL).await;
     };
-    let mut state = LinkState::new(device, edge);
+    let mut state = LinkState::new(device, attachment.serial, edge);
     let welcome = wire::Welcome {
         device_id: device.to_string(),
         keepalive_secs: keepalive.as_secs() as u32,
@@ -505,5 +588,6 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, shutdown: 
             }
         }
     }
+    state.end();
     edge.registry.detach(device, attachment.serial);
 }

@@ -430,6 +430,7 @@ mod tests {
             collapse_id: collapse.into(),
             push_type: "alert".into(),
             accepted_at_ms: unix_millis(),
+            channel_id: Vec::new(),
         }
     }
 
