@@ -37,6 +37,8 @@ enum Command {
     Device(cmd::device::DeviceArgs),
     /// Send one push through a gateway, as a provider would.
     Send(cmd::send::SendArgs),
+    /// Broadcast channels as a provider uses them: create, show, list, delete, and send to a channel.
+    Channels(cmd::channels::ChannelsArgs),
     /// Administer a cluster: status, nodes, token keys, providers, devices.
     Ctl(cmd::ctl::CtlArgs),
 }
@@ -61,6 +63,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Pki(command) => cmd::pki::run(command),
         Command::Device(args) => cmd::device::run(args).await,
         Command::Send(args) => cmd::send::run(args).await,
+        Command::Channels(args) => cmd::channels::run(args).await,
         Command::Ctl(args) => cmd::ctl::run(args).await,
     }
 }

@@ -11,7 +11,9 @@
 //!   misses it (counted), and no subscriber ever waits for another.
 //! - **The latest broadcast of a policy-1 channel** is kept durably on every node that received it
 //!   (`broadcasts.redb`, one row per channel, for at most `MAX_KEPT`), before it is handed out, and is
-//!   sent to a subscriber whose `last_seen` is another broadcast, once, when it subscribes.
+//!   sent to a subscriber whose `last_seen` is another broadcast, once, when it subscribes. A node that
+//!   becomes active (starting, or back from down) asks its active peers for theirs and keeps the newer
+//!   (`catch_up`), so a broadcast sent while it was away reaches the subscribers that link to it later.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,7 +23,7 @@ use std::time::Duration;
 use courier_core::channel::{ChannelId, StoragePolicy};
 use courier_proto::cluster::Notification;
 use prost::Message;
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::edge::registry::Registry;
 use crate::ids::DeviceId;
@@ -136,14 +138,16 @@ impl Broadcasts {
     }
 
     /// Keeps `broadcast` if its channel keeps its latest one, then hands it to every linked subscriber.
-    pub async fn deliver(&self, broadcast: Notification, now_ms: u64) -> Result<Handed, StoreError> {
+    pub async fn deliver(&self, mut broadcast: Notification, now_ms: u64) -> Result<Handed, StoreError> {
+        // However long the gateway asked, never kept past `MAX_KEPT`.
+        broadcast.expiration = broadcast.expiration.min(now_ms / 1000 + MAX_KEPT.as_secs());
         let Some(channel) = ChannelId::from_slice(&broadcast.channel_id) else {
             return Ok(Handed::UnknownChannel);
         };
         let Some(policy) = self.channels.read().find(channel).map(|record| record.policy) else {
             return Ok(Handed::UnknownChannel);
         };
-        let keep = policy == StoragePolicy::MostRecent && broadcast.expiration * 1000 > now_ms;
+        let keep = policy == StoragePolicy::MostRecent && broadcast.expiration.saturating_mul(1000) > now_ms;
         if keep {
             self.keep(channel, &broadcast).await?;
         }
@@ -165,16 +169,78 @@ impl Broadcasts {
         Ok(if keep { Handed::Kept(handed) } else { Handed::Sent(handed) })
     }
 
-    /// Stores `broadcast` as `channel`'s latest, replacing the one before; returns once committed.
+    /// Stores `broadcast` as `channel`'s latest unless a newer one is kept; returns once committed.
     async fn keep(&self, channel: ChannelId, broadcast: &Notification) -> Result<(), StoreError> {
-        let (db, bytes) = (self.db.clone(), broadcast.encode_to_vec());
+        self.keep_newer(vec![(channel, broadcast.clone())]).await.map(|_| ())
+    }
+
+    /// Keeps each broadcast as its channel's latest unless the one kept is as new or newer (by when the
+    /// gateway accepted it), deciding and writing in one transaction so that concurrent keeps cannot put an older
+    /// one back. Returns how many it kept.
+    async fn keep_newer(&self, broadcasts: Vec<(ChannelId, Notification)>) -> Result<usize, StoreError> {
+        let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_write().map_err(db_err)?;
-            txn.open_table(KEPT).map_err(db_err)?.insert(channel.0.as_slice(), bytes.as_slice()).map_err(db_err)?;
-            txn.commit().map_err(db_err)
+            let mut kept = 0;
+            {
+                let mut table = txn.open_table(KEPT).map_err(db_err)?;
+                for (channel, broadcast) in broadcasts {
+                    let held = match table.get(channel.0.as_slice()).map_err(db_err)? {
+                        Some(bytes) => Some(Notification::decode(bytes.value()).map_err(db_err)?),
+                        None => None,
+                    };
+                    // Newer by acceptance time, ties broken by id, so every node settles on the same one.
+                    let newer = held.is_none_or(|held| {
+                        (held.accepted_at_ms, &held.apns_id) < (broadcast.accepted_at_ms, &broadcast.apns_id)
+                    });
+                    if newer {
+                        table.insert(channel.0.as_slice(), broadcast.encode_to_vec().as_slice()).map_err(db_err)?;
+                        kept += 1;
+                    }
+                }
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(kept)
         })
         .await
         .map_err(db_err)?
+    }
+
+    /// Every unexpired kept broadcast of a channel that still exists.
+    pub fn all_kept(&self, now_ms: u64) -> Result<Vec<Notification>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(KEPT).map_err(db_err)?;
+        let book = self.channels.read();
+        let mut kept = Vec::new();
+        for row in table.iter().map_err(db_err)? {
+            let (key, value) = row.map_err(db_err)?;
+            if ChannelId::from_slice(key.value()).is_none_or(|id| book.find(id).is_none()) {
+                continue;
+            }
+            let broadcast = Notification::decode(value.value()).map_err(db_err)?;
+            if broadcast.expiration.saturating_mul(1000) > now_ms {
+                kept.push(broadcast);
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Keeps each of `fetched` (from a peer) that is newer than what this node keeps for its channel;
+    /// returns how many it took.
+    pub async fn merge(&self, fetched: Vec<Notification>, now_ms: u64) -> Result<usize, StoreError> {
+        let known: Vec<(ChannelId, Notification)> = {
+            let book = self.channels.read();
+            fetched
+                .into_iter()
+                .filter(|broadcast| broadcast.expiration.saturating_mul(1000) > now_ms)
+                .filter_map(|broadcast| Some((ChannelId::from_slice(&broadcast.channel_id)?, broadcast)))
+                .filter(|(channel, _)| book.find(*channel).is_some())
+                .collect()
+        };
+        if known.is_empty() {
+            return Ok(0);
+        }
+        self.keep_newer(known).await
     }
 
     /// `channel`'s kept broadcast, unless it has expired (an expired one is left for the next keep to
@@ -184,6 +250,175 @@ impl Broadcasts {
         let table = txn.open_table(KEPT).map_err(db_err)?;
         let Some(bytes) = table.get(channel.0.as_slice()).map_err(db_err)? else { return Ok(None) };
         let kept = Notification::decode(bytes.value()).map_err(db_err)?;
-        Ok((kept.expiration * 1000 > now_ms).then_some(kept))
+        Ok((kept.expiration.saturating_mul(1000) > now_ms).then_some(kept))
+    }
+}
+
+/// Whenever this node becomes an active member (at start, or back from down), fetches the kept broadcasts
+/// of its active peers and keeps those newer than its own, until `shutdown`.
+pub async fn catch_up(
+    control: Arc<crate::raft::control::Control>,
+    broadcasts: Broadcasts,
+    shutdown: courier_core::shutdown::CancellationToken,
+) {
+    use crate::raft::state::MemberState;
+    let mut states = control.state.clone();
+    let mut was_active = false;
+    loop {
+        let state = states.borrow_and_update().clone();
+        let active = state.members.get(&control.id).is_some_and(|m| m.state == MemberState::Active);
+        if active && !was_active {
+            let peers: Vec<String> = state
+                .members
+                .values()
+                .filter(|m| m.id != control.id && m.state == MemberState::Active)
+                .map(|m| m.cluster_addr.clone())
+                .collect();
+            for addr in peers {
+                let fetched = async {
+                    let mut client = control.peers.client(&addr).map_err(|e| e.to_string())?;
+                    let mut request = tonic::Request::new(courier_proto::cluster::FetchKeptRequest {});
+                    request.set_timeout(Duration::from_secs(5));
+                    client.fetch_kept(request).await.map(|r| r.into_inner().kept).map_err(|s| s.to_string())
+                };
+                match fetched.await {
+                    Ok(kept) => match broadcasts.merge(kept, crate::ids::unix_millis()).await {
+                        Ok(taken) if taken > 0 => tracing::info!(%addr, taken, "kept broadcasts caught up from a peer"),
+                        Ok(_) => {}
+                        Err(error) => tracing::error!(%error, "keeping fetched broadcasts failed"),
+                    },
+                    Err(error) => tracing::warn!(%addr, %error, "fetching a peer's kept broadcasts failed"),
+                }
+            }
+        }
+        was_active = active;
+        tokio::select! {
+            changed = states.changed() => if changed.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use courier_core::channel::{ChannelBook, ChannelChange, ChannelPushType, ChannelRecord};
+
+    use super::*;
+
+    const NOW_MS: u64 = 1_000_000_000;
+
+    fn open(dir: &Path, registry: Arc<Registry>, channels: Arc<ChannelShelf>) -> Broadcasts {
+        Broadcasts::open(&dir.join("broadcasts.redb"), registry, channels).expect("open")
+    }
+
+    fn book_with(channels: &[(u8, StoragePolicy)]) -> Arc<ChannelShelf> {
+        let shelf = ChannelShelf::new(ChannelBook::default());
+        let changes: Vec<ChannelChange> = channels
+            .iter()
+            .map(|(n, policy)| ChannelChange::Put {
+                record: ChannelRecord {
+                    id: ChannelId([*n; 16]),
+                    team_id: "T".into(),
+                    app: "com.example.app".into(),
+                    policy: *policy,
+                    push_type: ChannelPushType::LiveActivity,
+                    created_ms: 1,
+                },
+            })
+            .collect();
+        shelf.take(&changes);
+        shelf
+    }
+
+    fn broadcast(channel: u8, id: &str, accepted_at_ms: u64, expiration: u64) -> Notification {
+        Notification {
+            apns_id: id.into(),
+            topic: "com.example.app".into(),
+            payload: b"{}".to_vec(),
+            expiration,
+            accepted_at_ms,
+            channel_id: vec![channel; 16],
+            ..Notification::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn fan_out_reaches_each_linked_subscriber_and_skips_a_full_queue() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Arc::new(Registry::default());
+        let broadcasts = open(dir.path(), registry.clone(), book_with(&[(1, StoragePolicy::NoStorage)]));
+        let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+        let (a, b, c) = (DeviceId(1), DeviceId(2), DeviceId(3));
+        let mut link_a = registry.attach(a, localhost).expect("attach");
+        let link_b = registry.attach(b, localhost).expect("attach");
+        let channel = ChannelId([1; 16]);
+        for (device, serial) in [(a, link_a.serial), (b, link_b.serial)] {
+            assert!(broadcasts.subscribe(device, serial, channel, "", NOW_MS).is_some());
+        }
+        assert!(broadcasts.subscribe(c, 99, ChannelId([9; 16]), "", NOW_MS).is_none(), "no such channel");
+        assert_eq!(broadcasts.subscribers(channel), 2);
+
+        // Fill b's queue; a still gets the broadcast and b only misses it.
+        let mut queued = 0;
+        while registry.offer(b, link_b.serial, Arc::new(Notification::default())) {
+            queued += 1;
+        }
+        assert!(queued > 0);
+        let handed = broadcasts.deliver(broadcast(1, "x", NOW_MS, 0), NOW_MS).await.expect("deliver");
+        assert_eq!(handed, Handed::Sent(1));
+        assert_eq!(link_a.notifications.try_recv().expect("a has it").apns_id, "x");
+        assert_eq!(registry.serial(b), Some(link_b.serial), "a full queue does not close the link");
+
+        // A subscription held by an older link of the device is not the current link's.
+        broadcasts.unsubscribe(a, link_a.serial + 1, channel);
+        assert_eq!(broadcasts.subscribers(channel), 2);
+        broadcasts.unsubscribe(a, link_a.serial, channel);
+        assert_eq!(broadcasts.subscribers(channel), 1);
+        assert_eq!(
+            broadcasts.deliver(broadcast(9, "y", NOW_MS, 0), NOW_MS).await.expect("deliver"),
+            Handed::UnknownChannel
+        );
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_broadcast_is_kept_and_merged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shelf = book_with(&[(1, StoragePolicy::MostRecent), (2, StoragePolicy::NoStorage)]);
+        let broadcasts = open(dir.path(), Arc::new(Registry::default()), shelf);
+        let later = NOW_MS / 1000 + 60;
+        let channel = ChannelId([1; 16]);
+        assert_eq!(
+            broadcasts.deliver(broadcast(1, "b", NOW_MS, later), NOW_MS).await.expect("deliver"),
+            Handed::Kept(0)
+        );
+        // An older one arriving late is handed out but does not replace the newer.
+        assert_eq!(
+            broadcasts.deliver(broadcast(1, "a", NOW_MS - 5, later), NOW_MS).await.expect("deliver"),
+            Handed::Kept(0)
+        );
+        assert_eq!(broadcasts.kept(channel, NOW_MS).expect("read").map(|k| k.apns_id), Some("b".into()));
+        // Policy 0 keeps nothing; an expiration of 0 keeps nothing either; a day is cut to 8 hours.
+        assert_eq!(
+            broadcasts.deliver(broadcast(2, "c", NOW_MS, later), NOW_MS).await.expect("deliver"),
+            Handed::Sent(0)
+        );
+        assert_eq!(broadcasts.kept(ChannelId([2; 16]), NOW_MS).expect("read"), None);
+        let day = broadcasts.deliver(broadcast(1, "d", NOW_MS + 1, NOW_MS / 1000 + 86_400), NOW_MS).await;
+        assert_eq!(day.expect("deliver"), Handed::Kept(0));
+        let kept = broadcasts.kept(channel, NOW_MS).expect("read").expect("kept");
+        assert_eq!(kept.expiration, NOW_MS / 1000 + MAX_KEPT.as_secs());
+        // Expired: never sent.
+        assert_eq!(broadcasts.kept(channel, (NOW_MS / 1000 + MAX_KEPT.as_secs() + 1) * 1000).expect("read"), None);
+
+        // A peer's newer broadcast is merged, an older one and one of an unknown channel are not.
+        let fetched = vec![
+            broadcast(1, "e", NOW_MS + 10, later),
+            broadcast(1, "old", NOW_MS - 10, later),
+            broadcast(7, "f", NOW_MS + 10, later),
+        ];
+        assert_eq!(broadcasts.merge(fetched, NOW_MS).await.expect("merge"), 1);
+        assert_eq!(broadcasts.kept(channel, NOW_MS).expect("read").map(|k| k.apns_id), Some("e".into()));
+        let all: Vec<String> = broadcasts.all_kept(NOW_MS).expect("all").into_iter().map(|k| k.apns_id).collect();
+        assert_eq!(all, ["e"]);
     }
 }

@@ -1,5 +1,6 @@
 //! The subcommands of `courier`, one module each.
 
+pub mod channels;
 pub mod ctl;
 pub mod dev;
 pub mod device;

@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod broadcast;
 mod cluster;
 mod control_plane;
 mod copies;

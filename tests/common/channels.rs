@@ -1,8 +1,11 @@
 //! Channel management and broadcasts as a provider drives them over HTTP/2, every answer checked against
 //! `gateway/openapi.yaml`.
 
+use std::net::SocketAddr;
+
 use courier_core::channel::ChannelId;
-use courier_gateway::provider::{ProviderClient, PushResponse};
+use courier_core::pki::PkiDir;
+use courier_gateway::provider::{JwtSigner, ProviderClient, PushResponse};
 use http::Method;
 
 use super::{TestCluster, openapi};
@@ -23,12 +26,17 @@ pub struct Channels {
 }
 
 impl Channels {
+    /// A connection to the test cluster's channels port.
     pub async fn connect(cluster: &TestCluster) -> Self {
-        let client =
-            ProviderClient::connect(cluster.gateway.channels_addr, "localhost", &cluster.pki().cluster_ca_cert())
-                .await
-                .expect("the channels port speaks HTTP/2 over TLS");
-        Channels { client, authorization: Some(format!("bearer {}", cluster.signer.sign())) }
+        Channels::to(cluster.gateway.channels_addr, &cluster.pki(), &cluster.signer).await
+    }
+
+    /// A connection to `addr` (a channels or provider port) of a cluster with PKI `pki`, signing as `signer`.
+    pub async fn to(addr: SocketAddr, pki: &PkiDir, signer: &JwtSigner) -> Self {
+        let client = ProviderClient::connect(addr, "localhost", &pki.cluster_ca_cert())
+            .await
+            .expect("the gateway speaks HTTP/2 over TLS");
+        Channels { client, authorization: Some(format!("bearer {}", signer.sign())) }
     }
 
     /// Sends a request with the connection's credentials, `headers` and `body`; checks the answer against
@@ -83,10 +91,7 @@ impl Channels {
 
 /// A connection to the provider port, for broadcasts, with the same checks.
 pub async fn broadcaster(cluster: &TestCluster) -> Channels {
-    let client = ProviderClient::connect(cluster.gateway.provider_addr, "localhost", &cluster.pki().cluster_ca_cert())
-        .await
-        .expect("the provider port speaks HTTP/2 over TLS");
-    Channels { client, authorization: Some(format!("bearer {}", cluster.signer.sign())) }
+    Channels::to(cluster.gateway.provider_addr, &cluster.pki(), &cluster.signer).await
 }
 
 impl Channels {

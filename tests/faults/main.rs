@@ -10,6 +10,7 @@
 mod common;
 
 mod ack_before_commit;
+mod broadcast_failover;
 mod cluster_watch;
 mod failover;
 mod loadtest;

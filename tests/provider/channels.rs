@@ -152,16 +152,8 @@ async fn a_channel_reaches_every_member_and_gateway() {
     };
     let (first, _, signer) = gateway_to(1).await;
     let (third, _, _) = gateway_to(3).await;
-    let ca = nodes.pki().cluster_ca_cert();
-    let connect = |addr| {
-        let (ca, authorization) = (ca.clone(), Some(format!("bearer {}", signer.sign())));
-        async move {
-            let client = ProviderClient::connect(addr, "localhost", &ca).await.expect("connects");
-            Channels { client, authorization }
-        }
-    };
-    let through_first = connect(first.channels_addr).await;
-    let through_third = connect(third.channels_addr).await;
+    let through_first = Channels::to(first.channels_addr, &nodes.pki(), &signer).await;
+    let through_third = Channels::to(third.channels_addr, &nodes.pki(), &signer).await;
     let id = through_first.create_ok(1, "LiveActivity").await;
     eventually(Duration::from_secs(10), "the other gateway has the channel", || async {
         through_third.read(&id).await.status == 200

@@ -27,6 +27,7 @@ pub enum Rpc {
     WatchCluster,
     ManageChannel,
     Broadcast,
+    FetchKept,
 }
 
 /// Which kinds of caller an RPC admits.
@@ -59,6 +60,7 @@ impl Rpc {
             Rpc::WatchCluster => "WatchCluster",
             Rpc::ManageChannel => "ManageChannel",
             Rpc::Broadcast => "Broadcast",
+            Rpc::FetchKept => "FetchKept",
         }
     }
 
@@ -69,9 +71,13 @@ impl Rpc {
     /// it goes to gateways and nodes only, never to the admin tool (whose `Status` shows key ids only).
     fn allowed(self) -> Allowed {
         match self {
-            Rpc::RaftAppend | Rpc::RaftVote | Rpc::RaftSnapshot | Rpc::Probe | Rpc::Replicate | Rpc::FetchQueue => {
-                NODES
-            }
+            Rpc::RaftAppend
+            | Rpc::RaftVote
+            | Rpc::RaftSnapshot
+            | Rpc::Probe
+            | Rpc::Replicate
+            | Rpc::FetchQueue
+            | Rpc::FetchKept => NODES,
             Rpc::Forward | Rpc::NotificationStatus | Rpc::ManageChannel | Rpc::Broadcast => GATEWAYS,
             Rpc::Status => ADMIN,
             Rpc::Propose | Rpc::Join => Allowed { node: true, gateway: false, admin: true },
@@ -202,7 +208,7 @@ fn denied(rpc: Rpc, role: &'static str, message: String) -> Status {
 mod tests {
     use super::*;
 
-    const ALL: [Rpc; 15] = [
+    const ALL: [Rpc; 16] = [
         Rpc::RaftAppend,
         Rpc::RaftVote,
         Rpc::RaftSnapshot,
@@ -218,6 +224,7 @@ mod tests {
         Rpc::WatchCluster,
         Rpc::ManageChannel,
         Rpc::Broadcast,
+        Rpc::FetchKept,
     ];
 
     #[test]
@@ -230,7 +237,9 @@ mod tests {
         );
         assert_eq!(allowed(ClusterRole::Admin), ["Join", "Propose", "RemoveNode", "Status"]);
         let node = allowed(ClusterRole::Node(3));
-        for rpc in ["RaftAppend", "RaftVote", "RaftSnapshot", "Probe", "Replicate", "FetchQueue", "WatchCluster"] {
+        for rpc in
+            ["RaftAppend", "RaftVote", "RaftSnapshot", "Probe", "Replicate", "FetchQueue", "FetchKept", "WatchCluster"]
+        {
             assert!(node.contains(&rpc), "{rpc}");
         }
         for rpc in ["Forward", "NotificationStatus", "Status", "ManageChannel", "Broadcast"] {

@@ -14,11 +14,11 @@ use std::sync::Arc;
 
 use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
-    BroadcastOutcome, BroadcastRequest, BroadcastResponse, ChannelUpdate, ClusterView, FetchQueueRequest,
-    FetchQueueResponse, ForwardBatch, ForwardResults, JoinRequest, JoinResponse, ManageChannelRequest,
-    ManageChannelResponse, NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse,
-    ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse,
-    StatusRequest, StatusResponse, WatchRequest,
+    BroadcastOutcome, BroadcastRequest, BroadcastResponse, ChannelUpdate, ClusterView, FetchKeptRequest,
+    FetchKeptResponse, FetchQueueRequest, FetchQueueResponse, ForwardBatch, ForwardResults, JoinRequest, JoinResponse,
+    ManageChannelRequest, ManageChannelResponse, NotificationStatusRequest, NotificationStatusResponse, ProbeRequest,
+    ProbeResponse, ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest,
+    ReplicateResponse, StatusRequest, StatusResponse, WatchRequest,
 };
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
@@ -261,6 +261,12 @@ impl Cluster for ClusterService {
             }
         };
         Ok(Response::new(BroadcastResponse { outcome: outcome as i32, epoch, subscribers }))
+    }
+
+    async fn fetch_kept(&self, request: Request<FetchKeptRequest>) -> Result<Response<FetchKeptResponse>, Status> {
+        authorize(&request, Rpc::FetchKept)?;
+        let kept = self.broadcasts.all_kept(crate::ids::unix_millis()).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(FetchKeptResponse { kept }))
     }
 
     async fn notification_status(

@@ -1,0 +1,85 @@
+//! Broadcasts across a three-node cluster: subscribers whose links are spread over every node each get a
+//! broadcast once, and a node that was down while a policy-1 broadcast was sent catches up from its peers
+//! when it is back, so a subscriber that links to it then still gets the latest one.
+
+use crate::common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::channels::Channels;
+use common::{Nodes, eventually, registered_device};
+use courier_core::state::MemberState;
+use courier_device::DeviceLink;
+
+async fn next(link: &mut DeviceLink) -> courier_device::Notification {
+    tokio::time::timeout(Duration::from_secs(10), link.next_notification())
+        .await
+        .expect("a broadcast arrives in time")
+        .expect("the link stays up")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_on_every_node_get_each_broadcast_once_and_a_returning_node_catches_up() {
+    let mut nodes = Nodes::start(3, |_| {}).await;
+    let (gateway, _, signer) = nodes.gateway().await;
+    let channels = Channels::to(gateway.channels_addr, &nodes.pki(), &signer).await;
+    let sender = Channels::to(gateway.provider_addr, &nodes.pki(), &signer).await;
+    let channel = channels.create_ok(1, "LiveActivity").await;
+
+    // Devices activated through node 1 link to their owners: enough of them to land on every node.
+    let mut links = Vec::new();
+    let mut owners = HashSet::new();
+    while owners.len() < 3 || links.len() < 9 {
+        assert!(links.len() < 60, "devices spread over the three nodes");
+        let (credentials, mut link, _) = registered_device(&nodes.endpoint(1)).await;
+        link.subscribe(&channel, None).await.expect("subscribe");
+        owners.insert(link.node_addr);
+        links.push((credentials, link));
+    }
+    let unique = sender.broadcast_ok(&channel, "liveactivity", r#"{"n":1}"#).await;
+    for (_, link) in &mut links {
+        let n = next(link).await;
+        assert_eq!((n.apns_id.as_str(), n.channel_id.as_str()), (unique.as_str(), channel.as_str()));
+        assert!(link.sync().await.expect("sync").is_empty(), "once");
+    }
+
+    // Node 2 goes down; a broadcast sent meanwhile reaches the two others, which keep it.
+    let on_two: Vec<usize> =
+        (0..links.len()).filter(|i| links[*i].1.node_addr == nodes.configs[1].device_addr).collect();
+    assert!(!on_two.is_empty());
+    nodes.stop(2).await;
+    eventually(Duration::from_secs(20), "the gateway sees node 2 down", || {
+        let view = gateway.view.borrow().clone();
+        std::future::ready(view.is_some_and(|v| v.members.get(&2).is_some_and(|m| m.state != MemberState::Active)))
+    })
+    .await;
+    let missed = sender.broadcast_ok(&channel, "liveactivity", r#"{"n":2}"#).await;
+
+    // Back, node 2 fetches what it missed from its peers: its own subscriber, linking to it again, gets it.
+    nodes.restart(2).await;
+    nodes.wait_all_ready().await;
+    let (credentials, _) = links.swap_remove(on_two[0]);
+    eventually(
+        Duration::from_secs(20),
+        "a node-2 device links to node 2 again and gets the broadcast it missed",
+        || {
+            let (endpoint, credentials, channel, unique) =
+                (nodes.endpoint(1), credentials.clone(), channel.clone(), unique.clone());
+            let node_two = nodes.configs[1].device_addr;
+            let missed = missed.clone();
+            async move {
+                let mut link = common::link_again(&endpoint, &credentials, 3).await;
+                if link.node_addr != node_two {
+                    return false;
+                }
+                link.subscribe(&channel, Some(&unique)).await.expect("subscribe");
+                let got = tokio::time::timeout(Duration::from_secs(2), link.next_notification()).await;
+                matches!(got, Ok(Ok(n)) if n.apns_id == missed)
+            }
+        },
+    )
+    .await;
+    gateway.shutdown().await;
+    nodes.shutdown().await;
+}
