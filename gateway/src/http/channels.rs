@@ -103,9 +103,13 @@ pub fn parse_create(body: &[u8]) -> Result<(StoragePolicy, ChannelPushType), Rea
         None => return Err(Reason::MissingPushType),
         Some(value) => value.as_str().and_then(ChannelPushType::parse).ok_or(Reason::InvalidPushType)?,
     };
-    let policy = body
-        .get("message-storage-policy")
-        .and_then(serde_json::Value::as_u64)
+    // A number, or its decimal text: `@parse/node-apn`'s documented example sends `"1"`.
+    let policy = match body.get("message-storage-policy") {
+        Some(serde_json::Value::Number(n)) => n.as_u64(),
+        Some(serde_json::Value::String(text)) if text.len() == 1 => text.parse().ok(),
+        _ => None,
+    };
+    let policy = policy
         .and_then(|n| u8::try_from(n).ok())
         .and_then(|n| StoragePolicy::try_from(n).ok())
         .ok_or(Reason::BadRequestParams)?;
@@ -344,9 +348,14 @@ mod tests {
             Err(Reason::BadRequestParams)
         );
         assert_eq!(
-            parse(r#"{"message-storage-policy": "1", "push-type": "LiveActivity"}"#),
-            Err(Reason::BadRequestParams)
+            parse(r#"{"message-storage-policy": "1", "push-type": "liveactivity"}"#),
+            Ok((StoragePolicy::MostRecent, ChannelPushType::LiveActivity)),
+            "as node-apn sends it"
         );
+        for bad in [r#""one""#, "-1", r#""11""#, "1.5"] {
+            let body = format!(r#"{{"message-storage-policy": {bad}, "push-type": "LiveActivity"}}"#);
+            assert_eq!(parse(&body), Err(Reason::BadRequestParams), "{bad}");
+        }
     }
 
     #[test]
