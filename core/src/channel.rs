@@ -207,6 +207,20 @@ impl ChannelBook {
         records
     }
 
+    /// The channels of `app` and of `team` (each when given), by app then creation time; at most `limit`,
+    /// and whether there were more.
+    pub fn select(&self, app: Option<&str>, team: Option<&str>, limit: usize) -> (Vec<&ChannelRecord>, bool) {
+        let mut records: Vec<&ChannelRecord> = self
+            .channels
+            .values()
+            .filter(|r| app.is_none_or(|app| r.app == app) && team.is_none_or(|team| r.team_id == team))
+            .collect();
+        records.sort_by(|a, b| (&a.app, a.created_ms, a.id).cmp(&(&b.app, b.created_ms, b.id)));
+        let more = records.len() > limit;
+        records.truncate(limit);
+        (records, more)
+    }
+
     /// Every channel, for snapshots and for a watcher's first message.
     pub fn records(&self) -> impl Iterator<Item = &ChannelRecord> {
         self.channels.values()

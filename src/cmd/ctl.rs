@@ -13,7 +13,7 @@ use courier_core::pki::PkiDir;
 use courier_core::state::{Command, CommandResponse};
 use courier_core::token::{TokenKey, TokenKeyId};
 use courier_proto::cluster::cluster_client::ClusterClient;
-use courier_proto::cluster::{JoinRequest, ProposeRequest, RemoveNodeRequest, StatusRequest};
+use courier_proto::cluster::{JoinRequest, ListChannelsRequest, ProposeRequest, RemoveNodeRequest, StatusRequest};
 use serde_json::Value;
 use tonic::transport::Channel;
 
@@ -49,6 +49,21 @@ enum CtlCommand {
     Providers(ProvidersCommand),
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// Broadcast channels with their linked subscribers, added up over every active member.
+    Channels {
+        /// Only this app's channels.
+        #[arg(long)]
+        app: Option<String>,
+        /// Only this team's channels.
+        #[arg(long)]
+        team_id: Option<String>,
+        /// At most this many channels.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -271,6 +286,82 @@ fn print_providers(doc: &Value) {
     }
 }
 
+/// One channel as `ctl channels` shows it: its record and the subscribers every answering member has
+/// linked.
+struct ChannelRow {
+    record: Value,
+    subscribers: u64,
+}
+
+/// Asks every active member for its channels (the same book on each) and adds up their linked subscribers.
+/// Members that do not answer are named on stderr; their subscribers are then missing from the counts.
+async fn channels(
+    peers: &Peers,
+    client: &mut ClusterClient<Channel>,
+    request: ListChannelsRequest,
+) -> anyhow::Result<(Vec<ChannelRow>, bool)> {
+    let doc = status(client, Vec::new()).await?;
+    let members: Vec<String> = doc["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["state"] == "active")
+        .filter_map(|m| m["cluster_addr"].as_str().map(str::to_string))
+        .collect();
+    let mut rows: Vec<ChannelRow> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut more = false;
+    for addr in members {
+        let answer = match peers.client(&addr) {
+            Ok(mut member) => member.list_channels(request.clone()).await.map_err(anyhow::Error::from),
+            Err(error) => Err(error.into()),
+        };
+        let answer = match answer {
+            Ok(answer) => answer.into_inner(),
+            Err(error) => {
+                eprintln!("member {addr} did not answer ({error:#}); its subscribers are not counted");
+                continue;
+            }
+        };
+        more |= answer.more;
+        for listed in answer.channels {
+            let record: Value = serde_json::from_slice(&listed.record_json)?;
+            let id = record["id"].as_str().unwrap_or_default().to_string();
+            match index.get(&id) {
+                Some(&at) => rows[at].subscribers += listed.subscribers,
+                None => {
+                    index.insert(id, rows.len());
+                    rows.push(ChannelRow { record, subscribers: listed.subscribers });
+                }
+            }
+        }
+    }
+    Ok((rows, more))
+}
+
+fn print_channels(rows: &[ChannelRow], more: bool) {
+    println!(
+        "{:<26} {:<12} {:<30} {:<7} {:<13} {:<10} SUBSCRIBERS",
+        "CHANNEL", "TEAM", "APP", "POLICY", "PUSH TYPE", "CREATED"
+    );
+    for row in rows {
+        let r = &row.record;
+        println!(
+            "{:<26} {:<12} {:<30} {:<7} {:<13} {:<10} {}",
+            r["id"].as_str().unwrap_or("?"),
+            r["team_id"].as_str().unwrap_or("?"),
+            r["app"].as_str().unwrap_or("?"),
+            r["policy"].to_string(),
+            r["push_type"].as_str().unwrap_or("?"),
+            age(&r["created_ms"]),
+            row.subscribers
+        );
+    }
+    if more {
+        println!("(more channels match; raise --limit)");
+    }
+}
+
 fn print_clones(doc: &Value) {
     println!("{:<34} {:<8} {:<10} {:<6} ADDRESSES", "SUSPECTED CLONE", "POLICY", "SINCE", "NODE");
     for c in doc["suspected_clones"].as_array().into_iter().flatten() {
@@ -374,6 +465,20 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             propose(&peers, node, Command::RevokeDevice { device }).await?;
         }
         CtlCommand::Devices(DevicesCommand::List) => print_clones(&status(&mut client, Vec::new()).await?),
+        CtlCommand::Channels { app, team_id, limit, json } => {
+            let request =
+                ListChannelsRequest { app: app.unwrap_or_default(), team_id: team_id.unwrap_or_default(), limit };
+            let (rows, more) = channels(&peers, &mut client, request).await?;
+            if json {
+                for row in &rows {
+                    let mut line = row.record.clone();
+                    line["subscribers"] = row.subscribers.into();
+                    println!("{line}");
+                }
+            } else {
+                print_channels(&rows, more);
+            }
+        }
         CtlCommand::Devices(DevicesCommand::ClearClone { device }) => {
             let device: DeviceId = device.parse().context("a device id is 32 hex characters")?;
             propose(&peers, node, Command::ClearClone { device }).await?;

@@ -1,5 +1,5 @@
 //! Broadcasts across a three-node cluster: subscribers whose links are spread over every node each get a
-//! broadcast once, and a node that was down while a policy-1 broadcast was sent catches up from its peers
+//! broadcast once (and `courier ctl channels` counts them all), and a node that was down while a policy-1 broadcast was sent catches up from its peers
 //! when it is back, so a subscriber that links to it then still gets the latest one.
 
 use crate::common;
@@ -37,6 +37,26 @@ async fn subscribers_on_every_node_get_each_broadcast_once_and_a_returning_node_
         owners.insert(link.node_addr);
         links.push((credentials, link));
     }
+    // `courier ctl channels` adds up the subscribers linked to each member.
+    let listed = common::ctl(nodes.node(1).cluster_addr, &nodes.pki().dir, &["channels", "--json"]).await;
+    assert!(listed.success, "{listed:?}");
+    let rows: Vec<serde_json::Value> = listed.stdout.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0]["id"].as_str(), rows[0]["subscribers"].as_u64()),
+        (Some(channel.as_str()), Some(links.len() as u64))
+    );
+    let table =
+        common::ctl(nodes.node(1).cluster_addr, &nodes.pki().dir, &["channels", "--app", "com.example.app"]).await;
+    assert!(table.stdout.contains(&channel) && table.stdout.contains("SUBSCRIBERS"), "{table:?}");
+    let none = common::ctl(
+        nodes.node(1).cluster_addr,
+        &nodes.pki().dir,
+        &["channels", "--app", "com.example.other", "--json"],
+    )
+    .await;
+    assert!(none.success && none.stdout.trim().is_empty(), "{none:?}");
+
     let unique = sender.broadcast_ok(&channel, "liveactivity", r#"{"n":1}"#).await;
     for (_, link) in &mut links {
         let n = next(link).await;

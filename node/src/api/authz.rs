@@ -28,6 +28,7 @@ pub enum Rpc {
     ManageChannel,
     Broadcast,
     FetchKept,
+    ListChannels,
 }
 
 /// Which kinds of caller an RPC admits.
@@ -61,6 +62,7 @@ impl Rpc {
             Rpc::ManageChannel => "ManageChannel",
             Rpc::Broadcast => "Broadcast",
             Rpc::FetchKept => "FetchKept",
+            Rpc::ListChannels => "ListChannels",
         }
     }
 
@@ -79,7 +81,7 @@ impl Rpc {
             | Rpc::FetchQueue
             | Rpc::FetchKept => NODES,
             Rpc::Forward | Rpc::NotificationStatus | Rpc::ManageChannel | Rpc::Broadcast => GATEWAYS,
-            Rpc::Status => ADMIN,
+            Rpc::Status | Rpc::ListChannels => ADMIN,
             Rpc::Propose | Rpc::Join => Allowed { node: true, gateway: false, admin: true },
             Rpc::RemoveNode => ADMIN,
             Rpc::WatchCluster => Allowed { node: true, gateway: true, admin: false },
@@ -208,7 +210,7 @@ fn denied(rpc: Rpc, role: &'static str, message: String) -> Status {
 mod tests {
     use super::*;
 
-    const ALL: [Rpc; 16] = [
+    const ALL: [Rpc; 17] = [
         Rpc::RaftAppend,
         Rpc::RaftVote,
         Rpc::RaftSnapshot,
@@ -225,6 +227,7 @@ mod tests {
         Rpc::ManageChannel,
         Rpc::Broadcast,
         Rpc::FetchKept,
+        Rpc::ListChannels,
     ];
 
     #[test]
@@ -235,7 +238,7 @@ mod tests {
             allowed(ClusterRole::Gateway),
             ["Forward", "NotificationStatus", "WatchCluster", "ManageChannel", "Broadcast"]
         );
-        assert_eq!(allowed(ClusterRole::Admin), ["Join", "Propose", "RemoveNode", "Status"]);
+        assert_eq!(allowed(ClusterRole::Admin), ["Join", "Propose", "RemoveNode", "Status", "ListChannels"]);
         let node = allowed(ClusterRole::Node(3));
         for rpc in
             ["RaftAppend", "RaftVote", "RaftSnapshot", "Probe", "Replicate", "FetchQueue", "FetchKept", "WatchCluster"]

@@ -16,9 +16,10 @@ use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
     BroadcastOutcome, BroadcastRequest, BroadcastResponse, ChannelUpdate, ClusterView, FetchKeptRequest,
     FetchKeptResponse, FetchQueueRequest, FetchQueueResponse, ForwardBatch, ForwardResults, JoinRequest, JoinResponse,
-    ManageChannelRequest, ManageChannelResponse, NotificationStatusRequest, NotificationStatusResponse, ProbeRequest,
-    ProbeResponse, ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest,
-    ReplicateResponse, StatusRequest, StatusResponse, WatchRequest,
+    ListChannelsRequest, ListChannelsResponse, ListedChannel, ManageChannelRequest, ManageChannelResponse,
+    NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse, ProposeRequest,
+    ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse, StatusRequest,
+    StatusResponse, WatchRequest,
 };
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
@@ -267,6 +268,33 @@ impl Cluster for ClusterService {
         authorize(&request, Rpc::FetchKept)?;
         let kept = self.broadcasts.all_kept(crate::ids::unix_millis()).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(FetchKeptResponse { kept }))
+    }
+
+    async fn list_channels(
+        &self,
+        request: Request<ListChannelsRequest>,
+    ) -> Result<Response<ListChannelsResponse>, Status> {
+        authorize(&request, Rpc::ListChannels)?;
+        let request = request.into_inner();
+        let limit = match request.limit {
+            0 => 1000,
+            n => n.min(100_000) as usize,
+        };
+        let nonempty = |text: &str| (!text.is_empty()).then(|| text.to_string());
+        let (app, team) = (nonempty(&request.app), nonempty(&request.team_id));
+        let (records, more, version) = {
+            let book = self.control.channels.read();
+            let (records, more) = book.select(app.as_deref(), team.as_deref(), limit);
+            (records.into_iter().cloned().collect::<Vec<_>>(), more, book.version())
+        };
+        let channels = records
+            .into_iter()
+            .map(|record| {
+                let subscribers = self.broadcasts.subscribers(record.id) as u64;
+                Ok(ListedChannel { record_json: json(&record)?, subscribers })
+            })
+            .collect::<Result<_, Status>>()?;
+        Ok(Response::new(ListChannelsResponse { channels, more, version }))
     }
 
     async fn notification_status(
