@@ -143,6 +143,10 @@ pub struct ClusterState {
     /// Device id → the suspicion; absent from states written before clones were recorded.
     #[serde(default)]
     pub suspected_clones: BTreeMap<DeviceId, SuspectedClone>,
+    /// Teams (JWT or certificate) that may not use broadcast channels: their channel requests and broadcasts
+    /// answer `FeatureNotEnabled`. Every team may unless listed; absent from states written before channels.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub broadcast_disabled: BTreeSet<String>,
 }
 
 /// The bounds `Command::validate` enforces. Each is far above what a real cluster uses and low enough
@@ -237,6 +241,11 @@ pub enum Command {
     ClearClone {
         device: DeviceId,
     },
+    /// Allows or forbids a team broadcast channels (every team may until forbidden).
+    SetBroadcast {
+        team_id: String,
+        enabled: bool,
+    },
     /// A change to the broadcast channels. Applied to the channel book (`crate::channel`), never to this
     /// state: it leaves the epoch alone.
     Channel {
@@ -288,6 +297,7 @@ impl std::fmt::Display for Command {
             Command::RevokeDevice { device } => write!(f, "revoke {device}"),
             Command::SuspectClone { device, refuse, .. } => write!(f, "suspect-clone {device} (refuse: {refuse})"),
             Command::ClearClone { device } => write!(f, "clear-clone {device}"),
+            Command::SetBroadcast { team_id, enabled } => write!(f, "broadcast {team_id} (enabled: {enabled})"),
             Command::Channel { command: ChannelCommand::Create { record, .. } } => {
                 write!(f, "create-channel {} ({}/{})", record.id, record.team_id, record.app)
             }
@@ -379,6 +389,17 @@ impl Command {
                 }
             }
             Command::ClearClone { .. } => {}
+            Command::SetBroadcast { team_id, enabled } => {
+                check_id("team id", team_id)?;
+                if !enabled
+                    && !state.broadcast_disabled.contains(team_id)
+                    && state.broadcast_disabled.len() >= MAX_TEAMS
+                {
+                    return Err(format!(
+                        "{MAX_TEAMS} teams are already kept from broadcast, the most the cluster holds"
+                    ));
+                }
+            }
             Command::Channel { command } => {
                 let (team_id, app) = match command {
                     ChannelCommand::Create { record, .. } => (&record.team_id, &record.app),
@@ -526,6 +547,16 @@ impl ClusterState {
                     return refused("the device is not a suspected clone");
                 }
             }
+            Command::SetBroadcast { team_id, enabled } => {
+                let changed = if *enabled {
+                    self.broadcast_disabled.remove(team_id)
+                } else {
+                    self.broadcast_disabled.insert(team_id.clone())
+                };
+                if !changed {
+                    return CommandResponse::Applied { epoch: self.epoch };
+                }
+            }
             // The state machine hands these to the channel book; reaching here is a bug, and changes nothing.
             Command::Channel { .. } => return refused("a channel command is not applied to the control state"),
         }
@@ -596,6 +627,23 @@ mod tests {
         let missing = Command::SetMemberState { id: 9, state: MemberState::Down, now_ms: 7 };
         assert!(matches!(state.apply(&missing), CommandResponse::Refused { .. }));
         assert_eq!(state.epoch, Epoch(2));
+    }
+
+    #[test]
+    fn a_team_may_be_kept_from_broadcast_and_allowed_again() {
+        let mut state = ClusterState::default();
+        let set = |enabled: bool| Command::SetBroadcast { team_id: "TEAM".into(), enabled };
+        assert_eq!(state.apply(&set(true)), CommandResponse::Applied { epoch: Epoch(0) }, "allowed already");
+        assert_eq!(state.apply(&set(false)), CommandResponse::Applied { epoch: Epoch(1) });
+        assert!(state.broadcast_disabled.contains("TEAM"));
+        assert_eq!(state.apply(&set(false)), CommandResponse::Applied { epoch: Epoch(1) }, "no-op keeps the epoch");
+        assert_eq!(state.apply(&set(true)), CommandResponse::Applied { epoch: Epoch(2) });
+        assert!(state.broadcast_disabled.is_empty());
+        let empty = Command::SetBroadcast { team_id: String::new(), enabled: false };
+        assert!(matches!(state.apply(&empty), CommandResponse::Refused { .. }));
+        // States written before the field existed read as every team allowed.
+        let old: ClusterState = serde_json::from_str(r#"{"epoch":3,"members":{},"ring":{"vnodes":128,"replication_factor":2},"token_keys":{},"providers":{},"revoked":[]}"#).expect("an old state");
+        assert!(old.broadcast_disabled.is_empty());
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct GatewayView {
     pub members: BTreeMap<NodeId, Member>,
     /// Suspected clones the cluster refuses → since when (UNIX ms): their pushes answer 410.
     pub refused_clones: BTreeMap<DeviceId, u64>,
+    /// Teams that may not use broadcast channels.
+    pub broadcast_disabled: std::collections::BTreeSet<String>,
 }
 
 impl GatewayView {
@@ -49,6 +51,7 @@ impl GatewayView {
             ring: Ring::from_state(state),
             members: state.members.clone(),
             refused_clones,
+            broadcast_disabled: state.broadcast_disabled.clone(),
         }
     }
 

@@ -135,6 +135,15 @@ enum ProvidersCommand {
         #[arg(long)]
         key_id: Option<String>,
     },
+    /// Allow or forbid a team (JWT or certificate) broadcast channels; every team may until forbidden, and a
+    /// forbidden team's channel requests and broadcasts answer `FeatureNotEnabled`.
+    Broadcast {
+        #[arg(long)]
+        team_id: String,
+        /// Forbid instead of allow.
+        #[arg(long)]
+        disable: bool,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -273,6 +282,11 @@ fn print_keys(doc: &Value) {
 }
 
 fn print_providers(doc: &Value) {
+    let disabled: Vec<&str> =
+        doc["broadcast_disabled"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    if !disabled.is_empty() {
+        println!("kept from broadcast channels: {}", disabled.join(", "));
+    }
     println!("{:<12} {:<30} TOPICS", "TEAM", "KEY IDS");
     for p in doc["providers"].as_array().into_iter().flatten() {
         let list = |v: &Value| v.as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","));
@@ -459,6 +473,9 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Providers(ProvidersCommand::IssueCert { .. }) => unreachable!("handled offline above"),
         CtlCommand::Providers(ProvidersCommand::Remove { team_id, key_id }) => {
             propose(&peers, node, Command::RemoveProvider { team_id, key_id }).await?;
+        }
+        CtlCommand::Providers(ProvidersCommand::Broadcast { team_id, disable }) => {
+            propose(&peers, node, Command::SetBroadcast { team_id, enabled: !disable }).await?;
         }
         CtlCommand::Devices(DevicesCommand::Revoke { device }) => {
             let device: DeviceId = device.parse().context("a device id is 32 hex characters")?;

@@ -162,6 +162,42 @@ async fn every_broadcast_and_subscription_refusal() {
     nothing_more(&mut device, "nothing from a deleted channel").await;
     assert_eq!(refusal(device.subscribe(&live, None).await.unwrap_err()), ChannelRefusal::UnknownChannel);
 
+    // An operator keeps the team from broadcast channels, then allows it again.
+    let team = cluster.signer.team_id().to_string();
+    let ctl = |enable: bool| {
+        let (addr, dir, team) = (cluster.node().cluster_addr, cluster.pki().dir, team.clone());
+        async move {
+            let mut args = vec!["providers", "broadcast", "--team-id", team.as_str()];
+            if !enable {
+                args.push("--disable");
+            }
+            let run = common::ctl(addr, &dir, &args).await;
+            assert!(run.success, "{run:?}");
+        }
+    };
+    ctl(false).await;
+    common::eventually(Duration::from_secs(10), "the gateway hears the team is kept from broadcast", || async {
+        sender.broadcast(&kept, "liveactivity", &[], body).await.reason.as_deref() == Some("FeatureNotEnabled")
+    })
+    .await;
+    assert_reason(
+        "create",
+        &channels.create(r#"{"message-storage-policy": 0, "push-type": "LiveActivity"}"#).await,
+        400,
+        "FeatureNotEnabled",
+    );
+    assert_reason(
+        "list",
+        &channels.call(http::Method::GET, common::channels::ALL_CHANNELS, &[], "").await,
+        400,
+        "FeatureNotEnabled",
+    );
+    ctl(true).await;
+    common::eventually(Duration::from_secs(10), "allowed again", || async {
+        sender.broadcast(&kept, "liveactivity", &[], body).await.status == 200
+    })
+    .await;
+
     // At most 64 channels per link.
     for _ in 0..63 {
         let id = channels.create_ok(0, "LiveActivity").await;

@@ -100,6 +100,8 @@ pub enum Reason {
     CannotCreateChannelConfig,
     /// 403, channels: the app in the path is not one the provider may use.
     TopicMismatch,
+    /// Channels: the provider's team may not use broadcast channels (`courier ctl providers broadcast`).
+    FeatureNotEnabled,
 }
 
 /// A device token that does not open: 410 `ExpiredToken` when its key was retired (the device has a newer
@@ -156,6 +158,7 @@ impl Reason {
             Reason::MissingPushType => "MissingPushType",
             Reason::CannotCreateChannelConfig => "CannotCreateChannelConfig",
             Reason::TopicMismatch => "TopicMismatch",
+            Reason::FeatureNotEnabled => "FeatureNotEnabled",
         }
     }
 
@@ -223,6 +226,7 @@ impl Reason {
         Reason::MissingPushType,
         Reason::CannotCreateChannelConfig,
         Reason::TopicMismatch,
+        Reason::FeatureNotEnabled,
     ];
 
     /// The reason a node's answer names, if it is one of ours.

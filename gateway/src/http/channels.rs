@@ -199,6 +199,7 @@ impl PushService {
         if !self.team_limit.admit(&provider.team_id, Instant::now()) {
             return Err(Reason::TooManyRequests);
         }
+        self.check_broadcast_allowed(&provider.team_id)?;
         if !provider.may_push_to(app) {
             return Err(Reason::TopicMismatch);
         }

@@ -160,6 +160,15 @@ impl PushService {
         }
     }
 
+    /// `FeatureNotEnabled` unless the cluster lets `team` use broadcast channels.
+    fn check_broadcast_allowed(&self, team: &str) -> Result<(), Reason> {
+        let view = self.router.view.borrow();
+        match view.as_ref() {
+            Some(view) if view.broadcast_disabled.contains(team) => Err(Reason::FeatureNotEnabled),
+            _ => Ok(()),
+        }
+    }
+
     /// The provider behind a request: the connection's certificate, else the request's JWT.
     fn authenticate(&self, auth: &ConnectionAuth, authorization: Option<&str>) -> Result<AuthorizedProvider, Reason> {
         match auth {

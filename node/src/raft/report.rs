@@ -58,7 +58,10 @@ pub fn status(control: &Control, devices: &[String]) -> Value {
     let providers: Vec<Value> = state
         .providers
         .iter()
-        .map(|(team, p)| json!({"team_id": team, "key_ids": p.keys.keys().collect::<Vec<_>>(), "topics": p.topics}))
+        .map(|(team, p)| {
+            let broadcast = !state.broadcast_disabled.contains(team);
+            json!({"team_id": team, "key_ids": p.keys.keys().collect::<Vec<_>>(), "topics": p.topics, "broadcast": broadcast})
+        })
         .collect();
     let clones: Vec<Value> = state
         .suspected_clones
@@ -83,6 +86,7 @@ pub fn status(control: &Control, devices: &[String]) -> Value {
         "members": members,
         "token_keys": keys,
         "providers": providers,
+        "broadcast_disabled": state.broadcast_disabled,
         "revoked_devices": state.revoked.len(),
         "suspected_clones": clones,
         "owners": owners,
