@@ -103,6 +103,24 @@ pub fn describe_node_metrics() {
          handshakes_per_source: admission caps; capacity: --max-links)."
     );
     describe_gauge!("courier_node_pending_links", "Device connections accepted and not yet past their first frame.");
+    describe_counter!("courier_node_broadcasts_total", "Broadcasts this node received from gateways to hand out.");
+    describe_counter!(
+        "courier_node_broadcast_deliveries_total",
+        "Broadcasts handed to a linked subscriber's link (one per subscriber per broadcast)."
+    );
+    describe_counter!(
+        "courier_node_broadcasts_missed_total",
+        "Broadcasts a linked subscriber missed because its link's queue was full (policy-1 channels send the \
+         latest again when it next subscribes)."
+    );
+    describe_gauge!(
+        "courier_node_channel_subscriptions",
+        "Broadcast channel subscriptions of the links this node holds."
+    );
+    describe_counter!(
+        "courier_node_channel_subscriptions_refused_total",
+        "Channel subscriptions refused, by reason (unknown channel, bad id, too many on one link)."
+    );
     describe_counter!(
         "courier_node_acks_ignored_total",
         "Device acks for notifications the link never carried (repeats or forged), which cause no write."
