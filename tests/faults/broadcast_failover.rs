@@ -1,6 +1,7 @@
-//! A broadcast channel's subscriber whose owner node is SIGKILLed: real `courier node` processes, the
-//! device offline when the owner dies, a policy-1 broadcast sent while it is gone. Linking again, the
-//! device lands on the new owner, subscribes, and gets the latest broadcast from that node's kept copy.
+//! Broadcasts when a node fails, with real `courier node` processes: a subscriber whose owner is SIGKILLed
+//! gets the latest policy-1 broadcast through its new owner; and a paused member makes broadcasts answer
+//! 503 until the cluster marks it down, after which they go on without it and reach every other
+//! subscriber.
 
 use crate::ONE_AT_A_TIME;
 use crate::common;
@@ -50,5 +51,50 @@ async fn a_subscriber_whose_owner_was_sigkilled_gets_the_latest_broadcast_throug
         tokio::time::timeout(Duration::from_secs(10), link.next_notification()).await.expect("in time").expect("up");
     assert_eq!((n.apns_id.as_str(), n.payload.as_slice()), (latest.as_str(), br#"{"n":2}"#.as_slice()));
     assert!(link.sync().await.expect("sync").is_empty(), "once");
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_member_makes_broadcasts_503_until_it_is_marked_down() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let ProcessCluster { dir, nodes, gateway, signer, endpoints, .. } =
+        ProcessCluster::start_with(&[], |config| config.request_timeout_ms = 1_000).await;
+    let pki = PkiDir::new(dir.path());
+    let channels = Channels::to(gateway.channels_addr, &pki, &signer).await;
+    let sender = Channels::to(gateway.provider_addr, &pki, &signer).await;
+    let channel = channels.create_ok(0, "LiveActivity").await;
+    // Subscribers on every node.
+    let mut links = Vec::new();
+    while links.iter().map(|l: &courier_device::DeviceLink| l.node_addr).collect::<std::collections::HashSet<_>>().len()
+        < 3
+    {
+        assert!(links.len() < 60, "devices spread over the three nodes");
+        let (_, mut link, _) = common::registered_device(&endpoints[0]).await;
+        link.subscribe(&channel, None).await.expect("subscribe");
+        links.push(link);
+    }
+    let leader = gateway.view.borrow().as_ref().expect("a view").leader;
+    let paused = nodes.iter().find(|n| n.id != leader).expect("a follower");
+    common::signal(paused, "-STOP");
+    let during = sender.broadcast(&channel, "liveactivity", &[], r#"{"n":1}"#).await;
+    common::channels::assert_reason("a member does not answer", &during, 503, "ServiceUnavailable");
+    eventually(Duration::from_secs(30), "the paused member is marked down", || {
+        let view = gateway.view.borrow().clone();
+        std::future::ready(view.is_some_and(|v| !v.ring.members().contains(&paused.id)))
+    })
+    .await;
+    let unique = sender.broadcast_ok(&channel, "liveactivity", r#"{"n":2}"#).await;
+    let paused_addr = paused.device_addr.clone();
+    // The members that answered delivered the first one although the provider heard 503 (as with APNs, a
+    // failed broadcast may have reached some subscribers); every subscriber of a live member gets the second.
+    for link in links.iter_mut().filter(|l| l.node_addr.to_string() != paused_addr) {
+        let mut got = Vec::new();
+        while !got.contains(&unique) {
+            let n = tokio::time::timeout(Duration::from_secs(10), link.next_notification()).await;
+            got.push(n.expect("the second broadcast arrives in time").expect("up").apns_id);
+        }
+        assert!(got.len() <= 2, "the 503 one at most once, then the second: {got:?}");
+    }
+    common::signal(paused, "-CONT");
     gateway.shutdown().await;
 }
