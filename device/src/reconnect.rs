@@ -183,6 +183,13 @@ impl Device {
         };
         match attempt.await {
             Ok((mut link, tokens, subscriptions)) => {
+                self.retry_at = None;
+                self.backoff.succeeded();
+                for (topic, token) in tokens {
+                    if self.topics.insert(topic.clone(), Some(token.clone())) != Some(Some(token.clone())) {
+                        self.pending.push_back(DeviceEvent::Token { topic, token });
+                    }
+                }
                 for (channel_id, answer) in subscriptions {
                     self.pending.push_back(match answer {
                         Ok(topic) => DeviceEvent::Subscribed { channel_id, topic },
@@ -191,13 +198,6 @@ impl Device {
                             DeviceEvent::ChannelRefused { channel_id, reason }
                         }
                     });
-                }
-                self.retry_at = None;
-                self.backoff.succeeded();
-                for (topic, token) in tokens {
-                    if self.topics.insert(topic.clone(), Some(token.clone())) != Some(Some(token.clone())) {
-                        self.pending.push_back(DeviceEvent::Token { topic, token });
-                    }
                 }
                 std::mem::swap(&mut link.seen, &mut self.seen);
                 let linked = DeviceEvent::Linked { node: link.node_addr, resumed: link.resumed };

@@ -112,6 +112,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!(
         "  cargo run --release -- send --dir {dir} --topic {topic} '{{\"aps\":{{\"alert\":\"Hello from Courier\"}}}}'"
     );
+    println!("Broadcast channels: create one, add `--channel <id>` to the device, and send to it:");
+    println!("  cargo run --release -- channels create --dir {dir} --policy 1");
+    println!(
+        "  cargo run --release -- channels send --dir {dir} <id> '{{\"aps\":{{\"event\":\"update\",\"content-state\":{{}}}}}}'"
+    );
     println!("See the cluster:");
     println!("  cargo run --release -- ctl --pki-dir {dir} status");
     println!();
