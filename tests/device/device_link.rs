@@ -188,3 +188,68 @@ async fn a_device_relinks_through_its_nodes_sigkill_and_sees_each_notification_o
     device.close().await.expect("close");
     gateway.shutdown().await;
 }
+
+/// `Device::with_channel` subscribes on every link: after its node restarts, the relinked device is
+/// subscribed again without the app asking, and a channel the node refuses is reported once and dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_subscribes_to_its_channels_again_on_every_link() {
+    let mut cluster = common::TestCluster::start().await;
+    let channels = common::channels::Channels::connect(&cluster).await;
+    let sender = common::channels::broadcaster(&cluster).await;
+    let channel = channels.create_ok(0, "LiveActivity").await;
+    let unknown = courier_core::channel::ChannelId::random().to_string();
+    let credentials = cluster.activate().await;
+    let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(400));
+    let mut device = Device::new(cluster.endpoint(), credentials)
+        .expect("device")
+        .with_topic(TOPIC, None)
+        .with_channel(&channel)
+        .with_channel(&unknown)
+        .with_backoff(backoff);
+
+    // Linked, then the token, then each channel's answer.
+    let mut events = Vec::new();
+    while events.len() < 4 {
+        events.push(next(&mut device).await);
+    }
+    assert!(matches!(events[0], DeviceEvent::Linked { .. }), "{events:?}");
+    assert!(matches!(events[1], DeviceEvent::Token { .. }), "{events:?}");
+    let answers: Vec<String> = events[2..]
+        .iter()
+        .map(|event| match event {
+            DeviceEvent::Subscribed { channel_id, topic } => {
+                assert_eq!(topic, TOPIC);
+                format!("subscribed {channel_id}")
+            }
+            DeviceEvent::ChannelRefused { channel_id, reason } => format!("refused {channel_id} {reason:?}"),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(answers.contains(&format!("subscribed {channel}")), "{answers:?}");
+    assert!(answers.contains(&format!("refused {unknown} UnknownChannel")), "{answers:?}");
+
+    let first = sender.broadcast_ok(&channel, "liveactivity", r#"{"n":1}"#).await;
+    let DeviceEvent::Notification(n) = next(&mut device).await else { panic!("the broadcast") };
+    assert_eq!((n.apns_id.as_str(), n.channel_id.as_str()), (first.as_str(), channel.as_str()));
+
+    // The node restarts: the device relinks and subscribes again by itself; the refused channel is not
+    // asked for again.
+    cluster.stop_node().await;
+    cluster.start_node().await;
+    loop {
+        match next(&mut device).await {
+            DeviceEvent::Subscribed { channel_id, .. } => {
+                assert_eq!(channel_id, channel);
+                break;
+            }
+            DeviceEvent::ChannelRefused { channel_id, .. } => panic!("{channel_id} was asked for again"),
+            DeviceEvent::Notification(n) => panic!("nothing to redeliver: {n:?}"),
+            DeviceEvent::Lost { .. } | DeviceEvent::Linked { .. } | DeviceEvent::Token { .. } => {}
+        }
+    }
+    let second = sender.broadcast_ok(&channel, "liveactivity", r#"{"n":2}"#).await;
+    let DeviceEvent::Notification(n) = next(&mut device).await else { panic!("the broadcast on the new link") };
+    assert_eq!(n.apns_id, second);
+    device.close().await.expect("close");
+    cluster.shutdown().await;
+}
