@@ -65,13 +65,7 @@ pub struct Broadcasts {
 
 impl Broadcasts {
     pub fn open(path: &Path, registry: Arc<Registry>, channels: Arc<ChannelShelf>) -> Result<Self, StoreError> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(db_err)?;
-        }
-        // Broadcast payloads are the apps' data: owner-only.
-        crate::secret_file::restrict(path).map_err(db_err)?;
-        let db =
-            Database::create(path).map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        let db = crate::store::open_private(path)?;
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(KEPT).map_err(db_err)?;
         txn.commit().map_err(db_err)?;

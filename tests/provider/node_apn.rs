@@ -57,16 +57,8 @@ async fn node_apn_gets_apns_answers_from_courier() {
             case("unregistered", &gone_token, TOPIC, &ids[4], 0),
         ],
     });
-    let run = tokio::process::Command::new("node")
-        .arg(dir.join("compat.js"))
-        .env("COURIER_COMPAT", config.to_string())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(60), run).await.expect("node-apn finished").unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "node failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 5, "{stdout}");
+    let lines = run_node(&dir, "compat.js", &config).await;
+    assert_eq!(lines.len(), 5, "{lines:?}");
 
     assert_eq!(lines[0]["sent"], true, "{}", lines[0]);
     assert_eq!(lines[0]["id"], ids[0].as_str(), "the library sees the apns-id echoed");

@@ -120,22 +120,12 @@ impl PushService {
         let admitted = request_id_ok
             .and_then(|()| parse_head(&parts.method, parts.uri.path(), &parts.headers))
             .and_then(|head| self.admit_broadcast(head, &parts.headers, auth));
-        let outcome = match admitted {
-            Err(reason) => match self.drain(&parts.headers, body, MAX_BROADCAST_PAYLOAD, Err(reason.into())).await {
-                Err((reason, _)) => Err(reason),
-                Ok(()) => Err(reason),
+        let outcome = match self.admitted_body(&parts.headers, body, MAX_BROADCAST_PAYLOAD, admitted).await {
+            Ok((notification, payload)) => match apns::check_payload(&payload) {
+                Ok(()) => self.send_broadcast(Notification { payload: payload.to_vec(), ..notification }).await,
+                Err(reason) => Err(reason),
             },
-            Ok(notification) => {
-                let read = apns::read_payload(&parts.headers, body, MAX_BROADCAST_PAYLOAD);
-                match tokio::time::timeout(self.body_timeout, read).await {
-                    Err(_) => Err(Reason::IdleTimeout),
-                    Ok(Err(reason)) => Err(reason),
-                    Ok(Ok(payload)) => match apns::check_payload(&payload) {
-                        Err(reason) => Err(reason),
-                        Ok(()) => self.send_broadcast(Notification { payload: payload.to_vec(), ..notification }).await,
-                    },
-                }
-            }
+            Err(reason) => Err(reason),
         };
         let label = outcome.as_ref().map_or_else(|reason| reason.as_str(), |_| "ok");
         metrics::counter!("courier_gateway_broadcasts_total", "outcome" => label).increment(1);

@@ -152,19 +152,9 @@ impl PushService {
         let head =
             request_id_ok.and_then(|()| self.admit_channel_call(&parts.method, parts.uri.path(), &parts.headers, auth));
         let call = head.as_ref().map_or("refused", |head| head.call.name());
-        let outcome = match head {
-            Err(reason) => match self.drain(&parts.headers, body, MAX_BODY, Err(reason.into())).await {
-                Err((reason, _)) => Err(reason),
-                Ok(()) => Err(reason),
-            },
-            Ok(head) => {
-                let read = apns::read_payload(&parts.headers, body, MAX_BODY);
-                match tokio::time::timeout(self.body_timeout, read).await {
-                    Err(_) => Err(Reason::IdleTimeout),
-                    Ok(Err(reason)) => Err(reason),
-                    Ok(Ok(payload)) => self.channel_call(head, &parts.headers, &payload).await,
-                }
-            }
+        let outcome = match self.admitted_body(&parts.headers, body, MAX_BODY, head).await {
+            Ok((head, payload)) => self.channel_call(head, &parts.headers, &payload).await,
+            Err(reason) => Err(reason),
         };
         let outcome_label = outcome.as_ref().map_or_else(|reason| reason.as_str(), |_| "ok");
         metrics::counter!("courier_gateway_channel_requests_total", "call" => call, "outcome" => outcome_label)

@@ -140,6 +140,32 @@ impl PushService {
         self.forward(head, token.device_id.to_bytes().to_vec(), payload).await
     }
 
+    /// The body of a request admitted as `admitted` (read within the body timeout, at most `limit` bytes),
+    /// or, for a refused one, the refusal once its body has been drained (`PayloadTooLarge` past `limit`).
+    async fn admitted_body<B, T>(
+        &self,
+        headers: &http::HeaderMap,
+        body: B,
+        limit: usize,
+        admitted: Result<T, Reason>,
+    ) -> Result<(T, Bytes), Reason>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+    {
+        match admitted {
+            Err(reason) => match self.drain(headers, body, limit, Err(reason.into())).await {
+                Err((reason, _)) => Err(reason),
+                Ok(()) => Err(reason),
+            },
+            Ok(admitted) => {
+                let read = apns::read_payload(headers, body, limit);
+                let payload =
+                    tokio::time::timeout(self.body_timeout, read).await.map_err(|_| Reason::IdleTimeout)??;
+                Ok((admitted, payload))
+            }
+        }
+    }
+
     /// Reads a body to its end before `decided` is answered, so that the answer ends the stream rather than
     /// a reset. A body past `limit` turns the answer into 413 `PayloadTooLarge` (the stream is then closed
     /// with RST_STREAM NO_ERROR after the whole answer, as RFC 9113 §8.1 allows); one that does not end

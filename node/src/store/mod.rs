@@ -54,6 +54,16 @@ pub enum StoreError {
 }
 
 /// A redb error as a store error (redb has one error type per operation).
+/// Opens (creating if needed, with its directory) a redb file of the apps' data: notification payloads,
+/// registrations, kept broadcasts. Owner-only, like every secret.
+pub(crate) fn open_private(path: &Path) -> Result<Database, StoreError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(db_err)?;
+    }
+    crate::secret_file::restrict(path).map_err(db_err)?;
+    Database::create(path).map_err(|source| StoreError::Open { path: path.display().to_string(), source })
+}
+
 pub(crate) fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
 }
@@ -95,13 +105,7 @@ impl Store {
     /// oldest dropped (and counted) first.
     pub fn open_with_cap(path: &Path, cap_per_topic: u64) -> Result<Self, StoreError> {
         let cap_per_topic = cap_per_topic.max(1);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(db_err)?;
-        }
-        // Notification payloads and registrations are the apps' data: owner-only.
-        crate::secret_file::restrict(path).map_err(db_err)?;
-        let db =
-            Database::create(path).map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        let db = open_private(path)?;
         let txn = db.begin_write().map_err(db_err)?;
         {
             txn.open_table(QUEUE).map_err(db_err)?;

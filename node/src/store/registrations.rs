@@ -28,13 +28,7 @@ pub struct Registrations {
 
 impl Registrations {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(db_err)?;
-        }
-        // Notification payloads and registrations are the apps' data: owner-only.
-        crate::secret_file::restrict(path).map_err(db_err)?;
-        let db =
-            Database::create(path).map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        let db = super::open_private(path)?;
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(UNREGISTERED).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
