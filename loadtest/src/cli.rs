@@ -21,8 +21,9 @@ pub fn state_dir() -> PathBuf {
     about = "Load-test a Courier cluster: real mutual-TLS device links, HTTP/2 provider load, and a ledger of \
              every notification",
     after_help = "Examples:\n  courier-loadtest connect --spawn 3 --devices 20000\n  courier-loadtest push \
-                  --spawn 3 --devices 1000 --rate max --duration 20\n  courier-loadtest push --device-addr \
-                  node-0.example:5223 --provider-addr 10.0.0.5:443 --pki-dir ./pki --rate 5000"
+                  --spawn 3 --devices 1000 --rate max --duration 20\n  courier-loadtest broadcast --spawn 6 \
+                  --devices 100000 --channels 1\n  courier-loadtest push --device-addr node-0.example:5223 \
+                  --provider-addr 10.0.0.5:443 --pki-dir ./pki --rate 5000"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -39,6 +40,9 @@ pub enum Command {
     Offline(OfflineArgs),
     /// Kill one node process mid-run; the ledger proves exactly-once delivery and times the recovery.
     Failover(FailoverArgs),
+    /// Broadcast channels: every device subscribed, then broadcasts one at a time; time from the send to the
+    /// last subscriber's receipt, deliveries per second, and subscribers missed.
+    Broadcast(BroadcastArgs),
     /// A seeded random schedule of faults (pause, kill, restart, partition) under push load; the ledger's verdict and a
     /// timeline of faults, epochs and error rates.
     Chaos(ChaosArgs),
@@ -88,6 +92,10 @@ pub struct TargetArgs {
     /// Existing cluster: the gateway's provider API (host:port).
     #[arg(long)]
     pub provider_addr: Option<String>,
+    /// Existing cluster: the gateway's channel management port (host:port; `broadcast` creates its
+    /// channels there).
+    #[arg(long)]
+    pub channels_addr: Option<String>,
     /// Existing cluster: a Courier PKI directory to take the CA and the provider credential from
     /// (`cluster-ca.pem`, `provider.json`, `AuthKey_<kid>.p8`).
     #[arg(long)]
@@ -134,7 +142,7 @@ pub struct SwarmArgs {
     /// Topic the devices register.
     #[arg(long, default_value = "com.example.loadtest")]
     pub topic: String,
-    /// Link attempts in flight at once, across all workers.
+    /// Link attempts (and broadcast channel subscriptions) in flight at once, across all workers.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
     /// Longest pause between reconnect attempts (backoff doubles from 50 ms with jitter up to this).
@@ -272,6 +280,34 @@ pub struct FailoverArgs {
     /// are part of the ledger too (0: all online).
     #[arg(long, default_value_t = 3)]
     pub offline_every: usize,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BroadcastArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// Broadcast channels, created for --topic's app at the start; device `i` subscribes to channel
+    /// `i % C`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub channels: u16,
+    /// The channels' `message-storage-policy`: 0 keeps nothing, 1 keeps each channel's latest broadcast
+    /// for subscribers that link later.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub policy: u8,
+    /// Broadcasts per channel. They go one at a time: each is sent once the one before has reached every
+    /// subscriber (or its settle timeout passed) and `--interval-ms` more have gone by.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sends: u32,
+    /// Pause between one broadcast's end and the next send, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Seconds after its send by which a subscriber must have a broadcast; one that has not is missed.
+    #[arg(long, default_value_t = 10.0)]
+    pub settle_timeout: f64,
 }
 
 #[derive(clap::Args, Clone, Debug)]

@@ -1,10 +1,11 @@
 //! The cluster under test: spawned here as child processes (`--spawn N`), or an existing one.
 //!
 //! A spawned cluster is N `courier node` processes and one `courier gateway` on loopback with OS-chosen
-//! ports. Its PKI stays in `--spawn-dir` between runs, so cached devices stay valid; node data is wiped
-//! at each start so no notification of an earlier run is left in a queue. The gateway's per-device rate
-//! limit is turned off (`--device-rate-per-sec 0`): a load test pushes to each device far faster than an
-//! app would. Node and gateway logs go to `<spawn-dir>/*.log`.
+//! ports (the gateway's channels port too, unless `--gateway-arg` names one). Its PKI stays in `--spawn-dir`
+//! between runs, so cached devices stay valid; node data is wiped at each start so no notification of an
+//! earlier run is left in a queue. The gateway's per-device rate limit is turned off
+//! (`--device-rate-per-sec 0`): a load test pushes to each device far faster than an app would. Node and
+//! gateway logs go to `<spawn-dir>/*.log`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,9 @@ pub struct SpawnedNode {
 pub struct Target {
     pub device_addrs: Vec<String>,
     pub provider_addr: SocketAddr,
+    /// The gateway's channel management port, where broadcast channels are created; unknown for an
+    /// existing cluster given without `--channels-addr`.
+    pub channels_addr: Option<SocketAddr>,
     pub server_name: String,
     /// The CA that signs node and gateway certificates.
     pub ca: PathBuf,
@@ -84,6 +88,12 @@ impl Target {
             })?;
         }
         Some(total as u64)
+    }
+
+    /// The processes of a spawned cluster: the nodes still running, and the gateway.
+    pub fn pids(&self) -> (Vec<u32>, Option<u32>) {
+        let nodes = self.nodes.iter().filter(|n| !n.killed).map(|n| n.pid).collect();
+        (nodes, self.gateway.as_ref().and_then(Child::id))
     }
 
     /// SIGKILLs spawned node `index` (0-based); returns its device address.
@@ -195,9 +205,14 @@ async fn existing(args: &TargetArgs) -> anyhow::Result<Target> {
         _ => anyhow::bail!("an existing cluster needs --pki-dir, or --ca with --provider-key, --team-id and --key-id"),
     };
     let provider = args.provider_addr.clone().unwrap_or_default();
+    let channels_addr = match &args.channels_addr {
+        Some(addr) => Some(courier_device::resolve(addr).await?),
+        None => None,
+    };
     Ok(Target {
         device_addrs: args.device_addr.clone(),
         provider_addr: courier_device::resolve(&provider).await?,
+        channels_addr,
         server_name: args.server_name.clone(),
         ca,
         signer,
@@ -366,6 +381,10 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
         }
     }
     let node_addrs: Vec<_> = nodes.iter().map(|n| n.cluster_addr.clone()).collect();
+    // The gateway's default channels port is a fixed one on every interface, which a second cluster on the
+    // machine (another run, `courier dev`) would already hold.
+    let channels_arg = (!args.gateway_args.iter().any(|arg| arg.starts_with("--channels-addr")))
+        .then_some(["--channels-addr", "127.0.0.1:0"]);
     let mut gateway_command = tokio::process::Command::new(&bin);
     crate::die_with_parent(&mut gateway_command);
     let mut gateway = gateway_command
@@ -375,6 +394,7 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
         .arg(dir)
         .args(["--node-addr", &node_addrs.join(",")])
         .args(["--provider-addr", "127.0.0.1:0", "--gateway-metrics-addr", "127.0.0.1:0"])
+        .args(channels_arg.iter().flatten())
         .args(["--device-rate-per-sec", "0"])
         .args(&args.gateway_args)
         .env("RUST_LOG", std::env::var("COURIER_LOADTEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
@@ -385,6 +405,7 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
         .context("starting the gateway")?;
     let value = listening(&mut gateway, "the gateway").await?;
     let provider_addr: SocketAddr = value["provider_addr"].as_str().unwrap_or_default().parse()?;
+    let channels_addr = value["channels_addr"].as_str().and_then(|addr| addr.parse::<SocketAddr>().ok());
     let gateway_metrics = value["metrics_addr"].as_str().unwrap_or_default().to_string();
     while !ready(&gateway_metrics).await {
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "the gateway did not become ready in 60 s");
@@ -399,6 +420,7 @@ async fn spawn(args: &TargetArgs, n: usize, quiet: bool) -> anyhow::Result<Targe
     Ok(Target {
         device_addrs: nodes.iter().map(|n| n.device_addr.clone()).collect(),
         provider_addr,
+        channels_addr,
         server_name: "localhost".into(),
         ca: pki.cluster_ca_cert(),
         signer: JwtSigner::from_pki(&pki)?,

@@ -8,7 +8,7 @@
 //!   histograms, errors by APNs reason, losses and duplicates.
 //!
 //! The target is a local cluster it spawns as child processes (`--spawn N`, see [`cluster`]) or an existing
-//! one given by its endpoints, CA and provider key. The four scenarios are in [`scenario`], the fault
+//! one given by its endpoints, CA and provider key. The scenarios are in [`scenario`], the fault
 //! schedule in [`chaos`]; the binary (`src/bin/courier-loadtest.rs` in the root package) parses the
 //! command line and runs one of them.
 
@@ -48,6 +48,26 @@ pub fn die_with_parent(command: &mut tokio::process::Command) {
     }
 }
 
+/// CPU time (user and system) process `pid` has used so far, in seconds, from `/proc/<pid>/stat` (Linux;
+/// `None` elsewhere or once the process is gone).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = cpu_ticks(&stat)?;
+    (ticks_per_sec > 0).then(|| ticks as f64 / ticks_per_sec as f64)
+}
+
+/// utime + stime from a `/proc/<pid>/stat` line. The command name (field 2) is in parentheses and may
+/// itself hold spaces and parentheses, so the fields are counted from the last `)`.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
+}
+
 /// Microseconds on the machine's monotonic clock (`CLOCK_MONOTONIC`, shared by every process on the
 /// machine): the clock every receipt and send time is taken from, since the swarm and the provider run on
 /// one machine. Unlike the wall clock, it is never stepped or slewed back while a run measures latencies
@@ -60,4 +80,24 @@ pub fn clock_micros() -> u64 {
         return 0;
     }
     now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_counted_after_the_command_name() {
+        let stat = "4242 (courier (x) y) S 1 4242 4242 0 -1 4194560 1000 0 0 0 370 55 0 0 20 0 9 0 100 0 0";
+        assert_eq!(cpu_ticks(stat), Some(425));
+        assert_eq!(cpu_ticks("4242 (short) S 1 2"), None, "too few fields");
+        assert_eq!(cpu_ticks("no parenthesis at all"), None);
+        assert_eq!(cpu_ticks("1 (x) S 1 1 1 0 -1 0 0 0 0 0 -5 1"), None, "not a count");
+    }
+
+    #[test]
+    fn this_process_has_used_some_cpu() {
+        let spent = cpu_seconds(std::process::id()).expect("/proc/<pid>/stat of this process");
+        assert!(spent >= 0.0);
+    }
 }

@@ -42,6 +42,9 @@ pub enum Command {
     /// The node at this device address is about to be killed: links lost to it count as orphaned, and the
     /// first delivery each orphan gets through another node is its recovery.
     Killing { addr: String },
+    /// Subscribe device `i`'s link to broadcast channel `channels[i % len]` (base64 ids), now and on every
+    /// link it opens later: a subscription lasts as long as its link.
+    Subscribe { channels: Vec<String> },
     /// Close every link, send a last report and exit.
     Exit,
 }
@@ -67,6 +70,13 @@ pub struct Progress {
     pub drops: u64,
     /// New receipts: (sequence number, end-to-end latency in µs, receiving device index).
     pub receipts: Vec<(u64, u64, u64)>,
+    /// Links subscribed to their device's channel now (after `Subscribe`).
+    pub subscribed: u64,
+    /// Subscriptions refused, by reason (the device tries again after a pause).
+    pub subscribe_refusals: BTreeMap<String, u64>,
+    /// New broadcast receipts: (broadcast sequence number, receiving device index, `clock_micros` at
+    /// receipt).
+    pub broadcasts: Vec<(u64, u64, u64)>,
     /// Notifications from another run (left over in a queue).
     pub stale: u64,
     /// New tokens: (device index, token).
@@ -84,6 +94,21 @@ pub struct Progress {
 #[derive(Debug, Deserialize)]
 pub struct Marker {
     pub lt: (u32, u64, u64, u64),
+}
+
+/// The payload marker of a broadcast: `"lb":[run, seq]`. A broadcast's apns-id is the gateway's own
+/// (`apns-unique-id`), so the sequence number travels in the payload.
+#[derive(Debug, Deserialize)]
+pub struct BroadcastMarker {
+    pub lb: (u32, u64),
+}
+
+/// The payload of broadcast `seq`: a Live Activity update carrying the marker.
+pub fn broadcast_payload(run_id: u32, seq: u64, unix_secs: u64) -> Vec<u8> {
+    format!(
+        r#"{{"aps":{{"timestamp":{unix_secs},"event":"update","content-state":{{"seq":{seq}}}}},"lb":[{run_id},{seq}]}}"#
+    )
+    .into_bytes()
 }
 
 /// The apns-id of sequence number `seq` in run `run_id`: a well-formed UUID the ledger can read back.
@@ -104,6 +129,15 @@ mod tests {
     fn payload_marker_round_trips() {
         let marker: Marker = serde_json::from_slice(&payload(7, 42, 3, 1_700_000_000_000_000)).unwrap();
         assert_eq!(marker.lt, (7, 42, 3, 1_700_000_000_000_000));
+    }
+
+    #[test]
+    fn broadcast_marker_round_trips() {
+        let payload = broadcast_payload(7, 42, 1_700_000_000);
+        let marker: BroadcastMarker = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(marker.lb, (7, 42));
+        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(object["aps"]["event"], "update", "a Live Activity update");
     }
 
     #[test]

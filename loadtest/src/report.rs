@@ -1,5 +1,6 @@
 //! The ledger of a run (every sequence number sent, how the gateway answered, how often and where it
-//! arrived), latency histograms, the live progress line, the summary table and the JSON result.
+//! arrived), its counterpart for broadcasts (every broadcast and when each subscriber received it), latency
+//! histograms, the live progress line, the summary table and the JSON result.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -212,6 +213,253 @@ impl PushSummary {
     }
 }
 
+/// The ledger of a broadcast run: every broadcast sent, how the gateway answered, and when each of its
+/// subscribers received it. Device `i` subscribes to channel `i % channels`; every time is `clock_micros`,
+/// the monotonic clock the coordinator and the swarm's workers share.
+pub struct BroadcastLedger {
+    devices: usize,
+    channels: usize,
+    /// By sequence number.
+    sends: Vec<Fanout>,
+    /// Receipts at a device that does not subscribe to the broadcast's channel.
+    pub misdelivered: u64,
+    /// Receipts naming a sequence number this run never sent.
+    pub unknown: u64,
+}
+
+/// One broadcast.
+struct Fanout {
+    channel: usize,
+    /// Taken just before the request left.
+    sent_us: u64,
+    /// When the gateway answered 200, or why it did not; `None` while unanswered.
+    answer: Option<Result<u64, String>>,
+    /// Each subscriber's first receipt (0: none yet), by its place in the channel: device
+    /// `channel + k * channels` is at `k`.
+    receipts: Vec<u64>,
+    /// Subscribers with a receipt, however late.
+    received: usize,
+    /// Receipts after a subscriber's first.
+    duplicates: u64,
+}
+
+impl BroadcastLedger {
+    pub fn new(devices: usize, channels: usize) -> Self {
+        BroadcastLedger { devices, channels: channels.max(1), sends: Vec::new(), misdelivered: 0, unknown: 0 }
+    }
+
+    /// How many of the devices subscribe to `channel`.
+    pub fn subscribers(&self, channel: usize) -> usize {
+        if channel >= self.channels || channel >= self.devices {
+            return 0;
+        }
+        (self.devices - channel).div_ceil(self.channels)
+    }
+
+    /// The sequence number the next broadcast gets.
+    pub fn next_seq(&self) -> u64 {
+        self.sends.len() as u64
+    }
+
+    /// Records a broadcast on `channel` sent at `sent_us`; returns its sequence number.
+    pub fn sent(&mut self, channel: usize, sent_us: u64) -> u64 {
+        let subscribers = self.subscribers(channel);
+        self.sends.push(Fanout {
+            channel,
+            sent_us,
+            answer: None,
+            receipts: vec![0; subscribers],
+            received: 0,
+            duplicates: 0,
+        });
+        (self.sends.len() - 1) as u64
+    }
+
+    /// The gateway's answer to broadcast `seq`: `Ok(answered_us)` for 200, else the reason.
+    pub fn answered(&mut self, seq: u64, answer: Result<u64, String>) {
+        if let Some(fanout) = self.sends.get_mut(seq as usize) {
+            fanout.answer = Some(answer);
+        }
+    }
+
+    /// Device `device` received broadcast `seq` at `at_us`.
+    pub fn receipt(&mut self, seq: u64, device: u64, at_us: u64) {
+        let Some(fanout) = self.sends.get_mut(seq as usize) else {
+            self.unknown += 1;
+            return;
+        };
+        let device = device as usize;
+        if device >= self.devices || device % self.channels != fanout.channel {
+            self.misdelivered += 1;
+            return;
+        }
+        match fanout.receipts.get_mut(device / self.channels) {
+            Some(slot) if *slot == 0 => {
+                // 0 marks "none yet"; a receipt at the clock's origin is a microsecond later.
+                *slot = at_us.max(1);
+                fanout.received += 1;
+            }
+            Some(_) => fanout.duplicates += 1,
+            None => self.misdelivered += 1,
+        }
+    }
+
+    /// Subscribers that have received broadcast `seq`, however late.
+    pub fn received(&self, seq: u64) -> usize {
+        self.sends.get(seq as usize).map_or(0, |fanout| fanout.received)
+    }
+
+    /// Broadcast `seq` as it stands, counting a receipt later than `settle_us` after the send as missed.
+    pub fn summary(&self, seq: u64, settle_us: u64) -> Option<FanoutSummary> {
+        let fanout = self.sends.get(seq as usize)?;
+        let (latency, received, last_us) = fanout.latency(settle_us);
+        let subscribers = fanout.receipts.len();
+        let last_receipt_ms = last_us.map(|us| us as f64 / 1000.0);
+        let deliveries_per_sec = match last_us {
+            Some(us) if us > 0 => received as f64 / (us as f64 / 1e6),
+            _ => 0.0,
+        };
+        let (answer_ms, error) = match &fanout.answer {
+            Some(Ok(at)) => (Some(at.saturating_sub(fanout.sent_us) as f64 / 1000.0), None),
+            Some(Err(reason)) => (None, Some(reason.clone())),
+            None => (None, Some("unanswered".to_string())),
+        };
+        Some(FanoutSummary {
+            seq,
+            channel: fanout.channel,
+            subscribers,
+            received,
+            missed: subscribers - received,
+            late: fanout.received - received,
+            duplicates: fanout.duplicates,
+            answer_ms,
+            error,
+            last_receipt_ms,
+            deliveries_per_sec,
+            latency: (!latency.is_empty()).then(|| Percentiles::of(&latency)),
+        })
+    }
+
+    /// Every broadcast's summary, in the order they were sent.
+    pub fn summaries(&self, settle_us: u64) -> Vec<FanoutSummary> {
+        (0..self.sends.len() as u64).filter_map(|seq| self.summary(seq, settle_us)).collect()
+    }
+
+    /// The run's figures. Deliveries (due, received, missed) count accepted broadcasts only; a refused one
+    /// counts as refused. The spreads of time to the last receipt and of deliveries per second are over
+    /// complete broadcasts (every subscriber in time) only: an incomplete one's last receipt is not its
+    /// last subscriber's.
+    pub fn totals(&self, settle_us: u64) -> BroadcastTotals {
+        let summaries = self.summaries(settle_us);
+        let mut latency = histogram();
+        for fanout in self.sends.iter().filter(|fanout| matches!(fanout.answer, Some(Ok(_)))) {
+            let _ = latency.add(fanout.latency(settle_us).0);
+        }
+        let accepted: Vec<&FanoutSummary> = summaries.iter().filter(|s| s.error.is_none()).collect();
+        let complete: Vec<&FanoutSummary> = accepted.iter().copied().filter(|s| s.missed == 0).collect();
+        let sum = |count: fn(&FanoutSummary) -> u64| accepted.iter().map(|s| count(s)).sum::<u64>();
+        BroadcastTotals {
+            sends: summaries.len(),
+            refused: summaries.len() - accepted.len(),
+            complete: complete.len(),
+            deliveries_due: sum(|s| s.subscribers as u64),
+            received: sum(|s| s.received as u64),
+            missed: sum(|s| s.missed as u64),
+            late: sum(|s| s.late as u64),
+            duplicates: sum(|s| s.duplicates),
+            misdelivered: self.misdelivered,
+            unknown: self.unknown,
+            last_receipt_ms: Spread::of(complete.iter().filter_map(|s| s.last_receipt_ms)),
+            deliveries_per_sec: Spread::of(complete.iter().map(|s| s.deliveries_per_sec)),
+            answer_ms: Spread::of(accepted.iter().filter_map(|s| s.answer_ms)),
+            latency: (!latency.is_empty()).then(|| Percentiles::of(&latency)),
+        }
+    }
+}
+
+impl Fanout {
+    /// The in-time receipts' latencies from the send, how many there are, and the latest.
+    fn latency(&self, settle_us: u64) -> (Histogram<u64>, usize, Option<u64>) {
+        let mut latency = histogram();
+        let (mut received, mut last) = (0, None);
+        for &at in self.receipts.iter().filter(|&&at| at != 0) {
+            let us = at.saturating_sub(self.sent_us);
+            if us > settle_us {
+                continue;
+            }
+            received += 1;
+            let _ = latency.record(us.max(1));
+            last = last.max(Some(us));
+        }
+        (latency, received, last)
+    }
+}
+
+/// One broadcast's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutSummary {
+    pub seq: u64,
+    pub channel: usize,
+    pub subscribers: usize,
+    /// Subscribers that received it within the settle timeout.
+    pub received: usize,
+    /// Subscribers that did not (`late` of them did afterwards).
+    pub missed: usize,
+    pub late: usize,
+    /// Second receipts at one subscriber (the device drops redeliveries by apns-id, so none are expected).
+    pub duplicates: u64,
+    /// From the send to the gateway's 200.
+    pub answer_ms: Option<f64>,
+    /// Why it was not answered 200.
+    pub error: Option<String>,
+    /// From the send to the last in-time receipt.
+    pub last_receipt_ms: Option<f64>,
+    /// In-time receipts over the time from the send to the last of them.
+    pub deliveries_per_sec: f64,
+    /// Each subscriber's time from the send to its receipt.
+    pub latency: Option<Percentiles>,
+}
+
+/// A broadcast run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct BroadcastTotals {
+    pub sends: usize,
+    /// Broadcasts the gateway did not answer 200.
+    pub refused: usize,
+    /// Accepted broadcasts every subscriber received in time.
+    pub complete: usize,
+    /// Subscribers summed over accepted broadcasts: the deliveries a perfect run makes.
+    pub deliveries_due: u64,
+    pub received: u64,
+    pub missed: u64,
+    pub late: u64,
+    pub duplicates: u64,
+    pub misdelivered: u64,
+    pub unknown: u64,
+    /// Over complete broadcasts.
+    pub last_receipt_ms: Option<Spread>,
+    pub deliveries_per_sec: Option<Spread>,
+    pub answer_ms: Option<Spread>,
+    /// Every in-time receipt's time from its send.
+    pub latency: Option<Percentiles>,
+}
+
+/// The smallest, middle (the lower of two) and largest of a few figures.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Spread> {
+        let mut values: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+        values.sort_by(f64::total_cmp);
+        Some(Spread { min: *values.first()?, median: values[(values.len() - 1) / 2], max: *values.last()? })
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Percentiles {
     pub count: u64,
@@ -344,6 +592,67 @@ mod tests {
         (0..3).for_each(|seq| whole.answer(seq, Ok(()), 10));
         whole.receipt(5, 10, 1); // a receipt beyond the last answer does not make an answer missing
         assert!(whole.summary(0).consistent);
+    }
+
+    #[test]
+    fn a_broadcast_ledger_times_each_subscriber_from_the_send() {
+        // Five devices over two channels: channel 0 has devices 0, 2, 4; channel 1 has 1, 3.
+        let mut ledger = BroadcastLedger::new(5, 2);
+        assert_eq!((ledger.subscribers(0), ledger.subscribers(1), ledger.subscribers(2)), (3, 2, 0));
+        let seq = ledger.sent(0, 1_000_000);
+        ledger.answered(seq, Ok(1_050_000));
+        ledger.receipt(seq, 0, 1_100_000);
+        ledger.receipt(seq, 4, 1_400_000);
+        ledger.receipt(seq, 2, 1_200_000);
+        ledger.receipt(seq, 2, 1_300_000); // a second copy
+        ledger.receipt(seq, 1, 1_100_000); // channel 1's subscriber
+        ledger.receipt(seq, 9, 1_100_000); // no such device
+        ledger.receipt(7, 0, 1_100_000); // never sent
+        assert_eq!(ledger.received(seq), 3);
+        let s = ledger.summary(seq, 10_000_000).unwrap();
+        assert_eq!((s.subscribers, s.received, s.missed, s.late, s.duplicates), (3, 3, 0, 0, 1));
+        assert_eq!(s.answer_ms, Some(50.0));
+        assert_eq!(s.last_receipt_ms, Some(400.0), "the last subscriber's receipt, from the send");
+        assert!((s.deliveries_per_sec - 3.0 / 0.4).abs() < 1e-9);
+        let latency = s.latency.unwrap();
+        assert_eq!(latency.count, 3);
+        assert!((latency.p50_ms - 200.0).abs() < 0.5 && (latency.max_ms - 400.0).abs() < 0.5, "{latency:?}");
+        assert_eq!((ledger.misdelivered, ledger.unknown), (2, 1));
+    }
+
+    #[test]
+    fn a_broadcast_ledger_counts_the_late_and_the_absent_as_missed() {
+        let mut ledger = BroadcastLedger::new(4, 1);
+        let first = ledger.sent(0, 0);
+        ledger.answered(first, Ok(10));
+        for device in 0..4 {
+            ledger.receipt(first, device, 1_000 * (device + 1));
+        }
+        let second = ledger.sent(0, 5_000_000);
+        ledger.answered(second, Ok(5_000_100));
+        ledger.receipt(second, 0, 5_200_000);
+        ledger.receipt(second, 1, 5_000_000 + 3_000_000); // after the 2 s settle timeout
+        let refused = ledger.sent(0, 9_000_000);
+        ledger.answered(refused, Err("ServiceUnavailable".into()));
+
+        let s = ledger.summary(second, 2_000_000).unwrap();
+        assert_eq!((s.received, s.missed, s.late), (1, 3, 1), "one late and two absent are missed");
+        assert_eq!(s.last_receipt_ms, Some(200.0), "the late receipt is not the last in time");
+        let totals = ledger.totals(2_000_000);
+        assert_eq!((totals.sends, totals.refused, totals.complete), (3, 1, 1));
+        assert_eq!((totals.deliveries_due, totals.received, totals.missed, totals.late), (8, 5, 3, 1));
+        let last = totals.last_receipt_ms.unwrap();
+        assert_eq!((last.min, last.max), (4.0, 4.0), "only the complete broadcast counts: {last:?}");
+        assert_eq!(totals.latency.unwrap().count, 5);
+        assert_eq!(ledger.summary(refused, 2_000_000).unwrap().error.as_deref(), Some("ServiceUnavailable"));
+    }
+
+    #[test]
+    fn a_spread_is_the_lowest_middle_and_highest() {
+        assert_eq!(Spread::of([]), None);
+        assert_eq!(Spread::of([3.0, 1.0, 2.0]), Some(Spread { min: 1.0, median: 2.0, max: 3.0 }));
+        assert_eq!(Spread::of([4.0, 1.0, 3.0, 2.0]).unwrap().median, 2.0, "the lower of the middle two");
+        assert_eq!(Spread::of([f64::NAN, 5.0]).unwrap().median, 5.0);
     }
 
     #[test]

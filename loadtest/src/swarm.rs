@@ -38,6 +38,9 @@ pub struct SwarmTotals {
     pub drops: u64,
     pub stale: u64,
     pub orphaned: u64,
+    /// Links subscribed to their device's broadcast channel.
+    pub subscribed: u64,
+    pub subscribe_refusals: BTreeMap<String, u64>,
     pub connect_errors: BTreeMap<String, u64>,
     pub error_samples: BTreeMap<String, String>,
     /// Resident memory of all worker processes.
@@ -56,6 +59,9 @@ struct State {
     tokens: Vec<Option<String>>,
     token_count: usize,
     recovered: Vec<u64>,
+    /// Broadcast receipts not yet taken (`SwarmView::take_broadcasts`), and how many were reported in all.
+    broadcasts: Vec<(u64, u64, u64)>,
+    broadcast_receipts: u64,
     finished: usize,
     /// A worker that died or said something unreadable.
     failure: Option<String>,
@@ -86,7 +92,11 @@ impl SwarmView {
             totals.drops += p.drops;
             totals.stale += p.stale;
             totals.orphaned += p.orphaned;
+            totals.subscribed += p.subscribed;
             totals.rss += p.rss;
+            for (reason, n) in &p.subscribe_refusals {
+                *totals.subscribe_refusals.entry(reason.clone()).or_default() += n;
+            }
             for (reason, n) in &p.connect_errors {
                 *totals.connect_errors.entry(reason.clone()).or_default() += n;
             }
@@ -109,6 +119,17 @@ impl SwarmView {
     /// UNIX µs at which orphans of the killed node first received through another node.
     pub fn recovered(&self) -> Vec<u64> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).recovered.clone()
+    }
+
+    /// Broadcast receipts reported since the last call: (broadcast sequence number, device index,
+    /// monotonic µs at receipt).
+    pub fn take_broadcasts(&self) -> Vec<(u64, u64, u64)> {
+        std::mem::take(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()).broadcasts)
+    }
+
+    /// Broadcast receipts reported since the start.
+    pub fn broadcast_receipts(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).broadcast_receipts
     }
 
     /// Fails if a worker died or spoke nonsense.
@@ -160,6 +181,11 @@ impl Swarm {
             handles.push((child, stdin));
         }
         Ok(Swarm { workers: handles, view: SwarmView { state }, devices: plan.devices })
+    }
+
+    /// The worker processes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.workers.iter().filter_map(|(child, _)| child.id()).collect()
     }
 
     pub async fn command(&mut self, command: &Command) -> anyhow::Result<()> {
@@ -225,6 +251,8 @@ async fn read_reports(
             }
         }
         state.recovered.append(&mut progress.recovered);
+        state.broadcast_receipts += progress.broadcasts.len() as u64;
+        state.broadcasts.append(&mut progress.broadcasts);
         progress.receipts = Vec::new();
         if progress.done {
             state.finished += 1;

@@ -1,7 +1,7 @@
 //! One worker process of the device swarm: holds a slice of the devices' links, each a task that
 //! connects (first to the owner its activation named, else to an endpoint; following redirects), registers
-//! its topic once, answers pings, acks what its app received, and reconnects with backoff and TLS session
-//! resumption when a link breaks.
+//! its topic once, subscribes each link to its broadcast channel once told to, answers pings, acks what its
+//! app received, and reconnects with backoff and TLS session resumption when a link breaks.
 //!
 //! Driven over stdin by the coordinator (`msg::WorkerSpec`, then `msg::Command`s); reports `msg::Progress`
 //! on stdout every 200 ms. When stdin closes (the coordinator is gone) the worker exits.
@@ -17,11 +17,13 @@ use anyhow::Context;
 use courier_core::ids::DeviceId;
 use courier_core::shutdown::CancellationToken;
 use courier_device::{Backoff, ClientError, Connector, DeviceLink, LinkEvent, SeenIds};
+use courier_proto::device::ChannelRefusal;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::Semaphore;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::msg::{Command, Marker, Progress, WorkerSpec};
+use crate::msg::{BroadcastMarker, Command, Marker, Progress, WorkerSpec};
 
 /// One simulated device.
 struct Device {
@@ -38,6 +40,9 @@ struct Device {
     last_node: Mutex<Option<(SocketAddr, Connector)>>,
     /// apns-ids its app has seen, kept across links so redeliveries are dropped after reconnects too.
     seen: Mutex<Option<SeenIds>>,
+    /// The apns-id of the last broadcast it received: a link subscribing again names it, so a channel that
+    /// keeps its latest broadcast does not send that one twice.
+    last_broadcast: Mutex<Option<String>>,
 }
 
 #[derive(Default)]
@@ -52,6 +57,9 @@ struct Stats {
     orphaned: AtomicU64,
     errors: Mutex<(BTreeMap<String, u64>, BTreeMap<String, String>)>,
     receipts: Mutex<Vec<(u64, u64, u64)>>,
+    subscribed: AtomicU64,
+    subscribe_refusals: Mutex<BTreeMap<String, u64>>,
+    broadcasts: Mutex<Vec<(u64, u64, u64)>>,
     tokens: Mutex<Vec<(u64, String)>>,
     recovered: Mutex<Vec<u64>>,
 }
@@ -62,6 +70,12 @@ impl Stats {
         let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
         *errors.0.entry(reason.clone()).or_default() += 1;
         errors.1.entry(reason).or_insert_with(|| error.to_string());
+    }
+
+    fn refused(&self, reason: ChannelRefusal) {
+        let name = reason.as_str_name();
+        let reason = name.strip_prefix("CHANNEL_REFUSAL_").unwrap_or(name).to_ascii_lowercase();
+        *self.subscribe_refusals.lock().unwrap_or_else(|e| e.into_inner()).entry(reason).or_default() += 1;
     }
 }
 
@@ -93,6 +107,9 @@ struct Shared {
     permits: Semaphore,
     /// The device address of the node being killed.
     killing: Mutex<Option<SocketAddr>>,
+    /// The broadcast channels of `Command::Subscribe` (empty until then); device tasks watch it, so links
+    /// already open subscribe when it arrives and every later link right after its handshake.
+    channels: watch::Sender<Arc<Vec<String>>>,
 }
 
 impl Shared {
@@ -112,6 +129,11 @@ impl Shared {
     fn backoff(&self) -> Backoff {
         Backoff::new(Duration::from_millis(100), Duration::from_millis(self.spec.max_backoff_ms))
     }
+}
+
+/// The channel device `index` subscribes to: `channels[index % len]`, none before `Subscribe`.
+fn channel_for(channels: &[String], index: usize) -> Option<String> {
+    (!channels.is_empty()).then(|| channels[index % channels.len()].clone())
 }
 
 /// Runs the worker until `Exit` or until stdin closes.
@@ -159,6 +181,7 @@ pub async fn run() -> anyhow::Result<()> {
             owner: owner_node,
             last_node: Mutex::new(None),
             seen: Mutex::new(None),
+            last_broadcast: Mutex::new(None),
         }));
     }
     let shared = Arc::new(Shared {
@@ -167,6 +190,7 @@ pub async fn run() -> anyhow::Result<()> {
         endpoints,
         stats: Stats::default(),
         killing: Mutex::new(None),
+        channels: watch::Sender::new(Arc::new(Vec::new())),
     });
 
     let reporter_stop = CancellationToken::new();
@@ -202,6 +226,9 @@ pub async fn run() -> anyhow::Result<()> {
             Command::Killing { addr } => {
                 let addr = courier_device::resolve(&addr).await?;
                 *shared.killing.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+            }
+            Command::Subscribe { channels } => {
+                shared.channels.send_replace(Arc::new(channels));
             }
             Command::Exit => break,
         }
@@ -240,6 +267,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
     let (mut addr, mut connector) = last_node.or_else(|| device.owner.clone()).unwrap_or_else(first_endpoint);
     let mut backoff = shared.backoff();
     let mut orphaned = false;
+    let mut channels = shared.channels.subscribe();
     loop {
         let attempt = async {
             let _permit = shared.permits.acquire().await;
@@ -275,13 +303,64 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
         *device.last_node.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, connector.clone()));
         stats.links.fetch_add(1, Ordering::Relaxed);
         link.seen = std::mem::take(&mut seen);
+        // The channel this link subscribes to, once the node said so.
+        let mut subscribed: Option<String> = None;
+        let mut refused = shared.backoff();
         let ended = loop {
+            let wanted = channel_for(&channels.borrow_and_update(), device.index);
+            if let Some(channel) = wanted.filter(|wanted| subscribed.as_ref() != Some(wanted)) {
+                let last_seen = device.last_broadcast.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                // Under the same bound as link attempts: a hundred thousand links subscribing at the same
+                // instant would starve the nodes' Raft heartbeats and probes on a small machine, and
+                // devices do not all subscribe at once.
+                let subscribe = async {
+                    let _permit = shared.permits.acquire().await;
+                    link.subscribe(&channel, last_seen.as_deref()).await
+                };
+                let answer = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break Ended::Cancelled,
+                    answer = subscribe => answer,
+                };
+                match answer {
+                    Ok(_topic) => {
+                        if subscribed.replace(channel).is_none() {
+                            stats.subscribed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        refused.succeeded();
+                    }
+                    Err(ClientError::ChannelRefused { reason, .. }) => {
+                        // A node whose copy of the channel book is behind the gateway's does not know a
+                        // channel just created yet: ask again after a pause.
+                        stats.refused(reason);
+                        tokio::select! {
+                            _ = cancel.cancelled() => break Ended::Cancelled,
+                            _ = tokio::time::sleep(refused.failed()) => continue,
+                        }
+                    }
+                    Err(error) => break Ended::Broke(error),
+                }
+            }
             let event = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break Ended::Cancelled,
+                Ok(()) = channels.changed() => continue,
                 event = link.next_app_event() => event,
             };
             match event {
+                Ok(LinkEvent::Notification(n)) if !n.channel_id.is_empty() => {
+                    let now = crate::clock_micros();
+                    match serde_json::from_slice::<BroadcastMarker>(&n.payload) {
+                        Ok(BroadcastMarker { lb: (run, seq) }) if run == shared.spec.run_id => {
+                            let receipt = (seq, device.index as u64, now);
+                            stats.broadcasts.lock().unwrap_or_else(|e| e.into_inner()).push(receipt);
+                        }
+                        _ => {
+                            stats.stale.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    *device.last_broadcast.lock().unwrap_or_else(|e| e.into_inner()) = Some(n.apns_id);
+                }
                 Ok(LinkEvent::Notification(n)) => {
                     let now = crate::clock_micros();
                     match serde_json::from_slice::<Marker>(&n.payload) {
@@ -309,6 +388,9 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
         };
         seen = std::mem::take(&mut link.seen);
         stats.links.fetch_sub(1, Ordering::Relaxed);
+        if subscribed.is_some() {
+            stats.subscribed.fetch_sub(1, Ordering::Relaxed);
+        }
         match ended {
             Ended::Cancelled => {
                 let _ = tokio::time::timeout(Duration::from_secs(5), link.close()).await;
@@ -398,6 +480,9 @@ async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
             error_samples,
             drops: stats.drops.load(Ordering::Relaxed),
             receipts: std::mem::take(&mut *stats.receipts.lock().unwrap_or_else(|e| e.into_inner())),
+            subscribed: stats.subscribed.load(Ordering::Relaxed),
+            subscribe_refusals: stats.subscribe_refusals.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            broadcasts: std::mem::take(&mut *stats.broadcasts.lock().unwrap_or_else(|e| e.into_inner())),
             stale: stats.stale.load(Ordering::Relaxed),
             tokens: std::mem::take(&mut *stats.tokens.lock().unwrap_or_else(|e| e.into_inner())),
             orphaned: stats.orphaned.load(Ordering::Relaxed),

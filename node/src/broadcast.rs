@@ -30,6 +30,10 @@ use crate::ids::DeviceId;
 use crate::raft::channels::ChannelShelf;
 use crate::store::{StoreError, db_err};
 
+/// How long a subscription to a channel this node does not have waits for the channel to be applied
+/// here before it is refused: a channel created a moment ago reaches followers up to a Raft heartbeat later.
+pub const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+
 /// Longest a channel's latest broadcast is kept, as APNs keeps it.
 pub const MAX_KEPT: Duration = Duration::from_secs(8 * 3600);
 
@@ -77,9 +81,10 @@ impl Broadcasts {
     }
 
     /// Subscribes `device`'s link `serial` to `channel`, and returns the channel's app and the kept
-    /// broadcast the device should get now (one it has not seen); `None` if there is no such channel. A
-    /// kept broadcast that cannot be read is logged and not sent; the subscription holds.
-    pub fn subscribe(
+    /// broadcast the device should get now (one it has not seen); `None` if there is no such channel (after
+    /// waiting `SUBSCRIBE_WAIT` for one not applied here yet). A kept broadcast that cannot be read is
+    /// logged and not sent; the subscription holds.
+    pub async fn subscribe(
         &self,
         device: DeviceId,
         serial: u64,
@@ -87,6 +92,9 @@ impl Broadcasts {
         last_seen: &str,
         now_ms: u64,
     ) -> Option<(String, Option<Notification>)> {
+        if !self.channels.has_or_awaits(channel, SUBSCRIBE_WAIT).await {
+            return None;
+        }
         let (app, keeps) = {
             let book = self.channels.read();
             let record = book.find(channel)?;
@@ -347,9 +355,9 @@ mod tests {
         let link_b = registry.attach(b, localhost).expect("attach");
         let channel = ChannelId([1; 16]);
         for (device, serial) in [(a, link_a.serial), (b, link_b.serial)] {
-            assert!(broadcasts.subscribe(device, serial, channel, "", NOW_MS).is_some());
+            assert!(broadcasts.subscribe(device, serial, channel, "", NOW_MS).await.is_some());
         }
-        assert!(broadcasts.subscribe(c, 99, ChannelId([9; 16]), "", NOW_MS).is_none(), "no such channel");
+        assert!(broadcasts.subscribe(c, 99, ChannelId([9; 16]), "", NOW_MS).await.is_none(), "no such channel");
         assert_eq!(broadcasts.subscribers(channel), 2);
 
         // Fill b's queue; a still gets the broadcast and b only misses it.

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
                 Command::Push(args) => scenario::push(args).await,
                 Command::Offline(args) => scenario::offline(args).await,
                 Command::Failover(args) => scenario::failover(args).await,
+                Command::Broadcast(args) => scenario::broadcast(args).await,
                 Command::Chaos(args) => chaos::chaos(args).await,
             }
         };

@@ -1,5 +1,5 @@
-//! The four scenarios beside `chaos`, one file each (`connect`, `push`, `offline`, `failover`), and what
-//! they share here: each prepares the target and the swarm the same way (`prepare`), drives its phases,
+//! The scenarios beside `chaos`, one file each (`connect`, `push`, `offline`, `failover`, `broadcast`), and
+//! what they share here: each prepares the target and the swarm the same way (`prepare`), drives its phases,
 //! prints a summary table, writes the JSON result (`conclude`), and returns whether the run passed.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -20,11 +20,13 @@ use crate::msg::{Command, WorkerSpec};
 use crate::report::{Ledger, Percentiles, ProgressLine, PushSummary, print_table, write_json};
 use crate::swarm::{LINKS_PER_SOURCE, LINKS_PER_WORKER, Swarm, SwarmPlan, SwarmTotals, SwarmView};
 
+mod broadcast;
 mod connect;
 mod failover;
 mod offline;
 mod push;
 
+pub use broadcast::broadcast;
 pub use connect::connect;
 pub use failover::failover;
 pub(crate) use failover::{start_load, with_uncapped_queues};
@@ -161,6 +163,8 @@ async fn progress_loop(
             let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
             (ledger.sent, ledger.receipts, ledger.error_count(), ledger.take_interval_p99_ms())
         };
+        // Receipts of either kind: pushes (the ledger's) and broadcasts (counted by the swarm).
+        let received = received + view.broadcast_receipts();
         let handshakes = totals.full + totals.resumed + totals.redirected;
         let secs = last_at.elapsed().as_secs_f64().max(1e-3);
         let rate = |now: u64, before: u64| (now.saturating_sub(before)) as f64 / secs;

@@ -449,7 +449,9 @@ impl LinkState<'_> {
             }
             Some(channel) => {
                 let now_ms = unix_millis();
-                match self.edge.broadcasts.subscribe(self.device, self.serial, channel, &request.last_seen, now_ms) {
+                let subscribed =
+                    self.edge.broadcasts.subscribe(self.device, self.serial, channel, &request.last_seen, now_ms).await;
+                match subscribed {
                     None => Err(refused(ChannelRefusal::UnknownChannel)),
                     Some((topic, kept)) => {
                         self.channels.insert(channel);

@@ -28,6 +28,8 @@ pub enum ChannelEvent {
 pub struct ChannelShelf {
     book: RwLock<ChannelBook>,
     events: broadcast::Sender<ChannelEvent>,
+    /// The book's version, for waiting on a change without reading every event.
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 /// A watcher's start: every record at `version`, and the changes after it.
@@ -40,7 +42,8 @@ pub struct ChannelWatch {
 impl ChannelShelf {
     pub fn new(book: ChannelBook) -> Arc<Self> {
         let (events, _) = broadcast::channel(WATCH_QUEUE);
-        Arc::new(ChannelShelf { book: RwLock::new(book), events })
+        let version = tokio::sync::watch::Sender::new(book.version());
+        Arc::new(ChannelShelf { book: RwLock::new(book), events, version })
     }
 
     /// The book as applied. Hold the guard briefly: the state machine waits for it to apply.
@@ -63,13 +66,25 @@ impl ChannelShelf {
             // No receiver is not an error: nobody is watching.
             let _ = self.events.send(ChannelEvent::Change { version: book.version(), change: change.clone() });
         }
+        self.version.send_replace(book.version());
+    }
+
+    /// Whether channel `id` is in the book, waiting up to `limit` for it to arrive: a channel a gateway
+    /// just created may not be applied here yet (followers apply a committed entry up to a Raft heartbeat
+    /// later), and a device told of it at once subscribes at once.
+    pub async fn has_or_awaits(&self, id: courier_core::channel::ChannelId, limit: std::time::Duration) -> bool {
+        let mut versions = self.version.subscribe();
+        let arrived = versions.wait_for(|_| self.read().find(id).is_some());
+        matches!(tokio::time::timeout(limit, arrived).await, Ok(Ok(_)))
     }
 
     /// Replaces the whole book (a snapshot installed) and tells every watcher to read it again.
     pub fn replace(&self, book: ChannelBook) {
         let mut held = self.book.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let version = book.version();
         *held = book;
         let _ = self.events.send(ChannelEvent::Reset);
+        self.version.send_replace(version);
     }
 }
 
@@ -110,5 +125,20 @@ mod tests {
         shelf.replace(ChannelBook::default());
         assert!(matches!(watch.events.try_recv(), Ok(ChannelEvent::Reset)));
         assert!(shelf.read().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_channel_not_applied_yet_is_waited_for() {
+        let shelf = ChannelShelf::new(ChannelBook::default());
+        let id = ChannelId([7; 16]);
+        assert!(!shelf.has_or_awaits(id, std::time::Duration::from_millis(20)).await, "never created");
+        let waiting = {
+            let shelf = shelf.clone();
+            tokio::spawn(async move { shelf.has_or_awaits(id, std::time::Duration::from_secs(10)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        shelf.take(&[put(7)]);
+        assert!(waiting.await.expect("task"), "seen once applied");
+        assert!(shelf.has_or_awaits(id, std::time::Duration::ZERO).await, "already there");
     }
 }
