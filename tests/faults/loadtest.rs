@@ -96,6 +96,41 @@ fn push_ledger_accounts_for_every_notification() {
 }
 
 #[test]
+fn broadcast_reaches_every_subscriber_of_every_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "broadcast",
+        "--spawn",
+        "2",
+        "--devices",
+        "120",
+        "--channels",
+        "3",
+        "--policy",
+        "1",
+        "--sends",
+        "2",
+        "--interval-ms",
+        "50",
+        "--quiet",
+    ];
+    let out = loadtest(dir.path(), &args);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let broadcast = &out.json["broadcast"];
+    assert_eq!(broadcast["subscribers_per_channel"], serde_json::json!([40, 40, 40]), "{broadcast}");
+    let sends = broadcast["sends"].as_array().expect("every send");
+    assert_eq!(sends.len(), 6, "two per channel: {broadcast}");
+    for send in sends {
+        assert_eq!((u(&send["received"]), u(&send["missed"]), u(&send["duplicates"])), (40, 0, 0), "{send}");
+        assert!(send["last_receipt_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{send}");
+    }
+    let totals = &broadcast["totals"];
+    assert_eq!((u(&totals["received"]), u(&totals["missed"]), u(&totals["misdelivered"])), (240, 0, 0), "{totals}");
+    assert!(broadcast["node_bytes_per_subscription"].is_number(), "{broadcast}");
+    assert_eq!(out.json["passed"], true);
+}
+
+#[test]
 fn offline_devices_drain_what_was_stored_for_them() {
     let dir = tempfile::tempdir().unwrap();
     let out = loadtest(dir.path(), &["offline", "--spawn", "2", "--devices", "200", "--per-device", "3", "--quiet"]);
