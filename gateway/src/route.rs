@@ -21,9 +21,8 @@ use courier_core::ids::DeviceId;
 use courier_core::peer::Peers;
 use courier_core::state::{Epoch, MemberState, NodeId};
 use courier_proto::cluster::{
-    BroadcastOutcome, BroadcastRequest, BroadcastResponse, DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem,
-    ForwardResult, ForwardResults, ManageChannelRequest, ManageChannelResponse, Notification,
-    NotificationStatusRequest, NotificationStatusResponse, RefusalReason,
+    DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem, ForwardResult, ForwardResults, ManageChannelRequest,
+    ManageChannelResponse, Notification, NotificationStatusRequest, NotificationStatusResponse, RefusalReason,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -66,7 +65,7 @@ pub enum Broadcasted {
     /// Every member of the view took it; handed to this many linked subscribers in all.
     Done { subscribers: u64 },
     /// A member kept refusing it until the deadline (it has no such channel, or could not keep it).
-    Refused(BroadcastOutcome, String),
+    Refused(RefusalReason, String),
     /// A member could not be reached before the deadline.
     Unavailable(String),
     /// The gateway began shutting down.
@@ -81,6 +80,7 @@ pub fn apns_reason(refusal: RefusalReason) -> Reason {
         RefusalReason::BadDeviceId => Reason::BadDeviceToken,
         RefusalReason::Unregistered => Reason::Unregistered,
         RefusalReason::ClonedIdentity => Reason::ClonedIdentity,
+        RefusalReason::UnknownChannel => Reason::ChannelNotRegistered,
         RefusalReason::NotOwner | RefusalReason::EpochAhead | RefusalReason::TooFewCopies | RefusalReason::NoLease => {
             Reason::ServiceUnavailable
         }
@@ -321,9 +321,10 @@ impl NodeRouter {
         }
     }
 
-    /// Hands a broadcast to every active (and draining) member of the gateway's view, each once, retrying
-    /// those that fail until the deadline. A member that answers from a newer epoch may know members this
-    /// view does not: the gateway catches up to it and sends to any it has not reached yet.
+    /// Hands a broadcast to every active (and draining) member of the gateway's view, each once, in the
+    /// members' `Forward` streams (so broadcasts are batched and epoch-stamped like pushes), retrying those
+    /// that fail until the deadline. A member that answers from a newer epoch may know members this view
+    /// does not: the gateway catches up to it and sends to any it has not reached yet.
     pub async fn broadcast(&self, notification: Notification) -> Broadcasted {
         let deadline = Instant::now() + self.timeout;
         let mut view = self.view.clone();
@@ -347,21 +348,24 @@ impl NodeRouter {
             if targets.is_empty() {
                 return Broadcasted::Done { subscribers };
             }
-            let request = BroadcastRequest { epoch: epoch.0, notification: Some(notification.clone()) };
-            let calls = targets.iter().map(|(_, addr)| self.try_broadcast(addr, request.clone(), deadline));
+            let calls = targets.iter().map(|(_, addr)| self.forward_once(addr, notification.clone(), deadline));
             let answers = futures_util::future::join_all(calls).await;
             let mut newest = epoch;
             let mut failure = None;
             for ((id, addr), answer) in targets.into_iter().zip(answers) {
                 match answer {
-                    Ok(response) => {
-                        newest = newest.max(Epoch(response.epoch));
-                        match response.outcome() {
-                            BroadcastOutcome::Sent | BroadcastOutcome::Kept => {
+                    Ok(Answer { result, epoch: theirs }) => {
+                        newest = newest.max(theirs);
+                        match (result.outcome(), result.reason()) {
+                            (DeliverOutcome::Sent | DeliverOutcome::Stored, _) => {
                                 reached.insert(id);
-                                subscribers += response.subscribers;
+                                subscribers += result.subscribers;
                             }
-                            outcome => failure = Some(Broadcasted::Refused(outcome, format!("node {id} at {addr}"))),
+                            // Behind this view: retried once the node has caught up, or on a newer view.
+                            (DeliverOutcome::Rejected, RefusalReason::EpochAhead) => {
+                                failure = Some(Broadcasted::Unavailable(format!("node {id} at {addr} is behind")));
+                            }
+                            (_, reason) => failure = Some(Broadcasted::Refused(reason, format!("node {id} at {addr}"))),
                         }
                     }
                     Err(why) => failure = Some(Broadcasted::Unavailable(format!("node {id} at {addr}: {why}"))),
@@ -378,23 +382,6 @@ impl NodeRouter {
             if !self.pause_before_retry(&mut view, deadline, catch_up).await {
                 return Broadcasted::ShuttingDown;
             }
-        }
-    }
-
-    async fn try_broadcast(
-        &self,
-        addr: &str,
-        request: BroadcastRequest,
-        deadline: Instant,
-    ) -> Result<BroadcastResponse, String> {
-        let mut client = self.peers.client(addr).map_err(|e| e.to_string())?;
-        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(remaining);
-        match tokio::time::timeout(remaining, client.broadcast(request)).await {
-            Err(_) => Err("timed out".into()),
-            Ok(Err(status)) => Err(status.to_string()),
-            Ok(Ok(response)) => Ok(response.into_inner()),
         }
     }
 
@@ -423,22 +410,7 @@ impl NodeRouter {
         notification: Notification,
         deadline: Instant,
     ) -> Result<(Forwarded, Epoch), String> {
-        let apns_id = notification.apns_id.clone();
-        let (answer, answered) = oneshot::channel();
-        let stream = self.stream(addr);
-        let attempt = async move {
-            if stream.send(Pending { notification, answer }).await.is_err() {
-                return Err("the stream's task has ended".to_string());
-            }
-            answered.await.map_err(|_| "the stream's task has ended".to_string())?
-        };
-        let Answer { result, epoch } = match tokio::time::timeout_at(deadline, attempt).await {
-            Err(_) => return Err("timed out".into()),
-            Ok(answer) => answer?,
-        };
-        if result.apns_id != apns_id {
-            return Err(format!("the node answered for apns-id {:?}", result.apns_id));
-        }
+        let Answer { result, epoch } = self.forward_once(addr, notification, deadline).await?;
         let delivery = match DeliverOutcome::try_from(result.outcome) {
             Ok(
                 outcome @ (DeliverOutcome::Stored
@@ -455,6 +427,27 @@ impl NodeRouter {
             }
         };
         Ok((delivery, epoch))
+    }
+
+    /// Sends one item on `addr`'s `Forward` stream and waits (until `deadline`) for the node's answer to it.
+    async fn forward_once(&self, addr: &str, notification: Notification, deadline: Instant) -> Result<Answer, String> {
+        let apns_id = notification.apns_id.clone();
+        let (answer, answered) = oneshot::channel();
+        let stream = self.stream(addr);
+        let attempt = async move {
+            if stream.send(Pending { notification, answer }).await.is_err() {
+                return Err("the stream's task has ended".to_string());
+            }
+            answered.await.map_err(|_| "the stream's task has ended".to_string())?
+        };
+        let answer = match tokio::time::timeout_at(deadline, attempt).await {
+            Err(_) => return Err("timed out".into()),
+            Ok(answer) => answer?,
+        };
+        if answer.result.apns_id != apns_id {
+            return Err(format!("the node answered for apns-id {:?}", answer.result.apns_id));
+        }
+        Ok(answer)
     }
 }
 

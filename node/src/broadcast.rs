@@ -256,6 +256,26 @@ impl Broadcasts {
     }
 }
 
+/// A broadcast from a gateway's `Forward` stream, answered as the stream answers: SENT, STORED (kept), or
+/// REJECTED with UNKNOWN_CHANNEL or STORE_FAILED; `subscribers` says to how many linked subscribers it went.
+pub async fn deliver_forwarded(
+    broadcasts: &Broadcasts,
+    broadcast: Notification,
+) -> courier_proto::cluster::DeliverResult {
+    use courier_proto::cluster::{DeliverOutcome, RefusalReason};
+    let apns_id = broadcast.apns_id.clone();
+    let (outcome, subscribers) = match broadcasts.deliver(broadcast, crate::ids::unix_millis()).await {
+        Ok(Handed::Sent(n)) => (DeliverOutcome::Sent, n),
+        Ok(Handed::Kept(n)) => (DeliverOutcome::Stored, n),
+        Ok(Handed::UnknownChannel) => return crate::delivery::refused(&apns_id, RefusalReason::UnknownChannel, 0),
+        Err(error) => {
+            tracing::error!(%error, "keeping a broadcast failed");
+            return crate::delivery::refused(&apns_id, RefusalReason::StoreFailed, 0);
+        }
+    };
+    courier_proto::cluster::DeliverResult { subscribers, ..crate::delivery::result(&apns_id, outcome) }
+}
+
 /// Whenever this node becomes an active member (at start, or back from down), fetches the kept broadcasts
 /// of its active peers and keeps those newer than its own, until `shutdown`.
 pub async fn catch_up(

@@ -97,12 +97,13 @@ pub enum ReplicaError {
     Store(#[from] StoreError),
 }
 
-fn result(apns_id: &str, outcome: DeliverOutcome) -> DeliverResult {
+pub(crate) fn result(apns_id: &str, outcome: DeliverOutcome) -> DeliverResult {
     DeliverResult {
         apns_id: apns_id.to_string(),
         outcome: outcome as i32,
         reason: RefusalReason::Unspecified as i32,
         timestamp_ms: 0,
+        subscribers: 0,
     }
 }
 
@@ -114,6 +115,7 @@ pub(crate) fn refused(apns_id: &str, reason: RefusalReason, timestamp_ms: u64) -
         outcome: DeliverOutcome::Rejected as i32,
         reason: reason as i32,
         timestamp_ms,
+        subscribers: 0,
     }
 }
 

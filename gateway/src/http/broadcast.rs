@@ -10,14 +10,14 @@
 //! reason.
 //!
 //! The send is checked against the gateway's copy of the channel book, then handed to every member of
-//! its view (`NodeRouter::broadcast`); the provider hears 200 once each has it (kept durably first, on a
-//! policy-1 channel).
+//! its view in their `Forward` streams (`NodeRouter::broadcast`); the provider hears 200 once each has it
+//! (kept durably first, on a policy-1 channel).
 
 use std::time::Instant;
 
 use bytes::Bytes;
 use courier_core::channel::{ChannelId, ChannelPushType, StoragePolicy};
-use courier_proto::cluster::{BroadcastOutcome, Notification};
+use courier_proto::cluster::Notification;
 use http::{HeaderMap, Method, Response, StatusCode};
 use http_body_util::Full;
 
@@ -193,10 +193,12 @@ impl PushService {
                 metrics::counter!("courier_gateway_broadcast_subscribers_total").increment(subscribers);
                 Ok(unique_id)
             }
-            Broadcasted::Refused(BroadcastOutcome::UnknownChannel, _) => Err(Reason::ChannelNotRegistered),
-            Broadcasted::Refused(outcome, detail) => {
-                tracing::error!(?outcome, %detail, "a node refused a broadcast");
-                Err(Reason::InternalServerError)
+            Broadcasted::Refused(refusal, detail) => {
+                let reason = crate::route::apns_reason(refusal);
+                if reason == Reason::InternalServerError {
+                    tracing::error!(?refusal, %detail, "a node refused a broadcast");
+                }
+                Err(reason)
             }
             Broadcasted::Unavailable(detail) => {
                 tracing::warn!(%detail, "a broadcast did not reach every member");

@@ -26,7 +26,6 @@ pub enum Rpc {
     Status,
     WatchCluster,
     ManageChannel,
-    Broadcast,
     FetchKept,
     ListChannels,
 }
@@ -60,7 +59,6 @@ impl Rpc {
             Rpc::Status => "Status",
             Rpc::WatchCluster => "WatchCluster",
             Rpc::ManageChannel => "ManageChannel",
-            Rpc::Broadcast => "Broadcast",
             Rpc::FetchKept => "FetchKept",
             Rpc::ListChannels => "ListChannels",
         }
@@ -80,7 +78,7 @@ impl Rpc {
             | Rpc::Replicate
             | Rpc::FetchQueue
             | Rpc::FetchKept => NODES,
-            Rpc::Forward | Rpc::NotificationStatus | Rpc::ManageChannel | Rpc::Broadcast => GATEWAYS,
+            Rpc::Forward | Rpc::NotificationStatus | Rpc::ManageChannel => GATEWAYS,
             Rpc::Status | Rpc::ListChannels => ADMIN,
             Rpc::Propose | Rpc::Join => Allowed { node: true, gateway: false, admin: true },
             Rpc::RemoveNode => ADMIN,
@@ -210,7 +208,7 @@ fn denied(rpc: Rpc, role: &'static str, message: String) -> Status {
 mod tests {
     use super::*;
 
-    const ALL: [Rpc; 17] = [
+    const ALL: [Rpc; 16] = [
         Rpc::RaftAppend,
         Rpc::RaftVote,
         Rpc::RaftSnapshot,
@@ -225,7 +223,6 @@ mod tests {
         Rpc::Status,
         Rpc::WatchCluster,
         Rpc::ManageChannel,
-        Rpc::Broadcast,
         Rpc::FetchKept,
         Rpc::ListChannels,
     ];
@@ -234,10 +231,7 @@ mod tests {
     fn the_table_gives_each_role_only_its_rpcs() {
         let allowed =
             |role| ALL.iter().filter(|rpc| check(Some(role), **rpc).is_ok()).map(|r| r.name()).collect::<Vec<_>>();
-        assert_eq!(
-            allowed(ClusterRole::Gateway),
-            ["Forward", "NotificationStatus", "WatchCluster", "ManageChannel", "Broadcast"]
-        );
+        assert_eq!(allowed(ClusterRole::Gateway), ["Forward", "NotificationStatus", "WatchCluster", "ManageChannel"]);
         assert_eq!(allowed(ClusterRole::Admin), ["Join", "Propose", "RemoveNode", "Status", "ListChannels"]);
         let node = allowed(ClusterRole::Node(3));
         for rpc in
@@ -245,7 +239,7 @@ mod tests {
         {
             assert!(node.contains(&rpc), "{rpc}");
         }
-        for rpc in ["Forward", "NotificationStatus", "Status", "ManageChannel", "Broadcast"] {
+        for rpc in ["Forward", "NotificationStatus", "Status", "ManageChannel"] {
             assert!(!node.contains(&rpc), "{rpc}");
         }
         for rpc in ALL {

@@ -5,7 +5,8 @@
 //! complete, whatever is ready coalesced into one `ForwardResults`, each stamped with the epoch this node
 //! has applied then. A batch stamped with an epoch this node has not applied waits for it up to
 //! `epoch_wait`, then its notifications are refused as EPOCH_AHEAD. Whether this node owns a device is
-//! `delivery`'s question, not this module's.
+//! `delivery`'s question, not this module's. Items that are broadcasts (`channel_id` set) go to
+//! `broadcast` instead, so broadcasts are batched and epoch-stamped like single pushes.
 //!
 //! The stream is bounded: at most `MAX_FORWARD_BATCH` items a batch (a larger batch ends the stream with
 //! `InvalidArgument`), and no further batch is read while `MAX_UNANSWERED` items wait for their answers,
@@ -26,6 +27,7 @@ use tonic::{Status, Streaming};
 use courier_core::protocol::{MAX_FORWARD_BATCH, MAX_UNANSWERED};
 use courier_core::shutdown::CancellationToken;
 
+use crate::broadcast::Broadcasts;
 use crate::delivery::{Delivery, refused};
 use crate::raft::state::Epoch;
 
@@ -41,18 +43,21 @@ const OUTBOX: usize = 16;
 /// Serves one `Forward` stream; what the RPC returns as its response stream.
 pub fn serve(
     delivery: Delivery,
+    broadcasts: Broadcasts,
     batches: Streaming<ForwardBatch>,
     epoch_wait: Duration,
     shutdown: CancellationToken,
 ) -> ReceiverStream<Result<ForwardResults, Status>> {
     let (out, results) = mpsc::channel(OUTBOX);
-    tokio::spawn(run(Forwarding { delivery, epoch_wait, shutdown, out }, batches));
+    tokio::spawn(run(Forwarding { delivery, broadcasts, epoch_wait, shutdown, out }, batches));
     ReceiverStream::new(results)
 }
 
 /// What the stream's task works with.
 struct Forwarding {
     delivery: Delivery,
+    /// Where items that are broadcasts (`channel_id` set) go.
+    broadcasts: Broadcasts,
     epoch_wait: Duration,
     /// Stops reading batches; those read are still answered.
     shutdown: CancellationToken,
@@ -126,8 +131,9 @@ impl Forwarding {
             let refusal = format!("a Forward batch carries at most {MAX_FORWARD_BATCH} notifications, not {items}");
             return Err(Status::invalid_argument(refusal));
         }
-        let delivery = self.delivery.clone();
-        running.spawn(deliver_batch(delivery, batch, self.epoch_wait, self.shutdown.clone(), answer.clone()));
+        let (delivery, broadcasts) = (self.delivery.clone(), self.broadcasts.clone());
+        let shutdown = self.shutdown.clone();
+        running.spawn(deliver_batch(delivery, broadcasts, batch, self.epoch_wait, shutdown, answer.clone()));
         Ok(items)
     }
 }
@@ -136,6 +142,7 @@ impl Forwarding {
 /// batch's epoch if this node has not applied it.
 async fn deliver_batch(
     delivery: Delivery,
+    broadcasts: Broadcasts,
     batch: ForwardBatch,
     epoch_wait: Duration,
     shutdown: CancellationToken,
@@ -158,9 +165,17 @@ async fn deliver_batch(
         .items
         .into_iter()
         .map(|ForwardItem { id, notification }| {
-            let delivery = delivery.clone();
+            let (delivery, broadcasts) = (delivery.clone(), broadcasts.clone());
             // An item without a notification has no 16-byte device id, and is refused as such.
-            async move { ForwardResult { id, result: Some(delivery.deliver(notification.unwrap_or_default()).await) } }
+            let notification = notification.unwrap_or_default();
+            async move {
+                let result = if notification.channel_id.is_empty() {
+                    delivery.deliver(notification).await
+                } else {
+                    crate::broadcast::deliver_forwarded(&broadcasts, notification).await
+                };
+                ForwardResult { id, result: Some(result) }
+            }
         })
         .collect();
     while let Some(result) = delivering.next().await {

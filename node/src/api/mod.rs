@@ -14,12 +14,11 @@ use std::sync::Arc;
 
 use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
-    BroadcastOutcome, BroadcastRequest, BroadcastResponse, ChannelUpdate, ClusterView, FetchKeptRequest,
-    FetchKeptResponse, FetchQueueRequest, FetchQueueResponse, ForwardBatch, ForwardResults, JoinRequest, JoinResponse,
-    ListChannelsRequest, ListChannelsResponse, ListedChannel, ManageChannelRequest, ManageChannelResponse,
-    NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse, ProposeRequest,
-    ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse, StatusRequest,
-    StatusResponse, WatchRequest,
+    ChannelUpdate, ClusterView, FetchKeptRequest, FetchKeptResponse, FetchQueueRequest, FetchQueueResponse,
+    ForwardBatch, ForwardResults, JoinRequest, JoinResponse, ListChannelsRequest, ListChannelsResponse, ListedChannel,
+    ManageChannelRequest, ManageChannelResponse, NotificationStatusRequest, NotificationStatusResponse, ProbeRequest,
+    ProbeResponse, ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest,
+    ReplicateResponse, StatusRequest, StatusResponse, WatchRequest,
 };
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
@@ -99,7 +98,13 @@ impl Cluster for ClusterService {
     ) -> Result<Response<Self::ForwardStream>, Status> {
         authorize(&request, Rpc::Forward)?;
         let batches = request.into_inner();
-        let results = forward::serve(self.delivery.clone(), batches, self.epoch_wait, self.shutdown.clone());
+        let results = forward::serve(
+            self.delivery.clone(),
+            self.broadcasts.clone(),
+            batches,
+            self.epoch_wait,
+            self.shutdown.clone(),
+        );
         Ok(Response::new(Box::pin(results)))
     }
 
@@ -242,26 +247,6 @@ impl Cluster for ClusterService {
         tracing::info!(%command, "channel change asked");
         let response = self.control.propose(command).await?;
         Ok(Response::new(channels::answer(response)?))
-    }
-
-    async fn broadcast(&self, request: Request<BroadcastRequest>) -> Result<Response<BroadcastResponse>, Status> {
-        authorize(&request, Rpc::Broadcast)?;
-        let notification = request
-            .into_inner()
-            .notification
-            .ok_or_else(|| Status::invalid_argument("a broadcast carries a notification"))?;
-        let handed = self.broadcasts.deliver(notification, crate::ids::unix_millis()).await;
-        let epoch = self.control.current().epoch.0;
-        let (outcome, subscribers) = match handed {
-            Ok(crate::broadcast::Handed::Sent(n)) => (BroadcastOutcome::Sent, n),
-            Ok(crate::broadcast::Handed::Kept(n)) => (BroadcastOutcome::Kept, n),
-            Ok(crate::broadcast::Handed::UnknownChannel) => (BroadcastOutcome::UnknownChannel, 0),
-            Err(error) => {
-                tracing::error!(%error, "keeping a broadcast failed");
-                (BroadcastOutcome::StoreFailed, 0)
-            }
-        };
-        Ok(Response::new(BroadcastResponse { outcome: outcome as i32, epoch, subscribers }))
     }
 
     async fn fetch_kept(&self, request: Request<FetchKeptRequest>) -> Result<Response<FetchKeptResponse>, Status> {
