@@ -111,6 +111,34 @@ impl<In, Out: prost::Message> Encoder<Out> for FrameCodec<In> {
     }
 }
 
+/// A frame encoded once, length prefix included, to be written as is on many links (a broadcast goes to
+/// every subscriber byte for byte the same).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedFrame(pub bytes::Bytes);
+
+impl EncodedFrame {
+    pub fn encode<M: prost::Message>(message: &M) -> Self {
+        let len = message.encoded_len();
+        let mut bytes = BytesMut::with_capacity(LENGTH_PREFIX + len);
+        bytes.put_u32(len as u32);
+        message.encode_raw(&mut bytes);
+        EncodedFrame(bytes.freeze())
+    }
+}
+
+impl<In> Encoder<EncodedFrame> for FrameCodec<In> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: EncodedFrame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let len = item.0.len().saturating_sub(LENGTH_PREFIX);
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge { len, max: self.max_frame });
+        }
+        dst.extend_from_slice(&item.0);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +146,24 @@ mod tests {
 
     fn ping(nonce: u64) -> DeviceFrame {
         DeviceFrame { kind: Some(device_frame::Kind::Ping(Ping { nonce })) }
+    }
+
+    #[test]
+    fn a_frame_encoded_once_is_the_same_bytes_as_one_encoded_per_link() {
+        let mut codec = FrameCodec::<DeviceFrame>::new(64);
+        let (mut direct, mut shared) = (BytesMut::new(), BytesMut::new());
+        codec.encode(ping(9), &mut direct).unwrap();
+        let once = EncodedFrame::encode(&ping(9));
+        codec.encode(once.clone(), &mut shared).unwrap();
+        codec.encode(once, &mut shared).unwrap();
+        assert_eq!(&shared[..direct.len()], &direct[..]);
+        assert_eq!(codec.decode(&mut shared).unwrap(), Some(ping(9)));
+        assert_eq!(codec.decode(&mut shared).unwrap(), Some(ping(9)));
+        let mut small = FrameCodec::<DeviceFrame>::new(1);
+        assert!(matches!(
+            small.encode(EncodedFrame::encode(&ping(9)), &mut BytesMut::new()),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]

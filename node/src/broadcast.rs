@@ -153,14 +153,15 @@ impl Broadcasts {
         if keep {
             self.keep(channel, &broadcast).await?;
         }
-        let broadcast = Arc::new(broadcast);
+        // One frame for every subscriber: the device frame names no device.
+        let frame = courier_device::codec::EncodedFrame::encode(&crate::edge::session::notification_frame(&broadcast));
         let devices: Vec<(DeviceId, u64)> = match self.index().by_channel.get(&channel) {
             Some(devices) => devices.iter().map(|(device, serial)| (*device, *serial)).collect(),
             None => Vec::new(),
         };
         let mut handed = 0u64;
         for (device, serial) in devices {
-            if self.registry.offer(device, serial, broadcast.clone()) {
+            if self.registry.offer(device, serial, frame.clone()) {
                 handed += 1;
             } else {
                 metrics::counter!("courier_node_broadcasts_missed_total").increment(1);
@@ -382,13 +383,18 @@ mod tests {
 
         // Fill b's queue; a still gets the broadcast and b only misses it.
         let mut queued = 0;
-        while registry.offer(b, link_b.serial, Arc::new(Notification::default())) {
+        let filler = courier_device::codec::EncodedFrame(bytes::Bytes::from_static(&[0, 0, 0, 0]));
+        while registry.offer(b, link_b.serial, filler.clone()) {
             queued += 1;
         }
         assert!(queued > 0);
         let handed = broadcasts.deliver(broadcast(1, "x", NOW_MS, 0), NOW_MS).await.expect("deliver");
         assert_eq!(handed, Handed::Sent(1));
-        assert_eq!(link_a.notifications.try_recv().expect("a has it").apns_id, "x");
+        let Ok(crate::edge::registry::Outgoing::Broadcast(frame)) = link_a.notifications.try_recv() else {
+            panic!("a has it")
+        };
+        let expected = crate::edge::session::notification_frame(&broadcast(1, "x", NOW_MS, 0));
+        assert_eq!(frame, courier_device::codec::EncodedFrame::encode(&expected), "the device frame, encoded once");
         assert_eq!(registry.serial(b), Some(link_b.serial), "a full queue does not close the link");
 
         // A subscription held by an older link of the device is not the current link's.

@@ -23,6 +23,15 @@ use crate::ids::DeviceId;
 /// How many notifications may wait for one link's task before the device counts as too slow.
 const LINK_QUEUE: usize = 1024;
 
+/// What a link's task is handed to write.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// A notification for this device (acked, tracked by the link).
+    Notification(Arc<Notification>),
+    /// A broadcast, its frame encoded once for every subscriber (not acked).
+    Broadcast(courier_device::codec::EncodedFrame),
+}
+
 /// How the registry asks a link to end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEnd {
@@ -35,14 +44,14 @@ struct Entry {
     serial: u64,
     /// The link's source address, which a replacement is compared with.
     addr: IpAddr,
-    notifications: mpsc::Sender<Arc<Notification>>,
+    notifications: mpsc::Sender<Outgoing>,
     close: oneshot::Sender<LinkEnd>,
 }
 
 /// What a link task receives from the registry.
 pub struct Attachment {
     pub serial: u64,
-    pub notifications: mpsc::Receiver<Arc<Notification>>,
+    pub notifications: mpsc::Receiver<Outgoing>,
     /// Fires when the registry wants the link closed, with the reason to give.
     pub close: oneshot::Receiver<LinkEnd>,
 }
@@ -163,7 +172,7 @@ impl Registry {
         let Some(entry) = links.get(&device) else {
             return Handoff::NotConnected;
         };
-        match entry.notifications.try_send(notification) {
+        match entry.notifications.try_send(Outgoing::Notification(notification)) {
             Ok(()) => Handoff::Sent(entry.serial),
             Err(mpsc::error::TrySendError::Closed(_)) => Handoff::NotConnected,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -178,10 +187,10 @@ impl Registry {
     /// Queues a broadcast on the device's link `serial` if that link is still up and has room; a full queue
     /// only loses this broadcast for this device (unlike `hand_off`, it does not close the link: nothing
     /// was stored for it to replay).
-    pub fn offer(&self, device: DeviceId, serial: u64, notification: Arc<Notification>) -> bool {
+    pub fn offer(&self, device: DeviceId, serial: u64, frame: courier_device::codec::EncodedFrame) -> bool {
         let links = self.lock();
         match links.get(&device) {
-            Some(entry) if entry.serial == serial => entry.notifications.try_send(notification).is_ok(),
+            Some(entry) if entry.serial == serial => entry.notifications.try_send(Outgoing::Broadcast(frame)).is_ok(),
             _ => false,
         }
     }

@@ -24,13 +24,13 @@ use courier_core::shutdown::CancellationToken;
 
 use super::Edge;
 use super::limits::{Pending, TokenBucket};
-use super::registry::LinkEnd;
+use super::registry::{LinkEnd, Outgoing};
 use crate::ids::{DeviceId, unix_millis};
 use crate::pki;
 use crate::token::KeyState;
 use crate::view::Placement;
 use courier_core::channel::ChannelId;
-use courier_device::codec::FrameCodec;
+use courier_device::codec::{EncodedFrame, FrameCodec};
 
 pub type Link = Framed<TlsStream<TcpStream>, FrameCodec<DeviceFrame>>;
 
@@ -102,6 +102,18 @@ async fn write(link: &mut Link, edge: &Edge, frame: ServerFrame) -> Result<(), W
         Ok(Err(_)) => Err(WriteFailed::Closed),
         Err(_) => {
             tracing::debug!("device stopped reading; closing its link");
+            goodbye(link, GoodbyeReason::SlowConsumer, "the device did not read within the write timeout").await;
+            Err(WriteFailed::Stalled)
+        }
+    }
+}
+
+/// Writes a frame encoded once for many links (a broadcast), within the write timeout like `write`.
+async fn write_encoded(link: &mut Link, edge: &Edge, frame: EncodedFrame) -> Result<(), WriteFailed> {
+    match tokio::time::timeout(edge.settings.link_limits.write_timeout, link.send(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteFailed::Closed),
+        Err(_) => {
             goodbye(link, GoodbyeReason::SlowConsumer, "the device did not read within the write timeout").await;
             Err(WriteFailed::Stalled)
         }
@@ -224,7 +236,8 @@ fn replacement_token(edge: &Edge, device: DeviceId, held: &wire::HeldToken) -> O
     Some(wire::TokenUpdated { topic: held.topic.clone(), token })
 }
 
-fn notification_frame(n: &Notification) -> ServerFrame {
+/// A notification as the frame its device gets (a broadcast's is encoded once for all its subscribers).
+pub(crate) fn notification_frame(n: &Notification) -> ServerFrame {
     frame(server_frame::Kind::Notification(wire::Notification {
         apns_id: n.apns_id.clone(),
         topic: n.topic.clone(),
@@ -578,8 +591,12 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, shutdown: 
                         }
                     }
                 },
-                Some(n) = attachment.notifications.recv() => {
-                    if !state.send_notification(link, &n).await {
+                Some(outgoing) = attachment.notifications.recv() => {
+                    let written = match outgoing {
+                        Outgoing::Notification(n) => state.send_notification(link, &n).await,
+                        Outgoing::Broadcast(frame) => write_encoded(link, edge, frame).await.is_ok(),
+                    };
+                    if !written {
                         break;
                     }
                 }
