@@ -134,6 +134,57 @@ impl Broadcasts {
         metrics::gauge!("courier_node_channel_subscriptions").set(index.subscriptions as f64);
     }
 
+    /// Forgets what this node holds for `channels` if the book no longer has them (deleted): their
+    /// subscriptions in the index and their kept broadcasts. Every channel the node holds anything of when
+    /// `channels` is `None`. Returns how many kept broadcasts it removed.
+    pub async fn forget_deleted(&self, channels: Option<Vec<ChannelId>>) -> Result<usize, StoreError> {
+        let deleted = |id: &ChannelId, book: &courier_core::channel::ChannelBook| book.find(*id).is_none();
+        {
+            let book = self.channels.read();
+            let mut index = self.index();
+            let gone: Vec<ChannelId> = match &channels {
+                Some(ids) => ids.iter().filter(|id| deleted(id, &book)).copied().collect(),
+                None => index.by_channel.keys().filter(|id| deleted(id, &book)).copied().collect(),
+            };
+            for id in gone {
+                if let Some(devices) = index.by_channel.remove(&id) {
+                    index.subscriptions -= devices.len();
+                }
+            }
+            metrics::gauge!("courier_node_channel_subscriptions").set(index.subscriptions as f64);
+        }
+        let (db, shelf) = (self.db.clone(), self.channels.clone());
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(db_err)?;
+            let removed = {
+                let mut table = txn.open_table(KEPT).map_err(db_err)?;
+                let candidates: Vec<ChannelId> = match channels {
+                    Some(ids) => ids,
+                    None => {
+                        let mut ids = Vec::new();
+                        for row in table.iter().map_err(db_err)? {
+                            let (key, _) = row.map_err(db_err)?;
+                            ids.extend(ChannelId::from_slice(key.value()));
+                        }
+                        ids
+                    }
+                };
+                let book = shelf.read();
+                let mut removed = 0;
+                for id in candidates.iter().filter(|id| deleted(id, &book)) {
+                    if table.remove(id.0.as_slice()).map_err(db_err)?.is_some() {
+                        removed += 1;
+                    }
+                }
+                removed
+            };
+            txn.commit().map_err(db_err)?;
+            Ok(removed)
+        })
+        .await
+        .map_err(db_err)?
+    }
+
     /// Linked subscribers of `channel` on this node.
     pub fn subscribers(&self, channel: ChannelId) -> usize {
         self.index().by_channel.get(&channel).map_or(0, HashMap::len)
@@ -277,6 +328,34 @@ pub async fn deliver_forwarded(
     courier_proto::cluster::DeliverResult { subscribers, ..crate::delivery::result(&apns_id, outcome) }
 }
 
+/// Forgets deleted channels' subscriptions and kept broadcasts: each as its delete is applied, and all of
+/// them at start (channels deleted while the node was down) and whenever the book was replaced or this
+/// watcher fell behind, until `shutdown`.
+pub async fn forget_deleted_channels(broadcasts: Broadcasts, shutdown: courier_core::shutdown::CancellationToken) {
+    use crate::raft::channels::ChannelEvent;
+    use courier_core::channel::ChannelChange;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut watch = broadcasts.channels.watch();
+    let mut sweep = Some(None);
+    loop {
+        if let Some(channels) = sweep.take()
+            && let Err(error) = broadcasts.forget_deleted(channels).await
+        {
+            tracing::error!(%error, "forgetting deleted channels' kept broadcasts failed");
+        }
+        let event = tokio::select! {
+            event = watch.events.recv() => event,
+            _ = shutdown.cancelled() => return,
+        };
+        sweep = match event {
+            Ok(ChannelEvent::Change { change: ChannelChange::Delete { id }, .. }) => Some(Some(vec![id])),
+            Ok(ChannelEvent::Change { .. }) => None,
+            Ok(ChannelEvent::Reset) | Err(RecvError::Lagged(_)) => Some(None),
+            Err(RecvError::Closed) => return,
+        };
+    }
+}
+
 /// Whenever this node becomes an active member (at start, or back from down), fetches the kept broadcasts
 /// of its active peers and keeps those newer than its own, until `shutdown`.
 pub async fn catch_up(
@@ -406,6 +485,33 @@ mod tests {
             broadcasts.deliver(broadcast(9, "y", NOW_MS, 0), NOW_MS).await.expect("deliver"),
             Handed::UnknownChannel
         );
+    }
+
+    #[tokio::test]
+    async fn a_deleted_channel_leaves_no_subscription_or_kept_broadcast() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shelf = book_with(&[(1, StoragePolicy::MostRecent), (2, StoragePolicy::MostRecent)]);
+        let broadcasts = open(dir.path(), Arc::new(Registry::default()), shelf.clone());
+        let later = NOW_MS / 1000 + 60;
+        for channel in [1, 2] {
+            broadcasts.deliver(broadcast(channel, "b", NOW_MS, later), NOW_MS).await.expect("deliver");
+            assert!(broadcasts.subscribe(DeviceId(7), 1, ChannelId([channel; 16]), "", NOW_MS).await.is_some());
+        }
+        // Nothing to forget while both exist.
+        assert_eq!(broadcasts.forget_deleted(None).await.expect("sweep"), 0);
+        shelf.take(&[ChannelChange::Delete { id: ChannelId([1; 16]) }]);
+        assert_eq!(broadcasts.forget_deleted(Some(vec![ChannelId([1; 16])])).await.expect("forget"), 1);
+        assert_eq!(broadcasts.subscribers(ChannelId([1; 16])), 0);
+        assert_eq!(broadcasts.subscribers(ChannelId([2; 16])), 1, "the other channel is untouched");
+        let txn = broadcasts.db.begin_read().expect("read");
+        let table = txn.open_table(KEPT).expect("table");
+        assert!(table.get([1u8; 16].as_slice()).expect("get").is_none(), "its kept row is gone");
+        assert!(table.get([2u8; 16].as_slice()).expect("get").is_some());
+        drop((table, txn));
+        // A sweep finds a channel deleted without its own event (deleted while the node was down).
+        shelf.take(&[ChannelChange::Delete { id: ChannelId([2; 16]) }]);
+        assert_eq!(broadcasts.forget_deleted(None).await.expect("sweep"), 1);
+        assert_eq!(broadcasts.subscribers(ChannelId([2; 16])), 0);
     }
 
     #[tokio::test]

@@ -233,6 +233,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown.clone(), tracker.clone()));
 
     tracker.spawn(crate::broadcast::catch_up(control.clone(), broadcasts.clone(), shutdown.clone()));
+    tracker.spawn(crate::broadcast::forget_deleted_channels(broadcasts.clone(), shutdown.clone()));
     let service = ClusterService {
         delivery,
         broadcasts,
