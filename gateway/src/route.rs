@@ -46,6 +46,15 @@ pub enum Forwarded {
     ShuttingDown,
 }
 
+/// `request` carrying the time left until `deadline` (at least 1 ms) as its gRPC timeout, and that time,
+/// to bound the wait on the caller's side too.
+fn until<T>(deadline: Instant, request: T) -> (tonic::Request<T>, Duration) {
+    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(remaining);
+    (request, remaining)
+}
+
 /// What came of asking the cluster to change a channel.
 #[derive(Debug)]
 pub enum ChannelAnswer {
@@ -261,9 +270,7 @@ impl NodeRouter {
         deadline: Instant,
     ) -> Result<NotificationStatusResponse, String> {
         let mut client = self.peers.client(addr).map_err(|e| e.to_string())?;
-        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(remaining);
+        let (request, remaining) = until(deadline, request);
         match tokio::time::timeout(remaining, client.notification_status(request)).await {
             Err(_) => Err("timed out".into()),
             Ok(Err(status)) => Err(status.to_string()),
@@ -292,9 +299,7 @@ impl NodeRouter {
                         Ok(client) => client,
                         Err(error) => return ChannelAnswer::Unavailable(error.to_string()),
                     };
-                    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-                    let mut call = tonic::Request::new(request.clone());
-                    call.set_timeout(remaining);
+                    let (call, remaining) = until(deadline, request.clone());
                     match tokio::time::timeout(remaining, client.manage_channel(call)).await {
                         Ok(Ok(response)) => return ChannelAnswer::Answered(response.into_inner(), retried),
                         Ok(Err(status))

@@ -23,7 +23,7 @@ use http_body_util::Full;
 
 use super::apns::{self, Reason};
 use super::channels;
-use super::{ConnectionAuth, PushService};
+use super::{ConnectionAuth, PushService, Refused};
 use crate::route::Broadcasted;
 
 /// Where broadcasts are addressed; the bundle id follows.
@@ -120,12 +120,13 @@ impl PushService {
         let admitted = request_id_ok
             .and_then(|()| parse_head(&parts.method, parts.uri.path(), &parts.headers))
             .and_then(|head| self.admit_broadcast(head, &parts.headers, auth));
+        let admitted = admitted.map_err(Refused::from);
         let outcome = match self.admitted_body(&parts.headers, body, MAX_BROADCAST_PAYLOAD, admitted).await {
             Ok((notification, payload)) => match apns::check_payload(&payload) {
                 Ok(()) => self.send_broadcast(Notification { payload: payload.to_vec(), ..notification }).await,
                 Err(reason) => Err(reason),
             },
-            Err(reason) => Err(reason),
+            Err((reason, _)) => Err(reason),
         };
         let label = outcome.as_ref().map_or_else(|reason| reason.as_str(), |_| "ok");
         metrics::counter!("courier_gateway_broadcasts_total", "outcome" => label).increment(1);

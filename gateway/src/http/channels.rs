@@ -24,7 +24,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use super::apns::{self, Reason};
-use super::{ConnectionAuth, PushService};
+use super::{ConnectionAuth, PushService, Refused};
 use crate::route::ChannelAnswer;
 
 /// Where channel management is addressed: `/1/apps/{bundle}/channels` and `/1/apps/{bundle}/all-channels`.
@@ -152,9 +152,9 @@ impl PushService {
         let head =
             request_id_ok.and_then(|()| self.admit_channel_call(&parts.method, parts.uri.path(), &parts.headers, auth));
         let call = head.as_ref().map_or("refused", |head| head.call.name());
-        let outcome = match self.admitted_body(&parts.headers, body, MAX_BODY, head).await {
+        let outcome = match self.admitted_body(&parts.headers, body, MAX_BODY, head.map_err(Refused::from)).await {
             Ok((head, payload)) => self.channel_call(head, &parts.headers, &payload).await,
-            Err(reason) => Err(reason),
+            Err((reason, _)) => Err(reason),
         };
         let outcome_label = outcome.as_ref().map_or_else(|reason| reason.as_str(), |_| "ok");
         metrics::counter!("courier_gateway_channel_requests_total", "call" => call, "outcome" => outcome_label)

@@ -92,9 +92,13 @@ impl PushService {
         let head = apns::parse_head(&parts.method, &parts.uri, &parts.headers, &apns_id);
         // Before the head is known, the largest limit any push may have.
         let limit = head.as_ref().map_or(apns::MAX_VOIP_PAYLOAD, PushHead::payload_limit);
-        let outcome = match head.map_err(Refused::from).and_then(|head| self.admit(head, auth)) {
-            Ok((head, token)) => self.accept(&parts.headers, body, limit, &head, &token).await,
-            Err(refused) => self.drain(&parts.headers, body, limit, Err(refused)).await,
+        let admitted = head.map_err(Refused::from).and_then(|head| self.admit(head, auth));
+        let outcome = match self.admitted_body(&parts.headers, body, limit, admitted).await {
+            Ok(((head, token), payload)) => match apns::check_payload(&payload) {
+                Ok(()) => self.forward(&head, token.device_id.to_bytes().to_vec(), payload).await,
+                Err(reason) => Err(reason.into()),
+            },
+            Err(refused) => Err(refused),
         };
         match outcome {
             Ok(()) => respond(StatusCode::OK, &apns_id.value, None),
@@ -122,40 +126,23 @@ impl PushService {
         Ok((head, token))
     }
 
-    /// Reads an admitted push's body (within the body timeout), checks it and forwards the push.
-    async fn accept<B>(
-        &self,
-        headers: &http::HeaderMap,
-        body: B,
-        limit: usize,
-        head: &PushHead,
-        token: &OpenedToken,
-    ) -> Result<(), Refused>
-    where
-        B: hyper::body::Body<Data = Bytes>,
-    {
-        let read = apns::read_payload(headers, body, limit);
-        let payload = tokio::time::timeout(self.body_timeout, read).await.map_err(|_| Reason::IdleTimeout)??;
-        apns::check_payload(&payload)?;
-        self.forward(head, token.device_id.to_bytes().to_vec(), payload).await
-    }
-
     /// The body of a request admitted as `admitted` (read within the body timeout, at most `limit` bytes),
     /// or, for a refused one, the refusal once its body has been drained (`PayloadTooLarge` past `limit`).
+    /// Pushes, channel requests and broadcasts all read their bodies here.
     async fn admitted_body<B, T>(
         &self,
         headers: &http::HeaderMap,
         body: B,
         limit: usize,
-        admitted: Result<T, Reason>,
-    ) -> Result<(T, Bytes), Reason>
+        admitted: Result<T, Refused>,
+    ) -> Result<(T, Bytes), Refused>
     where
         B: hyper::body::Body<Data = Bytes>,
     {
         match admitted {
-            Err(reason) => match self.drain(headers, body, limit, Err(reason.into())).await {
-                Err((reason, _)) => Err(reason),
-                Ok(()) => Err(reason),
+            Err(refused) => match self.drain(headers, body, limit, Err(refused)).await {
+                Err(answer) => Err(answer),
+                Ok(()) => Err(refused),
             },
             Ok(admitted) => {
                 let read = apns::read_payload(headers, body, limit);

@@ -161,15 +161,8 @@ pub async fn broadcast(args: BroadcastArgs) -> anyhow::Result<bool> {
         "cpu": cpu.json(busy),
         "sends": sends,
     });
-    result["links"] = json!({
-        "handshakes_full": totals.full,
-        "handshakes_resumed": totals.resumed,
-        "handshakes_redirected": totals.redirected,
-        "errors": totals.connect_errors,
-        "error_samples": totals.error_samples,
-        "drops": totals.drops,
-        "stale": totals.stale,
-    });
+    result["links"] = links_json(&totals);
+    result["links"]["stale"] = json!(totals.stale);
     let failures = verdict(&figures);
     conclude("courier-loadtest broadcast", rows, result, failures, &path, finished)
 }

@@ -425,13 +425,18 @@ impl PushResult {
         self.result["pushes"] = json!(self.summary);
         self.result["end_to_end_ms"] = json!(self.e2e);
         self.result["provider_answer_ms"] = json!(self.response);
-        self.result["links"] = json!({
-            "handshakes_full": self.totals.full,
-            "handshakes_resumed": self.totals.resumed,
-            "handshakes_redirected": self.totals.redirected,
-            "errors": self.totals.connect_errors,
-            "error_samples": self.totals.error_samples,
-            "drops": self.totals.drops,
-        });
+        self.result["links"] = links_json(&self.totals);
     }
+}
+
+/// What every scenario reports of the swarm's links: handshakes by kind, errors with samples, drops.
+pub(crate) fn links_json(totals: &SwarmTotals) -> serde_json::Value {
+    json!({
+        "handshakes_full": totals.full,
+        "handshakes_resumed": totals.resumed,
+        "handshakes_redirected": totals.redirected,
+        "errors": totals.connect_errors,
+        "error_samples": totals.error_samples,
+        "drops": totals.drops,
+    })
 }
