@@ -240,7 +240,8 @@ impl DeviceLink {
     /// Subscribes this link to a broadcast channel (base64 id, as the provider created it). `last_seen` is
     /// the apns_id of the last broadcast the device got on it: a channel that keeps its latest broadcast
     /// sends it next unless it is that one. Returns the channel's app (its broadcasts' topic), or
-    /// `ClientError::ChannelRefused`. Subscriptions last as long as the link: subscribe on every link.
+    /// `ClientError::ChannelRefused`. The device's owner stores the subscription and restores it on later
+    /// links (sending `ChannelSubscribed` unasked) until `unsubscribe`.
     pub async fn subscribe(&mut self, channel_id: &str, last_seen: Option<&str>) -> Result<String, ClientError> {
         let request =
             wire::SubscribeChannel { channel_id: channel_id.into(), last_seen: last_seen.unwrap_or_default().into() };
@@ -259,7 +260,7 @@ impl DeviceLink {
         answer.map_err(|reason| ClientError::ChannelRefused { channel_id: channel_id.to_string(), reason })
     }
 
-    /// Ends this link's subscription to a channel.
+    /// Ends the device's subscription to a channel, on its owner and the owner's copies.
     pub async fn unsubscribe(&mut self, channel_id: &str) -> Result<(), ClientError> {
         let request = wire::UnsubscribeChannel { channel_id: channel_id.into() };
         self.send(device_frame::Kind::UnsubscribeChannel(request)).await?;

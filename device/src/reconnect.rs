@@ -85,7 +85,8 @@ impl Device {
         self
     }
 
-    /// Subscribes to broadcast channel `channel_id` (base64, as the provider created it) on every link.
+    /// Subscribes to broadcast channel `channel_id` (base64, as the provider created it) on every link (the
+    /// owner stores subscriptions too; subscribing again tells it the last broadcast this device saw).
     pub fn with_channel(mut self, channel_id: &str) -> Self {
         self.channels.entry(channel_id.to_string()).or_default();
         self

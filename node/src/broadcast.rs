@@ -1,11 +1,11 @@
 //! Broadcasts on this node: which linked devices subscribe to which channel, the latest broadcast of
 //! each channel that keeps one, and handing a broadcast to every local subscriber.
 //!
-//! - **Subscriptions belong to links.** A device subscribes on every link it opens (as it registers its
-//!   topics), saying which broadcast of the channel it saw last. The index here holds only linked
-//!   subscribers and forgets a link's subscriptions when it ends, so nothing is stored, replicated or moved
-//!   when the ring changes: a device's subscriptions follow it to whichever node owns it, that node's death
-//!   included. One entry per subscription (a device id and its link's serial).
+//! - **Subscriptions are stored by the device's owner** (`StoredSubscriptions`: a row per subscription in
+//!   the store, copied to the device's ring successors and handed over when the ring moves), and
+//!   **indexed while the device is linked**: the index here holds only linked subscribers (a device id and
+//!   its link's serial per subscription), filled from the stored rows when a device links and from its
+//!   requests while it is linked, and emptied of a link's entries when it ends.
 //! - **Every active node receives every broadcast** (the gateway sends it to each) and hands it to its own
 //!   subscribers through their links' bounded queues with `try_send`: a subscriber whose queue is full
 //!   misses it (counted), and no subscriber ever waits for another.
@@ -21,14 +21,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use courier_core::channel::{ChannelId, StoragePolicy};
-use courier_proto::cluster::Notification;
+use courier_proto::cluster::{Notification, Subscription};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::edge::registry::Registry;
+use crate::edge::registry::{Registry, SharedBroadcast};
 use crate::ids::DeviceId;
 use crate::raft::channels::ChannelShelf;
-use crate::store::{StoreError, db_err};
+use crate::replication::Replicator;
+use crate::store::{Store, StoreError, db_err};
 
 /// How long a subscription to a channel this node does not have waits for the channel to be applied
 /// here before it is refused: a channel created a moment ago reaches followers up to a Raft heartbeat later.
@@ -80,9 +81,9 @@ impl Broadcasts {
         self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Subscribes `device`'s link `serial` to `channel`, and returns the channel's app and the kept
-    /// broadcast the device should get now (one it has not seen); `None` if there is no such channel (after
-    /// waiting `SUBSCRIBE_WAIT` for one not applied here yet). A kept broadcast that cannot be read is
+    /// Indexes `device`'s link `serial` as a subscriber of `channel`, and returns the channel's app and the
+    /// kept broadcast the device should get now (one it has not seen); `None` if there is no such channel
+    /// (after waiting up to `wait` for one not applied here yet). A kept broadcast that cannot be read is
     /// logged and not sent; the subscription holds.
     pub async fn subscribe(
         &self,
@@ -91,8 +92,9 @@ impl Broadcasts {
         channel: ChannelId,
         last_seen: &str,
         now_ms: u64,
+        wait: Duration,
     ) -> Option<(String, Option<Notification>)> {
-        if !self.channels.has_or_awaits(channel, SUBSCRIBE_WAIT).await {
+        if !self.channels.has_or_awaits(channel, wait).await {
             return None;
         }
         let (app, keeps) = {
@@ -120,7 +122,7 @@ impl Broadcasts {
         Some((app, kept.filter(|kept| kept.apns_id != last_seen)))
     }
 
-    /// Ends `device`'s subscription to `channel`, if its link `serial` holds it.
+    /// Takes `device`'s link `serial` out of `channel`'s linked subscribers, if it is there.
     pub fn unsubscribe(&self, device: DeviceId, serial: u64, channel: ChannelId) {
         let mut index = self.index();
         let Some(devices) = index.by_channel.get_mut(&channel) else { return };
@@ -205,14 +207,18 @@ impl Broadcasts {
             self.keep(channel, &broadcast).await?;
         }
         // One frame for every subscriber: the device frame names no device.
-        let frame = courier_device::codec::EncodedFrame::encode(&crate::edge::session::notification_frame(&broadcast));
+        let shared = Arc::new(SharedBroadcast {
+            frame: courier_device::codec::EncodedFrame::encode(&crate::edge::session::notification_frame(&broadcast)),
+            channel,
+            kept: keep.then(|| Arc::from(broadcast.apns_id.as_str())),
+        });
         let devices: Vec<(DeviceId, u64)> = match self.index().by_channel.get(&channel) {
             Some(devices) => devices.iter().map(|(device, serial)| (*device, *serial)).collect(),
             None => Vec::new(),
         };
         let mut handed = 0u64;
         for (device, serial) in devices {
-            if self.registry.offer(device, serial, frame.clone()) {
+            if self.registry.offer(device, serial, &shared) {
                 handed += 1;
             } else {
                 metrics::counter!("courier_node_broadcasts_missed_total").increment(1);
@@ -308,6 +314,82 @@ impl Broadcasts {
     }
 }
 
+/// Devices' channel subscriptions as their owner stores them (the store's `channel_subscriptions`), each
+/// change copied to the device's ring successors so that a new owner has them after the owner's death.
+#[derive(Clone)]
+pub struct StoredSubscriptions {
+    store: Store,
+    replicator: Arc<Replicator>,
+}
+
+fn subscription(device: DeviceId, channel: ChannelId, last_seen: &str, subscribed: bool) -> Subscription {
+    Subscription {
+        device_id: device.to_bytes().to_vec(),
+        channel_id: channel.0.to_vec(),
+        last_seen: last_seen.to_string(),
+        subscribed,
+    }
+}
+
+impl StoredSubscriptions {
+    pub fn new(store: Store, replicator: Arc<Replicator>) -> Self {
+        StoredSubscriptions { store, replicator }
+    }
+
+    /// Durably stores that `device` subscribes to `channel` and has had its kept broadcast `last_seen`,
+    /// then copies that to the device's successors (unawaited).
+    pub async fn save(&self, device: DeviceId, channel: ChannelId, last_seen: &str) -> Result<(), StoreError> {
+        self.change(subscription(device, channel, last_seen, true)).await
+    }
+
+    /// Durably removes `device`'s subscription to `channel`, then its copies (unawaited).
+    pub async fn remove(&self, device: DeviceId, channel: ChannelId) -> Result<(), StoreError> {
+        self.change(subscription(device, channel, "", false)).await
+    }
+
+    async fn change(&self, change: Subscription) -> Result<(), StoreError> {
+        self.store.save_subscriptions(vec![change.clone()]).await?;
+        if let Some(device) = DeviceId::from_slice(&change.device_id) {
+            self.replicator.copy_subscription(device, &change);
+        }
+        Ok(())
+    }
+
+    /// Records, unawaited, the kept broadcasts a link handed its device (channel, apns_id), so that the
+    /// device's next link does not get them again.
+    pub fn seen_later(&self, device: DeviceId, seen: Vec<(ChannelId, Arc<str>)>) {
+        if seen.is_empty() {
+            return;
+        }
+        let changes: Vec<Subscription> =
+            seen.iter().map(|(channel, apns_id)| subscription(device, *channel, apns_id, true)).collect();
+        for change in &changes {
+            self.replicator.copy_subscription(device, change);
+        }
+        self.store.save_subscriptions_later(changes);
+    }
+
+    /// The device's stored subscriptions, each with the kept broadcast it has had.
+    pub async fn of(&self, device: DeviceId) -> Result<Vec<(ChannelId, String)>, StoreError> {
+        let stored = self.store.subscriptions(device).await?;
+        Ok(stored.into_iter().filter_map(|s| Some((ChannelId::from_slice(&s.channel_id)?, s.last_seen))).collect())
+    }
+
+    /// Removes every stored subscription to `channels` (every channel stored here, with `None`) that
+    /// `book` no longer has; returns how many.
+    async fn forget_deleted(&self, channels: Option<Vec<ChannelId>>, book: &ChannelShelf) -> Result<usize, StoreError> {
+        let candidates: Vec<[u8; 16]> = match channels {
+            Some(ids) => ids.into_iter().map(|id| id.0).collect(),
+            None => self.store.subscribed_channels().await?.into_iter().collect(),
+        };
+        let gone = {
+            let book = book.read();
+            candidates.into_iter().filter(|id| book.find(ChannelId(*id)).is_none()).collect()
+        };
+        self.store.forget_channels(gone).await
+    }
+}
+
 /// A broadcast from a gateway's `Forward` stream, answered as the stream answers: SENT, STORED (kept), or
 /// REJECTED with UNKNOWN_CHANNEL or STORE_FAILED; `subscribers` says to how many linked subscribers it went.
 pub async fn deliver_forwarded(
@@ -328,20 +410,27 @@ pub async fn deliver_forwarded(
     courier_proto::cluster::DeliverResult { subscribers, ..crate::delivery::result(&apns_id, outcome) }
 }
 
-/// Forgets deleted channels' subscriptions and kept broadcasts: each as its delete is applied, and all of
-/// them at start (channels deleted while the node was down) and whenever the book was replaced or this
-/// watcher fell behind, until `shutdown`.
-pub async fn forget_deleted_channels(broadcasts: Broadcasts, shutdown: courier_core::shutdown::CancellationToken) {
+/// Forgets deleted channels' subscriptions (linked and stored) and kept broadcasts: each as its delete is
+/// applied, and all of them at start (channels deleted while the node was down) and whenever the book was
+/// replaced or this watcher fell behind, until `shutdown`.
+pub async fn forget_deleted_channels(
+    broadcasts: Broadcasts,
+    stored: StoredSubscriptions,
+    shutdown: courier_core::shutdown::CancellationToken,
+) {
     use crate::raft::channels::ChannelEvent;
     use courier_core::channel::ChannelChange;
     use tokio::sync::broadcast::error::RecvError;
     let mut watch = broadcasts.channels.watch();
     let mut sweep = Some(None);
     loop {
-        if let Some(channels) = sweep.take()
-            && let Err(error) = broadcasts.forget_deleted(channels).await
-        {
-            tracing::error!(%error, "forgetting deleted channels' kept broadcasts failed");
+        if let Some(channels) = sweep.take() {
+            if let Err(error) = broadcasts.forget_deleted(channels.clone()).await {
+                tracing::error!(%error, "forgetting deleted channels' kept broadcasts failed");
+            }
+            if let Err(error) = stored.forget_deleted(channels, &broadcasts.channels).await {
+                tracing::error!(%error, "forgetting deleted channels' stored subscriptions failed");
+            }
         }
         let event = tokio::select! {
             event = watch.events.recv() => event,
@@ -455,25 +544,37 @@ mod tests {
         let link_b = registry.attach(b, localhost).expect("attach");
         let channel = ChannelId([1; 16]);
         for (device, serial) in [(a, link_a.serial), (b, link_b.serial)] {
-            assert!(broadcasts.subscribe(device, serial, channel, "", NOW_MS).await.is_some());
+            assert!(broadcasts.subscribe(device, serial, channel, "", NOW_MS, Duration::ZERO).await.is_some());
         }
-        assert!(broadcasts.subscribe(c, 99, ChannelId([9; 16]), "", NOW_MS).await.is_none(), "no such channel");
+        assert!(
+            broadcasts.subscribe(c, 99, ChannelId([9; 16]), "", NOW_MS, Duration::ZERO).await.is_none(),
+            "no such channel"
+        );
         assert_eq!(broadcasts.subscribers(channel), 2);
 
         // Fill b's queue; a still gets the broadcast and b only misses it.
         let mut queued = 0;
-        let filler = courier_device::codec::EncodedFrame(bytes::Bytes::from_static(&[0, 0, 0, 0]));
-        while registry.offer(b, link_b.serial, filler.clone()) {
+        let filler = Arc::new(SharedBroadcast {
+            frame: courier_device::codec::EncodedFrame(bytes::Bytes::from_static(&[0, 0, 0, 0])),
+            channel,
+            kept: None,
+        });
+        while registry.offer(b, link_b.serial, &filler) {
             queued += 1;
         }
         assert!(queued > 0);
         let handed = broadcasts.deliver(broadcast(1, "x", NOW_MS, 0), NOW_MS).await.expect("deliver");
         assert_eq!(handed, Handed::Sent(1));
-        let Ok(crate::edge::registry::Outgoing::Broadcast(frame)) = link_a.notifications.try_recv() else {
+        let Ok(crate::edge::registry::Outgoing::Broadcast(handed)) = link_a.notifications.try_recv() else {
             panic!("a has it")
         };
         let expected = crate::edge::session::notification_frame(&broadcast(1, "x", NOW_MS, 0));
-        assert_eq!(frame, courier_device::codec::EncodedFrame::encode(&expected), "the device frame, encoded once");
+        assert_eq!(
+            handed.frame,
+            courier_device::codec::EncodedFrame::encode(&expected),
+            "the device frame, encoded once"
+        );
+        assert_eq!((handed.channel, handed.kept.as_deref()), (channel, None), "a policy-0 broadcast is not kept");
         assert_eq!(registry.serial(b), Some(link_b.serial), "a full queue does not close the link");
 
         // A subscription held by an older link of the device is not the current link's.
@@ -495,7 +596,12 @@ mod tests {
         let later = NOW_MS / 1000 + 60;
         for channel in [1, 2] {
             broadcasts.deliver(broadcast(channel, "b", NOW_MS, later), NOW_MS).await.expect("deliver");
-            assert!(broadcasts.subscribe(DeviceId(7), 1, ChannelId([channel; 16]), "", NOW_MS).await.is_some());
+            assert!(
+                broadcasts
+                    .subscribe(DeviceId(7), 1, ChannelId([channel; 16]), "", NOW_MS, Duration::ZERO)
+                    .await
+                    .is_some()
+            );
         }
         // Nothing to forget while both exist.
         assert_eq!(broadcasts.forget_deleted(None).await.expect("sweep"), 0);

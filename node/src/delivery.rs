@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use courier_proto::cluster::{DeliverOutcome, DeliverResult, Notification, QueueKey, RefusalReason};
+use courier_proto::cluster::{DeliverOutcome, DeliverResult, Notification, QueueKey, RefusalReason, Subscription};
 use tokio::sync::oneshot;
 
 use crate::delivery_status::{Disposition, StatusLog};
@@ -93,6 +93,8 @@ impl CommitError {
 pub enum ReplicaError {
     #[error("a device id is 16 bytes")]
     BadDeviceId,
+    #[error("a channel id is 16 bytes")]
+    BadChannelId,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -324,10 +326,22 @@ impl Delivery {
         parts.store.pending(device).await
     }
 
-    /// Applies copies and deletes another node sent this one (its replica role, or queues handed over when
-    /// the ring moved). Returns how many operations were applied.
-    pub async fn apply_replica(&self, puts: Vec<Notification>, removes: Vec<QueueKey>) -> Result<usize, ReplicaError> {
+    /// Applies copies, deletes and subscription changes another node sent this one (its replica role, or
+    /// queues handed over when the ring moved). Returns how many operations were applied.
+    pub async fn apply_replica(
+        &self,
+        puts: Vec<Notification>,
+        removes: Vec<QueueKey>,
+        subscriptions: Vec<Subscription>,
+    ) -> Result<usize, ReplicaError> {
         let parts = &self.inner.parts;
+        // Checked first: subscription changes are applied in order, after the puts and removes.
+        for change in &subscriptions {
+            DeviceId::from_slice(&change.device_id).ok_or(ReplicaError::BadDeviceId)?;
+            if change.channel_id.len() != 16 {
+                return Err(ReplicaError::BadChannelId);
+            }
+        }
         let puts = futures_util::future::join_all(puts.into_iter().map(|n| async move {
             let device = DeviceId::from_slice(&n.device_id).ok_or(ReplicaError::BadDeviceId)?;
             let notification = Arc::new(n);
@@ -345,7 +359,9 @@ impl Delivery {
             Ok::<_, ReplicaError>(())
         }))
         .await;
-        let applied = puts.into_iter().chain(removes).collect::<Result<Vec<()>, ReplicaError>>()?.len();
+        let mut applied = puts.into_iter().chain(removes).collect::<Result<Vec<()>, ReplicaError>>()?.len();
+        applied += subscriptions.len();
+        parts.store.save_subscriptions(subscriptions).await?;
         metrics::counter!("courier_node_replicated_ops_total").increment(applied as u64);
         Ok(applied)
     }

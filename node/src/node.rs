@@ -218,6 +218,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         registry.clone(),
         control.channels.clone(),
     )?;
+    let subscriptions = crate::broadcast::StoredSubscriptions::new(store.clone(), replicator.clone());
     let edge = Arc::new(Edge {
         settings: config.link_settings(),
         keyring,
@@ -228,12 +229,13 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         delivery: delivery.clone(),
         registrations,
         broadcasts: broadcasts.clone(),
+        subscriptions: subscriptions.clone(),
     });
     tracker.spawn(edge::clones::report(clone_reports_rx, control.clone(), shutdown.clone()));
     tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown.clone(), tracker.clone()));
 
     tracker.spawn(crate::broadcast::catch_up(control.clone(), broadcasts.clone(), shutdown.clone()));
-    tracker.spawn(crate::broadcast::forget_deleted_channels(broadcasts.clone(), shutdown.clone()));
+    tracker.spawn(crate::broadcast::forget_deleted_channels(broadcasts.clone(), subscriptions, shutdown.clone()));
     let service = ClusterService {
         delivery,
         broadcasts,

@@ -10,12 +10,15 @@
 //! devices' new candidates that did not hold them before, and drops the queues of devices it is no longer a
 //! candidate for once the new holders have them. Puts are idempotent by (device, apns-id), so sending a
 //! copy twice is harmless; at worst a device sees a redelivery, which its client drops.
+//!
+//! Devices' channel subscriptions travel the same way: each change the owner stores is copied to the
+//! device's successors (unawaited, in order, like acks), and `rebalance` hands them over with the queue.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use courier_proto::cluster::{FetchQueueRequest, Notification, QueueKey, ReplicateRequest};
+use courier_proto::cluster::{FetchQueueRequest, Notification, QueueKey, ReplicateRequest, Subscription};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
@@ -36,6 +39,8 @@ enum PeerOp {
     /// A copy, the epoch of the view that decided it, and who waits for the outcome.
     Put(Box<Notification>, Epoch, oneshot::Sender<bool>),
     Remove(QueueKey),
+    /// A subscription change, and who waits to hear it was applied (a hand-over), if anyone.
+    Subscription(Box<Subscription>, Option<oneshot::Sender<bool>>),
 }
 
 /// One peer's batching task and its breaker.
@@ -196,6 +201,35 @@ impl Replicator {
         }
     }
 
+    /// Copies a subscription change this node stored to the device's other holders. Not awaited: the
+    /// device still holds the subscription on its owner, and the copies are for the owner's death.
+    pub fn copy_subscription(&self, device: DeviceId, change: &Subscription) {
+        let view = self.view.get();
+        let holders = view.state.ring.copies() + 1;
+        for node in view.ring.candidates(device, holders) {
+            if node == self.id {
+                continue;
+            }
+            if let Some(addr) = self.addr_of(node) {
+                let _ = self.link(&addr).0.try_send(PeerOp::Subscription(Box::new(change.clone()), None));
+            }
+        }
+    }
+
+    /// Sends one subscription to `node`; `true` once it is stored there.
+    async fn subscription_to(&self, node: NodeId, change: Subscription) -> bool {
+        let Some(addr) = self.addr_of(node) else { return false };
+        let (ops, breaker) = self.link(&addr);
+        if breaker.open() {
+            return false;
+        }
+        let (reply, answer) = oneshot::channel();
+        if ops.send(PeerOp::Subscription(Box::new(change), Some(reply))).await.is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(self.timeout * 2, answer).await, Ok(Ok(true)))
+    }
+
     /// Moves queued notifications after the ring changed from `before` to the current ring, many devices
     /// at a time.
     pub async fn rebalance(&self, store: &Store, before: &Ring) -> Result<RebalanceReport, crate::store::StoreError> {
@@ -235,8 +269,8 @@ impl Replicator {
         self.hand_over(store, device, &targets, !stays && !new.is_empty()).await
     }
 
-    /// Sends the device's queue to every node in `targets`; with `release`, drops the local copies once
-    /// all of them have it.
+    /// Sends the device's queue and subscriptions to every node in `targets`; with `release`, drops the
+    /// local copies once all of them have them.
     async fn hand_over(
         &self,
         store: &Store,
@@ -245,10 +279,13 @@ impl Replicator {
         release: bool,
     ) -> Result<RebalanceReport, crate::store::StoreError> {
         let queue = store.pending(device).await?;
+        let subscriptions = store.subscriptions(device).await?;
         let epoch = self.view.get().state.epoch;
         let mut complete = true;
         for target in targets {
             let sent = join_all(queue.iter().map(|n| self.put_to(*target, n.clone(), epoch))).await;
+            complete &= sent.iter().all(|ok| *ok);
+            let sent = join_all(subscriptions.iter().map(|s| self.subscription_to(*target, s.clone()))).await;
             complete &= sent.iter().all(|ok| *ok);
         }
         let mut report = RebalanceReport { moved: queue.len() * targets.len(), released: 0 };
@@ -256,6 +293,8 @@ impl Replicator {
             for n in &queue {
                 store.remove(device, &n.apns_id).await?;
             }
+            let ended = subscriptions.into_iter().map(|s| Subscription { subscribed: false, ..s }).collect();
+            store.save_subscriptions(ended).await?;
             report.released = queue.len();
         }
         Ok(report)
@@ -264,6 +303,9 @@ impl Replicator {
 
 /// How often `sweep_orphans_every_few_seconds` sweeps.
 const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
+
+/// Sweeps after a ring change that also look at devices with only subscriptions (the first at once).
+const SUBSCRIPTION_SWEEPS: u32 = 3;
 
 /// Devices whose queues move at the same time during a rebalance.
 const REBALANCE_PARALLELISM: usize = 64;
@@ -310,15 +352,26 @@ impl Replicator {
     }
 
     /// Every few seconds, moves copies this node holds for devices it is no longer a candidate for: writes
-    /// that raced a ring change land on the old holders after their rebalance read the queue.
+    /// that raced a ring change land on the old holders after their rebalance read the queue. Devices that
+    /// only have subscriptions (many, and rarely written) are swept in the first few sweeps after the
+    /// ring changes, when racing copies land, not every time.
     pub async fn sweep_orphans_every_few_seconds(self: Arc<Self>, store: Store, shutdown: CancellationToken) {
+        let mut ring_of = self.view.get().state.epoch;
+        let mut subscription_sweeps = SUBSCRIPTION_SWEEPS;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(ORPHAN_SWEEP) => {}
                 _ = shutdown.cancelled() => return,
             }
+            let view = self.view.get();
+            if view.state.epoch != ring_of {
+                ring_of = view.state.epoch;
+                subscription_sweeps = SUBSCRIPTION_SWEEPS;
+            }
+            let with_subscriptions = subscription_sweeps > 0;
+            subscription_sweeps = subscription_sweeps.saturating_sub(1);
             let sweep = tokio::select! {
-                result = self.sweep_orphans(&store) => result,
+                result = self.sweep_orphans(&store, with_subscriptions) => result,
                 _ = shutdown.cancelled() => return,
             };
             match sweep {
@@ -329,13 +382,18 @@ impl Replicator {
         }
     }
 
-    /// Hands the queues of devices this node is not a candidate for (copies that arrived after the last
-    /// rebalance) to their candidates, then drops them here.
-    pub async fn sweep_orphans(&self, store: &Store) -> Result<usize, crate::store::StoreError> {
+    /// Hands the queues (and subscriptions) of devices this node is not a candidate for (copies that
+    /// arrived after the last rebalance) to their candidates, then drops them here. Devices with only
+    /// subscriptions are looked at only `with_subscriptions`.
+    pub async fn sweep_orphans(
+        &self,
+        store: &Store,
+        with_subscriptions: bool,
+    ) -> Result<usize, crate::store::StoreError> {
         let view = self.view.get();
         let wanted = view.state.ring.copies();
         let mut released = 0;
-        for device in store.devices().await? {
+        for device in store.devices_holding(with_subscriptions).await? {
             let candidates = view.ring.candidates(device, wanted);
             if candidates.is_empty() || candidates.contains(&self.id) {
                 continue;
@@ -397,6 +455,7 @@ impl BatchTask {
         let mut request = ReplicateRequest { from_node: self.from, ..Default::default() };
         let mut epoch: Option<Epoch> = None;
         let mut waiters = Vec::new();
+        let mut applied_waiters = Vec::new();
         for op in batch {
             match op {
                 PeerOp::Put(n, decided, reply) => {
@@ -405,6 +464,10 @@ impl BatchTask {
                     waiters.push(reply);
                 }
                 PeerOp::Remove(key) => request.removes.push(key),
+                PeerOp::Subscription(change, reply) => {
+                    request.subscriptions.push(*change);
+                    applied_waiters.extend(reply);
+                }
             }
         }
         // Removes alone are stamped with the current epoch: nothing in them is decided by ownership.
@@ -412,7 +475,7 @@ impl BatchTask {
         if self.breaker.open() {
             // Failed a moment ago: skip it rather than make these wait out another timeout.
             metrics::counter!("courier_node_replication_skipped_total").increment(waiters.len() as u64);
-            for waiter in waiters {
+            for waiter in waiters.into_iter().chain(applied_waiters) {
                 let _ = waiter.send(false);
             }
             return;
@@ -431,11 +494,14 @@ impl BatchTask {
         self.breaker.record(answer.is_some());
         let Some(answer) = answer else {
             metrics::counter!("courier_node_replication_failures_total").increment(1);
-            for waiter in waiters {
+            for waiter in waiters.into_iter().chain(applied_waiters) {
                 let _ = waiter.send(false);
             }
             return;
         };
+        for waiter in applied_waiters {
+            let _ = waiter.send(true);
+        }
         for (index, waiter) in waiters.into_iter().enumerate() {
             let _ = waiter.send(!answer.refused.contains(&(index as u32)));
         }

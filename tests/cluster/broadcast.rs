@@ -103,3 +103,72 @@ async fn subscribers_on_every_node_get_each_broadcast_once_and_a_returning_node_
     gateway.shutdown().await;
     nodes.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_subscription_holds_on_later_links_until_the_device_unsubscribes() {
+    let nodes = Nodes::start(3, |_| {}).await;
+    let (gateway, _, signer) = nodes.gateway().await;
+    let channels = Channels::to(gateway.channels_addr, &nodes.pki(), &signer).await;
+    let sender = Channels::to(gateway.provider_addr, &nodes.pki(), &signer).await;
+    let channel = channels.create_ok(1, "LiveActivity").await;
+    let broadcast = |n: u32| {
+        let (sender, channel, body) = (&sender, &channel, format!(r#"{{"n":{n}}}"#));
+        async move { sender.broadcast_ok(channel, "liveactivity", &body).await }
+    };
+    let stored = |device| {
+        let stores: Vec<_> = nodes.running().map(|node| node.store.clone()).collect();
+        async move {
+            // Each node's rows for the device: the kept broadcast it has had, per subscription.
+            let mut rows = Vec::new();
+            for store in stores {
+                rows.extend(store.subscriptions(device).await.expect("store").into_iter().map(|s| s.last_seen));
+            }
+            rows
+        }
+    };
+
+    // Subscribed once: the owner stores it and copies it to the device's successor.
+    let (credentials, mut link, _) = registered_device(&nodes.endpoint(1)).await;
+    let device = credentials.device_id;
+    link.subscribe(&channel, None).await.expect("subscribe");
+    eventually(Duration::from_secs(10), "the subscription is on its owner and its copy", || async {
+        stored(device).await.len() == 2
+    })
+    .await;
+    let first = broadcast(1).await;
+    assert_eq!(next(&mut link).await.apns_id, first);
+    link.close().await.expect("close");
+
+    // Offline, a broadcast is kept. Linking again without subscribing, the device gets it, then later ones.
+    let second = broadcast(2).await;
+    let mut link = common::link_again(&nodes.endpoint(1), &credentials, 3).await;
+    assert_eq!(next(&mut link).await.apns_id, second, "the kept broadcast it had not had");
+    let third = broadcast(3).await;
+    assert_eq!(next(&mut link).await.apns_id, third, "a live one on the restored subscription");
+    assert!(link.sync().await.expect("sync").is_empty(), "each once");
+    link.close().await.expect("close");
+
+    // The owner and the copy record that the device had the kept broadcast when the link ends: the next link
+    // does not get it again.
+    eventually(Duration::from_secs(10), "the third is stored as seen", || async {
+        stored(device).await == [third.clone(), third.clone()]
+    })
+    .await;
+    let mut link = common::link_again(&nodes.endpoint(1), &credentials, 3).await;
+    let fourth = broadcast(4).await;
+    assert_eq!(next(&mut link).await.apns_id, fourth, "not the third again");
+
+    // Unsubscribed: the owner and the copy drop it, and the next link holds no subscription.
+    link.unsubscribe(&channel).await.expect("unsubscribe");
+    eventually(Duration::from_secs(10), "the subscription leaves the owner and its copy", || async {
+        stored(device).await.is_empty()
+    })
+    .await;
+    link.close().await.expect("close");
+    let _link = common::link_again(&nodes.endpoint(1), &credentials, 3).await;
+    let listed = common::ctl(nodes.node(1).cluster_addr, &nodes.pki().dir, &["channels", "--json"]).await;
+    let row: serde_json::Value = serde_json::from_str(listed.stdout.trim()).expect("one channel, as JSON");
+    assert_eq!(row["subscribers"].as_u64(), Some(0), "the device is linked, not subscribed: {listed:?}");
+    gateway.shutdown().await;
+    nodes.shutdown().await;
+}

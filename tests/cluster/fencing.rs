@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::Nodes;
 use courier_core::ids::{DeviceId, unix_millis};
 use courier_core::peer::Peers;
-use courier_proto::cluster::{FetchQueueRequest, Notification, ReplicateRequest};
+use courier_proto::cluster::{FetchQueueRequest, Notification, ReplicateRequest, Subscription};
 
 fn notification(device: DeviceId, apns_id: &str) -> Notification {
     Notification {
@@ -44,6 +44,7 @@ async fn stale_replicas_and_fetches_are_refused_for_devices_the_sender_no_longer
         puts: vec![notification(mine, "for-1"), notification(theirs, "for-2")],
         removes: vec![],
         epoch: epoch - 1,
+        ..Default::default()
     };
     let answer = client.replicate(stale).await.expect("a stale batch is answered").into_inner();
     assert_eq!(answer.refused, vec![0], "only the put for a device node 2 does not own is refused");
@@ -53,7 +54,8 @@ async fn stale_replicas_and_fetches_are_refused_for_devices_the_sender_no_longer
     assert_eq!(kept.iter().map(|n| n.apns_id.as_str()).collect::<Vec<_>>(), ["for-2"], "the other copy was stored");
 
     // In the receiver's epoch nothing is refused: a hand-over from a node that is not the owner is normal.
-    let current = ReplicateRequest { from_node: 2, puts: vec![notification(mine, "for-1")], removes: vec![], epoch };
+    let current =
+        ReplicateRequest { from_node: 2, puts: vec![notification(mine, "for-1")], epoch, ..Default::default() };
     let answer = client.replicate(current).await.expect("a current batch is answered").into_inner();
     assert!(answer.refused.is_empty(), "{:?}", answer.refused);
     assert_eq!(node1.store.pending(mine).await.expect("store").len(), 1);
@@ -64,13 +66,31 @@ async fn stale_replicas_and_fetches_are_refused_for_devices_the_sender_no_longer
         puts: vec![notification(theirs, "from-the-future")],
         removes: vec![],
         epoch: epoch + 1000,
+        ..Default::default()
     };
     let refused = client.replicate(ahead).await.expect_err("an epoch from the future is refused");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert_eq!(node1.store.pending(theirs).await.expect("store").len(), 1, "nothing from it was applied");
 
+    // A subscription copy with a malformed channel id is refused, and no copy in its batch is applied.
+    let subscription = |channel_id: Vec<u8>| Subscription {
+        device_id: mine.to_bytes().to_vec(),
+        channel_id,
+        last_seen: String::new(),
+        subscribed: true,
+    };
+    let bad = ReplicateRequest {
+        from_node: 2,
+        epoch,
+        subscriptions: vec![subscription(vec![1; 16]), subscription(vec![2; 3])],
+        ..Default::default()
+    };
+    let refused = client.replicate(bad).await.expect_err("a malformed subscription is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(node1.store.subscriptions(mine).await.expect("store").is_empty(), "nothing from the batch was applied");
+
     // Speaking for node 1 with node 2's certificate is refused.
-    let forged = ReplicateRequest { from_node: 1, puts: vec![], removes: vec![], epoch };
+    let forged = ReplicateRequest { from_node: 1, epoch, ..Default::default() };
     let refused = client.replicate(forged).await.expect_err("a forged sender is refused");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 

@@ -300,6 +300,85 @@ async fn a_fourth_node_takes_only_the_devices_it_now_owns_and_their_queues_move_
     nodes.shutdown().await;
 }
 
+/// Each running node's devices with a stored channel subscription.
+async fn subscribers_held(nodes: &Nodes, devices: &[DeviceId]) -> BTreeMap<NodeId, BTreeSet<DeviceId>> {
+    let mut held = BTreeMap::new();
+    for node in nodes.running() {
+        let mut mine = BTreeSet::new();
+        for device in devices {
+            if !node.store.subscriptions(*device).await.expect("store read").is_empty() {
+                mine.insert(*device);
+            }
+        }
+        held.insert(node.control.id, mine);
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_subscriptions_move_with_their_devices_when_a_node_joins() {
+    let mut nodes = Nodes::start(3, |_| {}).await;
+    let (gateway, _, signer) = nodes.gateway().await;
+    let replicas = replication_factor(&nodes);
+    let channels = common::channels::Channels::to(gateway.channels_addr, &nodes.pki(), &signer).await;
+    let sender = common::channels::Channels::to(gateway.provider_addr, &nodes.pki(), &signer).await;
+    let channel = channels.create_ok(0, "LiveActivity").await;
+
+    // Offline devices that subscribed once.
+    let mut devices = Vec::new();
+    for chunk in 0..4 {
+        let batch = (0..CONCURRENCY).map(|i| {
+            let (nodes, channel) = (&nodes, &channel);
+            async move {
+                let through = ((chunk + i) % 3) as NodeId + 1;
+                let credentials = activate(nodes, through).await;
+                let mut link = DeviceLink::connect(&nodes.endpoint(through), &credentials, 0).await.expect("connects");
+                link.subscribe(channel, None).await.expect("subscribe");
+                link.close().await.expect("close");
+                credentials
+            }
+        });
+        devices.extend(join_all(batch).await);
+    }
+    let ids: Vec<DeviceId> = devices.iter().map(|c| c.device_id).collect();
+    let candidates_in = |view: &EpochView| -> BTreeMap<NodeId, BTreeSet<DeviceId>> {
+        (1..=view.ring.members().len() as NodeId)
+            .map(|node| {
+                (node, ids.iter().copied().filter(|d| view.ring.candidates(*d, replicas).contains(&node)).collect())
+            })
+            .collect()
+    };
+    let before = candidates_in(&nodes.node(1).view.get());
+    eventually(SETTLE, "each subscription is on its device's owner and successor", || async {
+        subscribers_held(&nodes, &ids).await == before
+    })
+    .await;
+
+    nodes.add_node(4).await;
+    let joined_at = nodes.epoch_active(4).await;
+    rebalanced_to(&nodes, joined_at).await;
+    gateway_reaches(&gateway, joined_at).await;
+    let after_view = nodes.node(1).view.get();
+    let after = candidates_in(&after_view);
+    assert!(!after[&4].is_empty(), "node 4 is a candidate for some of {} devices", ids.len());
+    eventually(SETTLE, "each subscription is on exactly its device's new candidates", || async {
+        subscribers_held(&nodes, &ids).await == after
+    })
+    .await;
+
+    // A device node 4 now owns links there and gets a broadcast without subscribing again.
+    let moved = devices.iter().find(|c| after_view.ring.owner(c.device_id) == Some(4)).expect("a device on node 4");
+    let mut link = DeviceLink::connect(&nodes.endpoint(1), moved, 0).await.expect("connects");
+    assert_eq!(link.node_addr, device_addr_of(&nodes, 4));
+    let unique = sender.broadcast_ok(&channel, "liveactivity", r#"{"n":1}"#).await;
+    let n = tokio::time::timeout(Duration::from_secs(10), link.next_notification()).await.expect("in time");
+    assert_eq!(n.expect("the link stays up").apns_id, unique);
+    link.close().await.expect("close");
+
+    gateway.shutdown().await;
+    nodes.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_an_owner_is_lost_its_successor_already_holds_the_queue() {
     let mut nodes = Nodes::start(3, |_| {}).await;

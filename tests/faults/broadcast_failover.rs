@@ -1,5 +1,6 @@
 //! Broadcasts when a node fails, with real `courier node` processes: a subscriber whose owner is SIGKILLed
-//! gets the latest policy-1 broadcast through its new owner; and a paused member makes broadcasts answer
+//! keeps its subscription (the owner's copy on its successor) and gets the latest policy-1 broadcast through
+//! its new owner without subscribing again; and a paused member makes broadcasts answer
 //! 503 until the cluster marks it down, after which they go on without it and reach every other
 //! subscriber.
 
@@ -11,6 +12,10 @@ use std::time::Duration;
 use common::channels::Channels;
 use common::{ProcessCluster, eventually};
 use courier_core::pki::PkiDir;
+
+async fn next(link: &mut courier_device::DeviceLink) -> courier_device::Notification {
+    tokio::time::timeout(Duration::from_secs(10), link.next_notification()).await.expect("in time").expect("up")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_whose_owner_was_sigkilled_gets_the_latest_broadcast_through_the_new_owner() {
@@ -25,9 +30,7 @@ async fn a_subscriber_whose_owner_was_sigkilled_gets_the_latest_broadcast_throug
     let (credentials, mut link, _) = common::registered_device(&endpoints[0]).await;
     link.subscribe(&channel, None).await.expect("subscribe");
     let first = sender.broadcast_ok(&channel, "liveactivity", r#"{"n":1}"#).await;
-    let n =
-        tokio::time::timeout(Duration::from_secs(10), link.next_notification()).await.expect("in time").expect("up");
-    assert_eq!(n.apns_id, first);
+    assert_eq!(next(&mut link).await.apns_id, first);
     let owner_addr = link.node_addr.to_string();
     link.close().await.expect("close");
 
@@ -42,14 +45,17 @@ async fn a_subscriber_whose_owner_was_sigkilled_gets_the_latest_broadcast_throug
     .await;
     let latest = sender.broadcast_ok(&channel, "liveactivity", r#"{"n":2}"#).await;
 
-    // Linking again (through a node still up), the device reaches its new owner, which kept the broadcast.
+    // Linking again (through a node still up), the device reaches its new owner, which holds the copy of its
+    // subscription and kept the broadcast: the device gets it without subscribing again, then later ones.
     let alive = endpoints.iter().find(|e| e.addr.to_string() != owner_addr).expect("a live node");
     let mut link = common::link_again(alive, &credentials, 5).await;
     assert_ne!(link.node_addr.to_string(), owner_addr, "a new owner");
-    link.subscribe(&channel, Some(&first)).await.expect("subscribe on the new owner");
-    let n =
-        tokio::time::timeout(Duration::from_secs(10), link.next_notification()).await.expect("in time").expect("up");
+    let n = next(&mut link).await;
     assert_eq!((n.apns_id.as_str(), n.payload.as_slice()), (latest.as_str(), br#"{"n":2}"#.as_slice()));
+    let live = sender.broadcast_ok(&channel, "liveactivity", r#"{"n":3}"#).await;
+    assert_eq!(next(&mut link).await.apns_id, live, "the restored subscription is live");
+    // Subscribing again, as `Device::with_channel` does, sends nothing this link already handed.
+    link.subscribe(&channel, Some(&first)).await.expect("subscribe on the new owner");
     assert!(link.sync().await.expect("sync").is_empty(), "once");
     gateway.shutdown().await;
 }

@@ -24,6 +24,9 @@ const MAX_ROWS: usize = 20;
 /// The channels' push type: the one APNs broadcasts are for.
 const PUSH_TYPE: &str = "LiveActivity";
 
+/// How long after subscribing node memory is read again, once the work subscribing set off has settled.
+const MEMORY_SETTLE: Duration = Duration::from_secs(5);
+
 pub async fn broadcast(args: BroadcastArgs) -> anyhow::Result<bool> {
     let channels = usize::from(args.channels);
     anyhow::ensure!(
@@ -53,10 +56,14 @@ pub async fn broadcast(args: BroadcastArgs) -> anyhow::Result<bool> {
     for _ in 0..channels {
         ids.push(manager.create_channel(&app, args.policy).await?);
     }
-    // Node memory with every link up, then with every link subscribed: what a subscription costs.
+    // Node memory with every link up, then with every link subscribed, and again once what subscribing set
+    // in motion (stores' commits, copies to successors, the allocator's purge) has settled: what a
+    // subscription costs.
     let rss_linked = run.target.node_rss().await;
     let subscribing = run.subscribe(ids.clone()).await?;
     let rss_subscribed = run.target.node_rss().await;
+    tokio::time::sleep(MEMORY_SETTLE).await;
+    let rss_settled = run.target.node_rss().await;
 
     let provider = Provider::connect(&run.target, run.target.provider_addr, &authorization).await?;
     let mut ledger = BroadcastLedger::new(run.devices, channels);
@@ -123,15 +130,25 @@ pub async fn broadcast(args: BroadcastArgs) -> anyhow::Result<bool> {
         ("links".into(), format!("{devices} in {:.2} s", ramp.as_secs_f64())),
         ("subscribed".into(), subscribed_row(devices, subscribing, &subscribe_refusals)),
     ];
-    let per_subscription = match (rss_linked, rss_subscribed) {
+    let per_subscription = |after: Option<u64>| match (rss_linked, after) {
         (Some(before), Some(after)) if devices > 0 => Some(after.saturating_sub(before) as f64 / devices as f64),
         _ => None,
     };
-    if let (Some(before), Some(after), Some(each)) = (rss_linked, rss_subscribed, per_subscription) {
+    let (at_once, settled) = (per_subscription(rss_subscribed), per_subscription(rss_settled));
+    if let (Some(before), Some(after), Some(later), Some(each), Some(each_later)) =
+        (rss_linked, rss_subscribed, rss_settled, at_once, settled)
+    {
         let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
         rows.push((
             "node memory".into(),
-            format!("{:.1} MiB linked, {:.1} MiB subscribed: {each:.0} bytes a subscription", mib(before), mib(after)),
+            format!(
+                "{:.1} MiB linked, {:.1} MiB subscribed ({each:.0} bytes a subscription), {:.1} MiB {} s later \
+                 ({each_later:.0} bytes a subscription)",
+                mib(before),
+                mib(after),
+                mib(later),
+                MEMORY_SETTLE.as_secs()
+            ),
         ));
     }
     if sends.len() <= MAX_ROWS {
@@ -154,7 +171,9 @@ pub async fn broadcast(args: BroadcastArgs) -> anyhow::Result<bool> {
         "ramp_secs": ramp.as_secs_f64(),
         "node_rss_linked_bytes": rss_linked,
         "node_rss_subscribed_bytes": rss_subscribed,
-        "node_bytes_per_subscription": per_subscription,
+        "node_rss_settled_bytes": rss_settled,
+        "node_bytes_per_subscription": at_once,
+        "node_bytes_per_subscription_settled": settled,
         "subscribe_secs": subscribing.as_secs_f64(),
         "subscribe_refusals": subscribe_refusals,
         "totals": figures,

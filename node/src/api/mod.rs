@@ -112,7 +112,7 @@ impl Cluster for ClusterService {
         let caller = authorize(&request, Rpc::Replicate)?;
         authz::check_node_claim(Rpc::Replicate, caller, request.get_ref().from_node)?;
         let request = request.into_inner();
-        if request.puts.len() + request.removes.len() > 4 * MAX_FORWARD_BATCH {
+        if request.puts.len() + request.removes.len() + request.subscriptions.len() > 4 * MAX_FORWARD_BATCH {
             return Err(Status::invalid_argument("replication batch too large"));
         }
         let (puts, refused) = match self.newer_view(request.epoch).await? {
@@ -132,10 +132,13 @@ impl Cluster for ClusterService {
                 (puts, refused)
             }
         };
-        let applied = self.delivery.apply_replica(puts, request.removes).await.map_err(|e| match e {
-            crate::delivery::ReplicaError::BadDeviceId => Status::invalid_argument(e.to_string()),
-            crate::delivery::ReplicaError::Store(e) => Status::internal(e.to_string()),
-        })?;
+        let applied =
+            self.delivery.apply_replica(puts, request.removes, request.subscriptions).await.map_err(|e| match e {
+                crate::delivery::ReplicaError::BadDeviceId | crate::delivery::ReplicaError::BadChannelId => {
+                    Status::invalid_argument(e.to_string())
+                }
+                crate::delivery::ReplicaError::Store(e) => Status::internal(e.to_string()),
+            })?;
         let epoch = self.delivery.view().get().state.epoch.0;
         Ok(Response::new(ReplicateResponse { applied: applied as u32, epoch, refused }))
     }

@@ -103,8 +103,10 @@ pub struct Edge {
     pub delivery: crate::delivery::Delivery,
     /// Provider API: topics devices unregistered (410 Unregistered).
     pub registrations: crate::store::registrations::Registrations,
-    /// Broadcast channels: links' subscriptions and kept broadcasts.
+    /// Broadcast channels: linked subscribers and kept broadcasts.
     pub broadcasts: crate::broadcast::Broadcasts,
+    /// Devices' stored channel subscriptions.
+    pub subscriptions: crate::broadcast::StoredSubscriptions,
 }
 
 /// Why a connection that passed admission still did not become a link.

@@ -28,8 +28,18 @@ const LINK_QUEUE: usize = 1024;
 pub enum Outgoing {
     /// A notification for this device (acked, tracked by the link).
     Notification(Arc<Notification>),
-    /// A broadcast, its frame encoded once for every subscriber (not acked).
-    Broadcast(courier_device::codec::EncodedFrame),
+    /// A broadcast, one for every subscriber (not acked).
+    Broadcast(Arc<SharedBroadcast>),
+}
+
+/// A broadcast as each subscriber's link gets it: its device frame, encoded once, and what the link
+/// remembers of it.
+#[derive(Debug)]
+pub struct SharedBroadcast {
+    pub frame: courier_device::codec::EncodedFrame,
+    pub channel: courier_core::channel::ChannelId,
+    /// Its apns_id when its channel keeps it (policy 1): the device has now had the kept broadcast.
+    pub kept: Option<Arc<str>>,
 }
 
 /// How the registry asks a link to end.
@@ -187,10 +197,12 @@ impl Registry {
     /// Queues a broadcast on the device's link `serial` if that link is still up and has room; a full queue
     /// only loses this broadcast for this device (unlike `hand_off`, it does not close the link: nothing
     /// was stored for it to replay).
-    pub fn offer(&self, device: DeviceId, serial: u64, frame: courier_device::codec::EncodedFrame) -> bool {
+    pub fn offer(&self, device: DeviceId, serial: u64, broadcast: &Arc<SharedBroadcast>) -> bool {
         let links = self.lock();
         match links.get(&device) {
-            Some(entry) if entry.serial == serial => entry.notifications.try_send(Outgoing::Broadcast(frame)).is_ok(),
+            Some(entry) if entry.serial == serial => {
+                entry.notifications.try_send(Outgoing::Broadcast(broadcast.clone())).is_ok()
+            }
             _ => false,
         }
     }

@@ -24,7 +24,8 @@ use courier_core::shutdown::CancellationToken;
 
 use super::Edge;
 use super::limits::{Pending, TokenBucket};
-use super::registry::{LinkEnd, Outgoing};
+use super::registry::{LinkEnd, Outgoing, SharedBroadcast};
+use crate::broadcast::SUBSCRIBE_WAIT;
 use crate::ids::{DeviceId, unix_millis};
 use crate::pki;
 use crate::token::KeyState;
@@ -45,8 +46,8 @@ const CLONE_DETAIL: &str =
 /// Notifications a link remembers having carried (to tell its acks from forged ones, and for the latency
 /// histogram). Beyond it the link only counts what it carried untracked.
 const MAX_TRACKED_INFLIGHT: usize = 4096;
-/// Broadcast channels one link may subscribe to.
-pub const MAX_CHANNELS_PER_LINK: usize = 64;
+/// Broadcast channels one device may subscribe to.
+pub const MAX_CHANNELS_PER_DEVICE: usize = 64;
 
 /// A connection that has not yet sent its first frame: the deadline it has from accept, and its place
 /// among pending connections, given up once the first frame arrives.
@@ -266,13 +267,21 @@ struct LinkState<'a> {
     writes: TokenBucket,
     /// App topics this link registered or unregistered (capped at the per-device topic limit).
     topics: HashSet<String>,
-    /// Broadcast channels this link subscribes to (at most `MAX_CHANNELS_PER_LINK`).
-    channels: HashSet<ChannelId>,
+    /// Broadcast channels the device subscribes to (at most `MAX_CHANNELS_PER_DEVICE`).
+    channels: HashMap<ChannelId, Handed>,
 }
 
 enum Next {
     Continue,
     Close,
+}
+
+/// The kept broadcast a link last handed its device on one channel.
+#[derive(Default)]
+struct Handed {
+    apns_id: Option<Arc<str>>,
+    /// Whether the device's stored subscription says so yet (else it is stored when the link ends).
+    stored: bool,
 }
 
 impl LinkState<'_> {
@@ -286,7 +295,7 @@ impl LinkState<'_> {
             untracked: 0,
             writes: TokenBucket::new(f64::from(limits.write_burst), limits.write_rate, Instant::now().into_std()),
             topics: HashSet::new(),
-            channels: HashSet::new(),
+            channels: HashMap::new(),
         }
     }
 
@@ -410,10 +419,14 @@ impl LinkState<'_> {
                 if !self.charge(link, "UnsubscribeChannel").await {
                     return Next::Close;
                 }
-                if let Some(channel) = ChannelId::parse(&request.channel_id)
-                    && self.channels.remove(&channel)
-                {
-                    self.edge.broadcasts.unsubscribe(self.device, self.serial, channel);
+                if let Some(channel) = ChannelId::parse(&request.channel_id) {
+                    if self.channels.remove(&channel).is_some() {
+                        self.edge.broadcasts.unsubscribe(self.device, self.serial, channel);
+                    }
+                    // Removed from the store even if this link did not hold it.
+                    if let Err(error) = self.edge.subscriptions.remove(self.device, channel).await {
+                        tracing::error!(device = %self.device, %error, "removing a stored subscription failed");
+                    }
                 }
                 let done = wire::ChannelUnsubscribed { channel_id: request.channel_id };
                 if write(link, self.edge, frame(server_frame::Kind::ChannelUnsubscribed(done))).await.is_err() {
@@ -457,40 +470,120 @@ impl LinkState<'_> {
         };
         let answer = match ChannelId::parse(&channel_id) {
             None => Err(refused(ChannelRefusal::BadChannelId)),
-            Some(channel) if !self.channels.contains(&channel) && self.channels.len() >= MAX_CHANNELS_PER_LINK => {
+            Some(channel)
+                if !self.channels.contains_key(&channel) && self.channels.len() >= MAX_CHANNELS_PER_DEVICE =>
+            {
                 Err(refused(ChannelRefusal::TooManyChannels))
             }
             Some(channel) => {
-                let now_ms = unix_millis();
-                let subscribed =
-                    self.edge.broadcasts.subscribe(self.device, self.serial, channel, &request.last_seen, now_ms).await;
-                match subscribed {
+                let (device, serial, now_ms) = (self.device, self.serial, unix_millis());
+                let broadcasts = &self.edge.broadcasts;
+                match broadcasts.subscribe(device, serial, channel, &request.last_seen, now_ms, SUBSCRIBE_WAIT).await {
                     None => Err(refused(ChannelRefusal::UnknownChannel)),
                     Some((topic, kept)) => {
-                        self.channels.insert(channel);
-                        Ok((wire::ChannelSubscribed { channel_id: channel_id.clone(), topic }, kept))
+                        // What this link handed already is newer than what the device says it saw.
+                        let handed = self.channels.get(&channel).and_then(|h| h.apns_id.clone());
+                        let seen = handed.as_deref().unwrap_or(&request.last_seen).to_string();
+                        match self.edge.subscriptions.save(device, channel, &seen).await {
+                            Ok(()) => {
+                                let entry = self.channels.entry(channel).or_default();
+                                entry.stored = true;
+                                Ok((channel, topic, kept.filter(|k| k.apns_id != seen)))
+                            }
+                            Err(error) => {
+                                tracing::error!(%device, %error, "storing a subscription failed");
+                                if !self.channels.contains_key(&channel) {
+                                    broadcasts.unsubscribe(device, serial, channel);
+                                }
+                                Err(refused(ChannelRefusal::Unavailable))
+                            }
+                        }
                     }
                 }
             }
         };
         let written = match answer {
             Err(refusal) => write(link, self.edge, refusal).await.is_ok(),
-            Ok((subscribed, kept)) => {
-                write(link, self.edge, frame(server_frame::Kind::ChannelSubscribed(subscribed))).await.is_ok()
-                    && match kept {
-                        Some(kept) => self.send_notification(link, &kept).await,
-                        None => true,
-                    }
-            }
+            Ok((channel, topic, kept)) => self.subscribed(link, channel, topic, kept).await,
         };
         if written { Next::Continue } else { Next::Close }
     }
 
-    /// Forgets this link's subscriptions; it has ended.
-    fn end(&mut self) {
-        for channel in self.channels.drain() {
-            self.edge.broadcasts.unsubscribe(self.device, self.serial, channel);
+    /// Tells the device it subscribes to `channel` (of app `topic`), then hands it the channel's kept
+    /// broadcast if it has not had it; `false` if the link failed.
+    async fn subscribed(
+        &mut self,
+        link: &mut Link,
+        channel: ChannelId,
+        topic: String,
+        kept: Option<Notification>,
+    ) -> bool {
+        let done = wire::ChannelSubscribed { channel_id: channel.to_string(), topic };
+        if write(link, self.edge, frame(server_frame::Kind::ChannelSubscribed(done))).await.is_err() {
+            return false;
         }
+        let Some(kept) = kept else { return true };
+        if !self.send_notification(link, &kept).await {
+            return false;
+        }
+        // Stored at once (a subscription or a link's start, not a fan-out): a quick reconnect must not
+        // find the older one.
+        let stored = match self.edge.subscriptions.save(self.device, channel, &kept.apns_id).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(device = %self.device, %error, "storing what a device has seen failed");
+                false
+            }
+        };
+        self.channels.insert(channel, Handed { apns_id: Some(Arc::from(kept.apns_id.as_str())), stored });
+        true
+    }
+
+    /// Indexes the device's stored subscriptions for this link, telling it of each (`ChannelSubscribed`,
+    /// then the kept broadcast it has not had). Channels this node does not have are skipped; deleted ones'
+    /// rows are removed by `forget_deleted_channels`. `false` if the link failed.
+    async fn restore_subscriptions(&mut self, link: &mut Link) -> bool {
+        let stored = match self.edge.subscriptions.of(self.device).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::error!(device = %self.device, %error, "reading stored subscriptions failed");
+                return true;
+            }
+        };
+        let now_ms = unix_millis();
+        for (channel, last_seen) in stored.into_iter().take(MAX_CHANNELS_PER_DEVICE) {
+            let broadcasts = &self.edge.broadcasts;
+            let Some((topic, kept)) =
+                broadcasts.subscribe(self.device, self.serial, channel, &last_seen, now_ms, Duration::ZERO).await
+            else {
+                continue;
+            };
+            self.channels.entry(channel).or_default();
+            if !self.subscribed(link, channel, topic, kept).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A broadcast this link wrote: a kept one is now the device's last seen on its channel.
+    fn wrote_broadcast(&mut self, broadcast: &SharedBroadcast) {
+        if let (Some(apns_id), Some(handed)) = (&broadcast.kept, self.channels.get_mut(&broadcast.channel)) {
+            *handed = Handed { apns_id: Some(apns_id.clone()), stored: false };
+        }
+    }
+
+    /// Takes this link's subscriptions out of the index (they stay stored), storing the kept broadcasts
+    /// the device had on it; the link has ended.
+    fn end(&mut self) {
+        let mut seen = Vec::new();
+        for (channel, handed) in self.channels.drain() {
+            self.edge.broadcasts.unsubscribe(self.device, self.serial, channel);
+            if !handed.stored {
+                seen.extend(handed.apns_id.map(|apns_id| (channel, apns_id)));
+            }
+        }
+        self.edge.subscriptions.seen_later(self.device, seen);
     }
 }
 
@@ -560,6 +653,9 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, shutdown: 
             }
             Err(error) => tracing::error!(%device, %error, "reading the device's queue failed"),
         }
+        if !state.restore_subscriptions(link).await {
+            break 'link;
+        }
         let mut last_heard = Instant::now();
         loop {
             courier_device::codec::release_idle_buffers(link);
@@ -594,7 +690,11 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, shutdown: 
                 Some(outgoing) = attachment.notifications.recv() => {
                     let written = match outgoing {
                         Outgoing::Notification(n) => state.send_notification(link, &n).await,
-                        Outgoing::Broadcast(frame) => write_encoded(link, edge, frame).await.is_ok(),
+                        Outgoing::Broadcast(broadcast) => {
+                            let written = write_encoded(link, edge, broadcast.frame.clone()).await.is_ok();
+                            state.wrote_broadcast(&broadcast);
+                            written
+                        }
                     };
                     if !written {
                         break;

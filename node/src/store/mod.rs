@@ -1,5 +1,5 @@
-//! The node's durable store: per-device queues of notifications waiting for an ack, and the register of
-//! device ids ever issued.
+//! The node's durable store: per-device queues of notifications waiting for an ack, devices' broadcast
+//! channel subscriptions, and the register of device ids ever issued.
 //!
 //! It is one redb database in the node's data directory. All writes go through a single writer thread
 //! that group-commits: it takes every operation waiting in its channel, applies them in one write
@@ -8,11 +8,12 @@
 //!
 //! This module knows nothing about sockets or devices' links; it deals in `cluster::Notification`s.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use courier_proto::cluster::Notification;
+use courier_proto::cluster::{Notification, Subscription};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
@@ -21,6 +22,8 @@ use crate::ids::{DeviceId, unix_millis};
 
 // Provider API: which apps devices unregistered (410 Unregistered); a separate database.
 pub mod registrations;
+// Devices' channel subscriptions: tables in this database, written by the same writer.
+mod subscriptions;
 
 /// (device id, sequence number) → encoded `cluster::Notification`. Sequence numbers only grow, so a
 /// device's range reads back in arrival order.
@@ -83,6 +86,10 @@ enum WriteOp {
     Insert(Box<Notification>, oneshot::Sender<Result<Inserted, StoreError>>),
     Remove(DeviceId, String, Option<oneshot::Sender<Result<bool, StoreError>>>),
     ClaimDeviceId(DeviceId, oneshot::Sender<Result<bool, StoreError>>),
+    /// Stores or removes subscriptions, in order; answers how many rows changed.
+    Subscriptions(Vec<Subscription>, Option<oneshot::Sender<Result<usize, StoreError>>>),
+    /// Removes every subscription to these channels; answers how many.
+    ForgetChannels(BTreeSet<[u8; 16]>, oneshot::Sender<Result<usize, StoreError>>),
     /// Commit what came before, then end the writer thread.
     Stop,
 }
@@ -114,6 +121,7 @@ impl Store {
             txn.open_table(COUNTS).map_err(db_err)?;
             txn.open_table(META).map_err(db_err)?;
             txn.open_table(DEVICES).map_err(db_err)?;
+            txn.open_table(subscriptions::SUBSCRIPTIONS).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         let db = Arc::new(db);
@@ -156,6 +164,51 @@ impl Store {
         self.submit(|reply| WriteOp::ClaimDeviceId(device, reply)).await
     }
 
+    /// Durably stores (or, with `subscribed` false, removes) devices' channel subscriptions, in order, in
+    /// one commit; returns how many rows changed, once committed.
+    pub async fn save_subscriptions(&self, changes: Vec<Subscription>) -> Result<usize, StoreError> {
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        self.submit(|reply| WriteOp::Subscriptions(changes, Some(reply))).await
+    }
+
+    /// Queues subscription changes without waiting for them (what a device has seen: losing it only means
+    /// a kept broadcast sent twice, which the device drops).
+    pub fn save_subscriptions_later(&self, changes: Vec<Subscription>) {
+        let _ = self.writer.try_send(WriteOp::Subscriptions(changes, None));
+    }
+
+    /// Removes every device's subscription to `channels` (deleted); returns how many there were.
+    pub async fn forget_channels(&self, channels: BTreeSet<[u8; 16]>) -> Result<usize, StoreError> {
+        if channels.is_empty() {
+            return Ok(0);
+        }
+        self.submit(|reply| WriteOp::ForgetChannels(channels, reply)).await
+    }
+
+    /// The device's channel subscriptions.
+    pub async fn subscriptions(&self, device: DeviceId) -> Result<Vec<Subscription>, StoreError> {
+        self.read(move |txn| {
+            subscriptions::of_device(&txn.open_table(subscriptions::SUBSCRIPTIONS).map_err(db_err)?, device)
+        })
+        .await
+    }
+
+    /// Every channel some device stored here subscribes to.
+    pub async fn subscribed_channels(&self) -> Result<BTreeSet<[u8; 16]>, StoreError> {
+        self.read(|txn| subscriptions::channels(&txn.open_table(subscriptions::SUBSCRIPTIONS).map_err(db_err)?)).await
+    }
+
+    /// Runs `read` in a read transaction off the runtime.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(redb::ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || read(db.begin_read().map_err(db_err)?)).await.map_err(db_err)?
+    }
+
     /// The device's queued, unexpired notifications in arrival order. Expired ones are deleted.
     pub async fn pending(&self, device: DeviceId) -> Result<Vec<Notification>, StoreError> {
         let db = self.db.clone();
@@ -180,11 +233,16 @@ impl Store {
         Ok(live)
     }
 
-    /// Every device with at least one queued notification (a primary's or a replica's copy).
+    /// Every device with at least one queued notification or channel subscription (a primary's or a
+    /// replica's copy), in order.
     pub async fn devices(&self) -> Result<Vec<DeviceId>, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || -> Result<Vec<DeviceId>, StoreError> {
-            let txn = db.begin_read().map_err(db_err)?;
+        self.devices_holding(true).await
+    }
+
+    /// Every device with at least one queued notification, and with `subscribed` also those with a channel
+    /// subscription, in order.
+    pub async fn devices_holding(&self, subscribed: bool) -> Result<Vec<DeviceId>, StoreError> {
+        self.read(move |txn| {
             let queue = txn.open_table(QUEUE).map_err(db_err)?;
             let mut devices = Vec::new();
             let mut from = 0u128;
@@ -198,10 +256,15 @@ impl Store {
                     None => break,
                 }
             }
+            if subscribed {
+                let table = txn.open_table(subscriptions::SUBSCRIPTIONS).map_err(db_err)?;
+                devices.extend(subscriptions::devices(&table)?);
+                devices.sort_unstable_by_key(|d| d.0);
+                devices.dedup();
+            }
             Ok(devices)
         })
         .await
-        .map_err(db_err)?
     }
 
     /// Number of queued notifications across all devices.
@@ -255,6 +318,7 @@ fn write_loop(db: Arc<Database>, mut ops: mpsc::Receiver<WriteOp>, cap_per_topic
 enum Outcome {
     Inserted(Result<Inserted, StoreError>),
     Removed(Result<bool, StoreError>),
+    Counted(Result<usize, StoreError>),
 }
 
 fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, cap_per_topic: u64) {
@@ -271,6 +335,7 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, cap_per_topic: u64) {
             };
             let mut meta = txn.open_table(META).map_err(db_err)?;
             let mut devices = txn.open_table(DEVICES).map_err(db_err)?;
+            let mut subscribed = txn.open_table(subscriptions::SUBSCRIPTIONS).map_err(db_err)?;
             let mut next_seq = meta.get(NEXT_SEQ).map_err(db_err)?.map(|v| v.value()).unwrap_or(1);
             for op in batch.iter() {
                 let outcome = match op {
@@ -282,6 +347,14 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, cap_per_topic: u64) {
                             devices.insert(device.0, unix_millis()).map_err(db_err)?;
                         }
                         Outcome::Removed(Ok(fresh))
+                    }
+                    WriteOp::Subscriptions(changes, _) => Outcome::Counted(
+                        changes
+                            .iter()
+                            .try_fold(0, |n, c| Ok(n + usize::from(subscriptions::apply(&mut subscribed, c)?))),
+                    ),
+                    WriteOp::ForgetChannels(channels, _) => {
+                        Outcome::Counted(subscriptions::forget(&mut subscribed, channels))
                     }
                     WriteOp::Stop => Outcome::Removed(Ok(true)),
                 };
@@ -305,6 +378,10 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, cap_per_topic: u64) {
                     | (WriteOp::ClaimDeviceId(_, reply), Outcome::Removed(r)) => {
                         let _ = reply.send(r);
                     }
+                    (WriteOp::Subscriptions(_, Some(reply)), Outcome::Counted(r))
+                    | (WriteOp::ForgetChannels(_, reply), Outcome::Counted(r)) => {
+                        let _ = reply.send(r);
+                    }
                     _ => {}
                 }
             }
@@ -320,7 +397,10 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, cap_per_topic: u64) {
                     WriteOp::Remove(_, _, Some(reply)) | WriteOp::ClaimDeviceId(_, reply) => {
                         let _ = reply.send(Err(err));
                     }
-                    WriteOp::Remove(_, _, None) | WriteOp::Stop => {}
+                    WriteOp::Subscriptions(_, Some(reply)) | WriteOp::ForgetChannels(_, reply) => {
+                        let _ = reply.send(Err(err));
+                    }
+                    WriteOp::Remove(_, _, None) | WriteOp::Subscriptions(_, None) | WriteOp::Stop => {}
                 }
             }
         }
@@ -491,6 +571,64 @@ mod tests {
         store.insert(notification(DeviceId(u128::MAX), "z", "", later())).await.unwrap();
         store.insert(notification(DeviceId(2), "y", "", later())).await.unwrap();
         assert_eq!(store.devices().await.unwrap(), [DeviceId(2), device, DeviceId(u128::MAX)]);
+        store.close();
+    }
+
+    fn subscription(device: u128, channel: u8, last_seen: &str, subscribed: bool) -> Subscription {
+        Subscription {
+            device_id: DeviceId(device).to_bytes().to_vec(),
+            channel_id: vec![channel; 16],
+            last_seen: last_seen.into(),
+            subscribed,
+        }
+    }
+
+    #[tokio::test]
+    async fn subscriptions_survive_reopen_count_as_devices_and_leave_with_their_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            let first =
+                vec![subscription(5, 1, "", true), subscription(5, 2, "k1", true), subscription(6, 1, "", true)];
+            assert_eq!(store.save_subscriptions(first).await.unwrap(), 3);
+            assert_eq!(store.save_subscriptions(vec![subscription(5, 2, "k1", true)]).await.unwrap(), 0, "unchanged");
+            store.close();
+        }
+        let store = Store::open(&path).unwrap();
+        let of_5: Vec<_> = store
+            .subscriptions(DeviceId(5))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.channel_id[0], s.last_seen))
+            .collect();
+        assert_eq!(of_5, [(1, String::new()), (2, "k1".to_string())]);
+        store.insert(notification(DeviceId(4), "a", "", later())).await.unwrap();
+        store.insert(notification(DeviceId(5), "b", "", later())).await.unwrap();
+        assert_eq!(store.devices().await.unwrap(), [DeviceId(4), DeviceId(5), DeviceId(6)], "queues and subscriptions");
+
+        // An update, an unsubscription, and one that was never there.
+        let changes =
+            vec![subscription(5, 2, "k2", true), subscription(5, 1, "", false), subscription(7, 1, "", false)];
+        assert_eq!(store.save_subscriptions(changes).await.unwrap(), 2);
+        let of_5: Vec<_> = store
+            .subscriptions(DeviceId(5))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.channel_id[0], s.last_seen))
+            .collect();
+        assert_eq!(of_5, [(2, "k2".to_string())]);
+
+        // A malformed change is refused and leaves the rows as they were.
+        let bad = Subscription { channel_id: vec![1; 3], ..subscription(8, 1, "", true) };
+        assert!(store.save_subscriptions(vec![bad]).await.is_err());
+        assert_eq!(store.subscribed_channels().await.unwrap(), BTreeSet::from([[1; 16], [2; 16]]));
+
+        assert_eq!(store.forget_channels(BTreeSet::from([[2; 16]])).await.unwrap(), 1);
+        assert!(store.subscriptions(DeviceId(5)).await.unwrap().is_empty());
+        assert_eq!(store.subscriptions(DeviceId(6)).await.unwrap().len(), 1, "other channels stay");
         store.close();
     }
 
