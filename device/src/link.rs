@@ -25,8 +25,17 @@ pub(crate) fn device_frame(kind: device_frame::Kind) -> DeviceFrame {
 pub(crate) async fn next_frame(link: &mut ClientLink, wait: Duration) -> Result<server_frame::Kind, ClientError> {
     match tokio::time::timeout(wait, link.next()).await {
         Err(_) => Err(ClientError::Timeout(wait)),
-        Ok(None) => Err(ClientError::Closed),
-        Ok(Some(frame)) => match frame?.kind {
+        Ok(frame) => kind_of(frame),
+    }
+}
+
+/// What a read off the link gave: a frame's content, or why there is none.
+fn kind_of(
+    frame: Option<Result<wire::ServerFrame, crate::codec::FrameError>>,
+) -> Result<server_frame::Kind, ClientError> {
+    match frame {
+        None => Err(ClientError::Closed),
+        Some(frame) => match frame?.kind {
             Some(server_frame::Kind::Goodbye(bye)) => Err(ClientError::Goodbye {
                 reason: GoodbyeReason::try_from(bye.reason).unwrap_or(GoodbyeReason::Unspecified),
                 detail: bye.detail,
@@ -63,6 +72,9 @@ pub struct DeviceLink {
     /// either not yet taken off the link, or returned and then acked.
     unacked: VecDeque<String>,
     last_sent: Instant,
+    /// When to ping if nothing was sent since: kept for the link's life and moved as `last_sent` moves, so
+    /// waiting for a frame costs no new timer each time.
+    ping: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl DeviceLink {
@@ -188,17 +200,21 @@ impl DeviceLink {
         link.send(device_frame(device_frame::Kind::Hello(hello))).await?;
         match next_frame(&mut link, Duration::from_secs(10)).await? {
             server_frame::Kind::Redirect(redirect) => Err(ClientError::Redirected(redirect.into())),
-            server_frame::Kind::Welcome(welcome) => Ok(DeviceLink {
-                node_addr: addr,
-                link,
-                device_id,
-                keepalive: Duration::from_secs(u64::from(welcome.keepalive_secs.max(1))),
-                resumed,
-                buffered: VecDeque::new(),
-                seen: SeenIds::default(),
-                unacked: VecDeque::new(),
-                last_sent: Instant::now(),
-            }),
+            server_frame::Kind::Welcome(welcome) => {
+                let keepalive = Duration::from_secs(u64::from(welcome.keepalive_secs.max(1)));
+                Ok(DeviceLink {
+                    node_addr: addr,
+                    link,
+                    device_id,
+                    keepalive,
+                    resumed,
+                    buffered: VecDeque::new(),
+                    seen: SeenIds::default(),
+                    unacked: VecDeque::new(),
+                    last_sent: Instant::now(),
+                    ping: Box::pin(tokio::time::sleep(keepalive)),
+                })
+            }
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -283,9 +299,12 @@ impl DeviceLink {
                 None => {
                     crate::codec::release_idle_buffers(&mut self.link);
                     let ping_at = self.last_sent + self.keepalive;
+                    if self.ping.deadline() != ping_at {
+                        self.ping.as_mut().reset(ping_at);
+                    }
                     tokio::select! {
-                        frame = next_frame(&mut self.link, Duration::from_secs(365 * 86400)) => frame?,
-                        _ = tokio::time::sleep_until(ping_at) => {
+                        frame = self.link.next() => kind_of(frame)?,
+                        _ = &mut self.ping => {
                             self.send(device_frame::Kind::Ping(wire::Ping { nonce: rand::random() })).await?;
                             continue;
                         }

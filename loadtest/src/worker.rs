@@ -268,13 +268,17 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
     let mut backoff = shared.backoff();
     let mut orphaned = false;
     let mut channels = shared.channels.subscribe();
+    // One wait on the token for the task's life: a new one per event would register with it again, and
+    // every device task of the worker shares it.
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let attempt = async {
             let _permit = shared.permits.acquire().await;
             connect(&device, &shared, addr, &mut connector).await
         };
         let result = tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = &mut cancelled => break,
             result = attempt => result,
         };
         let from_owner = std::mem::replace(&mut to_owner, false);
@@ -293,7 +297,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
                 addr = shared.next_endpoint(addr, device.index);
                 connector = device.connector.clone();
                 tokio::select! {
-                    _ = cancel.cancelled() => break,
+                    _ = &mut cancelled => break,
                     _ = tokio::time::sleep(backoff.failed()) => continue,
                 }
             }
@@ -319,7 +323,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
                 };
                 let answer = tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => break Ended::Cancelled,
+                    _ = &mut cancelled => break Ended::Cancelled,
                     answer = subscribe => answer,
                 };
                 match answer {
@@ -334,7 +338,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
                         // channel just created yet: ask again after a pause.
                         stats.refused(reason);
                         tokio::select! {
-                            _ = cancel.cancelled() => break Ended::Cancelled,
+                            _ = &mut cancelled => break Ended::Cancelled,
                             _ = tokio::time::sleep(refused.failed()) => continue,
                         }
                     }
@@ -343,7 +347,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
             }
             let event = tokio::select! {
                 biased;
-                _ = cancel.cancelled() => break Ended::Cancelled,
+                _ = &mut cancelled => break Ended::Cancelled,
                 Ok(()) = channels.changed() => continue,
                 event = link.next_app_event() => event,
             };
@@ -413,7 +417,7 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
                 tracing::debug!(device = device.index, %error, "link broke; reconnecting");
                 backoff.succeeded();
                 tokio::select! {
-                    _ = cancel.cancelled() => break,
+                    _ = &mut cancelled => break,
                     _ = tokio::time::sleep(backoff.failed()) => {}
                 }
             }

@@ -356,16 +356,16 @@ impl Replicator {
     /// only have subscriptions (many, and rarely written) are swept in the first few sweeps after the
     /// ring changes, when racing copies land, not every time.
     pub async fn sweep_orphans_every_few_seconds(self: Arc<Self>, store: Store, shutdown: CancellationToken) {
-        let mut ring_of = self.view.get().state.epoch;
+        let mut members = self.view.get().ring.members().to_vec();
         let mut subscription_sweeps = SUBSCRIPTION_SWEEPS;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(ORPHAN_SWEEP) => {}
                 _ = shutdown.cancelled() => return,
             }
-            let view = self.view.get();
-            if view.state.epoch != ring_of {
-                ring_of = view.state.epoch;
+            let ring = self.view.get().ring.members().to_vec();
+            if ring != members {
+                members = ring;
                 subscription_sweeps = SUBSCRIPTION_SWEEPS;
             }
             let with_subscriptions = subscription_sweeps > 0;

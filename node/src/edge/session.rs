@@ -657,10 +657,16 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, shutdown: 
             break 'link;
         }
         let mut last_heard = Instant::now();
+        // Made once for the link's life, not once per frame: each would register with the shutdown token
+        // and the timer wheel again, shared by every link on the node.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let idle = tokio::time::sleep_until(last_heard + idle_limit);
+        tokio::pin!(idle);
         loop {
             courier_device::codec::release_idle_buffers(link);
             tokio::select! {
-                _ = shutdown.cancelled() => {
+                _ = &mut cancelled => {
                     goodbye(link, GoodbyeReason::Shutdown, "node shutting down").await;
                     break;
                 }
@@ -700,7 +706,13 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, shutdown: 
                         break;
                     }
                 }
-                _ = tokio::time::sleep_until(last_heard + idle_limit) => {
+                _ = &mut idle => {
+                    // Frames only move `last_heard`; the timer catches up when it fires.
+                    let due = last_heard + idle_limit;
+                    if due > Instant::now() {
+                        idle.as_mut().reset(due);
+                        continue;
+                    }
                     goodbye(link, GoodbyeReason::IdleTimeout, "nothing received for 2.5 keepalive intervals").await;
                     break;
                 }
