@@ -188,22 +188,19 @@ impl Replicator {
     /// Tells the device's other candidates that `apns_id` was acked. Not awaited: a lost remove only
     /// means a redelivery the client drops.
     pub fn remove(&self, device: DeviceId, apns_id: &str) {
-        let view = self.view.get();
-        let holders = view.state.ring.copies() + 1;
-        for node in view.ring.candidates(device, holders) {
-            if node == self.id {
-                continue;
-            }
-            if let Some(addr) = self.addr_of(node) {
-                let key = QueueKey { device_id: device.to_bytes().to_vec(), apns_id: apns_id.to_string() };
-                let _ = self.link(&addr).0.try_send(PeerOp::Remove(key));
-            }
-        }
+        self.tell_other_holders(device, || {
+            PeerOp::Remove(QueueKey { device_id: device.to_bytes().to_vec(), apns_id: apns_id.to_string() })
+        });
     }
 
     /// Copies a subscription change this node stored to the device's other holders. Not awaited: the
     /// device still holds the subscription on its owner, and the copies are for the owner's death.
     pub fn copy_subscription(&self, device: DeviceId, change: &Subscription) {
+        self.tell_other_holders(device, || PeerOp::Subscription(Box::new(change.clone()), None));
+    }
+
+    /// Queues `op` for each of the device's holders but this node, without waiting.
+    fn tell_other_holders(&self, device: DeviceId, op: impl Fn() -> PeerOp) {
         let view = self.view.get();
         let holders = view.state.ring.copies() + 1;
         for node in view.ring.candidates(device, holders) {
@@ -211,7 +208,7 @@ impl Replicator {
                 continue;
             }
             if let Some(addr) = self.addr_of(node) {
-                let _ = self.link(&addr).0.try_send(PeerOp::Subscription(Box::new(change.clone()), None));
+                let _ = self.link(&addr).0.try_send(op());
             }
         }
     }

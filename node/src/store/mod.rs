@@ -71,6 +71,23 @@ pub(crate) fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
 }
 
+/// The distinct devices of a table keyed by device id first, in order, given the first device at or after
+/// an id: it jumps from one device's rows to the next instead of reading every row.
+fn distinct_devices(
+    mut first_from: impl FnMut(u128) -> Result<Option<u128>, StoreError>,
+) -> Result<Vec<DeviceId>, StoreError> {
+    let mut devices = Vec::new();
+    let mut from = 0u128;
+    while let Some(device) = first_from(from)? {
+        devices.push(DeviceId(device));
+        match device.checked_add(1) {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    Ok(devices)
+}
+
 /// What inserting a notification did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inserted {
@@ -244,18 +261,10 @@ impl Store {
     pub async fn devices_holding(&self, subscribed: bool) -> Result<Vec<DeviceId>, StoreError> {
         self.read(move |txn| {
             let queue = txn.open_table(QUEUE).map_err(db_err)?;
-            let mut devices = Vec::new();
-            let mut from = 0u128;
-            // Jump from one device's range to the next instead of reading every entry.
-            while let Some(entry) = queue.range((from, 0)..).map_err(db_err)?.next() {
-                let (key, _) = entry.map_err(db_err)?;
-                let device = key.value().0;
-                devices.push(DeviceId(device));
-                match device.checked_add(1) {
-                    Some(next) => from = next,
-                    None => break,
-                }
-            }
+            let mut devices = distinct_devices(|from| match queue.range((from, 0)..).map_err(db_err)?.next() {
+                Some(entry) => Ok(Some(entry.map_err(db_err)?.0.value().0)),
+                None => Ok(None),
+            })?;
             if subscribed {
                 let table = txn.open_table(subscriptions::SUBSCRIPTIONS).map_err(db_err)?;
                 devices.extend(subscriptions::devices(&table)?);
@@ -596,14 +605,12 @@ mod tests {
             store.close();
         }
         let store = Store::open(&path).unwrap();
-        let of_5: Vec<_> = store
-            .subscriptions(DeviceId(5))
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| (s.channel_id[0], s.last_seen))
-            .collect();
-        assert_eq!(of_5, [(1, String::new()), (2, "k1".to_string())]);
+        // Device 5's rows: (the channel id's first byte, last seen).
+        let of_5 = || async {
+            let rows = store.subscriptions(DeviceId(5)).await.unwrap();
+            rows.into_iter().map(|s| (s.channel_id[0], s.last_seen)).collect::<Vec<_>>()
+        };
+        assert_eq!(of_5().await, [(1, String::new()), (2, "k1".to_string())]);
         store.insert(notification(DeviceId(4), "a", "", later())).await.unwrap();
         store.insert(notification(DeviceId(5), "b", "", later())).await.unwrap();
         assert_eq!(store.devices().await.unwrap(), [DeviceId(4), DeviceId(5), DeviceId(6)], "queues and subscriptions");
@@ -612,14 +619,7 @@ mod tests {
         let changes =
             vec![subscription(5, 2, "k2", true), subscription(5, 1, "", false), subscription(7, 1, "", false)];
         assert_eq!(store.save_subscriptions(changes).await.unwrap(), 2);
-        let of_5: Vec<_> = store
-            .subscriptions(DeviceId(5))
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| (s.channel_id[0], s.last_seen))
-            .collect();
-        assert_eq!(of_5, [(2, "k2".to_string())]);
+        assert_eq!(of_5().await, [(2, "k2".to_string())]);
 
         // A malformed change is refused and leaves the rows as they were.
         let bad = Subscription { channel_id: vec![1; 3], ..subscription(8, 1, "", true) };

@@ -83,20 +83,11 @@ pub(super) fn of_device(
 pub(super) fn devices(
     table: &impl ReadableTable<(u128, &'static [u8]), &'static str>,
 ) -> Result<Vec<DeviceId>, StoreError> {
-    let mut devices = Vec::new();
-    let mut from = 0u128;
     let empty: &[u8] = &[];
-    // Jump from one device's rows to the next instead of reading every row.
-    while let Some(entry) = table.range((from, empty)..).map_err(db_err)?.next() {
-        let (key, _) = entry.map_err(db_err)?;
-        let device = key.value().0;
-        devices.push(DeviceId(device));
-        match device.checked_add(1) {
-            Some(next) => from = next,
-            None => break,
-        }
-    }
-    Ok(devices)
+    super::distinct_devices(|from| match table.range((from, empty)..).map_err(db_err)?.next() {
+        Some(entry) => Ok(Some(entry.map_err(db_err)?.0.value().0)),
+        None => Ok(None),
+    })
 }
 
 /// Every channel some device here subscribes to.
