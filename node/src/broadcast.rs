@@ -83,7 +83,7 @@ impl Broadcasts {
 
     /// Indexes `device`'s link `serial` as a subscriber of `channel`, and returns the channel's app and the
     /// kept broadcast the device should get now (one it has not seen); `None` if there is no such channel
-    /// (after waiting up to `wait` for one not applied here yet). A kept broadcast that cannot be read is
+    /// (after waiting up to `SUBSCRIBE_WAIT` for one not applied here yet, when `wait`). A kept broadcast that cannot be read is
     /// logged and not sent; the subscription holds.
     pub async fn subscribe(
         &self,
@@ -92,8 +92,9 @@ impl Broadcasts {
         channel: ChannelId,
         last_seen: &str,
         now_ms: u64,
-        wait: Duration,
+        wait: bool,
     ) -> Option<(String, Option<Notification>)> {
+        let wait = if wait { SUBSCRIBE_WAIT } else { Duration::ZERO };
         if !self.channels.has_or_awaits(channel, wait).await {
             return None;
         }
@@ -544,12 +545,9 @@ mod tests {
         let link_b = registry.attach(b, localhost).expect("attach");
         let channel = ChannelId([1; 16]);
         for (device, serial) in [(a, link_a.serial), (b, link_b.serial)] {
-            assert!(broadcasts.subscribe(device, serial, channel, "", NOW_MS, Duration::ZERO).await.is_some());
+            assert!(broadcasts.subscribe(device, serial, channel, "", NOW_MS, false).await.is_some());
         }
-        assert!(
-            broadcasts.subscribe(c, 99, ChannelId([9; 16]), "", NOW_MS, Duration::ZERO).await.is_none(),
-            "no such channel"
-        );
+        assert!(broadcasts.subscribe(c, 99, ChannelId([9; 16]), "", NOW_MS, false).await.is_none(), "no such channel");
         assert_eq!(broadcasts.subscribers(channel), 2);
 
         // Fill b's queue; a still gets the broadcast and b only misses it.
@@ -596,12 +594,7 @@ mod tests {
         let later = NOW_MS / 1000 + 60;
         for channel in [1, 2] {
             broadcasts.deliver(broadcast(channel, "b", NOW_MS, later), NOW_MS).await.expect("deliver");
-            assert!(
-                broadcasts
-                    .subscribe(DeviceId(7), 1, ChannelId([channel; 16]), "", NOW_MS, Duration::ZERO)
-                    .await
-                    .is_some()
-            );
+            assert!(broadcasts.subscribe(DeviceId(7), 1, ChannelId([channel; 16]), "", NOW_MS, false).await.is_some());
         }
         // Nothing to forget while both exist.
         assert_eq!(broadcasts.forget_deleted(None).await.expect("sweep"), 0);

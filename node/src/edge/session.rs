@@ -25,7 +25,6 @@ use courier_core::shutdown::CancellationToken;
 use super::Edge;
 use super::limits::{Pending, TokenBucket};
 use super::registry::{LinkEnd, Outgoing, SharedBroadcast};
-use crate::broadcast::SUBSCRIBE_WAIT;
 use crate::ids::{DeviceId, unix_millis};
 use crate::pki;
 use crate::token::KeyState;
@@ -478,7 +477,7 @@ impl LinkState<'_> {
             Some(channel) => {
                 let (device, serial, now_ms) = (self.device, self.serial, unix_millis());
                 let broadcasts = &self.edge.broadcasts;
-                match broadcasts.subscribe(device, serial, channel, &request.last_seen, now_ms, SUBSCRIBE_WAIT).await {
+                match broadcasts.subscribe(device, serial, channel, &request.last_seen, now_ms, true).await {
                     None => Err(refused(ChannelRefusal::UnknownChannel)),
                     Some((topic, kept)) => {
                         // What this link handed already is newer than what the device says it saw.
@@ -554,7 +553,7 @@ impl LinkState<'_> {
         for (channel, last_seen) in stored.into_iter().take(MAX_CHANNELS_PER_DEVICE) {
             let broadcasts = &self.edge.broadcasts;
             let Some((topic, kept)) =
-                broadcasts.subscribe(self.device, self.serial, channel, &last_seen, now_ms, Duration::ZERO).await
+                broadcasts.subscribe(self.device, self.serial, channel, &last_seen, now_ms, false).await
             else {
                 continue;
             };
