@@ -73,21 +73,19 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<bool> {
     }
     swarm_rows(&mut rows, &totals);
     let attempts = handshakes(&totals) + totals.connect_error_count();
-    result["links"] = json!({
-        "target": n,
-        "reached": ramped.links,
-        "ramp_secs": ramp_secs,
-        "links_per_sec": n as f64 / ramp_secs,
-        "ramp_handshakes": ramp_handshakes,
-        "ramp_handshakes_per_sec": ramp_handshakes as f64 / ramp_secs,
-        "attempts": attempts,
-        "handshakes_full": totals.full,
-        "handshakes_resumed": totals.resumed,
-        "handshakes_redirected": totals.redirected,
-        "errors": totals.connect_errors,
-        "error_samples": totals.error_samples,
-        "drops": totals.drops,
-    });
+    let mut links = links_json(&totals);
+    for (key, value) in [
+        ("target", json!(n)),
+        ("reached", json!(ramped.links)),
+        ("ramp_secs", json!(ramp_secs)),
+        ("links_per_sec", json!(n as f64 / ramp_secs)),
+        ("ramp_handshakes", json!(ramp_handshakes)),
+        ("ramp_handshakes_per_sec", json!(ramp_handshakes as f64 / ramp_secs)),
+        ("attempts", json!(attempts)),
+    ] {
+        links[key] = value;
+    }
+    result["links"] = links;
     result["memory"] = json!({
         "node_rss_before": rss_before,
         "node_rss_after": rss_after,
