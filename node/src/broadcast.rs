@@ -83,8 +83,8 @@ impl Broadcasts {
 
     /// Indexes `device`'s link `serial` as a subscriber of `channel`, and returns the channel's app and the
     /// kept broadcast the device should get now (one it has not seen); `None` if there is no such channel
-    /// (after waiting up to `SUBSCRIBE_WAIT` for one not applied here yet, when `wait`). A kept broadcast that cannot be read is
-    /// logged and not sent; the subscription holds.
+    /// (after waiting up to `SUBSCRIBE_WAIT` for one not applied here yet, when `wait`). A kept broadcast
+    /// that cannot be read is logged and not sent; the subscription holds.
     pub async fn subscribe(
         &self,
         device: DeviceId,
@@ -340,19 +340,17 @@ impl StoredSubscriptions {
     /// Durably stores that `device` subscribes to `channel` and has had its kept broadcast `last_seen`,
     /// then copies that to the device's successors (unawaited).
     pub async fn save(&self, device: DeviceId, channel: ChannelId, last_seen: &str) -> Result<(), StoreError> {
-        self.change(subscription(device, channel, last_seen, true)).await
+        self.change(device, subscription(device, channel, last_seen, true)).await
     }
 
     /// Durably removes `device`'s subscription to `channel`, then its copies (unawaited).
     pub async fn remove(&self, device: DeviceId, channel: ChannelId) -> Result<(), StoreError> {
-        self.change(subscription(device, channel, "", false)).await
+        self.change(device, subscription(device, channel, "", false)).await
     }
 
-    async fn change(&self, change: Subscription) -> Result<(), StoreError> {
+    async fn change(&self, device: DeviceId, change: Subscription) -> Result<(), StoreError> {
         self.store.save_subscriptions(vec![change.clone()]).await?;
-        if let Some(device) = DeviceId::from_slice(&change.device_id) {
-            self.replicator.copy_subscription(device, &change);
-        }
+        self.replicator.copy_subscription(device, &change);
         Ok(())
     }
 

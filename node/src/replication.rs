@@ -145,17 +145,29 @@ impl Replicator {
 
     /// Sends one copy to `node`, decided in a view of `epoch`; `true` once it is durably stored there.
     pub async fn put_to(&self, node: NodeId, notification: Notification, epoch: Epoch) -> bool {
-        let Some(addr) = self.addr_of(node) else { return false };
+        match self.ask(node, |reply| PeerOp::Put(Box::new(notification), epoch, reply)).await {
+            Some(done) => done,
+            None => {
+                metrics::counter!("courier_node_replication_skipped_total").increment(1);
+                false
+            }
+        }
+    }
+
+    /// Queues the op `make` builds on `node`'s batching task and waits for its outcome: `Some(true)` once
+    /// `node` applied it, `Some(false)` if it did not (or is not a member), `None` if `node` is being
+    /// skipped after a failure (`Breaker`).
+    async fn ask(&self, node: NodeId, make: impl FnOnce(oneshot::Sender<bool>) -> PeerOp) -> Option<bool> {
+        let Some(addr) = self.addr_of(node) else { return Some(false) };
         let (ops, breaker) = self.link(&addr);
         if breaker.open() {
-            metrics::counter!("courier_node_replication_skipped_total").increment(1);
-            return false;
+            return None;
         }
         let (reply, answer) = oneshot::channel();
-        if ops.send(PeerOp::Put(Box::new(notification), epoch, reply)).await.is_err() {
-            return false;
+        if ops.send(make(reply)).await.is_err() {
+            return Some(false);
         }
-        matches!(tokio::time::timeout(self.timeout * 2, answer).await, Ok(Ok(true)))
+        Some(matches!(tokio::time::timeout(self.timeout * 2, answer).await, Ok(Ok(true))))
     }
 
     /// Copies a notification this node stored to the device's successors. Says how many copies exist now,
@@ -215,16 +227,7 @@ impl Replicator {
 
     /// Sends one subscription to `node`; `true` once it is stored there.
     async fn subscription_to(&self, node: NodeId, change: Subscription) -> bool {
-        let Some(addr) = self.addr_of(node) else { return false };
-        let (ops, breaker) = self.link(&addr);
-        if breaker.open() {
-            return false;
-        }
-        let (reply, answer) = oneshot::channel();
-        if ops.send(PeerOp::Subscription(Box::new(change), Some(reply))).await.is_err() {
-            return false;
-        }
-        matches!(tokio::time::timeout(self.timeout * 2, answer).await, Ok(Ok(true)))
+        self.ask(node, |reply| PeerOp::Subscription(Box::new(change), Some(reply))).await.unwrap_or(false)
     }
 
     /// Moves queued notifications after the ring changed from `before` to the current ring, many devices

@@ -228,19 +228,17 @@ impl Store {
 
     /// The device's queued, unexpired notifications in arrival order. Expired ones are deleted.
     pub async fn pending(&self, device: DeviceId) -> Result<Vec<Notification>, StoreError> {
-        let db = self.db.clone();
-        let entries = tokio::task::spawn_blocking(move || -> Result<Vec<Notification>, StoreError> {
-            let txn = db.begin_read().map_err(db_err)?;
-            let queue = txn.open_table(QUEUE).map_err(db_err)?;
-            let mut out = Vec::new();
-            for entry in queue.range((device.0, 0)..=(device.0, u64::MAX)).map_err(db_err)? {
-                let (_, value) = entry.map_err(db_err)?;
-                out.push(Notification::decode(value.value()).map_err(db_err)?);
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(db_err)??;
+        let entries = self
+            .read(move |txn| {
+                let queue = txn.open_table(QUEUE).map_err(db_err)?;
+                let mut out = Vec::new();
+                for entry in queue.range((device.0, 0)..=(device.0, u64::MAX)).map_err(db_err)? {
+                    let (_, value) = entry.map_err(db_err)?;
+                    out.push(Notification::decode(value.value()).map_err(db_err)?);
+                }
+                Ok(out)
+            })
+            .await?;
         let now_secs = unix_millis() / 1000;
         let (live, expired): (Vec<_>, Vec<_>) = entries.into_iter().partition(|n| n.expiration > now_secs);
         for n in expired {
@@ -278,14 +276,7 @@ impl Store {
 
     /// Number of queued notifications across all devices.
     pub async fn queued(&self) -> Result<u64, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(db_err)?;
-            let queue = txn.open_table(QUEUE).map_err(db_err)?;
-            queue.len().map_err(db_err)
-        })
-        .await
-        .map_err(db_err)?
+        self.read(|txn| txn.open_table(QUEUE).map_err(db_err)?.len().map_err(db_err)).await
     }
 
     /// Stops the writer after it has committed everything already submitted.
