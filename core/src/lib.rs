@@ -7,7 +7,8 @@
 //! (gRPC channels to other members). Placement: `state` (the control state the Raft group agrees on,
 //! with its commands), `ring` (which node owns a device in an epoch). Running: `listen` (binding ports),
 //! `protocol` (bounds both ends of the cluster protocol keep), `rate` (token buckets and client sources),
-//! `telemetry` (metrics, health and readiness), `shutdown`.
+//! `telemetry` (metrics, health and readiness), `shutdown`. Receipts: `webhook` (teams' endpoints, their
+//! signing secrets and events).
 
 pub mod channel;
 pub mod ids;
@@ -24,3 +25,4 @@ pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod topic;
+pub mod webhook;

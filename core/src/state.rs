@@ -19,6 +19,7 @@ use crate::channel::{ChannelCommand, ChannelRefusal};
 use crate::ids::DeviceId;
 pub use crate::token::KeyState;
 use crate::token::{TokenKey, TokenKeyId};
+use crate::webhook::{EventKind, SigningSecret, Webhook};
 
 pub type NodeId = u64;
 
@@ -147,6 +148,9 @@ pub struct ClusterState {
     /// answer `FeatureNotEnabled`. Every team may unless listed; absent from states written before channels.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub broadcast_disabled: BTreeSet<String>,
+    /// Team id → where its delivery receipts go (`crate::webhook`); absent from states written before them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub webhooks: BTreeMap<String, Webhook>,
 }
 
 /// The bounds `Command::validate` enforces. Each is far above what a real cluster uses and low enough
@@ -246,6 +250,25 @@ pub enum Command {
         team_id: String,
         enabled: bool,
     },
+    /// Sets a team's webhook endpoint and the events it gets. A team without one gets `secret` as its
+    /// signing secret; one with an endpoint keeps its secrets (`RotateWebhookSecret` changes them).
+    SetWebhook {
+        team_id: String,
+        url: String,
+        events: BTreeSet<EventKind>,
+        secret: SigningSecret,
+        now_ms: u64,
+    },
+    RemoveWebhook {
+        team_id: String,
+    },
+    /// Makes `secret` the team's signing secret; the ones it had keep signing for `grace_ms` as well.
+    RotateWebhookSecret {
+        team_id: String,
+        secret: SigningSecret,
+        grace_ms: u64,
+        now_ms: u64,
+    },
     /// A change to the broadcast channels. Applied to the channel book (`crate::channel`), never to this
     /// state: it leaves the epoch alone.
     Channel {
@@ -298,6 +321,11 @@ impl std::fmt::Display for Command {
             Command::SuspectClone { device, refuse, .. } => write!(f, "suspect-clone {device} (refuse: {refuse})"),
             Command::ClearClone { device } => write!(f, "clear-clone {device}"),
             Command::SetBroadcast { team_id, enabled } => write!(f, "broadcast {team_id} (enabled: {enabled})"),
+            Command::SetWebhook { team_id, url, .. } => write!(f, "set-webhook {team_id} -> {url}"),
+            Command::RemoveWebhook { team_id } => write!(f, "remove-webhook {team_id}"),
+            Command::RotateWebhookSecret { team_id, secret, .. } => {
+                write!(f, "rotate-webhook-secret {team_id} -> {}", secret.fingerprint())
+            }
             Command::Channel { command: ChannelCommand::Create { record, .. } } => {
                 write!(f, "create-channel {} ({}/{})", record.id, record.team_id, record.app)
             }
@@ -400,6 +428,22 @@ impl Command {
                     ));
                 }
             }
+            Command::SetWebhook { team_id, url, events, secret, .. } => {
+                check_id("team id", team_id)?;
+                crate::webhook::check_url(url, true)?;
+                if events.is_empty() {
+                    return Err("a webhook must get at least one kind of event".into());
+                }
+                check_secret(secret)?;
+                if !state.webhooks.contains_key(team_id) && state.webhooks.len() >= MAX_TEAMS {
+                    return Err(format!("{MAX_TEAMS} teams already have a webhook, the most the cluster holds"));
+                }
+            }
+            Command::RemoveWebhook { team_id } => check_id("team id", team_id)?,
+            Command::RotateWebhookSecret { team_id, secret, .. } => {
+                check_id("team id", team_id)?;
+                check_secret(secret)?;
+            }
             Command::Channel { command } => {
                 let (team_id, app) = match command {
                     ChannelCommand::Create { record, .. } => (&record.team_id, &record.app),
@@ -420,6 +464,14 @@ impl Command {
 fn check_len(what: &str, value: &str, max: usize) -> Result<(), String> {
     if value.len() > max {
         return Err(format!("{what} is {} bytes; at most {max} are allowed", value.len()));
+    }
+    Ok(())
+}
+
+/// A webhook signing secret of the length the spec allows.
+fn check_secret(secret: &SigningSecret) -> Result<(), String> {
+    if !crate::webhook::SECRET_LEN.contains(&secret.key.len()) {
+        return Err(format!("a signing secret is {:?} bytes, not {}", crate::webhook::SECRET_LEN, secret.key.len()));
     }
     Ok(())
 }
@@ -557,6 +609,42 @@ impl ClusterState {
                     return CommandResponse::Applied { epoch: self.epoch };
                 }
             }
+            Command::SetWebhook { team_id, url, events, secret, now_ms } => match self.webhooks.get_mut(team_id) {
+                Some(hook) => {
+                    if hook.url == *url && hook.events == *events {
+                        return CommandResponse::Applied { epoch: self.epoch };
+                    }
+                    hook.url.clone_from(url);
+                    hook.events.clone_from(events);
+                    hook.updated_ms = *now_ms;
+                }
+                None => {
+                    let hook = Webhook {
+                        url: url.clone(),
+                        events: events.clone(),
+                        secrets: vec![SigningSecret { retires_ms: None, ..secret.clone() }],
+                        created_ms: *now_ms,
+                        updated_ms: *now_ms,
+                    };
+                    self.webhooks.insert(team_id.clone(), hook);
+                }
+            },
+            Command::RemoveWebhook { team_id } => {
+                if self.webhooks.remove(team_id).is_none() {
+                    return refused("the team has no webhook");
+                }
+            }
+            Command::RotateWebhookSecret { team_id, secret, grace_ms, now_ms } => {
+                let Some(hook) = self.webhooks.get_mut(team_id) else { return refused("the team has no webhook") };
+                let retires = now_ms.saturating_add(*grace_ms);
+                hook.secrets.retain(|s| s.live_at(*now_ms));
+                for old in &mut hook.secrets {
+                    old.retires_ms = Some(old.retires_ms.map_or(retires, |r| r.min(retires)));
+                }
+                hook.secrets.insert(0, SigningSecret { retires_ms: None, ..secret.clone() });
+                hook.secrets.truncate(crate::webhook::MAX_SECRETS);
+                hook.updated_ms = *now_ms;
+            }
             // The state machine hands these to the channel book; reaching here is a bug, and changes nothing.
             Command::Channel { .. } => return refused("a channel command is not applied to the control state"),
         }
@@ -597,6 +685,19 @@ impl ClusterState {
     /// Since when (UNIX ms) the device has been refused as a clone, if it is.
     pub fn refused_clone(&self, device: DeviceId) -> Option<u64> {
         self.suspected_clones.get(&device).filter(|s| s.refuse).map(|s| s.since_ms)
+    }
+
+    /// The state with every webhook's signing secrets left out: what processes that do not sign receipts
+    /// (gateways) are given.
+    pub fn without_webhook_secrets(&self) -> std::borrow::Cow<'_, ClusterState> {
+        if self.webhooks.values().all(|hook| hook.secrets.is_empty()) {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut state = self.clone();
+        for hook in state.webhooks.values_mut() {
+            *hook = hook.redacted();
+        }
+        std::borrow::Cow::Owned(state)
     }
 
     /// Members in `state`, by id.
@@ -884,5 +985,62 @@ mod tests {
         let key = TokenKey::from_secret(TokenKeyId(3), [0xab; 32]);
         let text = format!("{} {:?}", Command::RotateTokenKey { key: key.clone(), now_ms: 0 }, key);
         assert!(!text.contains("abab"), "{text}");
+    }
+
+    #[test]
+    fn a_webhook_keeps_its_secret_across_updates_and_a_rotation_keeps_the_old_one_for_the_grace_period() {
+        let mut state = ClusterState::default();
+        let first = SigningSecret::generate(1);
+        let set = |url: &str, events: &str, secret: &SigningSecret| Command::SetWebhook {
+            team_id: "TEAM".into(),
+            url: url.into(),
+            events: EventKind::parse_list(events).unwrap(),
+            secret: secret.clone(),
+            now_ms: 10,
+        };
+        assert_eq!(state.apply(&set("https://a.example.com/h", "", &first)), CommandResponse::Applied { epoch: Epoch(1) });
+        assert_eq!(state.webhooks["TEAM"].secrets, vec![first.clone()]);
+        // Setting it again changes the URL and events, never the secret.
+        let ignored = SigningSecret::generate(2);
+        assert_eq!(state.apply(&set("https://b.example.com/h", "delivered", &ignored)), CommandResponse::Applied { epoch: Epoch(2) });
+        let hook = &state.webhooks["TEAM"];
+        assert_eq!((hook.url.as_str(), hook.events.len(), &hook.secrets), ("https://b.example.com/h", 1, &vec![first.clone()]));
+        assert!(hook.wants(EventKind::Delivered) && !hook.wants(EventKind::Expired));
+        assert_eq!(state.apply(&set("https://b.example.com/h", "delivered", &ignored)), CommandResponse::Applied { epoch: Epoch(2) });
+
+        let second = SigningSecret::generate(3);
+        let rotate = |secret: &SigningSecret, now_ms| Command::RotateWebhookSecret {
+            team_id: "TEAM".into(),
+            secret: secret.clone(),
+            grace_ms: 100,
+            now_ms,
+        };
+        assert!(matches!(state.apply(&rotate(&second, 1000)), CommandResponse::Applied { .. }));
+        let hook = &state.webhooks["TEAM"];
+        assert_eq!(hook.signing_keys(1050), vec![second.key.as_slice(), first.key.as_slice()]);
+        assert_eq!(hook.signing_keys(1100), vec![second.key.as_slice()], "the old one retires after the grace");
+        // A later rotation drops what had retired and keeps the secret it replaces for the grace period.
+        let third = SigningSecret::generate(4);
+        assert!(matches!(state.apply(&rotate(&third, 2000)), CommandResponse::Applied { .. }));
+        let hook = &state.webhooks["TEAM"];
+        assert_eq!(hook.secrets.len(), 2);
+        assert_eq!(hook.signing_keys(2050), vec![third.key.as_slice(), second.key.as_slice()]);
+        assert!(!format!("{}", rotate(&third, 0)).contains(&third.whsec()[6..]));
+
+        // Bad input changes nothing.
+        let epoch = state.epoch;
+        let short = SigningSecret { key: vec![1; 8], ..first.clone() };
+        for bad in [
+            set("ftp://a.example.com/", "", &first),
+            set("https://a.example.com/", "", &short),
+            rotate(&short, 3000),
+            Command::RotateWebhookSecret { team_id: "OTHER".into(), secret: first.clone(), grace_ms: 0, now_ms: 0 },
+            Command::RemoveWebhook { team_id: "OTHER".into() },
+        ] {
+            assert!(matches!(state.apply(&bad), CommandResponse::Refused { .. }), "{bad}");
+        }
+        assert_eq!(state.epoch, epoch);
+        assert!(matches!(state.apply(&Command::RemoveWebhook { team_id: "TEAM".into() }), CommandResponse::Applied { .. }));
+        assert!(state.webhooks.is_empty());
     }
 }

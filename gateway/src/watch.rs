@@ -39,6 +39,8 @@ pub struct GatewayView {
     pub refused_clones: BTreeMap<DeviceId, u64>,
     /// Teams that may not use broadcast channels.
     pub broadcast_disabled: std::collections::BTreeSet<String>,
+    /// Teams with a webhook: their pushes carry the team and token, for the owner's receipts.
+    pub receipt_teams: std::collections::BTreeSet<String>,
 }
 
 impl GatewayView {
@@ -52,6 +54,7 @@ impl GatewayView {
             members: state.members.clone(),
             refused_clones,
             broadcast_disabled: state.broadcast_disabled.clone(),
+            receipt_teams: state.webhooks.keys().cloned().collect(),
         }
     }
 

@@ -184,6 +184,31 @@ pub struct NodeConfig {
     #[arg(long, env = "COURIER_EPOCH_WAIT_MS",
           default_value_t = crate::api::forward::DEFAULT_EPOCH_WAIT.as_millis() as u64)]
     pub epoch_wait_ms: u64,
+    /// Let webhook endpoints be `http://` and private, loopback or link-local addresses (a development
+    /// cluster; `courier dev` sets it). Off in production: a team's URL must not reach inside the network.
+    #[arg(long, env = "COURIER_WEBHOOKS_ALLOW_PRIVATE")]
+    pub webhooks_allow_private: bool,
+    /// Extra trusted CA certificates (PEM) for webhook endpoints, beside the public web PKI.
+    #[arg(long, env = "COURIER_WEBHOOK_CA")]
+    pub webhook_ca: Option<PathBuf>,
+    /// Most receipts in one webhook request.
+    #[arg(long, env = "COURIER_WEBHOOK_BATCH_MAX", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub webhook_batch_max: u64,
+    /// How long a webhook batch waits to fill, in milliseconds.
+    #[arg(long, env = "COURIER_WEBHOOK_BATCH_WAIT_MS", default_value_t = 500)]
+    pub webhook_batch_wait_ms: u64,
+    /// How long a receipt is retried before it is dropped, in seconds.
+    #[arg(long, env = "COURIER_WEBHOOK_MAX_AGE_SECS", default_value_t = 24 * 3600)]
+    pub webhook_max_age_secs: u64,
+    /// Limit on connecting to a webhook endpoint and on each request, in milliseconds.
+    #[arg(long, env = "COURIER_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000)]
+    pub webhook_timeout_ms: u64,
+    /// Most receipts queued on a node for one team; more are dropped and counted.
+    #[arg(long, env = "COURIER_WEBHOOK_QUEUE_CAP", default_value_t = crate::store::DEFAULT_RECEIPTS_PER_TEAM)]
+    pub webhook_queue_cap: u64,
+    /// How often the owner looks for stored notifications that expired, to send their receipts, in seconds.
+    #[arg(long, env = "COURIER_WEBHOOK_EXPIRY_SWEEP_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub webhook_expiry_sweep_secs: u64,
 }
 
 /// A bound address others can dial: a wildcard IP becomes loopback.
@@ -284,6 +309,18 @@ impl NodeConfig {
 
     pub fn ack_wait(&self) -> Duration {
         Duration::from_millis(self.ack_wait_ms)
+    }
+
+    pub fn receipt_settings(&self) -> crate::receipts::ReceiptSettings {
+        crate::receipts::ReceiptSettings {
+            batch_max: self.webhook_batch_max as usize,
+            batch_wait: Duration::from_millis(self.webhook_batch_wait_ms),
+            max_age: Duration::from_secs(self.webhook_max_age_secs),
+            request_timeout: Duration::from_millis(self.webhook_timeout_ms),
+            allow_private: self.webhooks_allow_private,
+            extra_roots: self.webhook_ca.clone(),
+            expiry_sweep: Duration::from_secs(self.webhook_expiry_sweep_secs),
+        }
     }
 
     pub fn epoch_wait(&self) -> Duration {

@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use courier_core::webhook::EventKind;
 use courier_proto::cluster::{DeliverOutcome, DeliverResult, Notification, QueueKey, RefusalReason, Subscription};
 use tokio::sync::oneshot;
 
@@ -34,7 +35,8 @@ use crate::edge::registry::{Handoff, Registry};
 use crate::ids::{DeviceId, unix_millis};
 use crate::replication::Replicator;
 use crate::store::registrations::Registrations;
-use crate::store::{Inserted, Store, StoreError};
+use crate::store::receipts::event_for;
+use crate::store::{Inserted, Removal, Store, StoreError};
 use crate::view::{LocalView, Placement};
 
 /// How long a notification written to a live link waits for the device's ack before it is committed.
@@ -162,7 +164,11 @@ impl Delivery {
             return refused(&apns_id, RefusalReason::ClonedIdentity, since_ms);
         }
         match parts.registrations.unregistered_at(device, &notification.topic) {
-            Ok(Some(at_ms)) => return refused(&apns_id, RefusalReason::Unregistered, at_ms),
+            Ok(Some(at_ms)) => {
+                let event = event_for(&notification, EventKind::Unregistered, Some("Unregistered"), unix_millis());
+                parts.store.queue_receipts(event.into_iter().collect());
+                return refused(&apns_id, RefusalReason::Unregistered, at_ms);
+            }
             Ok(None) => {}
             Err(error) => tracing::error!(%error, "reading registrations failed; delivering anyway"),
         }
@@ -178,6 +184,8 @@ impl Delivery {
                 Handoff::NotConnected | Handoff::SlowConsumer => {
                     metrics::counter!("courier_node_notifications_discarded_total").increment(1);
                     parts.status.record(device, &notification, Disposition::Dropped("discarded"), now_ms);
+                    let event = event_for(&notification, EventKind::Dropped, Some("discarded"), now_ms);
+                    parts.store.queue_receipts(event.into_iter().collect());
                     result(&apns_id, DeliverOutcome::Discarded)
                 }
             };
@@ -278,7 +286,7 @@ impl Delivery {
     async fn commit(&self, device: DeviceId, notification: &Notification) -> Result<Inserted, CommitError> {
         let parts = &self.inner.parts;
         let (stored, copies) =
-            tokio::join!(parts.store.insert(notification.clone()), parts.replicator.put(device, notification));
+            tokio::join!(parts.store.insert_owned(notification.clone()), parts.replicator.put(device, notification));
         let inserted = stored.inspect_err(|error| tracing::error!(%error, "storing a notification failed"))?;
         if inserted != Inserted::Duplicate {
             if inserted == Inserted::Collapsed {
@@ -296,7 +304,10 @@ impl Delivery {
     /// The device acked `apns_id` on a link that carried it.
     pub fn acked(&self, device: DeviceId, apns_id: &str) {
         let parts = &self.inner.parts;
-        parts.status.delivered(device, apns_id, unix_millis());
+        // The receipt of one that was on the link only; a stored one's comes with its delete (`forget`).
+        if let Some(receipt) = parts.status.delivered(device, apns_id, unix_millis()) {
+            parts.store.queue_receipts(vec![receipt]);
+        }
         {
             let mut awaiting = self.awaiting();
             if let Some(waiting) = awaiting.get_mut(&(device, apns_id.to_string())) {
@@ -314,7 +325,8 @@ impl Delivery {
     /// Deletes an acked notification here and on the other holders; not awaited (a lost delete only means
     /// a redelivery the device drops).
     fn forget(&self, device: DeviceId, apns_id: &str) {
-        self.inner.parts.store.remove_later(device, apns_id);
+        let acked = Removal::Delivered { at_ms: unix_millis() };
+        self.inner.parts.store.remove_later(device, apns_id, Some(acked));
         self.inner.parts.replicator.remove(device, apns_id);
     }
 
@@ -323,7 +335,7 @@ impl Delivery {
     pub async fn backlog(&self, device: DeviceId) -> Result<Vec<Notification>, StoreError> {
         let parts = &self.inner.parts;
         parts.replicator.gather(&parts.store, device).await;
-        parts.store.pending(device).await
+        parts.store.pending_as(device, true).await
     }
 
     /// Applies copies, deletes and subscription changes another node sent this one (its replica role, or

@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use courier_core::webhook::{Event, EventKind, Receipted};
 use courier_proto::cluster::{Notification, NotificationState, NotificationStatusResponse};
 
 use crate::ids::DeviceId;
@@ -43,6 +44,9 @@ struct Entry {
     delivered_at_ms: u64,
     expiration: u64,
     reason: &'static str,
+    /// The team and device token, when the team gets receipts: an ack of a notification never stored
+    /// is told from here.
+    receipt: Option<Box<(String, String)>>,
 }
 
 #[derive(Default)]
@@ -130,6 +134,8 @@ impl StatusLog {
             delivered_at_ms: 0,
             expiration: notification.expiration,
             reason,
+            receipt: (!notification.team_id.is_empty())
+                .then(|| Box::new((notification.team_id.clone(), notification.token.clone()))),
         };
         log.entries.insert(key, entry);
         log.order.push_back((now_ms, device.0, notification.apns_id.clone()));
@@ -158,17 +164,22 @@ impl StatusLog {
         }
     }
 
-    /// The device acked `apns_id` at `now_ms`.
-    pub fn delivered(&self, device: DeviceId, apns_id: &str, now_ms: u64) {
+    /// The device acked `apns_id` at `now_ms`. Returns the `delivered` receipt when its team gets receipts
+    /// and nothing stored it (it was on the link only): a stored one's comes from the store's delete.
+    pub fn delivered(&self, device: DeviceId, apns_id: &str, now_ms: u64) -> Option<Event> {
         let mut log = self.lock(device);
-        if let Some(entry) = log.entries.get_mut(&(device.0, apns_id.to_string()))
-            && entry.state != NotificationState::Delivered
-        {
-            entry.state = NotificationState::Delivered;
-            entry.reason = "";
-            entry.delivered_at_ms = now_ms;
-            entry.updated_at_ms = now_ms;
+        let entry = log.entries.get_mut(&(device.0, apns_id.to_string()))?;
+        if entry.state == NotificationState::Delivered {
+            return None;
         }
+        let unstored = entry.state == NotificationState::Accepted;
+        entry.state = NotificationState::Delivered;
+        entry.reason = "";
+        entry.delivered_at_ms = now_ms;
+        entry.updated_at_ms = now_ms;
+        let (team_id, token) = entry.receipt.as_deref().filter(|_| unstored)?;
+        let of = Receipted { team_id, apns_id, token, topic: &entry.topic, accepted_at_ms: entry.accepted_at_ms };
+        Some(Event::new(EventKind::Delivered, of, None, now_ms))
     }
 
     /// The state of `apns_id` for `device` as of `now_ms`.

@@ -13,6 +13,7 @@ pub mod edge;
 pub mod follow;
 pub mod node;
 pub mod raft;
+pub mod receipts;
 pub mod replication;
 pub mod store;
 pub mod view;

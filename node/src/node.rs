@@ -138,7 +138,11 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         ("cluster-ca", pki.cluster_ca_cert()),
         ("device-ca", pki.device_ca_cert()),
     ]);
-    let store = Store::open_with_cap(&config.data_dir.join("courier.redb"), config.queue_cap_per_topic)?;
+    let store = Store::open_with_limits(
+        &config.data_dir.join("courier.redb"),
+        config.queue_cap_per_topic,
+        config.webhook_queue_cap,
+    )?;
     let (clone_reports, clone_reports_rx) = tokio::sync::mpsc::channel(edge::clones::REPORT_QUEUE);
     let registry = Arc::new(Registry::new(&config.clone_settings(), Some(clone_reports)));
     // Provider API: unregistered topics and the delivery-status log.
@@ -234,6 +238,12 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     tracker.spawn(edge::clones::report(clone_reports_rx, control.clone(), shutdown.clone()));
     tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown.clone(), tracker.clone()));
 
+    let receipts = crate::receipts::run(store.clone(), view.clone(), config.receipt_settings(), shutdown.clone());
+    tracker.spawn(async move {
+        if let Err(error) = receipts.await {
+            tracing::error!(%error, "webhook receipts are not sent");
+        }
+    });
     tracker.spawn(crate::broadcast::catch_up(control.clone(), broadcasts.clone(), shutdown.clone()));
     tracker.spawn(crate::broadcast::forget_deleted_channels(broadcasts.clone(), subscriptions, shutdown.clone()));
     let service = ClusterService {
@@ -242,6 +252,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         control: control.clone(),
         shutdown: shutdown.clone(),
         epoch_wait: config.epoch_wait(),
+        webhooks_allow_private: config.webhooks_allow_private,
     };
     // Keepalive pings close a connection whose peer vanished (cut off, or gone without a FIN), which a
     // graceful shutdown would otherwise wait on for as long as TCP takes to give up.

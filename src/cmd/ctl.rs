@@ -12,6 +12,7 @@ use courier_core::peer::Peers;
 use courier_core::pki::PkiDir;
 use courier_core::state::{Command, CommandResponse};
 use courier_core::token::{TokenKey, TokenKeyId};
+use courier_core::webhook::{EventKind, SigningSecret};
 use courier_proto::cluster::cluster_client::ClusterClient;
 use courier_proto::cluster::{JoinRequest, ListChannelsRequest, ProposeRequest, RemoveNodeRequest, StatusRequest};
 use serde_json::Value;
@@ -49,6 +50,8 @@ enum CtlCommand {
     Providers(ProvidersCommand),
     #[command(subcommand)]
     Devices(DevicesCommand),
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
     /// Broadcast channels with their linked subscribers, added up over every active member.
     Channels {
         /// Only this app's channels.
@@ -143,6 +146,43 @@ enum ProvidersCommand {
         /// Forbid instead of allow.
         #[arg(long)]
         disable: bool,
+    },
+}
+
+/// Delivery receipts: where each team's events go (Standard Webhooks format, see the README).
+#[derive(clap::Subcommand)]
+enum WebhooksCommand {
+    /// Set a team's endpoint and the events it gets. The first time, prints the signing secret once; a
+    /// team that has one keeps it (`rotate-secret` changes it).
+    Set {
+        #[arg(long)]
+        team: String,
+        /// `https://…`; `http://` and private addresses only where the nodes allow them (`courier dev`).
+        #[arg(long)]
+        url: String,
+        /// Comma-separated: delivered, expired, dropped, unregistered (default: all).
+        #[arg(long, default_value = "")]
+        events: String,
+    },
+    /// Teams' endpoints, events and secrets (fingerprints only).
+    List {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop sending a team's receipts; events queued for it are dropped.
+    Remove {
+        #[arg(long)]
+        team: String,
+    },
+    /// Make a new signing secret and print it once; the old one keeps signing too for the grace period,
+    /// so receivers can switch without missing a request.
+    RotateSecret {
+        #[arg(long)]
+        team: String,
+        /// How long the old secret keeps signing, in hours.
+        #[arg(long, default_value_t = 24)]
+        grace_hours: u64,
     },
 }
 
@@ -298,6 +338,75 @@ fn print_providers(doc: &Value) {
             topics
         );
     }
+}
+
+/// `ctl webhooks …`. A secret is made here and printed only once the cluster holds it: `set` on a team
+/// that already has an endpoint keeps that endpoint's secret, and says so.
+async fn webhooks(
+    peers: &Peers,
+    node: &str,
+    client: &mut ClusterClient<Channel>,
+    command: WebhooksCommand,
+) -> anyhow::Result<()> {
+    let holds = |doc: &Value, team: &str, secret: &SigningSecret| {
+        doc["webhooks"].as_array().into_iter().flatten().filter(|h| h["team_id"] == team).any(|h| {
+            h["secrets"].as_array().into_iter().flatten().any(|s| s["fingerprint"] == secret.fingerprint().as_str())
+        })
+    };
+    match command {
+        WebhooksCommand::Set { team, url, events } => {
+            let events = EventKind::parse_list(&events).map_err(anyhow::Error::msg)?;
+            let secret = SigningSecret::generate(unix_millis());
+            let command = Command::SetWebhook { team_id: team.clone(), url, events, secret: secret.clone(), now_ms: unix_millis() };
+            propose(peers, node, command).await?;
+            if holds(&status(client, Vec::new()).await?, &team, &secret) {
+                println!("signing secret (shown once; configure your receiver with it): {}", secret.whsec());
+            } else {
+                println!("the team's signing secret is unchanged (courier ctl webhooks rotate-secret makes a new one)");
+            }
+        }
+        WebhooksCommand::List { json } => {
+            let doc = status(client, Vec::new()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc["webhooks"])?);
+                return Ok(());
+            }
+            println!("{:<12} {:<40} {:<36} SECRETS", "TEAM", "URL", "EVENTS");
+            for hook in doc["webhooks"].as_array().into_iter().flatten() {
+                let events: Vec<&str> = hook["events"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                let secrets: Vec<String> = hook["secrets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| match s["retires_ms"].as_u64() {
+                        Some(end) if end > unix_millis() => {
+                            format!("{} (retires in {} min)", s["fingerprint"].as_str().unwrap_or("?"), (end - unix_millis()) / 60_000)
+                        }
+                        Some(_) => format!("{} (retired)", s["fingerprint"].as_str().unwrap_or("?")),
+                        None => s["fingerprint"].as_str().unwrap_or("?").to_string(),
+                    })
+                    .collect();
+                println!(
+                    "{:<12} {:<40} {:<36} {}",
+                    hook["team_id"].as_str().unwrap_or("?"),
+                    hook["url"].as_str().unwrap_or("?"),
+                    events.join(","),
+                    secrets.join(", ")
+                );
+            }
+        }
+        WebhooksCommand::Remove { team } => propose(peers, node, Command::RemoveWebhook { team_id: team }).await?,
+        WebhooksCommand::RotateSecret { team, grace_hours } => {
+            let secret = SigningSecret::generate(unix_millis());
+            let grace_ms = grace_hours.saturating_mul(3_600_000);
+            let command =
+                Command::RotateWebhookSecret { team_id: team, secret: secret.clone(), grace_ms, now_ms: unix_millis() };
+            propose(peers, node, command).await?;
+            println!("new signing secret (shown once): {}", secret.whsec());
+            println!("the previous one keeps signing for {grace_hours} h");
+        }
+    }
+    Ok(())
 }
 
 /// One channel as `ctl channels` shows it: its record and the subscribers every answering member has
@@ -477,6 +586,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Providers(ProvidersCommand::Broadcast { team_id, disable }) => {
             propose(&peers, node, Command::SetBroadcast { team_id, enabled: !disable }).await?;
         }
+        CtlCommand::Webhooks(command) => webhooks(&peers, node, &mut client, command).await?,
         CtlCommand::Devices(DevicesCommand::Revoke { device }) => {
             let device: DeviceId = device.parse().context("a device id is 32 hex characters")?;
             propose(&peers, node, Command::RevokeDevice { device }).await?;

@@ -55,6 +55,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let id = u64::from(i) + 1;
         let mut config = courier_node::NodeConfig::local(args.dir.clone(), args.dir.join(format!("node-{id}")));
         config.node_id = id;
+        // Receivers on this machine (`http://127.0.0.1:…`) are what a development cluster's webhooks reach.
+        config.webhooks_allow_private = true;
         config.device_addr = nth(args.device_base, i);
         config.cluster_addr = nth(args.cluster_base, i);
         config.metrics_addr = nth(args.metrics_base, i);

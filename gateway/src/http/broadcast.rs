@@ -182,6 +182,8 @@ impl PushService {
             collapse_id: String::new(),
             push_type: head.push_type.header_name().to_string(),
             accepted_at_ms: now_ms,
+            team_id: String::new(),
+            token: String::new(),
             channel_id: head.channel.0.to_vec(),
         })
     }

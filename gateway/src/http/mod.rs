@@ -15,6 +15,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod status;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -94,8 +95,8 @@ impl PushService {
         let limit = head.as_ref().map_or(apns::MAX_VOIP_PAYLOAD, PushHead::payload_limit);
         let admitted = head.map_err(Refused::from).and_then(|head| self.admit(head, auth));
         let outcome = match self.admitted_body(&parts.headers, body, limit, admitted).await {
-            Ok(((head, token), payload)) => match apns::check_payload(&payload) {
-                Ok(()) => self.forward(&head, token.device_id.to_bytes().to_vec(), payload).await,
+            Ok(((head, token, receipts), payload)) => match apns::check_payload(&payload) {
+                Ok(()) => self.forward(&head, token.device_id.to_bytes().to_vec(), payload, receipts).await,
                 Err(reason) => Err(reason.into()),
             },
             Err(refused) => Err(refused),
@@ -107,8 +108,12 @@ impl PushService {
     }
 
     /// Everything decided before the body: the provider, its team's rate, the topic, the device token and
-    /// its rate, in that order.
-    fn admit(&self, head: PushHead, auth: &ConnectionAuth) -> Result<(PushHead, OpenedToken), Refused> {
+    /// its rate, in that order; and the team, if it has a webhook for receipts.
+    fn admit(
+        &self,
+        head: PushHead,
+        auth: &ConnectionAuth,
+    ) -> Result<(PushHead, OpenedToken, Option<Arc<str>>), Refused> {
         let provider = self.authenticate(auth, head.authorization.as_deref())?;
         if !self.team_limit.admit(&provider.team_id, Instant::now()) {
             return Err(Reason::TooManyRequests.into());
@@ -117,13 +122,17 @@ impl PushService {
             return Err(Reason::TopicDisallowed.into());
         }
         let token = self.open_token(&head.device_token, &head.topic)?;
-        if let Some(since_ms) = self.router.view.borrow().as_ref().and_then(|v| v.refused_clone(token.device_id)) {
-            return Err((Reason::ClonedIdentity, Some(since_ms)));
-        }
+        let receipts = {
+            let view = self.router.view.borrow();
+            if let Some(since_ms) = view.as_ref().and_then(|v| v.refused_clone(token.device_id)) {
+                return Err((Reason::ClonedIdentity, Some(since_ms)));
+            }
+            view.as_ref().is_some_and(|v| v.receipt_teams.contains(&*provider.team_id)).then_some(provider.team_id)
+        };
         if !self.device_limit.admit(&(token.device_id, token.topic.0), Instant::now()) {
             return Err(Reason::TooManyRequests.into());
         }
-        Ok((head, token))
+        Ok((head, token, receipts))
     }
 
     /// The body of a request admitted as `admitted` (read within the body timeout, at most `limit` bytes),
@@ -203,8 +212,15 @@ impl PushService {
         Ok(token)
     }
 
-    /// Forwards an accepted push; `Err` carries the reason the node gave, or ServiceUnavailable.
-    async fn forward(&self, head: &PushHead, device_id: Vec<u8>, payload: Bytes) -> Result<(), Refused> {
+    /// Forwards an accepted push, naming the team and token when `receipts` (the team has a webhook);
+    /// `Err` carries the reason the node gave, or ServiceUnavailable.
+    async fn forward(
+        &self,
+        head: &PushHead,
+        device_id: Vec<u8>,
+        payload: Bytes,
+        receipts: Option<Arc<str>>,
+    ) -> Result<(), Refused> {
         let notification = Notification {
             device_id,
             topic: head.topic.clone(),
@@ -216,6 +232,8 @@ impl PushService {
             push_type: head.push_type.clone(),
             accepted_at_ms: courier_core::ids::unix_millis(),
             channel_id: Vec::new(),
+            token: if receipts.is_some() { head.device_token.clone() } else { String::new() },
+            team_id: receipts.map(|team| team.to_string()).unwrap_or_default(),
         };
         let started = Instant::now();
         let delivery = self.router.deliver(notification).await;

@@ -43,6 +43,8 @@ pub struct ClusterService {
     pub shutdown: CancellationToken,
     /// How long a forwarded batch stamped with an epoch this node has not applied waits for it.
     pub epoch_wait: std::time::Duration,
+    /// Whether webhook endpoints may be `http` or private addresses (`--webhooks-allow-private`).
+    pub webhooks_allow_private: bool,
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Status> {
@@ -201,6 +203,11 @@ impl Cluster for ClusterService {
         let command: Command = serde_json::from_slice(&request.get_ref().command_json)
             .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
         authz::check_command(caller, authz::Proposal::of(&command))?;
+        // The state takes any well-formed URL; whether it may point inside the network is this node's
+        // policy (every node checks it again whenever it connects).
+        if let Command::SetWebhook { url, .. } = &command {
+            courier_core::webhook::check_url(url, self.webhooks_allow_private).map_err(Status::invalid_argument)?;
+        }
         if caller == ClusterRole::Admin {
             self.leader_only().await?;
         }
@@ -306,7 +313,8 @@ async fn watch(
     shutdown: CancellationToken,
 ) {
     let view = |state: Option<&crate::raft::ClusterState>, channels: Option<ChannelUpdate>| {
-        let state_json = state.map(json).transpose()?.unwrap_or_default();
+        // Watchers route pushes; none signs receipts, so webhook secrets stay on the nodes.
+        let state_json = state.map(|state| json(&state.without_webhook_secrets())).transpose()?.unwrap_or_default();
         Ok(ClusterView {
             epoch: state.map_or_else(|| control.current().epoch, |state| state.epoch).0,
             leader_id: control.leader().unwrap_or(0),

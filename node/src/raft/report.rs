@@ -63,6 +63,20 @@ pub fn status(control: &Control, devices: &[String]) -> Value {
             json!({"team_id": team, "key_ids": p.keys.keys().collect::<Vec<_>>(), "topics": p.topics, "broadcast": broadcast})
         })
         .collect();
+    // Secrets appear only as fingerprints: `ctl webhooks set` shows one once, when it makes it.
+    let webhooks: Vec<Value> = state
+        .webhooks
+        .iter()
+        .map(|(team, hook)| {
+            let secrets: Vec<Value> = hook
+                .secrets
+                .iter()
+                .map(|s| json!({"fingerprint": s.fingerprint(), "created_ms": s.created_ms, "retires_ms": s.retires_ms}))
+                .collect();
+            let events: Vec<&str> = hook.events.iter().map(|k| k.as_str()).collect();
+            json!({"team_id": team, "url": hook.url, "events": events, "secrets": secrets, "updated_ms": hook.updated_ms})
+        })
+        .collect();
     let clones: Vec<Value> = state
         .suspected_clones
         .iter()
@@ -87,6 +101,7 @@ pub fn status(control: &Control, devices: &[String]) -> Value {
         "token_keys": keys,
         "providers": providers,
         "broadcast_disabled": state.broadcast_disabled,
+        "webhooks": webhooks,
         "revoked_devices": state.revoked.len(),
         "suspected_clones": clones,
         "owners": owners,

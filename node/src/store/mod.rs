@@ -24,6 +24,11 @@ use crate::ids::{DeviceId, unix_millis};
 pub mod registrations;
 // Devices' channel subscriptions: tables in this database, written by the same writer.
 mod subscriptions;
+// Receipts waiting for their team's webhook: tables in this database, written by the same writer.
+pub mod receipts;
+
+pub use receipts::QueuedReceipt;
+use courier_core::webhook::{Event, EventKind};
 
 /// (device id, sequence number) → encoded `cluster::Notification`. Sequence numbers only grow, so a
 /// device's range reads back in arrival order.
@@ -43,6 +48,8 @@ const DEVICES: TableDefinition<u128, u64> = TableDefinition::new("devices");
 const NEXT_SEQ: &str = "next_seq";
 /// Notifications kept per device and topic unless configured otherwise.
 pub const DEFAULT_CAP_PER_TOPIC: u64 = 100;
+/// Receipts one team may have queued unless configured otherwise.
+pub const DEFAULT_RECEIPTS_PER_TEAM: u64 = 1_000_000;
 /// Upper bound on operations folded into one commit, to bound the latency of the first one.
 const MAX_GROUP: usize = 4096;
 
@@ -99,9 +106,23 @@ pub enum Inserted {
     Duplicate,
 }
 
+/// Why the owner removes a queued notification, when its team gets a receipt for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The device acked it.
+    Delivered { at_ms: u64 },
+    /// Its expiration passed first.
+    Expired { at_ms: u64 },
+}
+
 enum WriteOp {
-    Insert(Box<Notification>, oneshot::Sender<Result<Inserted, StoreError>>),
-    Remove(DeviceId, String, Option<oneshot::Sender<Result<bool, StoreError>>>),
+    /// With `true`, the owner's insert: what it collapses or pushes out of a full queue gets a receipt.
+    Insert(Box<Notification>, oneshot::Sender<Result<Inserted, StoreError>>, bool),
+    Remove(DeviceId, String, Option<oneshot::Sender<Result<bool, StoreError>>>, Option<Removal>),
+    /// Queues receipts for outcomes that stored nothing.
+    Receipts(Vec<Event>),
+    /// Deletes a team's receipts the endpoint took (or that were given up on); answers how many.
+    RemoveReceipts(String, Vec<u64>, oneshot::Sender<Result<usize, StoreError>>),
     ClaimDeviceId(DeviceId, oneshot::Sender<Result<bool, StoreError>>),
     /// Stores or removes subscriptions, in order; answers how many rows changed.
     Subscriptions(Vec<Subscription>, Option<oneshot::Sender<Result<usize, StoreError>>>),
@@ -117,6 +138,8 @@ pub struct Store {
     db: Arc<Database>,
     writer: mpsc::Sender<WriteOp>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+    /// Notified after a commit that queued receipts.
+    receipts_queued: Arc<tokio::sync::Notify>,
 }
 
 impl Store {
@@ -128,6 +151,12 @@ impl Store {
     /// Opens the store; a device's queue for one topic keeps at most `cap_per_topic` notifications, the
     /// oldest dropped (and counted) first.
     pub fn open_with_cap(path: &Path, cap_per_topic: u64) -> Result<Self, StoreError> {
+        Self::open_with_limits(path, cap_per_topic, DEFAULT_RECEIPTS_PER_TEAM)
+    }
+
+    /// `open_with_cap`, and at most `receipts_per_team` receipts queued for one team (more are dropped and
+    /// counted).
+    pub fn open_with_limits(path: &Path, cap_per_topic: u64, receipts_per_team: u64) -> Result<Self, StoreError> {
         let cap_per_topic = cap_per_topic.max(1);
         let db = open_private(path)?;
         let txn = db.begin_write().map_err(db_err)?;
@@ -139,16 +168,20 @@ impl Store {
             txn.open_table(META).map_err(db_err)?;
             txn.open_table(DEVICES).map_err(db_err)?;
             txn.open_table(subscriptions::SUBSCRIPTIONS).map_err(db_err)?;
+            txn.open_table(receipts::RECEIPTS).map_err(db_err)?;
+            txn.open_table(receipts::RECEIPT_COUNTS).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         let db = Arc::new(db);
         let (writer, ops) = mpsc::channel(MAX_GROUP * 4);
         let writer_db = db.clone();
+        let receipts_queued = Arc::new(tokio::sync::Notify::new());
+        let limits = Limits { cap_per_topic, receipts_per_team: receipts_per_team.max(1), queued: receipts_queued.clone() };
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(writer_db, ops, cap_per_topic))
+            .spawn(move || write_loop(writer_db, ops, limits))
             .map_err(db_err)?;
-        Ok(Store { db, writer, thread: Arc::new(std::sync::Mutex::new(Some(thread))) })
+        Ok(Store { db, writer, thread: Arc::new(std::sync::Mutex::new(Some(thread))), receipts_queued })
     }
 
     async fn submit<T>(
@@ -160,20 +193,81 @@ impl Store {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Durably queues `notification` for its device; returns once committed.
+    /// Durably queues `notification` for its device (a copy of another node's); returns once committed.
     pub async fn insert(&self, notification: Notification) -> Result<Inserted, StoreError> {
-        self.submit(|reply| WriteOp::Insert(Box::new(notification), reply)).await
+        self.submit(|reply| WriteOp::Insert(Box::new(notification), reply, false)).await
+    }
+
+    /// `insert` by the device's owner: a notification it collapses or pushes out of a full queue gets a
+    /// `dropped` receipt, in the same commit.
+    pub async fn insert_owned(&self, notification: Notification) -> Result<Inserted, StoreError> {
+        self.submit(|reply| WriteOp::Insert(Box::new(notification), reply, true)).await
     }
 
     /// Deletes the queued notification `apns_id` of `device`; `false` if there was none.
     pub async fn remove(&self, device: DeviceId, apns_id: &str) -> Result<bool, StoreError> {
         let apns_id = apns_id.to_string();
-        self.submit(|reply| WriteOp::Remove(device, apns_id, Some(reply))).await
+        self.submit(|reply| WriteOp::Remove(device, apns_id, Some(reply), None)).await
     }
 
-    /// Queues the removal without waiting for it (device acks: losing one only means a redelivery).
-    pub fn remove_later(&self, device: DeviceId, apns_id: &str) {
-        let _ = self.writer.try_send(WriteOp::Remove(device, apns_id.to_string(), None));
+    /// Queues the removal without waiting for it (device acks: losing one only means a redelivery). With
+    /// `receipt`, the owner's removal: the notification's team gets that receipt in the same commit.
+    pub fn remove_later(&self, device: DeviceId, apns_id: &str, receipt: Option<Removal>) {
+        let _ = self.writer.try_send(WriteOp::Remove(device, apns_id.to_string(), None, receipt));
+    }
+
+    /// Queues receipts for outcomes that stored nothing, without waiting for the commit.
+    pub fn queue_receipts(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let count = events.len() as u64;
+        if self.writer.try_send(WriteOp::Receipts(events)).is_err() {
+            metrics::counter!("courier_webhook_events_total", "outcome" => "overload").increment(count);
+        }
+    }
+
+    /// Teams with receipts queued here, with how many each has.
+    pub async fn receipt_teams(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.read(|txn| receipts::teams(&txn.open_table(receipts::RECEIPT_COUNTS).map_err(db_err)?)).await
+    }
+
+    /// The team's oldest `limit` receipts, and the sequence numbers of rows that could not be read.
+    pub async fn receipts(&self, team: &str, limit: usize) -> Result<(Vec<QueuedReceipt>, Vec<u64>), StoreError> {
+        let team = team.to_string();
+        self.read(move |txn| receipts::oldest(&txn.open_table(receipts::RECEIPTS).map_err(db_err)?, &team, limit))
+            .await
+    }
+
+    /// Deletes the team's receipts with these sequence numbers; returns how many there were, once committed.
+    pub async fn remove_receipts(&self, team: &str, seqs: Vec<u64>) -> Result<usize, StoreError> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let team = team.to_string();
+        self.submit(|reply| WriteOp::RemoveReceipts(team, seqs, reply)).await
+    }
+
+    /// Wakes when a commit has queued receipts.
+    pub fn receipts_queued(&self) -> Arc<tokio::sync::Notify> {
+        self.receipts_queued.clone()
+    }
+
+    /// Queued notifications with a receipt team whose expiration has passed: (device, apns-id).
+    pub async fn expired_with_receipts(&self, now_secs: u64) -> Result<Vec<(DeviceId, String)>, StoreError> {
+        self.read(move |txn| {
+            let queue = txn.open_table(QUEUE).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in queue.iter().map_err(db_err)? {
+                let (key, value) = entry.map_err(db_err)?;
+                let Ok(n) = Notification::decode(value.value()) else { continue };
+                if !n.team_id.is_empty() && n.expiration <= now_secs {
+                    out.push((DeviceId(key.value().0), n.apns_id));
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// Records `device` as issued; `false` if that id was issued before.
@@ -228,6 +322,11 @@ impl Store {
 
     /// The device's queued, unexpired notifications in arrival order. Expired ones are deleted.
     pub async fn pending(&self, device: DeviceId) -> Result<Vec<Notification>, StoreError> {
+        self.pending_as(device, false).await
+    }
+
+    /// `pending`; with `owner`, expired ones also get their team's `expired` receipt.
+    pub async fn pending_as(&self, device: DeviceId, owner: bool) -> Result<Vec<Notification>, StoreError> {
         let entries = self
             .read(move |txn| {
                 let queue = txn.open_table(QUEUE).map_err(db_err)?;
@@ -239,11 +338,11 @@ impl Store {
                 Ok(out)
             })
             .await?;
-        let now_secs = unix_millis() / 1000;
-        let (live, expired): (Vec<_>, Vec<_>) = entries.into_iter().partition(|n| n.expiration > now_secs);
+        let now_ms = unix_millis();
+        let (live, expired): (Vec<_>, Vec<_>) = entries.into_iter().partition(|n| n.expiration > now_ms / 1000);
         for n in expired {
             metrics::counter!("courier_node_notifications_expired_total").increment(1);
-            self.remove_later(device, &n.apns_id);
+            self.remove_later(device, &n.apns_id, owner.then_some(Removal::Expired { at_ms: now_ms }));
         }
         Ok(live)
     }
@@ -294,7 +393,14 @@ impl Store {
     }
 }
 
-fn write_loop(db: Arc<Database>, mut ops: mpsc::Receiver<WriteOp>, cap_per_topic: u64) {
+/// What the writer enforces, and whom it tells about receipts.
+struct Limits {
+    cap_per_topic: u64,
+    receipts_per_team: u64,
+    queued: Arc<tokio::sync::Notify>,
+}
+
+fn write_loop(db: Arc<Database>, mut ops: mpsc::Receiver<WriteOp>, limits: Limits) {
     let mut batch = Vec::with_capacity(MAX_GROUP);
     loop {
         let Some(first) = ops.blocking_recv() else {
@@ -308,7 +414,9 @@ fn write_loop(db: Arc<Database>, mut ops: mpsc::Receiver<WriteOp>, cap_per_topic
             }
         }
         let stop = batch.iter().any(|op| matches!(op, WriteOp::Stop));
-        apply_batch(&db, &mut batch, cap_per_topic);
+        if apply_batch(&db, &mut batch, &limits) > 0 {
+            limits.queued.notify_one();
+        }
         if stop {
             return;
         }
@@ -321,11 +429,14 @@ enum Outcome {
     Counted(Result<usize, StoreError>),
 }
 
-fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, cap_per_topic: u64) {
+/// Applies and commits one group of operations, answering each; returns how many receipts it queued.
+fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, limits: &Limits) -> usize {
     let started = std::time::Instant::now();
-    let result = (|| -> Result<Vec<Outcome>, StoreError> {
+    let cap_per_topic = limits.cap_per_topic;
+    let result = (|| -> Result<(Vec<Outcome>, usize), StoreError> {
         let txn = db.begin_write().map_err(db_err)?;
         let mut outcomes = Vec::with_capacity(batch.len());
+        let queued;
         {
             let mut tables = Tables {
                 queue: txn.open_table(QUEUE).map_err(db_err)?,
@@ -337,10 +448,46 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, cap_per_topic: u64) {
             let mut devices = txn.open_table(DEVICES).map_err(db_err)?;
             let mut subscribed = txn.open_table(subscriptions::SUBSCRIPTIONS).map_err(db_err)?;
             let mut next_seq = meta.get(NEXT_SEQ).map_err(db_err)?.map(|v| v.value()).unwrap_or(1);
+            let mut receipts = receipts::ReceiptTables {
+                rows: txn.open_table(receipts::RECEIPTS).map_err(db_err)?,
+                counts: txn.open_table(receipts::RECEIPT_COUNTS).map_err(db_err)?,
+                next_seq: meta.get(receipts::NEXT_RECEIPT_SEQ).map_err(db_err)?.map(|v| v.value()).unwrap_or(1),
+                cap: limits.receipts_per_team,
+                added: 0,
+            };
+            let mut dropped = Vec::new();
             for op in batch.iter() {
                 let outcome = match op {
-                    WriteOp::Insert(n, _) => Outcome::Inserted(tables.insert(n, &mut next_seq, cap_per_topic)),
-                    WriteOp::Remove(device, apns_id, _) => Outcome::Removed(tables.remove(*device, apns_id)),
+                    WriteOp::Insert(n, _, owner) => {
+                        let inserted = tables.insert(n, &mut next_seq, cap_per_topic, &mut dropped);
+                        for (old, reason) in dropped.drain(..) {
+                            let event = receipts::event_for(&old, EventKind::Dropped, Some(reason), unix_millis());
+                            if let Some(event) = event.filter(|_| *owner) {
+                                receipts.push(&event)?;
+                            }
+                        }
+                        Outcome::Inserted(inserted)
+                    }
+                    WriteOp::Remove(device, apns_id, _, receipt) => {
+                        let removed = tables.remove(*device, apns_id);
+                        if let (Ok(Some(old)), Some(receipt)) = (&removed, receipt) {
+                            let event = match *receipt {
+                                Removal::Delivered { at_ms } => receipts::event_for(old, EventKind::Delivered, None, at_ms),
+                                Removal::Expired { at_ms } => receipts::event_for(old, EventKind::Expired, None, at_ms),
+                            };
+                            if let Some(event) = event {
+                                receipts.push(&event)?;
+                            }
+                        }
+                        Outcome::Removed(removed.map(|old| old.is_some()))
+                    }
+                    WriteOp::Receipts(events) => {
+                        for event in events {
+                            receipts.push(event)?;
+                        }
+                        Outcome::Counted(Ok(events.len()))
+                    }
+                    WriteOp::RemoveReceipts(team, seqs, _) => Outcome::Counted(receipts.remove(team, seqs)),
                     WriteOp::ClaimDeviceId(device, _) => {
                         let fresh = devices.get(device.0).map_err(db_err)?.is_none();
                         if fresh {
@@ -361,48 +508,59 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, cap_per_topic: u64) {
                 outcomes.push(outcome);
             }
             meta.insert(NEXT_SEQ, next_seq).map_err(db_err)?;
+            meta.insert(receipts::NEXT_RECEIPT_SEQ, receipts.next_seq).map_err(db_err)?;
+            queued = receipts.added;
         }
         txn.commit().map_err(db_err)?;
-        Ok(outcomes)
+        Ok((outcomes, queued))
     })();
     metrics::histogram!("courier_node_store_commit_seconds").record(started.elapsed().as_secs_f64());
     metrics::histogram!("courier_node_store_commit_batch_size").record(batch.len() as f64);
     match result {
-        Ok(outcomes) => {
+        Ok((outcomes, queued)) => {
             for (op, outcome) in batch.drain(..).zip(outcomes) {
                 match (op, outcome) {
-                    (WriteOp::Insert(_, reply), Outcome::Inserted(r)) => {
+                    (WriteOp::Insert(_, reply, _), Outcome::Inserted(r)) => {
                         let _ = reply.send(r);
                     }
-                    (WriteOp::Remove(_, _, Some(reply)), Outcome::Removed(r))
+                    (WriteOp::Remove(_, _, Some(reply), _), Outcome::Removed(r))
                     | (WriteOp::ClaimDeviceId(_, reply), Outcome::Removed(r)) => {
                         let _ = reply.send(r);
                     }
                     (WriteOp::Subscriptions(_, Some(reply)), Outcome::Counted(r))
-                    | (WriteOp::ForgetChannels(_, reply), Outcome::Counted(r)) => {
+                    | (WriteOp::ForgetChannels(_, reply), Outcome::Counted(r))
+                    | (WriteOp::RemoveReceipts(_, _, reply), Outcome::Counted(r)) => {
                         let _ = reply.send(r);
                     }
                     _ => {}
                 }
             }
+            queued
         }
         Err(e) => {
             tracing::error!(error = %e, "store commit failed");
             for op in batch.drain(..) {
                 let err = StoreError::Db(e.to_string());
                 match op {
-                    WriteOp::Insert(_, reply) => {
+                    WriteOp::Insert(_, reply, _) => {
                         let _ = reply.send(Err(err));
                     }
-                    WriteOp::Remove(_, _, Some(reply)) | WriteOp::ClaimDeviceId(_, reply) => {
+                    WriteOp::Remove(_, _, Some(reply), _) | WriteOp::ClaimDeviceId(_, reply) => {
                         let _ = reply.send(Err(err));
                     }
-                    WriteOp::Subscriptions(_, Some(reply)) | WriteOp::ForgetChannels(_, reply) => {
+                    WriteOp::Subscriptions(_, Some(reply))
+                    | WriteOp::ForgetChannels(_, reply)
+                    | WriteOp::RemoveReceipts(_, _, reply) => {
                         let _ = reply.send(Err(err));
                     }
-                    WriteOp::Remove(_, _, None) | WriteOp::Subscriptions(_, None) | WriteOp::Stop => {}
+                    WriteOp::Receipts(events) => {
+                        metrics::counter!("courier_webhook_events_total", "outcome" => "store_failed")
+                            .increment(events.len() as u64);
+                    }
+                    WriteOp::Remove(_, _, None, _) | WriteOp::Subscriptions(_, None) | WriteOp::Stop => {}
                 }
             }
+            0
         }
     }
 }
@@ -429,7 +587,15 @@ impl Tables<'_> {
         Ok(next)
     }
 
-    fn insert(&mut self, n: &Notification, next_seq: &mut u64, cap_per_topic: u64) -> Result<Inserted, StoreError> {
+    /// Queues `n`; the notifications it replaces (collapse id) or pushes out (the cap) go to `dropped`, with
+    /// the reason.
+    fn insert(
+        &mut self,
+        n: &Notification,
+        next_seq: &mut u64,
+        cap_per_topic: u64,
+        dropped: &mut Vec<(Notification, &'static str)>,
+    ) -> Result<Inserted, StoreError> {
         let device =
             DeviceId::from_slice(&n.device_id).ok_or_else(|| StoreError::Db("device id is not 16 bytes".into()))?;
         if self.by_id.get((device.0, n.apns_id.as_str())).map_err(db_err)?.is_some() {
@@ -446,6 +612,7 @@ impl Tables<'_> {
                     self.by_id.remove((device.0, old.apns_id.as_str())).map_err(db_err)?;
                     self.adjust_count(device, &old.topic, -1)?;
                     inserted = Inserted::Collapsed;
+                    dropped.push((old, "collapsed"));
                 }
             }
         }
@@ -456,14 +623,16 @@ impl Tables<'_> {
         if !n.collapse_id.is_empty() {
             self.by_collapse.insert((device.0, n.topic.as_str(), n.collapse_id.as_str()), seq).map_err(db_err)?;
         }
-        if self.adjust_count(device, &n.topic, 1)? > cap_per_topic {
-            self.drop_oldest(device, &n.topic)?;
+        if self.adjust_count(device, &n.topic, 1)? > cap_per_topic
+            && let Some(old) = self.drop_oldest(device, &n.topic)?
+        {
+            dropped.push((old, "queue_overflow"));
         }
         Ok(inserted)
     }
 
     /// Removes the device's oldest notification for `topic`, to keep the queue within its cap.
-    fn drop_oldest(&mut self, device: DeviceId, topic: &str) -> Result<(), StoreError> {
+    fn drop_oldest(&mut self, device: DeviceId, topic: &str) -> Result<Option<Notification>, StoreError> {
         let mut oldest = None;
         for entry in self.queue.range((device.0, 0)..=(device.0, u64::MAX)).map_err(db_err)? {
             let (_, value) = entry.map_err(db_err)?;
@@ -473,19 +642,18 @@ impl Tables<'_> {
                 break;
             }
         }
-        if let Some(apns_id) = oldest {
-            self.remove(device, &apns_id)?;
-            metrics::counter!("courier_node_notifications_dropped_total", "reason" => "queue_full").increment(1);
-        }
-        Ok(())
+        let Some(apns_id) = oldest else { return Ok(None) };
+        metrics::counter!("courier_node_notifications_dropped_total", "reason" => "queue_full").increment(1);
+        self.remove(device, &apns_id)
     }
 
-    fn remove(&mut self, device: DeviceId, apns_id: &str) -> Result<bool, StoreError> {
+    /// Removes the device's notification `apns_id`; returns it, if it was queued.
+    fn remove(&mut self, device: DeviceId, apns_id: &str) -> Result<Option<Notification>, StoreError> {
         let Some(seq) = self.by_id.remove((device.0, apns_id)).map_err(db_err)?.map(|v| v.value()) else {
-            return Ok(false);
+            return Ok(None);
         };
         let removed = self.queue.remove((device.0, seq)).map_err(db_err)?.map(|v| Notification::decode(v.value()));
-        if let Some(Ok(old)) = removed {
+        if let Some(Ok(old)) = &removed {
             self.adjust_count(device, &old.topic, -1)?;
             if !old.collapse_id.is_empty() {
                 let key = (device.0, old.topic.as_str(), old.collapse_id.as_str());
@@ -495,7 +663,8 @@ impl Tables<'_> {
                 }
             }
         }
-        Ok(true)
+        // A row that does not decode is gone all the same; it names no team to tell.
+        Ok(Some(removed.and_then(Result::ok).unwrap_or_default()))
     }
 }
 

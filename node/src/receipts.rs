@@ -1,0 +1,397 @@
+//! Sends each team's receipts to its webhook (`courier_core::webhook`): the owner of a device decides a
+//! notification's outcome, the store queues the receipt durably in the same commit (`store::receipts`),
+//! and this module takes them from there to the team's endpoint.
+//!
+//! One task per team with receipts queued. It sends them in order, in batches of at most `batch_max`, and
+//! waits up to `batch_wait` for a batch to fill. A 2xx answer deletes the batch; anything else (an error
+//! status, a redirect, a timeout, a refused connection) keeps it and retries after an exponential backoff
+//! with jitter (1 s doubling to at most 5 min, each wait drawn between half and all of that), for as long
+//! as `max_age` after the receipt's outcome; then the receipt is dropped and counted. Teams do not wait on
+//! each other: a failing endpoint backs off only its own task. Receipts of a team whose webhook was
+//! removed, or of an event kind it no longer wants, are dropped.
+//!
+//! Endpoints are reached over HTTP/1.1 with one kept-alive connection per team, with timeouts on
+//! connecting and on each request; redirects are not followed. Unless the node allows private endpoints
+//! (`--webhooks-allow-private`, which `courier dev` sets), a name must resolve to public addresses only
+//! and the URL must be https: checked at every connection, so a name that later points inside the cluster
+//! is refused then.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use courier_core::webhook::{self, Endpoint, Event, Webhook};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ids::unix_millis;
+use crate::store::{QueuedReceipt, Removal, Store};
+use crate::view::{LocalView, Placement};
+
+/// How receipts are sent.
+#[derive(Debug, Clone)]
+pub struct ReceiptSettings {
+    /// Most receipts in one request.
+    pub batch_max: usize,
+    /// How long a batch waits to fill, counted from its oldest receipt's outcome.
+    pub batch_wait: Duration,
+    /// How long a receipt is retried before it is dropped.
+    pub max_age: Duration,
+    /// Limit on connecting and on each request.
+    pub request_timeout: Duration,
+    /// Whether endpoints may be `http` or private addresses.
+    pub allow_private: bool,
+    /// Extra trusted roots for endpoints (a PEM file), beside the public web PKI.
+    pub extra_roots: Option<std::path::PathBuf>,
+    /// How often the owner looks for stored notifications that expired, to send their receipts.
+    pub expiry_sweep: Duration,
+}
+
+impl Default for ReceiptSettings {
+    fn default() -> Self {
+        ReceiptSettings {
+            batch_max: 100,
+            batch_wait: Duration::from_millis(500),
+            max_age: Duration::from_secs(24 * 3600),
+            request_timeout: Duration::from_secs(10),
+            allow_private: false,
+            extra_roots: None,
+            expiry_sweep: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Shortest and longest backoff after a failed request.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// A team's task ends after this long with nothing queued; the dispatcher starts it again when needed.
+const IDLE_END: Duration = Duration::from_secs(30);
+/// How often a team's task looks for more while its batch fills.
+const FILL_POLL: Duration = Duration::from_millis(50);
+/// Most of an endpoint's answer body read (and thrown away).
+const MAX_ANSWER_BODY: usize = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiptError {
+    #[error("reading the webhook CA file: {0}")]
+    Roots(#[from] courier_core::tls::TlsError),
+}
+
+/// What every team's task shares.
+struct Shared {
+    store: Store,
+    view: Arc<LocalView>,
+    settings: ReceiptSettings,
+    tls: tokio_rustls::TlsConnector,
+    /// Teams whose task is running.
+    running: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Runs until `shutdown`: starts a task for every team with receipts queued, and sweeps expired
+/// notifications for their receipts.
+pub async fn run(
+    store: Store,
+    view: Arc<LocalView>,
+    settings: ReceiptSettings,
+    shutdown: CancellationToken,
+) -> Result<(), ReceiptError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &settings.extra_roots {
+        for cert in courier_core::tls::roots_from(path)?.roots {
+            roots.roots.push(cert);
+        }
+    }
+    let tls = courier_core::tls::client_config_with_roots(Arc::new(roots), None, &[b"http/1.1"])?;
+    let queued = store.receipts_queued();
+    let shared = Arc::new(Shared {
+        store,
+        view,
+        settings,
+        tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        running: Mutex::new(Default::default()),
+    });
+    let tasks = TaskTracker::new();
+    let mut next_sweep = Instant::now() + shared.settings.expiry_sweep;
+    loop {
+        match shared.store.receipt_teams().await {
+            Ok(teams) => {
+                let depth: u64 = teams.iter().map(|(_, n)| n).sum();
+                metrics::gauge!("courier_webhook_queue_depth").set(depth as f64);
+                for (team, _) in teams {
+                    if shared.running.lock().unwrap_or_else(|p| p.into_inner()).insert(team.clone()) {
+                        tasks.spawn(team_task(shared.clone(), team, shutdown.clone()));
+                    }
+                }
+            }
+            Err(error) => tracing::error!(%error, "reading queued receipts failed"),
+        }
+        if Instant::now() >= next_sweep {
+            next_sweep = Instant::now() + shared.settings.expiry_sweep;
+            sweep_expired(&shared).await;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = queued.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+/// Removes stored notifications of receipt teams whose expiration passed, on devices this node owns, with
+/// their `expired` receipt. (A device that links first has them removed, and receipted, then.)
+async fn sweep_expired(shared: &Shared) {
+    if shared.view.get().state.webhooks.is_empty() || !shared.view.holds_lease() {
+        return;
+    }
+    let now_ms = unix_millis();
+    match shared.store.expired_with_receipts(now_ms / 1000).await {
+        Ok(expired) => {
+            for (device, apns_id) in expired {
+                if shared.view.placement(device) == Placement::Here {
+                    metrics::counter!("courier_node_notifications_expired_total").increment(1);
+                    shared.store.remove_later(device, &apns_id, Some(Removal::Expired { at_ms: now_ms }));
+                }
+            }
+        }
+        Err(error) => tracing::error!(%error, "looking for expired notifications failed"),
+    }
+}
+
+/// Sends one team's receipts until none is left for a while, or `shutdown`.
+async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToken) {
+    let mut sender = TeamSender { connection: None, failures: 0 };
+    let mut idle_since = Instant::now();
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let pause = match next_batch(&shared, &team).await {
+            Next::Send(hook, batch) => {
+                idle_since = Instant::now();
+                match sender.send(&shared, &team, &hook, &batch).await {
+                    Ok(()) => Duration::ZERO,
+                    Err(why) => {
+                        let backoff = sender.failed();
+                        tracing::info!(%team, %why, retry_in = ?backoff, "a webhook request failed");
+                        backoff
+                    }
+                }
+            }
+            Next::Wait(pause) => {
+                idle_since = Instant::now();
+                pause
+            }
+            Next::Again => Duration::ZERO,
+            Next::Empty if idle_since.elapsed() >= IDLE_END => break,
+            Next::Empty => Duration::from_millis(200),
+        };
+        if !pause.is_zero() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+    shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&team);
+}
+
+enum Next {
+    /// Send this batch to this endpoint.
+    Send(Webhook, Vec<QueuedReceipt>),
+    /// A batch is filling; look again after this long.
+    Wait(Duration),
+    /// Some receipts were dropped; look again at once.
+    Again,
+    Empty,
+}
+
+/// The team's next batch, after dropping what must not be sent.
+async fn next_batch(shared: &Shared, team: &str) -> Next {
+    let settings = &shared.settings;
+    let (queued, unreadable) = match shared.store.receipts(team, settings.batch_max).await {
+        Ok(read) => read,
+        Err(error) => {
+            tracing::error!(%error, "reading queued receipts failed");
+            return Next::Wait(Duration::from_secs(1));
+        }
+    };
+    if queued.is_empty() && unreadable.is_empty() {
+        return Next::Empty;
+    }
+    let hook = shared.view.get().state.webhooks.get(team).cloned();
+    let now_ms = unix_millis();
+    let max_age_ms = settings.max_age.as_millis() as u64;
+    let mut doomed: Vec<(u64, &'static str)> = unreadable.into_iter().map(|seq| (seq, "unreadable")).collect();
+    let mut batch = Vec::with_capacity(queued.len());
+    for receipt in queued {
+        match &hook {
+            None => doomed.push((receipt.seq, "no_webhook")),
+            Some(hook) if !hook.wants(receipt.event.outcome) => doomed.push((receipt.seq, "unwanted")),
+            Some(_) if receipt.event.at_ms.saturating_add(max_age_ms) <= now_ms => doomed.push((receipt.seq, "expired")),
+            Some(_) => batch.push(receipt),
+        }
+    }
+    if !doomed.is_empty() {
+        for (_, outcome) in &doomed {
+            metrics::counter!("courier_webhook_events_total", "outcome" => *outcome).increment(1);
+        }
+        let seqs = doomed.into_iter().map(|(seq, _)| seq).collect();
+        if let Err(error) = shared.store.remove_receipts(team, seqs).await {
+            tracing::error!(%error, "dropping receipts failed");
+            return Next::Wait(Duration::from_secs(1));
+        }
+        return Next::Again;
+    }
+    let Some(hook) = hook else { return Next::Empty };
+    let oldest_ms = batch.first().map_or(now_ms, |r| r.event.at_ms);
+    let due_ms = oldest_ms.saturating_add(settings.batch_wait.as_millis() as u64);
+    if batch.len() < settings.batch_max && due_ms > now_ms {
+        return Next::Wait(Duration::from_millis(due_ms - now_ms).min(FILL_POLL));
+    }
+    Next::Send(hook, batch)
+}
+
+/// One team's connection to its endpoint and its run of failures.
+struct TeamSender {
+    /// The endpoint it is connected to (scheme, host, port) and the connection.
+    connection: Option<(Endpoint, SendRequest<Full<Bytes>>)>,
+    failures: u32,
+}
+
+impl TeamSender {
+    /// The next wait after a failure: exponential, capped, with jitter.
+    fn failed(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        self.connection = None;
+        let exp = BACKOFF_MIN.saturating_mul(1u32 << self.failures.saturating_sub(1).min(16)).min(BACKOFF_MAX);
+        exp.mul_f64(rand::random_range(0.5..=1.0))
+    }
+
+    /// Posts `batch` signed with the team's live secrets; deletes it on a 2xx.
+    async fn send(&mut self, shared: &Shared, team: &str, hook: &Webhook, batch: &[QueuedReceipt]) -> Result<(), String> {
+        let events: Vec<Event> = batch.iter().map(|r| r.event.clone()).collect();
+        let now_ms = unix_millis();
+        let id = webhook::batch_id(&events);
+        let timestamp = now_ms / 1000;
+        let body = webhook::batch_body(team, &events, now_ms);
+        let signature = webhook::signature_header(&hook.signing_keys(now_ms), &id, timestamp, &body);
+        let endpoint = webhook::check_url(&hook.url, shared.settings.allow_private)?;
+        let timeout = shared.settings.request_timeout;
+        let answer = tokio::time::timeout(timeout, async {
+            let sender = self.connected(shared, &endpoint).await?;
+            let request = http::Request::post(&endpoint.path)
+                .header(http::header::HOST, authority(&endpoint))
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::USER_AGENT, concat!("Courier-Webhooks/", env!("CARGO_PKG_VERSION")))
+                .header("webhook-id", &id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", &signature)
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| e.to_string())?;
+            let answer = sender.send_request(request).await.map_err(|e| e.to_string())?;
+            let status = answer.status();
+            // Read to the end, so the connection can carry the next request.
+            Limited::new(answer.into_body(), MAX_ANSWER_BODY).collect().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(status)
+        })
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))
+        .flatten();
+        let status = match answer {
+            Ok(status) => status,
+            Err(why) => {
+                metrics::counter!("courier_webhook_requests_total", "result" => "error").increment(1);
+                return Err(why);
+            }
+        };
+        if !status.is_success() {
+            metrics::counter!("courier_webhook_requests_total", "result" => "refused").increment(1);
+            return Err(format!("the endpoint answered {status}"));
+        }
+        metrics::counter!("courier_webhook_requests_total", "result" => "ok").increment(1);
+        self.failures = 0;
+        let seqs = batch.iter().map(|r| r.seq).collect();
+        shared.store.remove_receipts(team, seqs).await.map_err(|e| format!("deleting sent receipts: {e}"))?;
+        metrics::counter!("courier_webhook_events_total", "outcome" => "sent").increment(events.len() as u64);
+        let done_ms = unix_millis();
+        for event in &events {
+            let latency = done_ms.saturating_sub(event.at_ms) as f64 / 1000.0;
+            metrics::histogram!("courier_webhook_delivery_latency_seconds").record(latency);
+        }
+        Ok(())
+    }
+
+    /// A ready connection to `endpoint`: the kept one if it is to the same place and still open.
+    async fn connected(&mut self, shared: &Shared, endpoint: &Endpoint) -> Result<&mut SendRequest<Full<Bytes>>, String> {
+        let reusable = matches!(&self.connection, Some((to, sender))
+            if to.https == endpoint.https && to.host == endpoint.host && to.port == endpoint.port && !sender.is_closed());
+        if reusable && let Some((_, sender)) = &mut self.connection {
+            if sender.ready().await.is_ok() {
+                return Ok(&mut self.connection.as_mut().expect("checked above").1);
+            }
+        }
+        self.connection = None;
+        let sender = connect(shared, endpoint).await?;
+        Ok(&mut self.connection.insert((endpoint.clone(), sender)).1)
+    }
+}
+
+/// `host:port` as the Host header names it (IPv6 in brackets).
+fn authority(endpoint: &Endpoint) -> String {
+    let host = if endpoint.host.contains(':') { format!("[{}]", endpoint.host) } else { endpoint.host.clone() };
+    let default = if endpoint.https { 443 } else { 80 };
+    if endpoint.port == default { host } else { format!("{host}:{}", endpoint.port) }
+}
+
+/// Resolves, checks and connects to `endpoint`, then starts HTTP/1.1 on it.
+async fn connect(shared: &Shared, endpoint: &Endpoint) -> Result<SendRequest<Full<Bytes>>, String> {
+    let resolved: Vec<SocketAddr> = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
+        .await
+        .map_err(|e| format!("resolving {}: {e}", endpoint.host))?
+        .collect();
+    let allowed: Vec<SocketAddr> =
+        resolved.iter().copied().filter(|a| shared.settings.allow_private || webhook::is_public(a.ip())).collect();
+    if allowed.is_empty() {
+        return Err(format!("{} resolves to no public address; private endpoints are not allowed", endpoint.host));
+    }
+    let mut last = String::new();
+    let mut tcp = None;
+    for addr in allowed {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                tcp = Some(stream);
+                break;
+            }
+            Err(e) => last = format!("connecting to {addr}: {e}"),
+        }
+    }
+    let tcp = tcp.ok_or(last)?;
+    let _ = tcp.set_nodelay(true);
+    if endpoint.https {
+        let name = rustls::pki_types::ServerName::try_from(endpoint.host.clone()).map_err(|e| e.to_string())?;
+        let tls = shared.tls.connect(name, tcp).await.map_err(|e| format!("TLS with {}: {e}", endpoint.host))?;
+        handshake(tls).await
+    } else {
+        handshake(tcp).await
+    }
+}
+
+async fn handshake<S>(stream: S) -> Result<SendRequest<Full<Bytes>>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
