@@ -998,15 +998,27 @@ mod tests {
             secret: secret.clone(),
             now_ms: 10,
         };
-        assert_eq!(state.apply(&set("https://a.example.com/h", "", &first)), CommandResponse::Applied { epoch: Epoch(1) });
+        assert_eq!(
+            state.apply(&set("https://a.example.com/h", "", &first)),
+            CommandResponse::Applied { epoch: Epoch(1) }
+        );
         assert_eq!(state.webhooks["TEAM"].secrets, vec![first.clone()]);
         // Setting it again changes the URL and events, never the secret.
         let ignored = SigningSecret::generate(2);
-        assert_eq!(state.apply(&set("https://b.example.com/h", "delivered", &ignored)), CommandResponse::Applied { epoch: Epoch(2) });
+        assert_eq!(
+            state.apply(&set("https://b.example.com/h", "delivered", &ignored)),
+            CommandResponse::Applied { epoch: Epoch(2) }
+        );
         let hook = &state.webhooks["TEAM"];
-        assert_eq!((hook.url.as_str(), hook.events.len(), &hook.secrets), ("https://b.example.com/h", 1, &vec![first.clone()]));
+        assert_eq!(
+            (hook.url.as_str(), hook.events.len(), &hook.secrets),
+            ("https://b.example.com/h", 1, &vec![first.clone()])
+        );
         assert!(hook.wants(EventKind::Delivered) && !hook.wants(EventKind::Expired));
-        assert_eq!(state.apply(&set("https://b.example.com/h", "delivered", &ignored)), CommandResponse::Applied { epoch: Epoch(2) });
+        assert_eq!(
+            state.apply(&set("https://b.example.com/h", "delivered", &ignored)),
+            CommandResponse::Applied { epoch: Epoch(2) }
+        );
 
         let second = SigningSecret::generate(3);
         let rotate = |secret: &SigningSecret, now_ms| Command::RotateWebhookSecret {
@@ -1040,7 +1052,10 @@ mod tests {
             assert!(matches!(state.apply(&bad), CommandResponse::Refused { .. }), "{bad}");
         }
         assert_eq!(state.epoch, epoch);
-        assert!(matches!(state.apply(&Command::RemoveWebhook { team_id: "TEAM".into() }), CommandResponse::Applied { .. }));
+        assert!(matches!(
+            state.apply(&Command::RemoveWebhook { team_id: "TEAM".into() }),
+            CommandResponse::Applied { .. }
+        ));
         assert!(state.webhooks.is_empty());
     }
 }

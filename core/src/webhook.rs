@@ -43,7 +43,8 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 4] = [EventKind::Delivered, EventKind::Expired, EventKind::Dropped, EventKind::Unregistered];
+    pub const ALL: [EventKind; 4] =
+        [EventKind::Delivered, EventKind::Expired, EventKind::Dropped, EventKind::Unregistered];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -167,9 +168,11 @@ pub fn verify(key: &[u8], id: &str, timestamp_secs: u64, body: &[u8], header: &s
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
     let mut message = format!("{id}.{timestamp_secs}.").into_bytes();
     message.extend_from_slice(body);
-    header.split(' ').filter_map(|s| s.strip_prefix("v1,")).filter_map(|s| B64.decode(s).ok()).any(|tag| {
-        ring::hmac::verify(&key, &message, &tag).is_ok()
-    })
+    header
+        .split(' ')
+        .filter_map(|s| s.strip_prefix("v1,"))
+        .filter_map(|s| B64.decode(s).ok())
+        .any(|tag| ring::hmac::verify(&key, &message, &tag).is_ok())
 }
 
 /// Where an endpoint URL points.
@@ -195,7 +198,13 @@ pub fn check_url(url: &str, allow_private: bool) -> Result<Endpoint, String> {
     let https = match uri.scheme_str() {
         Some("https") => true,
         Some("http") if allow_private => false,
-        Some("http") => return Err("the URL must be https (this cluster does not allow http endpoints)".into()),
+        Some("http") => {
+            return Err(
+                "the URL must be https: this cluster allows http only with private endpoints, and it does not \
+                        allow those"
+                    .into(),
+            );
+        }
         _ => return Err("the URL must start with https://".into()),
     };
     let authority = uri.authority().ok_or("the URL has no host")?;
@@ -418,7 +427,17 @@ mod tests {
         for public in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
-        for private in ["127.0.0.1", "10.0.0.1", "172.16.0.1", "192.168.1.1", "100.64.0.1", "0.0.0.0", "::1", "fe80::1", "::ffff:127.0.0.1"] {
+        for private in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
     }

@@ -34,8 +34,8 @@ use crate::delivery_status::{Disposition, StatusLog};
 use crate::edge::registry::{Handoff, Registry};
 use crate::ids::{DeviceId, unix_millis};
 use crate::replication::Replicator;
-use crate::store::registrations::Registrations;
 use crate::store::receipts::event_for;
+use crate::store::registrations::Registrations;
 use crate::store::{Inserted, Removal, Store, StoreError};
 use crate::view::{LocalView, Placement};
 

@@ -236,7 +236,9 @@ async fn next_batch(shared: &Shared, team: &str) -> Next {
         match &hook {
             None => doomed.push((receipt.seq, "no_webhook")),
             Some(hook) if !hook.wants(receipt.event.outcome) => doomed.push((receipt.seq, "unwanted")),
-            Some(_) if receipt.event.at_ms.saturating_add(max_age_ms) <= now_ms => doomed.push((receipt.seq, "expired")),
+            Some(_) if receipt.event.at_ms.saturating_add(max_age_ms) <= now_ms => {
+                doomed.push((receipt.seq, "expired"))
+            }
             Some(_) => batch.push(receipt),
         }
     }
@@ -277,7 +279,13 @@ impl TeamSender {
     }
 
     /// Posts `batch` signed with the team's live secrets; deletes it on a 2xx.
-    async fn send(&mut self, shared: &Shared, team: &str, hook: &Webhook, batch: &[QueuedReceipt]) -> Result<(), String> {
+    async fn send(
+        &mut self,
+        shared: &Shared,
+        team: &str,
+        hook: &Webhook,
+        batch: &[QueuedReceipt],
+    ) -> Result<(), String> {
         let events: Vec<Event> = batch.iter().map(|r| r.event.clone()).collect();
         let now_ms = unix_millis();
         let id = webhook::batch_id(&events);
@@ -331,13 +339,18 @@ impl TeamSender {
     }
 
     /// A ready connection to `endpoint`: the kept one if it is to the same place and still open.
-    async fn connected(&mut self, shared: &Shared, endpoint: &Endpoint) -> Result<&mut SendRequest<Full<Bytes>>, String> {
+    async fn connected(
+        &mut self,
+        shared: &Shared,
+        endpoint: &Endpoint,
+    ) -> Result<&mut SendRequest<Full<Bytes>>, String> {
         let reusable = matches!(&self.connection, Some((to, sender))
             if to.https == endpoint.https && to.host == endpoint.host && to.port == endpoint.port && !sender.is_closed());
-        if reusable && let Some((_, sender)) = &mut self.connection {
-            if sender.ready().await.is_ok() {
-                return Ok(&mut self.connection.as_mut().expect("checked above").1);
-            }
+        if reusable
+            && let Some((_, sender)) = &mut self.connection
+            && sender.ready().await.is_ok()
+        {
+            return Ok(&mut self.connection.as_mut().expect("checked above").1);
         }
         self.connection = None;
         let sender = connect(shared, endpoint).await?;
@@ -389,7 +402,8 @@ async fn handshake<S>(stream: S) -> Result<SendRequest<Full<Bytes>>, String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         let _ = connection.await;
     });

@@ -357,7 +357,13 @@ async fn webhooks(
         WebhooksCommand::Set { team, url, events } => {
             let events = EventKind::parse_list(&events).map_err(anyhow::Error::msg)?;
             let secret = SigningSecret::generate(unix_millis());
-            let command = Command::SetWebhook { team_id: team.clone(), url, events, secret: secret.clone(), now_ms: unix_millis() };
+            let command = Command::SetWebhook {
+                team_id: team.clone(),
+                url,
+                events,
+                secret: secret.clone(),
+                now_ms: unix_millis(),
+            };
             propose(peers, node, command).await?;
             if holds(&status(client, Vec::new()).await?, &team, &secret) {
                 println!("signing secret (shown once; configure your receiver with it): {}", secret.whsec());
@@ -373,14 +379,19 @@ async fn webhooks(
             }
             println!("{:<12} {:<40} {:<36} SECRETS", "TEAM", "URL", "EVENTS");
             for hook in doc["webhooks"].as_array().into_iter().flatten() {
-                let events: Vec<&str> = hook["events"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                let events: Vec<&str> =
+                    hook["events"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
                 let secrets: Vec<String> = hook["secrets"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .map(|s| match s["retires_ms"].as_u64() {
                         Some(end) if end > unix_millis() => {
-                            format!("{} (retires in {} min)", s["fingerprint"].as_str().unwrap_or("?"), (end - unix_millis()) / 60_000)
+                            format!(
+                                "{} (retires in {} min)",
+                                s["fingerprint"].as_str().unwrap_or("?"),
+                                (end - unix_millis()) / 60_000
+                            )
                         }
                         Some(_) => format!("{} (retired)", s["fingerprint"].as_str().unwrap_or("?")),
                         None => s["fingerprint"].as_str().unwrap_or("?").to_string(),

@@ -245,3 +245,75 @@ async fn nodes_remove_leaves_two_members() {
 
     nodes.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_set_listed_rotated_and_removed_and_private_endpoints_are_refused() {
+    let nodes = Nodes::start(3, |_| {}).await;
+    let team = "TEAMHOOKS1";
+    let hook = |state: &ClusterState| state.webhooks.get(team).cloned();
+
+    // These nodes do not allow private endpoints (only `courier dev` and nodes told so do).
+    for url in ["http://127.0.0.1:9000/hook", "https://10.0.0.8/hook", "https://localhost/hook"] {
+        let refused = ctl(&nodes, &["webhooks", "set", "--team", team, "--url", url]).await;
+        assert!(!refused.success && refused.stderr.contains("private"), "{url}: {refused:?}");
+    }
+    let bad_events =
+        ctl(&nodes, &["webhooks", "set", "--team", team, "--url", "https://hooks.example.com/", "--events", "bounced"])
+            .await;
+    assert!(!bad_events.success && bad_events.stderr.contains("unknown event"), "{bad_events:?}");
+    assert!(hook(&nodes.node(1).control.current()).is_none());
+
+    let set = ctl_ok(
+        &nodes,
+        &[
+            "webhooks",
+            "set",
+            "--team",
+            team,
+            "--url",
+            "https://hooks.example.com/courier",
+            "--events",
+            "delivered,expired",
+        ],
+    )
+    .await;
+    let shown =
+        set.stdout.split_whitespace().find(|w| w.starts_with("whsec_")).expect("the secret is shown once").to_string();
+    node1_state(&nodes, "the webhook is set", |s| hook(s).is_some()).await;
+    let stored = hook(&nodes.node(1).control.current()).expect("set");
+    assert_eq!(stored.url, "https://hooks.example.com/courier");
+    assert_eq!(stored.events.iter().map(|k| k.as_str()).collect::<Vec<_>>(), ["delivered", "expired"]);
+    assert_eq!(stored.secrets.len(), 1);
+    assert_eq!(stored.secrets[0].whsec(), shown);
+
+    // Set again: the URL and events change, the secret does not, and none is printed.
+    let again = ctl_ok(&nodes, &["webhooks", "set", "--team", team, "--url", "https://hooks.example.com/v2"]).await;
+    assert!(!again.stdout.contains("whsec_"), "{again:?}");
+    node1_state(&nodes, "the URL changed", |s| hook(s).is_some_and(|h| h.url.ends_with("/v2"))).await;
+    let updated = hook(&nodes.node(1).control.current()).expect("set");
+    assert_eq!((updated.events.len(), updated.secrets[0].whsec()), (4, shown.clone()));
+
+    let listed = ctl_ok(&nodes, &["webhooks", "list"]).await.stdout;
+    let row = rows(&listed).into_iter().find(|r| r.first() == Some(&team)).unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(row[1], "https://hooks.example.com/v2");
+    assert!(listed.contains(&updated.secrets[0].fingerprint()), "{listed}");
+    assert!(!listed.contains(&shown[6..]), "list must not show the secret: {listed}");
+
+    let rotated = ctl_ok(&nodes, &["webhooks", "rotate-secret", "--team", team, "--grace-hours", "1"]).await;
+    let new_shown =
+        rotated.stdout.split_whitespace().find(|w| w.starts_with("whsec_")).expect("new secret").to_string();
+    assert_ne!(new_shown, shown);
+    node1_state(&nodes, "two secrets", |s| hook(s).is_some_and(|h| h.secrets.len() == 2)).await;
+    let rotated_hook = hook(&nodes.node(1).control.current()).expect("set");
+    assert_eq!(rotated_hook.secrets[0].whsec(), new_shown);
+    let retires = rotated_hook.secrets[1].retires_ms.expect("the old one retires");
+    let in_an_hour = courier_core::ids::unix_millis() + 3_600_000;
+    assert!(retires <= in_an_hour && retires + 60_000 > in_an_hour, "{retires} vs {in_an_hour}");
+    assert_eq!(rotated_hook.signing_keys(courier_core::ids::unix_millis()).len(), 2);
+
+    ctl_ok(&nodes, &["webhooks", "remove", "--team", team]).await;
+    node1_state(&nodes, "the webhook is gone", |s| hook(s).is_none()).await;
+    let missing = ctl(&nodes, &["webhooks", "remove", "--team", team]).await;
+    assert!(!missing.success && missing.stderr.contains("no webhook"), "{missing:?}");
+    nodes.shutdown().await;
+}

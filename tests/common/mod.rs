@@ -6,6 +6,7 @@
 pub use courier_loadtest::fabric;
 pub mod channels;
 pub mod openapi;
+pub mod webhooks;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

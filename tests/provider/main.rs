@@ -14,3 +14,4 @@ mod end_to_end;
 mod node_apn;
 mod provider_http2;
 mod provider_reasons;
+mod receipts;

@@ -27,8 +27,8 @@ mod subscriptions;
 // Receipts waiting for their team's webhook: tables in this database, written by the same writer.
 pub mod receipts;
 
-pub use receipts::QueuedReceipt;
 use courier_core::webhook::{Event, EventKind};
+pub use receipts::QueuedReceipt;
 
 /// (device id, sequence number) → encoded `cluster::Notification`. Sequence numbers only grow, so a
 /// device's range reads back in arrival order.
@@ -176,7 +176,8 @@ impl Store {
         let (writer, ops) = mpsc::channel(MAX_GROUP * 4);
         let writer_db = db.clone();
         let receipts_queued = Arc::new(tokio::sync::Notify::new());
-        let limits = Limits { cap_per_topic, receipts_per_team: receipts_per_team.max(1), queued: receipts_queued.clone() };
+        let limits =
+            Limits { cap_per_topic, receipts_per_team: receipts_per_team.max(1), queued: receipts_queued.clone() };
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || write_loop(writer_db, ops, limits))
@@ -235,8 +236,7 @@ impl Store {
     /// The team's oldest `limit` receipts, and the sequence numbers of rows that could not be read.
     pub async fn receipts(&self, team: &str, limit: usize) -> Result<(Vec<QueuedReceipt>, Vec<u64>), StoreError> {
         let team = team.to_string();
-        self.read(move |txn| receipts::oldest(&txn.open_table(receipts::RECEIPTS).map_err(db_err)?, &team, limit))
-            .await
+        self.read(move |txn| receipts::oldest(&txn.open_table(receipts::RECEIPTS).map_err(db_err)?, &team, limit)).await
     }
 
     /// Deletes the team's receipts with these sequence numbers; returns how many there were, once committed.
@@ -472,7 +472,9 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, limits: &Limits) -> usiz
                         let removed = tables.remove(*device, apns_id);
                         if let (Ok(Some(old)), Some(receipt)) = (&removed, receipt) {
                             let event = match *receipt {
-                                Removal::Delivered { at_ms } => receipts::event_for(old, EventKind::Delivered, None, at_ms),
+                                Removal::Delivered { at_ms } => {
+                                    receipts::event_for(old, EventKind::Delivered, None, at_ms)
+                                }
                                 Removal::Expired { at_ms } => receipts::event_for(old, EventKind::Expired, None, at_ms),
                             };
                             if let Some(event) = event {
@@ -684,6 +686,17 @@ mod tests {
             push_type: "alert".into(),
             accepted_at_ms: unix_millis(),
             channel_id: Vec::new(),
+            team_id: String::new(),
+            token: String::new(),
+        }
+    }
+
+    /// A notification whose team gets receipts.
+    fn receipted(device: DeviceId, apns_id: &str, collapse: &str, expiration: u64) -> Notification {
+        Notification {
+            team_id: "TEAM".into(),
+            token: "ab12".into(),
+            ..notification(device, apns_id, collapse, expiration)
         }
     }
 
@@ -818,6 +831,75 @@ mod tests {
         }
         assert_eq!(store.queued().await.unwrap(), 500);
         assert_eq!(store.pending(DeviceId(3)).await.unwrap().len(), 50);
+        store.close();
+    }
+
+    #[tokio::test]
+    async fn the_owner_queues_receipts_in_the_commit_that_decides_them_and_a_replica_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let device = DeviceId(11);
+        {
+            let store = Store::open_with_limits(&path, 2, 6).unwrap();
+            // A replica's copies: collapsing and removing queue nothing.
+            store.insert(receipted(device, "r1", "c", later())).await.unwrap();
+            store.insert(receipted(device, "r2", "c", later())).await.unwrap();
+            assert!(store.remove(device, "r2").await.unwrap());
+            assert!(store.receipt_teams().await.unwrap().is_empty());
+
+            // The owner's: a collapses into b; d pushes b out of the full queue (cap 2), e pushes c out; d
+            // has expired when the queue is read, and e is acked. Acking nothing queued tells nothing.
+            store.insert_owned(receipted(device, "a", "s", later())).await.unwrap();
+            store.insert_owned(receipted(device, "b", "s", later())).await.unwrap();
+            store.insert_owned(receipted(device, "c", "", later())).await.unwrap();
+            store.insert_owned(receipted(device, "d", "", 1)).await.unwrap();
+            store.insert_owned(receipted(device, "e", "", later())).await.unwrap();
+            let pending: Vec<String> =
+                store.pending_as(device, true).await.unwrap().into_iter().map(|n| n.apns_id).collect();
+            assert_eq!(pending, ["e"]);
+            store.remove_later(device, "e", Some(Removal::Delivered { at_ms: 42 }));
+            store.remove_later(device, "nothing", Some(Removal::Delivered { at_ms: 43 }));
+            store.remove(device, "flush").await.unwrap();
+            let (queued, unreadable) = store.receipts("TEAM", 10).await.unwrap();
+            assert!(unreadable.is_empty());
+            let seen: Vec<(&str, &str, Option<&str>)> = queued
+                .iter()
+                .map(|r| (r.event.apns_id.as_str(), r.event.outcome.as_str(), r.event.reason.as_deref()))
+                .collect();
+            assert_eq!(
+                seen,
+                [
+                    ("a", "dropped", Some("collapsed")),
+                    ("b", "dropped", Some("queue_overflow")),
+                    ("c", "dropped", Some("queue_overflow")),
+                    ("d", "expired", None),
+                    ("e", "delivered", None),
+                ]
+            );
+            assert_eq!(queued[4].event.delivered_at_ms, Some(42));
+            assert!(queued.windows(2).all(|w| w[0].seq < w[1].seq));
+
+            // The team's queue holds 6: of two more, one is taken.
+            let of = courier_core::webhook::Receipted {
+                team_id: "TEAM",
+                apns_id: "x",
+                token: "ab12",
+                topic: "com.example.app",
+                accepted_at_ms: 1,
+            };
+            let extra = |id| Event { apns_id: id, ..Event::new(EventKind::Unregistered, of, None, 7) };
+            store.queue_receipts(vec![extra("x1".into()), extra("x2".into())]);
+            store.remove(device, "flush").await.unwrap();
+            assert_eq!(store.receipt_teams().await.unwrap(), [("TEAM".to_string(), 6)]);
+            let first_two = queued[..2].iter().map(|r| r.seq).collect();
+            assert_eq!(store.remove_receipts("TEAM", first_two).await.unwrap(), 2);
+            store.close();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.receipt_teams().await.unwrap(), [("TEAM".to_string(), 4)]);
+        let left: Vec<String> =
+            store.receipts("TEAM", 10).await.unwrap().0.into_iter().map(|r| r.event.apns_id).collect();
+        assert_eq!(left, ["c", "d", "e", "x1"]);
         store.close();
     }
 }

@@ -1,0 +1,141 @@
+//! A real HTTPS webhook receiver for receipt tests: HTTP/1.1 over TLS with a certificate from its own CA
+//! (made here, at run time), recording every request it gets. It can be told to fail the next requests
+//! with 500, as an endpoint that is down for a while.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::TcpListener;
+
+/// One request as the receiver got it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub id: String,
+    pub timestamp: u64,
+    pub signature: String,
+    pub body: Vec<u8>,
+    /// The status it was answered with.
+    pub status: u16,
+}
+
+impl Received {
+    /// The events of the batch.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let body: serde_json::Value = serde_json::from_slice(&self.body).expect("a JSON body");
+        body["data"]["events"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+pub struct Receiver {
+    /// `https://127.0.0.1:<port>/hooks/courier`.
+    pub url: String,
+    /// The receiver's CA certificate (PEM), for `--webhook-ca`.
+    pub ca_path: PathBuf,
+    received: Arc<Mutex<Vec<Received>>>,
+    failing: Arc<AtomicUsize>,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        courier_core::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let ca_path = dir.path().join("receiver-ca.pem");
+        std::fs::write(&ca_path, ca_cert.pem()).expect("CA file");
+        let issuer = Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key).expect("issuer");
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names =
+            vec![SanType::DnsName("localhost".try_into().expect("name")), SanType::IpAddress([127, 0, 0, 1].into())];
+        let cert = params.signed_by(&key, &issuer).expect("certificate");
+        let chain = vec![CertificateDer::from(cert.der().to_vec())];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let mut tls = rustls::ServerConfig::builder_with_provider(courier_core::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server config");
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr: SocketAddr = listener.local_addr().expect("address");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let failing = Arc::new(AtomicUsize::new(0));
+        let (log, fail) = (received.clone(), failing.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let (acceptor, log, fail) = (acceptor.clone(), log.clone(), fail.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(tcp).await else { return };
+                    let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let (log, fail) = (log.clone(), fail.clone());
+                        async move {
+                            let (parts, body) = request.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+                            let header = |name: &str| {
+                                parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+                            };
+                            let status =
+                                match fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
+                                    Ok(_) => 500,
+                                    Err(_) => 204,
+                                };
+                            log.lock().unwrap().push(Received {
+                                method: parts.method.to_string(),
+                                path: parts.uri.path().to_string(),
+                                id: header("webhook-id"),
+                                timestamp: header("webhook-timestamp").parse().unwrap_or(0),
+                                signature: header("webhook-signature"),
+                                body,
+                                status,
+                            });
+                            let answer = http::Response::builder().status(status).body(Full::new(Bytes::new()));
+                            Ok::<_, std::convert::Infallible>(answer.expect("response"))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Receiver { url: format!("https://{addr}/hooks/courier"), ca_path, received, failing, _dir: dir, task }
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// The events of the requests answered 2xx, in arrival order.
+    pub fn accepted_events(&self) -> Vec<serde_json::Value> {
+        self.requests().iter().filter(|r| r.status < 300).flat_map(Received::events).collect()
+    }
+
+    /// Answers the next `n` requests 500.
+    pub fn fail_next(&self, n: usize) {
+        self.failing.store(n, Ordering::SeqCst);
+    }
+}

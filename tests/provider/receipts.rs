@@ -1,0 +1,271 @@
+//! Delivery receipts as a provider's webhook receives them: three `courier node` processes, a gateway, a
+//! real HTTPS receiver with its own CA (`common::webhooks`), and the team's webhook set with the real
+//! `courier ctl`. Every request's Standard Webhooks signature is checked here and again by a Python script
+//! using only its standard library (`hmac`), so the format is not only checked against itself.
+
+use crate::common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::webhooks::{Received, Receiver};
+use common::{ProcessCluster, TOPIC, eventually, push_for};
+use courier_core::webhook::{self, SigningSecret};
+use courier_gateway::provider::Push;
+
+/// The provider team of the cluster's PKI.
+fn team_id(cluster: &ProcessCluster) -> String {
+    let pki = courier_core::pki::PkiDir::new(cluster.dir.path());
+    let credential: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pki.provider_credential()).expect("provider.json")).expect("JSON");
+    credential["team_id"].as_str().expect("a team id").to_string()
+}
+
+async fn ctl(cluster: &ProcessCluster, args: &[&str]) -> common::CtlRun {
+    let node = cluster.nodes[0].cluster_addr.parse().expect("address");
+    let run = common::ctl(node, cluster.dir.path(), args).await;
+    assert!(run.success, "courier ctl {args:?} failed: {run:?}");
+    run
+}
+
+/// The `whsec_…` secret a `ctl webhooks` run printed.
+fn printed_secret(run: &common::CtlRun) -> Vec<u8> {
+    let word = run.stdout.split_whitespace().find(|w| w.starts_with("whsec_")).unwrap_or_else(|| panic!("{run:?}"));
+    SigningSecret::key_from_whsec(word).expect("a secret")
+}
+
+/// The apns-id (a UUID, as the API requires) this test uses for the notification it calls `label`.
+fn id(label: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    label.hash(&mut hasher);
+    format!("{:08x}-0000-4000-8000-{:012x}", hasher.finish() as u32, hasher.finish() >> 16)
+}
+
+fn push(cluster: &ProcessCluster, token: &str, label: &str, expiration: u64, collapse: Option<&str>) -> Push {
+    let mut push = push_for(&cluster.signer, token, r#"{"aps":{"alert":"receipt"}}"#);
+    push.apns_id = Some(id(label));
+    push.expiration = Some(expiration.to_string());
+    push.collapse_id = collapse.map(str::to_string);
+    push
+}
+
+fn later() -> u64 {
+    courier_core::ids::unix_millis() / 1000 + 3600
+}
+
+/// The first accepted event for the notification `label` with `outcome`.
+fn event<'a>(events: &'a [serde_json::Value], label: &str, outcome: &str) -> Option<&'a serde_json::Value> {
+    events.iter().find(|e| e["apns_id"] == id(label).as_str() && e["outcome"] == outcome)
+}
+
+/// Verifies every request with Python's `hmac`, as a receiver in another language would; returns the
+/// script's verdict per request (true: one of the signatures is the secret's).
+fn python_verifies(requests: &[Received], secret: &[u8]) -> Vec<bool> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = dir.path().join("verify.py");
+    std::fs::write(
+        &script,
+        r#"
+import base64, hashlib, hmac, json, sys
+secret = base64.b64decode(sys.argv[1].removeprefix("whsec_"))
+for line in sys.stdin:
+    r = json.loads(line)
+    signed = f"{r['id']}.{r['timestamp']}.".encode() + bytes.fromhex(r["body"])
+    expected = base64.b64encode(hmac.new(secret, signed, hashlib.sha256).digest()).decode()
+    given = [s.split(",", 1)[1] for s in r["signature"].split(" ") if s.startswith("v1,")]
+    print("ok" if any(hmac.compare_digest(expected, g) for g in given) else "bad")
+"#,
+    )
+    .expect("script");
+    let input: String = requests
+        .iter()
+        .map(|r| {
+            let body = hex::encode(&r.body);
+            format!(
+                "{}\n",
+                serde_json::json!({"id": r.id, "timestamp": r.timestamp, "signature": r.signature, "body": body})
+            )
+        })
+        .collect();
+    let secret_text = SigningSecret { key: secret.to_vec(), created_ms: 0, retires_ms: None }.whsec();
+    let mut child = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(secret_text)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    use std::io::Write;
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("input");
+    let output = child.wait_with_output().expect("python3 finishes");
+    assert!(output.status.success(), "the Python verifier failed");
+    String::from_utf8_lossy(&output.stdout).lines().map(|l| l == "ok").collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_outcome_reaches_the_webhook_signed_through_an_outage_and_a_secret_rotation() {
+    let receiver = Receiver::start().await;
+    let ca = receiver.ca_path.to_str().expect("path").to_string();
+    let flags = [
+        "--webhooks-allow-private",
+        "--webhook-ca",
+        &ca,
+        "--webhook-batch-wait-ms",
+        "100",
+        "--queue-cap-per-topic",
+        "2",
+        "--webhook-expiry-sweep-secs",
+        "1",
+    ];
+    let cluster = ProcessCluster::start(&flags, 10_000).await;
+    let team = team_id(&cluster);
+
+    let set = ctl(&cluster, &["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
+    let secret = printed_secret(&set);
+    let again = ctl(&cluster, &["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
+    assert!(!again.stdout.contains("whsec_") && again.stdout.contains("unchanged"), "{again:?}");
+    eventually(Duration::from_secs(10), "the gateway knows the team gets receipts", || {
+        let view = cluster.gateway.view.borrow().clone();
+        std::future::ready(view.is_some_and(|v| v.receipt_teams.contains(&team)))
+    })
+    .await;
+
+    // Delivered: a linked device acks it.
+    let (_, mut online, online_token) = common::registered_device(&cluster.endpoints[0]).await;
+    let answer = cluster.provider.push(&push(&cluster, &online_token, "delivered-1", later(), None)).await.unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(online.next_notification().await.expect("notification").apns_id, id("delivered-1"));
+    online.flush_acks().await.expect("ack");
+
+    // Unregistered: refused with 410, and told to the webhook too.
+    let (_, mut gone, gone_token) = common::registered_device(&cluster.endpoints[1]).await;
+    gone.unregister(TOPIC).await.expect("unregister");
+    let answer = cluster.provider.push(&push(&cluster, &gone_token, "unregistered-1", later(), None)).await.unwrap();
+    assert_eq!((answer.status, answer.reason.as_deref()), (410, Some("Unregistered")), "{answer:?}");
+
+    // An offline device: discarded (expiration 0), collapsed, pushed out of its full queue (cap 2), expired.
+    let (offline_credentials, offline, offline_token) = common::registered_device(&cluster.endpoints[2]).await;
+    offline.close().await.expect("close");
+    let soon = courier_core::ids::unix_millis() / 1000 + 2;
+    for (apns_id, expiration, collapse) in [
+        ("discarded-1", 0, None),
+        ("collapsed-1", later(), Some("score")),
+        ("collapsed-2", later(), Some("score")),
+        ("kept-1", later(), None),
+        ("expiring-1", soon, None),
+    ] {
+        let answer =
+            cluster.provider.push(&push(&cluster, &offline_token, apns_id, expiration, collapse)).await.unwrap();
+        assert_eq!(answer.status, 200, "{apns_id}: {answer:?}");
+    }
+
+    let expected = [
+        ("delivered-1", "delivered", None),
+        ("unregistered-1", "unregistered", Some("Unregistered")),
+        ("discarded-1", "dropped", Some("discarded")),
+        ("collapsed-1", "dropped", Some("collapsed")),
+        ("collapsed-2", "dropped", Some("queue_overflow")),
+        ("expiring-1", "expired", None),
+    ];
+    eventually(Duration::from_secs(30), "a receipt for every outcome", || {
+        let events = receiver.accepted_events();
+        std::future::ready(expected.iter().all(|(id, outcome, _)| event(&events, id, outcome).is_some()))
+    })
+    .await;
+    let events = receiver.accepted_events();
+    for (apns_id, outcome, reason) in expected {
+        let e = event(&events, apns_id, outcome).expect("checked above");
+        assert_eq!(e["team_id"], team.as_str());
+        assert_eq!(e["topic"], TOPIC);
+        assert_eq!(e["reason"].as_str(), reason, "{e}");
+        assert!(e["accepted_at_ms"].as_u64().is_some_and(|t| t > 0), "{e}");
+        assert!(e["id"].as_str().is_some_and(|id| id.starts_with("evt_")), "{e}");
+        let token = if apns_id.starts_with("delivered") {
+            &online_token
+        } else if apns_id.starts_with("unregistered") {
+            &gone_token
+        } else {
+            &offline_token
+        };
+        assert_eq!(e["token"], token.as_str(), "{e}");
+        assert_eq!(e["delivered_at_ms"].is_u64(), outcome == "delivered", "{e}");
+    }
+    // The one notification still queued has no receipt yet; the device gets it when it links.
+    assert!(events.iter().all(|e| e["apns_id"] != id("kept-1").as_str()), "{events:?}");
+    let mut back = common::link_again(&cluster.endpoints[0], &offline_credentials, 100).await;
+    assert_eq!(back.next_notification().await.expect("kept").apns_id, id("kept-1"));
+    back.flush_acks().await.expect("ack");
+    eventually(Duration::from_secs(10), "the kept one's delivered receipt", || {
+        std::future::ready(event(&receiver.accepted_events(), "kept-1", "delivered").is_some())
+    })
+    .await;
+
+    // An endpoint down for a while gets the receipt once it answers again, as the same message.
+    let before = receiver.requests().len();
+    receiver.fail_next(2);
+    cluster.provider.push(&push(&cluster, &online_token, "delivered-2", later(), None)).await.unwrap();
+    assert_eq!(online.next_notification().await.expect("notification").apns_id, id("delivered-2"));
+    online.flush_acks().await.expect("ack");
+    eventually(Duration::from_secs(30), "the receipt after two failed attempts", || {
+        std::future::ready(event(&receiver.accepted_events(), "delivered-2", "delivered").is_some())
+    })
+    .await;
+    let attempts: Vec<Received> = receiver.requests()[before..]
+        .iter()
+        .filter(|r| r.events().iter().any(|e| e["apns_id"] == id("delivered-2").as_str()))
+        .cloned()
+        .collect();
+    assert_eq!(attempts.iter().map(|r| r.status).collect::<Vec<_>>(), [500, 500, 204], "{attempts:?}");
+    assert!(attempts.iter().all(|r| r.id == attempts[0].id), "a retry keeps its webhook-id");
+    assert!(attempts[1].timestamp >= attempts[0].timestamp);
+
+    // Rotation: the old and the new secret both verify while the old one is in its grace period.
+    let rotated = ctl(&cluster, &["webhooks", "rotate-secret", "--team", &team]).await;
+    let new_secret = printed_secret(&rotated);
+    assert_ne!(new_secret, secret);
+    let listed = ctl(&cluster, &["webhooks", "list"]).await.stdout;
+    assert!(listed.contains(&receiver.url) && listed.contains("retires in"), "{listed}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.provider.push(&push(&cluster, &online_token, "delivered-3", later(), None)).await.unwrap();
+    assert_eq!(online.next_notification().await.expect("notification").apns_id, id("delivered-3"));
+    online.flush_acks().await.expect("ack");
+    eventually(Duration::from_secs(20), "a receipt after the rotation", || {
+        std::future::ready(event(&receiver.accepted_events(), "delivered-3", "delivered").is_some())
+    })
+    .await;
+    let requests = receiver.requests();
+    let rotated_request = requests
+        .iter()
+        .find(|r| r.events().iter().any(|e| e["apns_id"] == id("delivered-3").as_str()))
+        .expect("the request");
+    assert_eq!(rotated_request.signature.split(' ').count(), 2, "{rotated_request:?}");
+
+    // Every request, checked here and by Python: the original secret verifies all, the new one the last.
+    for r in &requests {
+        assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/hooks/courier"));
+        assert!(webhook::verify(&secret, &r.id, r.timestamp, &r.body, &r.signature), "{r:?}");
+    }
+    assert!(webhook::verify(
+        &new_secret,
+        &rotated_request.id,
+        rotated_request.timestamp,
+        &rotated_request.body,
+        &rotated_request.signature
+    ));
+    assert!(python_verifies(&requests, &secret).iter().all(|ok| *ok));
+    let by_new = python_verifies(std::slice::from_ref(rotated_request), &new_secret);
+    assert_eq!(by_new, [true]);
+    let mut tampered = rotated_request.clone();
+    tampered.body.push(b' ');
+    assert_eq!(python_verifies(&[tampered], &secret), [false], "a changed body must not verify");
+
+    // Each event arrived in exactly one accepted request.
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for e in receiver.accepted_events() {
+        *seen.entry(e["id"].as_str().unwrap_or("").to_string()).or_default() += 1;
+    }
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+    online.close().await.expect("close");
+    drop((gone, back));
+}
