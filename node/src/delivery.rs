@@ -26,8 +26,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use courier_core::webhook::EventKind;
-use courier_proto::cluster::{DeliverOutcome, DeliverResult, Notification, QueueKey, RefusalReason, Subscription};
+use courier_core::webhook::{Event, EventKind};
+use courier_proto::cluster::{
+    DeliverOutcome, DeliverResult, HeldReceipt, Notification, QueueKey, RefusalReason, ReleasedReceipt, Subscription,
+};
 use tokio::sync::oneshot;
 
 use crate::delivery_status::{Disposition, StatusLog};
@@ -36,7 +38,7 @@ use crate::ids::{DeviceId, unix_millis};
 use crate::replication::Replicator;
 use crate::store::receipts::event_for;
 use crate::store::registrations::Registrations;
-use crate::store::{Inserted, Removal, Store, StoreError};
+use crate::store::{Inserted, ReceiptRole, Removal, Store, StoreError};
 use crate::view::{LocalView, Placement};
 
 /// How long a notification written to a live link waits for the device's ack before it is committed.
@@ -90,6 +92,15 @@ impl CommitError {
     }
 }
 
+/// One batch of operations another node sent this one (`ReplicateRequest`).
+pub struct ReplicaOps {
+    pub puts: Vec<Notification>,
+    pub removes: Vec<QueueKey>,
+    pub subscriptions: Vec<Subscription>,
+    pub receipts: Vec<HeldReceipt>,
+    pub released: Vec<ReleasedReceipt>,
+}
+
 /// What went wrong applying a batch of replica operations.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -97,6 +108,8 @@ pub enum ReplicaError {
     BadDeviceId,
     #[error("a channel id is 16 bytes")]
     BadChannelId,
+    #[error("a held receipt is not an event")]
+    BadReceipt,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -166,7 +179,7 @@ impl Delivery {
         match parts.registrations.unregistered_at(device, &notification.topic) {
             Ok(Some(at_ms)) => {
                 let event = event_for(&notification, EventKind::Unregistered, Some("Unregistered"), unix_millis());
-                parts.store.queue_receipts(event.into_iter().collect());
+                self.keep_receipt(device, event).await;
                 return refused(&apns_id, RefusalReason::Unregistered, at_ms);
             }
             Ok(None) => {}
@@ -184,8 +197,8 @@ impl Delivery {
                 Handoff::NotConnected | Handoff::SlowConsumer => {
                     metrics::counter!("courier_node_notifications_discarded_total").increment(1);
                     parts.status.record(device, &notification, Disposition::Dropped("discarded"), now_ms);
-                    let event = event_for(&notification, EventKind::Dropped, Some("discarded"), now_ms);
-                    parts.store.queue_receipts(event.into_iter().collect());
+                    self.keep_receipt(device, event_for(&notification, EventKind::Dropped, Some("discarded"), now_ms))
+                        .await;
                     result(&apns_id, DeliverOutcome::Discarded)
                 }
             };
@@ -238,16 +251,18 @@ impl Delivery {
         let parts = &self.inner.parts;
         let apns_id = key.1.clone();
         let _ = tokio::time::timeout(parts.ack_wait, &mut *woken).await;
-        {
+        let acked_in_time = {
             let mut awaiting = self.awaiting();
-            if awaiting.get(&key).is_some_and(|a| a.acked) {
-                awaiting.remove(&key);
-                drop(awaiting);
-                // Each copy's insert and delete.
-                let copies = parts.replicator.copies_wanted() as u64;
-                metrics::counter!("courier_node_store_writes_elided_total").increment(2 * copies);
-                return result(&apns_id, DeliverOutcome::Delivered);
-            }
+            awaiting.get(&key).is_some_and(|a| a.acked) && awaiting.remove(&key).is_some()
+        };
+        if acked_in_time {
+            // Each copy's insert and delete.
+            let copies = parts.replicator.copies_wanted() as u64;
+            metrics::counter!("courier_node_store_writes_elided_total").increment(2 * copies);
+            // Nothing was stored, so the receipt is the only trace: durable before the answer.
+            let delivered = event_for(&notification, EventKind::Delivered, None, unix_millis());
+            self.keep_receipt(device, delivered).await;
+            return result(&apns_id, DeliverOutcome::Delivered);
         }
         // Not acked in time: commit, still listening for the ack. The commit runs on its own task so that
         // an ack answering first does not cancel it: the deletes must follow the inserts.
@@ -281,12 +296,28 @@ impl Delivery {
         }
     }
 
+    /// Makes a receipt decided with nothing stored durable before the answer that follows it: queued here
+    /// and held by the device's other holders, which send it if this node dies first.
+    async fn keep_receipt(&self, device: DeviceId, event: Option<Event>) {
+        let Some(event) = event else { return };
+        let parts = &self.inner.parts;
+        let (kept, _) = tokio::join!(
+            parts.store.keep_receipts(vec![(device, event.clone())], ReceiptRole::Queue),
+            parts.replicator.hold_receipts(device, std::slice::from_ref(&event)),
+        );
+        if let Err(error) = kept {
+            tracing::error!(%error, "keeping a receipt failed");
+        }
+    }
+
     /// Inserts locally and on the device's ring successors at the same time: done only once both are, on
     /// as many holders as the replication factor asks with the members active now.
     async fn commit(&self, device: DeviceId, notification: &Notification) -> Result<Inserted, CommitError> {
         let parts = &self.inner.parts;
-        let (stored, copies) =
-            tokio::join!(parts.store.insert_owned(notification.clone()), parts.replicator.put(device, notification));
+        let (stored, copies) = tokio::join!(
+            parts.store.insert(notification.clone(), ReceiptRole::Queue),
+            parts.replicator.put(device, notification)
+        );
         let inserted = stored.inspect_err(|error| tracing::error!(%error, "storing a notification failed"))?;
         if inserted != Inserted::Duplicate {
             if inserted == Inserted::Collapsed {
@@ -304,14 +335,12 @@ impl Delivery {
     /// The device acked `apns_id` on a link that carried it.
     pub fn acked(&self, device: DeviceId, apns_id: &str) {
         let parts = &self.inner.parts;
-        // The receipt of one that was on the link only; a stored one's comes with its delete (`forget`).
-        if let Some(receipt) = parts.status.delivered(device, apns_id, unix_millis()) {
-            parts.store.queue_receipts(vec![receipt]);
-        }
+        let unstored = parts.status.delivered(device, apns_id, unix_millis());
         {
             let mut awaiting = self.awaiting();
             if let Some(waiting) = awaiting.get_mut(&(device, apns_id.to_string())) {
-                // Not stored yet, or being stored: whoever holds it deletes what it stored.
+                // Not stored yet, or being stored: whoever holds it deletes what it stored, and makes the
+                // receipt.
                 waiting.acked = true;
                 if let Some(wake) = waiting.wake.take() {
                     let _ = wake.send(());
@@ -319,15 +348,21 @@ impl Delivery {
                 return;
             }
         }
+        // The receipt of one that was on the link only (expiration 0: answered when handed to the link);
+        // a stored one's comes with its delete.
+        if unstored.is_some() {
+            let this = self.clone();
+            tokio::spawn(async move { this.keep_receipt(device, unstored).await });
+        }
         self.forget(device, apns_id);
     }
 
     /// Deletes an acked notification here and on the other holders; not awaited (a lost delete only means
     /// a redelivery the device drops).
     fn forget(&self, device: DeviceId, apns_id: &str) {
-        let acked = Removal::Delivered { at_ms: unix_millis() };
-        self.inner.parts.store.remove_later(device, apns_id, Some(acked));
-        self.inner.parts.replicator.remove(device, apns_id);
+        let at_ms = unix_millis();
+        self.inner.parts.store.remove_later(device, apns_id, Some(Removal::Delivered { at_ms }));
+        self.inner.parts.replicator.remove(device, apns_id, Some(at_ms));
     }
 
     /// What a device that just linked here must receive: everything queued for it on any of its holders,
@@ -338,26 +373,36 @@ impl Delivery {
         parts.store.pending_as(device, true).await
     }
 
-    /// Applies copies, deletes and subscription changes another node sent this one (its replica role, or
-    /// queues handed over when the ring moved). Returns how many operations were applied.
-    pub async fn apply_replica(
-        &self,
-        puts: Vec<Notification>,
-        removes: Vec<QueueKey>,
-        subscriptions: Vec<Subscription>,
-    ) -> Result<usize, ReplicaError> {
+    /// Applies copies, deletes, subscription changes and receipts another node sent this one (its replica
+    /// role, or queues handed over when the ring moved). This node holds the receipts they decide, to send
+    /// them if it becomes the device's owner. Returns how many operations were applied.
+    pub async fn apply_replica(&self, ops: ReplicaOps) -> Result<usize, ReplicaError> {
         let parts = &self.inner.parts;
-        // Checked first: subscription changes are applied in order, after the puts and removes.
+        let ReplicaOps { puts, removes, subscriptions, receipts, released } = ops;
+        // Checked first, so that a malformed batch changes nothing: subscription changes and receipts are
+        // applied in order, after the puts and removes.
         for change in &subscriptions {
             DeviceId::from_slice(&change.device_id).ok_or(ReplicaError::BadDeviceId)?;
             if change.channel_id.len() != 16 {
                 return Err(ReplicaError::BadChannelId);
             }
         }
+        let receipts = receipts
+            .into_iter()
+            .map(|r| {
+                let device = DeviceId::from_slice(&r.device_id).ok_or(ReplicaError::BadDeviceId)?;
+                let event = serde_json::from_slice::<Event>(&r.event_json).map_err(|_| ReplicaError::BadReceipt)?;
+                Ok((device, event))
+            })
+            .collect::<Result<Vec<_>, ReplicaError>>()?;
+        let released = released
+            .into_iter()
+            .map(|r| Ok((DeviceId::from_slice(&r.device_id).ok_or(ReplicaError::BadDeviceId)?, r.event_id)))
+            .collect::<Result<Vec<_>, ReplicaError>>()?;
         let puts = futures_util::future::join_all(puts.into_iter().map(|n| async move {
             let device = DeviceId::from_slice(&n.device_id).ok_or(ReplicaError::BadDeviceId)?;
             let notification = Arc::new(n);
-            let inserted = parts.store.insert((*notification).clone()).await?;
+            let inserted = parts.store.insert((*notification).clone(), ReceiptRole::Hold).await?;
             // A queue handed over to this node's device while it is connected here goes straight to it.
             if inserted != Inserted::Duplicate && parts.view.placement(device) == Placement::Here {
                 parts.registry.hand_off(device, notification);
@@ -367,13 +412,16 @@ impl Delivery {
         .await;
         let removes = futures_util::future::join_all(removes.into_iter().map(|key| async move {
             let device = DeviceId::from_slice(&key.device_id).ok_or(ReplicaError::BadDeviceId)?;
-            parts.store.remove(device, &key.apns_id).await?;
+            let acked = (key.delivered_at_ms != 0).then_some(Removal::Delivered { at_ms: key.delivered_at_ms });
+            parts.store.remove(device, &key.apns_id, acked, ReceiptRole::Hold).await?;
             Ok::<_, ReplicaError>(())
         }))
         .await;
         let mut applied = puts.into_iter().chain(removes).collect::<Result<Vec<()>, ReplicaError>>()?.len();
-        applied += subscriptions.len();
+        applied += subscriptions.len() + receipts.len() + released.len();
         parts.store.save_subscriptions(subscriptions).await?;
+        parts.store.keep_receipts(receipts, ReceiptRole::Hold).await?;
+        parts.store.release_held(released);
         metrics::counter!("courier_node_replicated_ops_total").increment(applied as u64);
         Ok(applied)
     }

@@ -238,7 +238,13 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     tracker.spawn(edge::clones::report(clone_reports_rx, control.clone(), shutdown.clone()));
     tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown.clone(), tracker.clone()));
 
-    let receipts = crate::receipts::run(store.clone(), view.clone(), config.receipt_settings(), shutdown.clone());
+    let receipts = crate::receipts::run(
+        store.clone(),
+        view.clone(),
+        replicator.clone(),
+        config.receipt_settings(),
+        shutdown.clone(),
+    );
     tracker.spawn(async move {
         if let Err(error) = receipts.await {
             tracing::error!(%error, "webhook receipts are not sent");

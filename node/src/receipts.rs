@@ -2,6 +2,12 @@
 //! notification's outcome, the store queues the receipt durably in the same commit (`store::receipts`),
 //! and this module takes them from there to the team's endpoint.
 //!
+//! The device's other holders keep a copy of each receipt (they make it themselves from the same change
+//! to their copy of the queue, or are sent it when nothing was stored). When the endpoint takes a batch,
+//! they are told to drop their copies; when the ring changes and this node now owns devices whose
+//! receipts it holds (their owner died), it moves those copies to its own send queue. A receipt may so
+//! be sent twice, under the same event id; receivers drop repeats by it.
+//!
 //! One task per team with receipts queued. It sends them in order, in batches of at most `batch_max`, and
 //! waits up to `batch_wait` for a batch to fill. A 2xx answer deletes the batch; anything else (an error
 //! status, a redirect, a timeout, a refused connection) keeps it and retries after an exponential backoff
@@ -30,6 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ids::unix_millis;
+use crate::raft::state::Epoch;
+use crate::replication::Replicator;
 use crate::store::{QueuedReceipt, Removal, Store};
 use crate::view::{LocalView, Placement};
 
@@ -86,17 +94,19 @@ pub enum ReceiptError {
 struct Shared {
     store: Store,
     view: Arc<LocalView>,
+    replicator: Arc<Replicator>,
     settings: ReceiptSettings,
     tls: tokio_rustls::TlsConnector,
     /// Teams whose task is running.
     running: Mutex<std::collections::HashSet<String>>,
 }
 
-/// Runs until `shutdown`: starts a task for every team with receipts queued, and sweeps expired
-/// notifications for their receipts.
+/// Runs until `shutdown`: starts a task for every team with receipts queued, takes over held receipts of
+/// devices the ring gave this node, and sweeps expired notifications for their receipts.
 pub async fn run(
     store: Store,
     view: Arc<LocalView>,
+    replicator: Arc<Replicator>,
     settings: ReceiptSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ReceiptError> {
@@ -112,13 +122,19 @@ pub async fn run(
     let shared = Arc::new(Shared {
         store,
         view,
+        replicator,
         settings,
         tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
         running: Mutex::new(Default::default()),
     });
     let tasks = TaskTracker::new();
     let mut next_sweep = Instant::now() + shared.settings.expiry_sweep;
+    let mut adopted_in: Option<Epoch> = None;
     loop {
+        let epoch = shared.view.get().state.epoch;
+        if adopted_in != Some(epoch) && shared.view.holds_lease() {
+            adopted_in = adopt_held(&shared).await.then_some(epoch);
+        }
         match shared.store.receipt_teams().await {
             Ok(teams) => {
                 let depth: u64 = teams.iter().map(|(_, n)| n).sum();
@@ -134,6 +150,10 @@ pub async fn run(
         if Instant::now() >= next_sweep {
             next_sweep = Instant::now() + shared.settings.expiry_sweep;
             sweep_expired(&shared).await;
+            let before_ms = unix_millis().saturating_sub(shared.settings.max_age.as_millis() as u64);
+            if let Err(error) = shared.store.prune_held(before_ms).await {
+                tracing::error!(%error, "pruning held receipts failed");
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -144,6 +164,30 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     Ok(())
+}
+
+/// Moves the held receipts of devices this node now owns to its send queue; false if the store failed.
+async fn adopt_held(shared: &Shared) -> bool {
+    let devices = match shared.store.held_devices().await {
+        Ok(devices) => devices,
+        Err(error) => {
+            tracing::error!(%error, "reading held receipts failed");
+            return false;
+        }
+    };
+    let owned: Vec<_> = devices.into_iter().filter(|d| shared.view.placement(*d) == Placement::Here).collect();
+    match shared.store.adopt_held(owned).await {
+        Ok(0) => true,
+        Ok(adopted) => {
+            metrics::counter!("courier_webhook_events_total", "outcome" => "adopted").increment(adopted as u64);
+            tracing::info!(adopted, "sending receipts held for devices this node now owns");
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, "taking over held receipts failed");
+            false
+        }
+    }
 }
 
 /// Removes stored notifications of receipt teams whose expiration passed, on devices this node owns, with
@@ -329,6 +373,9 @@ impl TeamSender {
         self.failures = 0;
         let seqs = batch.iter().map(|r| r.seq).collect();
         shared.store.remove_receipts(team, seqs).await.map_err(|e| format!("deleting sent receipts: {e}"))?;
+        for receipt in batch {
+            shared.replicator.release_receipts(receipt.device, std::slice::from_ref(&receipt.event.id));
+        }
         metrics::counter!("courier_webhook_events_total", "outcome" => "sent").increment(events.len() as u64);
         let done_ms = unix_millis();
         for event in &events {

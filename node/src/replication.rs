@@ -18,7 +18,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use courier_proto::cluster::{FetchQueueRequest, Notification, QueueKey, ReplicateRequest, Subscription};
+use courier_core::webhook::Event;
+use courier_proto::cluster::{
+    FetchQueueRequest, HeldReceipt, Notification, QueueKey, ReleasedReceipt, ReplicateRequest, Subscription,
+};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
@@ -29,7 +32,7 @@ use crate::ids::DeviceId;
 use crate::peer::Peers;
 use crate::raft::state::{Epoch, NodeId};
 use crate::ring::Ring;
-use crate::store::Store;
+use crate::store::{ReceiptRole, Store};
 use crate::view::LocalView;
 
 /// Most operations one Replicate RPC carries.
@@ -41,6 +44,10 @@ enum PeerOp {
     Remove(QueueKey),
     /// A subscription change, and who waits to hear it was applied (a hand-over), if anyone.
     Subscription(Box<Subscription>, Option<oneshot::Sender<bool>>),
+    /// A receipt to hold, and who waits to hear it is stored there.
+    Receipt(HeldReceipt, oneshot::Sender<bool>),
+    /// A receipt the team's endpoint took: the holder drops its copy.
+    Released(ReleasedReceipt),
 }
 
 /// One peer's batching task and its breaker.
@@ -197,12 +204,53 @@ impl Replicator {
         Copies { made, wanted }
     }
 
-    /// Tells the device's other candidates that `apns_id` was acked. Not awaited: a lost remove only
-    /// means a redelivery the client drops.
-    pub fn remove(&self, device: DeviceId, apns_id: &str) {
+    /// Tells the device's other candidates that `apns_id` was acked (at `delivered_at_ms`, when its team
+    /// gets receipts: they keep the receipt). Not awaited: a lost remove only means a redelivery the client
+    /// drops, and a receipt made again by whoever owns the device then.
+    pub fn remove(&self, device: DeviceId, apns_id: &str, delivered_at_ms: Option<u64>) {
         self.tell_other_holders(device, || {
-            PeerOp::Remove(QueueKey { device_id: device.to_bytes().to_vec(), apns_id: apns_id.to_string() })
+            PeerOp::Remove(QueueKey {
+                device_id: device.to_bytes().to_vec(),
+                apns_id: apns_id.to_string(),
+                delivered_at_ms: delivered_at_ms.unwrap_or(0),
+            })
         });
+    }
+
+    /// Copies receipts decided with nothing stored to the device's other holders, in parallel; returns how
+    /// many of them stored all of them.
+    pub async fn hold_receipts(&self, device: DeviceId, events: &[Event]) -> usize {
+        let view = self.view.get();
+        let others: Vec<NodeId> = view
+            .ring
+            .candidates(device, view.state.ring.copies() + 1)
+            .into_iter()
+            .filter(|id| *id != self.id)
+            .collect();
+        let held: Vec<HeldReceipt> = events
+            .iter()
+            .filter_map(|e| serde_json::to_vec(e).ok())
+            .map(|event_json| HeldReceipt { device_id: device.to_bytes().to_vec(), event_json })
+            .collect();
+        let stored = join_all(others.iter().map(|node| {
+            let held = held.clone();
+            async move {
+                let all = join_all(held.into_iter().map(|r| self.ask(*node, |reply| PeerOp::Receipt(r, reply)))).await;
+                all.iter().all(|ok| *ok == Some(true))
+            }
+        }))
+        .await;
+        stored.into_iter().filter(|ok| *ok).count()
+    }
+
+    /// Tells the device's other holders that its team's endpoint took these receipts. Not awaited: a copy
+    /// left behind is only sent again if the holder becomes the owner, and is pruned after the retry window.
+    pub fn release_receipts(&self, device: DeviceId, ids: &[String]) {
+        for id in ids {
+            self.tell_other_holders(device, || {
+                PeerOp::Released(ReleasedReceipt { device_id: device.to_bytes().to_vec(), event_id: id.clone() })
+            });
+        }
     }
 
     /// Copies a subscription change this node stored to the device's other holders. Not awaited: the
@@ -291,7 +339,7 @@ impl Replicator {
         let mut report = RebalanceReport { moved: queue.len() * targets.len(), released: 0 };
         if release && complete {
             for n in &queue {
-                store.remove(device, &n.apns_id).await?;
+                store.remove(device, &n.apns_id, None, ReceiptRole::None).await?;
             }
             let ended = subscriptions.into_iter().map(|s| Subscription { subscribed: false, ..s }).collect();
             store.save_subscriptions(ended).await?;
@@ -341,7 +389,9 @@ impl Replicator {
         let now_secs = crate::ids::unix_millis() / 1000;
         let mut added = 0;
         for n in fetched.into_iter().flatten().flatten() {
-            if n.expiration > now_secs && matches!(store.insert(n).await, Ok(crate::store::Inserted::New)) {
+            if n.expiration > now_secs
+                && matches!(store.insert(n, ReceiptRole::None).await, Ok(crate::store::Inserted::New))
+            {
                 added += 1;
             }
         }
@@ -468,6 +518,11 @@ impl BatchTask {
                     request.subscriptions.push(*change);
                     applied_waiters.extend(reply);
                 }
+                PeerOp::Receipt(receipt, reply) => {
+                    request.receipts.push(receipt);
+                    applied_waiters.push(reply);
+                }
+                PeerOp::Released(released) => request.released_receipts.push(released),
             }
         }
         // Removes alone are stamped with the current epoch: nothing in them is decided by ownership.

@@ -705,6 +705,16 @@ impl ProcessCluster {
     }
 }
 
+impl ProcessCluster {
+    /// Runs the real `courier ctl` against node 1, requiring it to succeed.
+    pub async fn ctl_ok(&self, args: &[&str]) -> CtlRun {
+        let node = self.nodes[0].cluster_addr.parse().expect("address");
+        let run = ctl(node, self.dir.path(), args).await;
+        assert!(run.success, "courier ctl {args:?} failed: {run:?}");
+        run
+    }
+}
+
 /// Sends SIGSTOP or SIGCONT to a node process.
 pub fn signal(node: &NodeProcess, which: &str) {
     let pid = node.child.id().expect("running").to_string();

@@ -3,7 +3,7 @@
 //! with 500, as an endpoint that is down for a while.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -138,4 +138,46 @@ impl Receiver {
     pub fn fail_next(&self, n: usize) {
         self.failing.store(n, Ordering::SeqCst);
     }
+}
+
+/// The provider team of a cluster's PKI in `dir`.
+pub fn team_id(dir: &Path) -> String {
+    let pki = courier_core::pki::PkiDir::new(dir);
+    let credential: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pki.provider_credential()).expect("provider.json")).expect("JSON");
+    credential["team_id"].as_str().expect("a team id").to_string()
+}
+
+/// The key of the `whsec_…` secret a `courier ctl webhooks` run printed.
+pub fn printed_secret(run: &super::CtlRun) -> Vec<u8> {
+    let word = run.stdout.split_whitespace().find(|w| w.starts_with("whsec_")).unwrap_or_else(|| panic!("{run:?}"));
+    courier_core::webhook::SigningSecret::key_from_whsec(word).expect("a secret")
+}
+
+/// The apns-id (a UUID, as the provider API requires) a test uses for the notification it calls `label`.
+pub fn apns_id(label: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    label.hash(&mut hasher);
+    format!("{:08x}-0000-4000-8000-{:012x}", hasher.finish() as u32, hasher.finish() >> 16)
+}
+
+/// The first of `events` about the notification `label` with `outcome`.
+pub fn event<'a>(events: &'a [serde_json::Value], label: &str, outcome: &str) -> Option<&'a serde_json::Value> {
+    events.iter().find(|e| e["apns_id"] == apns_id(label).as_str() && e["outcome"] == outcome)
+}
+
+/// A push to `token` with the apns-id of `label`.
+pub fn labelled_push(
+    signer: &courier_gateway::provider::JwtSigner,
+    token: &str,
+    label: &str,
+    expiration: u64,
+    collapse: Option<&str>,
+) -> courier_gateway::provider::Push {
+    let mut push = super::push_for(signer, token, r#"{"aps":{"alert":"receipt"}}"#);
+    push.apns_id = Some(apns_id(label));
+    push.expiration = Some(expiration.to_string());
+    push.collapse_id = collapse.map(str::to_string);
+    push
 }

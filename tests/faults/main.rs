@@ -15,6 +15,7 @@ mod cluster_watch;
 mod failover;
 mod loadtest;
 mod partition;
+mod receipts_failover;
 
 /// One test at a time in this binary (see above); sync tests take it with `blocking_lock`.
 pub static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -8,55 +8,17 @@ use crate::common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::webhooks::{Received, Receiver};
-use common::{ProcessCluster, TOPIC, eventually, push_for};
+use common::webhooks::{Received, Receiver, apns_id as id, event, labelled_push, printed_secret, team_id};
+use common::{ProcessCluster, TOPIC, eventually};
 use courier_core::webhook::{self, SigningSecret};
 use courier_gateway::provider::Push;
 
-/// The provider team of the cluster's PKI.
-fn team_id(cluster: &ProcessCluster) -> String {
-    let pki = courier_core::pki::PkiDir::new(cluster.dir.path());
-    let credential: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(pki.provider_credential()).expect("provider.json")).expect("JSON");
-    credential["team_id"].as_str().expect("a team id").to_string()
-}
-
-async fn ctl(cluster: &ProcessCluster, args: &[&str]) -> common::CtlRun {
-    let node = cluster.nodes[0].cluster_addr.parse().expect("address");
-    let run = common::ctl(node, cluster.dir.path(), args).await;
-    assert!(run.success, "courier ctl {args:?} failed: {run:?}");
-    run
-}
-
-/// The `whsec_…` secret a `ctl webhooks` run printed.
-fn printed_secret(run: &common::CtlRun) -> Vec<u8> {
-    let word = run.stdout.split_whitespace().find(|w| w.starts_with("whsec_")).unwrap_or_else(|| panic!("{run:?}"));
-    SigningSecret::key_from_whsec(word).expect("a secret")
-}
-
-/// The apns-id (a UUID, as the API requires) this test uses for the notification it calls `label`.
-fn id(label: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    label.hash(&mut hasher);
-    format!("{:08x}-0000-4000-8000-{:012x}", hasher.finish() as u32, hasher.finish() >> 16)
-}
-
 fn push(cluster: &ProcessCluster, token: &str, label: &str, expiration: u64, collapse: Option<&str>) -> Push {
-    let mut push = push_for(&cluster.signer, token, r#"{"aps":{"alert":"receipt"}}"#);
-    push.apns_id = Some(id(label));
-    push.expiration = Some(expiration.to_string());
-    push.collapse_id = collapse.map(str::to_string);
-    push
+    labelled_push(&cluster.signer, token, label, expiration, collapse)
 }
 
 fn later() -> u64 {
     courier_core::ids::unix_millis() / 1000 + 3600
-}
-
-/// The first accepted event for the notification `label` with `outcome`.
-fn event<'a>(events: &'a [serde_json::Value], label: &str, outcome: &str) -> Option<&'a serde_json::Value> {
-    events.iter().find(|e| e["apns_id"] == id(label).as_str() && e["outcome"] == outcome)
 }
 
 /// Verifies every request with Python's `hmac`, as a receiver in another language would; returns the
@@ -119,11 +81,11 @@ async fn every_outcome_reaches_the_webhook_signed_through_an_outage_and_a_secret
         "1",
     ];
     let cluster = ProcessCluster::start(&flags, 10_000).await;
-    let team = team_id(&cluster);
+    let team = team_id(cluster.dir.path());
 
-    let set = ctl(&cluster, &["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
+    let set = cluster.ctl_ok(&["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
     let secret = printed_secret(&set);
-    let again = ctl(&cluster, &["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
+    let again = cluster.ctl_ok(&["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
     assert!(!again.stdout.contains("whsec_") && again.stdout.contains("unchanged"), "{again:?}");
     eventually(Duration::from_secs(10), "the gateway knows the team gets receipts", || {
         let view = cluster.gateway.view.borrow().clone();
@@ -221,10 +183,10 @@ async fn every_outcome_reaches_the_webhook_signed_through_an_outage_and_a_secret
     assert!(attempts[1].timestamp >= attempts[0].timestamp);
 
     // Rotation: the old and the new secret both verify while the old one is in its grace period.
-    let rotated = ctl(&cluster, &["webhooks", "rotate-secret", "--team", &team]).await;
+    let rotated = cluster.ctl_ok(&["webhooks", "rotate-secret", "--team", &team]).await;
     let new_secret = printed_secret(&rotated);
     assert_ne!(new_secret, secret);
-    let listed = ctl(&cluster, &["webhooks", "list"]).await.stdout;
+    let listed = cluster.ctl_ok(&["webhooks", "list"]).await.stdout;
     assert!(listed.contains(&receiver.url) && listed.contains("retires in"), "{listed}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.provider.push(&push(&cluster, &online_token, "delivered-3", later(), None)).await.unwrap();

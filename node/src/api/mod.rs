@@ -134,11 +134,20 @@ impl Cluster for ClusterService {
                 (puts, refused)
             }
         };
-        let applied =
-            self.delivery.apply_replica(puts, request.removes, request.subscriptions).await.map_err(|e| match e {
-                crate::delivery::ReplicaError::BadDeviceId | crate::delivery::ReplicaError::BadChannelId => {
-                    Status::invalid_argument(e.to_string())
-                }
+        let applied = self
+            .delivery
+            .apply_replica(crate::delivery::ReplicaOps {
+                puts,
+                removes: request.removes,
+                subscriptions: request.subscriptions,
+                receipts: request.receipts,
+                released: request.released_receipts,
+            })
+            .await
+            .map_err(|e| match e {
+                crate::delivery::ReplicaError::BadDeviceId
+                | crate::delivery::ReplicaError::BadChannelId
+                | crate::delivery::ReplicaError::BadReceipt => Status::invalid_argument(e.to_string()),
                 crate::delivery::ReplicaError::Store(e) => Status::internal(e.to_string()),
             })?;
         let epoch = self.delivery.view().get().state.epoch.0;

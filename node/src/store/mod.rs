@@ -28,7 +28,7 @@ mod subscriptions;
 pub mod receipts;
 
 use courier_core::webhook::{Event, EventKind};
-pub use receipts::QueuedReceipt;
+pub use receipts::{QueuedReceipt, ReceiptRole};
 
 /// (device id, sequence number) → encoded `cluster::Notification`. Sequence numbers only grow, so a
 /// device's range reads back in arrival order.
@@ -116,13 +116,21 @@ pub enum Removal {
 }
 
 enum WriteOp {
-    /// With `true`, the owner's insert: what it collapses or pushes out of a full queue gets a receipt.
-    Insert(Box<Notification>, oneshot::Sender<Result<Inserted, StoreError>>, bool),
-    Remove(DeviceId, String, Option<oneshot::Sender<Result<bool, StoreError>>>, Option<Removal>),
-    /// Queues receipts for outcomes that stored nothing.
-    Receipts(Vec<Event>),
+    /// What the notification collapses or pushes out of a full queue gets a `dropped` receipt, kept as the
+    /// role says.
+    Insert(Box<Notification>, oneshot::Sender<Result<Inserted, StoreError>>, ReceiptRole),
+    /// With a removal, the notification's receipt is kept as the role says.
+    Remove(DeviceId, String, Option<oneshot::Sender<Result<bool, StoreError>>>, Option<Removal>, ReceiptRole),
+    /// Receipts for outcomes that stored nothing, kept as the role says; answers how many.
+    Receipts(Vec<(DeviceId, Event)>, ReceiptRole, Option<oneshot::Sender<Result<usize, StoreError>>>),
     /// Deletes a team's receipts the endpoint took (or that were given up on); answers how many.
     RemoveReceipts(String, Vec<u64>, oneshot::Sender<Result<usize, StoreError>>),
+    /// Drops held copies of receipts the owner's endpoint took.
+    ReleaseHeld(Vec<(DeviceId, String)>),
+    /// Moves held receipts of these devices (now owned here) to the send queue; answers how many.
+    AdoptHeld(Vec<DeviceId>, oneshot::Sender<Result<usize, StoreError>>),
+    /// Drops held receipts decided before this time (UNIX ms); answers how many.
+    PruneHeld(u64, oneshot::Sender<Result<usize, StoreError>>),
     ClaimDeviceId(DeviceId, oneshot::Sender<Result<bool, StoreError>>),
     /// Stores or removes subscriptions, in order; answers how many rows changed.
     Subscriptions(Vec<Subscription>, Option<oneshot::Sender<Result<usize, StoreError>>>),
@@ -170,6 +178,7 @@ impl Store {
             txn.open_table(subscriptions::SUBSCRIPTIONS).map_err(db_err)?;
             txn.open_table(receipts::RECEIPTS).map_err(db_err)?;
             txn.open_table(receipts::RECEIPT_COUNTS).map_err(db_err)?;
+            txn.open_table(receipts::HELD).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         let db = Arc::new(db);
@@ -194,38 +203,75 @@ impl Store {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Durably queues `notification` for its device (a copy of another node's); returns once committed.
-    pub async fn insert(&self, notification: Notification) -> Result<Inserted, StoreError> {
-        self.submit(|reply| WriteOp::Insert(Box::new(notification), reply, false)).await
+    /// Durably queues `notification` for its device; returns once committed. `role` says what becomes of
+    /// the `dropped` receipt of a notification it collapses or pushes out of a full queue: the owner queues
+    /// it, another holder (a copy) holds it.
+    pub async fn insert(&self, notification: Notification, role: ReceiptRole) -> Result<Inserted, StoreError> {
+        self.submit(|reply| WriteOp::Insert(Box::new(notification), reply, role)).await
     }
 
-    /// `insert` by the device's owner: a notification it collapses or pushes out of a full queue gets a
-    /// `dropped` receipt, in the same commit.
-    pub async fn insert_owned(&self, notification: Notification) -> Result<Inserted, StoreError> {
-        self.submit(|reply| WriteOp::Insert(Box::new(notification), reply, true)).await
-    }
-
-    /// Deletes the queued notification `apns_id` of `device`; `false` if there was none.
-    pub async fn remove(&self, device: DeviceId, apns_id: &str) -> Result<bool, StoreError> {
+    /// Deletes the queued notification `apns_id` of `device`; `false` if there was none. With a removal,
+    /// its receipt is kept as `role` says.
+    pub async fn remove(
+        &self,
+        device: DeviceId,
+        apns_id: &str,
+        receipt: Option<Removal>,
+        role: ReceiptRole,
+    ) -> Result<bool, StoreError> {
         let apns_id = apns_id.to_string();
-        self.submit(|reply| WriteOp::Remove(device, apns_id, Some(reply), None)).await
+        self.submit(|reply| WriteOp::Remove(device, apns_id, Some(reply), receipt, role)).await
     }
 
-    /// Queues the removal without waiting for it (device acks: losing one only means a redelivery). With
-    /// `receipt`, the owner's removal: the notification's team gets that receipt in the same commit.
+    /// The owner's removal, queued without waiting for it (device acks: losing one only means a
+    /// redelivery). With `receipt`, the notification's team gets that receipt in the same commit.
     pub fn remove_later(&self, device: DeviceId, apns_id: &str, receipt: Option<Removal>) {
-        let _ = self.writer.try_send(WriteOp::Remove(device, apns_id.to_string(), None, receipt));
+        let op = WriteOp::Remove(device, apns_id.to_string(), None, receipt, ReceiptRole::Queue);
+        let _ = self.writer.try_send(op);
     }
 
-    /// Queues receipts for outcomes that stored nothing, without waiting for the commit.
-    pub fn queue_receipts(&self, events: Vec<Event>) {
+    /// Keeps receipts for outcomes that stored nothing, as `role` says; returns once committed.
+    pub async fn keep_receipts(&self, events: Vec<(DeviceId, Event)>, role: ReceiptRole) -> Result<usize, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        self.submit(|reply| WriteOp::Receipts(events, role, Some(reply))).await
+    }
+
+    /// `keep_receipts` to the send queue, without waiting for the commit.
+    pub fn queue_receipts(&self, events: Vec<(DeviceId, Event)>) {
         if events.is_empty() {
             return;
         }
         let count = events.len() as u64;
-        if self.writer.try_send(WriteOp::Receipts(events)).is_err() {
+        if self.writer.try_send(WriteOp::Receipts(events, ReceiptRole::Queue, None)).is_err() {
             metrics::counter!("courier_webhook_events_total", "outcome" => "overload").increment(count);
         }
+    }
+
+    /// Drops held copies of receipts the owner's endpoint took, without waiting.
+    pub fn release_held(&self, released: Vec<(DeviceId, String)>) {
+        if !released.is_empty() {
+            let _ = self.writer.try_send(WriteOp::ReleaseHeld(released));
+        }
+    }
+
+    /// Moves the held receipts of `devices`, now owned here, to the send queue; returns how many.
+    pub async fn adopt_held(&self, devices: Vec<DeviceId>) -> Result<usize, StoreError> {
+        if devices.is_empty() {
+            return Ok(0);
+        }
+        self.submit(|reply| WriteOp::AdoptHeld(devices, reply)).await
+    }
+
+    /// Drops held receipts decided before `before_ms`; returns how many.
+    pub async fn prune_held(&self, before_ms: u64) -> Result<usize, StoreError> {
+        self.submit(|reply| WriteOp::PruneHeld(before_ms, reply)).await
+    }
+
+    /// Devices with held receipts here.
+    pub async fn held_devices(&self) -> Result<Vec<DeviceId>, StoreError> {
+        self.read(|txn| receipts::held_devices(&txn.open_table(receipts::HELD).map_err(db_err)?)).await
     }
 
     /// Teams with receipts queued here, with how many each has.
@@ -451,6 +497,7 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, limits: &Limits) -> usiz
             let mut receipts = receipts::ReceiptTables {
                 rows: txn.open_table(receipts::RECEIPTS).map_err(db_err)?,
                 counts: txn.open_table(receipts::RECEIPT_COUNTS).map_err(db_err)?,
+                held: txn.open_table(receipts::HELD).map_err(db_err)?,
                 next_seq: meta.get(receipts::NEXT_RECEIPT_SEQ).map_err(db_err)?.map(|v| v.value()).unwrap_or(1),
                 cap: limits.receipts_per_team,
                 added: 0,
@@ -458,17 +505,22 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, limits: &Limits) -> usiz
             let mut dropped = Vec::new();
             for op in batch.iter() {
                 let outcome = match op {
-                    WriteOp::Insert(n, _, owner) => {
+                    WriteOp::Insert(n, _, role) => {
                         let inserted = tables.insert(n, &mut next_seq, cap_per_topic, &mut dropped);
                         for (old, reason) in dropped.drain(..) {
-                            let event = receipts::event_for(&old, EventKind::Dropped, Some(reason), unix_millis());
-                            if let Some(event) = event.filter(|_| *owner) {
-                                receipts.push(&event)?;
+                            // The drop is decided by the notification that caused it, at its acceptance: every
+                            // holder makes the same receipt.
+                            let at_ms = n.accepted_at_ms;
+                            if let (Some(event), Some(device)) = (
+                                receipts::event_for(&old, EventKind::Dropped, Some(reason), at_ms),
+                                DeviceId::from_slice(&old.device_id),
+                            ) {
+                                receipts.keep(*role, device, &event)?;
                             }
                         }
                         Outcome::Inserted(inserted)
                     }
-                    WriteOp::Remove(device, apns_id, _, receipt) => {
+                    WriteOp::Remove(device, apns_id, _, receipt, role) => {
                         let removed = tables.remove(*device, apns_id);
                         if let (Ok(Some(old)), Some(receipt)) = (&removed, receipt) {
                             let event = match *receipt {
@@ -478,18 +530,21 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, limits: &Limits) -> usiz
                                 Removal::Expired { at_ms } => receipts::event_for(old, EventKind::Expired, None, at_ms),
                             };
                             if let Some(event) = event {
-                                receipts.push(&event)?;
+                                receipts.keep(*role, *device, &event)?;
                             }
                         }
                         Outcome::Removed(removed.map(|old| old.is_some()))
                     }
-                    WriteOp::Receipts(events) => {
-                        for event in events {
-                            receipts.push(event)?;
+                    WriteOp::Receipts(events, role, _) => {
+                        for (device, event) in events {
+                            receipts.keep(*role, *device, event)?;
                         }
                         Outcome::Counted(Ok(events.len()))
                     }
                     WriteOp::RemoveReceipts(team, seqs, _) => Outcome::Counted(receipts.remove(team, seqs)),
+                    WriteOp::ReleaseHeld(released) => Outcome::Counted(receipts.release(released)),
+                    WriteOp::AdoptHeld(devices, _) => Outcome::Counted(receipts.adopt(devices)),
+                    WriteOp::PruneHeld(before_ms, _) => Outcome::Counted(receipts.prune(*before_ms)),
                     WriteOp::ClaimDeviceId(device, _) => {
                         let fresh = devices.get(device.0).map_err(db_err)?.is_none();
                         if fresh {
@@ -525,13 +580,16 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, limits: &Limits) -> usiz
                     (WriteOp::Insert(_, reply, _), Outcome::Inserted(r)) => {
                         let _ = reply.send(r);
                     }
-                    (WriteOp::Remove(_, _, Some(reply), _), Outcome::Removed(r))
+                    (WriteOp::Remove(_, _, Some(reply), _, _), Outcome::Removed(r))
                     | (WriteOp::ClaimDeviceId(_, reply), Outcome::Removed(r)) => {
                         let _ = reply.send(r);
                     }
                     (WriteOp::Subscriptions(_, Some(reply)), Outcome::Counted(r))
                     | (WriteOp::ForgetChannels(_, reply), Outcome::Counted(r))
-                    | (WriteOp::RemoveReceipts(_, _, reply), Outcome::Counted(r)) => {
+                    | (WriteOp::RemoveReceipts(_, _, reply), Outcome::Counted(r))
+                    | (WriteOp::Receipts(_, _, Some(reply)), Outcome::Counted(r))
+                    | (WriteOp::AdoptHeld(_, reply), Outcome::Counted(r))
+                    | (WriteOp::PruneHeld(_, reply), Outcome::Counted(r)) => {
                         let _ = reply.send(r);
                     }
                     _ => {}
@@ -547,19 +605,25 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, limits: &Limits) -> usiz
                     WriteOp::Insert(_, reply, _) => {
                         let _ = reply.send(Err(err));
                     }
-                    WriteOp::Remove(_, _, Some(reply), _) | WriteOp::ClaimDeviceId(_, reply) => {
+                    WriteOp::Remove(_, _, Some(reply), _, _) | WriteOp::ClaimDeviceId(_, reply) => {
                         let _ = reply.send(Err(err));
                     }
                     WriteOp::Subscriptions(_, Some(reply))
                     | WriteOp::ForgetChannels(_, reply)
-                    | WriteOp::RemoveReceipts(_, _, reply) => {
+                    | WriteOp::RemoveReceipts(_, _, reply)
+                    | WriteOp::Receipts(_, _, Some(reply))
+                    | WriteOp::AdoptHeld(_, reply)
+                    | WriteOp::PruneHeld(_, reply) => {
                         let _ = reply.send(Err(err));
                     }
-                    WriteOp::Receipts(events) => {
+                    WriteOp::Receipts(events, _, None) => {
                         metrics::counter!("courier_webhook_events_total", "outcome" => "store_failed")
                             .increment(events.len() as u64);
                     }
-                    WriteOp::Remove(_, _, None, _) | WriteOp::Subscriptions(_, None) | WriteOp::Stop => {}
+                    WriteOp::Remove(_, _, None, _, _)
+                    | WriteOp::Subscriptions(_, None)
+                    | WriteOp::ReleaseHeld(_)
+                    | WriteOp::Stop => {}
                 }
             }
             0
@@ -711,23 +775,38 @@ mod tests {
         let device = DeviceId(7);
         {
             let store = Store::open(&path).unwrap();
-            assert_eq!(store.insert(notification(device, "a", "", later())).await.unwrap(), Inserted::New);
-            assert_eq!(store.insert(notification(device, "a", "", later())).await.unwrap(), Inserted::Duplicate);
-            assert_eq!(store.insert(notification(device, "b", "score", later())).await.unwrap(), Inserted::New);
-            assert_eq!(store.insert(notification(device, "c", "score", later())).await.unwrap(), Inserted::Collapsed);
-            assert_eq!(store.insert(notification(device, "d", "", 1)).await.unwrap(), Inserted::New);
+            assert_eq!(
+                store.insert(notification(device, "a", "", later()), ReceiptRole::None).await.unwrap(),
+                Inserted::New
+            );
+            assert_eq!(
+                store.insert(notification(device, "a", "", later()), ReceiptRole::None).await.unwrap(),
+                Inserted::Duplicate
+            );
+            assert_eq!(
+                store.insert(notification(device, "b", "score", later()), ReceiptRole::None).await.unwrap(),
+                Inserted::New
+            );
+            assert_eq!(
+                store.insert(notification(device, "c", "score", later()), ReceiptRole::None).await.unwrap(),
+                Inserted::Collapsed
+            );
+            assert_eq!(store.insert(notification(device, "d", "", 1), ReceiptRole::None).await.unwrap(), Inserted::New);
             store.close();
         }
         let store = Store::open(&path).unwrap();
         let ids: Vec<_> = store.pending(device).await.unwrap().into_iter().map(|n| n.apns_id).collect();
         assert_eq!(ids, ["a", "c"], "collapsed b and expired d must not come back");
-        assert!(store.remove(device, "a").await.unwrap());
-        assert!(!store.remove(device, "a").await.unwrap());
-        assert!(store.remove(device, "c").await.unwrap());
+        assert!(store.remove(device, "a", None, ReceiptRole::None).await.unwrap());
+        assert!(!store.remove(device, "a", None, ReceiptRole::None).await.unwrap());
+        assert!(store.remove(device, "c", None, ReceiptRole::None).await.unwrap());
         assert!(store.pending(device).await.unwrap().is_empty());
         assert!(store.pending(DeviceId(8)).await.unwrap().is_empty());
         // After its collapse entry was acked, the same collapse id starts afresh.
-        assert_eq!(store.insert(notification(device, "e", "score", later())).await.unwrap(), Inserted::New);
+        assert_eq!(
+            store.insert(notification(device, "e", "score", later()), ReceiptRole::None).await.unwrap(),
+            Inserted::New
+        );
         store.close();
     }
 
@@ -737,21 +816,21 @@ mod tests {
         let store = Store::open_with_cap(&dir.path().join("node.redb"), 3).unwrap();
         let device = DeviceId(9);
         for i in 0..5 {
-            store.insert(notification(device, &format!("a{i}"), "", later())).await.unwrap();
+            store.insert(notification(device, &format!("a{i}"), "", later()), ReceiptRole::None).await.unwrap();
         }
         let mut other = notification(device, "b0", "", later());
         other.topic = "com.example.other".into();
-        store.insert(other).await.unwrap();
+        store.insert(other, ReceiptRole::None).await.unwrap();
         let ids: Vec<_> = store.pending(device).await.unwrap().into_iter().map(|n| n.apns_id).collect();
         assert_eq!(ids, ["a2", "a3", "a4", "b0"]);
         // Acks free room: the count follows removals.
-        assert!(store.remove(device, "a2").await.unwrap());
-        store.insert(notification(device, "a5", "", later())).await.unwrap();
+        assert!(store.remove(device, "a2", None, ReceiptRole::None).await.unwrap());
+        store.insert(notification(device, "a5", "", later()), ReceiptRole::None).await.unwrap();
         let ids: Vec<_> = store.pending(device).await.unwrap().into_iter().map(|n| n.apns_id).collect();
         assert_eq!(ids, ["a3", "a4", "b0", "a5"]);
         assert_eq!(store.devices().await.unwrap(), [device]);
-        store.insert(notification(DeviceId(u128::MAX), "z", "", later())).await.unwrap();
-        store.insert(notification(DeviceId(2), "y", "", later())).await.unwrap();
+        store.insert(notification(DeviceId(u128::MAX), "z", "", later()), ReceiptRole::None).await.unwrap();
+        store.insert(notification(DeviceId(2), "y", "", later()), ReceiptRole::None).await.unwrap();
         assert_eq!(store.devices().await.unwrap(), [DeviceId(2), device, DeviceId(u128::MAX)]);
         store.close();
     }
@@ -784,8 +863,8 @@ mod tests {
             rows.into_iter().map(|s| (s.channel_id[0], s.last_seen)).collect::<Vec<_>>()
         };
         assert_eq!(of_5().await, [(1, String::new()), (2, "k1".to_string())]);
-        store.insert(notification(DeviceId(4), "a", "", later())).await.unwrap();
-        store.insert(notification(DeviceId(5), "b", "", later())).await.unwrap();
+        store.insert(notification(DeviceId(4), "a", "", later()), ReceiptRole::None).await.unwrap();
+        store.insert(notification(DeviceId(5), "b", "", later()), ReceiptRole::None).await.unwrap();
         assert_eq!(store.devices().await.unwrap(), [DeviceId(4), DeviceId(5), DeviceId(6)], "queues and subscriptions");
 
         // An update, an unsubscription, and one that was never there.
@@ -823,7 +902,12 @@ mod tests {
         for i in 0..500u32 {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
-                store.insert(notification(DeviceId(u128::from(i % 10)), &format!("id-{i}"), "", later())).await
+                store
+                    .insert(
+                        notification(DeviceId(u128::from(i % 10)), &format!("id-{i}"), "", later()),
+                        ReceiptRole::None,
+                    )
+                    .await
             }));
         }
         for task in tasks {
@@ -835,31 +919,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_owner_queues_receipts_in_the_commit_that_decides_them_and_a_replica_does_not() {
+    async fn the_owner_queues_receipts_in_the_commit_that_decides_them_and_other_holders_hold_them() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.redb");
         let device = DeviceId(11);
         {
             let store = Store::open_with_limits(&path, 2, 6).unwrap();
-            // A replica's copies: collapsing and removing queue nothing.
-            store.insert(receipted(device, "r1", "c", later())).await.unwrap();
-            store.insert(receipted(device, "r2", "c", later())).await.unwrap();
-            assert!(store.remove(device, "r2").await.unwrap());
+            // Another holder's copies: what they decide is held, not queued.
+            let copy_of = DeviceId(12);
+            store.insert(receipted(copy_of, "r1", "c", later()), ReceiptRole::Hold).await.unwrap();
+            store.insert(receipted(copy_of, "r2", "c", later()), ReceiptRole::Hold).await.unwrap();
+            let acked = Some(Removal::Delivered { at_ms: 9 });
+            assert!(store.remove(copy_of, "r2", acked, ReceiptRole::Hold).await.unwrap());
+            // Merging another holder's queue decides nothing.
+            store.insert(receipted(device, "m1", "m", later()), ReceiptRole::None).await.unwrap();
+            store.insert(receipted(device, "m2", "m", later()), ReceiptRole::None).await.unwrap();
+            assert!(store.remove(device, "m2", None, ReceiptRole::None).await.unwrap());
             assert!(store.receipt_teams().await.unwrap().is_empty());
+            assert_eq!(store.held_devices().await.unwrap(), [copy_of]);
 
             // The owner's: a collapses into b; d pushes b out of the full queue (cap 2), e pushes c out; d
             // has expired when the queue is read, and e is acked. Acking nothing queued tells nothing.
-            store.insert_owned(receipted(device, "a", "s", later())).await.unwrap();
-            store.insert_owned(receipted(device, "b", "s", later())).await.unwrap();
-            store.insert_owned(receipted(device, "c", "", later())).await.unwrap();
-            store.insert_owned(receipted(device, "d", "", 1)).await.unwrap();
-            store.insert_owned(receipted(device, "e", "", later())).await.unwrap();
+            store.insert(receipted(device, "a", "s", later()), ReceiptRole::Queue).await.unwrap();
+            store.insert(receipted(device, "b", "s", later()), ReceiptRole::Queue).await.unwrap();
+            store.insert(receipted(device, "c", "", later()), ReceiptRole::Queue).await.unwrap();
+            store.insert(receipted(device, "d", "", 1), ReceiptRole::Queue).await.unwrap();
+            store.insert(receipted(device, "e", "", later()), ReceiptRole::Queue).await.unwrap();
             let pending: Vec<String> =
                 store.pending_as(device, true).await.unwrap().into_iter().map(|n| n.apns_id).collect();
             assert_eq!(pending, ["e"]);
             store.remove_later(device, "e", Some(Removal::Delivered { at_ms: 42 }));
             store.remove_later(device, "nothing", Some(Removal::Delivered { at_ms: 43 }));
-            store.remove(device, "flush").await.unwrap();
+            store.remove(device, "flush", None, ReceiptRole::None).await.unwrap();
             let (queued, unreadable) = store.receipts("TEAM", 10).await.unwrap();
             assert!(unreadable.is_empty());
             let seen: Vec<(&str, &str, Option<&str>)> = queued
@@ -888,8 +979,8 @@ mod tests {
                 accepted_at_ms: 1,
             };
             let extra = |id| Event { apns_id: id, ..Event::new(EventKind::Unregistered, of, None, 7) };
-            store.queue_receipts(vec![extra("x1".into()), extra("x2".into())]);
-            store.remove(device, "flush").await.unwrap();
+            store.queue_receipts(vec![(device, extra("x1".into())), (device, extra("x2".into()))]);
+            store.remove(device, "flush", None, ReceiptRole::None).await.unwrap();
             assert_eq!(store.receipt_teams().await.unwrap(), [("TEAM".to_string(), 6)]);
             let first_two = queued[..2].iter().map(|r| r.seq).collect();
             assert_eq!(store.remove_receipts("TEAM", first_two).await.unwrap(), 2);
@@ -900,6 +991,27 @@ mod tests {
         let left: Vec<String> =
             store.receipts("TEAM", 10).await.unwrap().0.into_iter().map(|r| r.event.apns_id).collect();
         assert_eq!(left, ["c", "d", "e", "x1"]);
+
+        // The owner's endpoint took r1's receipt; this node then owns the device and sends the other.
+        let collapsed =
+            receipts::event_for(&receipted(DeviceId(12), "r1", "", 0), EventKind::Dropped, None, 0).unwrap();
+        store.release_held(vec![(DeviceId(12), collapsed.id)]);
+        assert_eq!(store.adopt_held(vec![DeviceId(12)]).await.unwrap(), 1);
+        assert!(store.held_devices().await.unwrap().is_empty());
+        let (queued, _) = store.receipts("TEAM", 10).await.unwrap();
+        let last = queued.last().expect("adopted");
+        assert_eq!(
+            (last.device, last.event.apns_id.as_str(), last.event.outcome),
+            (DeviceId(12), "r2", EventKind::Delivered)
+        );
+        assert_eq!(last.event.delivered_at_ms, Some(9));
+
+        // Held copies past the retry window go.
+        let old = Event { at_ms: 5, ..last.event.clone() };
+        store.keep_receipts(vec![(DeviceId(13), old)], ReceiptRole::Hold).await.unwrap();
+        assert_eq!(store.held_devices().await.unwrap(), [DeviceId(13)]);
+        assert_eq!(store.prune_held(6).await.unwrap(), 1);
+        assert!(store.held_devices().await.unwrap().is_empty());
         store.close();
     }
 }

@@ -1,0 +1,135 @@
+//! Receipts when the owner dies: with the team's endpoint refusing everything, a device's owner decides
+//! outcomes of every kind (an ack of a notification never stored, a stored one acked, a discard, a
+//! collapse, an unregistered topic), so their receipts sit in its send queue; then it is SIGKILLed. Once
+//! the endpoint answers again, the new owner sends every one of them from the copies it held.
+
+use crate::ONE_AT_A_TIME;
+use crate::common;
+
+use std::time::Duration;
+
+use common::webhooks::{Receiver, event, labelled_push, team_id};
+use common::{ProcessCluster, TOPIC, eventually};
+use courier_device::{DeviceLink, LinkEvent};
+
+fn later() -> u64 {
+    courier_core::ids::unix_millis() / 1000 + 3600
+}
+
+/// Acks every notification that arrives within `quiet` of the last one.
+async fn ack_all(link: &mut DeviceLink, quiet: Duration) -> Vec<String> {
+    let mut seen = Vec::new();
+    while let Ok(Ok(event)) = tokio::time::timeout(quiet, link.next_event()).await {
+        if let LinkEvent::Notification(n) = event {
+            link.ack(&n.apns_id).await.expect("ack");
+            seen.push(n.apns_id);
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_decided_before_the_owner_was_sigkilled_are_sent_by_the_new_owner() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let receiver = Receiver::start().await;
+    receiver.fail_next(usize::MAX);
+    let ca = receiver.ca_path.to_str().expect("path").to_string();
+    // A long ack window, so that the device's ack (from this test) is in time to spare the commit.
+    let flags =
+        ["--webhooks-allow-private", "--webhook-ca", &ca, "--webhook-batch-wait-ms", "50", "--ack-wait-ms", "3000"];
+    let ProcessCluster { dir, mut nodes, gateway, provider, signer, endpoints } =
+        ProcessCluster::start(&flags, 10_000).await;
+    let team = team_id(dir.path());
+    let node1 = nodes[0].cluster_addr.parse().expect("address");
+    let set = common::ctl(node1, dir.path(), &["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
+    assert!(set.success, "{set:?}");
+    eventually(Duration::from_secs(10), "the gateway knows the team gets receipts", || {
+        let view = gateway.view.borrow().clone();
+        std::future::ready(view.is_some_and(|v| v.receipt_teams.contains(&team)))
+    })
+    .await;
+    let push = |token: &str, label: &str, expiration: u64, collapse: Option<&str>| {
+        labelled_push(&signer, token, label, expiration, collapse)
+    };
+
+    // A device with two topics; it unregisters the second.
+    let (credentials, mut link, token) = common::registered_device(&endpoints[0]).await;
+    let other = link.register("com.example.other").await.expect("register");
+    link.unregister("com.example.other").await.expect("unregister");
+    let owner_addr = link.node_addr.to_string();
+
+    // Acked on the link before any commit: answered DELIVERED once its receipt is held on a successor.
+    let answer = tokio::spawn({
+        let (provider, push) = (provider.clone(), push(&token, "live", later(), None));
+        async move { provider.push(&push).await.expect("push") }
+    });
+    let live = ack_all(&mut link, Duration::from_millis(500)).await;
+    assert_eq!(live, [common::webhooks::apns_id("live")]);
+    let answer = answer.await.expect("push task");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let mut refused = push(&other, "unregistered", later(), None);
+    refused.topic = Some("com.example.other".into());
+    let answer = provider.push(&refused).await.expect("push");
+    assert_eq!((answer.status, answer.reason.as_deref()), (410, Some("Unregistered")));
+    link.close().await.expect("close");
+
+    // Offline: a discard, and a collapse whose survivor is stored and then acked on a new link.
+    for (label, expiration, collapse) in
+        [("discarded", 0, None), ("first", later(), Some("c")), ("second", later(), Some("c"))]
+    {
+        let answer = provider.push(&push(&token, label, expiration, collapse)).await.expect("push");
+        assert_eq!(answer.status, 200, "{label}: {answer:?}");
+    }
+    let mut link = common::link_again(&endpoints[0], &credentials, 50).await;
+    assert_eq!(link.node_addr.to_string(), owner_addr);
+    assert_eq!(ack_all(&mut link, Duration::from_millis(500)).await, [common::webhooks::apns_id("second")]);
+    link.close().await.expect("close");
+    eventually(Duration::from_secs(10), "the owner tried the endpoint", || {
+        std::future::ready(!receiver.requests().is_empty())
+    })
+    .await;
+    assert!(receiver.accepted_events().is_empty(), "the endpoint refused every attempt so far");
+
+    // The owner dies with all of them queued; the endpoint recovers.
+    let victim = nodes.iter().position(|n| n.device_addr == owner_addr).expect("the owner");
+    let victim_id = nodes[victim].id;
+    nodes[victim].child.start_kill().expect("SIGKILL");
+    let _ = nodes[victim].child.wait().await;
+    receiver.fail_next(0);
+    eventually(Duration::from_secs(30), "the gateway sees the owner down", || {
+        let view = gateway.view.borrow().clone();
+        std::future::ready(view.is_some_and(|v| !v.ring.members().contains(&victim_id)))
+    })
+    .await;
+    // A stored ack whose copy was not removed yet on the successor reaches the device again there; its
+    // ack makes the receipt then. Either way, it must arrive.
+    let alive = endpoints.iter().find(|e| e.addr.to_string() != owner_addr).expect("a live node");
+    let mut link = common::link_again(alive, &credentials, 50).await;
+    assert_ne!(link.node_addr.to_string(), owner_addr);
+    ack_all(&mut link, Duration::from_millis(500)).await;
+
+    let expected = [
+        ("live", "delivered"),
+        ("unregistered", "unregistered"),
+        ("discarded", "dropped"),
+        ("first", "dropped"),
+        ("second", "delivered"),
+    ];
+    eventually(Duration::from_secs(30), "every receipt from the new owner", || {
+        let events = receiver.accepted_events();
+        std::future::ready(expected.iter().all(|(label, outcome)| event(&events, label, outcome).is_some()))
+    })
+    .await;
+    let events = receiver.accepted_events();
+    assert_eq!(event(&events, "first", "dropped").and_then(|e| e["reason"].as_str()), Some("collapsed"));
+    assert_eq!(event(&events, "discarded", "dropped").and_then(|e| e["reason"].as_str()), Some("discarded"));
+    assert!(events.iter().all(|e| e["topic"] == TOPIC || e["outcome"] == "unregistered"), "{events:?}");
+    // They came from the copies the new owner held (the collapse's from its own copy of the queue), not
+    // only from notifications delivered again.
+    let new_owner = nodes.iter().find(|n| n.device_addr == link.node_addr.to_string()).expect("the new owner");
+    let text = common::http_get(&format!("http://{}/metrics", new_owner.metrics_addr)).await;
+    let adopted = common::metric_value(&text, r#"courier_webhook_events_total{outcome="adopted"}"#).unwrap_or(0.0);
+    assert!(adopted >= 4.0, "held receipts taken over: {adopted}");
+    link.close().await.expect("close");
+    gateway.shutdown().await;
+}
