@@ -88,6 +88,19 @@ pub fn describe_node_metrics() {
     );
     describe_counter!("courier_node_replication_failures_total", "Replication RPCs to a peer that failed.");
     describe_gauge!("courier_node_status_entries", "Delivery-status records this node keeps.");
+    describe_counter!(
+        "courier_webhook_events_total",
+        "Delivery receipts by what became of them: queued, sent, expired (past the retry window), overflow (a \
+         team's queue was full), unwanted, no_webhook, adopted (held copies taken over from a dead owner), \
+         overload, store_failed."
+    );
+    describe_gauge!("courier_webhook_queue_depth", "Delivery receipts queued on this node for teams' webhooks.");
+    describe_counter!("courier_webhook_requests_total", "Requests to teams' webhooks, by result (ok, refused, error).");
+    describe_histogram!(
+        "courier_webhook_delivery_latency_seconds",
+        Unit::Seconds,
+        "From a notification's outcome to its receipt's 2xx from the team's webhook."
+    );
     describe_gauge!(
         "courier_token_key_retires_at_seconds",
         "When each accepting token key retires and its tokens start answering 410 ExpiredToken, UNIX seconds."

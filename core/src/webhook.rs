@@ -38,7 +38,7 @@ pub enum EventKind {
     Expired,
     /// It will never reach the device: `reason` says why (collapsed, queue overflow, discarded).
     Dropped,
-    /// The device unregistered the topic: the push was refused (410 `Unregistered`) or, stored before, dropped.
+    /// The device had unregistered the topic: the push was refused (410 `Unregistered`).
     Unregistered,
 }
 

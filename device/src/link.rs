@@ -50,8 +50,14 @@ fn kind_of(
 #[derive(Debug, Clone, PartialEq)]
 pub enum LinkEvent {
     Notification(wire::Notification),
-    TokenUpdated { topic: String, token: String },
+    TokenUpdated {
+        topic: String,
+        token: String,
+    },
     Redirect(RedirectTarget),
+    /// Notifications lost while the device was away, per topic (pushed out of a full queue, or expired):
+    /// the app should sync those topics with its server. Sent once, after the backlog.
+    Missed(Vec<wire::MissedTopic>),
 }
 
 /// A live, authenticated link.
@@ -317,6 +323,7 @@ impl DeviceLink {
                     return Ok(LinkEvent::TokenUpdated { topic: t.topic, token: t.token });
                 }
                 server_frame::Kind::Redirect(r) => return Ok(LinkEvent::Redirect(r.into())),
+                server_frame::Kind::Missed(m) => return Ok(LinkEvent::Missed(m.topics)),
                 server_frame::Kind::Ping(ping) => {
                     self.send(device_frame::Kind::Pong(wire::Pong { nonce: ping.nonce })).await?;
                 }

@@ -35,6 +35,9 @@ pub enum DeviceEvent {
     /// The node refused a channel given to `with_channel` (unknown or deleted, or one too many): it is
     /// dropped from the device's channels and not asked for again.
     ChannelRefused { channel_id: String, reason: wire::ChannelRefusal },
+    /// Notifications lost while the device was away, per topic (pushed out of its full queue, or expired
+    /// before it linked): sync those topics with the app's server.
+    Missed(Vec<wire::MissedTopic>),
 }
 
 /// A device's connection to the cluster, kept up for as long as the app runs. Cancel-safe: a
@@ -130,6 +133,7 @@ impl Device {
                 self.topics.insert(topic.clone(), Some(token.clone()));
                 Ok(DeviceEvent::Token { topic, token })
             }
+            Ok(LinkEvent::Missed(topics)) => Ok(DeviceEvent::Missed(topics)),
             Ok(LinkEvent::Redirect(to)) => {
                 // The ring moved: the link is handed to the node the redirect names, at once.
                 self.drop_link().await;

@@ -373,6 +373,17 @@ impl Delivery {
         parts.store.pending_as(device, true).await
     }
 
+    /// What the device lost while away, by topic: (topic, pushed out of its full queue, expired). Read
+    /// after `backlog`, which finds the expired ones.
+    pub async fn missed(&self, device: DeviceId) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        self.inner.parts.store.missed(device).await
+    }
+
+    /// The device was told `counts` (`missed`).
+    pub fn missed_told(&self, device: DeviceId, counts: Vec<(String, u64, u64)>) {
+        self.inner.parts.store.missed_told(device, counts);
+    }
+
     /// Applies copies, deletes, subscription changes and receipts another node sent this one (its replica
     /// role, or queues handed over when the ring moved). This node holds the receipts they decide, to send
     /// them if it becomes the device's owner. Returns how many operations were applied.

@@ -93,6 +93,13 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
                 );
             }
             Ok(DeviceEvent::Notification(n)) => print_notification(&n),
+            Ok(DeviceEvent::Missed(topics)) => {
+                let topics: Vec<_> = topics
+                    .iter()
+                    .map(|t| serde_json::json!({"topic": t.topic, "dropped": t.dropped, "expired": t.expired}))
+                    .collect();
+                println!("{}", serde_json::json!({"event": "missed", "topics": topics}));
+            }
             Ok(DeviceEvent::Subscribed { channel_id, topic }) => {
                 println!("{}", serde_json::json!({"event": "subscribed", "channel_id": channel_id, "topic": topic}));
             }

@@ -179,6 +179,7 @@ async fn a_device_relinks_through_its_nodes_sigkill_and_sees_each_notification_o
             other @ (DeviceEvent::Subscribed { .. } | DeviceEvent::ChannelRefused { .. }) => {
                 panic!("this device subscribes to no channel: {other:?}")
             }
+            DeviceEvent::Missed(topics) => panic!("nothing was lost: {topics:?}"),
         }
     }
     assert!(lost >= 1, "the link loss was reported");
@@ -244,6 +245,7 @@ async fn a_device_subscribes_to_its_channels_again_on_every_link() {
             }
             DeviceEvent::ChannelRefused { channel_id, .. } => panic!("{channel_id} was asked for again"),
             DeviceEvent::Notification(n) => panic!("nothing to redeliver: {n:?}"),
+            DeviceEvent::Missed(topics) => panic!("nothing was lost: {topics:?}"),
             DeviceEvent::Lost { .. } | DeviceEvent::Linked { .. } | DeviceEvent::Token { .. } => {}
         }
     }

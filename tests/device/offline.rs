@@ -104,3 +104,64 @@ async fn unacked_notifications_are_redelivered_but_surface_once() {
     assert_eq!(again.apns_id, first[0].apns_id, "unacked notification is redelivered");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_is_told_once_what_it_lost_while_away_per_topic() {
+    let cluster = TestCluster::start_with(|config| config.queue_cap_per_topic = 2).await;
+    let credentials = cluster.activate().await;
+    let mut link = DeviceLink::connect(&cluster.endpoint(), &credentials, 0).await.unwrap();
+    let token = link.register(TOPIC).await.unwrap();
+    let other_topic = "com.example.other";
+    let other = link.register(other_topic).await.unwrap();
+    link.close().await.unwrap();
+    let registry = cluster.node().registry.clone();
+    eventually(Duration::from_secs(10), "the node sees the link close", || {
+        std::future::ready(!registry.is_connected(credentials.device_id))
+    })
+    .await;
+
+    // Three for a queue that keeps two: the oldest is pushed out. One for the other topic expires.
+    let later = (now_secs() + 3600).to_string();
+    for body in [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#] {
+        let mut push = cluster.push(&token, body);
+        push.expiration = Some(later.clone());
+        assert_eq!(cluster.send(&push).await.status, 200);
+    }
+    let expires_at = now_secs() + 1;
+    let mut push = cluster.push(&other, r#"{"n":"soon"}"#);
+    push.topic = Some(other_topic.into());
+    push.expiration = Some(expires_at.to_string());
+    assert_eq!(cluster.send(&push).await.status, 200);
+    eventually(Duration::from_secs(10), "the expiration passes", || std::future::ready(now_secs() > expires_at)).await;
+
+    let mut link = DeviceLink::connect(&cluster.endpoint(), &credentials, 0).await.unwrap();
+    let mut payloads = Vec::new();
+    let missed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), link.next_event()).await.expect("in time").unwrap() {
+            courier_device::LinkEvent::Notification(n) => {
+                link.ack(&n.apns_id).await.unwrap();
+                payloads.push(String::from_utf8(n.payload).unwrap());
+            }
+            courier_device::LinkEvent::Missed(topics) => break topics,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(payloads, [r#"{"n":2}"#, r#"{"n":3}"#], "the backlog comes first");
+    let counts: Vec<(&str, u32, u32)> = missed.iter().map(|t| (t.topic.as_str(), t.dropped, t.expired)).collect();
+    assert_eq!(counts, [(TOPIC, 1, 0), (other_topic, 0, 1)], "by topic");
+    link.close().await.unwrap();
+
+    // Told once: the counts are gone, and the next link brings no report.
+    let store = cluster.node().store.clone();
+    eventually(Duration::from_secs(10), "the counts are taken off", || {
+        let store = store.clone();
+        async move { store.missed(credentials.device_id).await.unwrap().is_empty() }
+    })
+    .await;
+    let mut link = DeviceLink::connect(&cluster.endpoint(), &credentials, 0).await.unwrap();
+    assert!(link.sync().await.unwrap().is_empty());
+    let next = tokio::time::timeout(Duration::from_millis(300), link.next_event()).await;
+    assert!(!matches!(next, Ok(Ok(courier_device::LinkEvent::Missed(_)))), "{next:?}");
+    link.close().await.unwrap();
+    cluster.shutdown().await;
+}

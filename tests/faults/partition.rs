@@ -52,7 +52,7 @@ async fn collect(link: &mut DeviceLink, expected: &BTreeSet<String>, limit: Dura
                 link.ack(&n.apns_id).await.expect("ack");
                 got.push(n.apns_id);
             }
-            Ok(Ok(LinkEvent::TokenUpdated { .. })) => {}
+            Ok(Ok(LinkEvent::TokenUpdated { .. } | LinkEvent::Missed(_))) => {}
         }
     }
     (got, true)

@@ -120,6 +120,33 @@ async fn write_encoded(link: &mut Link, edge: &Edge, frame: EncodedFrame) -> Res
     }
 }
 
+/// Tells the device, after its backlog, what it lost while away (pushed out of a full queue, expired),
+/// once; false if the link broke.
+async fn tell_missed(link: &mut Link, edge: &Edge, device: DeviceId) -> bool {
+    let counts = match edge.delivery.missed(device).await {
+        Ok(counts) if !counts.is_empty() => counts,
+        Ok(_) => return true,
+        Err(error) => {
+            tracing::error!(%device, %error, "reading what the device missed failed");
+            return true;
+        }
+    };
+    let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    let topics = counts
+        .iter()
+        .map(|(topic, dropped, expired)| wire::MissedTopic {
+            topic: topic.clone(),
+            dropped: clamp(*dropped),
+            expired: clamp(*expired),
+        })
+        .collect();
+    if write(link, edge, frame(server_frame::Kind::Missed(wire::Missed { topics }))).await.is_err() {
+        return false;
+    }
+    edge.delivery.missed_told(device, counts);
+    true
+}
+
 /// Reads the first frame within the connection's deadline, or says goodbye and returns `None`. Either
 /// way the connection stops counting as pending.
 async fn first_frame(link: &mut Link, opening: Opening) -> Option<device_frame::Kind> {
@@ -651,6 +678,9 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, shutdown: 
                 }
             }
             Err(error) => tracing::error!(%device, %error, "reading the device's queue failed"),
+        }
+        if !tell_missed(link, edge, device).await {
+            break 'link;
         }
         if !state.restore_subscriptions(link).await {
             break 'link;

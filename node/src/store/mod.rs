@@ -26,6 +26,8 @@ pub mod registrations;
 mod subscriptions;
 // Receipts waiting for their team's webhook: tables in this database, written by the same writer.
 pub mod receipts;
+// What devices lost while away (told on their next link): a table in this database, same writer.
+mod missed;
 
 use courier_core::webhook::{Event, EventKind};
 pub use receipts::{QueuedReceipt, ReceiptRole};
@@ -131,6 +133,8 @@ enum WriteOp {
     AdoptHeld(Vec<DeviceId>, oneshot::Sender<Result<usize, StoreError>>),
     /// Drops held receipts decided before this time (UNIX ms); answers how many.
     PruneHeld(u64, oneshot::Sender<Result<usize, StoreError>>),
+    /// Takes off the lost counts a device was told of.
+    MissedTold(DeviceId, Vec<(String, u64, u64)>),
     ClaimDeviceId(DeviceId, oneshot::Sender<Result<bool, StoreError>>),
     /// Stores or removes subscriptions, in order; answers how many rows changed.
     Subscriptions(Vec<Subscription>, Option<oneshot::Sender<Result<usize, StoreError>>>),
@@ -179,6 +183,7 @@ impl Store {
             txn.open_table(receipts::RECEIPTS).map_err(db_err)?;
             txn.open_table(receipts::RECEIPT_COUNTS).map_err(db_err)?;
             txn.open_table(receipts::HELD).map_err(db_err)?;
+            txn.open_table(missed::MISSED).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         let db = Arc::new(db);
@@ -267,6 +272,18 @@ impl Store {
     /// Drops held receipts decided before `before_ms`; returns how many.
     pub async fn prune_held(&self, before_ms: u64) -> Result<usize, StoreError> {
         self.submit(|reply| WriteOp::PruneHeld(before_ms, reply)).await
+    }
+
+    /// What the device lost while away, by topic: (topic, pushed out of the full queue, expired).
+    pub async fn missed(&self, device: DeviceId) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        self.read(move |txn| missed::of_device(&txn.open_table(missed::MISSED).map_err(db_err)?, device)).await
+    }
+
+    /// Takes off the counts the device was told of, without waiting.
+    pub fn missed_told(&self, device: DeviceId, counts: Vec<(String, u64, u64)>) {
+        if !counts.is_empty() {
+            let _ = self.writer.try_send(WriteOp::MissedTold(device, counts));
+        }
     }
 
     /// Devices with held receipts here.
@@ -388,7 +405,12 @@ impl Store {
         let (live, expired): (Vec<_>, Vec<_>) = entries.into_iter().partition(|n| n.expiration > now_ms / 1000);
         for n in expired {
             metrics::counter!("courier_node_notifications_expired_total").increment(1);
-            self.remove_later(device, &n.apns_id, owner.then_some(Removal::Expired { at_ms: now_ms }));
+            if owner {
+                // Awaited: the device is told what it lost (`missed`) right after this.
+                self.remove(device, &n.apns_id, Some(Removal::Expired { at_ms: now_ms }), ReceiptRole::Queue).await?;
+            } else {
+                let _ = self.writer.try_send(WriteOp::Remove(device, n.apns_id, None, None, ReceiptRole::None));
+            }
         }
         Ok(live)
     }
@@ -503,11 +525,18 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, limits: &Limits) -> usiz
                 added: 0,
             };
             let mut dropped = Vec::new();
+            let mut lost = txn.open_table(missed::MISSED).map_err(db_err)?;
             for op in batch.iter() {
                 let outcome = match op {
                     WriteOp::Insert(n, _, role) => {
                         let inserted = tables.insert(n, &mut next_seq, cap_per_topic, &mut dropped);
                         for (old, reason) in dropped.drain(..) {
+                            if *role == ReceiptRole::Queue
+                                && reason == "queue_overflow"
+                                && let Some(device) = DeviceId::from_slice(&old.device_id)
+                            {
+                                missed::count(&mut lost, device, &old.topic, true)?;
+                            }
                             // The drop is decided by the notification that caused it, at its acceptance: every
                             // holder makes the same receipt.
                             let at_ms = n.accepted_at_ms;
@@ -522,6 +551,11 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, limits: &Limits) -> usiz
                     }
                     WriteOp::Remove(device, apns_id, _, receipt, role) => {
                         let removed = tables.remove(*device, apns_id);
+                        if let (Ok(Some(old)), Some(Removal::Expired { .. }), ReceiptRole::Queue) =
+                            (&removed, receipt, role)
+                        {
+                            missed::count(&mut lost, *device, &old.topic, false)?;
+                        }
                         if let (Ok(Some(old)), Some(receipt)) = (&removed, receipt) {
                             let event = match *receipt {
                                 Removal::Delivered { at_ms } => {
@@ -545,6 +579,9 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, limits: &Limits) -> usiz
                     WriteOp::ReleaseHeld(released) => Outcome::Counted(receipts.release(released)),
                     WriteOp::AdoptHeld(devices, _) => Outcome::Counted(receipts.adopt(devices)),
                     WriteOp::PruneHeld(before_ms, _) => Outcome::Counted(receipts.prune(*before_ms)),
+                    WriteOp::MissedTold(device, counts) => {
+                        Outcome::Counted(missed::told(&mut lost, *device, counts).map(|_| counts.len()))
+                    }
                     WriteOp::ClaimDeviceId(device, _) => {
                         let fresh = devices.get(device.0).map_err(db_err)?.is_none();
                         if fresh {
@@ -623,6 +660,7 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>, limits: &Limits) -> usiz
                     WriteOp::Remove(_, _, None, _, _)
                     | WriteOp::Subscriptions(_, None)
                     | WriteOp::ReleaseHeld(_)
+                    | WriteOp::MissedTold(..)
                     | WriteOp::Stop => {}
                 }
             }
