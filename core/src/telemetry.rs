@@ -92,7 +92,7 @@ pub fn describe_node_metrics() {
         "courier_webhook_events_total",
         "Delivery receipts by what became of them: queued, sent, expired (past the retry window), overflow (a \
          team's queue was full), unwanted, no_webhook, adopted (held copies taken over from a dead owner), \
-         overload, store_failed."
+         store_failed."
     );
     describe_gauge!("courier_webhook_queue_depth", "Delivery receipts queued on this node for teams' webhooks.");
     describe_counter!("courier_webhook_requests_total", "Requests to teams' webhooks, by result (ok, refused, error).");

@@ -242,6 +242,11 @@ pub struct PushArgs {
     pub load: LoadArgs,
     #[command(flatten)]
     pub output: OutputArgs,
+    /// Give the provider team a webhook served by this process (spawned clusters only; their nodes then
+    /// allow loopback endpoints) and report its delivery receipts: one per delivered push, signatures
+    /// checked, and how fast they came.
+    #[arg(long)]
+    pub webhook: bool,
 }
 
 #[derive(clap::Args, Clone, Debug)]

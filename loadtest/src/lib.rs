@@ -19,6 +19,7 @@ pub mod devices;
 pub mod fabric;
 pub mod load;
 pub mod msg;
+pub mod receipts;
 pub mod report;
 pub mod scenario;
 pub mod swarm;

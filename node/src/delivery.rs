@@ -259,9 +259,9 @@ impl Delivery {
             // Each copy's insert and delete.
             let copies = parts.replicator.copies_wanted() as u64;
             metrics::counter!("courier_node_store_writes_elided_total").increment(2 * copies);
-            // Nothing was stored, so the receipt is the only trace: durable before the answer.
-            let delivered = event_for(&notification, EventKind::Delivered, None, unix_millis());
-            self.keep_receipt(device, delivered).await;
+            // Nothing was stored, so the receipt is the only trace. It is queued here and copied to the
+            // successors without the answer waiting for either (`receipt_later`).
+            self.receipt_later(device, event_for(&notification, EventKind::Delivered, None, unix_millis()));
             return result(&apns_id, DeliverOutcome::Delivered);
         }
         // Not acked in time: commit, still listening for the ack. The commit runs on its own task so that
@@ -310,6 +310,18 @@ impl Delivery {
         }
     }
 
+    /// Queues a receipt decided with nothing stored here and copies it to the device's other holders,
+    /// without waiting for either: for the acks of notifications that were on the link only, the common
+    /// case of a healthy link, where waiting for two more commits would cost the provider's answer what
+    /// ack-before-commit saved. An owner whose disk is lost within that moment (before its next group
+    /// commit and replication batch) loses the receipt; a SIGKILLed one sends it when it starts again.
+    fn receipt_later(&self, device: DeviceId, event: Option<Event>) {
+        let Some(event) = event else { return };
+        let parts = &self.inner.parts;
+        parts.replicator.hold_receipts_later(device, std::slice::from_ref(&event));
+        parts.store.queue_receipts(vec![(device, event)]);
+    }
+
     /// Inserts locally and on the device's ring successors at the same time: done only once both are, on
     /// as many holders as the replication factor asks with the members active now.
     async fn commit(&self, device: DeviceId, notification: &Notification) -> Result<Inserted, CommitError> {
@@ -350,10 +362,7 @@ impl Delivery {
         }
         // The receipt of one that was on the link only (expiration 0: answered when handed to the link);
         // a stored one's comes with its delete.
-        if unstored.is_some() {
-            let this = self.clone();
-            tokio::spawn(async move { this.keep_receipt(device, unstored).await });
-        }
+        self.receipt_later(device, unstored);
         self.forget(device, apns_id);
     }
 

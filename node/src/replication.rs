@@ -44,8 +44,8 @@ enum PeerOp {
     Remove(QueueKey),
     /// A subscription change, and who waits to hear it was applied (a hand-over), if anyone.
     Subscription(Box<Subscription>, Option<oneshot::Sender<bool>>),
-    /// A receipt to hold, and who waits to hear it is stored there.
-    Receipt(HeldReceipt, oneshot::Sender<bool>),
+    /// A receipt to hold, and who waits to hear it is stored there, if anyone.
+    Receipt(HeldReceipt, Option<oneshot::Sender<bool>>),
     /// A receipt the team's endpoint took: the holder drops its copy.
     Released(ReleasedReceipt),
 }
@@ -235,12 +235,22 @@ impl Replicator {
         let stored = join_all(others.iter().map(|node| {
             let held = held.clone();
             async move {
-                let all = join_all(held.into_iter().map(|r| self.ask(*node, |reply| PeerOp::Receipt(r, reply)))).await;
+                let all =
+                    join_all(held.into_iter().map(|r| self.ask(*node, |reply| PeerOp::Receipt(r, Some(reply))))).await;
                 all.iter().all(|ok| *ok == Some(true))
             }
         }))
         .await;
         stored.into_iter().filter(|ok| *ok).count()
+    }
+
+    /// `hold_receipts` without waiting: the copies travel in the next replication batches, like acks.
+    pub fn hold_receipts_later(&self, device: DeviceId, events: &[Event]) {
+        for event in events {
+            let Ok(event_json) = serde_json::to_vec(event) else { continue };
+            let held = HeldReceipt { device_id: device.to_bytes().to_vec(), event_json };
+            self.tell_other_holders(device, || PeerOp::Receipt(held.clone(), None));
+        }
     }
 
     /// Tells the device's other holders that its team's endpoint took these receipts. Not awaited: a copy
@@ -520,7 +530,7 @@ impl BatchTask {
                 }
                 PeerOp::Receipt(receipt, reply) => {
                     request.receipts.push(receipt);
-                    applied_waiters.push(reply);
+                    applied_waiters.extend(reply);
                 }
                 PeerOp::Released(released) => request.released_receipts.push(released),
             }

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -42,6 +42,8 @@ pub struct Receiver {
     pub ca_path: PathBuf,
     received: Arc<Mutex<Vec<Received>>>,
     failing: Arc<AtomicUsize>,
+    /// The status failing requests are answered with.
+    refusal: Arc<AtomicU16>,
     _dir: tempfile::TempDir,
     task: tokio::task::JoinHandle<()>,
 }
@@ -82,15 +84,17 @@ impl Receiver {
         let addr: SocketAddr = listener.local_addr().expect("address");
         let received = Arc::new(Mutex::new(Vec::new()));
         let failing = Arc::new(AtomicUsize::new(0));
-        let (log, fail) = (received.clone(), failing.clone());
+        let refusal = Arc::new(AtomicU16::new(500));
+        let (log, fail, refuse_with) = (received.clone(), failing.clone(), refusal.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
                 let (acceptor, log, fail) = (acceptor.clone(), log.clone(), fail.clone());
+                let refuse_with = refuse_with.clone();
                 tokio::spawn(async move {
                     let Ok(stream) = acceptor.accept(tcp).await else { return };
                     let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                        let (log, fail) = (log.clone(), fail.clone());
+                        let (log, fail, refuse_with) = (log.clone(), fail.clone(), refuse_with.clone());
                         async move {
                             let (parts, body) = request.into_parts();
                             let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
@@ -99,7 +103,7 @@ impl Receiver {
                             };
                             let status =
                                 match fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
-                                    Ok(_) => 500,
+                                    Ok(_) => refuse_with.load(Ordering::SeqCst),
                                     Err(_) => 204,
                                 };
                             log.lock().unwrap().push(Received {
@@ -111,7 +115,11 @@ impl Receiver {
                                 body,
                                 status,
                             });
-                            let answer = http::Response::builder().status(status).body(Full::new(Bytes::new()));
+                            // A redirect names another path here, which a sender must not follow.
+                            let answer = http::Response::builder()
+                                .status(status)
+                                .header(http::header::LOCATION, "/elsewhere")
+                                .body(Full::new(Bytes::new()));
                             Ok::<_, std::convert::Infallible>(answer.expect("response"))
                         }
                     });
@@ -121,7 +129,7 @@ impl Receiver {
                 });
             }
         });
-        Receiver { url: format!("https://{addr}/hooks/courier"), ca_path, received, failing, _dir: dir, task }
+        Receiver { url: format!("https://{addr}/hooks/courier"), ca_path, received, failing, refusal, _dir: dir, task }
     }
 
     /// Every request so far, in arrival order.
@@ -136,6 +144,12 @@ impl Receiver {
 
     /// Answers the next `n` requests 500.
     pub fn fail_next(&self, n: usize) {
+        self.refuse_next(n, 500);
+    }
+
+    /// Answers the next `n` requests with `status` (a 3xx names `/elsewhere` as its location).
+    pub fn refuse_next(&self, n: usize, status: u16) {
+        self.refusal.store(status, Ordering::SeqCst);
         self.failing.store(n, Ordering::SeqCst);
     }
 }

@@ -231,3 +231,70 @@ async fn every_outcome_reaches_the_webhook_signed_through_an_outage_and_a_secret
     online.close().await.expect("close");
     drop((gone, back));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_holds_up_only_its_own_team_and_its_redirects_are_not_followed() {
+    let failing = Receiver::start().await;
+    let working = Receiver::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bundle = dir.path().join("receivers.pem");
+    let pem = |path: &std::path::Path| std::fs::read_to_string(path).expect("CA");
+    std::fs::write(&bundle, pem(&failing.ca_path) + &pem(&working.ca_path)).expect("bundle");
+    let bundle = bundle.to_str().expect("path").to_string();
+    let flags = ["--webhooks-allow-private", "--webhook-ca", &bundle, "--webhook-batch-wait-ms", "50"];
+    let cluster = ProcessCluster::start(&flags, 10_000).await;
+
+    // A second team, with its own signing key.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let public = dir.path().join("team-two.pem");
+    std::fs::write(&public, key.public_key_pem()).expect("public key");
+    let public = public.to_str().expect("path");
+    cluster
+        .ctl_ok(&["providers", "add", "--team-id", "TEAMTWO001", "--key-id", "KEYTWO0001", "--public-key", public])
+        .await;
+    let second = courier_gateway::provider::JwtSigner::new("TEAMTWO001", "KEYTWO0001", key.serialize_pem().as_bytes())
+        .expect("signer");
+    let first = team_id(cluster.dir.path());
+    cluster.ctl_ok(&["webhooks", "set", "--team", &first, "--url", &failing.url]).await;
+    cluster.ctl_ok(&["webhooks", "set", "--team", "TEAMTWO001", "--url", &working.url]).await;
+    failing.refuse_next(usize::MAX, 307);
+    eventually(Duration::from_secs(10), "the gateway knows both teams get receipts", || {
+        let view = cluster.gateway.view.borrow().clone();
+        std::future::ready(
+            view.is_some_and(|v| v.receipt_teams.contains(&first) && v.receipt_teams.contains("TEAMTWO001")),
+        )
+    })
+    .await;
+
+    let (_, mut link, token) = common::registered_device(&cluster.endpoints[0]).await;
+    for (signer, label) in [(&cluster.signer, "team-one"), (&second, "team-two")] {
+        let answer = cluster.provider.push(&labelled_push(signer, &token, label, later(), None)).await.unwrap();
+        assert_eq!(answer.status, 200, "{label}: {answer:?}");
+        assert_eq!(link.next_notification().await.expect("notification").apns_id, id(label));
+    }
+    link.flush_acks().await.expect("acks");
+
+    // The working team's receipt comes while the other team's endpoint keeps redirecting.
+    eventually(Duration::from_secs(10), "the working team's receipt", || {
+        std::future::ready(event(&working.accepted_events(), "team-two", "delivered").is_some())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the failing endpoint tried twice", || {
+        std::future::ready(failing.requests().len() >= 2)
+    })
+    .await;
+    let tried = failing.requests();
+    assert!(
+        tried.iter().all(|r| r.path == "/hooks/courier" && r.status == 307),
+        "redirects are not followed: {tried:?}"
+    );
+    assert!(working.requests().iter().all(|r| r.events().iter().all(|e| e["team_id"] == "TEAMTWO001")));
+
+    // Once it answers, the first team's receipt arrives (after the backoff of its failures).
+    failing.fail_next(0);
+    eventually(Duration::from_secs(30), "the first team's receipt", || {
+        std::future::ready(event(&failing.accepted_events(), "team-one", "delivered").is_some())
+    })
+    .await;
+    link.close().await.expect("close");
+}

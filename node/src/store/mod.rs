@@ -248,9 +248,20 @@ impl Store {
         if events.is_empty() {
             return;
         }
-        let count = events.len() as u64;
-        if self.writer.try_send(WriteOp::Receipts(events, ReceiptRole::Queue, None)).is_err() {
-            metrics::counter!("courier_webhook_events_total", "outcome" => "overload").increment(count);
+        match self.writer.try_send(WriteOp::Receipts(events, ReceiptRole::Queue, None)) {
+            Ok(()) => {}
+            // A burst filled the writer's queue: wait for room on a task of its own rather than drop them.
+            Err(mpsc::error::TrySendError::Full(op)) => {
+                let writer = self.writer.clone();
+                tokio::spawn(async move {
+                    let _ = writer.send(op).await;
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(WriteOp::Receipts(events, ..))) => {
+                metrics::counter!("courier_webhook_events_total", "outcome" => "store_failed")
+                    .increment(events.len() as u64);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 

@@ -1,0 +1,161 @@
+//! `push --webhook`: the provider team's delivery receipts, received in this process. A plain HTTP/1.1
+//! receiver on loopback (the spawned nodes are started with `--webhooks-allow-private`) checks every
+//! request's Standard Webhooks signature with the secret this process made, and tallies the events by
+//! outcome, once per event id.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use courier_core::state::{Command, CommandResponse};
+use courier_core::webhook::{self, EventKind, SigningSecret};
+use courier_proto::cluster::ProposeRequest;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+/// What the receiver has seen.
+#[derive(Debug, Default)]
+struct Tally {
+    requests: u64,
+    bad_signatures: u64,
+    events: u64,
+    ids: HashSet<String>,
+    by_outcome: BTreeMap<String, u64>,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+/// Counts at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiptCounts {
+    pub requests: u64,
+    pub bad_signatures: u64,
+    /// Events received, repeats included.
+    pub events: u64,
+    /// Distinct event ids.
+    pub unique: u64,
+    pub by_outcome: BTreeMap<String, u64>,
+    pub first: Option<Instant>,
+    pub last: Option<Instant>,
+}
+
+pub struct Receipts {
+    pub url: String,
+    pub secret: SigningSecret,
+    tally: Arc<Mutex<Tally>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Receipts {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Receipts {
+    /// Starts the receiver on loopback with a fresh secret.
+    pub async fn start() -> anyhow::Result<Receipts> {
+        let secret = SigningSecret::generate(courier_core::ids::unix_millis());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr: SocketAddr = listener.local_addr()?;
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let (key, counts) = (Arc::new(secret.key.clone()), tally.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let _ = tcp.set_nodelay(true);
+                let (key, counts) = (key.clone(), counts.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let (key, counts) = (key.clone(), counts.clone());
+                        async move {
+                            let (parts, body) = request.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let status = take(&parts.headers, &body, &key, &counts);
+                            let answer = http::Response::builder().status(status).body(Full::new(Bytes::new()));
+                            Ok::<_, std::convert::Infallible>(answer.expect("a valid response"))
+                        }
+                    });
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+                });
+            }
+        });
+        Ok(Receipts { url: format!("http://{addr}/receipts"), secret, tally, task })
+    }
+
+    pub fn counts(&self) -> ReceiptCounts {
+        let t = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+        ReceiptCounts {
+            requests: t.requests,
+            bad_signatures: t.bad_signatures,
+            events: t.events,
+            unique: t.ids.len() as u64,
+            by_outcome: t.by_outcome.clone(),
+            first: t.first,
+            last: t.last,
+        }
+    }
+
+    /// Gives `team` a webhook to this receiver, for every kind of event, through the first of `nodes`
+    /// (cluster API addresses) that takes the proposal, as the PKI's admin.
+    pub async fn set_for(&self, pki_dir: &Path, nodes: &[String], team: &str) -> anyhow::Result<()> {
+        let pki = courier_core::pki::PkiDir::new(pki_dir);
+        let peers = courier_core::peer::Peers::new(&pki, "admin", None, Duration::from_secs(5))?;
+        let command = Command::SetWebhook {
+            team_id: team.to_string(),
+            url: self.url.clone(),
+            events: EventKind::ALL.into_iter().collect(),
+            secret: self.secret.clone(),
+            now_ms: courier_core::ids::unix_millis(),
+        };
+        let command_json = serde_json::to_vec(&command)?;
+        let mut last = None;
+        for node in nodes {
+            let answer = async {
+                let mut client = peers.client(node)?;
+                let answer = client.propose(ProposeRequest { command_json: command_json.clone() }).await?;
+                anyhow::Ok(serde_json::from_slice::<CommandResponse>(&answer.into_inner().response_json)?)
+            };
+            match answer.await {
+                Ok(CommandResponse::Applied { .. }) => return Ok(()),
+                Ok(other) => anyhow::bail!("setting the webhook was refused: {other:?}"),
+                // Not the leader (it says which is), or not answering: the next one.
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no node to ask"))).context("setting the team's webhook")
+    }
+}
+
+/// Checks and tallies one request; the status to answer.
+fn take(headers: &http::HeaderMap, body: &[u8], key: &[u8], tally: &Mutex<Tally>) -> u16 {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let timestamp = header("webhook-timestamp").parse().unwrap_or(0);
+    let signed = webhook::verify(key, header("webhook-id"), timestamp, body, header("webhook-signature"));
+    let events: Vec<serde_json::Value> = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|b| b["data"]["events"].as_array().cloned())
+        .unwrap_or_default();
+    let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+    t.requests += 1;
+    if !signed {
+        t.bad_signatures += 1;
+        return 401;
+    }
+    let now = Instant::now();
+    t.first.get_or_insert(now);
+    t.last = Some(now);
+    for event in events {
+        t.events += 1;
+        if t.ids.insert(event["id"].as_str().unwrap_or("").to_string()) {
+            *t.by_outcome.entry(event["outcome"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        }
+    }
+    204
+}
