@@ -274,23 +274,31 @@ async fn next_batch(shared: &Shared, team: &str) -> Next {
     let hook = shared.view.get().state.webhooks.get(team).cloned();
     let now_ms = unix_millis();
     let max_age_ms = settings.max_age.as_millis() as u64;
-    let mut doomed: Vec<(u64, &'static str)> = unreadable.into_iter().map(|seq| (seq, "unreadable")).collect();
+    let mut doomed: Vec<(u64, &'static str, Option<QueuedReceipt>)> =
+        unreadable.into_iter().map(|seq| (seq, "unreadable", None)).collect();
     let mut batch = Vec::with_capacity(queued.len());
     for receipt in queued {
-        match &hook {
-            None => doomed.push((receipt.seq, "no_webhook")),
-            Some(hook) if !hook.wants(receipt.event.outcome) => doomed.push((receipt.seq, "unwanted")),
-            Some(_) if receipt.event.at_ms.saturating_add(max_age_ms) <= now_ms => {
-                doomed.push((receipt.seq, "expired"))
+        let why = match &hook {
+            None => "no_webhook",
+            Some(hook) if !hook.wants(receipt.event.outcome) => "unwanted",
+            Some(_) if receipt.event.at_ms.saturating_add(max_age_ms) <= now_ms => "expired",
+            Some(_) => {
+                batch.push(receipt);
+                continue;
             }
-            Some(_) => batch.push(receipt),
-        }
+        };
+        doomed.push((receipt.seq, why, Some(receipt)));
     }
     if !doomed.is_empty() {
-        for (_, outcome) in &doomed {
-            metrics::counter!("courier_webhook_events_total", "outcome" => *outcome).increment(1);
+        let mut seqs = Vec::with_capacity(doomed.len());
+        for (seq, outcome, receipt) in doomed {
+            metrics::counter!("courier_webhook_events_total", "outcome" => outcome).increment(1);
+            seqs.push(seq);
+            // Given up on here: the other holders need not keep it for this node's death either.
+            if let Some(receipt) = receipt {
+                shared.replicator.release_receipts(receipt.device, std::slice::from_ref(&receipt.event.id));
+            }
         }
-        let seqs = doomed.into_iter().map(|(seq, _)| seq).collect();
         if let Err(error) = shared.store.remove_receipts(team, seqs).await {
             tracing::error!(%error, "dropping receipts failed");
             return Next::Wait(Duration::from_secs(1));
