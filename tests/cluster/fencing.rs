@@ -8,7 +8,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::Nodes;
+use common::{Nodes, eventually};
 use courier_core::ids::{DeviceId, unix_millis};
 use courier_core::peer::Peers;
 use courier_proto::cluster::{FetchQueueRequest, Notification, ReplicateRequest, Subscription};
@@ -28,11 +28,20 @@ fn notification(device: DeviceId, apns_id: &str) -> Notification {
 async fn stale_replicas_and_fetches_are_refused_for_devices_the_sender_no_longer_owns() {
     let nodes = Nodes::start(2, |config| config.epoch_wait_ms = 300).await;
     let node1 = nodes.node(1);
+    // Node 2 must own part of the ring in node 1's view before devices are picked by owner.
+    let both = nodes.epoch_active(2).await;
+    eventually(Duration::from_secs(10), "node 1's view has node 2 active", || {
+        std::future::ready(node1.view.get().state.epoch >= both)
+    })
+    .await;
     let view = node1.view.get();
     let epoch = view.state.epoch.0;
     assert!(epoch > 1, "the cluster has been through a few epochs: {epoch}");
     let owned_by = |node: u64| {
-        std::iter::repeat_with(DeviceId::random).find(|d| view.owns(node, *d)).expect("a device owned by the node")
+        std::iter::repeat_with(DeviceId::random)
+            .take(100_000)
+            .find(|d| view.owns(node, *d))
+            .expect("a device owned by the node")
     };
     let (mine, theirs) = (owned_by(1), owned_by(2));
 
