@@ -21,6 +21,10 @@
 //! A notification with expiration 0 (or already past) is never stored: it goes to a live link (`SENT`) or
 //! is dropped (`DISCARDED`), as APNs does. Every outcome is logged for the provider API's status call
 //! (`delivery_status`), and a push to a topic the device unregistered is refused.
+//!
+//! **Receipts.** When the notification's team has a webhook, each outcome also makes a receipt
+//! (`store::receipts`, sent by `receipts`): in the store's commit that decides it, or on its own for an
+//! outcome that stored nothing, and held by the device's other holders for this node's death.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

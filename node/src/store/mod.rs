@@ -414,12 +414,17 @@ impl Store {
             .await?;
         let now_ms = unix_millis();
         let (live, expired): (Vec<_>, Vec<_>) = entries.into_iter().partition(|n| n.expiration > now_ms / 1000);
-        for n in expired {
-            metrics::counter!("courier_node_notifications_expired_total").increment(1);
-            if owner {
-                // Awaited: the device is told what it lost (`missed`) right after this.
-                self.remove(device, &n.apns_id, Some(Removal::Expired { at_ms: now_ms }), ReceiptRole::Queue).await?;
-            } else {
+        metrics::counter!("courier_node_notifications_expired_total").increment(expired.len() as u64);
+        if owner {
+            // Awaited, together (one group commit): the device is told what it lost (`missed`) right after.
+            let expiry = Some(Removal::Expired { at_ms: now_ms });
+            let removed = futures_util::future::join_all(
+                expired.iter().map(|n| self.remove(device, &n.apns_id, expiry, ReceiptRole::Queue)),
+            )
+            .await;
+            removed.into_iter().collect::<Result<Vec<bool>, StoreError>>()?;
+        } else {
+            for n in expired {
                 let _ = self.writer.try_send(WriteOp::Remove(device, n.apns_id, None, None, ReceiptRole::None));
             }
         }
