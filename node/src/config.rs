@@ -206,6 +206,12 @@ pub struct NodeConfig {
     /// Most receipts queued on a node for one team; more are dropped and counted.
     #[arg(long, env = "COURIER_WEBHOOK_QUEUE_CAP", default_value_t = crate::store::DEFAULT_RECEIPTS_PER_TEAM)]
     pub webhook_queue_cap: u64,
+    /// How long the `delivered` receipt of a notification nothing stored (acked before any commit) may wait
+    /// in memory for its team's endpoint, in milliseconds, before it is written (queued on this node and
+    /// copied to the device's other holders). An owner killed within that time loses the ones its endpoint
+    /// had not taken. 0 writes each at once (in the next group commit and replication batch).
+    #[arg(long, env = "COURIER_WEBHOOK_SAVE_AFTER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub webhook_save_after_ms: u64,
     /// How often the owner looks for stored notifications that expired, to send their receipts, in seconds.
     #[arg(long, env = "COURIER_WEBHOOK_EXPIRY_SWEEP_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub webhook_expiry_sweep_secs: u64,
@@ -321,6 +327,14 @@ impl NodeConfig {
             extra_roots: self.webhook_ca.clone(),
             expiry_sweep: Duration::from_secs(self.webhook_expiry_sweep_secs),
         }
+    }
+
+    /// Where receipts wait before they are written, as `--webhook-save-after-ms` says.
+    pub fn unsaved_receipts(&self) -> crate::receipts::unsaved::UnsavedReceipts {
+        crate::receipts::unsaved::UnsavedReceipts::new(
+            Duration::from_millis(self.webhook_save_after_ms),
+            crate::receipts::unsaved::DEFAULT_CAP_PER_TEAM,
+        )
     }
 
     pub fn epoch_wait(&self) -> Duration {

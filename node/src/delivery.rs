@@ -39,6 +39,7 @@ use tokio::sync::oneshot;
 use crate::delivery_status::{Disposition, StatusLog};
 use crate::edge::registry::{Handoff, Registry};
 use crate::ids::{DeviceId, unix_millis};
+use crate::receipts::unsaved::{Unsaved, UnsavedReceipts};
 use crate::replication::Replicator;
 use crate::store::receipts::event_for;
 use crate::store::registrations::Registrations;
@@ -54,6 +55,8 @@ pub struct DeliveryParts {
     pub registry: Arc<Registry>,
     pub view: Arc<LocalView>,
     pub replicator: Arc<Replicator>,
+    /// Receipts waiting for their endpoint before they are written.
+    pub unsaved: Arc<UnsavedReceipts>,
     pub registrations: Registrations,
     pub status: Arc<StatusLog>,
     pub ack_wait: Duration,
@@ -314,16 +317,17 @@ impl Delivery {
         }
     }
 
-    /// Queues a receipt decided with nothing stored here and copies it to the device's other holders,
-    /// without waiting for either: for the acks of notifications that were on the link only, the common
-    /// case of a healthy link, where waiting for two more commits would cost the provider's answer what
-    /// ack-before-commit saved. An owner whose disk is lost within that moment (before its next group
-    /// commit and replication batch) loses the receipt; a SIGKILLed one sends it when it starts again.
+    /// Keeps a receipt decided with nothing stored without waiting for it to be written: for the acks of
+    /// notifications that were on the link only, the common case of a healthy link, where waiting for two
+    /// more commits would cost the provider's answer what ack-before-commit saved. It waits unsaved for
+    /// its endpoint (`--webhook-save-after-ms`), or is queued here and copied to the device's other holders
+    /// in the next group commit and replication batch; an owner killed before then loses it.
     fn receipt_later(&self, device: DeviceId, event: Option<Event>) {
         let Some(event) = event else { return };
         let parts = &self.inner.parts;
-        parts.replicator.hold_receipts_later(device, std::slice::from_ref(&event));
-        parts.store.queue_receipts(vec![(device, event)]);
+        if let Some(receipt) = parts.unsaved.keep(Unsaved { device, event }) {
+            crate::receipts::unsaved::save(&parts.store, &parts.replicator, vec![receipt]);
+        }
     }
 
     /// Inserts locally and on the device's ring successors at the same time: done only once both are, on

@@ -208,8 +208,10 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         config.redirect_rate,
         shutdown.clone(),
     ));
+    let unsaved = Arc::new(config.unsaved_receipts());
     let delivery = Delivery::new(DeliveryParts {
         store: store.clone(),
+        unsaved: unsaved.clone(),
         registry: registry.clone(),
         view: view.clone(),
         replicator: replicator.clone(),
@@ -242,6 +244,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         store.clone(),
         view.clone(),
         replicator.clone(),
+        unsaved,
         config.receipt_settings(),
         shutdown.clone(),
     );

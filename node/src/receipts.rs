@@ -1,6 +1,8 @@
 //! Sends each team's receipts to its webhook (`courier_core::webhook`): the owner of a device decides a
 //! notification's outcome, the store queues the receipt durably in the same commit (`store::receipts`),
-//! and this module takes them from there to the team's endpoint.
+//! and this module takes them from there to the team's endpoint. The `delivered` receipts of
+//! notifications that nothing stored wait in memory first (`unsaved`), and are written only if the
+//! endpoint has not taken them soon enough.
 //!
 //! The device's other holders keep a copy of each receipt (they make it themselves from the same change
 //! to their copy of the queue, or are sent it when nothing was stored). When the endpoint takes a batch,
@@ -8,7 +10,7 @@
 //! receipts it holds (their owner died), it moves those copies to its own send queue. A receipt may so
 //! be sent twice, under the same event id; receivers drop repeats by it.
 //!
-//! One task per team with receipts queued. It sends them in order, in batches of at most `batch_max`, and
+//! One task per team with receipts queued or unsaved. It sends the queued ones first, in order, in batches of at most `batch_max`, and
 //! waits up to `batch_wait` for a batch to fill. A 2xx answer deletes the batch; anything else (an error
 //! status, a redirect, a timeout, a refused connection) keeps it and retries after an exponential backoff
 //! with jitter (1 s doubling to at most 5 min, each wait drawn between half and all of that), for as long
@@ -40,6 +42,9 @@ use crate::raft::state::Epoch;
 use crate::replication::Replicator;
 use crate::store::{QueuedReceipt, Removal, Store};
 use crate::view::{LocalView, Placement};
+
+pub mod unsaved;
+use unsaved::{Unsaved, UnsavedReceipts};
 
 /// How receipts are sent.
 #[derive(Debug, Clone)]
@@ -79,6 +84,8 @@ const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// A team's task ends after this long with nothing queued; the dispatcher starts it again when needed.
 const IDLE_END: Duration = Duration::from_secs(30);
+/// The least time a request of unsaved receipts is given, however close they are to being written.
+const UNSAVED_MIN_TIMEOUT: Duration = Duration::from_millis(100);
 /// How often a team's task looks for more while its batch fills.
 const FILL_POLL: Duration = Duration::from_millis(50);
 /// Most of an endpoint's answer body read (and thrown away).
@@ -95,18 +102,21 @@ struct Shared {
     store: Store,
     view: Arc<LocalView>,
     replicator: Arc<Replicator>,
+    unsaved: Arc<UnsavedReceipts>,
     settings: ReceiptSettings,
     tls: tokio_rustls::TlsConnector,
     /// Teams whose task is running.
     running: Mutex<std::collections::HashSet<String>>,
 }
 
-/// Runs until `shutdown`: starts a task for every team with receipts queued, takes over held receipts of
-/// devices the ring gave this node, and sweeps expired notifications for their receipts.
+/// Runs until `shutdown`: starts a task for every team with receipts queued or unsaved, writes unsaved ones
+/// that waited too long, takes over held receipts of devices the ring gave this node, and sweeps expired
+/// notifications for their receipts. Unsaved receipts left at the end are written before it returns.
 pub async fn run(
     store: Store,
     view: Arc<LocalView>,
     replicator: Arc<Replicator>,
+    unsaved: Arc<UnsavedReceipts>,
     settings: ReceiptSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ReceiptError> {
@@ -123,6 +133,7 @@ pub async fn run(
         store,
         view,
         replicator,
+        unsaved,
         settings,
         tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
         running: Mutex::new(Default::default()),
@@ -130,13 +141,21 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let mut next_sweep = Instant::now() + shared.settings.expiry_sweep;
     let mut adopted_in: Option<Epoch> = None;
+    // Unsaved receipts are looked at this often, so that none waits much past `save_after`.
+    let unsaved_tick = match shared.unsaved.save_after() {
+        Duration::ZERO => Duration::from_secs(1),
+        after => (after / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+    };
     loop {
+        let overdue = shared.unsaved.overdue(unix_millis());
+        unsaved::save_late(&shared.store, &shared.replicator, overdue);
         let epoch = shared.view.get().state.epoch;
         if adopted_in != Some(epoch) && shared.view.holds_lease() {
             adopted_in = adopt_held(&shared).await.then_some(epoch);
         }
         match shared.store.receipt_teams().await {
-            Ok(teams) => {
+            Ok(mut teams) => {
+                teams.extend(shared.unsaved.teams().into_iter().map(|(team, n)| (team, n as u64)));
                 let depth: u64 = teams.iter().map(|(_, n)| n).sum();
                 metrics::gauge!("courier_webhook_queue_depth").set(depth as f64);
                 for (team, _) in teams {
@@ -158,11 +177,22 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = queued.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shared.unsaved.arrived() => {}
+            _ = tokio::time::sleep(unsaved_tick) => {}
         }
     }
     tasks.close();
     tasks.wait().await;
+    // Stopping: what was not sent is written, and awaited, so that the node sends it when it starts again.
+    let left: Vec<(_, _)> = shared.unsaved.drain().into_iter().map(|r| (r.device, r.event)).collect();
+    if !left.is_empty() {
+        for (device, event) in &left {
+            shared.replicator.hold_receipts_later(*device, std::slice::from_ref(event));
+        }
+        if let Err(error) = shared.store.keep_receipts(left, crate::store::ReceiptRole::Queue).await {
+            tracing::error!(%error, "writing unsaved receipts at shutdown failed");
+        }
+    }
     Ok(())
 }
 
@@ -221,9 +251,34 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
         let pause = match next_batch(&shared, &team).await {
             Next::Send(hook, batch) => {
                 idle_since = Instant::now();
-                match sender.send(&shared, &team, &hook, &batch).await {
+                let timeout = shared.settings.request_timeout;
+                match sender.post(&shared, &team, &hook, batch.iter().map(|r| &r.event), timeout).await {
+                    Ok(()) => match sent(&shared, &team, &batch).await {
+                        Ok(()) => Duration::ZERO,
+                        Err(error) => {
+                            tracing::error!(%error, "deleting sent receipts failed");
+                            Duration::from_secs(1)
+                        }
+                    },
+                    Err(why) => {
+                        let backoff = sender.failed();
+                        tracing::info!(%team, %why, retry_in = ?backoff, "a webhook request failed");
+                        backoff
+                    }
+                }
+            }
+            Next::SendUnsaved(hook, batch) => {
+                idle_since = Instant::now();
+                // Within what is left of the oldest one's time unsaved: whatever the endpoint has not taken
+                // by then is written, and retried from the queue like any other.
+                let left_ms =
+                    batch.first().map_or(0, |r| r.event.at_ms + shared.unsaved.save_after().as_millis() as u64);
+                let left = Duration::from_millis(left_ms.saturating_sub(unix_millis())).max(UNSAVED_MIN_TIMEOUT);
+                let timeout = shared.settings.request_timeout.min(left);
+                match sender.post(&shared, &team, &hook, batch.iter().map(|r| &r.event), timeout).await {
                     Ok(()) => Duration::ZERO,
                     Err(why) => {
+                        unsaved::save_late(&shared.store, &shared.replicator, batch);
                         let backoff = sender.failed();
                         tracing::info!(%team, %why, retry_in = ?backoff, "a webhook request failed");
                         backoff
@@ -249,8 +304,10 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
 }
 
 enum Next {
-    /// Send this batch to this endpoint.
+    /// Send this batch of queued receipts to this endpoint.
     Send(Webhook, Vec<QueuedReceipt>),
+    /// Send these unsaved receipts (this task owns them now) to this endpoint.
+    SendUnsaved(Webhook, Vec<Unsaved>),
     /// A batch is filling; look again after this long.
     Wait(Duration),
     /// Some receipts were dropped; look again at once.
@@ -258,7 +315,8 @@ enum Next {
     Empty,
 }
 
-/// The team's next batch, after dropping what must not be sent.
+/// The team's next batch, after dropping what must not be sent: its queued receipts first, then, when none
+/// is queued, its unsaved ones.
 async fn next_batch(shared: &Shared, team: &str) -> Next {
     let settings = &shared.settings;
     let (queued, unreadable) = match shared.store.receipts(team, settings.batch_max).await {
@@ -268,24 +326,25 @@ async fn next_batch(shared: &Shared, team: &str) -> Next {
             return Next::Wait(Duration::from_secs(1));
         }
     };
+    let now_ms = unix_millis();
     if queued.is_empty() && unreadable.is_empty() {
-        return Next::Empty;
+        return next_unsaved(shared, team, now_ms);
     }
     let hook = shared.view.get().state.webhooks.get(team).cloned();
-    let now_ms = unix_millis();
     let max_age_ms = settings.max_age.as_millis() as u64;
     let mut doomed: Vec<(u64, &'static str, Option<QueuedReceipt>)> =
         unreadable.into_iter().map(|seq| (seq, "unreadable", None)).collect();
     let mut batch = Vec::with_capacity(queued.len());
     for receipt in queued {
         let why = match &hook {
-            None => "no_webhook",
-            Some(hook) if !hook.wants(receipt.event.outcome) => "unwanted",
             Some(_) if receipt.event.at_ms.saturating_add(max_age_ms) <= now_ms => "expired",
-            Some(_) => {
-                batch.push(receipt);
-                continue;
-            }
+            hook => match unwanted(hook.as_ref(), &receipt.event) {
+                Some(why) => why,
+                None => {
+                    batch.push(receipt);
+                    continue;
+                }
+            },
         };
         doomed.push((receipt.seq, why, Some(receipt)));
     }
@@ -307,11 +366,62 @@ async fn next_batch(shared: &Shared, team: &str) -> Next {
     }
     let Some(hook) = hook else { return Next::Empty };
     let oldest_ms = batch.first().map_or(now_ms, |r| r.event.at_ms);
-    let due_ms = oldest_ms.saturating_add(settings.batch_wait.as_millis() as u64);
-    if batch.len() < settings.batch_max && due_ms > now_ms {
-        return Next::Wait(Duration::from_millis(due_ms - now_ms).min(FILL_POLL));
+    match fill_wait(settings, batch.len(), oldest_ms, now_ms) {
+        Some(pause) => Next::Wait(pause),
+        None => Next::Send(hook, batch),
     }
-    Next::Send(hook, batch)
+}
+
+/// The team's next batch of unsaved receipts.
+fn next_unsaved(shared: &Shared, team: &str, now_ms: u64) -> Next {
+    let settings = &shared.settings;
+    let (waiting, oldest_ms) = shared.unsaved.waiting(team);
+    let Some(oldest_ms) = oldest_ms else { return Next::Empty };
+    let hook = shared.view.get().state.webhooks.get(team).cloned();
+    if let Some(hook) = &hook
+        && let Some(pause) = fill_wait(settings, waiting, oldest_ms, now_ms)
+        && hook.wants(courier_core::webhook::EventKind::Delivered)
+    {
+        return Next::Wait(pause);
+    }
+    let mut batch = shared.unsaved.take(team, settings.batch_max);
+    batch.retain(|receipt| match unwanted(hook.as_ref(), &receipt.event) {
+        Some(why) => {
+            metrics::counter!("courier_webhook_events_total", "outcome" => why).increment(1);
+            false
+        }
+        None => true,
+    });
+    match hook {
+        Some(hook) if !batch.is_empty() => Next::SendUnsaved(hook, batch),
+        _ => Next::Again,
+    }
+}
+
+/// Why a receipt is dropped rather than sent to `hook`, if it is.
+fn unwanted(hook: Option<&Webhook>, event: &Event) -> Option<&'static str> {
+    match hook {
+        None => Some("no_webhook"),
+        Some(hook) if !hook.wants(event.outcome) => Some("unwanted"),
+        Some(_) => None,
+    }
+}
+
+/// How long a batch of `len` whose oldest was decided at `oldest_ms` still waits to fill, if it does.
+fn fill_wait(settings: &ReceiptSettings, len: usize, oldest_ms: u64, now_ms: u64) -> Option<Duration> {
+    let due_ms = oldest_ms.saturating_add(settings.batch_wait.as_millis() as u64);
+    (len < settings.batch_max && due_ms > now_ms).then(|| Duration::from_millis(due_ms - now_ms).min(FILL_POLL))
+}
+
+/// After the endpoint took a batch of queued receipts: deletes them here and tells the device's other
+/// holders to drop their copies.
+async fn sent(shared: &Shared, team: &str, batch: &[QueuedReceipt]) -> Result<(), crate::store::StoreError> {
+    let seqs = batch.iter().map(|r| r.seq).collect();
+    shared.store.remove_receipts(team, seqs).await?;
+    for receipt in batch {
+        shared.replicator.release_receipts(receipt.device, std::slice::from_ref(&receipt.event.id));
+    }
+    Ok(())
 }
 
 /// One team's connection to its endpoint and its run of failures.
@@ -330,22 +440,22 @@ impl TeamSender {
         exp.mul_f64(rand::random_range(0.5..=1.0))
     }
 
-    /// Posts `batch` signed with the team's live secrets; deletes it on a 2xx.
-    async fn send(
+    /// Posts `events` signed with the team's live secrets; `Ok` on a 2xx within `timeout`.
+    async fn post<'e>(
         &mut self,
         shared: &Shared,
         team: &str,
         hook: &Webhook,
-        batch: &[QueuedReceipt],
+        events: impl Iterator<Item = &'e Event>,
+        timeout: Duration,
     ) -> Result<(), String> {
-        let events: Vec<Event> = batch.iter().map(|r| r.event.clone()).collect();
+        let events: Vec<Event> = events.cloned().collect();
         let now_ms = unix_millis();
         let id = webhook::batch_id(&events);
         let timestamp = now_ms / 1000;
         let body = webhook::batch_body(team, &events, now_ms);
         let signature = webhook::signature_header(&hook.signing_keys(now_ms), &id, timestamp, &body);
         let endpoint = webhook::check_url(&hook.url, shared.settings.allow_private)?;
-        let timeout = shared.settings.request_timeout;
         let answer = tokio::time::timeout(timeout, async {
             let sender = self.connected(shared, &endpoint).await?;
             let request = http::Request::post(&endpoint.path)
@@ -379,11 +489,6 @@ impl TeamSender {
         }
         metrics::counter!("courier_webhook_requests_total", "result" => "ok").increment(1);
         self.failures = 0;
-        let seqs = batch.iter().map(|r| r.seq).collect();
-        shared.store.remove_receipts(team, seqs).await.map_err(|e| format!("deleting sent receipts: {e}"))?;
-        for receipt in batch {
-            shared.replicator.release_receipts(receipt.device, std::slice::from_ref(&receipt.event.id));
-        }
         metrics::counter!("courier_webhook_events_total", "outcome" => "sent").increment(events.len() as u64);
         let done_ms = unix_millis();
         for event in &events {

@@ -298,3 +298,88 @@ async fn a_failing_endpoint_holds_up_only_its_own_team_and_its_redirects_are_not
     .await;
     link.close().await.expect("close");
 }
+
+/// The `courier_webhook_events_total{outcome}` counter of the node a link is on.
+async fn outcome_count(cluster: &ProcessCluster, node_addr: &str, outcome: &str) -> f64 {
+    let node = cluster.nodes.iter().find(|n| n.device_addr == node_addr).expect("the link's node");
+    let text = common::http_get(&format!("http://{}/metrics", node.metrics_addr)).await;
+    let name = format!(r#"courier_webhook_events_total{{outcome="{outcome}"}}"#);
+    common::metric_value(&text, &name).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_kept_unsaved_are_never_written_when_taken_in_time_and_written_when_refused() {
+    let receiver = Receiver::start().await;
+    let ca = receiver.ca_path.to_str().expect("path").to_string();
+    // A long ack window, so that every ack here spares the commit and the receipt is one nothing stored.
+    let flags = [
+        "--webhooks-allow-private",
+        "--webhook-ca",
+        &ca,
+        "--webhook-batch-wait-ms",
+        "50",
+        "--webhook-save-after-ms",
+        "5000",
+        "--ack-wait-ms",
+        "3000",
+    ];
+    let cluster = ProcessCluster::start(&flags, 10_000).await;
+    let team = team_id(cluster.dir.path());
+    cluster.ctl_ok(&["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
+    eventually(Duration::from_secs(10), "the gateway knows the team gets receipts", || {
+        let view = cluster.gateway.view.borrow().clone();
+        std::future::ready(view.is_some_and(|v| v.receipt_teams.contains(&team)))
+    })
+    .await;
+    let (_, mut link, token) = common::registered_device(&cluster.endpoints[0]).await;
+    let owner = link.node_addr.to_string();
+    // Pushed, received and acked by the device, answered (DELIVERED, as it was acked before any commit).
+    let mut push_and_ack = async |label: &str| {
+        let answer = tokio::spawn({
+            let (provider, push) = (cluster.provider.clone(), push(&cluster, &token, label, later(), None));
+            async move { provider.push(&push).await.expect("push") }
+        });
+        assert_eq!(link.next_notification().await.expect("notification").apns_id, id(label));
+        link.flush_acks().await.expect("ack");
+        assert_eq!(answer.await.expect("push task").status, 200, "{label}");
+    };
+
+    // Taken by the endpoint at once: sent from memory, never queued in the store.
+    for label in ["unsaved-1", "unsaved-2", "unsaved-3"] {
+        push_and_ack(label).await;
+    }
+    eventually(Duration::from_secs(10), "the three receipts", || {
+        let events = receiver.accepted_events();
+        std::future::ready(
+            ["unsaved-1", "unsaved-2", "unsaved-3"].iter().all(|l| event(&events, l, "delivered").is_some()),
+        )
+    })
+    .await;
+    // The node counts them once it has the endpoint's answer, which may be after the test saw them.
+    eventually(Duration::from_secs(10), "the owner counts three sent", || async {
+        outcome_count(&cluster, &owner, "sent").await == 3.0
+    })
+    .await;
+    assert_eq!(outcome_count(&cluster, &owner, "queued").await, 0.0, "nothing was written");
+    assert_eq!(outcome_count(&cluster, &owner, "saved").await, 0.0);
+
+    // Refused: written (queued here and held by the other holders), and sent once the endpoint answers, as
+    // the same message.
+    receiver.fail_next(2);
+    let before = receiver.requests().len();
+    push_and_ack("refused-1").await;
+    eventually(Duration::from_secs(30), "the refused receipt, once the endpoint answers", || {
+        std::future::ready(event(&receiver.accepted_events(), "refused-1", "delivered").is_some())
+    })
+    .await;
+    let attempts: Vec<Received> = receiver.requests()[before..].to_vec();
+    assert_eq!(attempts.iter().map(|r| r.status).collect::<Vec<_>>(), [500, 500, 204], "{attempts:?}");
+    assert!(attempts.iter().all(|r| r.id == attempts[0].id), "a retry keeps its webhook-id");
+    eventually(Duration::from_secs(10), "the owner counts four sent", || async {
+        outcome_count(&cluster, &owner, "sent").await == 4.0
+    })
+    .await;
+    assert_eq!(outcome_count(&cluster, &owner, "saved").await, 1.0);
+    assert_eq!(outcome_count(&cluster, &owner, "queued").await, 1.0);
+    link.close().await.expect("close");
+}
