@@ -207,10 +207,11 @@ pub struct NodeConfig {
     #[arg(long, env = "COURIER_WEBHOOK_QUEUE_CAP", default_value_t = crate::store::DEFAULT_RECEIPTS_PER_TEAM)]
     pub webhook_queue_cap: u64,
     /// How long the `delivered` receipt of a notification nothing stored (acked before any commit) may wait
-    /// in memory for its team's endpoint, in milliseconds, before it is written (queued on this node and
-    /// copied to the device's other holders). An owner killed within that time loses the ones its endpoint
-    /// had not taken. 0 writes each at once (in the next group commit and replication batch).
-    #[arg(long, env = "COURIER_WEBHOOK_SAVE_AFTER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    /// in memory for its team's endpoint, in milliseconds, on the owner and (copied in the next replication
+    /// batch) on the device's other holders, before it is written (queued on the owner, held in the others'
+    /// stores). Losing one takes the owner and every other holder dying within that time. 0 writes each at
+    /// once (in the next group commit and replication batch).
+    #[arg(long, env = "COURIER_WEBHOOK_SAVE_AFTER_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub webhook_save_after_ms: u64,
     /// How often the owner looks for stored notifications that expired, to send their receipts, in seconds.
     #[arg(long, env = "COURIER_WEBHOOK_EXPIRY_SWEEP_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]

@@ -319,15 +319,13 @@ impl Delivery {
 
     /// Keeps a receipt decided with nothing stored without waiting for it to be written: for the acks of
     /// notifications that were on the link only, the common case of a healthy link, where waiting for two
-    /// more commits would cost the provider's answer what ack-before-commit saved. It waits unsaved for
-    /// its endpoint (`--webhook-save-after-ms`), or is queued here and copied to the device's other holders
-    /// in the next group commit and replication batch; an owner killed before then loses it.
+    /// more commits would cost the provider's answer what ack-before-commit saved. It waits unsaved here
+    /// and on the device's other holders (`receipts::unsaved`), which it reaches in the next replication
+    /// batch; an owner killed before that batch left loses it.
     fn receipt_later(&self, device: DeviceId, event: Option<Event>) {
         let Some(event) = event else { return };
         let parts = &self.inner.parts;
-        if let Some(receipt) = parts.unsaved.keep(Unsaved { device, event }) {
-            crate::receipts::unsaved::save(&parts.store, &parts.replicator, vec![receipt]);
-        }
+        crate::receipts::unsaved::keep(&parts.unsaved, &parts.store, &parts.replicator, Unsaved { device, event });
     }
 
     /// Inserts locally and on the device's ring successors at the same time: done only once both are, on
@@ -420,7 +418,7 @@ impl Delivery {
             .map(|r| {
                 let device = DeviceId::from_slice(&r.device_id).ok_or(ReplicaError::BadDeviceId)?;
                 let event = serde_json::from_slice::<Event>(&r.event_json).map_err(|_| ReplicaError::BadReceipt)?;
-                Ok((device, event))
+                Ok((device, event, r.unsaved))
             })
             .collect::<Result<Vec<_>, ReplicaError>>()?;
         let released = released
@@ -448,8 +446,17 @@ impl Delivery {
         let mut applied = puts.into_iter().chain(removes).collect::<Result<Vec<()>, ReplicaError>>()?.len();
         applied += subscriptions.len() + receipts.len() + released.len();
         parts.store.save_subscriptions(subscriptions).await?;
-        parts.store.keep_receipts(receipts, ReceiptRole::Hold).await?;
-        parts.store.release_held(released);
+        // Unsaved copies are held in memory (the owner has them too), the rest in the store.
+        let now_ms = unix_millis();
+        let to_store: Vec<(DeviceId, Event)> = receipts
+            .into_iter()
+            .filter_map(|(device, event, unsaved)| match unsaved {
+                true => parts.unsaved.hold(device, event, now_ms),
+                false => Some((device, event)),
+            })
+            .collect();
+        parts.store.keep_receipts(to_store, ReceiptRole::Hold).await?;
+        parts.store.release_held(parts.unsaved.release(released));
         metrics::counter!("courier_node_replicated_ops_total").increment(applied as u64);
         Ok(applied)
     }

@@ -147,8 +147,12 @@ pub async fn run(
         after => (after / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
     };
     loop {
-        let overdue = shared.unsaved.overdue(unix_millis());
-        unsaved::save_late(&shared.store, &shared.replicator, overdue);
+        let now_ms = unix_millis();
+        unsaved::save_late(&shared.store, shared.unsaved.overdue(now_ms));
+        let held = shared.unsaved.held_overdue(now_ms);
+        if let Err(error) = shared.store.keep_receipts(held, crate::store::ReceiptRole::Hold).await {
+            tracing::error!(%error, "writing held receipts failed");
+        }
         let epoch = shared.view.get().state.epoch;
         if adopted_in != Some(epoch) && shared.view.holds_lease() {
             adopted_in = adopt_held(&shared).await.then_some(epoch);
@@ -183,13 +187,12 @@ pub async fn run(
     }
     tasks.close();
     tasks.wait().await;
-    // Stopping: what was not sent is written, and awaited, so that the node sends it when it starts again.
+    // Stopping: what was not sent is written, and awaited, so that the node sends it when it starts again;
+    // so are the copies held for other owners.
     let left: Vec<(_, _)> = shared.unsaved.drain().into_iter().map(|r| (r.device, r.event)).collect();
-    if !left.is_empty() {
-        for (device, event) in &left {
-            shared.replicator.hold_receipts_later(*device, std::slice::from_ref(event));
-        }
-        if let Err(error) = shared.store.keep_receipts(left, crate::store::ReceiptRole::Queue).await {
+    let held = shared.unsaved.drain_held();
+    for (receipts, role) in [(left, crate::store::ReceiptRole::Queue), (held, crate::store::ReceiptRole::Hold)] {
+        if let Err(error) = shared.store.keep_receipts(receipts, role).await {
             tracing::error!(%error, "writing unsaved receipts at shutdown failed");
         }
     }
@@ -206,7 +209,14 @@ async fn adopt_held(shared: &Shared) -> bool {
         }
     };
     let owned: Vec<_> = devices.into_iter().filter(|d| shared.view.placement(*d) == Placement::Here).collect();
-    match shared.store.adopt_held(owned).await {
+    // Unsaved copies held in memory are written to the send queue as they are taken.
+    let from_memory = shared.unsaved.adopt(|d| shared.view.placement(d) == Placement::Here);
+    let in_memory = from_memory.len();
+    if let Err(error) = shared.store.keep_receipts(from_memory, crate::store::ReceiptRole::Queue).await {
+        tracing::error!(%error, "taking over held receipts failed");
+        return false;
+    }
+    match shared.store.adopt_held(owned).await.map(|n| n + in_memory) {
         Ok(0) => true,
         Ok(adopted) => {
             metrics::counter!("courier_webhook_events_total", "outcome" => "adopted").increment(adopted as u64);
@@ -276,9 +286,14 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
                 let left = Duration::from_millis(left_ms.saturating_sub(unix_millis())).max(UNSAVED_MIN_TIMEOUT);
                 let timeout = shared.settings.request_timeout.min(left);
                 match sender.post(&shared, &team, &hook, batch.iter().map(|r| &r.event), timeout).await {
-                    Ok(()) => Duration::ZERO,
+                    Ok(()) => {
+                        for receipt in &batch {
+                            shared.replicator.release_receipts(receipt.device, std::slice::from_ref(&receipt.event.id));
+                        }
+                        Duration::ZERO
+                    }
                     Err(why) => {
-                        unsaved::save_late(&shared.store, &shared.replicator, batch);
+                        unsaved::save_late(&shared.store, batch);
                         let backoff = sender.failed();
                         tracing::info!(%team, %why, retry_in = ?backoff, "a webhook request failed");
                         backoff

@@ -230,7 +230,7 @@ impl Replicator {
         let held: Vec<HeldReceipt> = events
             .iter()
             .filter_map(|e| serde_json::to_vec(e).ok())
-            .map(|event_json| HeldReceipt { device_id: device.to_bytes().to_vec(), event_json })
+            .map(|event_json| HeldReceipt { device_id: device.to_bytes().to_vec(), event_json, unsaved: false })
             .collect();
         let stored = join_all(others.iter().map(|node| {
             let held = held.clone();
@@ -245,10 +245,11 @@ impl Replicator {
     }
 
     /// `hold_receipts` without waiting: the copies travel in the next replication batches, like acks.
-    pub fn hold_receipts_later(&self, device: DeviceId, events: &[Event]) {
+    /// `unsaved` ones the holders keep in memory until the owner releases them or they are overdue.
+    pub fn hold_receipts_later(&self, device: DeviceId, events: &[Event], unsaved: bool) {
         for event in events {
             let Ok(event_json) = serde_json::to_vec(event) else { continue };
-            let held = HeldReceipt { device_id: device.to_bytes().to_vec(), event_json };
+            let held = HeldReceipt { device_id: device.to_bytes().to_vec(), event_json, unsaved };
             self.tell_other_holders(device, || PeerOp::Receipt(held.clone(), None));
         }
     }

@@ -34,9 +34,19 @@ async fn receipts_decided_before_the_owner_was_sigkilled_are_sent_by_the_new_own
     let receiver = Receiver::start().await;
     receiver.fail_next(usize::MAX);
     let ca = receiver.ca_path.to_str().expect("path").to_string();
-    // A long ack window, so that the device's ack (from this test) is in time to spare the commit.
-    let flags =
-        ["--webhooks-allow-private", "--webhook-ca", &ca, "--webhook-batch-wait-ms", "50", "--ack-wait-ms", "3000"];
+    // A long ack window, so that the device's ack (from this test) is in time to spare the commit; and a
+    // long time unsaved, so that the successor holds the receipt of that ack in memory only.
+    let flags = [
+        "--webhooks-allow-private",
+        "--webhook-ca",
+        &ca,
+        "--webhook-batch-wait-ms",
+        "50",
+        "--ack-wait-ms",
+        "3000",
+        "--webhook-save-after-ms",
+        "60000",
+    ];
     let ProcessCluster { dir, mut nodes, gateway, provider, signer, endpoints } =
         ProcessCluster::start(&flags, 10_000).await;
     let team = team_id(dir.path());

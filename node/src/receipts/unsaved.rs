@@ -1,13 +1,18 @@
 //! Receipts not written yet: the `delivered` receipts of notifications acked before any commit (and of
-//! ones with expiration 0, answered when handed to the link), which nothing stored. Their team's task sends
-//! them from memory; only one its endpoint has not taken within `save_after` of its outcome is written
-//! (queued in the store and copied to the device's other holders, as every other receipt is at once). On a
-//! healthy endpoint most never cost a write or a copy; an owner killed in that time loses the ones it held.
+//! ones with expiration 0, answered when handed to the link), which nothing stored. The owner keeps them in
+//! memory and its team's task sends them from there; the device's other holders are sent a copy in the next
+//! replication batch and keep it in memory too, until the owner says the endpoint took it (or they become
+//! the device's owner, and send it). Only a receipt not taken within `save_after` of its outcome, or refused
+//! by the endpoint, is written: queued on the owner, held in the store by the others, as every other
+//! receipt is at once. So on a healthy endpoint most receipts never cost a write, and the owner's death
+//! still loses none the replication batch carried: a holder has it. Losing one takes the owner and every
+//! other holder dying within that time.
 //!
 //! Whoever takes a receipt out of here owns it: the team's task while it sends it (and writes it if the
-//! request fails), the sweep when it is overdue. A team holds at most `cap`; more are written at once.
+//! request fails), the sweep when it is overdue, the adoption when this node now owns its device. Each side
+//! holds at most `cap` (per team on the owner, in all on a holder); more are written at once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -27,20 +32,36 @@ pub struct Unsaved {
     pub event: Event,
 }
 
-/// The unsaved receipts of every team, oldest first.
+/// The unsaved receipts of every team this node owns devices for, oldest first, and the copies it holds
+/// for other owners.
 #[derive(Debug)]
 pub struct UnsavedReceipts {
     save_after: Duration,
     cap: usize,
     teams: Mutex<HashMap<String, VecDeque<Unsaved>>>,
+    held: Mutex<Held>,
     /// Woken when a team's first receipt arrives, so that its task starts.
     arrived: tokio::sync::Notify,
+}
+
+/// Copies held for other owners, by device and event id, with the order they came in.
+#[derive(Debug, Default)]
+struct Held {
+    copies: HashMap<(DeviceId, String), Event>,
+    /// (when it came, UNIX ms; device; event id), oldest first; released ones are skipped when met.
+    arrivals: VecDeque<(u64, DeviceId, String)>,
 }
 
 impl UnsavedReceipts {
     /// Keeps receipts up to `save_after` (zero: none is kept, each is written at once).
     pub fn new(save_after: Duration, cap: usize) -> Self {
-        UnsavedReceipts { save_after, cap, teams: Mutex::new(HashMap::new()), arrived: tokio::sync::Notify::new() }
+        UnsavedReceipts {
+            save_after,
+            cap,
+            teams: Mutex::new(HashMap::new()),
+            held: Mutex::new(Held::default()),
+            arrived: tokio::sync::Notify::new(),
+        }
     }
 
     pub fn save_after(&self) -> Duration {
@@ -125,26 +146,95 @@ impl UnsavedReceipts {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds an unsaved copy another owner sent; gives it back when it must be written now instead.
+    #[must_use = "a copy given back must be written"]
+    pub fn hold(&self, device: DeviceId, event: Event, now_ms: u64) -> Option<(DeviceId, Event)> {
+        let mut held = self.lock_held();
+        if self.save_after.is_zero() || held.copies.len() >= self.cap {
+            return Some((device, event));
+        }
+        held.arrivals.push_back((now_ms, device, event.id.clone()));
+        held.copies.insert((device, event.id.clone()), event);
+        None
+    }
+
+    /// Drops the held copies the owner's endpoint took; gives back those not held here (they may be in
+    /// the store).
+    pub fn release(&self, released: Vec<(DeviceId, String)>) -> Vec<(DeviceId, String)> {
+        let mut held = self.lock_held();
+        if held.copies.is_empty() {
+            return released;
+        }
+        released.into_iter().filter(|key| held.copies.remove(key).is_none()).collect()
+    }
+
+    /// Takes the held copies that came `save_after` or longer before `now_ms`.
+    pub fn held_overdue(&self, now_ms: u64) -> Vec<(DeviceId, Event)> {
+        let due_before = now_ms.saturating_sub(self.save_after.as_millis() as u64);
+        let mut held = self.lock_held();
+        let mut taken = Vec::new();
+        while held.arrivals.front().is_some_and(|(at, ..)| *at <= due_before) {
+            let Some((_, device, id)) = held.arrivals.pop_front() else { break };
+            if let Some(event) = held.copies.remove(&(device, id)) {
+                taken.push((device, event));
+            }
+        }
+        if held.copies.is_empty() {
+            held.arrivals.clear();
+        }
+        taken
+    }
+
+    /// Takes the held copies of the devices `owned` says this node now owns.
+    pub fn adopt(&self, owned: impl Fn(DeviceId) -> bool) -> Vec<(DeviceId, Event)> {
+        let mut held = self.lock_held();
+        let devices: HashSet<DeviceId> = held.copies.keys().map(|(device, _)| *device).filter(|d| owned(*d)).collect();
+        let keys: Vec<(DeviceId, String)> = held.copies.keys().filter(|(d, _)| devices.contains(d)).cloned().collect();
+        keys.into_iter().filter_map(|key| held.copies.remove_entry(&key)).map(|((d, _), e)| (d, e)).collect()
+    }
+
+    /// Takes every held copy (the node is stopping).
+    pub fn drain_held(&self) -> Vec<(DeviceId, Event)> {
+        let mut held = self.lock_held();
+        held.arrivals.clear();
+        held.copies.drain().map(|((device, _), event)| (device, event)).collect()
+    }
+
+    /// How many copies are held here.
+    pub fn held(&self) -> usize {
+        self.lock_held().copies.len()
+    }
 }
 
-/// Writes receipts that waited unsaved and were not taken; counted as `saved`.
-pub fn save_late(store: &Store, replicator: &Replicator, receipts: Vec<Unsaved>) {
-    metrics::counter!("courier_webhook_events_total", "outcome" => "saved").increment(receipts.len() as u64);
-    save(store, replicator, receipts);
-}
-
-/// Writes receipts as every receipt decided with nothing stored is written: copied to the device's other
-/// holders (in their next replication batch) and queued here (in the next group commit), without waiting.
-pub fn save(store: &Store, replicator: &Replicator, receipts: Vec<Unsaved>) {
+/// Queues receipts that waited unsaved and were not taken here (in the next group commit), without
+/// waiting; counted as `saved`. The other holders were sent their copies when the receipts were kept, and
+/// write those themselves.
+pub fn save_late(store: &Store, receipts: Vec<Unsaved>) {
     if receipts.is_empty() {
         return;
     }
-    let mut events = Vec::with_capacity(receipts.len());
-    for Unsaved { device, event } in receipts {
-        replicator.hold_receipts_later(device, std::slice::from_ref(&event));
-        events.push((device, event));
+    metrics::counter!("courier_webhook_events_total", "outcome" => "saved").increment(receipts.len() as u64);
+    store.queue_receipts(receipts.into_iter().map(|r| (r.device, r.event)).collect());
+}
+
+/// Keeps a receipt decided with nothing stored, without waiting for any write: unsaved here with unsaved
+/// copies on the device's other holders, or, when that is off or full, queued here and copied to the
+/// holders' stores in the next group commit and replication batch.
+pub fn keep(unsaved: &UnsavedReceipts, store: &Store, replicator: &Replicator, receipt: Unsaved) {
+    let event = std::slice::from_ref(&receipt.event);
+    let device = receipt.device;
+    match unsaved.keep(receipt.clone()) {
+        None => replicator.hold_receipts_later(device, event, true),
+        Some(receipt) => {
+            replicator.hold_receipts_later(device, event, false);
+            store.queue_receipts(vec![(receipt.device, receipt.event)]);
+        }
     }
-    store.queue_receipts(events);
 }
 
 #[cfg(test)]
@@ -178,6 +268,29 @@ mod tests {
         assert_eq!(unsaved.teams(), [("A".to_string(), 1)]);
         assert_eq!(ids(&unsaved.drain()), ["a3"]);
         assert!(unsaved.is_empty() && unsaved.take("A", 5).is_empty());
+    }
+
+    #[test]
+    fn held_copies_are_released_swept_when_overdue_or_adopted_by_their_new_owner() {
+        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), 3);
+        let copy = |device: u128, apns_id: &str| (DeviceId(device), receipt("A", apns_id, 0).event);
+        for (device, id, at) in [(1, "r1", 100), (2, "r2", 200), (1, "r3", 900)] {
+            let (device, event) = copy(device, id);
+            assert!(unsaved.hold(device, event, at).is_none());
+        }
+        let (device, event) = copy(3, "r4");
+        assert!(unsaved.hold(device, event, 950).is_some(), "full: written at once");
+        let r1 = copy(1, "r1").1.id;
+        let unknown = copy(9, "r9").1.id;
+        let left = unsaved.release(vec![(DeviceId(1), r1), (DeviceId(9), unknown.clone())]);
+        assert_eq!(left, [(DeviceId(9), unknown)], "what is not held here is left for the store");
+        // r1 was released: only r2 came a second before 1,250 ms.
+        let overdue = unsaved.held_overdue(1250);
+        assert_eq!(overdue.iter().map(|(d, e)| (d.0, e.apns_id.as_str())).collect::<Vec<_>>(), [(2, "r2")]);
+        let adopted = unsaved.adopt(|d| d == DeviceId(1));
+        assert_eq!(adopted.iter().map(|(d, e)| (d.0, e.apns_id.as_str())).collect::<Vec<_>>(), [(1, "r3")]);
+        assert_eq!(unsaved.held(), 0);
+        assert!(unsaved.held_overdue(10_000).is_empty());
     }
 
     #[test]
