@@ -413,14 +413,18 @@ impl Delivery {
                 return Err(ReplicaError::BadChannelId);
             }
         }
-        let receipts = receipts
-            .into_iter()
-            .map(|r| {
-                let device = DeviceId::from_slice(&r.device_id).ok_or(ReplicaError::BadDeviceId)?;
+        // An unsaved copy is kept as it came (`receipts::unsaved`); the rest are parsed now.
+        let mut unsaved_copies = Vec::new();
+        let mut receipts_parsed = Vec::new();
+        for r in receipts {
+            let device = DeviceId::from_slice(&r.device_id).ok_or(ReplicaError::BadDeviceId)?;
+            if r.unsaved && !r.event_id.is_empty() {
+                unsaved_copies.push((device, r.event_id, r.event_json));
+            } else {
                 let event = serde_json::from_slice::<Event>(&r.event_json).map_err(|_| ReplicaError::BadReceipt)?;
-                Ok((device, event, r.unsaved))
-            })
-            .collect::<Result<Vec<_>, ReplicaError>>()?;
+                receipts_parsed.push((device, event));
+            }
+        }
         let released = released
             .into_iter()
             .map(|r| Ok((DeviceId::from_slice(&r.device_id).ok_or(ReplicaError::BadDeviceId)?, r.event_id)))
@@ -444,17 +448,16 @@ impl Delivery {
         }))
         .await;
         let mut applied = puts.into_iter().chain(removes).collect::<Result<Vec<()>, ReplicaError>>()?.len();
-        applied += subscriptions.len() + receipts.len() + released.len();
+        applied += subscriptions.len() + unsaved_copies.len() + receipts_parsed.len() + released.len();
         parts.store.save_subscriptions(subscriptions).await?;
         // Unsaved copies are held in memory (the owner has them too), the rest in the store.
         let now_ms = unix_millis();
-        let to_store: Vec<(DeviceId, Event)> = receipts
-            .into_iter()
-            .filter_map(|(device, event, unsaved)| match unsaved {
-                true => parts.unsaved.hold(device, event, now_ms),
-                false => Some((device, event)),
-            })
-            .collect();
+        let mut to_store = receipts_parsed;
+        for (device, id, json) in unsaved_copies {
+            if let Some(json) = parts.unsaved.hold(device, id, json, now_ms) {
+                to_store.extend(crate::receipts::unsaved::parsed(device, &json));
+            }
+        }
         parts.store.keep_receipts(to_store, ReceiptRole::Hold).await?;
         parts.store.release_held(parts.unsaved.release(released));
         metrics::counter!("courier_node_replicated_ops_total").increment(applied as u64);

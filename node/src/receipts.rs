@@ -287,9 +287,8 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
                 let timeout = shared.settings.request_timeout.min(left);
                 match sender.post(&shared, &team, &hook, batch.iter().map(|r| &r.event), timeout).await {
                     Ok(()) => {
-                        for receipt in &batch {
-                            shared.replicator.release_receipts(receipt.device, std::slice::from_ref(&receipt.event.id));
-                        }
+                        let taken: Vec<_> = batch.into_iter().map(|r| (r.device, r.event.id)).collect();
+                        shared.replicator.release_receipts(&taken);
                         Duration::ZERO
                     }
                     Err(why) => {
@@ -365,14 +364,16 @@ async fn next_batch(shared: &Shared, team: &str) -> Next {
     }
     if !doomed.is_empty() {
         let mut seqs = Vec::with_capacity(doomed.len());
+        let mut given_up = Vec::with_capacity(doomed.len());
         for (seq, outcome, receipt) in doomed {
             metrics::counter!("courier_webhook_events_total", "outcome" => outcome).increment(1);
             seqs.push(seq);
             // Given up on here: the other holders need not keep it for this node's death either.
             if let Some(receipt) = receipt {
-                shared.replicator.release_receipts(receipt.device, std::slice::from_ref(&receipt.event.id));
+                given_up.push((receipt.device, receipt.event.id));
             }
         }
+        shared.replicator.release_receipts(&given_up);
         if let Err(error) = shared.store.remove_receipts(team, seqs).await {
             tracing::error!(%error, "dropping receipts failed");
             return Next::Wait(Duration::from_secs(1));
@@ -433,9 +434,8 @@ fn fill_wait(settings: &ReceiptSettings, len: usize, oldest_ms: u64, now_ms: u64
 async fn sent(shared: &Shared, team: &str, batch: &[QueuedReceipt]) -> Result<(), crate::store::StoreError> {
     let seqs = batch.iter().map(|r| r.seq).collect();
     shared.store.remove_receipts(team, seqs).await?;
-    for receipt in batch {
-        shared.replicator.release_receipts(receipt.device, std::slice::from_ref(&receipt.event.id));
-    }
+    let taken: Vec<_> = batch.iter().map(|r| (r.device, r.event.id.clone())).collect();
+    shared.replicator.release_receipts(&taken);
     Ok(())
 }
 

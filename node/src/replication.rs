@@ -46,8 +46,8 @@ enum PeerOp {
     Subscription(Box<Subscription>, Option<oneshot::Sender<bool>>),
     /// A receipt to hold, and who waits to hear it is stored there, if anyone.
     Receipt(HeldReceipt, Option<oneshot::Sender<bool>>),
-    /// A receipt the team's endpoint took: the holder drops its copy.
-    Released(ReleasedReceipt),
+    /// Receipts the team's endpoint took: the holder drops its copies.
+    Released(Vec<ReleasedReceipt>),
 }
 
 /// One peer's batching task and its breaker.
@@ -230,7 +230,13 @@ impl Replicator {
         let held: Vec<HeldReceipt> = events
             .iter()
             .filter_map(|e| serde_json::to_vec(e).ok())
-            .map(|event_json| HeldReceipt { device_id: device.to_bytes().to_vec(), event_json, unsaved: false })
+            .zip(events.iter())
+            .map(|(event_json, event)| HeldReceipt {
+                device_id: device.to_bytes().to_vec(),
+                event_json,
+                unsaved: false,
+                event_id: event.id.clone(),
+            })
             .collect();
         let stored = join_all(others.iter().map(|node| {
             let held = held.clone();
@@ -249,18 +255,31 @@ impl Replicator {
     pub fn hold_receipts_later(&self, device: DeviceId, events: &[Event], unsaved: bool) {
         for event in events {
             let Ok(event_json) = serde_json::to_vec(event) else { continue };
-            let held = HeldReceipt { device_id: device.to_bytes().to_vec(), event_json, unsaved };
+            let held =
+                HeldReceipt { device_id: device.to_bytes().to_vec(), event_json, unsaved, event_id: event.id.clone() };
             self.tell_other_holders(device, || PeerOp::Receipt(held.clone(), None));
         }
     }
 
-    /// Tells the device's other holders that its team's endpoint took these receipts. Not awaited: a copy
-    /// left behind is only sent again if the holder becomes the owner, and is pruned after the retry window.
-    pub fn release_receipts(&self, device: DeviceId, ids: &[String]) {
-        for id in ids {
-            self.tell_other_holders(device, || {
-                PeerOp::Released(ReleasedReceipt { device_id: device.to_bytes().to_vec(), event_id: id.clone() })
-            });
+    /// Tells the other holders of each receipt's device that its team's endpoint took it, one message per
+    /// holder. Not awaited: a copy left behind is only sent again if the holder becomes the owner, and is
+    /// pruned after the retry window.
+    pub fn release_receipts(&self, receipts: &[(DeviceId, String)]) {
+        let view = self.view.get();
+        let holders = view.state.ring.copies() + 1;
+        let mut by_node: HashMap<NodeId, Vec<ReleasedReceipt>> = HashMap::new();
+        for (device, id) in receipts {
+            for node in view.ring.candidates(*device, holders) {
+                if node != self.id {
+                    let released = ReleasedReceipt { device_id: device.to_bytes().to_vec(), event_id: id.clone() };
+                    by_node.entry(node).or_default().push(released);
+                }
+            }
+        }
+        for (node, released) in by_node {
+            if let Some(addr) = self.addr_of(node) {
+                let _ = self.link(&addr).0.try_send(PeerOp::Released(released));
+            }
         }
     }
 
@@ -533,7 +552,7 @@ impl BatchTask {
                     request.receipts.push(receipt);
                     applied_waiters.extend(reply);
                 }
-                PeerOp::Released(released) => request.released_receipts.push(released),
+                PeerOp::Released(released) => request.released_receipts.extend(released),
             }
         }
         // Removes alone are stamped with the current epoch: nothing in them is decided by ownership.

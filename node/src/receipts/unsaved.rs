@@ -44,10 +44,11 @@ pub struct UnsavedReceipts {
     arrived: tokio::sync::Notify,
 }
 
-/// Copies held for other owners, by device and event id, with the order they came in.
+/// Copies held for other owners (the event's JSON as it came, parsed only if it is written or taken over),
+/// by device and event id, with the order they came in.
 #[derive(Debug, Default)]
 struct Held {
-    copies: HashMap<(DeviceId, String), Event>,
+    copies: HashMap<(DeviceId, String), Vec<u8>>,
     /// (when it came, UNIX ms; device; event id), oldest first; released ones are skipped when met.
     arrivals: VecDeque<(u64, DeviceId, String)>,
 }
@@ -151,15 +152,16 @@ impl UnsavedReceipts {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Holds an unsaved copy another owner sent; gives it back when it must be written now instead.
+    /// Holds an unsaved copy another owner sent (the event `id`, as JSON); gives it back when it must be
+    /// written now instead.
     #[must_use = "a copy given back must be written"]
-    pub fn hold(&self, device: DeviceId, event: Event, now_ms: u64) -> Option<(DeviceId, Event)> {
+    pub fn hold(&self, device: DeviceId, id: String, json: Vec<u8>, now_ms: u64) -> Option<Vec<u8>> {
         let mut held = self.lock_held();
         if self.save_after.is_zero() || held.copies.len() >= self.cap {
-            return Some((device, event));
+            return Some(json);
         }
-        held.arrivals.push_back((now_ms, device, event.id.clone()));
-        held.copies.insert((device, event.id.clone()), event);
+        held.arrivals.push_back((now_ms, device, id.clone()));
+        held.copies.insert((device, id), json);
         None
     }
 
@@ -180,8 +182,8 @@ impl UnsavedReceipts {
         let mut taken = Vec::new();
         while held.arrivals.front().is_some_and(|(at, ..)| *at <= due_before) {
             let Some((_, device, id)) = held.arrivals.pop_front() else { break };
-            if let Some(event) = held.copies.remove(&(device, id)) {
-                taken.push((device, event));
+            if let Some(json) = held.copies.remove(&(device, id)) {
+                taken.extend(parsed(device, &json));
             }
         }
         if held.copies.is_empty() {
@@ -195,19 +197,33 @@ impl UnsavedReceipts {
         let mut held = self.lock_held();
         let devices: HashSet<DeviceId> = held.copies.keys().map(|(device, _)| *device).filter(|d| owned(*d)).collect();
         let keys: Vec<(DeviceId, String)> = held.copies.keys().filter(|(d, _)| devices.contains(d)).cloned().collect();
-        keys.into_iter().filter_map(|key| held.copies.remove_entry(&key)).map(|((d, _), e)| (d, e)).collect()
+        keys.into_iter()
+            .filter_map(|key| held.copies.remove_entry(&key))
+            .filter_map(|((d, _), json)| parsed(d, &json))
+            .collect()
     }
 
     /// Takes every held copy (the node is stopping).
     pub fn drain_held(&self) -> Vec<(DeviceId, Event)> {
         let mut held = self.lock_held();
         held.arrivals.clear();
-        held.copies.drain().map(|((device, _), event)| (device, event)).collect()
+        held.copies.drain().filter_map(|((device, _), json)| parsed(device, &json)).collect()
     }
 
     /// How many copies are held here.
     pub fn held(&self) -> usize {
         self.lock_held().copies.len()
+    }
+}
+
+/// A held copy's event; one that does not parse is dropped and counted (`unreadable`).
+pub fn parsed(device: DeviceId, json: &[u8]) -> Option<(DeviceId, Event)> {
+    match serde_json::from_slice::<Event>(json) {
+        Ok(event) => Some((device, event)),
+        Err(_) => {
+            metrics::counter!("courier_webhook_events_total", "outcome" => "unreadable").increment(1);
+            None
+        }
     }
 }
 
@@ -274,12 +290,14 @@ mod tests {
     fn held_copies_are_released_swept_when_overdue_or_adopted_by_their_new_owner() {
         let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), 3);
         let copy = |device: u128, apns_id: &str| (DeviceId(device), receipt("A", apns_id, 0).event);
+        let hold = |device: u128, apns_id: &str, at: u64| {
+            let (device, event) = copy(device, apns_id);
+            unsaved.hold(device, event.id.clone(), serde_json::to_vec(&event).expect("json"), at)
+        };
         for (device, id, at) in [(1, "r1", 100), (2, "r2", 200), (1, "r3", 900)] {
-            let (device, event) = copy(device, id);
-            assert!(unsaved.hold(device, event, at).is_none());
+            assert!(hold(device, id, at).is_none());
         }
-        let (device, event) = copy(3, "r4");
-        assert!(unsaved.hold(device, event, 950).is_some(), "full: written at once");
+        assert!(hold(3, "r4", 950).is_some(), "full: written at once");
         let r1 = copy(1, "r1").1.id;
         let unknown = copy(9, "r9").1.id;
         let left = unsaved.release(vec![(DeviceId(1), r1), (DeviceId(9), unknown.clone())]);
