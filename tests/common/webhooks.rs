@@ -195,3 +195,12 @@ pub fn labelled_push(
     push.collapse_id = collapse.map(str::to_string);
     push
 }
+
+/// Waits until the gateway's view names every one of `teams` as getting receipts (it then tags their pushes).
+pub async fn gateway_sends_receipts_for(gateway: &courier_gateway::RunningGateway, teams: &[&str]) {
+    super::eventually(std::time::Duration::from_secs(10), "the gateway knows the teams get receipts", || {
+        let view = gateway.view.borrow().clone();
+        std::future::ready(view.is_some_and(|v| teams.iter().all(|t| v.receipt_teams.contains(*t))))
+    })
+    .await;
+}

@@ -8,7 +8,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::webhooks::{Receiver, event, labelled_push, team_id};
+use common::webhooks::{Receiver, event, gateway_sends_receipts_for, labelled_push, team_id};
 use common::{ProcessCluster, TOPIC, eventually};
 use courier_device::{DeviceLink, LinkEvent};
 
@@ -53,11 +53,7 @@ async fn receipts_decided_before_the_owner_was_sigkilled_are_sent_by_the_new_own
     let node1 = nodes[0].cluster_addr.parse().expect("address");
     let set = common::ctl(node1, dir.path(), &["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
     assert!(set.success, "{set:?}");
-    eventually(Duration::from_secs(10), "the gateway knows the team gets receipts", || {
-        let view = gateway.view.borrow().clone();
-        std::future::ready(view.is_some_and(|v| v.receipt_teams.contains(&team)))
-    })
-    .await;
+    gateway_sends_receipts_for(&gateway, &[&team]).await;
     let push = |token: &str, label: &str, expiration: u64, collapse: Option<&str>| {
         labelled_push(&signer, token, label, expiration, collapse)
     };

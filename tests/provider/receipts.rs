@@ -8,7 +8,9 @@ use crate::common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::webhooks::{Received, Receiver, apns_id as id, event, labelled_push, printed_secret, team_id};
+use common::webhooks::{
+    Received, Receiver, apns_id as id, event, gateway_sends_receipts_for, labelled_push, printed_secret, team_id,
+};
 use common::{ProcessCluster, TOPIC, eventually};
 use courier_core::webhook::{self, SigningSecret};
 use courier_gateway::provider::Push;
@@ -87,11 +89,7 @@ async fn every_outcome_reaches_the_webhook_signed_through_an_outage_and_a_secret
     let secret = printed_secret(&set);
     let again = cluster.ctl_ok(&["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
     assert!(!again.stdout.contains("whsec_") && again.stdout.contains("unchanged"), "{again:?}");
-    eventually(Duration::from_secs(10), "the gateway knows the team gets receipts", || {
-        let view = cluster.gateway.view.borrow().clone();
-        std::future::ready(view.is_some_and(|v| v.receipt_teams.contains(&team)))
-    })
-    .await;
+    gateway_sends_receipts_for(&cluster.gateway, &[&team]).await;
 
     // Delivered: a linked device acks it.
     let (_, mut online, online_token) = common::registered_device(&cluster.endpoints[0]).await;
@@ -258,13 +256,7 @@ async fn a_failing_endpoint_holds_up_only_its_own_team_and_its_redirects_are_not
     cluster.ctl_ok(&["webhooks", "set", "--team", &first, "--url", &failing.url]).await;
     cluster.ctl_ok(&["webhooks", "set", "--team", "TEAMTWO001", "--url", &working.url]).await;
     failing.refuse_next(usize::MAX, 307);
-    eventually(Duration::from_secs(10), "the gateway knows both teams get receipts", || {
-        let view = cluster.gateway.view.borrow().clone();
-        std::future::ready(
-            view.is_some_and(|v| v.receipt_teams.contains(&first) && v.receipt_teams.contains("TEAMTWO001")),
-        )
-    })
-    .await;
+    gateway_sends_receipts_for(&cluster.gateway, &[&first, "TEAMTWO001"]).await;
 
     let (_, mut link, token) = common::registered_device(&cluster.endpoints[0]).await;
     for (signer, label) in [(&cluster.signer, "team-one"), (&second, "team-two")] {
@@ -326,11 +318,7 @@ async fn receipts_kept_unsaved_are_never_written_when_taken_in_time_and_written_
     let cluster = ProcessCluster::start(&flags, 10_000).await;
     let team = team_id(cluster.dir.path());
     cluster.ctl_ok(&["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
-    eventually(Duration::from_secs(10), "the gateway knows the team gets receipts", || {
-        let view = cluster.gateway.view.borrow().clone();
-        std::future::ready(view.is_some_and(|v| v.receipt_teams.contains(&team)))
-    })
-    .await;
+    gateway_sends_receipts_for(&cluster.gateway, &[&team]).await;
     let (_, mut link, token) = common::registered_device(&cluster.endpoints[0]).await;
     let owner = link.node_addr.to_string();
     // Pushed, received and acked by the device, answered (DELIVERED, as it was acked before any commit).
