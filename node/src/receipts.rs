@@ -10,8 +10,8 @@
 //! receipts it holds (their owner died), it moves those copies to its own send queue. A receipt may so
 //! be sent twice, under the same event id; receivers drop repeats by it.
 //!
-//! One task per team with receipts queued or unsaved. It sends the queued ones first, in order, in batches of at most `batch_max`, and
-//! waits up to `batch_wait` for a batch to fill. A 2xx answer deletes the batch; anything else (an error
+//! One task per team with receipts queued or unsaved. It sends the queued ones first, in order, in
+//! batches of at most `batch_max`, and waits up to `batch_wait` for a batch to fill. A 2xx answer deletes the batch; anything else (an error
 //! status, a redirect, a timeout, a refused connection) keeps it and retries after an exponential backoff
 //! with jitter (1 s doubling to at most 5 min, each wait drawn between half and all of that), for as long
 //! as `max_age` after the receipt's outcome; then the receipt is dropped and counted. Teams do not wait on
@@ -270,11 +270,7 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
                             Duration::from_secs(1)
                         }
                     },
-                    Err(why) => {
-                        let backoff = sender.failed();
-                        tracing::info!(%team, %why, retry_in = ?backoff, "a webhook request failed");
-                        backoff
-                    }
+                    Err(why) => sender.failed(&team, &why),
                 }
             }
             Next::SendUnsaved(hook, batch) => {
@@ -293,9 +289,7 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
                     }
                     Err(why) => {
                         unsaved::save_late(&shared.store, batch);
-                        let backoff = sender.failed();
-                        tracing::info!(%team, %why, retry_in = ?backoff, "a webhook request failed");
-                        backoff
+                        sender.failed(&team, &why)
                     }
                 }
             }
@@ -447,12 +441,14 @@ struct TeamSender {
 }
 
 impl TeamSender {
-    /// The next wait after a failure: exponential, capped, with jitter.
-    fn failed(&mut self) -> Duration {
+    /// The next wait after a failed request (`why`): exponential, capped, with jitter.
+    fn failed(&mut self, team: &str, why: &str) -> Duration {
         self.failures = self.failures.saturating_add(1);
         self.connection = None;
         let exp = BACKOFF_MIN.saturating_mul(1u32 << self.failures.saturating_sub(1).min(16)).min(BACKOFF_MAX);
-        exp.mul_f64(rand::random_range(0.5..=1.0))
+        let backoff = exp.mul_f64(rand::random_range(0.5..=1.0));
+        tracing::info!(%team, %why, retry_in = ?backoff, "a webhook request failed");
+        backoff
     }
 
     /// Posts `events` signed with the team's live secrets; `Ok` on a 2xx within `timeout`.

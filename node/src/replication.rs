@@ -250,15 +250,12 @@ impl Replicator {
         stored.into_iter().filter(|ok| *ok).count()
     }
 
-    /// `hold_receipts` without waiting: the copies travel in the next replication batches, like acks.
-    /// `unsaved` ones the holders keep in memory until the owner releases them or they are overdue.
-    pub fn hold_receipts_later(&self, device: DeviceId, events: &[Event], unsaved: bool) {
-        for event in events {
-            let Ok(event_json) = serde_json::to_vec(event) else { continue };
-            let held =
-                HeldReceipt { device_id: device.to_bytes().to_vec(), event_json, unsaved, event_id: event.id.clone() };
-            self.tell_other_holders(device, || PeerOp::Receipt(held.clone(), None));
-        }
+    /// `hold_receipts` for one receipt (its id, and the event as JSON), without waiting: the copy travels
+    /// in the next replication batches, like acks. An `unsaved` one the holders keep in memory until the
+    /// owner releases it or it is overdue.
+    pub fn hold_receipt_later(&self, device: DeviceId, event_id: String, event_json: Vec<u8>, unsaved: bool) {
+        let held = HeldReceipt { device_id: device.to_bytes().to_vec(), event_json, unsaved, event_id };
+        self.tell_other_holders(device, || PeerOp::Receipt(held.clone(), None));
     }
 
     /// Tells the other holders of each receipt's device that its team's endpoint took it, one message per

@@ -12,7 +12,7 @@
 //! request fails), the sweep when it is overdue, the adoption when this node now owns its device. Each side
 //! holds at most `cap` (per team on the owner, in all on a holder); more are written at once.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -140,10 +140,12 @@ impl UnsavedReceipts {
     }
 
     /// How many are waiting, all teams.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.lock().values().map(VecDeque::len).sum()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -195,8 +197,7 @@ impl UnsavedReceipts {
     /// Takes the held copies of the devices `owned` says this node now owns.
     pub fn adopt(&self, owned: impl Fn(DeviceId) -> bool) -> Vec<(DeviceId, Event)> {
         let mut held = self.lock_held();
-        let devices: HashSet<DeviceId> = held.copies.keys().map(|(device, _)| *device).filter(|d| owned(*d)).collect();
-        let keys: Vec<(DeviceId, String)> = held.copies.keys().filter(|(d, _)| devices.contains(d)).cloned().collect();
+        let keys: Vec<(DeviceId, String)> = held.copies.keys().filter(|(d, _)| owned(*d)).cloned().collect();
         keys.into_iter()
             .filter_map(|key| held.copies.remove_entry(&key))
             .filter_map(|((d, _), json)| parsed(d, &json))
@@ -211,6 +212,7 @@ impl UnsavedReceipts {
     }
 
     /// How many copies are held here.
+    #[cfg(test)]
     pub fn held(&self) -> usize {
         self.lock_held().copies.len()
     }
@@ -242,14 +244,14 @@ pub fn save_late(store: &Store, receipts: Vec<Unsaved>) {
 /// copies on the device's other holders, or, when that is off or full, queued here and copied to the
 /// holders' stores in the next group commit and replication batch.
 pub fn keep(unsaved: &UnsavedReceipts, store: &Store, replicator: &Replicator, receipt: Unsaved) {
-    let event = std::slice::from_ref(&receipt.event);
-    let device = receipt.device;
-    match unsaved.keep(receipt.clone()) {
-        None => replicator.hold_receipts_later(device, event, true),
-        Some(receipt) => {
-            replicator.hold_receipts_later(device, event, false);
-            store.queue_receipts(vec![(receipt.device, receipt.event)]);
-        }
+    // The holders' copy is encoded before the receipt is handed over, so that it need not be cloned.
+    let copy = serde_json::to_vec(&receipt.event).ok().map(|json| (receipt.device, receipt.event.id.clone(), json));
+    let given_back = unsaved.keep(receipt);
+    if let Some((device, id, json)) = copy {
+        replicator.hold_receipt_later(device, id, json, given_back.is_none());
+    }
+    if let Some(receipt) = given_back {
+        store.queue_receipts(vec![(receipt.device, receipt.event)]);
     }
 }
 
