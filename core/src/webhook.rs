@@ -299,10 +299,15 @@ pub struct Receipted<'a> {
 
 impl Event {
     pub fn new(outcome: EventKind, of: Receipted<'_>, reason: Option<&str>, at_ms: u64) -> Self {
-        let digest = ring::digest::digest(
-            &ring::digest::SHA256,
-            format!("{}\n{}\n{}\n{}", outcome.as_str(), of.team_id, of.token, of.apns_id).as_bytes(),
-        );
+        // SHA-256 of `outcome \n team \n token \n apns-id`, fed in parts rather than formatted first.
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        for (i, part) in [outcome.as_str(), of.team_id, of.token, of.apns_id].into_iter().enumerate() {
+            if i > 0 {
+                context.update(b"\n");
+            }
+            context.update(part.as_bytes());
+        }
+        let digest = context.finish();
         Event {
             id: format!("evt_{}", hex::encode(&digest.as_ref()[..16])),
             outcome,
@@ -332,17 +337,26 @@ pub fn batch_id(events: &[Event]) -> String {
     format!("msg_{}", hex::encode(&context.finish().as_ref()[..16]))
 }
 
-/// The JSON body of a batch, in the spec's `type` / `timestamp` / `data` shape.
+/// The JSON body of a batch, in the spec's `type` / `timestamp` / `data` shape. Serialized straight from
+/// the events, with no `serde_json::Value` tree in between.
 pub fn batch_body(team_id: &str, events: &[Event], now_ms: u64) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        timestamp: String,
+        data: Data<'a>,
+    }
+    #[derive(Serialize)]
+    struct Data<'a> {
+        team_id: &'a str,
+        events: &'a [Event],
+    }
     let timestamp = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default();
-    let body = serde_json::json!({
-        "type": "courier.receipts",
-        "timestamp": timestamp,
-        "data": { "team_id": team_id, "events": events },
-    });
+    let body = Body { kind: "courier.receipts", timestamp, data: Data { team_id, events } };
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
@@ -460,6 +474,11 @@ mod tests {
         assert_eq!(body["type"], "courier.receipts");
         assert_eq!(body["timestamp"], "2023-11-14T22:13:20.123Z");
         assert_eq!(body["data"]["events"][1]["outcome"], "expired");
+        assert_eq!(body["data"]["team_id"], "T");
+        // The id is the SHA-256 of the outcome, team, token and apns-id, one per line (ids already sent
+        // must not change).
+        let digest = ring::digest::digest(&ring::digest::SHA256, b"delivered\nT\ntok\nA");
+        assert_eq!(two[0].id, format!("evt_{}", hex::encode(&digest.as_ref()[..16])));
     }
 
     #[test]

@@ -217,14 +217,8 @@ impl Broadcasts {
             Some(devices) => devices.iter().map(|(device, serial)| (*device, *serial)).collect(),
             None => Vec::new(),
         };
-        let mut handed = 0u64;
-        for (device, serial) in devices {
-            if self.registry.offer(device, serial, &shared) {
-                handed += 1;
-            } else {
-                metrics::counter!("courier_node_broadcasts_missed_total").increment(1);
-            }
-        }
+        let handed = self.registry.offer(&devices, &shared);
+        metrics::counter!("courier_node_broadcasts_missed_total").increment(devices.len() as u64 - handed);
         metrics::counter!("courier_node_broadcasts_total").increment(1);
         metrics::counter!("courier_node_broadcast_deliveries_total").increment(handed);
         Ok(if keep { Handed::Kept(handed) } else { Handed::Sent(handed) })
@@ -555,7 +549,7 @@ mod tests {
             channel,
             kept: None,
         });
-        while registry.offer(b, link_b.serial, &filler) {
+        while registry.offer(&[(b, link_b.serial)], &filler) == 1 {
             queued += 1;
         }
         assert!(queued > 0);

@@ -23,6 +23,9 @@ use crate::ids::DeviceId;
 /// How many notifications may wait for one link's task before the device counts as too slow.
 const LINK_QUEUE: usize = 1024;
 
+/// Subscribers a broadcast is offered to under one lock of the registry.
+const OFFER_CHUNK: usize = 256;
+
 /// What a link's task is handed to write.
 #[derive(Debug, Clone)]
 pub enum Outgoing {
@@ -194,17 +197,24 @@ impl Registry {
         }
     }
 
-    /// Queues a broadcast on the device's link `serial` if that link is still up and has room; a full queue
-    /// only loses this broadcast for this device (unlike `hand_off`, it does not close the link: nothing
-    /// was stored for it to replay).
-    pub fn offer(&self, device: DeviceId, serial: u64, broadcast: &Arc<SharedBroadcast>) -> bool {
-        let links = self.lock();
-        match links.get(&device) {
-            Some(entry) if entry.serial == serial => {
-                entry.notifications.try_send(Outgoing::Broadcast(broadcast.clone())).is_ok()
+    /// Queues a broadcast on each subscriber's link (a device and its link's serial) that is still up and
+    /// has room, and returns how many took it. A full queue only loses this broadcast for that device
+    /// (unlike `hand_off`, it does not close the link: nothing was stored for it to replay). The registry
+    /// is locked once per `OFFER_CHUNK` subscribers, not once each, and never for a whole fan-out, so links
+    /// coming and going wait at most one chunk.
+    pub fn offer(&self, subscribers: &[(DeviceId, u64)], broadcast: &Arc<SharedBroadcast>) -> u64 {
+        let mut handed = 0;
+        for chunk in subscribers.chunks(OFFER_CHUNK) {
+            let links = self.lock();
+            for (device, serial) in chunk {
+                if let Some(entry) = links.get(device).filter(|entry| entry.serial == *serial)
+                    && entry.notifications.try_send(Outgoing::Broadcast(broadcast.clone())).is_ok()
+                {
+                    handed += 1;
+                }
             }
-            _ => false,
         }
+        handed
     }
 
     /// The serial of the device's live link, if it has one.

@@ -594,7 +594,10 @@ impl LinkState<'_> {
 
     /// A broadcast this link wrote: a kept one is now the device's last seen on its channel.
     fn wrote_broadcast(&mut self, broadcast: &SharedBroadcast) {
-        if let (Some(apns_id), Some(handed)) = (&broadcast.kept, self.channels.get_mut(&broadcast.channel)) {
+        // Only a kept broadcast changes anything: a policy-0 one costs no lookup in the link's channels.
+        if let Some(apns_id) = &broadcast.kept
+            && let Some(handed) = self.channels.get_mut(&broadcast.channel)
+        {
             *handed = Handed { apns_id: Some(apns_id.clone()), stored: false };
         }
     }
@@ -687,8 +690,10 @@ async fn serve_device(link: &mut Link, device: DeviceId, edge: &Edge, shutdown: 
         }
         let mut last_heard = Instant::now();
         // Made once for the link's life, not once per frame: each would register with the shutdown token
-        // and the timer wheel again, shared by every link on the node.
-        let cancelled = shutdown.cancelled();
+        // and the timer wheel again, shared by every link on the node. The link waits on a child of the
+        // node's token: polling a token locks its mutex, and the node's is shared by every link.
+        let link_shutdown = shutdown.child_token();
+        let cancelled = link_shutdown.cancelled();
         tokio::pin!(cancelled);
         let idle = tokio::time::sleep_until(last_heard + idle_limit);
         tokio::pin!(idle);
