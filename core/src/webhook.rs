@@ -301,10 +301,9 @@ impl Event {
     pub fn new(outcome: EventKind, of: Receipted<'_>, reason: Option<&str>, at_ms: u64) -> Self {
         // SHA-256 of `outcome \n team \n token \n apns-id`, fed in parts rather than formatted first.
         let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-        for (i, part) in [outcome.as_str(), of.team_id, of.token, of.apns_id].into_iter().enumerate() {
-            if i > 0 {
-                context.update(b"\n");
-            }
+        context.update(outcome.as_str().as_bytes());
+        for part in [of.team_id, of.token, of.apns_id] {
+            context.update(b"\n");
             context.update(part.as_bytes());
         }
         let digest = context.finish();

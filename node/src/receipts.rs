@@ -11,8 +11,8 @@
 //! be sent twice, under the same event id; receivers drop repeats by it.
 //!
 //! One task per team with receipts queued or unsaved. It sends the queued ones first, in order, in
-//! batches of at most `batch_max`, and waits up to `batch_wait` for a batch to fill. A 2xx answer deletes the batch; anything else (an error
-//! status, a redirect, a timeout, a refused connection) keeps it and retries after an exponential backoff
+//! batches of at most `batch_max`, and waits up to `batch_wait` for a batch to fill. A 2xx answer deletes
+//! the batch; anything else (an error status, a redirect, a timeout, a refused connection) keeps it and retries after an exponential backoff
 //! with jitter (1 s doubling to at most 5 min, each wait drawn between half and all of that), for as long
 //! as `max_age` after the receipt's outcome; then the receipt is dropped and counted. Teams do not wait on
 //! each other: a failing endpoint backs off only its own task. Receipts of a team whose webhook was

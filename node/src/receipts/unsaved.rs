@@ -81,11 +81,7 @@ impl UnsavedReceipts {
             return Some(receipt);
         }
         let mut teams = self.lock();
-        // The team's name is copied only for its first receipt waiting, not for every one.
-        if !teams.contains_key(&receipt.event.team_id) {
-            teams.insert(receipt.event.team_id.clone(), VecDeque::new());
-        }
-        let Some(queue) = teams.get_mut(&receipt.event.team_id) else { return Some(receipt) };
+        let queue = teams.entry(receipt.event.team_id.clone()).or_default();
         if queue.len() >= self.cap {
             return Some(receipt);
         }
