@@ -66,16 +66,34 @@ impl ChannelShelf {
             // No receiver is not an error: nobody is watching.
             let _ = self.events.send(ChannelEvent::Change { version: book.version(), change: change.clone() });
         }
-        self.version.send_replace(book.version());
+        let version = book.version();
+        // The version watch's lock is never taken under the book's (see `has_or_awaits`).
+        drop(book);
+        self.version.send_replace(version);
     }
 
     /// Whether channel `id` is in the book, waiting up to `limit` for it to arrive: a channel a gateway
     /// just created may not be applied here yet (followers apply a committed entry up to a Raft heartbeat
     /// later), and a device told of it at once subscribes at once.
+    ///
+    /// The book is read with no lock of the version watch held (`watch::Receiver::wait_for` would hold one
+    /// around the read), and the state machine publishes a version after letting go of the book: taking
+    /// the two locks in both orders hung a node's links and its state machine for good.
     pub async fn has_or_awaits(&self, id: courier_core::channel::ChannelId, limit: std::time::Duration) -> bool {
         let mut versions = self.version.subscribe();
-        let arrived = versions.wait_for(|_| self.read().find(id).is_some());
-        matches!(tokio::time::timeout(limit, arrived).await, Ok(Ok(_)))
+        let arrived = async {
+            loop {
+                // Seen before the read: a change applied after it wakes `changed`.
+                versions.mark_unchanged();
+                if self.read().find(id).is_some() {
+                    return true;
+                }
+                if versions.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        tokio::time::timeout(limit, arrived).await.unwrap_or(false)
     }
 
     /// Replaces the whole book (a snapshot installed) and tells every watcher to read it again.
@@ -84,6 +102,7 @@ impl ChannelShelf {
         let version = book.version();
         *held = book;
         let _ = self.events.send(ChannelEvent::Reset);
+        drop(held);
         self.version.send_replace(version);
     }
 }
@@ -140,5 +159,58 @@ mod tests {
         shelf.take(&[put(7)]);
         assert!(waiting.await.expect("task"), "seen once applied");
         assert!(shelf.has_or_awaits(id, std::time::Duration::ZERO).await, "already there");
+    }
+
+    /// A link waiting for a channel and the state machine applying channels at the same moment: each takes
+    /// the book's lock and the version watch's lock, and neither may hold one while it waits for the other.
+    /// With the order crossed this hangs both (a node whose devices subscribed to a channel just created
+    /// stopped whole once), so the threads below must finish.
+    #[test]
+    fn waiting_for_a_channel_while_channels_are_applied_does_not_hang() {
+        const ROUNDS: u8 = 16;
+        let shelf = ChannelShelf::new(ChannelBook::default());
+        let (done, finished) = std::sync::mpsc::channel();
+        let applier = {
+            let (shelf, done) = (shelf.clone(), done.clone());
+            std::thread::spawn(move || {
+                for round in 0..ROUNDS {
+                    for n in 0..=u8::MAX {
+                        shelf.take(&[put(n)]);
+                        shelf.take(&[ChannelChange::Delete { id: ChannelId([n; 16]) }]);
+                    }
+                    let _ = done.send(("applier", round));
+                }
+            })
+        };
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let (shelf, done) = (shelf.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+                    for round in 0..ROUNDS {
+                        for n in 0..=u8::MAX {
+                            runtime.block_on(shelf.has_or_awaits(ChannelId([n; 16]), std::time::Duration::ZERO));
+                        }
+                        let _ = done.send(("waiter", round));
+                    }
+                })
+            })
+            .collect();
+        drop(done);
+        // Each thread reports every round; a hang stops the reports.
+        let mut reports = 0;
+        loop {
+            match finished.recv_timeout(std::time::Duration::from_secs(20)) {
+                Ok(_) => reports += 1,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("no thread finished a round in 20 s after {reports} rounds: the locks deadlocked")
+                }
+            }
+        }
+        assert_eq!(reports, 3 * usize::from(ROUNDS));
+        applier.join().expect("applier");
+        waiters.into_iter().for_each(|w| w.join().expect("waiter"));
+        assert!(shelf.read().is_empty(), "every channel put was deleted again");
     }
 }
