@@ -193,6 +193,7 @@ pub fn describe_node_metrics() {
         "Notifications written by one group commit of the store."
     );
     describe_counter!("courier_node_forward_batches_total", "Batches gateways sent on Forward streams to this node.");
+    describe_gauge!("courier_node_forward_streams", "Forward streams from gateways open on this node.");
     describe_histogram!(
         "courier_node_forward_batch_size",
         "Notifications in one batch a gateway forwarded to this node."

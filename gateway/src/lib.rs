@@ -217,6 +217,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     };
     let shutdown = CancellationToken::new();
     let router = NodeRouter::new(peers, view.clone(), timeout, shutdown.clone());
+    tokio::spawn(router.clone().open_streams_ahead());
     let limit = |per_sec: f64, burst: u32| Limit { per_sec, burst: f64::from(burst) };
     let service = Arc::new(PushService {
         verifier: JwtVerifier::with_refresh_limit(credentials, config.max_jwt_age_secs, config.min_jwt_refresh_secs),

@@ -105,9 +105,23 @@ pub struct NodeRouter {
     pub timeout: Duration,
     /// Becomes true when the gateway shuts down; retries stop then.
     pub shutdown: CancellationToken,
-    /// The task owning the `Forward` stream to each node address, started on the first push there. The
-    /// tasks end when the last router is dropped.
-    streams: Arc<Mutex<HashMap<String, mpsc::Sender<Pending>>>>,
+    /// The task owning the `Forward` stream to each node address, started on the first push there or when
+    /// the view names the node. The tasks end when the last router is dropped.
+    streams: Arc<Mutex<HashMap<String, StreamTask>>>,
+}
+
+/// How routers reach the task of one node's `Forward` stream.
+#[derive(Clone)]
+struct StreamTask {
+    pushes: mpsc::Sender<Pending>,
+    /// Asks the task to open its stream now if none is open, rather than at the next push.
+    open_asked: Arc<tokio::sync::Notify>,
+}
+
+impl StreamTask {
+    fn open_now(&self) {
+        self.open_asked.notify_one();
+    }
 }
 
 /// Pause between attempts when no newer view has arrived.
@@ -390,22 +404,53 @@ impl NodeRouter {
         }
     }
 
+    /// Keeps a `Forward` stream open to every active or draining member the view names, until shutdown, so
+    /// that the first push or broadcast to a node does not wait for a connection, a mutual-TLS handshake
+    /// and a new stream. That wait was worst where it hurt most: a broadcast reaches the nodes at once, and
+    /// the fan-out on the first nodes to have it took the CPU the others needed to open their streams.
+    /// A stream that breaks is opened again by the next push to its node, or when the view changes.
+    pub async fn open_streams_ahead(self) {
+        let mut view = self.view.clone();
+        loop {
+            let members: Vec<String> = view
+                .borrow_and_update()
+                .as_ref()
+                .map(|v| {
+                    v.members
+                        .values()
+                        .filter(|m| matches!(m.state, MemberState::Active | MemberState::Draining))
+                        .map(|m| m.cluster_addr.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for addr in members {
+                self.stream(&addr).open_now();
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                changed = view.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
     /// The queue of the stream task for `addr`, started if there is none.
-    fn stream(&self, addr: &str) -> mpsc::Sender<Pending> {
+    fn stream(&self, addr: &str) -> StreamTask {
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(stream) = streams.get(addr).filter(|s| !s.is_closed()) {
-            return stream.clone();
+        if let Some(task) = streams.get(addr).filter(|t| !t.pushes.is_closed()) {
+            return task.clone();
         }
         let (queue, pushes) = mpsc::channel(QUEUED);
+        let task = StreamTask { pushes: queue, open_asked: Arc::default() };
         let stream = ForwardStream {
             addr: addr.to_string(),
             peers: self.peers.clone(),
             view: self.view.clone(),
             open_timeout: self.timeout,
+            open_asked: task.open_asked.clone(),
         };
         tokio::spawn(stream.run(pushes));
-        streams.insert(addr.to_string(), queue.clone());
-        queue
+        streams.insert(addr.to_string(), task.clone());
+        task
     }
 
     /// One attempt on the node at `addr`: its answer and the epoch it had applied when it gave it.
@@ -438,7 +483,7 @@ impl NodeRouter {
     async fn forward_once(&self, addr: &str, notification: Notification, deadline: Instant) -> Result<Answer, String> {
         let apns_id = notification.apns_id.clone();
         let (answer, answered) = oneshot::channel();
-        let stream = self.stream(addr);
+        let stream = self.stream(addr).pushes;
         let attempt = async move {
             if stream.send(Pending { notification, answer }).await.is_err() {
                 return Err("the stream's task has ended".to_string());
@@ -464,6 +509,8 @@ struct ForwardStream {
     view: ViewReceiver,
     /// How long the node may take to accept a new stream.
     open_timeout: Duration,
+    /// Woken to open a stream with no push waiting (`StreamTask::open_now`).
+    open_asked: Arc<tokio::sync::Notify>,
 }
 
 /// One open stream's state: what it has sent and not had answered.
@@ -474,14 +521,24 @@ struct OpenStream {
 }
 
 impl ForwardStream {
-    /// Opens a stream when a push waits and none is open, and serves it until it breaks; ends when every
-    /// router is gone and what was sent is answered.
+    /// Opens a stream when a push waits or it is asked to and none is open, and serves it until it breaks;
+    /// ends when every router is gone and what was sent is answered.
     async fn run(self, mut pushes: mpsc::Receiver<Pending>) {
-        while let Some(first) = pushes.recv().await {
+        loop {
+            let first = tokio::select! {
+                biased;
+                push = pushes.recv() => match push {
+                    Some(push) => Some(push),
+                    None => return,
+                },
+                _ = self.open_asked.notified() => None,
+            };
             let (batches, outgoing) = mpsc::unbounded_channel();
             let mut open = OpenStream { batches, waiting: HashMap::new(), next_id: 0 };
             // Queued before the stream opens: the node answers the stream's headers without waiting for it.
-            open.send(first, &mut pushes, &self.view);
+            if let Some(first) = first {
+                open.send(first, &mut pushes, &self.view);
+            }
             let broke = match self.open(outgoing).await {
                 Ok(results) => open.serve(results, &mut pushes, &self.view).await,
                 Err(error) => Some(format!("opening the Forward stream: {error}")),

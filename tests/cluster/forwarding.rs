@@ -1,9 +1,10 @@
-//! The gateway-to-node `Forward` stream, end to end over real TLS and gRPC: many concurrent pushes share
-//! each node's stream as batches and every one is answered and arrives (three real `courier node`
-//! processes); a batch routed by an epoch older than the node's is told which epoch the node is at, a batch
-//! from a future epoch is refused as EPOCH_AHEAD once the node's wait (`--epoch-wait-ms`) is over, an
-//! oversize batch ends the stream, and a push through a gateway after the ring changed reaches its device
-//! on the new owner (in-process nodes on real sockets, so the test can read each node's ring).
+//! The gateway-to-node `Forward` stream, end to end over real TLS and gRPC: the gateway opens a stream to
+//! every node before the first push, many concurrent pushes share each node's stream as batches and every
+//! one is answered and arrives (three real `courier node` processes); a batch routed by an epoch older
+//! than the node's is told which epoch the node is at, a batch from a future epoch is refused as
+//! EPOCH_AHEAD once the node's wait (`--epoch-wait-ms`) is over, an oversize batch ends the stream, and a
+//! push through a gateway after the ring changed reaches its device on the new owner (in-process nodes on
+//! real sockets, so the test can read each node's ring).
 
 use crate::common;
 
@@ -50,6 +51,23 @@ async fn many_concurrent_pushes_through_a_gateway_to_three_nodes_are_all_answere
         )
     })
     .await;
+    // The gateway opens a stream to every active member before any push needs one.
+    for node in &nodes {
+        let url = format!("http://{}/metrics", node.metrics_addr);
+        eventually(
+            Duration::from_secs(30),
+            &format!("node {} holds a Forward stream before any push", node.id),
+            || {
+                let url = url.clone();
+                async move {
+                    let metrics = common::http_get(&url).await;
+                    common::metric_value(&metrics, "courier_node_forward_streams") >= Some(1.0)
+                        && common::metric_value(&metrics, "courier_node_forward_batches_total").is_none()
+                }
+            },
+        )
+        .await;
+    }
     let provider = ProviderClient::connect(gateway.provider_addr, "localhost", &pki.cluster_ca_cert()).await.unwrap();
     let signer = JwtSigner::from_pki(&pki).unwrap();
 
