@@ -58,6 +58,15 @@ impl SeenIds {
         SeenIds { order: VecDeque::new(), set: HashSet::new(), capacity: capacity.max(1) }
     }
 
+    /// Makes room for `additional` more ids, up to the capacity, so that the next ones are remembered
+    /// without growing the tables (an app that expects a burst, or a simulator that makes many devices at
+    /// once and does not want them all to grow at their first notification).
+    pub fn reserve(&mut self, additional: usize) {
+        let additional = additional.min(self.capacity - self.order.len());
+        self.order.reserve(additional);
+        self.set.reserve(additional);
+    }
+
     /// `true` if `id` is new (and now remembered). Two spellings of one UUID (upper and lower case) are the
     /// same id.
     pub fn insert(&mut self, id: &str) -> bool {
@@ -89,6 +98,21 @@ mod tests {
         assert!(recent.insert("c"));
         assert!(recent.insert("a"), "a was evicted by c");
         assert!(!recent.insert("c"));
+    }
+
+    #[test]
+    fn reserved_room_holds_that_many_ids_without_growing() {
+        let mut recent = SeenIds::new(4);
+        recent.reserve(100);
+        let (order, set) = (recent.order.capacity(), recent.set.capacity());
+        assert!(order >= 4 && set >= 4, "room for the capacity at most: {order} / {set}");
+        assert!(order < 100 && set < 100, "never past the capacity: {order} / {set}");
+        for id in ["a", "b", "c", "d", "e", "f"] {
+            assert!(recent.insert(id));
+        }
+        assert_eq!(recent.order.capacity(), order, "the order did not grow");
+        assert!(recent.set.capacity() <= set, "the set did not grow");
+        assert!(recent.insert("a"), "a was forgotten");
     }
 
     #[test]
