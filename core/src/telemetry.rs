@@ -58,6 +58,23 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// Adds one to a gauge while it lives: what is counted (a connection, a stream) stays counted right however
+/// the task holding it ends.
+pub struct GaugeHeld(&'static str);
+
+impl GaugeHeld {
+    pub fn new(name: &'static str) -> Self {
+        metrics::gauge!(name).increment(1.0);
+        GaugeHeld(name)
+    }
+}
+
+impl Drop for GaugeHeld {
+    fn drop(&mut self) {
+        metrics::gauge!(self.0).decrement(1.0);
+    }
+}
+
 /// The resident set size of process `pid` (this process when `None`), from `/proc/<pid>/statm` (Linux;
 /// `None` elsewhere or when the process is gone).
 pub fn resident_memory_bytes(pid: Option<u32>) -> Option<u64> {

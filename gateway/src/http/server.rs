@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use courier_core::shutdown::CancellationToken;
+use courier_core::telemetry::GaugeHeld;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -167,22 +168,6 @@ async fn turn<'a>(slots: &'a Semaphore, limit: &'static str) -> Option<tokio::sy
     }
 }
 
-/// Keeps `courier_gateway_provider_handshakes` right however a handshake ends.
-struct HandshakeGauge;
-
-impl HandshakeGauge {
-    fn open() -> Self {
-        metrics::gauge!("courier_gateway_provider_handshakes").increment(1.0);
-        HandshakeGauge
-    }
-}
-
-impl Drop for HandshakeGauge {
-    fn drop(&mut self) {
-        metrics::gauge!("courier_gateway_provider_handshakes").decrement(1.0);
-    }
-}
-
 impl ProviderServer {
     /// Accepts connections until shutdown, then waits (at most `SHUTDOWN_GRACE`) for them to drain.
     pub async fn run(self) {
@@ -238,22 +223,6 @@ impl ProviderServer {
             tracing::warn!(remaining = tasks.len(), "provider connections did not drain in time; closing them");
             tasks.shutdown().await;
         }
-    }
-}
-
-/// Keeps `courier_gateway_provider_connections` right however a connection task ends.
-struct ConnectionGauge;
-
-impl ConnectionGauge {
-    fn open() -> Self {
-        metrics::gauge!("courier_gateway_provider_connections").increment(1.0);
-        ConnectionGauge
-    }
-}
-
-impl Drop for ConnectionGauge {
-    fn drop(&mut self) {
-        metrics::gauge!("courier_gateway_provider_connections").decrement(1.0);
     }
 }
 
@@ -344,14 +313,14 @@ fn connection_auth(certificates: Option<&[rustls::pki_types::CertificateDer<'sta
 impl Connection {
     async fn serve(self, tcp: TcpStream, shutdown: CancellationToken, _permit: OwnedSemaphorePermit) {
         let Connection { api, acceptor, service, idle_timeout, first_request_deadline, handshakes, source } = self;
-        let _gauge = ConnectionGauge::open();
+        let _gauge = GaugeHeld::new("courier_gateway_provider_connections");
         let _ = tcp.set_nodelay(true);
         let handshake = async {
             // Wait for this address's turn first, so that one address never holds more than its share of the
             // server's slots.
             let _address_turn = turn(&source.handshakes, "address").await?;
             let _turn = turn(&handshakes, "total").await?;
-            let _in_progress = HandshakeGauge::open();
+            let _in_progress = GaugeHeld::new("courier_gateway_provider_handshakes");
             Some(acceptor.accept(tcp).await)
         };
         let tls = tokio::select! {

@@ -64,24 +64,8 @@ struct Forwarding {
     out: mpsc::Sender<Result<ForwardResults, Status>>,
 }
 
-/// Counts a stream in `courier_node_forward_streams` for as long as it lives.
-struct Counted;
-
-impl Counted {
-    fn new() -> Self {
-        metrics::gauge!("courier_node_forward_streams").increment(1.0);
-        Counted
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        metrics::gauge!("courier_node_forward_streams").decrement(1.0);
-    }
-}
-
 async fn run(stream: Forwarding, mut batches: Streaming<ForwardBatch>) {
-    let _counted = Counted::new();
+    let _counted = courier_core::telemetry::GaugeHeld::new("courier_node_forward_streams");
     let (answer, mut answers) = mpsc::unbounded_channel();
     // Aborted with the stream: an item nobody will hear the answer to is the gateway's to retry.
     let mut running = JoinSet::new();
