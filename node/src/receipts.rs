@@ -10,13 +10,13 @@
 //! receipts it holds (their owner died), it moves those copies to its own send queue. A receipt may so
 //! be sent twice, under the same event id; receivers drop repeats by it.
 //!
-//! One task per team with receipts queued or unsaved. It sends the queued ones first, in order, in
-//! batches of at most `batch_max`, and waits up to `batch_wait` for a batch to fill. A 2xx answer deletes
-//! the batch; anything else (an error status, a redirect, a timeout, a refused connection) keeps it and retries after an exponential backoff
-//! with jitter (1 s doubling to at most 5 min, each wait drawn between half and all of that), for as long
-//! as `max_age` after the receipt's outcome; then the receipt is dropped and counted. Teams do not wait on
-//! each other: a failing endpoint backs off only its own task. Receipts of a team whose webhook was
-//! removed, or of an event kind it no longer wants, are dropped.
+//! One task per team with receipts queued or unsaved. It sends the queued ones first, in order, in batches of
+//! at most `batch_max`, and waits up to `batch_wait` for a batch to fill. A 2xx answer deletes the batch;
+//! anything else (an error status, a redirect, a timeout, a refused connection) keeps it and retries after an
+//! exponential backoff with jitter (1 s doubling to at most 5 min, each wait drawn between half and all of
+//! that), for as long as `max_age` after the receipt's outcome; then the receipt is dropped and counted.
+//! Teams do not wait on each other: a failing endpoint backs off only its own task. Receipts of a team whose
+//! webhook was removed, or of an event kind it no longer wants, are dropped.
 //!
 //! Endpoints are reached over HTTP/1.1 with one kept-alive connection per team, with timeouts on
 //! connecting and on each request; redirects are not followed. Unless the node allows private endpoints
