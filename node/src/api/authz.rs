@@ -5,6 +5,10 @@
 //! A refusal is `PermissionDenied` with a message naming the RPC, the caller's role and the roles allowed,
 //! and is counted in `courier_node_rpc_denied_total{rpc, role}`. It knows nothing of what the RPCs do.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use rustls::pki_types::CertificateDer;
 use tonic::{Request, Status};
 
 use crate::pki::{ClusterRole, role_from_cert};
@@ -107,8 +111,42 @@ impl Rpc {
 
 /// The caller's role if it may call `rpc`; otherwise `PermissionDenied`, counted.
 pub fn authorize<T>(request: &Request<T>, rpc: Rpc) -> Result<ClusterRole, Status> {
-    let role = request.peer_certs().and_then(|chain| chain.first().and_then(role_from_cert));
+    let role = request.peer_certs().and_then(|chain| chain.first().and_then(|cert| ROLES.of(cert)));
     check(role, rpc)
+}
+
+/// The roles of the certificates callers presented lately, by their DER bytes. Every RPC on a connection
+/// carries the same certificate, and parsing it was most of a small `Replicate` call's cost; the role is a
+/// function of the bytes alone (the TLS layer verified them), so it is read once. A cluster has a few
+/// dozen certificates; the cache is emptied if it ever holds `ROLES_KEPT`.
+static ROLES: RoleCache = RoleCache::new(ROLES_KEPT);
+
+const ROLES_KEPT: usize = 1024;
+
+struct RoleCache {
+    kept: usize,
+    roles: Mutex<Option<HashMap<Vec<u8>, Option<ClusterRole>>>>,
+}
+
+impl RoleCache {
+    const fn new(kept: usize) -> Self {
+        RoleCache { kept, roles: Mutex::new(None) }
+    }
+
+    fn of(&self, cert: &CertificateDer<'_>) -> Option<ClusterRole> {
+        let lock = || self.roles.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(role) = lock().as_ref().and_then(|roles| roles.get(cert.as_ref())) {
+            return *role;
+        }
+        let role = role_from_cert(cert);
+        let mut roles = lock();
+        let roles = roles.get_or_insert_with(HashMap::new);
+        if roles.len() >= self.kept {
+            roles.clear();
+        }
+        roles.insert(cert.as_ref().to_vec(), role);
+        role
+    }
 }
 
 /// `authorize` on an already extracted role (`None`: no certificate, or one that names no valid role).
@@ -226,6 +264,31 @@ mod tests {
         Rpc::FetchKept,
         Rpc::ListChannels,
     ];
+
+    #[test]
+    fn a_certificate_s_role_is_read_once_and_stays_right_when_the_cache_is_emptied() {
+        use crate::pki::{DeviceCa, PkiDir, PkiOptions, load_certs, new_device_key_and_csr};
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::pki::init(dir.path(), &PkiOptions { nodes: vec![1, 2], ..PkiOptions::default() }).expect("pki");
+        let pki = PkiDir::new(dir.path());
+        let cert = |path: std::path::PathBuf| load_certs(&path).expect("cert").remove(0);
+        let (_key, csr) = new_device_key_and_csr().expect("csr");
+        let device = DeviceCa::load(&pki).expect("ca").issue(&csr, crate::ids::DeviceId(7)).expect("device");
+        let cache = RoleCache::new(2);
+        let seen = [
+            (cert(pki.node_cert(1)), Some(ClusterRole::Node(1))),
+            (cert(pki.member_cert("gateway")), Some(ClusterRole::Gateway)),
+            (device, None),
+            (cert(pki.node_cert(2)), Some(ClusterRole::Node(2))),
+        ];
+        // Twice round: the second time from the cache, which was emptied on the way by the third and fourth.
+        for (cert, role) in seen.iter().chain(seen.iter()) {
+            assert_eq!(cache.of(cert), *role);
+            assert_eq!(cache.of(cert), *role, "cached");
+        }
+        let held = cache.roles.lock().expect("lock").as_ref().map_or(0, HashMap::len);
+        assert!(held <= 2, "at most `kept` certificates held: {held}");
+    }
 
     #[test]
     fn the_table_gives_each_role_only_its_rpcs() {
