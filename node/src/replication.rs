@@ -4,7 +4,8 @@
 //! The owner of a device writes each notification it stores to the device's next R-1 distinct ring
 //! successors (R from the Raft state) before the gateway hears 200; if a successor does not answer, the
 //! next candidate on the ring takes its place. Acks travel the same way, later and unawaited. Each peer
-//! gets one batching task, so concurrent pushes share RPCs the way they share the store's group commits.
+//! gets one batching task, so concurrent pushes share RPCs the way they share the store's group commits; a
+//! batch with nothing awaited in it waits up to `LINGER` (10 ms) for more.
 //!
 //! `rebalance` moves copies when the ring changes: every node sends its queued notifications to the
 //! devices' new candidates that did not hold them before, and drops the queues of devices it is no longer a
@@ -38,6 +39,13 @@ use crate::view::LocalView;
 /// Most operations one Replicate RPC carries.
 const MAX_BATCH: usize = 512;
 
+/// How long a batch of only unawaited operations (acks, copies of receipts and subscriptions, releases)
+/// waits for more to ride in the same RPC. Anything awaited (a put the provider's answer waits for) sends
+/// the batch at once. With receipts on, each push to a connected device costs a receipt copy and a release
+/// per holder; sent as they came, they made an RPC of a few operations each, and RPCs were most of what
+/// receipts cost a node.
+const LINGER: Duration = Duration::from_millis(10);
+
 enum PeerOp {
     /// A copy, the epoch of the view that decided it, and who waits for the outcome.
     Put(Box<Notification>, Epoch, oneshot::Sender<bool>),
@@ -48,6 +56,18 @@ enum PeerOp {
     Receipt(HeldReceipt, Option<oneshot::Sender<bool>>),
     /// Receipts the team's endpoint took: the holder drops its copies.
     Released(Vec<ReleasedReceipt>),
+}
+
+impl PeerOp {
+    /// Whether someone waits for this op's outcome, so that its batch must not linger.
+    fn awaited(&self) -> bool {
+        match self {
+            PeerOp::Put(..) => true,
+            PeerOp::Subscription(_, reply) => reply.is_some(),
+            PeerOp::Receipt(_, reply) => reply.is_some(),
+            PeerOp::Remove(_) | PeerOp::Released(_) => false,
+        }
+    }
 }
 
 /// One peer's batching task and its breaker.
@@ -504,7 +524,8 @@ pub struct RebalanceReport {
     pub released: usize,
 }
 
-/// One peer's batching task: sends what queued up while the previous batch was in flight as one RPC.
+/// One peer's batching task: sends what queued up while the previous batch was in flight as one RPC, after
+/// waiting up to `LINGER` for more when nothing in it is awaited.
 struct BatchTask {
     from: NodeId,
     addr: String,
@@ -516,13 +537,24 @@ struct BatchTask {
 
 impl BatchTask {
     async fn run(self, mut ops: mpsc::Receiver<PeerOp>) {
+        use mpsc::error::TryRecvError;
         while let Some(first) = ops.recv().await {
+            let linger_until = tokio::time::Instant::now() + LINGER;
+            let mut awaited = first.awaited();
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
-                match ops.try_recv() {
-                    Ok(op) => batch.push(op),
+                let op = match ops.try_recv() {
+                    Ok(op) => op,
+                    Err(TryRecvError::Empty) if !awaited => {
+                        match tokio::time::timeout_at(linger_until, ops.recv()).await {
+                            Ok(Some(op)) => op,
+                            _ => break,
+                        }
+                    }
                     Err(_) => break,
-                }
+                };
+                awaited |= op.awaited();
+                batch.push(op);
             }
             self.send(batch).await;
         }
