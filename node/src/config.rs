@@ -213,6 +213,14 @@ pub struct NodeConfig {
     /// once (in the next group commit and replication batch).
     #[arg(long, env = "COURIER_WEBHOOK_SAVE_AFTER_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub webhook_save_after_ms: u64,
+    /// How long such a receipt waits for its team's endpoint to take it before the owner sends copies to
+    /// the device's other holders (in the next replication batch), in milliseconds. 0 (the default) copies
+    /// each at once, so that the owner's death loses only receipts decided in its last replication batch.
+    /// More makes receipts cheaper (a receipt the endpoint takes in time never costs a message to another
+    /// node) at the price of that window: the owner's death loses those decided in its last this-long that
+    /// the endpoint had not taken. `BENCHMARKS.md` measures both.
+    #[arg(long, env = "COURIER_WEBHOOK_COPY_AFTER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    pub webhook_copy_after_ms: u64,
     /// How often the owner looks for stored notifications that expired, to send their receipts, in seconds.
     #[arg(long, env = "COURIER_WEBHOOK_EXPIRY_SWEEP_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub webhook_expiry_sweep_secs: u64,
@@ -330,10 +338,12 @@ impl NodeConfig {
         }
     }
 
-    /// Where receipts wait before they are written, as `--webhook-save-after-ms` says.
+    /// Where receipts wait before they are copied and written, as `--webhook-copy-after-ms` and
+    /// `--webhook-save-after-ms` say.
     pub fn unsaved_receipts(&self) -> crate::receipts::unsaved::UnsavedReceipts {
         crate::receipts::unsaved::UnsavedReceipts::new(
             Duration::from_millis(self.webhook_save_after_ms),
+            Duration::from_millis(self.webhook_copy_after_ms),
             crate::receipts::unsaved::DEFAULT_CAP_PER_TEAM,
         )
     }

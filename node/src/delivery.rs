@@ -325,7 +325,7 @@ impl Delivery {
     fn receipt_later(&self, device: DeviceId, event: Option<Event>) {
         let Some(event) = event else { return };
         let parts = &self.inner.parts;
-        crate::receipts::unsaved::keep(&parts.unsaved, &parts.store, &parts.replicator, Unsaved { device, event });
+        crate::receipts::unsaved::keep(&parts.unsaved, &parts.store, &parts.replicator, Unsaved::new(device, event));
     }
 
     /// Inserts locally and on the device's ring successors at the same time: done only once both are, on

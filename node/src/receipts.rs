@@ -139,6 +139,7 @@ pub async fn run(
         running: Mutex::new(Default::default()),
     });
     let tasks = TaskTracker::new();
+    tasks.spawn(copy_when_due(shared.clone(), shutdown.clone()));
     let mut next_sweep = Instant::now() + shared.settings.expiry_sweep;
     let mut adopted_in: Option<Epoch> = None;
     // Unsaved receipts are looked at this often, so that none waits much past `save_after`.
@@ -148,7 +149,7 @@ pub async fn run(
     };
     loop {
         let now_ms = unix_millis();
-        unsaved::save_late(&shared.store, shared.unsaved.overdue(now_ms));
+        unsaved::save_late(&shared.store, &shared.replicator, shared.unsaved.overdue(now_ms));
         let held = shared.unsaved.held_overdue(now_ms);
         if let Err(error) = shared.store.keep_receipts(held, crate::store::ReceiptRole::Hold).await {
             tracing::error!(%error, "writing held receipts failed");
@@ -189,7 +190,9 @@ pub async fn run(
     tasks.wait().await;
     // Stopping: what was not sent is written, and awaited, so that the node sends it when it starts again;
     // so are the copies held for other owners.
-    let left: Vec<(_, _)> = shared.unsaved.drain().into_iter().map(|r| (r.device, r.event)).collect();
+    let mut left = shared.unsaved.drain();
+    unsaved::copy_now(&shared.replicator, &mut left);
+    let left: Vec<(_, _)> = left.into_iter().map(|r| (r.device, r.event)).collect();
     let held = shared.unsaved.drain_held();
     for (receipts, role) in [(left, crate::store::ReceiptRole::Queue), (held, crate::store::ReceiptRole::Hold)] {
         if let Err(error) = shared.store.keep_receipts(receipts, role).await {
@@ -273,7 +276,7 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
                     Err(why) => sender.failed(&team, &why),
                 }
             }
-            Next::SendUnsaved(hook, batch) => {
+            Next::SendUnsaved(hook, mut batch) => {
                 idle_since = Instant::now();
                 // Within what is left of the oldest one's time unsaved: whatever the endpoint has not taken
                 // by then is written, and retried from the queue like any other.
@@ -281,14 +284,18 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
                     batch.first().map_or(0, |r| r.event.at_ms + shared.unsaved.save_after().as_millis() as u64);
                 let left = Duration::from_millis(left_ms.saturating_sub(unix_millis())).max(UNSAVED_MIN_TIMEOUT);
                 let timeout = shared.settings.request_timeout.min(left);
-                match sender.post(&shared, &team, &hook, batch.iter().map(|r| &r.event), timeout).await {
+                let posted = post_unsaved(&shared, &mut sender, &team, &hook, &mut batch, timeout).await;
+                match posted {
                     Ok(()) => {
-                        let taken: Vec<_> = batch.into_iter().map(|r| (r.device, r.event.id)).collect();
-                        shared.replicator.release_receipts(&taken);
+                        let taken: Vec<_> =
+                            batch.into_iter().filter(|r| r.copied).map(|r| (r.device, r.event.id)).collect();
+                        if !taken.is_empty() {
+                            shared.replicator.release_receipts(&taken);
+                        }
                         Duration::ZERO
                     }
                     Err(why) => {
-                        unsaved::save_late(&shared.store, batch);
+                        unsaved::save_late(&shared.store, &shared.replicator, batch);
                         sender.failed(&team, &why)
                     }
                 }
@@ -309,6 +316,59 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
         }
     }
     shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&team);
+}
+
+/// Posts a batch of unsaved receipts; if the request is still out when the oldest not yet copied has waited
+/// `copy_after`, copies those to their holders (`unsaved::copies_due` does this for the ones still queued).
+async fn post_unsaved(
+    shared: &Shared,
+    sender: &mut TeamSender,
+    team: &str,
+    hook: &Webhook,
+    batch: &mut [Unsaved],
+    timeout: Duration,
+) -> Result<(), String> {
+    let copy_after_ms = shared.unsaved.copy_after().as_millis() as u64;
+    let copy_due_ms = batch.iter().filter(|r| !r.copied).map(|r| r.event.at_ms + copy_after_ms).min();
+    let mut copied_late = false;
+    let posted = {
+        let batch: &[Unsaved] = batch;
+        let post = sender.post(shared, team, hook, batch.iter().map(|r| &r.event), timeout);
+        tokio::pin!(post);
+        match copy_due_ms {
+            None => post.await,
+            Some(due_ms) => {
+                let until_due = Duration::from_millis(due_ms.saturating_sub(unix_millis()));
+                tokio::select! {
+                    posted = &mut post => posted,
+                    _ = tokio::time::sleep(until_due) => {
+                        unsaved::send_copies(&shared.replicator, batch);
+                        copied_late = true;
+                        post.await
+                    }
+                }
+            }
+        }
+    };
+    if copied_late {
+        batch.iter_mut().for_each(|r| r.copied = true);
+    }
+    posted
+}
+
+/// Sends the holders their copies of queued unsaved receipts as they reach `copy_after`, until `shutdown`.
+async fn copy_when_due(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let now_ms = unix_millis();
+        let (copies, next_ms) = shared.unsaved.copies_due(now_ms);
+        unsaved::send(&shared.replicator, copies);
+        let pause = next_ms.map_or(Duration::from_secs(1), |due| Duration::from_millis(due.saturating_sub(now_ms)));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = shared.unsaved.uncopied() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
 }
 
 enum Next {

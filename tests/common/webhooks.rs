@@ -1,11 +1,12 @@
 //! A real HTTPS webhook receiver for receipt tests: HTTP/1.1 over TLS with a certificate from its own CA
 //! (made here, at run time), recording every request it gets. It can be told to fail the next requests
-//! with 500, as an endpoint that is down for a while.
+//! with 500, as an endpoint that is down for a while, or to answer them late, as a slow one.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -44,6 +45,8 @@ pub struct Receiver {
     failing: Arc<AtomicUsize>,
     /// The status failing requests are answered with.
     refusal: Arc<AtomicU16>,
+    /// How many of the next requests are answered late, and how late (ms).
+    slow: Arc<(AtomicUsize, AtomicU64)>,
     _dir: tempfile::TempDir,
     task: tokio::task::JoinHandle<()>,
 }
@@ -85,17 +88,22 @@ impl Receiver {
         let received = Arc::new(Mutex::new(Vec::new()));
         let failing = Arc::new(AtomicUsize::new(0));
         let refusal = Arc::new(AtomicU16::new(500));
-        let (log, fail, refuse_with) = (received.clone(), failing.clone(), refusal.clone());
+        let slow = Arc::new((AtomicUsize::new(0), AtomicU64::new(0)));
+        let (log, fail, refuse_with, late) = (received.clone(), failing.clone(), refusal.clone(), slow.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
                 let (acceptor, log, fail) = (acceptor.clone(), log.clone(), fail.clone());
-                let refuse_with = refuse_with.clone();
+                let (refuse_with, late) = (refuse_with.clone(), late.clone());
                 tokio::spawn(async move {
                     let Ok(stream) = acceptor.accept(tcp).await else { return };
                     let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                        let (log, fail, refuse_with) = (log.clone(), fail.clone(), refuse_with.clone());
+                        let (log, fail, refuse_with, late) =
+                            (log.clone(), fail.clone(), refuse_with.clone(), late.clone());
                         async move {
+                            if late.0.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                                tokio::time::sleep(Duration::from_millis(late.1.load(Ordering::SeqCst))).await;
+                            }
                             let (parts, body) = request.into_parts();
                             let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
                             let header = |name: &str| {
@@ -129,7 +137,8 @@ impl Receiver {
                 });
             }
         });
-        Receiver { url: format!("https://{addr}/hooks/courier"), ca_path, received, failing, refusal, _dir: dir, task }
+        let url = format!("https://{addr}/hooks/courier");
+        Receiver { url, ca_path, received, failing, refusal, slow, _dir: dir, task }
     }
 
     /// Every request so far, in arrival order.
@@ -145,6 +154,12 @@ impl Receiver {
     /// Answers the next `n` requests 500.
     pub fn fail_next(&self, n: usize) {
         self.refuse_next(n, 500);
+    }
+
+    /// Answers the next `n` requests only after `delay` (the request is recorded when answered).
+    pub fn slow_next(&self, n: usize, delay: Duration) {
+        self.slow.1.store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.slow.0.store(n, Ordering::SeqCst);
     }
 
     /// Answers the next `n` requests with `status` (a 3xx names `/elsewhere` as its location).

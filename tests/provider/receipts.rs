@@ -300,7 +300,7 @@ async fn outcome_count(cluster: &ProcessCluster, node_addr: &str, outcome: &str)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receipts_kept_unsaved_are_never_written_when_taken_in_time_and_written_when_refused() {
+async fn receipts_kept_unsaved_are_never_copied_or_written_when_taken_in_time_and_are_when_late_or_refused() {
     let receiver = Receiver::start().await;
     let ca = receiver.ca_path.to_str().expect("path").to_string();
     // A long ack window, so that every ack here spares the commit and the receipt is one nothing stored.
@@ -310,6 +310,8 @@ async fn receipts_kept_unsaved_are_never_written_when_taken_in_time_and_written_
         &ca,
         "--webhook-batch-wait-ms",
         "50",
+        "--webhook-copy-after-ms",
+        "1000",
         "--webhook-save-after-ms",
         "5000",
         "--ack-wait-ms",
@@ -350,6 +352,22 @@ async fn receipts_kept_unsaved_are_never_written_when_taken_in_time_and_written_
     .await;
     assert_eq!(outcome_count(&cluster, &owner, "queued").await, 0.0, "nothing was written");
     assert_eq!(outcome_count(&cluster, &owner, "saved").await, 0.0);
+    assert_eq!(outcome_count(&cluster, &owner, "copied").await, 0.0, "nor sent to the other holders");
+
+    // Answered after 2 s, past the 1 s it may wait uncopied but inside the 5 s before it is written: its
+    // holders are sent a copy while the request is out, and nothing is written.
+    receiver.slow_next(1, Duration::from_secs(2));
+    push_and_ack("slow-1").await;
+    eventually(Duration::from_secs(10), "the slow receipt copied while its request is out", || async {
+        outcome_count(&cluster, &owner, "copied").await == 1.0
+    })
+    .await;
+    assert!(event(&receiver.accepted_events(), "slow-1", "delivered").is_none(), "not answered yet");
+    eventually(Duration::from_secs(10), "the owner counts four sent", || async {
+        outcome_count(&cluster, &owner, "sent").await == 4.0
+    })
+    .await;
+    assert_eq!(outcome_count(&cluster, &owner, "saved").await, 0.0);
 
     // Refused: written (queued here and held by the other holders), and sent once the endpoint answers, as
     // the same message.
@@ -363,11 +381,12 @@ async fn receipts_kept_unsaved_are_never_written_when_taken_in_time_and_written_
     let attempts: Vec<Received> = receiver.requests()[before..].to_vec();
     assert_eq!(attempts.iter().map(|r| r.status).collect::<Vec<_>>(), [500, 500, 204], "{attempts:?}");
     assert!(attempts.iter().all(|r| r.id == attempts[0].id), "a retry keeps its webhook-id");
-    eventually(Duration::from_secs(10), "the owner counts four sent", || async {
-        outcome_count(&cluster, &owner, "sent").await == 4.0
+    eventually(Duration::from_secs(10), "the owner counts five sent", || async {
+        outcome_count(&cluster, &owner, "sent").await == 5.0
     })
     .await;
     assert_eq!(outcome_count(&cluster, &owner, "saved").await, 1.0);
     assert_eq!(outcome_count(&cluster, &owner, "queued").await, 1.0);
+    assert_eq!(outcome_count(&cluster, &owner, "copied").await, 2.0, "the refused one was copied when written");
     link.close().await.expect("close");
 }

@@ -1,16 +1,19 @@
 //! Receipts not written yet: the `delivered` receipts of notifications acked before any commit (and of
 //! ones with expiration 0, answered when handed to the link), which nothing stored. The owner keeps them in
-//! memory and its team's task sends them from there; the device's other holders are sent a copy in the next
-//! replication batch and keep it in memory too, until the owner says the endpoint took it (or they become
-//! the device's owner, and send it). Only a receipt not taken within `save_after` of its outcome, or refused
-//! by the endpoint, is written: queued on the owner, held in the store by the others, as every other
-//! receipt is at once. So on a healthy endpoint most receipts never cost a write, and the owner's death
-//! still loses none the replication batch carried: a holder has it. Losing one takes the owner and every
-//! other holder dying within that time.
+//! memory and its team's task sends them from there. The device's other holders are sent a copy in the
+//! next replication batch, at once or, with `copy_after` (`--webhook-copy-after-ms`, default 0), only if
+//! the endpoint has not taken the receipt by then; they keep it in memory too, until the owner says the
+//! endpoint took it (or they become the device's owner, and send it). Only a receipt not taken within
+//! `save_after` of its outcome, or refused by the endpoint, is written: queued on the owner, held in the
+//! store by the others, as every other receipt is at once. So on a healthy endpoint most receipts never
+//! cost a write, and the owner's death loses only those decided in its last replication batch (and, with
+//! `copy_after`, those of its last `copy_after` the endpoint had not taken); once copied, losing one takes
+//! the owner and every other holder dying within `save_after`.
 //!
-//! Whoever takes a receipt out of here owns it: the team's task while it sends it (and writes it if the
-//! request fails), the sweep when it is overdue, the adoption when this node now owns its device. Each side
-//! holds at most `cap` (per team on the owner, in all on a holder); more are written at once.
+//! Whoever takes a receipt out of here owns it: the team's task while it sends it (and copies it if the
+//! request outlasts `copy_after`, and writes it if the request fails), the sweep when it is overdue, the
+//! adoption when this node now owns its device. Each side holds at most `cap` (per team on the owner, in all
+//! on a holder); more are written at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -30,18 +33,49 @@ pub const DEFAULT_CAP_PER_TEAM: usize = 100_000;
 pub struct Unsaved {
     pub device: DeviceId,
     pub event: Event,
+    /// Whether the device's other holders were sent a copy (and must be told when it is released).
+    pub copied: bool,
 }
+
+impl Unsaved {
+    /// A receipt not copied yet.
+    pub fn new(device: DeviceId, event: Event) -> Self {
+        Unsaved { device, event, copied: false }
+    }
+}
+
+/// A team's unsaved receipts, oldest first. The first `copied` have been copied to their holders: copies
+/// are made oldest first and receipts leave from the front, so the copied ones are always a prefix.
+#[derive(Debug, Default)]
+struct TeamQueue {
+    receipts: VecDeque<Unsaved>,
+    copied: usize,
+}
+
+impl TeamQueue {
+    fn pop_front(&mut self) -> Option<Unsaved> {
+        let receipt = self.receipts.pop_front()?;
+        self.copied = self.copied.saturating_sub(1);
+        Some(receipt)
+    }
+}
+
+/// A copy for the device's other holders: the device, the event id, and the event as JSON.
+pub type Copy = (DeviceId, String, Vec<u8>);
 
 /// The unsaved receipts of every team this node owns devices for, oldest first, and the copies it holds
 /// for other owners.
 #[derive(Debug)]
 pub struct UnsavedReceipts {
     save_after: Duration,
+    copy_after: Duration,
     cap: usize,
-    teams: Mutex<HashMap<String, VecDeque<Unsaved>>>,
+    teams: Mutex<HashMap<String, TeamQueue>>,
     held: Mutex<Held>,
     /// Woken when a team's first receipt arrives, so that its task starts.
     arrived: tokio::sync::Notify,
+    /// Woken when a team's first receipt not copied yet arrives, so that the copier looks at its time.
+    uncopied: tokio::sync::Notify,
 }
 
 /// Copies held for other owners (the event's JSON as it came, parsed only if it is written or taken over),
@@ -54,14 +88,17 @@ struct Held {
 }
 
 impl UnsavedReceipts {
-    /// Keeps receipts up to `save_after` (zero: none is kept, each is written at once).
-    pub fn new(save_after: Duration, cap: usize) -> Self {
+    /// Keeps receipts up to `save_after` (zero: none is kept, each is written at once), and copies them to
+    /// their holders after `copy_after` (zero: at once).
+    pub fn new(save_after: Duration, copy_after: Duration, cap: usize) -> Self {
         UnsavedReceipts {
             save_after,
+            copy_after,
             cap,
             teams: Mutex::new(HashMap::new()),
             held: Mutex::new(Held::default()),
             arrived: tokio::sync::Notify::new(),
+            uncopied: tokio::sync::Notify::new(),
         }
     }
 
@@ -69,7 +106,11 @@ impl UnsavedReceipts {
         self.save_after
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<Unsaved>>> {
+    pub fn copy_after(&self) -> Duration {
+        self.copy_after
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TeamQueue>> {
         self.teams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -82,16 +123,51 @@ impl UnsavedReceipts {
         }
         let mut teams = self.lock();
         let queue = teams.entry(receipt.event.team_id.clone()).or_default();
-        if queue.len() >= self.cap {
+        if queue.receipts.len() >= self.cap {
             return Some(receipt);
         }
-        let first = queue.is_empty();
-        queue.push_back(receipt);
+        let first = queue.receipts.is_empty();
+        let first_uncopied = !receipt.copied && queue.copied == queue.receipts.len();
+        if receipt.copied && queue.copied == queue.receipts.len() {
+            queue.copied += 1;
+        }
+        queue.receipts.push_back(receipt);
         drop(teams);
         if first {
             self.arrived.notify_one();
         }
+        if first_uncopied {
+            self.uncopied.notify_one();
+        }
         None
+    }
+
+    /// Marks the receipts kept `copy_after` or longer before `now_ms` and not copied yet as copied, and
+    /// gives their copies; with the time the next one is due (UNIX ms), if any is waiting.
+    pub fn copies_due(&self, now_ms: u64) -> (Vec<Copy>, Option<u64>) {
+        let after_ms = self.copy_after.as_millis() as u64;
+        let mut copies = Vec::new();
+        let mut next_ms: Option<u64> = None;
+        for queue in self.lock().values_mut() {
+            while let Some(receipt) = queue.receipts.get_mut(queue.copied) {
+                let due_ms = receipt.event.at_ms.saturating_add(after_ms);
+                if due_ms > now_ms {
+                    next_ms = Some(next_ms.map_or(due_ms, |n| n.min(due_ms)));
+                    break;
+                }
+                if !receipt.copied {
+                    receipt.copied = true;
+                    copies.extend(copy_of(receipt));
+                }
+                queue.copied += 1;
+            }
+        }
+        (copies, next_ms)
+    }
+
+    /// Resolves when a receipt not copied yet arrives where none was waiting to be copied.
+    pub async fn uncopied(&self) {
+        self.uncopied.notified().await
     }
 
     /// Resolves when a team that had none gets one.
@@ -101,20 +177,26 @@ impl UnsavedReceipts {
 
     /// Teams with receipts waiting here, and how many each has.
     pub fn teams(&self) -> Vec<(String, usize)> {
-        self.lock().iter().filter(|(_, q)| !q.is_empty()).map(|(team, q)| (team.clone(), q.len())).collect()
+        self.lock()
+            .iter()
+            .filter(|(_, q)| !q.receipts.is_empty())
+            .map(|(team, q)| (team.clone(), q.receipts.len()))
+            .collect()
     }
 
     /// How many the team has waiting, and when its oldest was decided (UNIX ms).
     pub fn waiting(&self, team: &str) -> (usize, Option<u64>) {
-        self.lock().get(team).map_or((0, None), |q| (q.len(), q.front().map(|r| r.event.at_ms)))
+        self.lock().get(team).map_or((0, None), |q| (q.receipts.len(), q.receipts.front().map(|r| r.event.at_ms)))
     }
 
     /// Takes the team's oldest `max`; the caller now owns them.
     pub fn take(&self, team: &str, max: usize) -> Vec<Unsaved> {
         let mut teams = self.lock();
         let Some(queue) = teams.get_mut(team) else { return Vec::new() };
-        let taken: Vec<Unsaved> = queue.drain(..max.min(queue.len())).collect();
-        if queue.is_empty() {
+        let n = max.min(queue.receipts.len());
+        let taken: Vec<Unsaved> = queue.receipts.drain(..n).collect();
+        queue.copied = queue.copied.saturating_sub(n);
+        if queue.receipts.is_empty() {
             teams.remove(team);
         }
         taken
@@ -126,23 +208,23 @@ impl UnsavedReceipts {
         let mut teams = self.lock();
         let mut taken = Vec::new();
         teams.retain(|_, queue| {
-            while queue.front().is_some_and(|r| r.event.at_ms <= due_before) {
+            while queue.receipts.front().is_some_and(|r| r.event.at_ms <= due_before) {
                 taken.extend(queue.pop_front());
             }
-            !queue.is_empty()
+            !queue.receipts.is_empty()
         });
         taken
     }
 
     /// Takes all of them (the node is stopping).
     pub fn drain(&self) -> Vec<Unsaved> {
-        self.lock().drain().flat_map(|(_, queue)| queue).collect()
+        self.lock().drain().flat_map(|(_, queue)| queue.receipts).collect()
     }
 
     /// How many are waiting, all teams.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.lock().values().map(VecDeque::len).sum()
+        self.lock().values().map(|q| q.receipts.len()).sum()
     }
 
     #[cfg(test)]
@@ -229,28 +311,60 @@ pub fn parsed(device: DeviceId, json: &[u8]) -> Option<(DeviceId, Event)> {
     }
 }
 
+/// The copy of a receipt its device's other holders are sent.
+fn copy_of(receipt: &Unsaved) -> Option<Copy> {
+    serde_json::to_vec(&receipt.event).ok().map(|json| (receipt.device, receipt.event.id.clone(), json))
+}
+
+/// Sends the holders the copies of those of `receipts` that were not copied yet, to keep unsaved (the
+/// caller marks them copied).
+pub fn send_copies<'r>(replicator: &Replicator, receipts: impl IntoIterator<Item = &'r Unsaved>) {
+    send(replicator, receipts.into_iter().filter(|r| !r.copied).filter_map(copy_of).collect());
+}
+
+/// Sends the holders these copies, to keep unsaved; counted as `copied`.
+pub fn send(replicator: &Replicator, copies: Vec<Copy>) {
+    if copies.is_empty() {
+        return;
+    }
+    metrics::counter!("courier_webhook_events_total", "outcome" => "copied").increment(copies.len() as u64);
+    for (device, id, json) in copies {
+        replicator.hold_receipt_later(device, id, json, true);
+    }
+}
+
+/// `send_copies`, and marks them copied.
+pub fn copy_now(replicator: &Replicator, receipts: &mut [Unsaved]) {
+    send_copies(replicator, receipts.iter());
+    receipts.iter_mut().for_each(|r| r.copied = true);
+}
+
 /// Queues receipts that waited unsaved and were not taken here (in the next group commit), without
-/// waiting; counted as `saved`. The other holders were sent their copies when the receipts were kept, and
-/// write those themselves.
-pub fn save_late(store: &Store, receipts: Vec<Unsaved>) {
+/// waiting; counted as `saved`. The other holders write their copies themselves when those are as old;
+/// those not copied yet are sent theirs now.
+pub fn save_late(store: &Store, replicator: &Replicator, mut receipts: Vec<Unsaved>) {
     if receipts.is_empty() {
         return;
     }
+    copy_now(replicator, &mut receipts);
     metrics::counter!("courier_webhook_events_total", "outcome" => "saved").increment(receipts.len() as u64);
     store.queue_receipts(receipts.into_iter().map(|r| (r.device, r.event)).collect());
 }
 
-/// Keeps a receipt decided with nothing stored, without waiting for any write: unsaved here with unsaved
-/// copies on the device's other holders, or, when that is off or full, queued here and copied to the
-/// holders' stores in the next group commit and replication batch.
-pub fn keep(unsaved: &UnsavedReceipts, store: &Store, replicator: &Replicator, receipt: Unsaved) {
-    // The holders' copy is encoded before the receipt is handed over, so that it need not be cloned.
-    let copy = serde_json::to_vec(&receipt.event).ok().map(|json| (receipt.device, receipt.event.id.clone(), json));
-    let given_back = unsaved.keep(receipt);
-    if let Some((device, id, json)) = copy {
-        replicator.hold_receipt_later(device, id, json, given_back.is_none());
+/// Keeps a receipt decided with nothing stored, without waiting for any write: unsaved here, copied to the
+/// device's other holders if it is still here after `copy_after` (at once when that is zero); or, when
+/// keeping is off or full, queued here and copied to the holders' stores in the next group commit and
+/// replication batch.
+pub fn keep(unsaved: &UnsavedReceipts, store: &Store, replicator: &Replicator, mut receipt: Unsaved) {
+    if unsaved.copy_after.is_zero() && !unsaved.save_after.is_zero() {
+        copy_now(replicator, std::slice::from_mut(&mut receipt));
     }
-    if let Some(receipt) = given_back {
+    if let Some(receipt) = unsaved.keep(receipt) {
+        if !receipt.copied
+            && let Some((device, id, json)) = copy_of(&receipt)
+        {
+            replicator.hold_receipt_later(device, id, json, false);
+        }
         store.queue_receipts(vec![(receipt.device, receipt.event)]);
     }
 }
@@ -262,7 +376,7 @@ mod tests {
 
     fn receipt(team: &str, apns_id: &str, at_ms: u64) -> Unsaved {
         let of = Receipted { team_id: team, apns_id, token: "t", topic: "com.example", accepted_at_ms: at_ms };
-        Unsaved { device: DeviceId(7), event: Event::new(EventKind::Delivered, of, None, at_ms) }
+        Unsaved::new(DeviceId(7), Event::new(EventKind::Delivered, of, None, at_ms))
     }
 
     fn ids(receipts: &[Unsaved]) -> Vec<&str> {
@@ -271,7 +385,7 @@ mod tests {
 
     #[test]
     fn kept_receipts_are_taken_in_order_per_team_and_only_overdue_ones_are_swept() {
-        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), 10);
+        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::from_millis(25), 10);
         for (team, id, at) in [("A", "a1", 100), ("B", "b1", 200), ("A", "a2", 900), ("A", "a3", 1500)] {
             assert!(unsaved.keep(receipt(team, id, at)).is_none(), "kept");
         }
@@ -290,7 +404,7 @@ mod tests {
 
     #[test]
     fn held_copies_are_released_swept_when_overdue_or_adopted_by_their_new_owner() {
-        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), 3);
+        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::from_millis(25), 3);
         let copy = |device: u128, apns_id: &str| (DeviceId(device), receipt("A", apns_id, 0).event);
         let hold = |device: u128, apns_id: &str, at: u64| {
             let (device, event) = copy(device, apns_id);
@@ -314,14 +428,49 @@ mod tests {
     }
 
     #[test]
+    fn copies_are_due_oldest_first_after_copy_after_and_only_once_whatever_was_taken_meanwhile() {
+        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::from_millis(25), 10);
+        for (team, id, at) in [("A", "a1", 100), ("B", "b1", 110), ("A", "a2", 120), ("A", "a3", 200)] {
+            assert!(unsaved.keep(receipt(team, id, at)).is_none());
+        }
+        let copied = |copies: &[Copy]| {
+            let mut ids: Vec<String> = copies
+                .iter()
+                .map(|(_, _, json)| serde_json::from_slice::<Event>(json).expect("json").apns_id)
+                .collect();
+            ids.sort();
+            ids
+        };
+        // Before any has waited 25 ms nothing is due; the copier is told when to look again.
+        assert_eq!(unsaved.copies_due(124), (Vec::new(), Some(125)));
+        // The endpoint took a1 in time: it is never copied.
+        assert_eq!(ids(&unsaved.take("A", 1)), ["a1"]);
+        let (due, next) = unsaved.copies_due(150);
+        assert_eq!(copied(&due), ["a2", "b1"]);
+        assert_eq!(next, Some(225), "a3 is next");
+        assert!(unsaved.copies_due(150).0.is_empty(), "each is copied once");
+        // What is taken after its copy went says so, so that its holders are told to drop it.
+        let taken = unsaved.take("A", 2);
+        assert_eq!(
+            taken.iter().map(|r| (r.event.apns_id.as_str(), r.copied)).collect::<Vec<_>>(),
+            [("a2", true), ("a3", false)]
+        );
+        assert_eq!(unsaved.copies_due(300), (Vec::new(), None), "a3 left with the team's task; b1 was copied");
+        assert!(unsaved.keep(receipt("B", "b2", 310)).is_none());
+        assert_eq!(unsaved.copies_due(320), (Vec::new(), Some(335)), "b1's copy is not counted again");
+        assert_eq!(copied(&unsaved.copies_due(335).0), ["b2"]);
+        assert_eq!(unsaved.take("B", 5).iter().map(|r| r.copied).collect::<Vec<_>>(), [true, true]);
+    }
+
+    #[test]
     fn a_full_team_or_keeping_turned_off_gives_the_receipt_back_to_be_written() {
-        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), 2);
+        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::from_millis(25), 2);
         assert!(unsaved.keep(receipt("A", "a1", 1)).is_none());
         assert!(unsaved.keep(receipt("A", "a2", 2)).is_none());
         let back = unsaved.keep(receipt("A", "a3", 3)).expect("the team is full");
         assert_eq!(back.event.apns_id, "a3");
         assert!(unsaved.keep(receipt("B", "b1", 3)).is_none(), "another team has room");
-        let off = UnsavedReceipts::new(Duration::ZERO, 2);
+        let off = UnsavedReceipts::new(Duration::ZERO, Duration::ZERO, 2);
         assert!(off.keep(receipt("A", "a1", 1)).is_some());
         assert!(off.is_empty());
     }
