@@ -324,7 +324,7 @@ impl Event {
 
 /// The `webhook-id` of a batch: derived from its events' ids, so the same events sent again (a retry, or
 /// another node sending its copies after the owner died) carry the same id.
-pub fn batch_id(events: &[Event]) -> String {
+pub fn batch_id(events: &[&Event]) -> String {
     if let [one] = events {
         return one.id.replacen("evt_", "msg_", 1);
     }
@@ -338,7 +338,7 @@ pub fn batch_id(events: &[Event]) -> String {
 
 /// The JSON body of a batch, in the spec's `type` / `timestamp` / `data` shape. Serialized straight from
 /// the events, with no `serde_json::Value` tree in between.
-pub fn batch_body(team_id: &str, events: &[Event], now_ms: u64) -> Vec<u8> {
+pub fn batch_body(team_id: &str, events: &[&Event], now_ms: u64) -> Vec<u8> {
     #[derive(Serialize)]
     struct Body<'a> {
         #[serde(rename = "type")]
@@ -349,7 +349,7 @@ pub fn batch_body(team_id: &str, events: &[Event], now_ms: u64) -> Vec<u8> {
     #[derive(Serialize)]
     struct Data<'a> {
         team_id: &'a str,
-        events: &'a [Event],
+        events: &'a [&'a Event],
     }
     let timestamp = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
         .ok()
@@ -465,11 +465,12 @@ mod tests {
         assert_ne!(a.id, expired.id);
         assert_eq!(a.delivered_at_ms, Some(9));
         assert_eq!(expired.delivered_at_ms, None);
-        assert_eq!(batch_id(std::slice::from_ref(&a)), a.id.replacen("evt_", "msg_", 1));
+        assert_eq!(batch_id(&[&a]), a.id.replacen("evt_", "msg_", 1));
         let two = [a.clone(), expired.clone()];
-        assert_eq!(batch_id(&two), batch_id(&[a.clone(), expired]));
-        assert_ne!(batch_id(&two), batch_id(&[a]));
-        let body: serde_json::Value = serde_json::from_slice(&batch_body("T", &two, 1_700_000_000_123)).unwrap();
+        let both = [&two[0], &two[1]];
+        assert_eq!(batch_id(&both), batch_id(&[&a, &expired]));
+        assert_ne!(batch_id(&both), batch_id(&[&a]));
+        let body: serde_json::Value = serde_json::from_slice(&batch_body("T", &both, 1_700_000_000_123)).unwrap();
         assert_eq!(body["type"], "courier.receipts");
         assert_eq!(body["timestamp"], "2023-11-14T22:13:20.123Z");
         assert_eq!(body["data"]["events"][1]["outcome"], "expired");

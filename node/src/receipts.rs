@@ -520,7 +520,7 @@ impl TeamSender {
         events: impl Iterator<Item = &'e Event>,
         timeout: Duration,
     ) -> Result<(), String> {
-        let events: Vec<Event> = events.cloned().collect();
+        let events: Vec<&Event> = events.collect();
         let now_ms = unix_millis();
         let id = webhook::batch_id(&events);
         let timestamp = now_ms / 1000;
