@@ -332,19 +332,28 @@ impl StoredSubscriptions {
     }
 
     /// Durably stores that `device` subscribes to `channel` and has had its kept broadcast `last_seen`,
-    /// then copies that to the device's successors (unawaited).
+    /// then copies that to the device's successors and waits for them (`Replicator::copy_subscription`).
     pub async fn save(&self, device: DeviceId, channel: ChannelId, last_seen: &str) -> Result<(), StoreError> {
         self.change(device, subscription(device, channel, last_seen, true)).await
     }
 
-    /// Durably removes `device`'s subscription to `channel`, then its copies (unawaited).
+    /// Durably removes `device`'s subscription to `channel`, then its copies, waiting for them.
     pub async fn remove(&self, device: DeviceId, channel: ChannelId) -> Result<(), StoreError> {
         self.change(device, subscription(device, channel, "", false)).await
     }
 
+    /// Durably stores that a link handed `device` the kept broadcast `apns_id` of `channel`, copying that
+    /// to its successors unawaited: a lost copy costs at most that broadcast sent again.
+    pub async fn handed(&self, device: DeviceId, channel: ChannelId, apns_id: &str) -> Result<(), StoreError> {
+        let change = subscription(device, channel, apns_id, true);
+        self.store.save_subscriptions(vec![change.clone()]).await?;
+        self.replicator.copy_subscription_later(device, &change);
+        Ok(())
+    }
+
     async fn change(&self, device: DeviceId, change: Subscription) -> Result<(), StoreError> {
         self.store.save_subscriptions(vec![change.clone()]).await?;
-        self.replicator.copy_subscription(device, &change);
+        self.replicator.copy_subscription(device, &change).await;
         Ok(())
     }
 
@@ -357,7 +366,7 @@ impl StoredSubscriptions {
         let changes: Vec<Subscription> =
             seen.iter().map(|(channel, apns_id)| subscription(device, *channel, apns_id, true)).collect();
         for change in &changes {
-            self.replicator.copy_subscription(device, change);
+            self.replicator.copy_subscription_later(device, change);
         }
         self.store.save_subscriptions_later(changes);
     }

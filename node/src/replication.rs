@@ -12,8 +12,9 @@
 //! candidate for once the new holders have them. Puts are idempotent by (device, apns-id), so sending a
 //! copy twice is harmless; at worst a device sees a redelivery, which its client drops.
 //!
-//! Devices' channel subscriptions travel the same way: each change the owner stores is copied to the
-//! device's successors (unawaited, in order, like acks), and `rebalance` hands them over with the queue.
+//! Devices' channel subscriptions travel the same way: each change a device asks for is copied to the
+//! device's successors before the device hears it was made; what a link handed its device follows
+//! unawaited, in order, like acks; `rebalance` hands subscriptions over with the queue.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,7 +40,7 @@ use crate::view::LocalView;
 /// Most operations one Replicate RPC carries.
 const MAX_BATCH: usize = 512;
 
-/// How long a batch of only unawaited operations (acks, copies of receipts and subscriptions, releases)
+/// How long a batch of only unawaited operations (acks, copies of receipts and of what links handed, releases)
 /// waits for more to ride in the same RPC. Anything awaited (a put the provider's answer waits for) sends
 /// the batch at once. With receipts on, each push to a connected device costs a receipt copy and a release
 /// per holder; sent as they came, they made an RPC of a few operations each, and RPCs were most of what
@@ -300,9 +301,22 @@ impl Replicator {
         }
     }
 
-    /// Copies a subscription change this node stored to the device's other holders. Not awaited: the
-    /// device still holds the subscription on its owner, and the copies are for the owner's death.
-    pub fn copy_subscription(&self, device: DeviceId, change: &Subscription) {
+    /// Copies a subscription change the device asked for, stored on this node, to the device's other
+    /// holders, and waits until each has stored it or failed (a holder skipped after a failure fails at
+    /// once, one that does not answer after twice the replication timeout), so that the device hears its
+    /// change acknowledged once it survives this node's death. Says how many holders have it, this one
+    /// included. A holder that failed gets the change with the device's data when the ring next moves.
+    pub async fn copy_subscription(&self, device: DeviceId, change: &Subscription) -> usize {
+        let view = self.view.get();
+        let holders = view.ring.candidates(device, view.state.ring.copies() + 1);
+        let others = holders.iter().filter(|node| **node != self.id);
+        let sent = join_all(others.map(|node| self.subscription_to(*node, change.clone()))).await;
+        1 + sent.iter().filter(|ok| **ok).count()
+    }
+
+    /// Copies a subscription change to the device's other holders without waiting: for what a link handed
+    /// its device (`last_seen`), where a lost copy costs at most one kept broadcast sent again.
+    pub fn copy_subscription_later(&self, device: DeviceId, change: &Subscription) {
         self.tell_other_holders(device, || PeerOp::Subscription(Box::new(change.clone()), None));
     }
 

@@ -554,7 +554,7 @@ impl LinkState<'_> {
         }
         // Stored at once (a subscription or a link's start, not a fan-out): a quick reconnect must not
         // find the older one.
-        let stored = match self.edge.subscriptions.save(self.device, channel, &kept.apns_id).await {
+        let stored = match self.edge.subscriptions.handed(self.device, channel, &kept.apns_id).await {
             Ok(()) => true,
             Err(error) => {
                 tracing::error!(device = %self.device, %error, "storing what a device has seen failed");
