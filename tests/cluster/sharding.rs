@@ -370,6 +370,9 @@ async fn channel_subscriptions_move_with_their_devices_when_a_node_joins() {
     let moved = devices.iter().find(|c| after_view.ring.owner(c.device_id) == Some(4)).expect("a device on node 4");
     let mut link = DeviceLink::connect(&nodes.endpoint(1), moved, 0).await.expect("connects");
     assert_eq!(link.node_addr, device_addr_of(&nodes, 4));
+    // The node restores a link's subscriptions before it reads the link's first frame: once a ping is
+    // answered, the link is a subscriber (policy 0 reaches only subscribers linked when it is sent).
+    assert!(link.sync().await.expect("sync").is_empty(), "nothing kept on a policy-0 channel");
     let unique = sender.broadcast_ok(&channel, "liveactivity", r#"{"n":1}"#).await;
     let n = tokio::time::timeout(Duration::from_secs(10), link.next_notification()).await.expect("in time");
     assert_eq!(n.expect("the link stays up").apns_id, unique);
