@@ -305,19 +305,31 @@ impl Replicator {
     /// holders, and waits until each has stored it or failed (a holder skipped after a failure fails at
     /// once, one that does not answer after twice the replication timeout), so that the device hears its
     /// change acknowledged once it survives this node's death. Says how many holders have it, this one
-    /// included. A holder that failed gets the change with the device's data when the ring next moves.
+    /// included. A holder that failed misses the change until a ring change hands it the device's data
+    /// again, or the device subscribes again (`courier-device`'s `Device::with_channel` does on every link).
     pub async fn copy_subscription(&self, device: DeviceId, change: &Subscription) -> usize {
-        let view = self.view.get();
-        let holders = view.ring.candidates(device, view.state.ring.copies() + 1);
-        let others = holders.iter().filter(|node| **node != self.id);
-        let sent = join_all(others.map(|node| self.subscription_to(*node, change.clone()))).await;
+        let others = self.other_subscription_holders(device);
+        let sent = join_all(others.iter().map(|node| self.subscription_to(*node, change.clone()))).await;
         1 + sent.iter().filter(|ok| **ok).count()
     }
 
     /// Copies a subscription change to the device's other holders without waiting: for what a link handed
     /// its device (`last_seen`), where a lost copy costs at most one kept broadcast sent again.
     pub fn copy_subscription_later(&self, device: DeviceId, change: &Subscription) {
-        self.tell_other_holders(device, || PeerOp::Subscription(Box::new(change.clone()), None));
+        for node in self.other_subscription_holders(device) {
+            if let Some(addr) = self.addr_of(node) {
+                let _ = self.link(&addr).0.try_send(PeerOp::Subscription(Box::new(change.clone()), None));
+            }
+        }
+    }
+
+    /// The device's first R candidates but this node: those that keep its subscriptions (the orphan sweep
+    /// hands any other node's rows to them). Unlike a notification, a subscription is not put on a later
+    /// candidate in a failed one's place: that candidate's row would be swept away again.
+    fn other_subscription_holders(&self, device: DeviceId) -> Vec<NodeId> {
+        let view = self.view.get();
+        let holders = view.ring.candidates(device, view.state.ring.copies());
+        holders.into_iter().filter(|node| *node != self.id).collect()
     }
 
     /// Queues `op` for each of the device's holders but this node, without waiting.

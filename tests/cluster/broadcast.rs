@@ -127,14 +127,11 @@ async fn a_stored_subscription_holds_on_later_links_until_the_device_unsubscribe
         }
     };
 
-    // Subscribed once: the owner stores it and copies it to the device's successor.
+    // Subscribed once: the owner stores it and copies it to the device's successor before it answers.
     let (credentials, mut link, _) = registered_device(&nodes.endpoint(1)).await;
     let device = credentials.device_id;
     link.subscribe(&channel, None).await.expect("subscribe");
-    eventually(Duration::from_secs(10), "the subscription is on its owner and its copy", || async {
-        stored(device).await.len() == 2
-    })
-    .await;
+    assert_eq!(stored(device).await.len(), 2, "on its owner and its copy once answered");
     let first = broadcast(1).await;
     assert_eq!(next(&mut link).await.apns_id, first);
     link.close().await.expect("close");
@@ -160,10 +157,7 @@ async fn a_stored_subscription_holds_on_later_links_until_the_device_unsubscribe
 
     // Unsubscribed: the owner and the copy drop it, and the next link holds no subscription.
     link.unsubscribe(&channel).await.expect("unsubscribe");
-    eventually(Duration::from_secs(10), "the subscription leaves the owner and its copy", || async {
-        stored(device).await.is_empty()
-    })
-    .await;
+    assert!(stored(device).await.is_empty(), "gone from the owner and its copy once answered");
     link.close().await.expect("close");
     let _link = common::link_again(&nodes.endpoint(1), &credentials, 3).await;
     let listed = common::ctl(nodes.node(1).cluster_addr, &nodes.pki().dir, &["channels", "--json"]).await;
