@@ -171,11 +171,18 @@ async fn a_leader_cut_off_from_its_peers_loses_nothing_answered_200() {
     let devices = offline_devices(&endpoints, 24).await;
     assert!(owned_by(&gateway, &devices, 1) > 0, "node 1 owns some of the 24 devices");
 
+    let lapses_before = metric(&nodes[0], "courier_node_lease_lapses_total{node=\"1\"}").await;
     fabric.isolate(1).expect("cut node 1 off");
     let node_1_ready = format!("http://{}/readyz", nodes[0].metrics_addr);
     eventually(Duration::from_secs(10), "the cut-off node reports not ready once its lease ends", || {
         let url = node_1_ready.clone();
         async move { !http_get(&url).await.starts_with("HTTP/1.1 200") }
+    })
+    .await;
+    // The lapse is counted once (a cut is one lapse however often it is looked at), and the gauge says 0.
+    assert_eq!(metric(&nodes[0], "courier_node_lease_lapses_total{node=\"1\"}").await, lapses_before + 1.0);
+    eventually(Duration::from_secs(5), "the lease gauge says it is not held", || async {
+        metric(&nodes[0], "courier_node_lease_held{node=\"1\"}").await == 0.0
     })
     .await;
 
@@ -191,6 +198,13 @@ async fn a_leader_cut_off_from_its_peers_loses_nothing_answered_200() {
     fabric.heal().expect("heal");
     every_200_arrives(&endpoints[1], &devices, &answers).await;
     gateway.shutdown().await;
+}
+
+/// A sample's value in `node`'s `/metrics` (`series` is its name and labels, as printed), 0 when absent.
+async fn metric(node: &common::NodeProcess, series: &str) -> f64 {
+    let scrape = http_get(&format!("http://{}/metrics", node.metrics_addr)).await;
+    let value = scrape.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' '));
+    value.map_or(0.0, |v| v.trim().parse().expect("a number"))
 }
 
 /// How long a paused node must answer steadily before it is active again, in the pause test.

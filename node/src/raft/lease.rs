@@ -15,7 +15,7 @@
 //! two nodes accept a device's notifications at the same time, as long as the nodes' clocks run at about
 //! the same rate (they are monotonic clocks measuring intervals, never compared across machines).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Raft;
@@ -28,11 +28,14 @@ pub struct Lease {
     origin: Instant,
     /// Milliseconds after `origin` of the last contact with a current leader, plus one (0: none yet).
     last_contact: AtomicU64,
+    /// What `held` found last time, so that a lapse is logged and counted once, when it is first seen.
+    was_held: AtomicBool,
 }
 
 impl Lease {
     pub fn new(raft: Raft, id: NodeId, duration: Duration) -> Self {
-        Lease { raft, id, duration, origin: Instant::now(), last_contact: AtomicU64::new(0) }
+        let was_held = AtomicBool::new(false);
+        Lease { raft, id, duration, origin: Instant::now(), last_contact: AtomicU64::new(0), was_held }
     }
 
     /// A current leader's `AppendEntries` or snapshot was accepted just now.
@@ -41,20 +44,48 @@ impl Lease {
         self.last_contact.fetch_max(now, Ordering::Relaxed);
     }
 
-    /// Whether this node may act as an owner now.
+    /// Whether this node may act as an owner now. A lease that was held and is not any more is a lapse:
+    /// logged, and counted in `courier_node_lease_lapses_total`, when first seen here (every device
+    /// `Hello`, forwarded push and readiness check asks, and the metrics task once a second).
     pub fn held(&self) -> bool {
+        let (held, since_ms) = self.check();
+        if self.was_held.swap(held, Ordering::Relaxed) != held {
+            if held {
+                tracing::info!(node = self.id, "lease held: acting as an owner");
+            } else {
+                let since = since_ms.map_or_else(|| "never".to_string(), |ms| format!("{ms} ms ago"));
+                tracing::warn!(
+                    node = self.id,
+                    lease_ms = self.duration.as_millis() as u64,
+                    last_heard = %since,
+                    "lease lapsed: refusing devices and pushes until a Raft quorum is heard from again"
+                );
+                metrics::counter!("courier_node_lease_lapses_total", "node" => self.id.to_string()).increment(1);
+            }
+        }
+        held
+    }
+
+    /// Whether the lease is held, and how long ago (ms) this node last heard from a quorum as leader, or
+    /// from the leader as follower (`None`: never).
+    fn check(&self) -> (bool, Option<u64>) {
         let limit = self.duration.as_millis() as u64;
         {
             let metrics = self.raft.metrics();
             let metrics = metrics.borrow();
             if metrics.current_leader == Some(self.id) {
                 if metrics.membership_config.membership().voter_ids().count() <= 1 {
-                    return true;
+                    return (true, Some(0));
                 }
-                return metrics.millis_since_quorum_ack.is_some_and(|ms| ms < limit);
+                let since = metrics.millis_since_quorum_ack;
+                return (since.is_some_and(|ms| ms < limit), since);
             }
         }
         let last = self.last_contact.load(Ordering::Relaxed);
-        last != 0 && (self.origin.elapsed().as_millis() as u64 + 1).saturating_sub(last) < limit
+        if last == 0 {
+            return (false, None);
+        }
+        let since = (self.origin.elapsed().as_millis() as u64 + 1).saturating_sub(last);
+        (since < limit, Some(since))
     }
 }

@@ -130,6 +130,7 @@ pub async fn export_metrics(
         let applied = metrics.last_applied.map_or(0, |l| l.index);
         metrics::gauge!("courier_raft_applied_index", &label()).set(applied as f64);
         metrics::gauge!("courier_cluster_epoch", &label()).set(state.epoch.0 as f64);
+        metrics::gauge!("courier_node_lease_held", &label()).set(if control.lease.held() { 1.0 } else { 0.0 });
         for member_state in [MemberState::Joining, MemberState::Active, MemberState::Draining, MemberState::Down] {
             let count = state.members_in(member_state).count();
             metrics::gauge!("courier_cluster_members", "node" => node.clone(), "state" => member_state.as_str())
