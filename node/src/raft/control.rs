@@ -80,6 +80,26 @@ struct ProbeHistory {
     answering_since: HashMap<NodeId, Instant>,
 }
 
+impl ProbeHistory {
+    /// Whether `member`, which missed this round's probe, has been silent for `failure_timeout` at `now`
+    /// (from its last answer, or from `since`, when this node began to lead, if it never answered). Never
+    /// in a round that no member answered: silence from everyone at once is more likely this node's own
+    /// stall (it could not read the answers in time) than every other member failing together, and if they
+    /// had, marking them down could not commit anyway. A loaded leader that stalled for a few seconds used
+    /// to mark every member down at once, putting every device on itself.
+    fn missed_too_long(
+        &self,
+        member: NodeId,
+        since: Instant,
+        failure_timeout: Duration,
+        any_answered: bool,
+        now: Instant,
+    ) -> bool {
+        let silent_since = self.last_answer.get(&member).copied().unwrap_or(since);
+        any_answered && now.saturating_duration_since(silent_since) >= failure_timeout
+    }
+}
+
 /// This node's handle on the Raft group.
 pub struct Control {
     pub id: NodeId,
@@ -422,6 +442,11 @@ impl Control {
             )
         }))
         .await;
+        let any_answered = answers.iter().any(|answered| *answered);
+        if !any_answered && !others.is_empty() {
+            metrics::counter!("courier_node_probe_rounds_unanswered_total").increment(1);
+            tracing::warn!(members = others.len(), "no member answered this probe round; marking none down");
+        }
         for (member, answered) in others.iter().zip(answers) {
             let now = Instant::now();
             if answered {
@@ -440,8 +465,10 @@ impl Control {
                 continue;
             }
             probes.answering_since.remove(&member.id);
-            let silent_since = probes.last_answer.get(&member.id).copied().unwrap_or(since);
-            if member.state == MemberState::Active && silent_since.elapsed() >= self.settings.failure_timeout {
+            let timeout = self.settings.failure_timeout;
+            if member.state == MemberState::Active
+                && probes.missed_too_long(member.id, since, timeout, any_answered, now)
+            {
                 tracing::warn!(node = member.id, "member missed its probes; marking it down");
                 self.apply(Command::SetMemberState { id: member.id, state: MemberState::Down, now_ms }).await?;
             }
@@ -488,5 +515,28 @@ impl Control {
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_is_down_after_the_failure_timeout_only_in_a_round_another_member_answered() {
+        let timeout = Duration::from_secs(3);
+        let began = Instant::now();
+        let mut probes = ProbeHistory::default();
+        probes.last_answer.insert(2, began + Duration::from_secs(1));
+        let at = |secs: u64| began + Duration::from_secs(secs);
+        // Silent for 2 s, then for 3 s, counted from its last answer.
+        assert!(!probes.missed_too_long(2, began, timeout, true, at(3)));
+        assert!(probes.missed_too_long(2, began, timeout, true, at(4)));
+        // A member that never answered is counted from when this node began to lead.
+        assert!(!probes.missed_too_long(3, began, timeout, true, at(2)));
+        assert!(probes.missed_too_long(3, began, timeout, true, at(3)));
+        // Nobody answered this round: nobody is marked down, however long the silence.
+        assert!(!probes.missed_too_long(2, began, timeout, false, at(60)));
+        assert!(!probes.missed_too_long(3, began, timeout, false, at(60)));
     }
 }
