@@ -51,7 +51,7 @@ enum PeerOp {
     /// A copy, the epoch of the view that decided it, and who waits for the outcome.
     Put(Box<Notification>, Epoch, oneshot::Sender<bool>),
     Remove(QueueKey),
-    /// A subscription change, and who waits to hear it was applied (a hand-over), if anyone.
+    /// A subscription change, and who waits to hear it was applied (a device's change, a hand-over), if anyone.
     Subscription(Box<Subscription>, Option<oneshot::Sender<bool>>),
     /// A receipt to hold, and who waits to hear it is stored there, if anyone.
     Receipt(HeldReceipt, Option<oneshot::Sender<bool>>),
