@@ -224,6 +224,19 @@ pub fn describe_node_metrics() {
     describe_gauge!("courier_cluster_epoch", "Cluster epoch this node has applied.");
     describe_gauge!("courier_cluster_members", "Cluster members in each state, as this node sees them.");
     describe_gauge!("courier_token_key_active_id", "Id of the token key that mints new device tokens.");
+    describe_gauge!(
+        "courier_node_lease_held",
+        "1 while this node holds its owner's lease (heard from a Raft quorum within --lease-ms), else 0."
+    );
+    describe_counter!("courier_node_lease_lapses_total", "Times this node found its owner's lease lapsed.");
+    describe_counter!(
+        "courier_node_probe_rounds_unanswered_total",
+        "Leader probe rounds that no member answered, in which no member was marked down."
+    );
+    describe_counter!(
+        "courier_node_leader_ticks_abandoned_total",
+        "Leader duty rounds abandoned after twice the failure timeout."
+    );
 }
 
 /// Readiness of one role in this process; `/readyz` answers 200 only when every registered flag is set.
