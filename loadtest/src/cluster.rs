@@ -57,6 +57,12 @@ pub struct Target {
 }
 
 impl Target {
+    /// Each spawned node's device address by its certificate's name (`WorkerSpec::owner_addrs`).
+    pub fn owner_addrs(&self) -> std::collections::BTreeMap<String, String> {
+        let named = |node: &SpawnedNode| (courier_core::pki::node_device_name(node.id), node.device_addr.clone());
+        self.nodes.iter().map(named).collect()
+    }
+
     pub async fn from_args(args: &TargetArgs, quiet: bool) -> anyhow::Result<Target> {
         match args.spawn {
             Some(n) => spawn(args, n, quiet).await,

@@ -18,6 +18,11 @@ pub struct WorkerSpec {
     pub count: usize,
     /// Node device endpoints; device `i` starts on `endpoints[i % len]`.
     pub endpoints: Vec<String>,
+    /// Where each node of a spawned cluster takes device links now, by the name its certificate carries:
+    /// a cached device's owner names its node by that name and by the address it had when the device was
+    /// activated, and a spawned cluster's ports change at every start. Empty for an existing cluster.
+    #[serde(default)]
+    pub owner_addrs: BTreeMap<String, String>,
     pub ca: PathBuf,
     pub server_name: String,
     /// Device `i` opens its links from `source_addrs[i % len]`; empty lets the OS choose.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 use courier_core::ids::DeviceId;
 use courier_core::shutdown::CancellationToken;
-use courier_device::{Backoff, ClientError, Connector, DeviceLink, LinkEvent, SeenIds};
+use courier_device::{Backoff, ClientError, Connector, DeviceLink, LinkEvent, RedirectTarget, SeenIds};
 use courier_proto::device::ChannelRefusal;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::Semaphore;
@@ -142,6 +142,12 @@ fn channel_for(channels: &[String], index: usize) -> Option<String> {
     (!channels.is_empty()).then(|| channels[index % channels.len()].clone())
 }
 
+/// Where a cached device's owner takes links now: its node's current address when the cluster was spawned
+/// here (its ports change at every start), else the address the activation named.
+fn owner_now<'a>(current: &'a BTreeMap<String, String>, owner: &'a RedirectTarget) -> &'a str {
+    current.get(&owner.server_name).map_or(owner.device_addr.as_str(), String::as_str)
+}
+
 /// Runs the worker until `Exit` or until stdin closes.
 pub async fn run() -> anyhow::Result<()> {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -165,10 +171,10 @@ pub async fn run() -> anyhow::Result<()> {
         }
         let mut owner_node = None;
         if let Some(owner) = &credentials.owner {
-            let addr = match owner_addrs.entry(owner.device_addr.clone()) {
+            let addr = match owner_addrs.entry(owner_now(&spec.owner_addrs, owner).to_string()) {
                 hash_map::Entry::Occupied(known) => *known.get(),
                 hash_map::Entry::Vacant(new) => {
-                    let resolved = courier_device::resolve(&owner.device_addr).await;
+                    let resolved = courier_device::resolve(new.key()).await;
                     if let Err(error) = &resolved {
                         tracing::warn!(%error, "devices owned there start on the endpoints instead");
                     }
@@ -518,5 +524,22 @@ async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
         if done {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_owner_is_found_at_its_node_s_current_address_and_elsewhere_where_it_was() {
+        let owner = |name: &str, addr: &str| RedirectTarget { device_addr: addr.into(), server_name: name.into() };
+        let spawned: BTreeMap<String, String> =
+            [("node-2.courier.internal".to_string(), "127.0.0.1:41002".to_string())].into();
+        // A spawned cluster started again: node 2 listens on a new port.
+        assert_eq!(owner_now(&spawned, &owner("node-2.courier.internal", "127.0.0.1:38000")), "127.0.0.1:41002");
+        // A node this cluster does not have, or an existing cluster (no names): the address it was given.
+        assert_eq!(owner_now(&spawned, &owner("node-7.courier.internal", "127.0.0.1:38007")), "127.0.0.1:38007");
+        assert_eq!(owner_now(&BTreeMap::new(), &owner("node-2.courier.internal", "10.0.0.2:7300")), "10.0.0.2:7300");
     }
 }

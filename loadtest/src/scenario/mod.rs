@@ -99,6 +99,7 @@ pub(crate) async fn prepare(
                 first: 0,
                 count: 0,
                 endpoints: target.device_addrs.clone(),
+                owner_addrs: target.owner_addrs(),
                 ca: target.ca.clone(),
                 server_name: target.server_name.clone(),
                 source_addrs: source_addrs.clone(),
