@@ -46,12 +46,18 @@ impl Lease {
 
     /// Whether this node may act as an owner now. A lease that was held and is not any more is a lapse:
     /// logged, and counted in `courier_node_lease_lapses_total`, when first seen here (every device
-    /// `Hello`, forwarded push and readiness check asks, and the metrics task once a second).
+    /// `Hello`, forwarded push and readiness check asks, and the metrics task once a second). A leader
+    /// that no quorum of its new voters has acknowledged yet (a member just joined) holds no lease either,
+    /// but that is not counted: there was no contact that ended.
     pub fn held(&self) -> bool {
         let (held, since_ms) = self.check();
         if self.was_held.swap(held, Ordering::Relaxed) != held {
             if held {
                 tracing::info!(node = self.id, "lease held: acting as an owner");
+            } else if since_ms.is_none() {
+                // A leader whose voters just changed (the cluster forming): no quorum of the new set has
+                // acknowledged it yet. Not a lapse; it holds the lease again at their first answer.
+                tracing::info!(node = self.id, "lease not held until the new voters acknowledge this leader");
             } else {
                 let since = since_ms.map_or_else(|| "never".to_string(), |ms| format!("{ms} ms ago"));
                 tracing::warn!(
