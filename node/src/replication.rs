@@ -295,9 +295,7 @@ impl Replicator {
             }
         }
         for (node, released) in by_node {
-            if let Some(addr) = self.addr_of(node) {
-                let _ = self.link(&addr).0.try_send(PeerOp::Released(released));
-            }
+            self.tell(node, PeerOp::Released(released));
         }
     }
 
@@ -317,9 +315,7 @@ impl Replicator {
     /// its device (`last_seen`), where a lost copy costs at most one kept broadcast sent again.
     pub fn copy_subscription_later(&self, device: DeviceId, change: &Subscription) {
         for node in self.other_subscription_holders(device) {
-            if let Some(addr) = self.addr_of(node) {
-                let _ = self.link(&addr).0.try_send(PeerOp::Subscription(Box::new(change.clone()), None));
-            }
+            self.tell(node, PeerOp::Subscription(Box::new(change.clone()), None));
         }
     }
 
@@ -337,12 +333,16 @@ impl Replicator {
         let view = self.view.get();
         let holders = view.state.ring.copies() + 1;
         for node in view.ring.candidates(device, holders) {
-            if node == self.id {
-                continue;
+            if node != self.id {
+                self.tell(node, op());
             }
-            if let Some(addr) = self.addr_of(node) {
-                let _ = self.link(&addr).0.try_send(op());
-            }
+        }
+    }
+
+    /// Queues `op` for `node`'s next replication batch, without waiting; dropped if its queue is full.
+    fn tell(&self, node: NodeId, op: PeerOp) {
+        if let Some(addr) = self.addr_of(node) {
+            let _ = self.link(&addr).0.try_send(op);
         }
     }
 

@@ -54,19 +54,18 @@ impl Lease {
         if self.was_held.swap(held, Ordering::Relaxed) != held {
             if held {
                 tracing::info!(node = self.id, "lease held: acting as an owner");
-            } else if since_ms.is_none() {
-                // A leader whose voters just changed (the cluster forming): no quorum of the new set has
-                // acknowledged it yet. Not a lapse; it holds the lease again at their first answer.
-                tracing::info!(node = self.id, "lease not held until the new voters acknowledge this leader");
-            } else {
-                let since = since_ms.map_or_else(|| "never".to_string(), |ms| format!("{ms} ms ago"));
+            } else if let Some(since_ms) = since_ms {
                 tracing::warn!(
                     node = self.id,
                     lease_ms = self.duration.as_millis() as u64,
-                    last_heard = %since,
+                    last_heard_ms_ago = since_ms,
                     "lease lapsed: refusing devices and pushes until a Raft quorum is heard from again"
                 );
                 metrics::counter!("courier_node_lease_lapses_total", "node" => self.id.to_string()).increment(1);
+            } else {
+                // A leader whose voters just changed (the cluster forming): no quorum of the new set has
+                // acknowledged it yet. Not a lapse; it holds the lease again at their first answer.
+                tracing::info!(node = self.id, "lease not held until the new voters acknowledge this leader");
             }
         }
         held
