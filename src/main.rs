@@ -15,7 +15,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     /// Threads of the async runtime (default: one per CPU). Several Courier processes sharing a few cores
     /// (a test or load-test cluster on one machine) run better with 1 each: fewer threads contend for the
-    /// same cores. A node or gateway on a machine of its own keeps the default.
+    /// same cores. A node or gateway on a machine of its own keeps the default. A node's device TLS
+    /// handshakes run on a second runtime with as many threads, unless `--handshake-threads` says otherwise.
     #[arg(long, global = true, env = "COURIER_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     worker_threads: Option<u16>,
     #[command(subcommand)]
@@ -50,7 +51,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(threads) = cli.worker_threads {
         runtime.worker_threads(usize::from(threads));
     }
-    runtime.build()?.block_on(run(cli.command))
+    let mut command = cli.command;
+    if let Command::Node(args) = &mut command {
+        args.handshake_threads_default(cli.worker_threads);
+    }
+    runtime.build()?.block_on(run(command))
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {

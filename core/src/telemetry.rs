@@ -87,8 +87,39 @@ pub fn resident_memory_bytes(pid: Option<u32>) -> Option<u64> {
 }
 
 /// Help text for every metric a node exports, so that `promtool check metrics` finds each one described.
+/// How often `measure_runtime_lag` sleeps and wakes.
+const LAG_TICK: Duration = Duration::from_millis(100);
+
+/// Lag past which `measure_runtime_lag` also logs a warning: a fraction of the owner's lease.
+const LAG_WARN: Duration = Duration::from_millis(500);
+
+/// Measures how late the runtime it runs on gets to a ready task, until `stop`: it sleeps `LAG_TICK` at a
+/// time and records how much later than asked it woke, in `courier_node_runtime_lag_seconds{runtime}`,
+/// warning above `LAG_WARN`. A runtime with seconds of queued work ahead of its timers shows here first;
+/// on a node's main runtime that is what makes leases lapse.
+pub async fn measure_runtime_lag(runtime: &'static str, stop: crate::shutdown::CancellationToken) {
+    let lag = metrics::histogram!("courier_node_runtime_lag_seconds", "runtime" => runtime);
+    loop {
+        let asleep = Instant::now();
+        tokio::select! {
+            _ = tokio::time::sleep(LAG_TICK) => {}
+            _ = stop.cancelled() => return,
+        }
+        let late = asleep.elapsed().saturating_sub(LAG_TICK);
+        lag.record(late.as_secs_f64());
+        if late >= LAG_WARN {
+            tracing::warn!(runtime, late_ms = late.as_millis() as u64, "runtime ran a timer late");
+        }
+    }
+}
+
 pub fn describe_node_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_histogram!(
+        "courier_node_runtime_lag_seconds",
+        Unit::Seconds,
+        "How late each runtime woke a 100 ms timer (main: Raft, cluster API, links; handshakes: device TLS)."
+    );
     describe_gauge!("courier_node_device_links", "Device links this node holds open.");
     describe_counter!(
         "courier_node_notifications_dropped_total",

@@ -153,6 +153,17 @@ pub struct NodeConfig {
     /// Most device links this node holds at once; further connections are refused.
     #[arg(long, env = "COURIER_MAX_LINKS", default_value_t = 250_000)]
     pub max_links: usize,
+    /// Threads of the runtime that does device links' TLS handshakes, which is separate from the one running
+    /// Raft, the cluster API and the links' sessions, so that a burst of handshakes cannot delay heartbeats
+    /// (default: `courier --worker-threads` if given, else one per CPU).
+    #[arg(long, env = "COURIER_HANDSHAKE_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub handshake_threads: Option<u16>,
+    /// How much nicer (lower priority, 0–19) the handshake threads run than the rest of the node. When the
+    /// CPU is short the kernel then runs Raft heartbeats, member probes, the cluster API and live links
+    /// first, so a burst of devices linking is served more slowly instead of costing the node its lease.
+    /// 0: no difference.
+    #[arg(long, env = "COURIER_HANDSHAKE_NICE", default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub handshake_nice: u8,
     /// What to do about a device certificate several devices seem to share (links that keep replacing
     /// each other from different source addresses): `alert` counts and records it and keeps the newer link;
     /// `refuse` also closes every link of the device and refuses new ones, and gateways answer its pushes

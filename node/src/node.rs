@@ -20,6 +20,7 @@ use crate::api::ClusterService;
 use crate::config::NodeConfig;
 use crate::delivery::{Delivery, DeliveryParts};
 use crate::edge::registry::Registry;
+use crate::edge::runtime::HandshakeRuntime;
 use crate::edge::{self, Edge};
 use crate::peer::{PeerError, Peers};
 use crate::pki::{ClusterRole, DeviceCa, PkiDir, PkiError};
@@ -61,6 +62,8 @@ pub enum NodeError {
     RaftConfig(#[from] Box<openraft::ConfigError>),
     #[error("starting raft: {0}")]
     Raft(String),
+    #[error("starting the device handshakes' runtime: {0}")]
+    HandshakeRuntime(std::io::Error),
     #[error(transparent)]
     Peers(#[from] PeerError),
     #[error("bootstrapping the cluster: {0}")]
@@ -117,6 +120,8 @@ pub struct RunningNode {
     shutdown: CancellationToken,
     _stop_on_drop: DropGuard,
     tracker: TaskTracker,
+    /// Device handshakes run here (`HandshakeRuntime`); dropped last, once `tracker` has seen them end.
+    _handshakes: HandshakeRuntime,
 }
 
 fn read(path: std::path::PathBuf) -> Result<Vec<u8>, NodeError> {
@@ -238,7 +243,11 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         subscriptions: subscriptions.clone(),
     });
     tracker.spawn(edge::clones::report(clone_reports_rx, control.clone(), shutdown.clone()));
-    tracker.spawn(edge::serve(device_listener, acceptor, edge, config.max_links, shutdown.clone(), tracker.clone()));
+    let handshakes =
+        HandshakeRuntime::new(config.handshake_threads, config.handshake_nice).map_err(NodeError::HandshakeRuntime)?;
+    handshakes
+        .serve(device_listener, acceptor, edge, config.max_links, shutdown.clone(), tracker.clone())
+        .map_err(NodeError::HandshakeRuntime)?;
 
     let receipts = crate::receipts::run(
         store.clone(),
@@ -308,6 +317,8 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         tracker.spawn(control.clone().reactivate(shutdown.clone()));
     }
     tracker.spawn(crate::raft::report::export_metrics(control.clone(), committed_index, shutdown.clone()));
+    tracker.spawn(telemetry::measure_runtime_lag("main", shutdown.clone()));
+    tracker.spawn_on(telemetry::measure_runtime_lag("handshakes", shutdown.clone()), handshakes.handle());
 
     // Set every 200 ms (`Control::track_readiness`): a flag older than a second is from before a stall.
     let readiness = Readiness::refreshed_within(Duration::from_secs(1));
@@ -333,6 +344,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         _stop_on_drop: shutdown.clone().drop_guard(),
         shutdown,
         tracker,
+        _handshakes: handshakes,
     })
 }
 

@@ -14,6 +14,13 @@ pub struct GatewayArgs {
     config: courier_gateway::GatewayConfig,
 }
 
+impl NodeArgs {
+    /// The handshake runtime gets `threads` (`courier --worker-threads`) unless `--handshake-threads` is set.
+    pub fn handshake_threads_default(&mut self, threads: Option<u16>) {
+        self.config.handshake_threads = self.config.handshake_threads.or(threads);
+    }
+}
+
 pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
     let drain_deadline = std::time::Duration::from_secs(args.config.drain_deadline_secs);
     let node = courier_node::start(args.config).await.context("starting the node")?;

@@ -5,12 +5,15 @@
 //! protocol. `courier_device::codec` (the frame codec the device SDK shares) is the only code that sees
 //! the link's bytes; `registry` maps device ids to live links;
 //! `limits` bounds what connections (before their first frame) and links may cost.
-//! `clones` recognises one device certificate used by several devices.
+//! `clones` recognises one device certificate used by several devices. `runtime` runs the accept loop
+//! and the handshakes on threads of their own; `socket` lets a link move from there to its session.
 
 pub mod clones;
 pub mod limits;
 pub mod registry;
+pub mod runtime;
 pub mod session;
+pub mod socket;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,7 +129,7 @@ async fn handshake(
     edge: &Edge,
     pending: &mut limits::Pending,
 ) -> Handshake {
-    let start = match LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await {
+    let start = match LazyConfigAcceptor::new(rustls::server::Acceptor::default(), socket::Socket::new(tcp)).await {
         Ok(start) => start,
         Err(error) => {
             metrics::counter!("courier_node_handshake_failures_total").increment(1);
@@ -153,7 +156,10 @@ async fn handshake(
 }
 
 /// One connection from accept to goodbye: the handshake and the first frame within one deadline from
-/// accept, a link permit once the handshake is done, then the session.
+/// accept, a link permit once the handshake is done, then the session. The handshake runs where this task
+/// does (the handshake runtime); the session runs on `sessions`, with the socket moved there, so that a
+/// session's notifications and acks never wait on the other runtime.
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     acceptor: TlsAcceptor,
     tcp: tokio::net::TcpStream,
@@ -162,6 +168,7 @@ async fn connection(
     mut pending: limits::Pending,
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
+    sessions: (tokio::runtime::Handle, TaskTracker),
 ) {
     let deadline = tokio::time::Instant::now() + edge.settings.handshake_timeout;
     // The handshake's state is boxed and freed when it completes, so that the task, which is sized for its
@@ -185,17 +192,28 @@ async fn connection(
             return;
         }
     };
-    let Ok(_permit) = permits.try_acquire_owned() else {
+    let Ok(permit) = permits.try_acquire_owned() else {
         metrics::counter!("courier_node_links_refused_total", "reason" => "capacity").increment(1);
         session::refuse_at_capacity(&mut link).await;
         return;
     };
+    let (runtime, tracker) = sessions;
+    if let Err(error) = link.get_mut().get_mut().0.move_to(&runtime) {
+        tracing::debug!(%peer, %error, "a device link's socket could not move to the session runtime");
+        return;
+    }
     let opening = session::Opening { deadline, pending, shutdown: shutdown.clone() };
-    session::run(link, edge, shutdown, opening).await;
+    tracker.spawn_on(
+        async move {
+            let _permit = permit;
+            session::run(link, edge, shutdown, opening).await;
+        },
+        &runtime,
+    );
 }
 
-/// Accepts device links until `shutdown` turns true. Each link runs on `tracker`, so the caller can wait
-/// for every link to say goodbye.
+/// Accepts device links until `shutdown` turns true. Each connection's handshake runs on `tracker` here, its
+/// session on `sessions` (`connection`), so the caller can wait for every link to say goodbye.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -203,6 +221,7 @@ pub async fn serve(
     max_links: usize,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    sessions: tokio::runtime::Handle,
 ) {
     let permits = Arc::new(Semaphore::new(max_links));
     let admission = limits::Admission::new(edge.settings.admission.clone());
@@ -237,6 +256,7 @@ pub async fn serve(
             pending,
             permits.clone(),
             shutdown.clone(),
+            (sessions.clone(), tracker.clone()),
         ));
     }
 }

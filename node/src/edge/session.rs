@@ -15,7 +15,6 @@ use std::time::Duration;
 use courier_proto::cluster::Notification;
 use courier_proto::device::{self as wire, DeviceFrame, GoodbyeReason, ServerFrame, device_frame, server_frame};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_util::codec::Framed;
@@ -25,6 +24,7 @@ use courier_core::shutdown::CancellationToken;
 use super::Edge;
 use super::limits::{Pending, TokenBucket};
 use super::registry::{LinkEnd, Outgoing, SharedBroadcast};
+use super::socket::Socket;
 use crate::ids::{DeviceId, unix_millis};
 use crate::pki;
 use crate::token::KeyState;
@@ -32,10 +32,10 @@ use crate::view::Placement;
 use courier_core::channel::ChannelId;
 use courier_device::codec::{EncodedFrame, FrameCodec};
 
-pub type Link = Framed<TlsStream<TcpStream>, FrameCodec<DeviceFrame>>;
+pub type Link = Framed<TlsStream<Socket>, FrameCodec<DeviceFrame>>;
 
 /// A device link's stream, on the heap: the session's future then holds a pointer, not the TLS state.
-pub fn boxed_link(tls: TlsStream<TcpStream>, max_frame: usize) -> Box<Link> {
+pub fn boxed_link(tls: TlsStream<Socket>, max_frame: usize) -> Box<Link> {
     Box::new(courier_device::codec::lean(tls, FrameCodec::new(max_frame)))
 }
 
