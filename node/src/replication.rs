@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use courier_core::webhook::Event;
 use courier_proto::cluster::{
-    FetchQueueRequest, HeldReceipt, Notification, QueueKey, ReleasedReceipt, ReplicateRequest, Subscription,
+    DeviceQueue, FetchQueueRequest, FetchQueuesRequest, HeldReceipt, Notification, QueueKey, ReleasedReceipt,
+    ReplicateRequest, Subscription,
 };
 use futures_util::StreamExt;
 use futures_util::future::join_all;
@@ -125,6 +126,8 @@ pub struct Replicator {
     view: Arc<LocalView>,
     /// One batching task per peer address.
     links: Mutex<HashMap<String, Link>>,
+    /// One task per peer address that asks it for devices' queues (`gather`), many devices a call.
+    gathers: Mutex<HashMap<String, mpsc::Sender<GatherAsk>>>,
     /// How long a put waits for a peer before the next candidate is tried.
     timeout: Duration,
     /// Whether fewer than R copies are enough while fewer than R members are active (`--degraded-writes`).
@@ -133,7 +136,8 @@ pub struct Replicator {
 
 impl Replicator {
     pub fn new(id: NodeId, peers: Arc<Peers>, view: Arc<LocalView>, timeout: Duration, degraded: bool) -> Self {
-        Replicator { id, peers, view, links: Mutex::new(HashMap::new()), timeout, degraded }
+        let (links, gathers) = (Mutex::new(HashMap::new()), Mutex::new(HashMap::new()));
+        Replicator { id, peers, view, links, gathers, timeout, degraded }
     }
 
     /// How many holders a notification stored now must have (`EpochView::copies_wanted`).
@@ -422,6 +426,83 @@ impl Replicator {
     }
 }
 
+/// Most devices one `FetchQueues` call asks a holder for.
+pub const GATHER_BATCH: usize = 256;
+
+/// One device's queue asked of one holder, and where its answer goes: `None` when the holder could not be
+/// asked, or refused because this node is behind and no longer owns the device.
+struct GatherAsk {
+    device: DeviceId,
+    answer: oneshot::Sender<Option<Vec<Notification>>>,
+}
+
+/// A holder that queues are asked of.
+struct Holder {
+    addr: String,
+    peers: Arc<Peers>,
+    timeout: Duration,
+}
+
+/// Asks one holder for devices' queues, one call at a time: the devices whose owner asked while a call was
+/// out go together in the next one, so a thousand devices linking at once cost a few calls, not a thousand,
+/// and a device linking alone waits for no one.
+async fn gather_from(holder: Holder, view: Arc<LocalView>, mut asks: mpsc::Receiver<GatherAsk>) {
+    let mut batch = Vec::with_capacity(GATHER_BATCH);
+    while asks.recv_many(&mut batch, GATHER_BATCH).await > 0 {
+        let asked = std::mem::take(&mut batch);
+        let devices: Vec<DeviceId> = asked.iter().map(|ask| ask.device).collect();
+        // Stamped with the view the call is made in: this node owns these devices in it, or is told so.
+        let epoch = view.get().state.epoch.0;
+        match holder.fetch(&devices, epoch).await {
+            Some(queues) if queues.len() == asked.len() => {
+                for (ask, queue) in asked.into_iter().zip(queues) {
+                    if queue.stale {
+                        // This node no longer owns the device in the holder's newer view: its link will be
+                        // redirected.
+                        tracing::debug!(device = %ask.device, addr = %holder.addr, "queue fetch fenced; this node is behind");
+                    }
+                    let _ = ask.answer.send((!queue.stale).then_some(queue.notifications));
+                }
+            }
+            _ => {
+                for ask in asked {
+                    let _ = ask.answer.send(None);
+                }
+            }
+        }
+    }
+}
+
+impl Holder {
+    /// The holder's answer for each of `devices`, in order; `None` if it could not be asked. A holder of an
+    /// earlier release, which has no `FetchQueues`, is asked device by device.
+    async fn fetch(&self, devices: &[DeviceId], epoch: u64) -> Option<Vec<DeviceQueue>> {
+        let mut client = self.peers.client(&self.addr).ok()?;
+        let device_ids = devices.iter().map(|d| d.to_bytes().to_vec()).collect();
+        let mut request = tonic::Request::new(FetchQueuesRequest { device_ids, epoch });
+        request.set_timeout(self.timeout);
+        match tokio::time::timeout(self.timeout, client.fetch_queues(request)).await.ok()? {
+            Ok(answer) => Some(answer.into_inner().queues),
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                let asks = devices.iter().map(|device| {
+                    let mut client = client.clone();
+                    let device_id = device.to_bytes().to_vec();
+                    let mut request = tonic::Request::new(FetchQueueRequest { device_id, epoch });
+                    request.set_timeout(self.timeout);
+                    async move {
+                        let answer =
+                            tokio::time::timeout(self.timeout, client.fetch_queue(request)).await.ok()?.ok()?;
+                        let answer = answer.into_inner();
+                        Some(DeviceQueue { notifications: answer.notifications, stale: answer.stale })
+                    }
+                });
+                join_all(asks).await.into_iter().collect()
+            }
+            Err(_) => None,
+        }
+    }
+}
+
 /// How often `sweep_orphans_every_few_seconds` sweeps.
 const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
 
@@ -433,7 +514,8 @@ const REBALANCE_PARALLELISM: usize = 64;
 
 impl Replicator {
     /// Merges into the local store whatever the device's other candidates hold for it; run by the owner
-    /// when the device connects, before its queue is replayed. Unreachable candidates are skipped.
+    /// when the device connects, before its queue is replayed. Unreachable candidates are skipped. The
+    /// asks of devices linking at the same time share one `FetchQueues` call per candidate (`gather_from`).
     pub async fn gather(&self, store: &Store, device: DeviceId) -> usize {
         let view = self.view.get();
         let holders = view.state.ring.copies() + 1;
@@ -445,18 +527,11 @@ impl Replicator {
             .filter_map(|id| view.state.members.get(&id).map(|m| m.cluster_addr.clone()))
             .filter(|addr| !self.skipped(addr))
             .collect();
-        let epoch = view.state.epoch.0;
         let fetched = join_all(others.iter().map(|addr| async move {
-            let mut client = self.peers.client(addr).ok()?;
-            let mut request = tonic::Request::new(FetchQueueRequest { device_id: device.to_bytes().to_vec(), epoch });
-            request.set_timeout(self.timeout);
-            let answer = tokio::time::timeout(self.timeout, client.fetch_queue(request)).await.ok()?.ok()?.into_inner();
-            if answer.stale {
-                // This node no longer owns the device in the holder's newer view: its link will be redirected.
-                tracing::debug!(%device, %addr, epoch = answer.epoch, "queue fetch fenced; this node is behind");
-                return None;
-            }
-            Some(answer.notifications)
+            let (answer, answered) = oneshot::channel();
+            self.gatherer(addr).send(GatherAsk { device, answer }).await.ok()?;
+            // The call is bounded by the timeout; this also bounds the wait for the calls queued before it.
+            tokio::time::timeout(self.timeout * 2, answered).await.ok()?.ok()?
         }))
         .await;
         let now_secs = crate::ids::unix_millis() / 1000;
@@ -472,6 +547,18 @@ impl Replicator {
             metrics::counter!("courier_node_queue_gathered_total").increment(added as u64);
         }
         added
+    }
+
+    fn gatherer(&self, addr: &str) -> mpsc::Sender<GatherAsk> {
+        let mut gathers = self.gathers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(asks) = gathers.get(addr).filter(|asks| !asks.is_closed()) {
+            return asks.clone();
+        }
+        let (asks, rx) = mpsc::channel(GATHER_BATCH * 16);
+        let holder = Holder { addr: addr.to_string(), peers: self.peers.clone(), timeout: self.timeout };
+        tokio::spawn(gather_from(holder, self.view.clone(), rx));
+        gathers.insert(addr.to_string(), asks.clone());
+        asks
     }
 
     /// Every few seconds, moves copies this node holds for devices it is no longer a candidate for: writes

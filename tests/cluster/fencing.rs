@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{Nodes, eventually};
 use courier_core::ids::{DeviceId, unix_millis};
 use courier_core::peer::Peers;
-use courier_proto::cluster::{FetchQueueRequest, Notification, ReplicateRequest, Subscription};
+use courier_proto::cluster::{FetchQueueRequest, FetchQueuesRequest, Notification, ReplicateRequest, Subscription};
 
 fn notification(device: DeviceId, apns_id: &str) -> Notification {
     Notification {
@@ -111,5 +111,21 @@ async fn stale_replicas_and_fetches_are_refused_for_devices_the_sender_no_longer
     assert!(!answer.stale && answer.notifications.len() == 1, "its own device's queue: {answer:?}");
     let answer = client.fetch_queue(fetch(mine, epoch)).await.expect("fetch").into_inner();
     assert!(!answer.stale && answer.notifications.len() == 1, "in the current epoch: {answer:?}");
+
+    // Many devices in one call (what owners send): fenced device by device, answered in the order asked.
+    let many = |devices: &[DeviceId], epoch: u64| FetchQueuesRequest {
+        device_ids: devices.iter().map(|d| d.to_bytes().to_vec()).collect(),
+        epoch,
+    };
+    let answer = client.fetch_queues(many(&[theirs, mine, theirs], epoch - 1)).await.expect("fetch").into_inner();
+    let seen: Vec<(bool, usize)> = answer.queues.iter().map(|q| (q.stale, q.notifications.len())).collect();
+    assert_eq!(seen, [(false, 1), (true, 0), (false, 1)], "only node 1's device is fenced: {answer:?}");
+    let answer = client.fetch_queues(many(&[mine, theirs], epoch)).await.expect("fetch").into_inner();
+    let seen: Vec<(bool, usize)> = answer.queues.iter().map(|q| (q.stale, q.notifications.len())).collect();
+    assert_eq!(seen, [(false, 1), (false, 1)], "in the current epoch: {answer:?}");
+    assert_eq!(answer.epoch, epoch);
+    let malformed = FetchQueuesRequest { device_ids: vec![vec![1; 16], vec![2; 3]], epoch };
+    let refused = client.fetch_queues(malformed).await.expect_err("a malformed device id is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     nodes.shutdown().await;
 }

@@ -14,7 +14,7 @@ use courier_core::peer::Peers;
 use courier_core::pki::PkiDir;
 use courier_device::{ClientError, Connector, DeviceLink};
 use courier_proto::cluster::{
-    FetchQueueRequest, ForwardBatch, JoinRequest, ProposeRequest, RaftPayload, RemoveNodeRequest, ReplicateRequest,
+    FetchQueueRequest, FetchQueuesRequest, ForwardBatch, JoinRequest, ProposeRequest, RaftPayload, RemoveNodeRequest, ReplicateRequest,
     StatusRequest, WatchRequest,
 };
 use tokio::net::TcpListener;
@@ -99,6 +99,8 @@ async fn a_gateway_certificate_is_refused_on_raft_replication_and_admin_rpcs() {
     denied("Replicate", client.replicate(ReplicateRequest::default()).await.map(|_| tonic::Code::Ok));
     let device_id = vec![7u8; 16];
     denied("FetchQueue", client.fetch_queue(FetchQueueRequest { device_id, epoch: 0 }).await.map(|_| tonic::Code::Ok));
+    let many = || FetchQueuesRequest { device_ids: vec![vec![7u8; 16]], epoch: 0 };
+    denied("FetchQueues", client.fetch_queues(many()).await.map(|_| tonic::Code::Ok));
     denied("Status", client.status(StatusRequest { devices: vec![] }).await.map(|_| tonic::Code::Ok));
     let join = JoinRequest { node_id: 9, cluster_addr: "127.0.0.1:1".into(), device_addr: "127.0.0.1:2".into() };
     denied("Join", client.join(join).await.map(|_| tonic::Code::Ok));
@@ -122,6 +124,7 @@ async fn a_gateway_certificate_is_refused_on_raft_replication_and_admin_rpcs() {
     let mut client = node2.client(&node1).unwrap();
     let device_id = vec![7u8; 16];
     client.fetch_queue(FetchQueueRequest { device_id, epoch: 0 }).await.expect("a node fetches a queue");
+    client.fetch_queues(many()).await.expect("a node fetches queues");
     let batches = futures_util::stream::iter([ForwardBatch::default()]);
     denied("Forward as node 2", client.forward(batches).await.map(|_| tonic::Code::Ok));
     let as_node1 = serde_json::json!({

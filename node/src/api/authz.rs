@@ -23,6 +23,7 @@ pub enum Rpc {
     Join,
     Replicate,
     FetchQueue,
+    FetchQueues,
     Forward,
     NotificationStatus,
     Propose,
@@ -56,6 +57,7 @@ impl Rpc {
             Rpc::Join => "Join",
             Rpc::Replicate => "Replicate",
             Rpc::FetchQueue => "FetchQueue",
+            Rpc::FetchQueues => "FetchQueues",
             Rpc::Forward => "Forward",
             Rpc::NotificationStatus => "NotificationStatus",
             Rpc::Propose => "Propose",
@@ -81,6 +83,7 @@ impl Rpc {
             | Rpc::Probe
             | Rpc::Replicate
             | Rpc::FetchQueue
+            | Rpc::FetchQueues
             | Rpc::FetchKept => NODES,
             Rpc::Forward | Rpc::NotificationStatus | Rpc::ManageChannel => GATEWAYS,
             Rpc::Status | Rpc::ListChannels => ADMIN,
@@ -246,7 +249,7 @@ fn denied(rpc: Rpc, role: &'static str, message: String) -> Status {
 mod tests {
     use super::*;
 
-    const ALL: [Rpc; 16] = [
+    const ALL: [Rpc; 17] = [
         Rpc::RaftAppend,
         Rpc::RaftVote,
         Rpc::RaftSnapshot,
@@ -254,6 +257,7 @@ mod tests {
         Rpc::Join,
         Rpc::Replicate,
         Rpc::FetchQueue,
+        Rpc::FetchQueues,
         Rpc::Forward,
         Rpc::NotificationStatus,
         Rpc::Propose,
@@ -297,9 +301,17 @@ mod tests {
         assert_eq!(allowed(ClusterRole::Gateway), ["Forward", "NotificationStatus", "WatchCluster", "ManageChannel"]);
         assert_eq!(allowed(ClusterRole::Admin), ["Join", "Propose", "RemoveNode", "Status", "ListChannels"]);
         let node = allowed(ClusterRole::Node(3));
-        for rpc in
-            ["RaftAppend", "RaftVote", "RaftSnapshot", "Probe", "Replicate", "FetchQueue", "FetchKept", "WatchCluster"]
-        {
+        for rpc in [
+            "RaftAppend",
+            "RaftVote",
+            "RaftSnapshot",
+            "Probe",
+            "Replicate",
+            "FetchQueue",
+            "FetchQueues",
+            "FetchKept",
+            "WatchCluster",
+        ] {
             assert!(node.contains(&rpc), "{rpc}");
         }
         for rpc in ["Forward", "NotificationStatus", "Status", "ManageChannel"] {

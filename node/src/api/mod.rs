@@ -14,11 +14,12 @@ use std::sync::Arc;
 
 use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
-    ChannelUpdate, ClusterView, FetchKeptRequest, FetchKeptResponse, FetchQueueRequest, FetchQueueResponse,
-    ForwardBatch, ForwardResults, JoinRequest, JoinResponse, ListChannelsRequest, ListChannelsResponse, ListedChannel,
-    ManageChannelRequest, ManageChannelResponse, NotificationStatusRequest, NotificationStatusResponse, ProbeRequest,
-    ProbeResponse, ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest,
-    ReplicateResponse, StatusRequest, StatusResponse, WatchRequest,
+    ChannelUpdate, ClusterView, DeviceQueue, FetchKeptRequest, FetchKeptResponse, FetchQueueRequest,
+    FetchQueueResponse, FetchQueuesRequest, FetchQueuesResponse, ForwardBatch, ForwardResults, JoinRequest,
+    JoinResponse, ListChannelsRequest, ListChannelsResponse, ListedChannel, ManageChannelRequest,
+    ManageChannelResponse, NotificationStatusRequest, NotificationStatusResponse, ProbeRequest, ProbeResponse,
+    ProposeRequest, ProposeResponse, RaftPayload, RemoveNodeRequest, ReplicateRequest, ReplicateResponse,
+    StatusRequest, StatusResponse, WatchRequest,
 };
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
@@ -84,6 +85,42 @@ impl ClusterService {
             Fence::Behind(view) => Ok(Some(view)),
             Fence::Current => Ok(None),
         }
+    }
+}
+
+/// Most devices one `FetchQueues` may ask for (an owner asks for up to `replication::GATHER_BATCH`).
+const MAX_FETCHED_QUEUES: usize = 4096;
+
+impl ClusterService {
+    /// What this node holds for each of `devices`, for `caller` gathering them as their owner in `epoch`:
+    /// a sender behind this node's view that no longer owns a device gets that device marked stale and
+    /// nothing of its queue. Answers in the order asked, with this node's epoch.
+    async fn fetch(
+        &self,
+        caller: ClusterRole,
+        devices: Vec<DeviceId>,
+        epoch: u64,
+    ) -> Result<(Vec<DeviceQueue>, u64), Status> {
+        let newer = self.newer_view(epoch).await?;
+        let stale = |device: DeviceId| match (&newer, caller) {
+            (Some(view), ClusterRole::Node(sender)) => !view.owns(sender, device),
+            _ => false,
+        };
+        let owned: Vec<DeviceId> = devices.iter().copied().filter(|d| !stale(*d)).collect();
+        let mut queues =
+            self.delivery.store().pending_many(owned).await.map_err(|e| Status::internal(e.to_string()))?.into_iter();
+        let answers = devices
+            .into_iter()
+            .map(|device| {
+                if stale(device) {
+                    metrics::counter!("courier_node_queue_fetches_fenced_total").increment(1);
+                    DeviceQueue { notifications: Vec::new(), stale: true }
+                } else {
+                    DeviceQueue { notifications: queues.next().unwrap_or_default(), stale: false }
+                }
+            })
+            .collect();
+        Ok((answers, self.delivery.view().get().state.epoch.0))
     }
 }
 
@@ -154,21 +191,31 @@ impl Cluster for ClusterService {
         Ok(Response::new(ReplicateResponse { applied: applied as u32, epoch, refused }))
     }
 
+    async fn fetch_queues(
+        &self,
+        request: Request<FetchQueuesRequest>,
+    ) -> Result<Response<FetchQueuesResponse>, Status> {
+        let caller = authorize(&request, Rpc::FetchQueues)?;
+        let FetchQueuesRequest { device_ids, epoch } = request.into_inner();
+        if device_ids.len() > MAX_FETCHED_QUEUES {
+            return Err(Status::invalid_argument(format!("at most {MAX_FETCHED_QUEUES} devices per FetchQueues")));
+        }
+        let devices = device_ids
+            .iter()
+            .map(|id| DeviceId::from_slice(id))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Status::invalid_argument("a device id is 16 bytes"))?;
+        let (queues, epoch) = self.fetch(caller, devices, epoch).await?;
+        Ok(Response::new(FetchQueuesResponse { queues, epoch }))
+    }
+
     async fn fetch_queue(&self, request: Request<FetchQueueRequest>) -> Result<Response<FetchQueueResponse>, Status> {
         let caller = authorize(&request, Rpc::FetchQueue)?;
         let device = DeviceId::from_slice(&request.get_ref().device_id)
             .ok_or_else(|| Status::invalid_argument("a device id is 16 bytes"))?;
-        if let Some(view) = self.newer_view(request.get_ref().epoch).await?
-            && let crate::pki::ClusterRole::Node(sender) = caller
-            && !view.owns(sender, device)
-        {
-            metrics::counter!("courier_node_queue_fetches_fenced_total").increment(1);
-            let epoch = view.state.epoch.0;
-            return Ok(Response::new(FetchQueueResponse { notifications: Vec::new(), epoch, stale: true }));
-        }
-        let notifications = self.delivery.store().pending(device).await.map_err(|e| Status::internal(e.to_string()))?;
-        let epoch = self.delivery.view().get().state.epoch.0;
-        Ok(Response::new(FetchQueueResponse { notifications, epoch, stale: false }))
+        let (mut queues, epoch) = self.fetch(caller, vec![device], request.get_ref().epoch).await?;
+        let DeviceQueue { notifications, stale } = queues.pop().unwrap_or_default();
+        Ok(Response::new(FetchQueueResponse { notifications, epoch, stale }))
     }
 
     async fn raft_append(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

@@ -399,23 +399,55 @@ impl Store {
         self.pending_as(device, false).await
     }
 
+    /// `pending` for each of `devices`, in that order, read in one transaction.
+    pub async fn pending_many(&self, devices: Vec<DeviceId>) -> Result<Vec<Vec<Notification>>, StoreError> {
+        let queues = self.queues(devices.clone()).await?;
+        let now_secs = unix_millis() / 1000;
+        Ok(devices
+            .into_iter()
+            .zip(queues)
+            .map(|(device, queue)| {
+                let (live, expired): (Vec<_>, Vec<_>) = queue.into_iter().partition(|n| n.expiration > now_secs);
+                self.drop_expired_later(device, expired);
+                live
+            })
+            .collect())
+    }
+
+    /// Each device's queue as stored, expired notifications included, in arrival order.
+    async fn queues(&self, devices: Vec<DeviceId>) -> Result<Vec<Vec<Notification>>, StoreError> {
+        self.read(move |txn| {
+            let queue = txn.open_table(QUEUE).map_err(db_err)?;
+            devices
+                .iter()
+                .map(|device| {
+                    let mut out = Vec::new();
+                    for entry in queue.range((device.0, 0)..=(device.0, u64::MAX)).map_err(db_err)? {
+                        let (_, value) = entry.map_err(db_err)?;
+                        out.push(Notification::decode(value.value()).map_err(db_err)?);
+                    }
+                    Ok(out)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Counts `expired` and deletes them without waiting (a holder that is not the owner sends no receipts).
+    fn drop_expired_later(&self, device: DeviceId, expired: Vec<Notification>) {
+        metrics::counter!("courier_node_notifications_expired_total").increment(expired.len() as u64);
+        for n in expired {
+            let _ = self.writer.try_send(WriteOp::Remove(device, n.apns_id, None, None, ReceiptRole::None));
+        }
+    }
+
     /// `pending`; with `owner`, expired ones also get their team's `expired` receipt.
     pub async fn pending_as(&self, device: DeviceId, owner: bool) -> Result<Vec<Notification>, StoreError> {
-        let entries = self
-            .read(move |txn| {
-                let queue = txn.open_table(QUEUE).map_err(db_err)?;
-                let mut out = Vec::new();
-                for entry in queue.range((device.0, 0)..=(device.0, u64::MAX)).map_err(db_err)? {
-                    let (_, value) = entry.map_err(db_err)?;
-                    out.push(Notification::decode(value.value()).map_err(db_err)?);
-                }
-                Ok(out)
-            })
-            .await?;
+        let entries = self.queues(vec![device]).await?.pop().unwrap_or_default();
         let now_ms = unix_millis();
         let (live, expired): (Vec<_>, Vec<_>) = entries.into_iter().partition(|n| n.expiration > now_ms / 1000);
-        metrics::counter!("courier_node_notifications_expired_total").increment(expired.len() as u64);
         if owner {
+            metrics::counter!("courier_node_notifications_expired_total").increment(expired.len() as u64);
             // Awaited, together (one group commit): the device is told what it lost (`missed`) right after.
             let expiry = Some(Removal::Expired { at_ms: now_ms });
             let removed = futures_util::future::join_all(
@@ -424,9 +456,7 @@ impl Store {
             .await;
             removed.into_iter().collect::<Result<Vec<bool>, StoreError>>()?;
         } else {
-            for n in expired {
-                let _ = self.writer.try_send(WriteOp::Remove(device, n.apns_id, None, None, ReceiptRole::None));
-            }
+            self.drop_expired_later(device, expired);
         }
         Ok(live)
     }
