@@ -145,6 +145,12 @@ pub struct SwarmArgs {
     /// Link attempts (and broadcast channel subscriptions) in flight at once, across all workers.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
+    /// Nice steps the simulated devices' worker processes run below normal (0–19). They stand for devices
+    /// elsewhere; on the cluster's machine, at full priority, their TLS handshakes starve the nodes' Raft
+    /// traffic as no real fleet can. Default: 5 for `connect` (as nice as the nodes' handshake threads),
+    /// 0 for the other scenarios, whose figures include the devices' share of the work.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub device_nice: Option<u8>,
     /// Longest pause between reconnect attempts (backoff doubles from 50 ms with jitter up to this).
     #[arg(long, default_value_t = 1000)]
     pub max_backoff_ms: u64,

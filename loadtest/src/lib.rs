@@ -49,6 +49,22 @@ pub fn die_with_parent(command: &mut tokio::process::Command) {
     }
 }
 
+/// Starts `command`'s process `steps` nice steps below this one (threads it starts inherit that).
+pub fn run_nicer(command: &mut tokio::process::Command, steps: u8) {
+    if steps == 0 {
+        return;
+    }
+    // SAFETY: setpriority is a plain system call, safe between fork and exec; raising one's own nice value
+    // needs no privilege. A failure leaves the worker at normal priority, which only changes the CPU split.
+    unsafe {
+        command.pre_exec(move || {
+            let now = libc::getpriority(libc::PRIO_PROCESS, 0);
+            libc::setpriority(libc::PRIO_PROCESS, 0, (now + i32::from(steps)).min(19));
+            Ok(())
+        });
+    }
+}
+
 /// CPU time (user and system) process `pid` has used so far, in seconds, from `/proc/<pid>/stat` (Linux;
 /// `None` elsewhere or once the process is gone).
 pub fn cpu_seconds(pid: u32) -> Option<f64> {

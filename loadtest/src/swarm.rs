@@ -24,6 +24,8 @@ pub const LINKS_PER_SOURCE: usize = 20_000;
 pub struct SwarmPlan {
     pub devices: usize,
     pub workers: usize,
+    /// Nice steps the workers run below normal.
+    pub nice: u8,
     pub spec: WorkerSpec,
 }
 
@@ -164,6 +166,7 @@ impl Swarm {
             };
             let mut command = tokio::process::Command::new(&exe);
             crate::die_with_parent(&mut command);
+            crate::run_nicer(&mut command, plan.nice);
             let mut child = command
                 .arg("worker")
                 .stdin(Stdio::piped())

@@ -31,19 +31,6 @@ use crate::msg::{BroadcastMarker, Command, Marker, Progress, WorkerSpec};
 /// memory), where a real device's tables live on the device and are long warm.
 const SEEN_RESERVED: usize = 8;
 
-/// How much nicer (lower priority) than the coordinator the workers run: as nice as a node's handshake
-/// threads (`courier node --handshake-nice`, default 5). The simulated devices stand for devices elsewhere;
-/// on the cluster's machine they share its cores, and at the priority of the nodes' handshakes they keep the
-/// share of the CPU they had against them, while the nodes' control planes come first for both.
-const NICE: i32 = 5;
-
-/// Lowers this process's priority by `NICE`. Called before any thread starts, as threads inherit it (a nice
-/// value is per thread on Linux).
-pub fn lower_priority() {
-    // SAFETY: nice only changes the calling thread's scheduling priority; raising it needs no privilege.
-    unsafe { libc::nice(NICE) };
-}
-
 /// One simulated device.
 struct Device {
     /// Global index (the coordinator's numbering).

@@ -17,9 +17,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     courier_core::tls::install_crypto_provider();
     courier_loadtest::raise_fd_limit();
-    if matches!(cli.command, Command::Worker) {
-        worker::lower_priority();
-    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -14,8 +14,8 @@ use courier_core::peer::Peers;
 use courier_core::pki::PkiDir;
 use courier_device::{ClientError, Connector, DeviceLink};
 use courier_proto::cluster::{
-    FetchQueueRequest, FetchQueuesRequest, ForwardBatch, JoinRequest, ProposeRequest, RaftPayload, RemoveNodeRequest, ReplicateRequest,
-    StatusRequest, WatchRequest,
+    FetchQueueRequest, FetchQueuesRequest, ForwardBatch, JoinRequest, ProposeRequest, RaftPayload, RemoveNodeRequest,
+    ReplicateRequest, StatusRequest, WatchRequest,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

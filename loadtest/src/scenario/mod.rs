@@ -89,10 +89,13 @@ pub(crate) async fn prepare(
     };
     let run_id: u32 = rand::random();
     let ledger = Arc::new(Mutex::new(Ledger::new(run_id)));
+    // Only the link ramps of `connect` are handshakes and nothing else (`SwarmArgs::device_nice`).
+    let nice = swarm_args.device_nice.unwrap_or(if scenario == "connect" { 5 } else { 0 });
     let swarm = Swarm::start(
         SwarmPlan {
             devices,
             workers,
+            nice,
             spec: WorkerSpec {
                 worker: 0,
                 cache,
