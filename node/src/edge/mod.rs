@@ -159,16 +159,14 @@ async fn handshake(
 /// accept, a link permit once the handshake is done, then the session. The handshake runs where this task
 /// does (the handshake runtime); the session runs on `sessions`, with the socket moved there, so that a
 /// session's notifications and acks never wait on the other runtime.
-#[allow(clippy::too_many_arguments)]
 async fn connection(
     acceptor: TlsAcceptor,
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     edge: Arc<Edge>,
     mut pending: limits::Pending,
-    permits: Arc<Semaphore>,
     shutdown: CancellationToken,
-    sessions: (tokio::runtime::Handle, TaskTracker),
+    sessions: Sessions,
 ) {
     let deadline = tokio::time::Instant::now() + edge.settings.handshake_timeout;
     // The handshake's state is boxed and freed when it completes, so that the task, which is sized for its
@@ -192,12 +190,12 @@ async fn connection(
             return;
         }
     };
-    let Ok(permit) = permits.try_acquire_owned() else {
+    let Ok(permit) = sessions.permits.try_acquire_owned() else {
         metrics::counter!("courier_node_links_refused_total", "reason" => "capacity").increment(1);
         session::refuse_at_capacity(&mut link).await;
         return;
     };
-    let (runtime, tracker) = sessions;
+    let Sessions { runtime, tracker, .. } = sessions;
     if let Err(error) = link.get_mut().get_mut().0.move_to(&runtime) {
         tracing::debug!(%peer, %error, "a device link's socket could not move to the session runtime");
         return;
@@ -212,6 +210,15 @@ async fn connection(
     );
 }
 
+/// Where a connection goes once its handshake is done: it takes one of the node's link permits
+/// (`--max-links`), and its session runs on `runtime` (the node's main one), tracked by `tracker`.
+#[derive(Clone)]
+struct Sessions {
+    permits: Arc<Semaphore>,
+    runtime: tokio::runtime::Handle,
+    tracker: TaskTracker,
+}
+
 /// Accepts device links until `shutdown` turns true. Each connection's handshake runs on `tracker` here, its
 /// session on `sessions` (`connection`), so the caller can wait for every link to say goodbye.
 pub async fn serve(
@@ -223,7 +230,8 @@ pub async fn serve(
     tracker: TaskTracker,
     sessions: tokio::runtime::Handle,
 ) {
-    let permits = Arc::new(Semaphore::new(max_links));
+    let sessions =
+        Sessions { permits: Arc::new(Semaphore::new(max_links)), runtime: sessions, tracker: tracker.clone() };
     let admission = limits::Admission::new(edge.settings.admission.clone());
     loop {
         let (tcp, peer) = tokio::select! {
@@ -254,9 +262,8 @@ pub async fn serve(
             peer,
             edge.clone(),
             pending,
-            permits.clone(),
             shutdown.clone(),
-            (sessions.clone(), tracker.clone()),
+            sessions.clone(),
         ));
     }
 }
