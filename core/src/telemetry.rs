@@ -86,7 +86,6 @@ pub fn resident_memory_bytes(pid: Option<u32>) -> Option<u64> {
     Some(pages * u64::try_from(page_size).ok()?)
 }
 
-/// Help text for every metric a node exports, so that `promtool check metrics` finds each one described.
 /// How often `measure_runtime_lag` sleeps and wakes.
 const LAG_TICK: Duration = Duration::from_millis(100);
 
@@ -113,6 +112,7 @@ pub async fn measure_runtime_lag(runtime: &'static str, stop: crate::shutdown::C
     }
 }
 
+/// Help text for every metric a node exports, so that `promtool check metrics` finds each one described.
 pub fn describe_node_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_histogram!(

@@ -385,7 +385,7 @@ impl Delivery {
     pub async fn backlog(&self, device: DeviceId) -> Result<Vec<Notification>, StoreError> {
         let parts = &self.inner.parts;
         parts.replicator.gather(&parts.store, device).await;
-        parts.store.pending_as(device, true).await
+        parts.store.pending_as_owner(device).await
     }
 
     /// What the device lost while away, by topic: (topic, pushed out of its full queue, expired). Read

@@ -245,9 +245,12 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     tracker.spawn(edge::clones::report(clone_reports_rx, control.clone(), shutdown.clone()));
     let handshakes =
         HandshakeRuntime::new(config.handshake_threads, config.handshake_nice).map_err(NodeError::HandshakeRuntime)?;
-    handshakes
-        .serve(device_listener, acceptor, edge, config.max_links, shutdown.clone(), tracker.clone())
-        .map_err(NodeError::HandshakeRuntime)?;
+    // The accept loop and the handshakes run on the handshake runtime, the sessions here (`edge::serve`).
+    let device_listener = handshakes.adopt(device_listener).map_err(NodeError::HandshakeRuntime)?;
+    let sessions = tokio::runtime::Handle::current();
+    let serving =
+        edge::serve(device_listener, acceptor, edge, config.max_links, shutdown.clone(), tracker.clone(), sessions);
+    tracker.spawn_on(serving, handshakes.handle());
 
     let receipts = crate::receipts::run(
         store.clone(),

@@ -102,17 +102,20 @@ impl ClusterService {
         epoch: u64,
     ) -> Result<(Vec<DeviceQueue>, u64), Status> {
         let newer = self.newer_view(epoch).await?;
-        let stale = |device: DeviceId| match (&newer, caller) {
-            (Some(view), ClusterRole::Node(sender)) => !view.owns(sender, device),
-            _ => false,
-        };
-        let owned: Vec<DeviceId> = devices.iter().copied().filter(|d| !stale(*d)).collect();
+        let stale: Vec<bool> = devices
+            .iter()
+            .map(|device| match (&newer, caller) {
+                (Some(view), ClusterRole::Node(sender)) => !view.owns(sender, *device),
+                _ => false,
+            })
+            .collect();
+        let owned = devices.iter().zip(&stale).filter(|(_, stale)| !**stale).map(|(device, _)| *device).collect();
         let mut queues =
             self.delivery.store().pending_many(owned).await.map_err(|e| Status::internal(e.to_string()))?.into_iter();
-        let answers = devices
+        let answers = stale
             .into_iter()
-            .map(|device| {
-                if stale(device) {
+            .map(|stale| {
+                if stale {
                     metrics::counter!("courier_node_queue_fetches_fenced_total").increment(1);
                     DeviceQueue { notifications: Vec::new(), stale: true }
                 } else {

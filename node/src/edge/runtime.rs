@@ -9,14 +9,8 @@
 //! the CPU it leaves. A link whose handshake is done moves to the main runtime (`socket::Socket::move_to`),
 //! so that a session's notifications and acks never cross between runtimes.
 
-use std::sync::Arc;
-
-use courier_core::shutdown::{CancellationToken, TaskTracker};
 use tokio::net::TcpListener;
 use tokio::runtime::{Handle, Runtime};
-use tokio_rustls::TlsAcceptor;
-
-use super::Edge;
 
 pub struct HandshakeRuntime(Option<Runtime>);
 
@@ -41,28 +35,12 @@ impl HandshakeRuntime {
         self.0.as_ref().expect("the handshake runtime is only taken when dropped").handle()
     }
 
-    /// Moves `listener` onto this runtime and accepts device links from it (`super::serve`) until
-    /// `shutdown`. Called on the main runtime, where the links' sessions then run. The accept loop, every
-    /// handshake and every session run on `tracker`.
-    pub fn serve(
-        &self,
-        listener: TcpListener,
-        acceptor: TlsAcceptor,
-        edge: Arc<Edge>,
-        max_links: usize,
-        shutdown: CancellationToken,
-        tracker: TaskTracker,
-    ) -> std::io::Result<()> {
-        let sessions = Handle::current();
+    /// `listener`, registered with this runtime's I/O driver instead of the current one's, so that the
+    /// accept loop run here (`super::serve`) is woken here.
+    pub fn adopt(&self, listener: TcpListener) -> std::io::Result<TcpListener> {
         let listener = listener.into_std()?;
-        let runtime = self.handle();
-        let listener = {
-            let _entered = runtime.enter();
-            TcpListener::from_std(listener)?
-        };
-        let serving = super::serve(listener, acceptor, edge, max_links, shutdown, tracker.clone(), sessions);
-        tracker.spawn_on(serving, runtime);
-        Ok(())
+        let _entered = self.handle().enter();
+        TcpListener::from_std(listener)
     }
 }
 

@@ -396,7 +396,7 @@ impl Store {
 
     /// The device's queued, unexpired notifications in arrival order. Expired ones are deleted.
     pub async fn pending(&self, device: DeviceId) -> Result<Vec<Notification>, StoreError> {
-        self.pending_as(device, false).await
+        Ok(self.pending_many(vec![device]).await?.pop().unwrap_or_default())
     }
 
     /// `pending` for each of `devices`, in that order, read in one transaction.
@@ -441,23 +441,20 @@ impl Store {
         }
     }
 
-    /// `pending`; with `owner`, expired ones also get their team's `expired` receipt.
-    pub async fn pending_as(&self, device: DeviceId, owner: bool) -> Result<Vec<Notification>, StoreError> {
+    /// `pending`, read by the device's owner: expired ones are deleted with their team's `expired` receipt,
+    /// before this returns.
+    pub async fn pending_as_owner(&self, device: DeviceId) -> Result<Vec<Notification>, StoreError> {
         let entries = self.queues(vec![device]).await?.pop().unwrap_or_default();
         let now_ms = unix_millis();
         let (live, expired): (Vec<_>, Vec<_>) = entries.into_iter().partition(|n| n.expiration > now_ms / 1000);
-        if owner {
-            metrics::counter!("courier_node_notifications_expired_total").increment(expired.len() as u64);
-            // Awaited, together (one group commit): the device is told what it lost (`missed`) right after.
-            let expiry = Some(Removal::Expired { at_ms: now_ms });
-            let removed = futures_util::future::join_all(
-                expired.iter().map(|n| self.remove(device, &n.apns_id, expiry, ReceiptRole::Queue)),
-            )
-            .await;
-            removed.into_iter().collect::<Result<Vec<bool>, StoreError>>()?;
-        } else {
-            self.drop_expired_later(device, expired);
-        }
+        metrics::counter!("courier_node_notifications_expired_total").increment(expired.len() as u64);
+        // Awaited, together (one group commit): the device is told what it lost (`missed`) right after.
+        let expiry = Some(Removal::Expired { at_ms: now_ms });
+        let removed = futures_util::future::join_all(
+            expired.iter().map(|n| self.remove(device, &n.apns_id, expiry, ReceiptRole::Queue)),
+        )
+        .await;
+        removed.into_iter().collect::<Result<Vec<bool>, StoreError>>()?;
         Ok(live)
     }
 
@@ -1030,7 +1027,7 @@ mod tests {
             store.insert(receipted(device, "d", "", 1), ReceiptRole::Queue).await.unwrap();
             store.insert(receipted(device, "e", "", later()), ReceiptRole::Queue).await.unwrap();
             let pending: Vec<String> =
-                store.pending_as(device, true).await.unwrap().into_iter().map(|n| n.apns_id).collect();
+                store.pending_as_owner(device).await.unwrap().into_iter().map(|n| n.apns_id).collect();
             assert_eq!(pending, ["e"]);
             store.remove_later(device, "e", Some(Removal::Delivered { at_ms: 42 }));
             store.remove_later(device, "nothing", Some(Removal::Delivered { at_ms: 43 }));
