@@ -33,14 +33,16 @@ use std::time::Duration;
 use courier_core::webhook::{Event, EventKind};
 use courier_proto::cluster::{
     DeliverOutcome, DeliverResult, HeldReceipt, Notification, QueueKey, RefusalReason, ReleasedReceipt, Subscription,
+    UnsavedCopy,
 };
 use tokio::sync::oneshot;
 
 use crate::delivery_status::{Disposition, StatusLog};
 use crate::edge::registry::{Handoff, Registry};
 use crate::ids::{DeviceId, unix_millis};
+use crate::raft::state::NodeId;
 use crate::receipts::unsaved::{Unsaved, UnsavedReceipts};
-use crate::replication::Replicator;
+use crate::replication::{ReceiptCopy, Replicator};
 use crate::store::receipts::event_for;
 use crate::store::registrations::Registrations;
 use crate::store::{Inserted, ReceiptRole, Removal, Store, StoreError};
@@ -101,11 +103,15 @@ impl CommitError {
 
 /// One batch of operations another node sent this one (`ReplicateRequest`).
 pub struct ReplicaOps {
+    /// The node that sent them (numbers of unsaved copies are its own).
+    pub from: NodeId,
     pub puts: Vec<Notification>,
     pub removes: Vec<QueueKey>,
     pub subscriptions: Vec<Subscription>,
     pub receipts: Vec<HeldReceipt>,
     pub released: Vec<ReleasedReceipt>,
+    pub unsaved_copies: Vec<UnsavedCopy>,
+    pub released_copies: Vec<u64>,
 }
 
 /// What went wrong applying a batch of replica operations.
@@ -404,7 +410,8 @@ impl Delivery {
     /// them if it becomes the device's owner. Returns how many operations were applied.
     pub async fn apply_replica(&self, ops: ReplicaOps) -> Result<usize, ReplicaError> {
         let parts = &self.inner.parts;
-        let ReplicaOps { puts, removes, subscriptions, receipts, released } = ops;
+        let ReplicaOps { from, puts, removes, subscriptions, receipts, released, unsaved_copies, released_copies } =
+            ops;
         // Checked first, so that a malformed batch changes nothing: subscription changes and receipts are
         // applied in order, after the puts and removes.
         for change in &subscriptions {
@@ -413,18 +420,23 @@ impl Delivery {
                 return Err(ReplicaError::BadChannelId);
             }
         }
-        // An unsaved copy is kept as it came (`receipts::unsaved`); the rest are parsed now.
-        let mut unsaved_copies = Vec::new();
-        let mut receipts_parsed = Vec::new();
-        for r in receipts {
-            let device = DeviceId::from_slice(&r.device_id).ok_or(ReplicaError::BadDeviceId)?;
-            if r.unsaved && !r.event_id.is_empty() {
-                unsaved_copies.push((device, r.event_id, r.event_json));
-            } else {
+        // Receipts to hold in the store are parsed now; unsaved copies are kept as they came
+        // (`receipts::unsaved`). A copy marked unsaved by a node of an earlier release is written too.
+        let receipts_parsed = receipts
+            .into_iter()
+            .map(|r| {
+                let device = DeviceId::from_slice(&r.device_id).ok_or(ReplicaError::BadDeviceId)?;
                 let event = serde_json::from_slice::<Event>(&r.event_json).map_err(|_| ReplicaError::BadReceipt)?;
-                receipts_parsed.push((device, event));
-            }
-        }
+                Ok((device, event))
+            })
+            .collect::<Result<Vec<_>, ReplicaError>>()?;
+        let unsaved_copies = unsaved_copies
+            .into_iter()
+            .map(|c| {
+                let device = DeviceId::from_slice(&c.device_id).ok_or(ReplicaError::BadDeviceId)?;
+                Ok(ReceiptCopy { number: c.number, device, json: c.event_json })
+            })
+            .collect::<Result<Vec<_>, ReplicaError>>()?;
         let released = released
             .into_iter()
             .map(|r| Ok((DeviceId::from_slice(&r.device_id).ok_or(ReplicaError::BadDeviceId)?, r.event_id)))
@@ -449,17 +461,16 @@ impl Delivery {
         .await;
         let mut applied = puts.into_iter().chain(removes).collect::<Result<Vec<()>, ReplicaError>>()?.len();
         applied += subscriptions.len() + unsaved_copies.len() + receipts_parsed.len() + released.len();
+        applied += released_copies.len();
         parts.store.save_subscriptions(subscriptions).await?;
         // Unsaved copies are held in memory (the owner has them too), the rest in the store.
-        let now_ms = unix_millis();
         let mut to_store = receipts_parsed;
-        for (device, id, json) in unsaved_copies {
-            if let Some(json) = parts.unsaved.hold(device, id, json, now_ms) {
-                to_store.extend(crate::receipts::unsaved::parsed(device, &json));
-            }
+        for (device, json) in parts.unsaved.hold(from, unsaved_copies, unix_millis()) {
+            to_store.extend(crate::receipts::unsaved::parsed(device, &json));
         }
         parts.store.keep_receipts(to_store, ReceiptRole::Hold).await?;
-        parts.store.release_held(parts.unsaved.release(released));
+        parts.unsaved.release(from, &released_copies);
+        parts.store.release_held(released);
         metrics::counter!("courier_node_replicated_ops_total").increment(applied as u64);
         Ok(applied)
     }

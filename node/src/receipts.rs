@@ -190,14 +190,10 @@ pub async fn run(
     tasks.wait().await;
     // Stopping: what was not sent is written, and awaited, so that the node sends it when it starts again;
     // so are the copies held for other owners.
-    let mut left = shared.unsaved.drain();
-    unsaved::copy_now(&shared.replicator, &mut left);
-    let left: Vec<(_, _)> = left.into_iter().map(|r| (r.device, r.event)).collect();
+    unsaved::save_at_stop(&shared.store, &shared.replicator, shared.unsaved.drain()).await;
     let held = shared.unsaved.drain_held();
-    for (receipts, role) in [(left, crate::store::ReceiptRole::Queue), (held, crate::store::ReceiptRole::Hold)] {
-        if let Err(error) = shared.store.keep_receipts(receipts, role).await {
-            tracing::error!(%error, "writing unsaved receipts at shutdown failed");
-        }
+    if let Err(error) = shared.store.keep_receipts(held, crate::store::ReceiptRole::Hold).await {
+        tracing::error!(%error, "writing held receipts at shutdown failed");
     }
     Ok(())
 }
@@ -287,11 +283,8 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
                 let posted = post_unsaved(&shared, &mut sender, &team, &hook, &mut batch, timeout).await;
                 match posted {
                     Ok(()) => {
-                        let taken: Vec<_> =
-                            batch.into_iter().filter(|r| r.copied).map(|r| (r.device, r.event.id)).collect();
-                        if !taken.is_empty() {
-                            shared.replicator.release_receipts(&taken);
-                        }
+                        let taken: Vec<_> = batch.iter().filter_map(|r| Some((r.device, r.copy?))).collect();
+                        shared.replicator.release_copies(&taken);
                         Duration::ZERO
                     }
                     Err(why) => {
@@ -329,8 +322,8 @@ async fn post_unsaved(
     timeout: Duration,
 ) -> Result<(), String> {
     let copy_after_ms = shared.unsaved.copy_after().as_millis() as u64;
-    let copy_due_ms = batch.iter().filter(|r| !r.copied).map(|r| r.event.at_ms + copy_after_ms).min();
-    let mut copied_late = false;
+    let copy_due_ms = batch.iter().filter(|r| r.copy.is_none()).map(|r| r.event.at_ms + copy_after_ms).min();
+    let mut copied_late = Vec::new();
     let posted = {
         let batch: &[Unsaved] = batch;
         let post = sender.post(shared, team, hook, batch.iter().map(|r| &r.event), timeout);
@@ -342,17 +335,14 @@ async fn post_unsaved(
                 tokio::select! {
                     posted = &mut post => posted,
                     _ = tokio::time::sleep(until_due) => {
-                        unsaved::send_copies(&shared.replicator, batch);
-                        copied_late = true;
+                        copied_late = unsaved::send_numbered(&shared.replicator, shared.unsaved.copies_of(batch));
                         post.await
                     }
                 }
             }
         }
     };
-    if copied_late {
-        batch.iter_mut().for_each(|r| r.copied = true);
-    }
+    unsaved::mark_copied(batch, &copied_late);
     posted
 }
 

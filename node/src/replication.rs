@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use courier_core::webhook::Event;
 use courier_proto::cluster::{
     DeviceQueue, FetchQueueRequest, FetchQueuesRequest, HeldReceipt, Notification, QueueKey, ReleasedReceipt,
-    ReplicateRequest, Subscription,
+    ReplicateRequest, Subscription, UnsavedCopy,
 };
 use futures_util::StreamExt;
 use futures_util::future::join_all;
@@ -58,6 +58,10 @@ enum PeerOp {
     Receipt(HeldReceipt, Option<oneshot::Sender<bool>>),
     /// Receipts the team's endpoint took: the holder drops its copies.
     Released(Vec<ReleasedReceipt>),
+    /// Unsaved receipts for the holder to keep in memory (`receipts::unsaved`).
+    UnsavedCopies(Vec<UnsavedCopy>),
+    /// Numbers of unsaved copies the holder drops.
+    ReleasedCopies(Vec<u64>),
 }
 
 impl PeerOp {
@@ -67,9 +71,18 @@ impl PeerOp {
             PeerOp::Put(..) => true,
             PeerOp::Subscription(_, reply) => reply.is_some(),
             PeerOp::Receipt(_, reply) => reply.is_some(),
-            PeerOp::Remove(_) | PeerOp::Released(_) => false,
+            PeerOp::Remove(_) | PeerOp::Released(_) | PeerOp::UnsavedCopies(_) | PeerOp::ReleasedCopies(_) => false,
         }
     }
+}
+
+/// An unsaved receipt's copy for its device's other holders (`receipts::unsaved`): its number, the
+/// device, and the event as JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceiptCopy {
+    pub number: u64,
+    pub device: DeviceId,
+    pub json: Vec<u8>,
 }
 
 /// One peer's batching task and its breaker.
@@ -276,31 +289,58 @@ impl Replicator {
     }
 
     /// `hold_receipts` for one receipt (its id, and the event as JSON), without waiting: the copy travels
-    /// in the next replication batches, like acks. An `unsaved` one the holders keep in memory until the
-    /// owner releases it or it is overdue.
-    pub fn hold_receipt_later(&self, device: DeviceId, event_id: String, event_json: Vec<u8>, unsaved: bool) {
-        let held = HeldReceipt { device_id: device.to_bytes().to_vec(), event_json, unsaved, event_id };
+    /// in the next replication batches, like acks.
+    pub fn hold_receipt_later(&self, device: DeviceId, event_id: String, event_json: Vec<u8>) {
+        let held = HeldReceipt { device_id: device.to_bytes().to_vec(), event_json, unsaved: false, event_id };
         self.tell_other_holders(device, || PeerOp::Receipt(held.clone(), None));
+    }
+
+    /// Sends unsaved receipts' copies (`receipts::unsaved`) to their devices' other holders, without
+    /// waiting: one message per holder for all of them.
+    pub fn copy_unsaved(&self, copies: Vec<ReceiptCopy>) {
+        let by_node = self.by_other_holder(copies.into_iter().map(|copy| {
+            let ReceiptCopy { number, device, json } = copy;
+            (device, UnsavedCopy { number, device_id: device.to_bytes().to_vec(), event_json: json })
+        }));
+        for (node, copies) in by_node {
+            self.tell(node, PeerOp::UnsavedCopies(copies));
+        }
+    }
+
+    /// Tells the other holders of each copied unsaved receipt (device, copy number) to drop their copy, one
+    /// message per holder. Not awaited, like `release_receipts`.
+    pub fn release_copies(&self, copies: &[(DeviceId, u64)]) {
+        for (node, numbers) in self.by_other_holder(copies.iter().copied()) {
+            self.tell(node, PeerOp::ReleasedCopies(numbers));
+        }
     }
 
     /// Tells the other holders of each receipt's device that its team's endpoint took it, one message per
     /// holder. Not awaited: a copy left behind is only sent again if the holder becomes the owner, and is
     /// pruned after the retry window.
     pub fn release_receipts(&self, receipts: &[(DeviceId, String)]) {
-        let view = self.view.get();
-        let holders = view.state.ring.copies() + 1;
-        let mut by_node: HashMap<NodeId, Vec<ReleasedReceipt>> = HashMap::new();
-        for (device, id) in receipts {
-            for node in view.ring.candidates(*device, holders) {
-                if node != self.id {
-                    let released = ReleasedReceipt { device_id: device.to_bytes().to_vec(), event_id: id.clone() };
-                    by_node.entry(node).or_default().push(released);
-                }
-            }
-        }
+        let by_node = self.by_other_holder(receipts.iter().map(|(device, id)| {
+            (*device, ReleasedReceipt { device_id: device.to_bytes().to_vec(), event_id: id.clone() })
+        }));
         for (node, released) in by_node {
             self.tell(node, PeerOp::Released(released));
         }
+    }
+
+    /// Groups `items` by the holders of their devices that keep receipts (the first R + 1 candidates) but
+    /// this node, each item under each of its device's holders.
+    fn by_other_holder<T: Clone>(&self, items: impl Iterator<Item = (DeviceId, T)>) -> HashMap<NodeId, Vec<T>> {
+        let view = self.view.get();
+        let holders = view.state.ring.copies() + 1;
+        let mut by_node: HashMap<NodeId, Vec<T>> = HashMap::new();
+        for (device, item) in items {
+            for node in view.ring.candidates(device, holders) {
+                if node != self.id {
+                    by_node.entry(node).or_default().push(item.clone());
+                }
+            }
+        }
+        by_node
     }
 
     /// Copies a subscription change the device asked for, stored on this node, to the device's other
@@ -695,6 +735,8 @@ impl BatchTask {
                     applied_waiters.extend(reply);
                 }
                 PeerOp::Released(released) => request.released_receipts.extend(released),
+                PeerOp::UnsavedCopies(copies) => request.unsaved_copies.extend(copies),
+                PeerOp::ReleasedCopies(numbers) => request.released_copies.extend(numbers),
             }
         }
         // Removes alone are stamped with the current epoch: nothing in them is decided by ownership.

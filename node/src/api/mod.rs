@@ -177,11 +177,14 @@ impl Cluster for ClusterService {
         let applied = self
             .delivery
             .apply_replica(crate::delivery::ReplicaOps {
+                from: request.from_node,
                 puts,
                 removes: request.removes,
                 subscriptions: request.subscriptions,
                 receipts: request.receipts,
                 released: request.released_receipts,
+                unsaved_copies: request.unsaved_copies,
+                released_copies: request.released_copies,
             })
             .await
             .map_err(|e| match e {

@@ -10,6 +10,11 @@
 //! `copy_after`, those of its last `copy_after` the endpoint had not taken); once copied, losing one takes
 //! the owner and every other holder dying within `save_after`.
 //!
+//! Copies are numbered by their owner, and released by number: a holder keeps them by (owner, number),
+//! so neither side formats, sends or hashes the event's id for the copy and its release, and the copier
+//! sends every copy due in one message per holder. Numbers start from the owner's start time shifted
+//! left by 20 bits, so a restarted owner never gives a number a holder may still keep from before.
+//!
 //! Whoever takes a receipt out of here owns it: the team's task while it sends it (and copies it if the
 //! request outlasts `copy_after`, and writes it if the request fails), the sweep when it is overdue, the
 //! adoption when this node now owns its device. Each side holds at most `cap` (per team on the owner, in all
@@ -17,12 +22,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use courier_core::webhook::Event;
 
-use crate::ids::DeviceId;
-use crate::replication::Replicator;
+use crate::ids::{DeviceId, unix_millis};
+use crate::raft::state::NodeId;
+use crate::replication::{ReceiptCopy, Replicator};
 use crate::store::Store;
 
 /// Most unsaved receipts one team may have waiting on a node unless configured otherwise.
@@ -33,14 +40,15 @@ pub const DEFAULT_CAP_PER_TEAM: usize = 100_000;
 pub struct Unsaved {
     pub device: DeviceId,
     pub event: Event,
-    /// Whether the device's other holders were sent a copy (and must be told when it is released).
-    pub copied: bool,
+    /// The number of the copy the device's other holders were sent, if they were (they must be told when
+    /// it is released).
+    pub copy: Option<u64>,
 }
 
 impl Unsaved {
     /// A receipt not copied yet.
     pub fn new(device: DeviceId, event: Event) -> Self {
-        Unsaved { device, event, copied: false }
+        Unsaved { device, event, copy: None }
     }
 }
 
@@ -60,9 +68,6 @@ impl TeamQueue {
     }
 }
 
-/// A copy for the device's other holders: the device, the event id, and the event as JSON.
-pub type Copy = (DeviceId, String, Vec<u8>);
-
 /// The unsaved receipts of every team this node owns devices for, oldest first, and the copies it holds
 /// for other owners.
 #[derive(Debug)]
@@ -72,6 +77,8 @@ pub struct UnsavedReceipts {
     cap: usize,
     teams: Mutex<HashMap<String, TeamQueue>>,
     held: Mutex<Held>,
+    /// The next copy's number.
+    next_copy: AtomicU64,
     /// Woken when a team's first receipt arrives, so that its task starts.
     arrived: tokio::sync::Notify,
     /// Woken when a team's first receipt not copied yet arrives, so that the copier looks at its time.
@@ -79,12 +86,12 @@ pub struct UnsavedReceipts {
 }
 
 /// Copies held for other owners (the event's JSON as it came, parsed only if it is written or taken over),
-/// by device and event id, with the order they came in.
+/// by owner and number, with the order they came in.
 #[derive(Debug, Default)]
 struct Held {
-    copies: HashMap<(DeviceId, String), Vec<u8>>,
-    /// (when it came, UNIX ms; device; event id), oldest first; released ones are skipped when met.
-    arrivals: VecDeque<(u64, DeviceId, String)>,
+    copies: HashMap<(NodeId, u64), (DeviceId, Vec<u8>)>,
+    /// (when it came, UNIX ms; owner; number), oldest first; released ones are skipped when met.
+    arrivals: VecDeque<(u64, NodeId, u64)>,
 }
 
 impl UnsavedReceipts {
@@ -97,6 +104,7 @@ impl UnsavedReceipts {
             cap,
             teams: Mutex::new(HashMap::new()),
             held: Mutex::new(Held::default()),
+            next_copy: AtomicU64::new(unix_millis() << 20),
             arrived: tokio::sync::Notify::new(),
             uncopied: tokio::sync::Notify::new(),
         }
@@ -114,6 +122,17 @@ impl UnsavedReceipts {
         self.teams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Numbers `receipt` for its copy and gives the copy, unless it was copied already.
+    fn copy_of(&self, receipt: &Unsaved) -> Option<ReceiptCopy> {
+        if receipt.copy.is_some() {
+            return None;
+        }
+        // An event is strings and numbers: it always serializes.
+        let json = serde_json::to_vec(&receipt.event).unwrap_or_default();
+        let number = self.next_copy.fetch_add(1, Ordering::Relaxed);
+        Some(ReceiptCopy { number, device: receipt.device, json })
+    }
+
     /// Keeps `receipt` for its team's task; gives it back when it must be written now instead (keeping
     /// is off, or the team has `cap` waiting).
     #[must_use = "a receipt given back must be written"]
@@ -127,8 +146,8 @@ impl UnsavedReceipts {
             return Some(receipt);
         }
         let first = queue.receipts.is_empty();
-        let first_uncopied = !receipt.copied && queue.copied == queue.receipts.len();
-        if receipt.copied && queue.copied == queue.receipts.len() {
+        let first_uncopied = receipt.copy.is_none() && queue.copied == queue.receipts.len();
+        if receipt.copy.is_some() && queue.copied == queue.receipts.len() {
             queue.copied += 1;
         }
         queue.receipts.push_back(receipt);
@@ -142,9 +161,9 @@ impl UnsavedReceipts {
         None
     }
 
-    /// Marks the receipts kept `copy_after` or longer before `now_ms` and not copied yet as copied, and
-    /// gives their copies; with the time the next one is due (UNIX ms), if any is waiting.
-    pub fn copies_due(&self, now_ms: u64) -> (Vec<Copy>, Option<u64>) {
+    /// Numbers the receipts kept `copy_after` or longer before `now_ms` and not copied yet, and gives their
+    /// copies; with the time the next one is due (UNIX ms), if any is waiting.
+    pub fn copies_due(&self, now_ms: u64) -> (Vec<ReceiptCopy>, Option<u64>) {
         let after_ms = self.copy_after.as_millis() as u64;
         let mut copies = Vec::new();
         let mut next_ms: Option<u64> = None;
@@ -155,14 +174,20 @@ impl UnsavedReceipts {
                     next_ms = Some(next_ms.map_or(due_ms, |n| n.min(due_ms)));
                     break;
                 }
-                if !receipt.copied {
-                    receipt.copied = true;
-                    copies.extend(copy_of(receipt));
+                if let Some(copy) = self.copy_of(receipt) {
+                    receipt.copy = Some(copy.number);
+                    copies.push(copy);
                 }
                 queue.copied += 1;
             }
         }
         (copies, next_ms)
+    }
+
+    /// Numbers those of `receipts` not copied yet and gives their copies, each with its receipt's index;
+    /// the caller sends them (`send`) and marks the receipts (`mark_copied`).
+    pub fn copies_of(&self, receipts: &[Unsaved]) -> Vec<(usize, ReceiptCopy)> {
+        receipts.iter().enumerate().filter_map(|(i, r)| Some((i, self.copy_of(r)?))).collect()
     }
 
     /// Resolves when a receipt not copied yet arrives where none was waiting to be copied.
@@ -236,27 +261,30 @@ impl UnsavedReceipts {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Holds an unsaved copy another owner sent (the event `id`, as JSON); gives it back when it must be
-    /// written now instead.
-    #[must_use = "a copy given back must be written"]
-    pub fn hold(&self, device: DeviceId, id: String, json: Vec<u8>, now_ms: u64) -> Option<Vec<u8>> {
+    /// Holds the unsaved copies owner `from` sent (number, device, event as JSON); gives back those that
+    /// must be written now instead (keeping is off, or `cap` are held).
+    #[must_use = "copies given back must be written"]
+    pub fn hold(&self, from: NodeId, copies: Vec<ReceiptCopy>, now_ms: u64) -> Vec<(DeviceId, Vec<u8>)> {
         let mut held = self.lock_held();
-        if self.save_after.is_zero() || held.copies.len() >= self.cap {
-            return Some(json);
+        let mut back = Vec::new();
+        for ReceiptCopy { number, device, json } in copies {
+            if self.save_after.is_zero() || held.copies.len() >= self.cap {
+                back.push((device, json));
+                continue;
+            }
+            held.arrivals.push_back((now_ms, from, number));
+            held.copies.insert((from, number), (device, json));
         }
-        held.arrivals.push_back((now_ms, device, id.clone()));
-        held.copies.insert((device, id), json);
-        None
+        back
     }
 
-    /// Drops the held copies the owner's endpoint took; gives back those not held here (they may be in
-    /// the store).
-    pub fn release(&self, released: Vec<(DeviceId, String)>) -> Vec<(DeviceId, String)> {
+    /// Drops the copies owner `from` numbered `numbers` (its endpoint took them, or it wrote them); numbers
+    /// not held here are ignored.
+    pub fn release(&self, from: NodeId, numbers: &[u64]) {
         let mut held = self.lock_held();
-        if held.copies.is_empty() {
-            return released;
+        for number in numbers {
+            held.copies.remove(&(from, *number));
         }
-        released.into_iter().filter(|key| held.copies.remove(key).is_none()).collect()
     }
 
     /// Takes the held copies that came `save_after` or longer before `now_ms`.
@@ -265,8 +293,8 @@ impl UnsavedReceipts {
         let mut held = self.lock_held();
         let mut taken = Vec::new();
         while held.arrivals.front().is_some_and(|(at, ..)| *at <= due_before) {
-            let Some((_, device, id)) = held.arrivals.pop_front() else { break };
-            if let Some(json) = held.copies.remove(&(device, id)) {
+            let Some((_, from, number)) = held.arrivals.pop_front() else { break };
+            if let Some((device, json)) = held.copies.remove(&(from, number)) {
                 taken.extend(parsed(device, &json));
             }
         }
@@ -279,18 +307,22 @@ impl UnsavedReceipts {
     /// Takes the held copies of the devices `owned` says this node now owns.
     pub fn adopt(&self, owned: impl Fn(DeviceId) -> bool) -> Vec<(DeviceId, Event)> {
         let mut held = self.lock_held();
-        let keys: Vec<(DeviceId, String)> = held.copies.keys().filter(|(d, _)| owned(*d)).cloned().collect();
-        keys.into_iter()
-            .filter_map(|key| held.copies.remove_entry(&key))
-            .filter_map(|((d, _), json)| parsed(d, &json))
-            .collect()
+        let mut taken = Vec::new();
+        held.copies.retain(|_, (device, json)| {
+            if !owned(*device) {
+                return true;
+            }
+            taken.extend(parsed(*device, json));
+            false
+        });
+        taken
     }
 
     /// Takes every held copy (the node is stopping).
     pub fn drain_held(&self) -> Vec<(DeviceId, Event)> {
         let mut held = self.lock_held();
         held.arrivals.clear();
-        held.copies.drain().filter_map(|((device, _), json)| parsed(device, &json)).collect()
+        held.copies.drain().filter_map(|(_, (device, json))| parsed(device, &json)).collect()
     }
 
     /// How many copies are held here.
@@ -311,59 +343,79 @@ pub fn parsed(device: DeviceId, json: &[u8]) -> Option<(DeviceId, Event)> {
     }
 }
 
-/// The copy of a receipt its device's other holders are sent.
-fn copy_of(receipt: &Unsaved) -> Option<Copy> {
-    serde_json::to_vec(&receipt.event).ok().map(|json| (receipt.device, receipt.event.id.clone(), json))
+/// Sends the holders copies `copies_of` numbered; gives each one's receipt index and number, for
+/// `mark_copied`.
+pub fn send_numbered(replicator: &Replicator, copies: Vec<(usize, ReceiptCopy)>) -> Vec<(usize, u64)> {
+    let marks = copies.iter().map(|(i, copy)| (*i, copy.number)).collect();
+    send(replicator, copies.into_iter().map(|(_, copy)| copy).collect());
+    marks
 }
 
-/// Sends the holders the copies of those of `receipts` that were not copied yet, to keep unsaved (the
-/// caller marks them copied).
-pub fn send_copies<'r>(replicator: &Replicator, receipts: impl IntoIterator<Item = &'r Unsaved>) {
-    send(replicator, receipts.into_iter().filter(|r| !r.copied).filter_map(copy_of).collect());
+/// Marks the receipts `send_numbered` copied.
+pub fn mark_copied(receipts: &mut [Unsaved], marks: &[(usize, u64)]) {
+    for (i, number) in marks {
+        if let Some(receipt) = receipts.get_mut(*i) {
+            receipt.copy = Some(*number);
+        }
+    }
 }
 
 /// Sends the holders these copies, to keep unsaved; counted as `copied`.
-pub fn send(replicator: &Replicator, copies: Vec<Copy>) {
+pub fn send(replicator: &Replicator, copies: Vec<ReceiptCopy>) {
     if copies.is_empty() {
         return;
     }
     metrics::counter!("courier_webhook_events_total", "outcome" => "copied").increment(copies.len() as u64);
-    for (device, id, json) in copies {
-        replicator.hold_receipt_later(device, id, json, true);
-    }
+    replicator.copy_unsaved(copies);
 }
 
-/// `send_copies`, and marks them copied.
-pub fn copy_now(replicator: &Replicator, receipts: &mut [Unsaved]) {
-    send_copies(replicator, receipts.iter());
-    receipts.iter_mut().for_each(|r| r.copied = true);
+/// For receipts leaving memory to be written here: the holders drop the unsaved copies they were sent and
+/// are sent copies to write instead, so that a later release by event id (`Replicator::release_receipts`,
+/// when the written receipt is sent) finds them.
+fn held_in_stores(replicator: &Replicator, receipts: &[Unsaved]) {
+    let copied: Vec<(DeviceId, u64)> = receipts.iter().filter_map(|r| Some((r.device, r.copy?))).collect();
+    replicator.release_copies(&copied);
+    for receipt in receipts {
+        if let Ok(json) = serde_json::to_vec(&receipt.event) {
+            replicator.hold_receipt_later(receipt.device, receipt.event.id.clone(), json);
+        }
+    }
 }
 
 /// Queues receipts that waited unsaved and were not taken here (in the next group commit), without
-/// waiting; counted as `saved`. The other holders write their copies themselves when those are as old;
-/// those not copied yet are sent theirs now.
-pub fn save_late(store: &Store, replicator: &Replicator, mut receipts: Vec<Unsaved>) {
+/// waiting; counted as `saved`. The other holders are told to write their copies too.
+pub fn save_late(store: &Store, replicator: &Replicator, receipts: Vec<Unsaved>) {
     if receipts.is_empty() {
         return;
     }
-    copy_now(replicator, &mut receipts);
+    held_in_stores(replicator, &receipts);
     metrics::counter!("courier_webhook_events_total", "outcome" => "saved").increment(receipts.len() as u64);
     store.queue_receipts(receipts.into_iter().map(|r| (r.device, r.event)).collect());
 }
 
-/// Keeps a receipt decided with nothing stored, without waiting for any write: unsaved here, copied to the
-/// device's other holders if it is still here after `copy_after` (at once when that is zero); or, when
-/// keeping is off or full, queued here and copied to the holders' stores in the next group commit and
-/// replication batch.
-pub fn keep(unsaved: &UnsavedReceipts, store: &Store, replicator: &Replicator, mut receipt: Unsaved) {
-    if unsaved.copy_after.is_zero() && !unsaved.save_after.is_zero() {
-        copy_now(replicator, std::slice::from_mut(&mut receipt));
+/// `save_late` for the receipts left when the node stops, awaited; counted as `saved`.
+pub async fn save_at_stop(store: &Store, replicator: &Replicator, receipts: Vec<Unsaved>) {
+    if receipts.is_empty() {
+        return;
     }
+    held_in_stores(replicator, &receipts);
+    metrics::counter!("courier_webhook_events_total", "outcome" => "saved").increment(receipts.len() as u64);
+    let receipts = receipts.into_iter().map(|r| (r.device, r.event)).collect();
+    if let Err(error) = store.keep_receipts(receipts, crate::store::ReceiptRole::Queue).await {
+        tracing::error!(%error, "writing unsaved receipts at shutdown failed");
+    }
+}
+
+/// Keeps a receipt decided with nothing stored, without waiting for any write: unsaved here, and copied
+/// to the device's other holders by the copier once it is `copy_after` old (at its next turn when that is
+/// zero); or, when keeping is off or full, queued here and copied to the holders' stores in the next group
+/// commit and replication batch.
+pub fn keep(unsaved: &UnsavedReceipts, store: &Store, replicator: &Replicator, receipt: Unsaved) {
     if let Some(receipt) = unsaved.keep(receipt) {
-        if !receipt.copied
-            && let Some((device, id, json)) = copy_of(&receipt)
+        if receipt.copy.is_none()
+            && let Ok(json) = serde_json::to_vec(&receipt.event)
         {
-            replicator.hold_receipt_later(device, id, json, false);
+            replicator.hold_receipt_later(receipt.device, receipt.event.id.clone(), json);
         }
         store.queue_receipts(vec![(receipt.device, receipt.event)]);
     }
@@ -403,26 +455,27 @@ mod tests {
     }
 
     #[test]
-    fn held_copies_are_released_swept_when_overdue_or_adopted_by_their_new_owner() {
-        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::from_millis(25), 3);
-        let copy = |device: u128, apns_id: &str| (DeviceId(device), receipt("A", apns_id, 0).event);
-        let hold = |device: u128, apns_id: &str, at: u64| {
-            let (device, event) = copy(device, apns_id);
-            unsaved.hold(device, event.id.clone(), serde_json::to_vec(&event).expect("json"), at)
+    fn held_copies_are_released_by_owner_and_number_swept_when_overdue_or_adopted_by_their_new_owner() {
+        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::from_millis(25), 4);
+        let copy = |number: u64, device: u128, apns_id: &str| {
+            let json = serde_json::to_vec(&receipt("A", apns_id, 0).event).expect("json");
+            ReceiptCopy { number, device: DeviceId(device), json }
         };
-        for (device, id, at) in [(1, "r1", 100), (2, "r2", 200), (1, "r3", 900)] {
-            assert!(hold(device, id, at).is_none());
-        }
-        assert!(hold(3, "r4", 950).is_some(), "full: written at once");
-        let r1 = copy(1, "r1").1.id;
-        let unknown = copy(9, "r9").1.id;
-        let left = unsaved.release(vec![(DeviceId(1), r1), (DeviceId(9), unknown.clone())]);
-        assert_eq!(left, [(DeviceId(9), unknown)], "what is not held here is left for the store");
+        // Owners 1 and 2 both number from 7: the same number from two owners is two copies.
+        assert!(unsaved.hold(1, vec![copy(7, 1, "r1"), copy(8, 2, "r2")], 100).is_empty());
+        assert!(unsaved.hold(2, vec![copy(7, 1, "r3")], 900).is_empty());
+        let back = unsaved.hold(1, vec![copy(9, 3, "r4"), copy(10, 3, "r5")], 950);
+        assert_eq!(back.len(), 1, "the fifth is past the cap: written at once");
+        assert_eq!(back[0].0, DeviceId(3));
+        // Owner 1 releases r1, and a number it never sent; owner 2's 7 stays.
+        unsaved.release(1, &[7, 99]);
+        assert_eq!(unsaved.held(), 3);
         // r1 was released: only r2 came a second before 1,250 ms.
         let overdue = unsaved.held_overdue(1250);
         assert_eq!(overdue.iter().map(|(d, e)| (d.0, e.apns_id.as_str())).collect::<Vec<_>>(), [(2, "r2")]);
         let adopted = unsaved.adopt(|d| d == DeviceId(1));
         assert_eq!(adopted.iter().map(|(d, e)| (d.0, e.apns_id.as_str())).collect::<Vec<_>>(), [(1, "r3")]);
+        assert_eq!(unsaved.drain_held().iter().map(|(_, e)| e.apns_id.as_str()).collect::<Vec<_>>(), ["r4"]);
         assert_eq!(unsaved.held(), 0);
         assert!(unsaved.held_overdue(10_000).is_empty());
     }
@@ -433,11 +486,9 @@ mod tests {
         for (team, id, at) in [("A", "a1", 100), ("B", "b1", 110), ("A", "a2", 120), ("A", "a3", 200)] {
             assert!(unsaved.keep(receipt(team, id, at)).is_none());
         }
-        let copied = |copies: &[Copy]| {
-            let mut ids: Vec<String> = copies
-                .iter()
-                .map(|(_, _, json)| serde_json::from_slice::<Event>(json).expect("json").apns_id)
-                .collect();
+        let copied = |copies: &[ReceiptCopy]| {
+            let mut ids: Vec<String> =
+                copies.iter().map(|c| serde_json::from_slice::<Event>(&c.json).expect("json").apns_id).collect();
             ids.sort();
             ids
         };
@@ -447,19 +498,29 @@ mod tests {
         assert_eq!(ids(&unsaved.take("A", 1)), ["a1"]);
         let (due, next) = unsaved.copies_due(150);
         assert_eq!(copied(&due), ["a2", "b1"]);
+        let numbers: std::collections::BTreeSet<u64> = due.iter().map(|c| c.number).collect();
+        assert_eq!(numbers.len(), 2, "each copy has a number of its own");
         assert_eq!(next, Some(225), "a3 is next");
         assert!(unsaved.copies_due(150).0.is_empty(), "each is copied once");
         // What is taken after its copy went says so, so that its holders are told to drop it.
         let taken = unsaved.take("A", 2);
         assert_eq!(
-            taken.iter().map(|r| (r.event.apns_id.as_str(), r.copied)).collect::<Vec<_>>(),
+            taken.iter().map(|r| (r.event.apns_id.as_str(), r.copy.is_some())).collect::<Vec<_>>(),
             [("a2", true), ("a3", false)]
         );
+        assert!(taken[0].copy.is_some_and(|n| numbers.contains(&n)), "with the number its copy went under");
+        // The team's task copies a3 itself if its request outlasts copy_after: a new number, once.
+        let mut taken = taken;
+        let late = unsaved.copies_of(&taken);
+        assert_eq!(late.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1]);
+        assert!(!numbers.contains(&late[0].1.number));
+        mark_copied(&mut taken, &[(1, late[0].1.number)]);
+        assert!(unsaved.copies_of(&taken).is_empty());
         assert_eq!(unsaved.copies_due(300), (Vec::new(), None), "a3 left with the team's task; b1 was copied");
         assert!(unsaved.keep(receipt("B", "b2", 310)).is_none());
         assert_eq!(unsaved.copies_due(320), (Vec::new(), Some(335)), "b1's copy is not counted again");
         assert_eq!(copied(&unsaved.copies_due(335).0), ["b2"]);
-        assert_eq!(unsaved.take("B", 5).iter().map(|r| r.copied).collect::<Vec<_>>(), [true, true]);
+        assert_eq!(unsaved.take("B", 5).iter().map(|r| r.copy.is_some()).collect::<Vec<_>>(), [true, true]);
     }
 
     #[test]
