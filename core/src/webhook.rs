@@ -336,27 +336,39 @@ pub fn batch_id(events: &[&Event]) -> String {
     format!("msg_{}", hex::encode(&context.finish().as_ref()[..16]))
 }
 
-/// The JSON body of a batch, in the spec's `type` / `timestamp` / `data` shape. Serialized straight from
-/// the events, with no `serde_json::Value` tree in between.
-pub fn batch_body(team_id: &str, events: &[&Event], now_ms: u64) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Body<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        timestamp: String,
-        data: Data<'a>,
-    }
-    #[derive(Serialize)]
-    struct Data<'a> {
-        team_id: &'a str,
-        events: &'a [&'a Event],
-    }
+/// The JSON body of a batch, in the spec's `type` / `timestamp` / `data` shape, from its events, each
+/// given with its JSON where it was serialized already (`serde_json` of the same `Event`, as a receipt's
+/// copy for other nodes is), which goes in as it is; the rest are serialized here. Written field by field,
+/// with no `serde_json::Value` tree.
+pub fn batch_body<'e>(
+    team_id: &str,
+    events: impl ExactSizeIterator<Item = (&'e Event, Option<&'e [u8]>)>,
+    now_ms: u64,
+) -> Vec<u8> {
     let timestamp = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default();
-    let body = Body { kind: "courier.receipts", timestamp, data: Data { team_id, events } };
-    serde_json::to_vec(&body).unwrap_or_default()
+    let mut body = Vec::with_capacity(128 + events.len() * 320);
+    // Strings and events always serialize: writing to a Vec cannot fail.
+    body.extend_from_slice(br#"{"type":"courier.receipts","timestamp":"#);
+    let _ = serde_json::to_writer(&mut body, &timestamp);
+    body.extend_from_slice(br#","data":{"team_id":"#);
+    let _ = serde_json::to_writer(&mut body, team_id);
+    body.extend_from_slice(br#","events":["#);
+    for (i, (event, json)) in events.enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        match json {
+            Some(json) => body.extend_from_slice(json),
+            None => {
+                let _ = serde_json::to_writer(&mut body, event);
+            }
+        }
+    }
+    body.extend_from_slice(b"]}}");
+    body
 }
 
 mod base64_bytes {
@@ -470,11 +482,17 @@ mod tests {
         let both = [&two[0], &two[1]];
         assert_eq!(batch_id(&both), batch_id(&[&a, &expired]));
         assert_ne!(batch_id(&both), batch_id(&[&a]));
-        let body: serde_json::Value = serde_json::from_slice(&batch_body("T", &both, 1_700_000_000_123)).unwrap();
+        let serialized_here = batch_body("T", both.iter().map(|e| (*e, None)), 1_700_000_000_123);
+        let body: serde_json::Value = serde_json::from_slice(&serialized_here).unwrap();
         assert_eq!(body["type"], "courier.receipts");
         assert_eq!(body["timestamp"], "2023-11-14T22:13:20.123Z");
         assert_eq!(body["data"]["events"][1]["outcome"], "expired");
         assert_eq!(body["data"]["team_id"], "T");
+        // An event given as its JSON goes in as it is: the same body as serializing it here.
+        let json = serde_json::to_vec(&a).unwrap();
+        let mixed = batch_body("T", [(&a, Some(json.as_slice())), (&expired, None)].into_iter(), 1_700_000_000_123);
+        assert_eq!(mixed, serialized_here);
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&mixed).unwrap(), body);
         // The id is the SHA-256 of the outcome, team, token and apns-id, one per line (ids already sent
         // must not change).
         let digest = ring::digest::digest(&ring::digest::SHA256, b"delivered\nT\ntok\nA");

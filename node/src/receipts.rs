@@ -261,7 +261,7 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
             Next::Send(hook, batch) => {
                 idle_since = Instant::now();
                 let timeout = shared.settings.request_timeout;
-                match sender.post(&shared, &team, &hook, batch.iter().map(|r| &r.event), timeout).await {
+                match sender.post(&shared, &team, &hook, batch.iter().map(|r| (&r.event, None)), timeout).await {
                     Ok(()) => match sent(&shared, &team, &batch).await {
                         Ok(()) => Duration::ZERO,
                         Err(error) => {
@@ -283,7 +283,8 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
                 let posted = post_unsaved(&shared, &mut sender, &team, &hook, &mut batch, timeout).await;
                 match posted {
                     Ok(()) => {
-                        let taken: Vec<_> = batch.iter().filter_map(|r| Some((r.device, r.copy?))).collect();
+                        let taken: Vec<_> =
+                            batch.iter().filter_map(|r| Some((r.device, r.copy.as_ref()?.number))).collect();
                         shared.replicator.release_copies(&taken);
                         Duration::ZERO
                     }
@@ -326,7 +327,9 @@ async fn post_unsaved(
     let mut copied_late = Vec::new();
     let posted = {
         let batch: &[Unsaved] = batch;
-        let post = sender.post(shared, team, hook, batch.iter().map(|r| &r.event), timeout);
+        // A receipt copied already goes into the body as the JSON its holders were sent.
+        let events = batch.iter().map(|r| (&r.event, r.copy.as_ref().map(|c| &c.json[..])));
+        let post = sender.post(shared, team, hook, events, timeout);
         tokio::pin!(post);
         match copy_due_ms {
             None => post.await,
@@ -501,20 +504,22 @@ impl TeamSender {
         backoff
     }
 
-    /// Posts `events` signed with the team's live secrets; `Ok` on a 2xx within `timeout`.
+    /// Posts `events` (each with its JSON, where it was serialized already) signed with the team's live
+    /// secrets; `Ok` on a 2xx within `timeout`.
     async fn post<'e>(
         &mut self,
         shared: &Shared,
         team: &str,
         hook: &Webhook,
-        events: impl Iterator<Item = &'e Event>,
+        events: impl Iterator<Item = (&'e Event, Option<&'e [u8]>)>,
         timeout: Duration,
     ) -> Result<(), String> {
-        let events: Vec<&Event> = events.collect();
+        let with_json: Vec<(&Event, Option<&[u8]>)> = events.collect();
+        let events: Vec<&Event> = with_json.iter().map(|(event, _)| *event).collect();
         let now_ms = unix_millis();
         let id = webhook::batch_id(&events);
         let timestamp = now_ms / 1000;
-        let body = webhook::batch_body(team, &events, now_ms);
+        let body = webhook::batch_body(team, with_json.into_iter(), now_ms);
         let signature = webhook::signature_header(&hook.signing_keys(now_ms), &id, timestamp, &body);
         let endpoint = webhook::check_url(&hook.url, shared.settings.allow_private)?;
         let answer = tokio::time::timeout(timeout, async {

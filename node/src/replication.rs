@@ -82,7 +82,7 @@ impl PeerOp {
 pub struct ReceiptCopy {
     pub number: u64,
     pub device: DeviceId,
-    pub json: Vec<u8>,
+    pub json: bytes::Bytes,
 }
 
 /// One peer's batching task and its breaker.
@@ -298,11 +298,15 @@ impl Replicator {
     /// Sends unsaved receipts' copies (`receipts::unsaved`) to their devices' other holders, without
     /// waiting: one message per holder for all of them.
     pub fn copy_unsaved(&self, copies: Vec<ReceiptCopy>) {
-        let by_node = self.by_other_holder(copies.into_iter().map(|copy| {
-            let ReceiptCopy { number, device, json } = copy;
-            (device, UnsavedCopy { number, device_id: device.to_bytes().to_vec(), event_json: json })
-        }));
-        for (node, copies) in by_node {
+        for (node, copies) in self.by_other_holder(copies.into_iter().map(|copy| (copy.device, copy))) {
+            let copies = copies
+                .into_iter()
+                .map(|c| UnsavedCopy {
+                    number: c.number,
+                    device_id: c.device.to_bytes().to_vec(),
+                    event_json: c.json.into(),
+                })
+                .collect();
             self.tell(node, PeerOp::UnsavedCopies(copies));
         }
     }

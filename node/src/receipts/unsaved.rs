@@ -25,6 +25,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use courier_core::webhook::Event;
 
 use crate::ids::{DeviceId, unix_millis};
@@ -40,9 +41,23 @@ pub const DEFAULT_CAP_PER_TEAM: usize = 100_000;
 pub struct Unsaved {
     pub device: DeviceId,
     pub event: Event,
-    /// The number of the copy the device's other holders were sent, if they were (they must be told when
-    /// it is released).
-    pub copy: Option<u64>,
+    /// The copy the device's other holders were sent, if they were (they must be told when it is
+    /// released).
+    pub copy: Option<Copied>,
+}
+
+/// What a receipt's holders were sent: the copy's number, and the event as JSON, which the batch body
+/// reuses rather than serializing the event again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Copied {
+    pub number: u64,
+    pub json: Bytes,
+}
+
+impl Copied {
+    fn of(copy: &ReceiptCopy) -> Self {
+        Copied { number: copy.number, json: copy.json.clone() }
+    }
 }
 
 impl Unsaved {
@@ -89,7 +104,7 @@ pub struct UnsavedReceipts {
 /// by owner and number, with the order they came in.
 #[derive(Debug, Default)]
 struct Held {
-    copies: HashMap<(NodeId, u64), (DeviceId, Vec<u8>)>,
+    copies: HashMap<(NodeId, u64), (DeviceId, Bytes)>,
     /// (when it came, UNIX ms; owner; number), oldest first; released ones are skipped when met.
     arrivals: VecDeque<(u64, NodeId, u64)>,
 }
@@ -128,7 +143,7 @@ impl UnsavedReceipts {
             return None;
         }
         // An event is strings and numbers: it always serializes.
-        let json = serde_json::to_vec(&receipt.event).unwrap_or_default();
+        let json = Bytes::from(serde_json::to_vec(&receipt.event).unwrap_or_default());
         let number = self.next_copy.fetch_add(1, Ordering::Relaxed);
         Some(ReceiptCopy { number, device: receipt.device, json })
     }
@@ -175,7 +190,7 @@ impl UnsavedReceipts {
                     break;
                 }
                 if let Some(copy) = self.copy_of(receipt) {
-                    receipt.copy = Some(copy.number);
+                    receipt.copy = Some(Copied::of(&copy));
                     copies.push(copy);
                 }
                 queue.copied += 1;
@@ -264,7 +279,7 @@ impl UnsavedReceipts {
     /// Holds the unsaved copies owner `from` sent (number, device, event as JSON); gives back those that
     /// must be written now instead (keeping is off, or `cap` are held).
     #[must_use = "copies given back must be written"]
-    pub fn hold(&self, from: NodeId, copies: Vec<ReceiptCopy>, now_ms: u64) -> Vec<(DeviceId, Vec<u8>)> {
+    pub fn hold(&self, from: NodeId, copies: Vec<ReceiptCopy>, now_ms: u64) -> Vec<(DeviceId, Bytes)> {
         let mut held = self.lock_held();
         let mut back = Vec::new();
         for ReceiptCopy { number, device, json } in copies {
@@ -343,19 +358,19 @@ pub fn parsed(device: DeviceId, json: &[u8]) -> Option<(DeviceId, Event)> {
     }
 }
 
-/// Sends the holders copies `copies_of` numbered; gives each one's receipt index and number, for
+/// Sends the holders copies `copies_of` numbered; gives each one's receipt index and what was sent, for
 /// `mark_copied`.
-pub fn send_numbered(replicator: &Replicator, copies: Vec<(usize, ReceiptCopy)>) -> Vec<(usize, u64)> {
-    let marks = copies.iter().map(|(i, copy)| (*i, copy.number)).collect();
+pub fn send_numbered(replicator: &Replicator, copies: Vec<(usize, ReceiptCopy)>) -> Vec<(usize, Copied)> {
+    let marks = copies.iter().map(|(i, copy)| (*i, Copied::of(copy))).collect();
     send(replicator, copies.into_iter().map(|(_, copy)| copy).collect());
     marks
 }
 
 /// Marks the receipts `send_numbered` copied.
-pub fn mark_copied(receipts: &mut [Unsaved], marks: &[(usize, u64)]) {
-    for (i, number) in marks {
+pub fn mark_copied(receipts: &mut [Unsaved], marks: &[(usize, Copied)]) {
+    for (i, copied) in marks {
         if let Some(receipt) = receipts.get_mut(*i) {
-            receipt.copy = Some(*number);
+            receipt.copy = Some(copied.clone());
         }
     }
 }
@@ -373,7 +388,8 @@ pub fn send(replicator: &Replicator, copies: Vec<ReceiptCopy>) {
 /// are sent copies to write instead, so that a later release by event id (`Replicator::release_receipts`,
 /// when the written receipt is sent) finds them.
 fn held_in_stores(replicator: &Replicator, receipts: &[Unsaved]) {
-    let copied: Vec<(DeviceId, u64)> = receipts.iter().filter_map(|r| Some((r.device, r.copy?))).collect();
+    let copied: Vec<(DeviceId, u64)> =
+        receipts.iter().filter_map(|r| Some((r.device, r.copy.as_ref()?.number))).collect();
     replicator.release_copies(&copied);
     for receipt in receipts {
         if let Ok(json) = serde_json::to_vec(&receipt.event) {
@@ -459,7 +475,7 @@ mod tests {
         let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::from_millis(25), 4);
         let copy = |number: u64, device: u128, apns_id: &str| {
             let json = serde_json::to_vec(&receipt("A", apns_id, 0).event).expect("json");
-            ReceiptCopy { number, device: DeviceId(device), json }
+            ReceiptCopy { number, device: DeviceId(device), json: json.into() }
         };
         // Owners 1 and 2 both number from 7: the same number from two owners is two copies.
         assert!(unsaved.hold(1, vec![copy(7, 1, "r1"), copy(8, 2, "r2")], 100).is_empty());
@@ -508,13 +524,15 @@ mod tests {
             taken.iter().map(|r| (r.event.apns_id.as_str(), r.copy.is_some())).collect::<Vec<_>>(),
             [("a2", true), ("a3", false)]
         );
-        assert!(taken[0].copy.is_some_and(|n| numbers.contains(&n)), "with the number its copy went under");
+        let a2 = taken[0].copy.as_ref().expect("copied");
+        assert!(numbers.contains(&a2.number), "with the number its copy went under");
+        assert_eq!(serde_json::from_slice::<Event>(&a2.json).expect("json").apns_id, "a2", "and its JSON");
         // The team's task copies a3 itself if its request outlasts copy_after: a new number, once.
         let mut taken = taken;
         let late = unsaved.copies_of(&taken);
         assert_eq!(late.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1]);
         assert!(!numbers.contains(&late[0].1.number));
-        mark_copied(&mut taken, &[(1, late[0].1.number)]);
+        mark_copied(&mut taken, &[(1, Copied::of(&late[0].1))]);
         assert!(unsaved.copies_of(&taken).is_empty());
         assert_eq!(unsaved.copies_due(300), (Vec::new(), None), "a3 left with the team's task; b1 was copied");
         assert!(unsaved.keep(receipt("B", "b2", 310)).is_none());
