@@ -1,7 +1,9 @@
 //! Receipts when the owner dies: with the team's endpoint refusing everything, a device's owner decides
 //! outcomes of every kind (an ack of a notification never stored, a stored one acked, a discard, a
 //! collapse, an unregistered topic), so their receipts sit in its send queue; then it is SIGKILLed. Once
-//! the endpoint answers again, the new owner sends every one of them from the copies it held.
+//! the endpoint answers again, the new owner sends every one of them from the copies it held. And with the
+//! endpoint slow instead, a receipt kept unsaved dies with its owner while its request is out: the new
+//! owner sends it from the copy the successor kept in memory.
 
 use crate::ONE_AT_A_TIME;
 use crate::common;
@@ -35,7 +37,8 @@ async fn receipts_decided_before_the_owner_was_sigkilled_are_sent_by_the_new_own
     receiver.fail_next(usize::MAX);
     let ca = receiver.ca_path.to_str().expect("path").to_string();
     // A long ack window, so that the device's ack (from this test) is in time to spare the commit; and a
-    // long time unsaved, so that the successor holds the receipt of that ack in memory only.
+    // long time unsaved, so that the receipt of that ack waits in memory until the endpoint refuses it:
+    // then the owner writes it, and the successor drops its memory copy for one in its store.
     let flags = [
         "--webhooks-allow-private",
         "--webhook-ca",
@@ -137,5 +140,84 @@ async fn receipts_decided_before_the_owner_was_sigkilled_are_sent_by_the_new_own
     let adopted = common::metric_value(&text, r#"courier_webhook_events_total{outcome="adopted"}"#).unwrap_or(0.0);
     assert!(adopted >= 4.0, "held receipts taken over: {adopted}");
     link.close().await.expect("close");
+    gateway.shutdown().await;
+}
+
+/// The sum of `courier_webhook_events_total{outcome}` over `nodes`' metrics endpoints.
+async fn outcome_total(nodes: &[&common::NodeProcess], outcome: &str) -> f64 {
+    let name = format!(r#"courier_webhook_events_total{{outcome="{outcome}"}}"#);
+    let mut total = 0.0;
+    for node in nodes {
+        let text = common::http_get(&format!("http://{}/metrics", node.metrics_addr)).await;
+        total += common::metric_value(&text, &name).unwrap_or(0.0);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_kept_unsaved_is_sent_by_the_new_owner_from_the_copy_its_successor_kept_in_memory() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let receiver = Receiver::start().await;
+    // The endpoint holds the first request for two minutes: the owner dies with it out, and it is not
+    // answered within this test.
+    receiver.slow_next(1, Duration::from_secs(120));
+    let ca = receiver.ca_path.to_str().expect("path").to_string();
+    let flags = [
+        "--webhooks-allow-private",
+        "--webhook-ca",
+        &ca,
+        "--webhook-batch-wait-ms",
+        "50",
+        "--ack-wait-ms",
+        "3000",
+        "--webhook-save-after-ms",
+        "60000",
+        "--webhook-timeout-ms",
+        "60000",
+    ];
+    let ProcessCluster { dir, mut nodes, gateway, provider, signer, endpoints } =
+        ProcessCluster::start(&flags, 10_000).await;
+    let team = team_id(dir.path());
+    let node1 = nodes[0].cluster_addr.parse().expect("address");
+    let set = common::ctl(node1, dir.path(), &["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
+    assert!(set.success, "{set:?}");
+    gateway_sends_receipts_for(&gateway, &[&team]).await;
+
+    let (credentials, mut link, token) = common::registered_device(&endpoints[0]).await;
+    let owner_addr = link.node_addr.to_string();
+    let answer = tokio::spawn({
+        let (provider, push) = (provider.clone(), labelled_push(&signer, &token, "kept", later(), None));
+        async move { provider.push(&push).await.expect("push") }
+    });
+    assert_eq!(ack_all(&mut link, Duration::from_millis(500)).await, [common::webhooks::apns_id("kept")]);
+    assert_eq!(answer.await.expect("push task").status, 200);
+    link.close().await.expect("close");
+
+    // Copied to the other holders to keep in memory, and written nowhere.
+    let owner = nodes.iter().position(|n| n.device_addr == owner_addr).expect("the owner");
+    eventually(Duration::from_secs(10), "the receipt copied to the other holders", || async {
+        outcome_total(&[&nodes[owner]], "copied").await == 1.0
+    })
+    .await;
+    // Its request has had time to leave (a batch waits 50 ms): the endpoint holds it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(outcome_total(&[&nodes[owner]], "saved").await, 0.0);
+    assert_eq!(outcome_total(&[&nodes[owner]], "queued").await, 0.0);
+    assert!(receiver.requests().is_empty(), "no request answered yet");
+
+    let victim_id = nodes[owner].id;
+    nodes[owner].child.start_kill().expect("SIGKILL");
+    let _ = nodes[owner].child.wait().await;
+    eventually(Duration::from_secs(30), "the gateway sees the owner down", || {
+        let view = gateway.view.borrow().clone();
+        std::future::ready(view.is_some_and(|v| !v.ring.members().contains(&victim_id)))
+    })
+    .await;
+    eventually(Duration::from_secs(30), "the receipt from the new owner", || {
+        std::future::ready(event(&receiver.accepted_events(), "kept", "delivered").is_some())
+    })
+    .await;
+    let alive: Vec<&common::NodeProcess> = nodes.iter().filter(|n| n.id != victim_id).collect();
+    assert!(outcome_total(&alive, "adopted").await >= 1.0, "taken over from a memory copy");
     gateway.shutdown().await;
 }
