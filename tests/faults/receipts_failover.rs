@@ -183,7 +183,7 @@ async fn a_receipt_kept_unsaved_is_sent_by_the_new_owner_from_the_copy_its_succe
     assert!(set.success, "{set:?}");
     gateway_sends_receipts_for(&gateway, &[&team]).await;
 
-    let (credentials, mut link, token) = common::registered_device(&endpoints[0]).await;
+    let (_, mut link, token) = common::registered_device(&endpoints[0]).await;
     let owner_addr = link.node_addr.to_string();
     let answer = tokio::spawn({
         let (provider, push) = (provider.clone(), labelled_push(&signer, &token, "kept", later(), None));
