@@ -30,16 +30,12 @@ async fn ack_all(link: &mut DeviceLink, quiet: Duration) -> Vec<String> {
     seen
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receipts_decided_before_the_owner_was_sigkilled_are_sent_by_the_new_owner() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let receiver = Receiver::start().await;
-    receiver.fail_next(usize::MAX);
+/// A cluster whose team has its webhook at `receiver` (and whose gateway knows it), its nodes started with
+/// `extra` flags besides a long ack window, so that the device's ack (from the test) is in time to spare
+/// the commit, and a long time unsaved, so that the receipt of that ack waits in memory.
+async fn cluster_with_webhook(receiver: &Receiver, extra: &[&str]) -> ProcessCluster {
     let ca = receiver.ca_path.to_str().expect("path").to_string();
-    // A long ack window, so that the device's ack (from this test) is in time to spare the commit; and a
-    // long time unsaved, so that the receipt of that ack waits in memory until the endpoint refuses it:
-    // then the owner writes it, and the successor drops its memory copy for one in its store.
-    let flags = [
+    let mut flags = vec![
         "--webhooks-allow-private",
         "--webhook-ca",
         &ca,
@@ -50,13 +46,26 @@ async fn receipts_decided_before_the_owner_was_sigkilled_are_sent_by_the_new_own
         "--webhook-save-after-ms",
         "60000",
     ];
-    let ProcessCluster { dir, mut nodes, gateway, provider, signer, endpoints } =
-        ProcessCluster::start(&flags, 10_000).await;
-    let team = team_id(dir.path());
-    let node1 = nodes[0].cluster_addr.parse().expect("address");
-    let set = common::ctl(node1, dir.path(), &["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
+    flags.extend_from_slice(extra);
+    let cluster = ProcessCluster::start(&flags, 10_000).await;
+    let team = team_id(cluster.dir.path());
+    let node1 = cluster.nodes[0].cluster_addr.parse().expect("address");
+    let set =
+        common::ctl(node1, cluster.dir.path(), &["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
     assert!(set.success, "{set:?}");
-    gateway_sends_receipts_for(&gateway, &[&team]).await;
+    gateway_sends_receipts_for(&cluster.gateway, &[&team]).await;
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_decided_before_the_owner_was_sigkilled_are_sent_by_the_new_owner() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let receiver = Receiver::start().await;
+    receiver.fail_next(usize::MAX);
+    // The receipt of the ack waits in memory until the endpoint refuses it: then the owner writes it, and
+    // the successor drops its memory copy for one in its store.
+    let ProcessCluster { dir: _dir, mut nodes, gateway, provider, signer, endpoints } =
+        cluster_with_webhook(&receiver, &[]).await;
     let push = |token: &str, label: &str, expiration: u64, collapse: Option<&str>| {
         labelled_push(&signer, token, label, expiration, collapse)
     };
@@ -161,27 +170,8 @@ async fn a_receipt_kept_unsaved_is_sent_by_the_new_owner_from_the_copy_its_succe
     // The endpoint holds the first request for two minutes: the owner dies with it out, and it is not
     // answered within this test.
     receiver.slow_next(1, Duration::from_secs(120));
-    let ca = receiver.ca_path.to_str().expect("path").to_string();
-    let flags = [
-        "--webhooks-allow-private",
-        "--webhook-ca",
-        &ca,
-        "--webhook-batch-wait-ms",
-        "50",
-        "--ack-wait-ms",
-        "3000",
-        "--webhook-save-after-ms",
-        "60000",
-        "--webhook-timeout-ms",
-        "60000",
-    ];
-    let ProcessCluster { dir, mut nodes, gateway, provider, signer, endpoints } =
-        ProcessCluster::start(&flags, 10_000).await;
-    let team = team_id(dir.path());
-    let node1 = nodes[0].cluster_addr.parse().expect("address");
-    let set = common::ctl(node1, dir.path(), &["webhooks", "set", "--team", &team, "--url", &receiver.url]).await;
-    assert!(set.success, "{set:?}");
-    gateway_sends_receipts_for(&gateway, &[&team]).await;
+    let ProcessCluster { dir: _dir, mut nodes, gateway, provider, signer, endpoints } =
+        cluster_with_webhook(&receiver, &["--webhook-timeout-ms", "60000"]).await;
 
     let (_, mut link, token) = common::registered_device(&endpoints[0]).await;
     let owner_addr = link.node_addr.to_string();
