@@ -384,18 +384,29 @@ pub fn send(replicator: &Replicator, copies: Vec<ReceiptCopy>) {
     replicator.copy_unsaved(copies);
 }
 
-/// For receipts leaving memory to be written here: the holders drop the unsaved copies they were sent and
-/// are sent copies to write instead, so that a later release by event id (`Replicator::release_receipts`,
-/// when the written receipt is sent) finds them.
-fn held_in_stores(replicator: &Replicator, receipts: &[Unsaved]) {
+/// For receipts written here rather than kept in memory (or no longer): the holders drop the unsaved
+/// copies they were sent and are sent copies to write instead (the JSON they were sent, when there is
+/// one), so that a later release by event id (`Replicator::release_receipts`, when the written receipt is
+/// sent) finds them. Gives the receipts to write.
+fn held_in_stores(replicator: &Replicator, receipts: Vec<Unsaved>) -> Vec<(DeviceId, Event)> {
     let copied: Vec<(DeviceId, u64)> =
         receipts.iter().filter_map(|r| Some((r.device, r.copy.as_ref()?.number))).collect();
-    replicator.release_copies(&copied);
-    for receipt in receipts {
-        if let Ok(json) = serde_json::to_vec(&receipt.event) {
-            replicator.hold_receipt_later(receipt.device, receipt.event.id.clone(), json);
-        }
+    if !copied.is_empty() {
+        replicator.release_copies(&copied);
     }
+    receipts
+        .into_iter()
+        .map(|Unsaved { device, event, copy }| {
+            let json = match copy {
+                Some(copied) => Ok(copied.json.to_vec()),
+                None => serde_json::to_vec(&event),
+            };
+            if let Ok(json) = json {
+                replicator.hold_receipt_later(device, event.id.clone(), json);
+            }
+            (device, event)
+        })
+        .collect()
 }
 
 /// Queues receipts that waited unsaved and were not taken here (in the next group commit), without
@@ -404,9 +415,8 @@ pub fn save_late(store: &Store, replicator: &Replicator, receipts: Vec<Unsaved>)
     if receipts.is_empty() {
         return;
     }
-    held_in_stores(replicator, &receipts);
     metrics::counter!("courier_webhook_events_total", "outcome" => "saved").increment(receipts.len() as u64);
-    store.queue_receipts(receipts.into_iter().map(|r| (r.device, r.event)).collect());
+    store.queue_receipts(held_in_stores(replicator, receipts));
 }
 
 /// `save_late` for the receipts left when the node stops, awaited; counted as `saved`.
@@ -414,9 +424,8 @@ pub async fn save_at_stop(store: &Store, replicator: &Replicator, receipts: Vec<
     if receipts.is_empty() {
         return;
     }
-    held_in_stores(replicator, &receipts);
     metrics::counter!("courier_webhook_events_total", "outcome" => "saved").increment(receipts.len() as u64);
-    let receipts = receipts.into_iter().map(|r| (r.device, r.event)).collect();
+    let receipts = held_in_stores(replicator, receipts);
     if let Err(error) = store.keep_receipts(receipts, crate::store::ReceiptRole::Queue).await {
         tracing::error!(%error, "writing unsaved receipts at shutdown failed");
     }
@@ -428,12 +437,7 @@ pub async fn save_at_stop(store: &Store, replicator: &Replicator, receipts: Vec<
 /// commit and replication batch.
 pub fn keep(unsaved: &UnsavedReceipts, store: &Store, replicator: &Replicator, receipt: Unsaved) {
     if let Some(receipt) = unsaved.keep(receipt) {
-        if receipt.copy.is_none()
-            && let Ok(json) = serde_json::to_vec(&receipt.event)
-        {
-            replicator.hold_receipt_later(receipt.device, receipt.event.id.clone(), json);
-        }
-        store.queue_receipts(vec![(receipt.device, receipt.event)]);
+        store.queue_receipts(held_in_stores(replicator, vec![receipt]));
     }
 }
 
