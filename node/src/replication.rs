@@ -36,7 +36,7 @@ use crate::peer::Peers;
 use crate::raft::state::{Epoch, NodeId};
 use crate::ring::Ring;
 use crate::store::{ReceiptRole, Store};
-use crate::view::LocalView;
+use crate::view::{EpochView, LocalView};
 
 /// Most operations one Replicate RPC carries.
 const MAX_BATCH: usize = 512;
@@ -258,13 +258,7 @@ impl Replicator {
     /// Copies receipts decided with nothing stored to the device's other holders, in parallel; returns how
     /// many of them stored all of them.
     pub async fn hold_receipts(&self, device: DeviceId, events: &[Event]) -> usize {
-        let view = self.view.get();
-        let others: Vec<NodeId> = view
-            .ring
-            .candidates(device, view.state.ring.copies() + 1)
-            .into_iter()
-            .filter(|id| *id != self.id)
-            .collect();
+        let others: Vec<NodeId> = self.other_holders(&self.view.get(), device).collect();
         let held: Vec<HeldReceipt> = events
             .iter()
             .filter_map(|e| serde_json::to_vec(e).ok())
@@ -335,13 +329,10 @@ impl Replicator {
     /// this node, each item under each of its device's holders.
     fn by_other_holder<T: Clone>(&self, items: impl Iterator<Item = (DeviceId, T)>) -> HashMap<NodeId, Vec<T>> {
         let view = self.view.get();
-        let holders = view.state.ring.copies() + 1;
         let mut by_node: HashMap<NodeId, Vec<T>> = HashMap::new();
         for (device, item) in items {
-            for node in view.ring.candidates(device, holders) {
-                if node != self.id {
-                    by_node.entry(node).or_default().push(item.clone());
-                }
+            for node in self.other_holders(&view, device) {
+                by_node.entry(node).or_default().push(item.clone());
             }
         }
         by_node
@@ -378,13 +369,15 @@ impl Replicator {
 
     /// Queues `op` for each of the device's holders but this node, without waiting.
     fn tell_other_holders(&self, device: DeviceId, op: impl Fn() -> PeerOp) {
-        let view = self.view.get();
-        let holders = view.state.ring.copies() + 1;
-        for node in view.ring.candidates(device, holders) {
-            if node != self.id {
-                self.tell(node, op());
-            }
+        for node in self.other_holders(&self.view.get(), device) {
+            self.tell(node, op());
         }
+    }
+
+    /// The device's candidates that hold its queue and receipts (the first R + 1) in `view`, but this node.
+    fn other_holders(&self, view: &EpochView, device: DeviceId) -> impl Iterator<Item = NodeId> + use<> {
+        let me = self.id;
+        view.ring.candidates(device, view.state.ring.copies() + 1).into_iter().filter(move |node| *node != me)
     }
 
     /// Queues `op` for `node`'s next replication batch, without waiting; dropped if its queue is full.
@@ -562,12 +555,8 @@ impl Replicator {
     /// asks of devices linking at the same time share one `FetchQueues` call per candidate (`gather_from`).
     pub async fn gather(&self, store: &Store, device: DeviceId) -> usize {
         let view = self.view.get();
-        let holders = view.state.ring.copies() + 1;
-        let others: Vec<String> = view
-            .ring
-            .candidates(device, holders)
-            .into_iter()
-            .filter(|id| *id != self.id)
+        let others: Vec<String> = self
+            .other_holders(&view, device)
             .filter_map(|id| view.state.members.get(&id).map(|m| m.cluster_addr.clone()))
             .filter(|addr| !self.skipped(addr))
             .collect();
