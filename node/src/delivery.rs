@@ -434,7 +434,7 @@ impl Delivery {
             .into_iter()
             .map(|c| {
                 let device = DeviceId::from_slice(&c.device_id).ok_or(ReplicaError::BadDeviceId)?;
-                Ok(ReceiptCopy { number: c.number, device, json: c.event_json.into() })
+                Ok(ReceiptCopy { number: c.number, device, json: c.event_json.into(), holders: Vec::new() })
             })
             .collect::<Result<Vec<_>, ReplicaError>>()?;
         let released = released

@@ -21,13 +21,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use courier_core::webhook::Event;
+use courier_proto::cluster::cluster_client::ClusterClient;
 use courier_proto::cluster::{
     DeviceQueue, FetchQueueRequest, FetchQueuesRequest, HeldReceipt, Notification, QueueKey, ReleasedReceipt,
-    ReplicateRequest, Subscription, UnsavedCopy,
+    ReplicateRequest, ReplicateResponse, Subscription, UnsavedCopy,
 };
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
 
 use courier_core::shutdown::CancellationToken;
 
@@ -77,12 +79,14 @@ impl PeerOp {
 }
 
 /// An unsaved receipt's copy for its device's other holders (`receipts::unsaved`): its number, the
-/// device, and the event as JSON.
+/// device, the event as JSON, and on the owner the holders it goes to (`Replicator::copy_holders`), which
+/// its release goes to as well.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReceiptCopy {
     pub number: u64,
     pub device: DeviceId,
     pub json: bytes::Bytes,
+    pub holders: Vec<NodeId>,
 }
 
 /// One peer's batching task and its breaker.
@@ -172,6 +176,8 @@ impl Replicator {
             view: self.view.clone(),
             breaker: breaker.clone(),
             timeout: self.timeout,
+            stream: None,
+            unary_only: false,
         };
         tokio::spawn(task.run(rx));
         links.insert(addr.to_string(), Link { ops: tx.clone(), breaker: breaker.clone() });
@@ -289,26 +295,35 @@ impl Replicator {
         self.tell_other_holders(device, || PeerOp::Receipt(held.clone(), None));
     }
 
-    /// Sends unsaved receipts' copies (`receipts::unsaved`) to their devices' other holders, without
-    /// waiting: one message per holder for all of them.
+    /// Sends unsaved receipts' copies (`receipts::unsaved`) to the holders each names, without waiting: one
+    /// message per holder for all of them.
     pub fn copy_unsaved(&self, copies: Vec<ReceiptCopy>) {
-        for (node, copies) in self.by_other_holder(copies.into_iter().map(|copy| (copy.device, copy))) {
-            let copies = copies
-                .into_iter()
-                .map(|c| UnsavedCopy {
-                    number: c.number,
-                    device_id: c.device.to_bytes().to_vec(),
-                    event_json: c.json.into(),
-                })
-                .collect();
+        let mut by_node: HashMap<NodeId, Vec<UnsavedCopy>> = HashMap::new();
+        for copy in copies {
+            let sent = UnsavedCopy {
+                number: copy.number,
+                device_id: copy.device.to_bytes().to_vec(),
+                event_json: copy.json.to_vec(),
+            };
+            for node in &copy.holders {
+                by_node.entry(*node).or_default().push(sent.clone());
+            }
+        }
+        for (node, copies) in by_node {
             self.tell(node, PeerOp::UnsavedCopies(copies));
         }
     }
 
-    /// Tells the other holders of each copied unsaved receipt (device, copy number) to drop their copy, one
-    /// message per holder. Not awaited, like `release_receipts`.
-    pub fn release_copies(&self, copies: &[(DeviceId, u64)]) {
-        for (node, numbers) in self.by_other_holder(copies.iter().copied()) {
+    /// Tells the holders of each copied unsaved receipt (those its copy went to, and its number) to drop
+    /// their copy, one message per holder. Not awaited, like `release_receipts`.
+    pub fn release_copies<'a>(&self, copies: impl Iterator<Item = (&'a [NodeId], u64)>) {
+        let mut by_node: HashMap<NodeId, Vec<u64>> = HashMap::new();
+        for (holders, number) in copies {
+            for node in holders {
+                by_node.entry(*node).or_default().push(number);
+            }
+        }
+        for (node, numbers) in by_node {
             self.tell(node, PeerOp::ReleasedCopies(numbers));
         }
     }
@@ -336,6 +351,23 @@ impl Replicator {
             }
         }
         by_node
+    }
+
+    /// Where unsaved receipts' copies go now (`receipts::unsaved`), by device: its first R − 1 candidates
+    /// but this node, as for a notification's copies, a candidate skipped after a failure (`Breaker`)
+    /// replaced by the next. The owner remembers them with the copy and sends its release there, so that a
+    /// later ring or breaker change does not leave the copy behind.
+    pub fn copy_holders(&self) -> impl Fn(DeviceId) -> Vec<NodeId> + use<'_> {
+        let view = self.view.get();
+        let skipped: Vec<NodeId> =
+            view.state.members.iter().filter(|(_, m)| self.skipped(&m.cluster_addr)).map(|(id, _)| *id).collect();
+        let others = view.state.ring.copies().saturating_sub(1);
+        move |device| {
+            let mut holders = view.ring.candidates(device, others + 1 + skipped.len());
+            holders.retain(|node| *node != self.id && !skipped.contains(node));
+            holders.truncate(others);
+            holders
+        }
     }
 
     /// Copies a subscription change the device asked for, stored on this node, to the device's other
@@ -670,8 +702,10 @@ pub struct RebalanceReport {
     pub released: usize,
 }
 
-/// One peer's batching task: sends what queued up while the previous batch was in flight as one RPC, after
-/// waiting up to `LINGER` for more when nothing in it is awaited.
+/// One peer's batching task: sends what queued up while the previous batch was in flight as one batch,
+/// after waiting up to `LINGER` for more when nothing in it is awaited. Batches go on one `ReplicateStream`
+/// to the peer, opened with the first and again after any failure, or as unary `Replicate` calls to a peer
+/// of an earlier release.
 struct BatchTask {
     from: NodeId,
     addr: String,
@@ -679,10 +713,19 @@ struct BatchTask {
     view: Arc<LocalView>,
     breaker: Arc<Breaker>,
     timeout: Duration,
+    stream: Option<ReplicaStream>,
+    /// The peer answered `ReplicateStream` with UNIMPLEMENTED.
+    unary_only: bool,
+}
+
+/// An open `ReplicateStream`: where batches go, and where their answers come back, one each, in order.
+struct ReplicaStream {
+    requests: mpsc::Sender<ReplicateRequest>,
+    answers: tonic::Streaming<ReplicateResponse>,
 }
 
 impl BatchTask {
-    async fn run(self, mut ops: mpsc::Receiver<PeerOp>) {
+    async fn run(mut self, mut ops: mpsc::Receiver<PeerOp>) {
         use mpsc::error::TryRecvError;
         while let Some(first) = ops.recv().await {
             let linger_until = tokio::time::Instant::now() + LINGER;
@@ -706,7 +749,7 @@ impl BatchTask {
         }
     }
 
-    async fn send(&self, batch: Vec<PeerOp>) {
+    async fn send(&mut self, batch: Vec<PeerOp>) {
         let mut request = ReplicateRequest { from_node: self.from, ..Default::default() };
         let mut epoch: Option<Epoch> = None;
         let mut waiters = Vec::new();
@@ -743,16 +786,13 @@ impl BatchTask {
             return;
         }
         let answer = match self.peers.client(&self.addr) {
-            Ok(mut client) => {
-                let mut call = tonic::Request::new(request);
-                call.set_timeout(self.timeout);
-                match tokio::time::timeout(self.timeout, client.replicate(call)).await {
-                    Ok(Ok(answer)) => Some(answer.into_inner()),
-                    _ => None,
-                }
-            }
+            Ok(client) => tokio::time::timeout(self.timeout, self.call(client, request)).await.ok().flatten(),
             Err(_) => None,
         };
+        if answer.is_none() {
+            // Whatever it was waiting for, the stream is not trusted to answer in order again.
+            self.stream = None;
+        }
         self.breaker.record(answer.is_some());
         let Some(answer) = answer else {
             metrics::counter!("courier_node_replication_failures_total").increment(1);
@@ -773,11 +813,79 @@ impl BatchTask {
             self.view.reached(Epoch(answer.epoch), self.timeout).await;
         }
     }
+
+    /// Sends one batch and gives its answer, or `None` if it failed: on the stream to the peer (opened
+    /// first if there is none), or as a unary call to a peer that has no stream.
+    async fn call(
+        &mut self,
+        mut client: ClusterClient<Channel>,
+        request: ReplicateRequest,
+    ) -> Option<ReplicateResponse> {
+        if !self.unary_only && self.stream.is_none() {
+            let (requests, outgoing) = mpsc::channel(1);
+            match client.replicate_stream(tokio_stream::wrappers::ReceiverStream::new(outgoing)).await {
+                Ok(answers) => self.stream = Some(ReplicaStream { requests, answers: answers.into_inner() }),
+                Err(status) if status.code() == tonic::Code::Unimplemented => self.unary_only = true,
+                Err(_) => return None,
+            }
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            let mut call = tonic::Request::new(request);
+            call.set_timeout(self.timeout);
+            return client.replicate(call).await.ok().map(tonic::Response::into_inner);
+        };
+        stream.requests.send(request).await.ok()?;
+        stream.answers.message().await.ok().flatten()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raft::state::{ClusterState, Member, MemberState};
+
+    #[tokio::test]
+    async fn unsaved_copies_go_to_the_first_r_minus_one_successors_and_a_skipped_one_is_replaced_by_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = crate::pki::PkiOptions { nodes: vec![1], ..Default::default() };
+        crate::pki::init(dir.path(), &options).expect("pki");
+        let pki = crate::pki::PkiDir::new(dir.path());
+        let peers = Arc::new(Peers::new(&pki, "node-1", None, Duration::from_secs(1)).expect("peers"));
+        let mut state = ClusterState::default();
+        state.ring.replication_factor = 3;
+        for id in 1..=5 {
+            let member = Member {
+                id,
+                device_addr: format!("127.0.0.1:{}", 5000 + id),
+                cluster_addr: format!("127.0.0.1:{}", 6000 + id),
+                device_name: String::new(),
+                state: MemberState::Active,
+                since_ms: 0,
+            };
+            state.members.insert(id, member);
+        }
+        let view = Arc::new(LocalView::new(1, Arc::new(state), None));
+        let replicator = Replicator::new(1, peers, view.clone(), Duration::from_secs(1), false);
+        let devices: Vec<DeviceId> =
+            (0..200u128).map(|i| DeviceId(i.wrapping_mul(0x9e37_79b9_7f4a_7c15) + 1)).collect();
+        let others = |device| -> Vec<NodeId> {
+            view.get().ring.candidates(device, 5).into_iter().filter(|node| *node != 1).collect()
+        };
+        let holders = replicator.copy_holders();
+        for device in &devices {
+            assert_eq!(holders(*device), others(*device)[..2], "R − 1 = 2 of them, this node never one");
+        }
+        // Node 3 fails a batch: while it is skipped, the next candidate takes its place.
+        replicator.link("127.0.0.1:6003").1.record(false);
+        let holders = replicator.copy_holders();
+        let mut replaced = 0;
+        for device in &devices {
+            let expected: Vec<NodeId> = others(*device).into_iter().filter(|node| *node != 3).take(2).collect();
+            assert_eq!(holders(*device), expected);
+            replaced += usize::from(others(*device)[..2].contains(&3));
+        }
+        assert!(replaced > 0, "some device had node 3 among its first successors");
+    }
 
     #[test]
     fn a_failing_peer_is_skipped_for_a_doubling_cooldown_until_it_answers_again() {

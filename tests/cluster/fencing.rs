@@ -127,5 +127,31 @@ async fn stale_replicas_and_fetches_are_refused_for_devices_the_sender_no_longer
     let malformed = FetchQueuesRequest { device_ids: vec![vec![1; 16], vec![2; 3]], epoch };
     let refused = client.fetch_queues(malformed).await.expect_err("a malformed device id is refused");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    // The same batches on a `ReplicateStream` (what nodes send): fenced alike, answered one by one in order,
+    // and a forged sender ends the stream.
+    let (requests, outgoing) = tokio::sync::mpsc::channel(1);
+    let outgoing = futures_util::stream::unfold(outgoing, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let mut answers = client.replicate_stream(outgoing).await.expect("node 2 opens a stream").into_inner();
+    for (epoch, refused) in [(epoch - 1, vec![0]), (epoch, vec![])] {
+        let puts = vec![notification(mine, "streamed-1"), notification(theirs, &format!("streamed-{epoch}"))];
+        requests.send(ReplicateRequest { from_node: 2, puts, epoch, ..Default::default() }).await.expect("sent");
+        let answer = answers.message().await.expect("answered").expect("an answer");
+        assert_eq!(answer.refused, refused, "in epoch {epoch}");
+    }
+    let ids = |queue: Vec<Notification>| queue.into_iter().map(|n| n.apns_id).collect::<Vec<_>>();
+    let streamed_2 = |epoch: u64| format!("streamed-{epoch}");
+    assert_eq!(
+        ids(node1.store.pending(theirs).await.expect("store")),
+        ["for-2", &streamed_2(epoch - 1), &streamed_2(epoch)]
+    );
+    assert_eq!(
+        ids(node1.store.pending(mine).await.expect("store")),
+        ["for-1", "streamed-1"],
+        "stored once fenced no more"
+    );
+    requests.send(ReplicateRequest { from_node: 1, epoch, ..Default::default() }).await.expect("sent");
+    let refused = answers.message().await.expect_err("a forged sender ends the stream");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     nodes.shutdown().await;
 }

@@ -97,6 +97,8 @@ async fn a_gateway_certificate_is_refused_on_raft_replication_and_admin_rpcs() {
     denied("RaftVote", client.raft_vote(payload()).await.map(|_| tonic::Code::Ok));
     denied("RaftSnapshot", client.raft_snapshot(payload()).await.map(|_| tonic::Code::Ok));
     denied("Replicate", client.replicate(ReplicateRequest::default()).await.map(|_| tonic::Code::Ok));
+    let batches = futures_util::stream::iter([ReplicateRequest::default()]);
+    denied("ReplicateStream", client.replicate_stream(batches).await.map(|_| tonic::Code::Ok));
     let device_id = vec![7u8; 16];
     denied("FetchQueue", client.fetch_queue(FetchQueueRequest { device_id, epoch: 0 }).await.map(|_| tonic::Code::Ok));
     let many = || FetchQueuesRequest { device_ids: vec![vec![7u8; 16]], epoch: 0 };

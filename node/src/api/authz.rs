@@ -22,6 +22,7 @@ pub enum Rpc {
     Probe,
     Join,
     Replicate,
+    ReplicateStream,
     FetchQueue,
     FetchQueues,
     Forward,
@@ -56,6 +57,7 @@ impl Rpc {
             Rpc::Probe => "Probe",
             Rpc::Join => "Join",
             Rpc::Replicate => "Replicate",
+            Rpc::ReplicateStream => "ReplicateStream",
             Rpc::FetchQueue => "FetchQueue",
             Rpc::FetchQueues => "FetchQueues",
             Rpc::Forward => "Forward",
@@ -82,6 +84,7 @@ impl Rpc {
             | Rpc::RaftSnapshot
             | Rpc::Probe
             | Rpc::Replicate
+            | Rpc::ReplicateStream
             | Rpc::FetchQueue
             | Rpc::FetchQueues
             | Rpc::FetchKept => NODES,
@@ -249,13 +252,14 @@ fn denied(rpc: Rpc, role: &'static str, message: String) -> Status {
 mod tests {
     use super::*;
 
-    const ALL: [Rpc; 17] = [
+    const ALL: [Rpc; 18] = [
         Rpc::RaftAppend,
         Rpc::RaftVote,
         Rpc::RaftSnapshot,
         Rpc::Probe,
         Rpc::Join,
         Rpc::Replicate,
+        Rpc::ReplicateStream,
         Rpc::FetchQueue,
         Rpc::FetchQueues,
         Rpc::Forward,
@@ -307,6 +311,7 @@ mod tests {
             "RaftSnapshot",
             "Probe",
             "Replicate",
+            "ReplicateStream",
             "FetchQueue",
             "FetchQueues",
             "FetchKept",

@@ -1,16 +1,19 @@
 //! The node's side of the cluster gRPC API (mutual TLS, cluster CA): forwarding, Raft transport,
 //! membership, admin and the cluster watch.
 //!
-//! `Forward` is served by `forward`, which streams each gateway's batches into `delivery`. Everything else
+//! `Forward` is served by `forward`, which streams each gateway's batches into `delivery`; `Replicate` and
+//! `ReplicateStream` by `replicas`, which applies other nodes' batches through `delivery`. Everything else
 //! hands off to `raft::control` or `raft::network`; this module only translates between protobuf and
 //! those. Every RPC first asks `authz` whether the caller's certificate role may call it.
 
 pub mod authz;
 pub mod channels;
 pub mod forward;
+mod replicas;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use courier_proto::cluster::cluster_server::Cluster;
 use courier_proto::cluster::{
@@ -25,7 +28,7 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
 use self::authz::{Rpc, authorize};
-use courier_core::protocol::{MAX_FORWARD_BATCH, WATCH_HEARTBEAT};
+use courier_core::protocol::WATCH_HEARTBEAT;
 use courier_core::shutdown::CancellationToken;
 
 use crate::delivery::Delivery;
@@ -77,14 +80,26 @@ impl ClusterService {
     /// (`LocalView::fence`); a request from an epoch this node does not reach within its epoch wait is
     /// refused as UNAVAILABLE.
     async fn newer_view(&self, epoch: u64) -> Result<Option<Arc<EpochView>>, Status> {
-        match self.delivery.view().fence(Epoch(epoch), self.epoch_wait).await {
-            Fence::Ahead => Err(Status::unavailable(format!(
-                "node {} has not reached epoch {epoch}; try again once it has",
-                self.control.id
-            ))),
-            Fence::Behind(view) => Ok(Some(view)),
-            Fence::Current => Ok(None),
-        }
+        newer_view(&self.delivery, self.epoch_wait, epoch).await
+    }
+
+    /// What serves `Replicate` and `ReplicateStream`.
+    fn replicas(&self) -> replicas::Replicas {
+        replicas::Replicas { delivery: self.delivery.clone(), epoch_wait: self.epoch_wait }
+    }
+}
+
+/// `delivery`'s view when it is newer than the epoch another node stamped on a data-plane request
+/// (`LocalView::fence`); a request from an epoch it does not reach within `epoch_wait` is refused as
+/// UNAVAILABLE.
+async fn newer_view(delivery: &Delivery, epoch_wait: Duration, epoch: u64) -> Result<Option<Arc<EpochView>>, Status> {
+    match delivery.view().fence(Epoch(epoch), epoch_wait).await {
+        Fence::Ahead => Err(Status::unavailable(format!(
+            "node {} has not reached epoch {epoch}; try again once it has",
+            delivery.view().id
+        ))),
+        Fence::Behind(view) => Ok(Some(view)),
+        Fence::Current => Ok(None),
     }
 }
 
@@ -152,49 +167,18 @@ impl Cluster for ClusterService {
 
     async fn replicate(&self, request: Request<ReplicateRequest>) -> Result<Response<ReplicateResponse>, Status> {
         let caller = authorize(&request, Rpc::Replicate)?;
-        authz::check_node_claim(Rpc::Replicate, caller, request.get_ref().from_node)?;
-        let request = request.into_inner();
-        if request.puts.len() + request.removes.len() + request.subscriptions.len() > 4 * MAX_FORWARD_BATCH {
-            return Err(Status::invalid_argument("replication batch too large"));
-        }
-        let (puts, refused) = match self.newer_view(request.epoch).await? {
-            None => (request.puts, Vec::new()),
-            Some(view) => {
-                let mut puts = Vec::with_capacity(request.puts.len());
-                let mut refused = Vec::new();
-                for (index, put) in request.puts.into_iter().enumerate() {
-                    match DeviceId::from_slice(&put.device_id) {
-                        Some(device) if !view.owns(request.from_node, device) => refused.push(index as u32),
-                        _ => puts.push(put),
-                    }
-                }
-                if !refused.is_empty() {
-                    metrics::counter!("courier_node_replicas_fenced_total").increment(refused.len() as u64);
-                }
-                (puts, refused)
-            }
-        };
-        let applied = self
-            .delivery
-            .apply_replica(crate::delivery::ReplicaOps {
-                from: request.from_node,
-                puts,
-                removes: request.removes,
-                subscriptions: request.subscriptions,
-                receipts: request.receipts,
-                released: request.released_receipts,
-                unsaved_copies: request.unsaved_copies,
-                released_copies: request.released_copies,
-            })
-            .await
-            .map_err(|e| match e {
-                crate::delivery::ReplicaError::BadDeviceId
-                | crate::delivery::ReplicaError::BadChannelId
-                | crate::delivery::ReplicaError::BadReceipt => Status::invalid_argument(e.to_string()),
-                crate::delivery::ReplicaError::Store(e) => Status::internal(e.to_string()),
-            })?;
-        let epoch = self.delivery.view().get().state.epoch.0;
-        Ok(Response::new(ReplicateResponse { applied: applied as u32, epoch, refused }))
+        Ok(Response::new(self.replicas().apply(Rpc::Replicate, caller, request.into_inner()).await?))
+    }
+
+    type ReplicateStreamStream = Pin<Box<dyn Stream<Item = Result<ReplicateResponse, Status>> + Send + 'static>>;
+
+    async fn replicate_stream(
+        &self,
+        request: Request<tonic::Streaming<ReplicateRequest>>,
+    ) -> Result<Response<Self::ReplicateStreamStream>, Status> {
+        let caller = authorize(&request, Rpc::ReplicateStream)?;
+        let answers = self.replicas().serve(caller, request.into_inner(), self.shutdown.clone());
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn fetch_queues(

@@ -1,14 +1,15 @@
 //! Receipts not written yet: the `delivered` receipts of notifications acked before any commit (and of
 //! ones with expiration 0, answered when handed to the link), which nothing stored. The owner keeps them in
-//! memory and its team's task sends them from there. The device's other holders are sent a copy in the
-//! next replication batch, at once or, with `copy_after` (`--webhook-copy-after-ms`, default 0), only if
-//! the endpoint has not taken the receipt by then; they keep it in memory too, until the owner says the
-//! endpoint took it (or they become the device's owner, and send it). Only a receipt not taken within
+//! memory and its team's task sends them from there. The device's copy holders (its first R − 1
+//! successors, `Replicator::copy_holders`) are sent a copy in the next replication batch, at once or, with
+//! `copy_after` (`--webhook-copy-after-ms`, default 0), only if the endpoint has not taken the receipt by
+//! then; they keep it in memory too, until the owner says the endpoint took it (or they become the
+//! device's owner, and send it). Only a receipt not taken within
 //! `save_after` of its outcome, or refused by the endpoint, is written: queued on the owner, held in the
 //! store by the others, as every other receipt is at once. So on a healthy endpoint most receipts never
 //! cost a write, and the owner's death loses only those decided in its last replication batch (and, with
 //! `copy_after`, those of its last `copy_after` the endpoint had not taken); once copied, losing one takes
-//! the owner and every other holder dying within `save_after`.
+//! the owner and its copy holders dying within `save_after`.
 //!
 //! Copies are numbered by their owner, and released by number: a holder keeps them by (owner, number),
 //! so neither side formats, sends or hashes the event's id for the copy and its release, and the copier
@@ -41,22 +42,23 @@ pub const DEFAULT_CAP_PER_TEAM: usize = 100_000;
 pub struct Unsaved {
     pub device: DeviceId,
     pub event: Event,
-    /// The copy the device's other holders were sent, if they were (they must be told when it is
+    /// The copy the device's copy holders were sent, if they were (they must be told when it is
     /// released).
     pub copy: Option<Copied>,
 }
 
-/// What a receipt's holders were sent: the copy's number, and the event as JSON, which the batch body
-/// reuses rather than serializing the event again.
+/// What a receipt's holders were sent: the copy's number, the event as JSON (which the batch body reuses
+/// rather than serializing the event again), and who they are (its release goes to them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Copied {
     pub number: u64,
     pub json: Bytes,
+    pub holders: Vec<NodeId>,
 }
 
 impl Copied {
     fn of(copy: &ReceiptCopy) -> Self {
-        Copied { number: copy.number, json: copy.json.clone() }
+        Copied { number: copy.number, json: copy.json.clone(), holders: copy.holders.clone() }
     }
 }
 
@@ -101,10 +103,11 @@ pub struct UnsavedReceipts {
 }
 
 /// Copies held for other owners (the event's JSON as it came, parsed only if it is written or taken over),
-/// by owner and number, with the order they came in.
+/// by owner and number, with the order they came in. Each is looked up three times (held, released, swept),
+/// by a key of two integers from a cluster peer: a fast hash, not SipHash.
 #[derive(Debug, Default)]
 struct Held {
-    copies: HashMap<(NodeId, u64), (DeviceId, Bytes)>,
+    copies: HashMap<(NodeId, u64), (DeviceId, Bytes), foldhash::fast::RandomState>,
     /// (when it came, UNIX ms; owner; number), oldest first; released ones are skipped when met.
     arrivals: VecDeque<(u64, NodeId, u64)>,
 }
@@ -137,15 +140,15 @@ impl UnsavedReceipts {
         self.teams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Numbers `receipt` for its copy and gives the copy, unless it was copied already.
-    fn copy_of(&self, receipt: &Unsaved) -> Option<ReceiptCopy> {
+    /// Numbers `receipt` for its copy and gives the copy, for the holders `holders_of` names for its
+    /// device, unless it was copied already.
+    fn copy_of(&self, receipt: &Unsaved, holders_of: &impl Fn(DeviceId) -> Vec<NodeId>) -> Option<ReceiptCopy> {
         if receipt.copy.is_some() {
             return None;
         }
-        // An event is strings and numbers: it always serializes.
-        let json = Bytes::from(serde_json::to_vec(&receipt.event).unwrap_or_default());
+        let json = Bytes::from(receipt.event.to_json());
         let number = self.next_copy.fetch_add(1, Ordering::Relaxed);
-        Some(ReceiptCopy { number, device: receipt.device, json })
+        Some(ReceiptCopy { number, device: receipt.device, json, holders: holders_of(receipt.device) })
     }
 
     /// Keeps `receipt` for its team's task; gives it back when it must be written now instead (keeping
@@ -156,7 +159,11 @@ impl UnsavedReceipts {
             return Some(receipt);
         }
         let mut teams = self.lock();
-        let queue = teams.entry(receipt.event.team_id.clone()).or_default();
+        // Looked up before it is entered, so that the team's name is copied only for its first receipt.
+        if !teams.contains_key(&receipt.event.team_id) {
+            teams.insert(receipt.event.team_id.clone(), TeamQueue::default());
+        }
+        let Some(queue) = teams.get_mut(&receipt.event.team_id) else { return Some(receipt) };
         if queue.receipts.len() >= self.cap {
             return Some(receipt);
         }
@@ -177,8 +184,13 @@ impl UnsavedReceipts {
     }
 
     /// Numbers the receipts kept `copy_after` or longer before `now_ms` and not copied yet, and gives their
-    /// copies; with the time the next one is due (UNIX ms), if any is waiting.
-    pub fn copies_due(&self, now_ms: u64) -> (Vec<ReceiptCopy>, Option<u64>) {
+    /// copies (for the holders `holders_of` names); with the time the next one is due (UNIX ms), if any is
+    /// waiting.
+    pub fn copies_due(
+        &self,
+        now_ms: u64,
+        holders_of: impl Fn(DeviceId) -> Vec<NodeId>,
+    ) -> (Vec<ReceiptCopy>, Option<u64>) {
         let after_ms = self.copy_after.as_millis() as u64;
         let mut copies = Vec::new();
         let mut next_ms: Option<u64> = None;
@@ -189,7 +201,7 @@ impl UnsavedReceipts {
                     next_ms = Some(next_ms.map_or(due_ms, |n| n.min(due_ms)));
                     break;
                 }
-                if let Some(copy) = self.copy_of(receipt) {
+                if let Some(copy) = self.copy_of(receipt, &holders_of) {
                     receipt.copy = Some(Copied::of(&copy));
                     copies.push(copy);
                 }
@@ -199,10 +211,15 @@ impl UnsavedReceipts {
         (copies, next_ms)
     }
 
-    /// Numbers those of `receipts` not copied yet and gives their copies, each with its receipt's index;
-    /// the caller sends them (`send`) and marks the receipts (`mark_copied`).
-    pub fn copies_of(&self, receipts: &[Unsaved]) -> Vec<(usize, ReceiptCopy)> {
-        receipts.iter().enumerate().filter_map(|(i, r)| Some((i, self.copy_of(r)?))).collect()
+    /// Numbers those of `receipts` not copied yet and gives their copies (for the holders `holders_of`
+    /// names), each with its receipt's index; the caller sends them (`send`) and marks the receipts
+    /// (`mark_copied`).
+    pub fn copies_of(
+        &self,
+        receipts: &[Unsaved],
+        holders_of: impl Fn(DeviceId) -> Vec<NodeId>,
+    ) -> Vec<(usize, ReceiptCopy)> {
+        receipts.iter().enumerate().filter_map(|(i, r)| Some((i, self.copy_of(r, &holders_of)?))).collect()
     }
 
     /// Resolves when a receipt not copied yet arrives where none was waiting to be copied.
@@ -282,7 +299,7 @@ impl UnsavedReceipts {
     pub fn hold(&self, from: NodeId, copies: Vec<ReceiptCopy>, now_ms: u64) -> Vec<(DeviceId, Bytes)> {
         let mut held = self.lock_held();
         let mut back = Vec::new();
-        for ReceiptCopy { number, device, json } in copies {
+        for ReceiptCopy { number, device, json, .. } in copies {
             if self.save_after.is_zero() || held.copies.len() >= self.cap {
                 back.push((device, json));
                 continue;
@@ -375,12 +392,19 @@ pub fn mark_copied(receipts: &mut [Unsaved], marks: &[(usize, Copied)]) {
     }
 }
 
+/// Tells the holders of those of `receipts` that were copied to drop their copies.
+pub fn release(replicator: &Replicator, receipts: &[Unsaved]) {
+    replicator.release_copies(receipts.iter().filter_map(|r| r.copy.as_ref().map(|c| (&c.holders[..], c.number))));
+}
+
 /// Sends the holders these copies, to keep unsaved; counted as `copied`.
 pub fn send(replicator: &Replicator, copies: Vec<ReceiptCopy>) {
     if copies.is_empty() {
         return;
     }
-    metrics::counter!("courier_webhook_events_total", "outcome" => "copied").increment(copies.len() as u64);
+    // With R = 1 (or every other candidate skipped) a copy has no holder to go to.
+    let sent = copies.iter().filter(|c| !c.holders.is_empty()).count();
+    metrics::counter!("courier_webhook_events_total", "outcome" => "copied").increment(sent as u64);
     replicator.copy_unsaved(copies);
 }
 
@@ -389,21 +413,15 @@ pub fn send(replicator: &Replicator, copies: Vec<ReceiptCopy>) {
 /// one), so that a later release by event id (`Replicator::release_receipts`, when the written receipt is
 /// sent) finds them. Gives the receipts to write.
 fn held_in_stores(replicator: &Replicator, receipts: Vec<Unsaved>) -> Vec<(DeviceId, Event)> {
-    let copied: Vec<(DeviceId, u64)> =
-        receipts.iter().filter_map(|r| Some((r.device, r.copy.as_ref()?.number))).collect();
-    if !copied.is_empty() {
-        replicator.release_copies(&copied);
-    }
+    release(replicator, &receipts);
     receipts
         .into_iter()
         .map(|Unsaved { device, event, copy }| {
             let json = match copy {
-                Some(copied) => Ok(copied.json.to_vec()),
-                None => serde_json::to_vec(&event),
+                Some(copied) => copied.json.to_vec(),
+                None => event.to_json(),
             };
-            if let Ok(json) = json {
-                replicator.hold_receipt_later(device, event.id.clone(), json);
-            }
+            replicator.hold_receipt_later(device, event.id.clone(), json);
             (device, event)
         })
         .collect()
@@ -432,7 +450,7 @@ pub async fn save_at_stop(store: &Store, replicator: &Replicator, receipts: Vec<
 }
 
 /// Keeps a receipt decided with nothing stored, without waiting for any write: unsaved here, and copied
-/// to the device's other holders by the copier once it is `copy_after` old (at its next turn when that is
+/// to the device's copy holders by the copier once it is `copy_after` old (at its next turn when that is
 /// zero); or, when keeping is off or full, queued here and copied to the holders' stores in the next group
 /// commit and replication batch.
 pub fn keep(unsaved: &UnsavedReceipts, store: &Store, replicator: &Replicator, receipt: Unsaved) {
@@ -479,7 +497,7 @@ mod tests {
         let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::from_millis(25), 4);
         let copy = |number: u64, device: u128, apns_id: &str| {
             let json = serde_json::to_vec(&receipt("A", apns_id, 0).event).expect("json");
-            ReceiptCopy { number, device: DeviceId(device), json: json.into() }
+            ReceiptCopy { number, device: DeviceId(device), json: json.into(), holders: Vec::new() }
         };
         // Owners 1 and 2 both number from 7: the same number from two owners is two copies.
         assert!(unsaved.hold(1, vec![copy(7, 1, "r1"), copy(8, 2, "r2")], 100).is_empty());
@@ -506,6 +524,8 @@ mod tests {
         for (team, id, at) in [("A", "a1", 100), ("B", "b1", 110), ("A", "a2", 120), ("A", "a3", 200)] {
             assert!(unsaved.keep(receipt(team, id, at)).is_none());
         }
+        // Copies go to the holders named for their device when they are made.
+        let holders = |device: DeviceId| vec![device.0 as NodeId + 1];
         let copied = |copies: &[ReceiptCopy]| {
             let mut ids: Vec<String> =
                 copies.iter().map(|c| serde_json::from_slice::<Event>(&c.json).expect("json").apns_id).collect();
@@ -513,15 +533,15 @@ mod tests {
             ids
         };
         // Before any has waited 25 ms nothing is due; the copier is told when to look again.
-        assert_eq!(unsaved.copies_due(124), (Vec::new(), Some(125)));
+        assert_eq!(unsaved.copies_due(124, holders), (Vec::new(), Some(125)));
         // The endpoint took a1 in time: it is never copied.
         assert_eq!(ids(&unsaved.take("A", 1)), ["a1"]);
-        let (due, next) = unsaved.copies_due(150);
+        let (due, next) = unsaved.copies_due(150, holders);
         assert_eq!(copied(&due), ["a2", "b1"]);
         let numbers: std::collections::BTreeSet<u64> = due.iter().map(|c| c.number).collect();
         assert_eq!(numbers.len(), 2, "each copy has a number of its own");
         assert_eq!(next, Some(225), "a3 is next");
-        assert!(unsaved.copies_due(150).0.is_empty(), "each is copied once");
+        assert!(unsaved.copies_due(150, holders).0.is_empty(), "each is copied once");
         // What is taken after its copy went says so, so that its holders are told to drop it.
         let taken = unsaved.take("A", 2);
         assert_eq!(
@@ -531,17 +551,18 @@ mod tests {
         let a2 = taken[0].copy.as_ref().expect("copied");
         assert!(numbers.contains(&a2.number), "with the number its copy went under");
         assert_eq!(serde_json::from_slice::<Event>(&a2.json).expect("json").apns_id, "a2", "and its JSON");
+        assert_eq!(a2.holders, [8], "and where it went, for its release");
         // The team's task copies a3 itself if its request outlasts copy_after: a new number, once.
         let mut taken = taken;
-        let late = unsaved.copies_of(&taken);
+        let late = unsaved.copies_of(&taken, holders);
         assert_eq!(late.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1]);
         assert!(!numbers.contains(&late[0].1.number));
         mark_copied(&mut taken, &[(1, Copied::of(&late[0].1))]);
-        assert!(unsaved.copies_of(&taken).is_empty());
-        assert_eq!(unsaved.copies_due(300), (Vec::new(), None), "a3 left with the team's task; b1 was copied");
+        assert!(unsaved.copies_of(&taken, holders).is_empty());
+        assert_eq!(unsaved.copies_due(300, holders), (Vec::new(), None), "a3 left with the team's task; b1 was copied");
         assert!(unsaved.keep(receipt("B", "b2", 310)).is_none());
-        assert_eq!(unsaved.copies_due(320), (Vec::new(), Some(335)), "b1's copy is not counted again");
-        assert_eq!(copied(&unsaved.copies_due(335).0), ["b2"]);
+        assert_eq!(unsaved.copies_due(320, holders), (Vec::new(), Some(335)), "b1's copy is not counted again");
+        assert_eq!(copied(&unsaved.copies_due(335, holders).0), ["b2"]);
         assert_eq!(unsaved.take("B", 5).iter().map(|r| r.copy.is_some()).collect::<Vec<_>>(), [true, true]);
     }
 
