@@ -4,8 +4,10 @@
 //! The owner of a device writes each notification it stores to the device's next R-1 distinct ring
 //! successors (R from the Raft state) before the gateway hears 200; if a successor does not answer, the
 //! next candidate on the ring takes its place. Acks travel the same way, later and unawaited. Each peer
-//! gets one batching task, so concurrent pushes share RPCs the way they share the store's group commits; a
-//! batch with nothing awaited in it waits up to `LINGER` (10 ms) for more.
+//! gets one batching task, so concurrent pushes share batches the way they share the store's group commits;
+//! a batch with nothing awaited in it waits up to `LINGER` (10 ms) for more. Batches go on one long-lived
+//! `ReplicateStream` per peer, each answered before the next is sent (unary `Replicate` calls to a peer
+//! of an earlier release).
 //!
 //! `rebalance` moves copies when the ring changes: every node sends its queued notifications to the
 //! devices' new candidates that did not hold them before, and drops the queues of devices it is no longer a
@@ -40,11 +42,11 @@ use crate::ring::Ring;
 use crate::store::{ReceiptRole, Store};
 use crate::view::{EpochView, LocalView};
 
-/// Most operations one Replicate RPC carries.
+/// Most operations one batch carries.
 const MAX_BATCH: usize = 512;
 
 /// How long a batch of only unawaited operations (acks, copies of receipts and of what links handed, releases)
-/// waits for more to ride in the same RPC. Anything awaited (a put the provider's answer waits for) sends
+/// waits for more to ride in the same batch. Anything awaited (a put the provider's answer waits for) sends
 /// the batch at once. With receipts on, each push to a connected device costs a receipt copy and a release
 /// per holder; sent as they came, they made an RPC of a few operations each, and RPCs were most of what
 /// receipts cost a node.
