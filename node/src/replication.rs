@@ -52,6 +52,17 @@ const MAX_BATCH: usize = 512;
 /// receipts cost a node.
 const LINGER: Duration = Duration::from_millis(10);
 
+/// Groups `items` by node, each item under each node it names: one message per node for all of them.
+fn by_node<T: Clone, N: IntoIterator<Item = NodeId>>(items: impl Iterator<Item = (N, T)>) -> HashMap<NodeId, Vec<T>> {
+    let mut by_node: HashMap<NodeId, Vec<T>> = HashMap::new();
+    for (nodes, item) in items {
+        for node in nodes {
+            by_node.entry(node).or_default().push(item.clone());
+        }
+    }
+    by_node
+}
+
 enum PeerOp {
     /// A copy, the epoch of the view that decided it, and who waits for the outcome.
     Put(Box<Notification>, Epoch, oneshot::Sender<bool>),
@@ -300,18 +311,10 @@ impl Replicator {
     /// Sends unsaved receipts' copies (`receipts::unsaved`) to the holders each names, without waiting: one
     /// message per holder for all of them.
     pub fn copy_unsaved(&self, copies: Vec<ReceiptCopy>) {
-        let mut by_node: HashMap<NodeId, Vec<UnsavedCopy>> = HashMap::new();
-        for copy in copies {
-            let sent = UnsavedCopy {
-                number: copy.number,
-                device_id: copy.device.to_bytes().to_vec(),
-                event_json: copy.json.to_vec(),
-            };
-            for node in &copy.holders {
-                by_node.entry(*node).or_default().push(sent.clone());
-            }
-        }
-        for (node, copies) in by_node {
+        let sent = copies.into_iter().map(|ReceiptCopy { number, device, json, holders }| {
+            (holders, UnsavedCopy { number, device_id: device.to_bytes().to_vec(), event_json: json.to_vec() })
+        });
+        for (node, copies) in by_node(sent) {
             self.tell(node, PeerOp::UnsavedCopies(copies));
         }
     }
@@ -319,13 +322,7 @@ impl Replicator {
     /// Tells the holders of each copied unsaved receipt (those its copy went to, and its number) to drop
     /// their copy, one message per holder. Not awaited, like `release_receipts`.
     pub fn release_copies<'a>(&self, copies: impl Iterator<Item = (&'a [NodeId], u64)>) {
-        let mut by_node: HashMap<NodeId, Vec<u64>> = HashMap::new();
-        for (holders, number) in copies {
-            for node in holders {
-                by_node.entry(*node).or_default().push(number);
-            }
-        }
-        for (node, numbers) in by_node {
+        for (node, numbers) in by_node(copies.map(|(holders, number)| (holders.iter().copied(), number))) {
             self.tell(node, PeerOp::ReleasedCopies(numbers));
         }
     }
@@ -346,13 +343,7 @@ impl Replicator {
     /// this node, each item under each of its device's holders.
     fn by_other_holder<T: Clone>(&self, items: impl Iterator<Item = (DeviceId, T)>) -> HashMap<NodeId, Vec<T>> {
         let view = self.view.get();
-        let mut by_node: HashMap<NodeId, Vec<T>> = HashMap::new();
-        for (device, item) in items {
-            for node in self.other_holders(&view, device) {
-                by_node.entry(node).or_default().push(item.clone());
-            }
-        }
-        by_node
+        by_node(items.map(|(device, item)| (self.other_holders(&view, device), item)))
     }
 
     /// Where unsaved receipts' copies go now (`receipts::unsaved`), by device: its first R − 1 candidates
