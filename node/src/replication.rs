@@ -280,11 +280,9 @@ impl Replicator {
         let others: Vec<NodeId> = self.other_holders(&self.view.get(), device).collect();
         let held: Vec<HeldReceipt> = events
             .iter()
-            .filter_map(|e| serde_json::to_vec(e).ok())
-            .zip(events.iter())
-            .map(|(event_json, event)| HeldReceipt {
+            .map(|event| HeldReceipt {
                 device_id: device.to_bytes().to_vec(),
-                event_json,
+                event_json: event.to_json(),
                 unsaved: false,
                 event_id: event.id.clone(),
             })

@@ -63,8 +63,7 @@ impl ReceiptTables<'_> {
             ReceiptRole::None => Ok(()),
             ReceiptRole::Queue => self.push(device, event).map(|_| ()),
             ReceiptRole::Hold => {
-                let json = serde_json::to_vec(event).map_err(db_err)?;
-                self.held.insert((device.0, event.id.as_str()), json.as_slice()).map_err(db_err)?;
+                self.held.insert((device.0, event.id.as_str()), event.to_json().as_slice()).map_err(db_err)?;
                 Ok(())
             }
         }
