@@ -6,6 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={file}");
     }
     let descriptors = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // A receipt's copy goes into the message as the owner's buffer, shared rather than copied.
+        .bytes(".courier.cluster.v1.UnsavedCopy.event_json")
+        .compile_fds(descriptors)?;
     Ok(())
 }

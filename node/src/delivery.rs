@@ -434,7 +434,9 @@ impl Delivery {
             .into_iter()
             .map(|c| {
                 let device = DeviceId::from_slice(&c.device_id).ok_or(ReplicaError::BadDeviceId)?;
-                Ok(ReceiptCopy { number: c.number, device, json: c.event_json.into(), holders: Vec::new() })
+                // Copied out: a slice would keep the whole request's buffer for as long as this copy is held.
+                let json = bytes::Bytes::copy_from_slice(&c.event_json);
+                Ok(ReceiptCopy { number: c.number, device, json, holders: Vec::new() })
             })
             .collect::<Result<Vec<_>, ReplicaError>>()?;
         let released = released

@@ -5,7 +5,8 @@
 //! successors (R from the Raft state) before the gateway hears 200; if a successor does not answer, the
 //! next candidate on the ring takes its place. Acks travel the same way, later and unawaited. Each peer
 //! gets one batching task, so concurrent pushes share batches the way they share the store's group commits;
-//! a batch with nothing awaited in it waits up to `LINGER` (10 ms) for more. Batches go on one long-lived
+//! a batch with nothing urgent in it (nothing awaited, no unsaved receipts' copies) waits up to `LINGER`
+//! (10 ms) for more. Batches go on one long-lived
 //! `ReplicateStream` per peer, each answered before the next is sent (unary `Replicate` calls to a peer
 //! of an earlier release).
 //!
@@ -45,10 +46,11 @@ use crate::view::{EpochView, LocalView};
 /// Most operations one batch carries.
 const MAX_BATCH: usize = 512;
 
-/// How long a batch of only unawaited operations (acks, copies of receipts and of what links handed, releases)
-/// waits for more to ride in the same batch. Anything awaited (a put the provider's answer waits for) sends
-/// the batch at once. With receipts on, each push to a connected device costs a receipt copy and a release
-/// per holder; sent as they came, they made an RPC of a few operations each, and RPCs were most of what
+/// How long a batch of only unawaited operations (acks, written receipts' copies, what links handed,
+/// releases) waits for more to ride in the same batch. Anything awaited (a put the provider's answer waits
+/// for) sends the batch at once, and so do unsaved receipts' copies, which their copier gathered for as
+/// long already. With receipts on, each push to a connected device costs a receipt copy and a release per
+/// holder; sent as they came, they made an RPC of a few operations each, and RPCs were most of what
 /// receipts cost a node.
 const LINGER: Duration = Duration::from_millis(10);
 
@@ -56,8 +58,12 @@ const LINGER: Duration = Duration::from_millis(10);
 fn by_node<T: Clone, N: IntoIterator<Item = NodeId>>(items: impl Iterator<Item = (N, T)>) -> HashMap<NodeId, Vec<T>> {
     let mut by_node: HashMap<NodeId, Vec<T>> = HashMap::new();
     for (nodes, item) in items {
-        for node in nodes {
-            by_node.entry(node).or_default().push(item.clone());
+        // Cloned for every node but the last, which takes the item itself.
+        let mut nodes = nodes.into_iter().peekable();
+        let mut item = Some(item);
+        while let Some(node) = nodes.next() {
+            let this = if nodes.peek().is_some() { item.clone() } else { item.take() };
+            by_node.entry(node).or_default().extend(this);
         }
     }
     by_node
@@ -80,13 +86,15 @@ enum PeerOp {
 }
 
 impl PeerOp {
-    /// Whether someone waits for this op's outcome, so that its batch must not linger.
-    fn awaited(&self) -> bool {
+    /// Whether this op's batch must not linger: someone waits for its outcome, or it carries unsaved
+    /// receipts' copies, which their copier gathered already (`receipts::COPY_GATHER`) and which are lost
+    /// with the owner until they arrive.
+    fn urgent(&self) -> bool {
         match self {
-            PeerOp::Put(..) => true,
+            PeerOp::Put(..) | PeerOp::UnsavedCopies(_) => true,
             PeerOp::Subscription(_, reply) => reply.is_some(),
             PeerOp::Receipt(_, reply) => reply.is_some(),
-            PeerOp::Remove(_) | PeerOp::Released(_) | PeerOp::UnsavedCopies(_) | PeerOp::ReleasedCopies(_) => false,
+            PeerOp::Remove(_) | PeerOp::Released(_) | PeerOp::ReleasedCopies(_) => false,
         }
     }
 }
@@ -310,7 +318,7 @@ impl Replicator {
     /// message per holder for all of them.
     pub fn copy_unsaved(&self, copies: Vec<ReceiptCopy>) {
         let sent = copies.into_iter().map(|ReceiptCopy { number, device, json, holders }| {
-            (holders, UnsavedCopy { number, device_id: device.to_bytes().to_vec(), event_json: json.to_vec() })
+            (holders, UnsavedCopy { number, device_id: device.to_bytes().to_vec(), event_json: json })
         });
         for (node, copies) in by_node(sent) {
             self.tell(node, PeerOp::UnsavedCopies(copies));
@@ -694,7 +702,7 @@ pub struct RebalanceReport {
 }
 
 /// One peer's batching task: sends what queued up while the previous batch was in flight as one batch,
-/// after waiting up to `LINGER` for more when nothing in it is awaited. Batches go on one `ReplicateStream`
+/// after waiting up to `LINGER` for more when nothing in it is urgent (`PeerOp::urgent`). Batches go on one `ReplicateStream`
 /// to the peer, opened with the first and again after any failure, or as unary `Replicate` calls to a peer
 /// of an earlier release.
 struct BatchTask {
@@ -720,12 +728,12 @@ impl BatchTask {
         use mpsc::error::TryRecvError;
         while let Some(first) = ops.recv().await {
             let linger_until = tokio::time::Instant::now() + LINGER;
-            let mut awaited = first.awaited();
+            let mut urgent = first.urgent();
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 let op = match ops.try_recv() {
                     Ok(op) => op,
-                    Err(TryRecvError::Empty) if !awaited => {
+                    Err(TryRecvError::Empty) if !urgent => {
                         match tokio::time::timeout_at(linger_until, ops.recv()).await {
                             Ok(Some(op)) => op,
                             _ => break,
@@ -733,7 +741,7 @@ impl BatchTask {
                     }
                     Err(_) => break,
                 };
-                awaited |= op.awaited();
+                urgent |= op.urgent();
                 batch.push(op);
             }
             self.send(batch).await;

@@ -96,7 +96,7 @@ pub struct UnsavedReceipts {
     held: Mutex<Held>,
     /// The next copy's number.
     next_copy: AtomicU64,
-    /// Woken when a team's first receipt arrives, so that its task starts.
+    /// Woken when a team without a queue here gets a receipt, so that its task starts.
     arrived: tokio::sync::Notify,
     /// Woken when a team's first receipt not copied yet arrives, so that the copier looks at its time.
     uncopied: tokio::sync::Notify,
@@ -160,14 +160,14 @@ impl UnsavedReceipts {
         }
         let mut teams = self.lock();
         // Looked up before it is entered, so that the team's name is copied only for its first receipt.
-        if !teams.contains_key(&receipt.event.team_id) {
+        let first = !teams.contains_key(&receipt.event.team_id);
+        if first {
             teams.insert(receipt.event.team_id.clone(), TeamQueue::default());
         }
         let Some(queue) = teams.get_mut(&receipt.event.team_id) else { return Some(receipt) };
         if queue.receipts.len() >= self.cap {
             return Some(receipt);
         }
-        let first = queue.receipts.is_empty();
         let first_uncopied = receipt.copy.is_none() && queue.copied == queue.receipts.len();
         if receipt.copy.is_some() && queue.copied == queue.receipts.len() {
             queue.copied += 1;
@@ -227,7 +227,8 @@ impl UnsavedReceipts {
         self.uncopied.notified().await
     }
 
-    /// Resolves when a team that had none gets one.
+    /// Resolves when a team that had no queue here gets one. A queue emptied by `take` stays (its team's
+    /// task is running, and takes what comes next) until `overdue` clears out empty ones.
     pub async fn arrived(&self) {
         self.arrived.notified().await
     }
@@ -253,13 +254,11 @@ impl UnsavedReceipts {
         let n = max.min(queue.receipts.len());
         let taken: Vec<Unsaved> = queue.receipts.drain(..n).collect();
         queue.copied = queue.copied.saturating_sub(n);
-        if queue.receipts.is_empty() {
-            teams.remove(team);
-        }
         taken
     }
 
-    /// Takes every receipt decided `save_after` or longer before `now_ms`, of every team.
+    /// Takes every receipt decided `save_after` or longer before `now_ms`, of every team, and drops the
+    /// queues left empty.
     pub fn overdue(&self, now_ms: u64) -> Vec<Unsaved> {
         let due_before = now_ms.saturating_sub(self.save_after.as_millis() as u64);
         let mut teams = self.lock();
