@@ -473,6 +473,27 @@ mod tests {
     }
 
     #[test]
+    fn a_team_queue_emptied_by_its_task_stays_until_the_sweep_so_its_next_receipt_wakes_nobody() {
+        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::from_millis(25), 10);
+        // Whether the dispatcher's wait for `arrived` is over (polled once, without a runtime).
+        let woken = |f: std::pin::Pin<&mut _>| {
+            std::future::Future::poll(f, &mut std::task::Context::from_waker(std::task::Waker::noop())).is_ready()
+        };
+        let mut arrived = std::pin::pin!(unsaved.arrived());
+        assert!(unsaved.keep(receipt("A", "a1", 100)).is_none());
+        assert!(woken(arrived.as_mut()), "A's first receipt starts its task");
+        assert_eq!(ids(&unsaved.take("A", 5)), ["a1"]);
+        assert!(unsaved.teams().is_empty(), "nothing waits");
+        let mut arrived = std::pin::pin!(unsaved.arrived());
+        assert!(unsaved.keep(receipt("A", "a2", 150)).is_none());
+        assert!(!woken(arrived.as_mut()), "A's task is running: no wake-up");
+        assert_eq!(ids(&unsaved.take("A", 5)), ["a2"]);
+        assert!(unsaved.overdue(200).is_empty(), "the sweep drops the empty queue");
+        assert!(unsaved.keep(receipt("A", "a3", 250)).is_none());
+        assert!(woken(arrived.as_mut()), "after the sweep, the next receipt wakes the dispatcher again");
+    }
+
+    #[test]
     fn kept_receipts_are_taken_in_order_per_team_and_only_overdue_ones_are_swept() {
         let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::from_millis(25), 10);
         for (team, id, at) in [("A", "a1", 100), ("B", "b1", 200), ("A", "a2", 900), ("A", "a3", 1500)] {
