@@ -351,8 +351,8 @@ async fn post_unsaved(
 /// How long the copier lets receipts gather after one arrives where none was waiting to be copied. A turn
 /// costs about as much for one copy as for many, and so does the replication message that carries them
 /// (sent at once, without the replication batch's linger); the owner's death loses the receipts decided
-/// in it and not yet at their holders. As long as that linger (10 ms), so that copies cost a holder no more
-/// messages than when the copier turned every 2 ms and the batch lingered.
+/// in it and not yet at their holders. At 5 ms the extra messages cost measurably more, and 20 ms was no
+/// cheaper than 10 (`BENCHMARKS.md`) while it would double that window.
 const COPY_GATHER: Duration = Duration::from_millis(10);
 
 /// Sends the holders their copies of queued unsaved receipts as they reach `copy_after`, until `shutdown`.

@@ -6,9 +6,8 @@
 //! next candidate on the ring takes its place. Acks travel the same way, later and unawaited. Each peer
 //! gets one batching task, so concurrent pushes share batches the way they share the store's group commits;
 //! a batch with nothing urgent in it (nothing awaited, no unsaved receipts' copies) waits up to `LINGER`
-//! (10 ms) for more. Batches go on one long-lived
-//! `ReplicateStream` per peer, each answered before the next is sent (unary `Replicate` calls to a peer
-//! of an earlier release).
+//! (10 ms) for more. Batches go on one long-lived `ReplicateStream` per peer, each answered before the next
+//! is sent (unary `Replicate` calls to a peer of an earlier release).
 //!
 //! `rebalance` moves copies when the ring changes: every node sends its queued notifications to the
 //! devices' new candidates that did not hold them before, and drops the queues of devices it is no longer a
@@ -702,9 +701,9 @@ pub struct RebalanceReport {
 }
 
 /// One peer's batching task: sends what queued up while the previous batch was in flight as one batch,
-/// after waiting up to `LINGER` for more when nothing in it is urgent (`PeerOp::urgent`). Batches go on one `ReplicateStream`
-/// to the peer, opened with the first and again after any failure, or as unary `Replicate` calls to a peer
-/// of an earlier release.
+/// after waiting up to `LINGER` for more when nothing in it is urgent (`PeerOp::urgent`). Batches go on one
+/// `ReplicateStream` to the peer, opened with the first and again after any failure, or as unary
+/// `Replicate` calls to a peer of an earlier release.
 struct BatchTask {
     from: NodeId,
     addr: String,
