@@ -52,12 +52,16 @@ pub struct Receipts {
     pub url: String,
     pub secret: SigningSecret,
     tally: Arc<Mutex<Tally>>,
-    task: tokio::task::JoinHandle<()>,
+    /// The receiver's own runtime (one thread), so that its requests are not queued behind the load's tasks
+    /// on the loadtest's runtime: an endpoint elsewhere answers at its own pace, not the load generator's.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Drop for Receipts {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -65,11 +69,19 @@ impl Receipts {
     /// Starts the receiver on loopback with a fresh secret.
     pub async fn start() -> anyhow::Result<Receipts> {
         let secret = SigningSecret::generate(courier_core::ids::unix_millis());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
         let addr: SocketAddr = listener.local_addr()?;
         let tally = Arc::new(Mutex::new(Tally::default()));
         let (key, counts) = (Arc::new(secret.key.clone()), tally.clone());
-        let task = tokio::spawn(async move {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("receipts")
+            .enable_all()
+            .build()
+            .context("starting the receiver's runtime")?;
+        runtime.spawn(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
                 let _ = tcp.set_nodelay(true);
@@ -90,7 +102,7 @@ impl Receipts {
                 });
             }
         });
-        Ok(Receipts { url: format!("http://{addr}/receipts"), secret, tally, task })
+        Ok(Receipts { url: format!("http://{addr}/receipts"), secret, tally, runtime: Some(runtime) })
     }
 
     pub fn counts(&self) -> ReceiptCounts {

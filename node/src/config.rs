@@ -229,7 +229,8 @@ pub struct NodeConfig {
     /// each at once, so that the owner's death loses only receipts decided in its last replication batch.
     /// More makes receipts cheaper (a receipt the endpoint takes in time never costs a message to another
     /// node) at the price of that window: the owner's death loses those decided in its last this-long that
-    /// the endpoint had not taken. `BENCHMARKS.md` measures both.
+    /// the endpoint had not taken. A batch of them leaves once its oldest has waited half of this, full or
+    /// not. `BENCHMARKS.md` measures both.
     #[arg(long, env = "COURIER_WEBHOOK_COPY_AFTER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000))]
     pub webhook_copy_after_ms: u64,
     /// How often the owner looks for stored notifications that expired, to send their receipts, in seconds.
@@ -357,6 +358,7 @@ impl NodeConfig {
             Duration::from_millis(self.webhook_copy_after_ms),
             crate::receipts::unsaved::DEFAULT_CAP_PER_TEAM,
         )
+        .with_batch_max(self.webhook_batch_max as usize)
     }
 
     pub fn epoch_wait(&self) -> Duration {

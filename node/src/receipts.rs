@@ -11,7 +11,8 @@
 //! be sent twice, under the same event id; receivers drop repeats by it.
 //!
 //! One task per team with receipts queued or unsaved. It sends the queued ones first, in order, in batches of
-//! at most `batch_max`, and waits up to `batch_wait` for a batch to fill. A 2xx answer deletes the batch;
+//! at most `batch_max`, and waits up to `batch_wait` for a batch to fill (a batch of unsaved receipts wakes it
+//! once full, and leaves when its oldest has waited half of `copy_after`). A 2xx answer deletes the batch;
 //! anything else (an error status, a redirect, a timeout, a refused connection) keeps it and retries after an
 //! exponential backoff with jitter (1 s doubling to at most 5 min, each wait drawn between half and all of
 //! that), for as long as `max_age` after the receipt's outcome; then the receipt is dropped and counted.
@@ -88,6 +89,9 @@ const IDLE_END: Duration = Duration::from_secs(30);
 const UNSAVED_MIN_TIMEOUT: Duration = Duration::from_millis(100);
 /// How often a team's task looks for more while its batch fills.
 const FILL_POLL: Duration = Duration::from_millis(50);
+/// How long a team's task that found nothing queued in the store sends only unsaved receipts before it
+/// looks in the store again.
+const STORE_LOOK: Duration = Duration::from_millis(100);
 /// Most of an endpoint's answer body read (and thrown away).
 const MAX_ANSWER_BODY: usize = 64 << 10;
 
@@ -253,11 +257,13 @@ async fn sweep_expired(shared: &Shared) {
 async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToken) {
     let mut sender = TeamSender { connection: None, failures: 0 };
     let mut idle_since = Instant::now();
+    // When the store last had none of the team's receipts queued.
+    let mut none_stored_at: Option<Instant> = None;
     loop {
         if shutdown.is_cancelled() {
             break;
         }
-        let pause = match next_batch(&shared, &team).await {
+        let pause = match next_batch(&shared, &team, &mut none_stored_at).await {
             Next::Send(hook, batch) => {
                 idle_since = Instant::now();
                 let timeout = shared.settings.request_timeout;
@@ -295,6 +301,15 @@ async fn team_task(shared: Arc<Shared>, team: String, shutdown: CancellationToke
             Next::Wait(pause) => {
                 idle_since = Instant::now();
                 pause
+            }
+            Next::Fill(pause) => {
+                idle_since = Instant::now();
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = shared.unsaved.filled(&team) => {}
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                Duration::ZERO
             }
             Next::Again => Duration::ZERO,
             Next::Empty if idle_since.elapsed() >= IDLE_END => break,
@@ -383,6 +398,8 @@ enum Next {
     SendUnsaved(Webhook, Vec<Unsaved>),
     /// A batch is filling; look again after this long.
     Wait(Duration),
+    /// A batch of unsaved receipts is filling; look again after this long, or as soon as it is full.
+    Fill(Duration),
     /// Some receipts were dropped; look again at once.
     Again,
     Empty,
@@ -390,8 +407,13 @@ enum Next {
 
 /// The team's next batch, after dropping what must not be sent: its queued receipts first, then, when none
 /// is queued, its unsaved ones.
-async fn next_batch(shared: &Shared, team: &str) -> Next {
+async fn next_batch(shared: &Shared, team: &str, none_stored_at: &mut Option<Instant>) -> Next {
     let settings = &shared.settings;
+    // While unsaved receipts flow and nothing is queued in the store, the store is read only every
+    // `STORE_LOOK`: a read is a trip to a blocking thread, and each trip lengthens every request's turn.
+    if none_stored_at.is_some_and(|at| at.elapsed() < STORE_LOOK) {
+        return next_unsaved(shared, team, unix_millis());
+    }
     let (queued, unreadable) = match shared.store.receipts(team, settings.batch_max).await {
         Ok(read) => read,
         Err(error) => {
@@ -401,8 +423,10 @@ async fn next_batch(shared: &Shared, team: &str) -> Next {
     };
     let now_ms = unix_millis();
     if queued.is_empty() && unreadable.is_empty() {
+        *none_stored_at = Some(Instant::now());
         return next_unsaved(shared, team, now_ms);
     }
+    *none_stored_at = None;
     let hook = shared.view.get().state.webhooks.get(team).cloned();
     let max_age_ms = settings.max_age.as_millis() as u64;
     let mut doomed: Vec<(u64, &'static str, Option<QueuedReceipt>)> =
@@ -453,11 +477,17 @@ fn next_unsaved(shared: &Shared, team: &str, now_ms: u64) -> Next {
     let (waiting, oldest_ms) = shared.unsaved.waiting(team);
     let Some(oldest_ms) = oldest_ms else { return Next::Empty };
     let hook = shared.view.get().state.webhooks.get(team).cloned();
+    // A batch leaves before its oldest is due to be copied, with half that time left for the endpoint to
+    // take it: a receipt taken before it is due never costs a copy.
+    let copy_after_ms = shared.unsaved.copy_after().as_millis() as u64;
+    let send_by_ms = (copy_after_ms > 0).then(|| oldest_ms.saturating_add(copy_after_ms / 2));
     if let Some(hook) = &hook
         && let Some(pause) = fill_wait(settings, waiting, oldest_ms, now_ms)
         && hook.wants(courier_core::webhook::EventKind::Delivered)
+        && send_by_ms.is_none_or(|by_ms| by_ms > now_ms)
     {
-        return Next::Wait(pause);
+        let until_send_by = send_by_ms.map_or(pause, |by_ms| Duration::from_millis(by_ms - now_ms));
+        return Next::Fill(pause.min(until_send_by));
     }
     let mut batch = shared.unsaved.take(team, settings.batch_max);
     batch.retain(|receipt| match unwanted(hook.as_ref(), &receipt.event) {
@@ -569,9 +599,10 @@ impl TeamSender {
         self.failures = 0;
         metrics::counter!("courier_webhook_events_total", "outcome" => "sent").increment(events.len() as u64);
         let done_ms = unix_millis();
+        // One lookup of the histogram per request, not per event.
+        let latencies = metrics::histogram!("courier_webhook_delivery_latency_seconds");
         for event in &events {
-            let latency = done_ms.saturating_sub(event.at_ms) as f64 / 1000.0;
-            metrics::histogram!("courier_webhook_delivery_latency_seconds").record(latency);
+            latencies.record(done_ms.saturating_sub(event.at_ms) as f64 / 1000.0);
         }
         Ok(())
     }

@@ -22,8 +22,8 @@
 //! on a holder); more are written at once.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -75,6 +75,9 @@ impl Unsaved {
 struct TeamQueue {
     receipts: VecDeque<Unsaved>,
     copied: usize,
+    /// Woken when the queue reaches a full batch, so that the team's task sends it at once rather than at
+    /// its next look.
+    filled: Arc<tokio::sync::Notify>,
 }
 
 impl TeamQueue {
@@ -92,6 +95,8 @@ pub struct UnsavedReceipts {
     save_after: Duration,
     copy_after: Duration,
     cap: usize,
+    /// A full batch (`ReceiptSettings::batch_max`): reaching it wakes the team's task.
+    batch_max: usize,
     teams: Mutex<HashMap<String, TeamQueue>>,
     held: Mutex<Held>,
     /// The next copy's number.
@@ -120,12 +125,18 @@ impl UnsavedReceipts {
             save_after,
             copy_after,
             cap,
+            batch_max: usize::MAX,
             teams: Mutex::new(HashMap::new()),
             held: Mutex::new(Held::default()),
             next_copy: AtomicU64::new(unix_millis() << 20),
             arrived: tokio::sync::Notify::new(),
             uncopied: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Wakes a team's task (`filled`) when `batch_max` are waiting.
+    pub fn with_batch_max(self, batch_max: usize) -> Self {
+        UnsavedReceipts { batch_max: batch_max.max(1), ..self }
     }
 
     pub fn save_after(&self) -> Duration {
@@ -173,6 +184,9 @@ impl UnsavedReceipts {
             queue.copied += 1;
         }
         queue.receipts.push_back(receipt);
+        if queue.receipts.len() == self.batch_max {
+            queue.filled.notify_one();
+        }
         drop(teams);
         if first {
             self.arrived.notify_one();
@@ -240,6 +254,17 @@ impl UnsavedReceipts {
             .filter(|(_, q)| !q.receipts.is_empty())
             .map(|(team, q)| (team.clone(), q.receipts.len()))
             .collect()
+    }
+
+    /// Resolves once `team` has a full batch waiting (at once if it filled since the last call).
+    pub fn filled(&self, team: &str) -> impl Future<Output = ()> + use<> {
+        let filled = self.lock().get(team).map(|queue| queue.filled.clone());
+        async move {
+            match filled {
+                Some(filled) => filled.notified().await,
+                None => std::future::pending().await,
+            }
+        }
     }
 
     /// How many the team has waiting, and when its oldest was decided (UNIX ms).
@@ -470,6 +495,31 @@ mod tests {
 
     fn ids(receipts: &[Unsaved]) -> Vec<&str> {
         receipts.iter().map(|r| r.event.apns_id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_team_s_task_is_woken_when_a_full_batch_waits_and_not_before() {
+        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::ZERO, 10).with_batch_max(3);
+        let woken = |f: std::pin::Pin<&mut _>| {
+            std::future::Future::poll(f, &mut std::task::Context::from_waker(std::task::Waker::noop())).is_ready()
+        };
+        let mut nothing_yet = std::pin::pin!(unsaved.filled("A"));
+        assert!(!woken(nothing_yet.as_mut()), "no queue for A yet");
+        assert!(unsaved.keep(receipt("A", "a1", 100)).is_none());
+        assert!(unsaved.keep(receipt("B", "b1", 100)).is_none());
+        assert!(unsaved.keep(receipt("A", "a2", 110)).is_none());
+        let mut filled = std::pin::pin!(unsaved.filled("A"));
+        assert!(!woken(filled.as_mut()), "two of three");
+        assert!(unsaved.keep(receipt("A", "a3", 120)).is_none());
+        assert!(woken(filled.as_mut()), "the third fills A's batch");
+        assert!(unsaved.keep(receipt("A", "a4", 130)).is_none());
+        assert!(!woken(std::pin::pin!(unsaved.filled("A")).as_mut()), "past a full batch, no second wake-up");
+        assert!(!woken(std::pin::pin!(unsaved.filled("B")).as_mut()), "B's one does not fill B's");
+        assert_eq!(ids(&unsaved.take("A", 3)), ["a1", "a2", "a3"]);
+        for (id, at) in [("a5", 140), ("a6", 150)] {
+            assert!(unsaved.keep(receipt("A", id, at)).is_none());
+        }
+        assert!(woken(std::pin::pin!(unsaved.filled("A")).as_mut()), "filled again after its task took one");
     }
 
     #[test]
