@@ -497,12 +497,14 @@ mod tests {
         receipts.iter().map(|r| r.event.apns_id.as_str()).collect()
     }
 
+    /// Whether a wait (`arrived`, `filled`) is over: polled once, without a runtime.
+    fn woken(wait: std::pin::Pin<&mut impl Future<Output = ()>>) -> bool {
+        wait.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())).is_ready()
+    }
+
     #[test]
     fn a_team_s_task_is_woken_when_a_full_batch_waits_and_not_before() {
         let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::ZERO, 10).with_batch_max(3);
-        let woken = |f: std::pin::Pin<&mut _>| {
-            std::future::Future::poll(f, &mut std::task::Context::from_waker(std::task::Waker::noop())).is_ready()
-        };
         let mut nothing_yet = std::pin::pin!(unsaved.filled("A"));
         assert!(!woken(nothing_yet.as_mut()), "no queue for A yet");
         assert!(unsaved.keep(receipt("A", "a1", 100)).is_none());
@@ -525,10 +527,6 @@ mod tests {
     #[test]
     fn a_team_queue_emptied_by_its_task_stays_until_the_sweep_so_its_next_receipt_wakes_nobody() {
         let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::from_millis(25), 10);
-        // Whether the dispatcher's wait for `arrived` is over (polled once, without a runtime).
-        let woken = |f: std::pin::Pin<&mut _>| {
-            std::future::Future::poll(f, &mut std::task::Context::from_waker(std::task::Waker::noop())).is_ready()
-        };
         let mut arrived = std::pin::pin!(unsaved.arrived());
         assert!(unsaved.keep(receipt("A", "a1", 100)).is_none());
         assert!(woken(arrived.as_mut()), "A's first receipt starts its task");
