@@ -128,11 +128,19 @@ async fn every_outcome_reaches_the_webhook_signed_through_an_outage_and_a_secret
         ("collapsed-2", "dropped", Some("queue_overflow")),
         ("expiring-1", "expired", None),
     ];
-    eventually(Duration::from_secs(30), "a receipt for every outcome", || {
+    // As `eventually`, but a failure names the receipts still missing and the requests the receiver saw.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
         let events = receiver.accepted_events();
-        std::future::ready(expected.iter().all(|(id, outcome, _)| event(&events, id, outcome).is_some()))
-    })
-    .await;
+        let missing: Vec<_> =
+            expected.iter().filter(|(id, outcome, _)| event(&events, id, outcome).is_none()).collect();
+        if missing.is_empty() {
+            break;
+        }
+        let requests = receiver.requests();
+        assert!(tokio::time::Instant::now() < give_up, "receipts still missing: {missing:?}; requests: {requests:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let events = receiver.accepted_events();
     for (apns_id, outcome, reason) in expected {
         let e = event(&events, apns_id, outcome).expect("checked above");
