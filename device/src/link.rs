@@ -308,7 +308,9 @@ impl DeviceLink {
                     if self.ping.deadline() != ping_at {
                         self.ping.as_mut().reset(ping_at);
                     }
+                    // The link first: the ping timer is looked at only once no frame is waiting.
                     tokio::select! {
+                        biased;
                         frame = self.link.next() => kind_of(frame)?,
                         _ = &mut self.ping => {
                             self.send(device_frame::Kind::Ping(wire::Ping { nonce: rand::random() })).await?;

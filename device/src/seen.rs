@@ -7,7 +7,9 @@ use std::collections::{HashSet, VecDeque};
 /// too.
 pub struct SeenIds {
     order: VecDeque<SeenId>,
-    set: HashSet<SeenId>,
+    /// Hashed with foldhash (seeded per process) rather than SipHash: the check runs for every notification
+    /// the device gets, and its ids come from the node the device trusts.
+    set: HashSet<SeenId, foldhash::fast::RandomState>,
     capacity: usize,
 }
 
@@ -55,7 +57,7 @@ pub const DEFAULT_SEEN: usize = 4096;
 
 impl SeenIds {
     pub fn new(capacity: usize) -> Self {
-        SeenIds { order: VecDeque::new(), set: HashSet::new(), capacity: capacity.max(1) }
+        SeenIds { order: VecDeque::new(), set: HashSet::default(), capacity: capacity.max(1) }
     }
 
     /// Makes room for `additional` more ids, up to the capacity, so that the next ones are remembered

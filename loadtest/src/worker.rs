@@ -20,7 +20,6 @@ use courier_device::{Backoff, ClientError, Connector, DeviceLink, LinkEvent, Red
 use courier_proto::device::ChannelRefusal;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::Semaphore;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::msg::{BroadcastMarker, Command, Marker, Progress, WorkerSpec};
@@ -49,6 +48,11 @@ struct Device {
     /// The apns-id of the last broadcast it received: a link subscribing again names it, so a channel that
     /// keeps its latest broadcast does not send that one twice.
     last_broadcast: Mutex<Option<String>>,
+    /// Woken when the device's task should look up from its link: it was cancelled, or the broadcast
+    /// channels changed. Between two frames the task waits on this alone. It used to wait on its
+    /// cancellation (two locks a frame) and on a channel watch shared by every device of the worker (a lock
+    /// and cache misses on other devices' entries in the watch's wait list, at every frame).
+    poke: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -113,14 +117,18 @@ struct Shared {
     permits: Semaphore,
     /// The device address of the node being killed.
     killing: Mutex<Option<SocketAddr>>,
-    /// The broadcast channels of `Command::Subscribe` (empty until then); device tasks watch it, so links
-    /// already open subscribe when it arrives and every later link right after its handshake.
-    channels: watch::Sender<Arc<Vec<String>>>,
+    /// The broadcast channels of `Command::Subscribe` (empty until then). Every device is poked when they
+    /// change, so links already open subscribe then, and every later link right after its handshake.
+    channels: Mutex<Arc<Vec<String>>>,
 }
 
 impl Shared {
     fn killing(&self) -> Option<SocketAddr> {
         *self.killing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn channels(&self) -> Arc<Vec<String>> {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The endpoint after `addr` in the list (or the device's own first one if `addr` is not listed).
@@ -194,6 +202,7 @@ pub async fn run() -> anyhow::Result<()> {
             last_node: Mutex::new(None),
             seen: Mutex::new(None),
             last_broadcast: Mutex::new(None),
+            poke: tokio::sync::Notify::new(),
         }));
     }
     let shared = Arc::new(Shared {
@@ -202,23 +211,23 @@ pub async fn run() -> anyhow::Result<()> {
         endpoints,
         stats: Stats::default(),
         killing: Mutex::new(None),
-        channels: watch::Sender::new(Arc::new(Vec::new())),
+        channels: Mutex::new(Arc::new(Vec::new())),
     });
 
     let reporter_stop = CancellationToken::new();
     let reporter = tokio::spawn(report_loop(shared.clone(), reporter_stop.clone()));
-    let mut running: HashMap<usize, (CancellationToken, JoinHandle<()>)> = HashMap::new();
+    let mut running: HashMap<usize, Running> = HashMap::new();
     while let Some(line) = lines.next_line().await? {
         let command: Command = serde_json::from_str(&line).with_context(|| format!("command {line:?}"))?;
         match command {
             Command::Connect => {
                 for device in &devices {
-                    if running.get(&device.index).is_some_and(|(_, task)| !task.is_finished()) {
+                    if running.get(&device.index).is_some_and(|running| !running.task.is_finished()) {
                         continue;
                     }
                     let cancel = CancellationToken::new();
                     let task = tokio::spawn(device_task(device.clone(), shared.clone(), cancel.clone()));
-                    running.insert(device.index, (cancel, task));
+                    running.insert(device.index, Running { device: device.clone(), cancel, task });
                 }
             }
             Command::Disconnect { every } => {
@@ -226,9 +235,8 @@ pub async fn run() -> anyhow::Result<()> {
                 let chosen: Vec<usize> = running.keys().copied().filter(|i| i % every == 0).collect();
                 let mut tasks = Vec::new();
                 for index in chosen {
-                    if let Some((cancel, task)) = running.remove(&index) {
-                        cancel.cancel();
-                        tasks.push(task);
+                    if let Some(running) = running.remove(&index) {
+                        tasks.push(running.stop());
                     }
                 }
                 for task in tasks {
@@ -240,24 +248,37 @@ pub async fn run() -> anyhow::Result<()> {
                 *shared.killing.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
             }
             Command::Subscribe { channels } => {
-                shared.channels.send_replace(Arc::new(channels));
+                *shared.channels.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(channels);
+                for device in &devices {
+                    device.poke.notify_one();
+                }
             }
             Command::Exit => break,
         }
     }
-    let tasks: Vec<_> = running
-        .into_values()
-        .map(|(cancel, task)| {
-            cancel.cancel();
-            task
-        })
-        .collect();
+    let tasks: Vec<_> = running.into_values().map(Running::stop).collect();
     for task in tasks {
         let _ = task.await;
     }
     reporter_stop.cancel();
     reporter.await?;
     Ok(())
+}
+
+/// A device's task, and how to stop it.
+struct Running {
+    device: Arc<Device>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Cancels the task (its link, if it has one, closes) and returns it to be awaited.
+    fn stop(self) -> JoinHandle<()> {
+        self.cancel.cancel();
+        self.device.poke.notify_one();
+        self.task
+    }
 }
 
 /// What ended a link.
@@ -283,9 +304,8 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
     let (mut addr, mut connector) = last_node.or_else(|| device.owner.clone()).unwrap_or_else(first_endpoint);
     let mut backoff = shared.backoff();
     let mut orphaned = false;
-    let mut channels = shared.channels.subscribe();
-    // One wait on the token for the task's life: a new one per event would register with it again, and
-    // every device task of the worker shares it.
+    // One wait on the token for the task's life, for waits off the link (connecting, subscribing, backing
+    // off); between frames the task waits on its poke instead.
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
     loop {
@@ -326,8 +346,14 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
         // The channel this link subscribes to, once the node said so.
         let mut subscribed: Option<String> = None;
         let mut refused = shared.backoff();
+        // Whether the channels may differ from what the link subscribes to: at the link's start, and when
+        // the device is poked.
+        let mut recheck = true;
         let ended = loop {
-            let wanted = channel_for(&channels.borrow_and_update(), device.index);
+            let wanted = if recheck { channel_for(&shared.channels(), device.index) } else { None };
+            if wanted.is_none() || wanted == subscribed {
+                recheck = false;
+            }
             if let Some(channel) = wanted.filter(|wanted| subscribed.as_ref() != Some(wanted)) {
                 let last_seen = device.last_broadcast.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 // Under the same bound as link attempts: a hundred thousand links subscribing at the same
@@ -361,11 +387,17 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
                     Err(error) => break Ended::Broke(error),
                 }
             }
+            // The link first: while frames are waiting, nothing else is looked at.
             let event = tokio::select! {
                 biased;
-                _ = &mut cancelled => break Ended::Cancelled,
-                Ok(()) = channels.changed() => continue,
                 event = link.next_app_event() => event,
+                () = device.poke.notified() => {
+                    if cancel.is_cancelled() {
+                        break Ended::Cancelled;
+                    }
+                    recheck = true;
+                    continue;
+                }
             };
             match event {
                 Ok(LinkEvent::Notification(n)) if !n.channel_id.is_empty() => {
