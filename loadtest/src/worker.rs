@@ -350,11 +350,13 @@ async fn device_task(device: Arc<Device>, shared: Arc<Shared>, cancel: Cancellat
         // the device is poked.
         let mut recheck = true;
         let ended = loop {
-            let wanted = if recheck { channel_for(&shared.channels(), device.index) } else { None };
-            if wanted.is_none() || wanted == subscribed {
-                recheck = false;
-            }
-            if let Some(channel) = wanted.filter(|wanted| subscribed.as_ref() != Some(wanted)) {
+            let wanted = recheck
+                .then(|| channel_for(&shared.channels(), device.index))
+                .flatten()
+                .filter(|wanted| subscribed.as_ref() != Some(wanted));
+            // Looked at again after a subscription (to find it done) or a refusal (to retry), not otherwise.
+            recheck = wanted.is_some();
+            if let Some(channel) = wanted {
                 let last_seen = device.last_broadcast.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 // Under the same bound as link attempts: a hundred thousand links subscribing at the same
                 // instant would starve the nodes' Raft heartbeats and probes on a small machine, and
