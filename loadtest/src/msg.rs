@@ -45,7 +45,8 @@ pub enum Command {
     /// Close (with goodbye, acking what arrived) the links of devices whose index is a multiple of `every`.
     Disconnect { every: usize },
     /// The node at this device address is about to be killed: links lost to it count as orphaned, and the
-    /// first delivery each orphan gets through another node is its recovery.
+    /// first delivery each orphan gets through another node is its recovery. The worker says it has taken
+    /// this in its reports (`Progress::armed`); the kill waits for that (`Swarm::arm_kill`).
     Killing { addr: String },
     /// Subscribe device `i`'s link to broadcast channel `channels[i % len]` (base64 ids), now and on every
     /// link it opens later: a subscription lasts as long as its link.
@@ -89,6 +90,9 @@ pub struct Progress {
     /// Links lost to the killed node, and (new) UNIX µs at which an orphan first received through another.
     pub orphaned: u64,
     pub recovered: Vec<u64>,
+    /// The worker has taken `Killing`: links it sees break from now on are counted as orphaned.
+    #[serde(default)]
+    pub armed: bool,
     /// This worker's resident memory.
     pub rss: u64,
     /// Set on the last report, after `Exit`.

@@ -200,6 +200,24 @@ impl Swarm {
         Ok(())
     }
 
+    /// Tells every worker which node is about to be killed and waits (up to `timeout`) until each has taken
+    /// it: a kill that came first would break links the workers could not yet tell were orphaned.
+    pub async fn arm_kill(&mut self, addr: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.command(&Command::Killing { addr: addr.to_string() }).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.view.check()?;
+            if self.view.state.lock().unwrap_or_else(|e| e.into_inner()).latest.iter().all(|p| p.armed) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the swarm workers did not take the kill notice within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Closes every link (acking what arrived) and waits for the workers' last reports and exit.
     pub async fn exit(mut self) -> anyhow::Result<SwarmTotals> {
         let _ = self.command(&Command::Exit).await;

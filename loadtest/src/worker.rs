@@ -542,6 +542,7 @@ async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
             tokens: std::mem::take(&mut *stats.tokens.lock().unwrap_or_else(|e| e.into_inner())),
             orphaned: stats.orphaned.load(Ordering::Relaxed),
             recovered: std::mem::take(&mut *stats.recovered.lock().unwrap_or_else(|e| e.into_inner())),
+            armed: shared.killing().is_some(),
             rss: courier_core::telemetry::resident_memory_bytes(None).unwrap_or(0),
             done,
         };

@@ -50,7 +50,7 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<bool> {
     let load = tokio::spawn(crate::load::run(plan, run.ledger.clone()));
     tokio::time::sleep(Duration::from_secs_f64(args.kill_after.max(0.0))).await;
     let victim = run.target.nodes[kill_index].device_addr.clone();
-    run.swarm.command(&Command::Killing { addr: victim.clone() }).await?;
+    run.swarm.arm_kill(&victim, Duration::from_secs(10)).await?;
     run.target.kill(kill_index)?;
     let killed_at = crate::clock_micros();
     run.phase("killed");
