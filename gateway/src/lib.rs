@@ -9,6 +9,7 @@ pub mod channels;
 pub mod config;
 pub mod http;
 pub mod provider;
+pub mod receipts;
 pub mod route;
 pub mod watch;
 
@@ -60,6 +61,8 @@ pub struct RunningGateway {
     pub metrics_addr: SocketAddr,
     /// The latest view of the cluster this gateway routes by.
     pub view: ViewReceiver,
+    /// Copies of receipts the owners kept unsaved for pushes forwarded here (`receipts`).
+    pub receipt_copies: Arc<receipts::HeldReceipts>,
     shutdown: CancellationToken,
     _stop_on_drop: DropGuard,
     provider_task: JoinHandle<()>,
@@ -218,6 +221,8 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let shutdown = CancellationToken::new();
     let router = NodeRouter::new(peers, view.clone(), timeout, shutdown.clone());
     tokio::spawn(router.clone().open_streams_ahead());
+    tokio::spawn(router.clone().keep_receipts_safe());
+    let receipt_copies = router.held_receipts();
     let limit = |per_sec: f64, burst: u32| Limit { per_sec, burst: f64::from(burst) };
     let service = Arc::new(PushService {
         verifier: JwtVerifier::with_refresh_limit(credentials, config.max_jwt_age_secs, config.min_jwt_refresh_secs),
@@ -270,6 +275,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         channels_addr,
         metrics_addr,
         view,
+        receipt_copies,
         shutdown,
         _stop_on_drop,
         provider_task,

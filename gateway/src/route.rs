@@ -21,8 +21,9 @@ use courier_core::ids::DeviceId;
 use courier_core::peer::Peers;
 use courier_core::state::{Epoch, MemberState, NodeId};
 use courier_proto::cluster::{
-    DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem, ForwardResult, ForwardResults, ManageChannelRequest,
-    ManageChannelResponse, Notification, NotificationStatusRequest, NotificationStatusResponse, RefusalReason,
+    DeliverOutcome, DeliverResult, ForwardBatch, ForwardItem, ForwardResult, ForwardResults, HeldReceipt,
+    ManageChannelRequest, ManageChannelResponse, Notification, NotificationStatusRequest, NotificationStatusResponse,
+    RefusalReason,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -31,6 +32,7 @@ use tonic::Streaming;
 use courier_core::shutdown::CancellationToken;
 
 use crate::http::apns::Reason;
+use crate::receipts::{Held, HeldReceipts, MAX_HELD_PER_NODE};
 use crate::watch::ViewReceiver;
 
 /// How the owner node disposed of one notification.
@@ -108,6 +110,10 @@ pub struct NodeRouter {
     /// The task owning the `Forward` stream to each node address, started on the first push there or when
     /// the view names the node. The tasks end when the last router is dropped.
     streams: Arc<Mutex<HashMap<String, StreamTask>>>,
+    /// Copies of the receipts owners kept unsaved for pushes this gateway forwarded (`receipts`).
+    held: Arc<HeldReceipts>,
+    /// Where copies to hand over wait, until `keep_receipts_safe` takes them.
+    handed: Arc<Mutex<Option<mpsc::UnboundedReceiver<Vec<Held>>>>>,
 }
 
 /// How routers reach the task of one node's `Forward` stream.
@@ -123,6 +129,9 @@ impl StreamTask {
         self.open_asked.notify_one();
     }
 }
+
+/// Receipt copies handed over at once.
+const HANDOVER_PARALLELISM: usize = 256;
 
 /// Pause between attempts when no newer view has arrived.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -140,21 +149,51 @@ const MAX_UNANSWERED: usize = courier_core::protocol::MAX_UNANSWERED;
 /// Pushes queued for a stream's task; beyond it callers wait to queue theirs.
 const QUEUED: usize = MAX_BATCH * 8;
 
-/// A push waiting for a stream's task to send it, and where its answer goes.
+/// What one item of a `Forward` batch carries.
+enum Item {
+    Push(Notification),
+    /// A receipt copy for its device's owner to take over (`receipts`).
+    Receipt(HeldReceipt),
+}
+
+/// An item waiting for a stream's task to send it, and where its answer goes.
 struct Pending {
-    notification: Notification,
+    item: Item,
     answer: oneshot::Sender<Result<Answer, String>>,
 }
 
-/// The node's answer to one push, and the epoch it had applied when it answered.
+/// The node's answer to one item, the epoch it had applied when it answered, and when its process started.
 struct Answer {
     result: DeliverResult,
     epoch: Epoch,
+    started_ms: u64,
+}
+
+/// The answer's part a push needs beyond its outcome.
+struct Answered {
+    epoch: Epoch,
+    /// For a push answered DELIVERED whose receipt the owner kept unsaved for this gateway to copy: the
+    /// receipt's time and the owner process's start.
+    kept: Option<(u64, u64)>,
 }
 
 impl NodeRouter {
     pub fn new(peers: Arc<Peers>, view: ViewReceiver, timeout: Duration, shutdown: CancellationToken) -> Self {
-        NodeRouter { peers, view, timeout, shutdown, streams: Arc::default() }
+        let (held, handed) = HeldReceipts::new(MAX_HELD_PER_NODE);
+        NodeRouter {
+            peers,
+            view,
+            timeout,
+            shutdown,
+            streams: Arc::default(),
+            held: Arc::new(held),
+            handed: Arc::new(Mutex::new(Some(handed))),
+        }
+    }
+
+    /// The receipt copies this gateway keeps.
+    pub fn held_receipts(&self) -> Arc<HeldReceipts> {
+        self.held.clone()
     }
 
     /// Hands one notification to its owner, retrying across owners until the configured timeout.
@@ -177,20 +216,25 @@ impl NodeRouter {
             let failure = match target {
                 None => "no active member owns the device yet".to_string(),
                 Some(addr) => match self.try_deliver_while_owner(device, &addr, notification.clone(), deadline).await {
-                    Ok((Forwarded::Rejected(RefusalReason::NotOwner, _), epoch)) => {
+                    Ok((Forwarded::Rejected(RefusalReason::NotOwner, _), Answered { epoch, .. })) => {
                         catch_up = Some(epoch).filter(|epoch| *epoch > routed_by);
                         format!("{addr} does not own it at epoch {}", epoch.0)
                     }
-                    Ok((Forwarded::Rejected(RefusalReason::EpochAhead, _), epoch)) => {
+                    Ok((Forwarded::Rejected(RefusalReason::EpochAhead, _), Answered { epoch, .. })) => {
                         format!("{addr} did not reach epoch {} (it is at {})", routed_by.0, epoch.0)
                     }
                     Ok((Forwarded::Rejected(RefusalReason::TooFewCopies, _), _)) => {
                         format!("{addr} could not make the replication factor's copies")
                     }
-                    Ok((Forwarded::Rejected(RefusalReason::NoLease, _), epoch)) => {
+                    Ok((Forwarded::Rejected(RefusalReason::NoLease, _), Answered { epoch, .. })) => {
                         format!("{addr} has lost touch with the cluster (at epoch {})", epoch.0)
                     }
-                    Ok((done, _)) => return done,
+                    Ok((done, Answered { kept, .. })) => {
+                        if let Some((at_ms, started_ms)) = kept {
+                            self.held.keep(&addr, Held::of(device, notification, at_ms, started_ms));
+                        }
+                        return done;
+                    }
                     Err(failure) => format!("{addr}: {failure}"),
                 },
             };
@@ -215,7 +259,7 @@ impl NodeRouter {
         addr: &str,
         notification: Notification,
         deadline: Instant,
-    ) -> Result<(Forwarded, Epoch), String> {
+    ) -> Result<(Forwarded, Answered), String> {
         let mut view = self.view.clone();
         let moved = view.wait_for(|v| v.as_ref().and_then(|v| v.owner(device)).is_none_or(|(_, owner)| owner != addr));
         tokio::select! {
@@ -367,13 +411,16 @@ impl NodeRouter {
             if targets.is_empty() {
                 return Broadcasted::Done { subscribers };
             }
-            let calls = targets.iter().map(|(_, addr)| self.forward_once(addr, notification.clone(), deadline));
+            let apns_id = &notification.apns_id;
+            let calls = targets
+                .iter()
+                .map(|(_, addr)| self.forward_once(addr, Item::Push(notification.clone()), apns_id, deadline));
             let answers = futures_util::future::join_all(calls).await;
             let mut newest = epoch;
             let mut failure = None;
             for ((id, addr), answer) in targets.into_iter().zip(answers) {
                 match answer {
-                    Ok(Answer { result, epoch: theirs }) => {
+                    Ok(Answer { result, epoch: theirs, .. }) => {
                         newest = newest.max(theirs);
                         match (result.outcome(), result.reason()) {
                             (DeliverOutcome::Sent | DeliverOutcome::Stored, _) => {
@@ -433,6 +480,77 @@ impl NodeRouter {
         }
     }
 
+    /// Hands receipt copies to their devices' owners until shutdown: those of a node that restarted (found
+    /// in its answers) and those of a node that left the active members (found here, at each new view).
+    /// Started once; a second call returns at once.
+    pub async fn keep_receipts_safe(self) {
+        let taken = self.handed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(mut handed) = taken else { return };
+        let mut view = self.view.clone();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                copies = handed.recv() => match copies {
+                    Some(copies) => {
+                        tokio::spawn(self.clone().hand_over(copies));
+                    }
+                    None => return,
+                },
+                changed = view.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let active: Option<HashSet<String>> = view.borrow_and_update().as_ref().map(|v| {
+                        v.members
+                            .values()
+                            .filter(|m| matches!(m.state, MemberState::Active | MemberState::Draining))
+                            .map(|m| m.cluster_addr.clone())
+                            .collect()
+                    });
+                    if let Some(active) = active {
+                        self.held.keep_only(&active);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands each copy to its device's owner, many at once, each retried like a push until the deadline.
+    async fn hand_over(self, copies: Vec<Held>) {
+        use futures_util::StreamExt;
+        tracing::info!(copies = copies.len(), "handing receipt copies to their devices' owners");
+        futures_util::stream::iter(copies)
+            .for_each_concurrent(HANDOVER_PARALLELISM, |held| self.hand_over_one(held))
+            .await;
+    }
+
+    async fn hand_over_one(&self, held: Held) {
+        let deadline = Instant::now() + self.timeout;
+        let receipt = held.receipt();
+        let apns_id = &held.notification.apns_id;
+        let mut view = self.view.clone();
+        loop {
+            let target =
+                view.borrow_and_update().as_ref().and_then(|v| v.owner(held.device).map(|(_, a)| a.to_string()));
+            let failure = match target {
+                None => "no active member owns the device".to_string(),
+                Some(addr) => match self.forward_once(&addr, Item::Receipt(receipt.clone()), apns_id, deadline).await {
+                    Ok(answer) if answer.result.outcome() == DeliverOutcome::Stored => {
+                        metrics::counter!("courier_gateway_receipts_handed_over_total").increment(1);
+                        return;
+                    }
+                    Ok(answer) => format!("{addr} refused it ({:?})", answer.result.reason()),
+                    Err(failure) => format!("{addr}: {failure}"),
+                },
+            };
+            if Instant::now() >= deadline || !self.pause_before_retry(&mut view, deadline, None).await {
+                metrics::counter!("courier_gateway_receipts_dropped_total", "reason" => "not_handed_over").increment(1);
+                tracing::warn!(%failure, apns_id, "a receipt copy could not be handed over");
+                return;
+            }
+        }
+    }
+
     /// The queue of the stream task for `addr`, started if there is none.
     fn stream(&self, addr: &str) -> StreamTask {
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
@@ -447,6 +565,7 @@ impl NodeRouter {
             view: self.view.clone(),
             open_timeout: self.timeout,
             open_asked: task.open_asked.clone(),
+            held: self.held.clone(),
         };
         tokio::spawn(stream.run(pushes));
         streams.insert(addr.to_string(), task.clone());
@@ -459,8 +578,12 @@ impl NodeRouter {
         addr: &str,
         notification: Notification,
         deadline: Instant,
-    ) -> Result<(Forwarded, Epoch), String> {
-        let Answer { result, epoch } = self.forward_once(addr, notification, deadline).await?;
+    ) -> Result<(Forwarded, Answered), String> {
+        let apns_id = notification.apns_id.clone();
+        let Answer { result, epoch, started_ms } =
+            self.forward_once(addr, Item::Push(notification), &apns_id, deadline).await?;
+        let kept = (result.outcome == DeliverOutcome::Delivered as i32 && result.timestamp_ms > 0)
+            .then_some((result.timestamp_ms, started_ms));
         let delivery = match DeliverOutcome::try_from(result.outcome) {
             Ok(
                 outcome @ (DeliverOutcome::Stored
@@ -476,16 +599,16 @@ impl NodeRouter {
                 return Err(format!("the node answered with outcome {}", result.outcome));
             }
         };
-        Ok((delivery, epoch))
+        Ok((delivery, Answered { epoch, kept }))
     }
 
-    /// Sends one item on `addr`'s `Forward` stream and waits (until `deadline`) for the node's answer to it.
-    async fn forward_once(&self, addr: &str, notification: Notification, deadline: Instant) -> Result<Answer, String> {
-        let apns_id = notification.apns_id.clone();
+    /// Sends one item on `addr`'s `Forward` stream and waits (until `deadline`) for the node's answer to it,
+    /// which must name `apns_id`.
+    async fn forward_once(&self, addr: &str, item: Item, apns_id: &str, deadline: Instant) -> Result<Answer, String> {
         let (answer, answered) = oneshot::channel();
         let stream = self.stream(addr).pushes;
         let attempt = async move {
-            if stream.send(Pending { notification, answer }).await.is_err() {
+            if stream.send(Pending { item, answer }).await.is_err() {
                 return Err("the stream's task has ended".to_string());
             }
             answered.await.map_err(|_| "the stream's task has ended".to_string())?
@@ -511,13 +634,17 @@ struct ForwardStream {
     open_timeout: Duration,
     /// Woken to open a stream with no push waiting (`StreamTask::open_now`).
     open_asked: Arc<tokio::sync::Notify>,
+    /// Told what each answer says of the node's receipts.
+    held: Arc<HeldReceipts>,
 }
 
 /// One open stream's state: what it has sent and not had answered.
 struct OpenStream {
+    addr: String,
     batches: mpsc::UnboundedSender<ForwardBatch>,
     waiting: HashMap<u64, oneshot::Sender<Result<Answer, String>>>,
     next_id: u64,
+    held: Arc<HeldReceipts>,
 }
 
 impl ForwardStream {
@@ -534,7 +661,13 @@ impl ForwardStream {
                 _ = self.open_asked.notified() => None,
             };
             let (batches, outgoing) = mpsc::unbounded_channel();
-            let mut open = OpenStream { batches, waiting: HashMap::new(), next_id: 0 };
+            let mut open = OpenStream {
+                addr: self.addr.clone(),
+                batches,
+                waiting: HashMap::new(),
+                next_id: 0,
+                held: self.held.clone(),
+            };
             // Queued before the stream opens: the node answers the stream's headers without waiting for it.
             if let Some(first) = first {
                 open.send(first, &mut pushes, &self.view);
@@ -571,12 +704,15 @@ impl OpenStream {
     fn send(&mut self, first: Pending, pushes: &mut mpsc::Receiver<Pending>, view: &ViewReceiver) {
         let mut items = Vec::new();
         let mut next = Some(first);
-        while let Some(Pending { notification, answer }) = next {
+        while let Some(Pending { item, answer }) = next {
             // A caller past its deadline no longer waits for the answer.
             if !answer.is_closed() {
                 let id = self.next_id;
                 self.next_id += 1;
-                items.push(ForwardItem { id, notification: Some(notification) });
+                items.push(match item {
+                    Item::Push(notification) => ForwardItem { id, notification: Some(notification), receipt: None },
+                    Item::Receipt(receipt) => ForwardItem { id, notification: None, receipt: Some(receipt) },
+                });
                 self.waiting.insert(id, answer);
             }
             next = if items.len() < MAX_BATCH && self.waiting.len() < MAX_UNANSWERED {
@@ -591,7 +727,7 @@ impl OpenStream {
         metrics::histogram!("courier_gateway_forward_batch_size").record(items.len() as f64);
         let epoch = view.borrow().as_ref().map_or(0, |v| v.epoch.0);
         // A stream that has ended drops the batch; `serve` learns it from the results side.
-        let _ = self.batches.send(ForwardBatch { epoch, items });
+        let _ = self.batches.send(ForwardBatch { epoch, items, holds_receipts: true });
     }
 
     /// Sends batches and hands out answers until the stream breaks (the reason) or every router is gone and
@@ -627,12 +763,16 @@ impl OpenStream {
 
     fn answer(&mut self, message: ForwardResults) {
         let epoch = Epoch(message.epoch);
+        let started_ms = message.started_ms;
+        // Before any waiter hears its answer, so that copies of a restarted node's earlier process are
+        // told apart from the ones this answer makes.
+        self.held.answered(&self.addr, started_ms, message.receipts_safe_before_ms);
         for ForwardResult { id, result } in message.results {
             let Some(waiter) = self.waiting.remove(&id) else {
                 tracing::debug!(id, "a node answered a push this stream is not waiting for");
                 continue;
             };
-            let answer = result.map(|result| Answer { result, epoch });
+            let answer = result.map(|result| Answer { result, epoch, started_ms });
             let _ = waiter.send(answer.ok_or_else(|| "the node answered with no result".to_string()));
         }
     }

@@ -48,6 +48,18 @@ use crate::store::registrations::Registrations;
 use crate::store::{Inserted, ReceiptRole, Removal, Store, StoreError};
 use crate::view::{LocalView, Placement};
 
+/// Who keeps a copy of a `delivered` receipt this node decides with nothing stored, against its death
+/// before the receipt is sent or written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptCopies {
+    /// The device's other holders, sent one in the next replication message (`receipts::unsaved`).
+    Holders,
+    /// The gateway that forwarded the push (`ForwardBatch.holds_receipts`): it hears the receipt's time
+    /// in the answer's `timestamp_ms` and keeps the copy itself, so no message per receipt goes to the
+    /// holders.
+    Sender,
+}
+
 /// How long a notification written to a live link waits for the device's ack before it is committed.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_millis(25);
 
@@ -170,8 +182,9 @@ impl Delivery {
         self.inner.awaiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Disposes of one notification forwarded by a gateway for a device this node owns.
-    pub async fn deliver(&self, notification: Notification) -> DeliverResult {
+    /// Disposes of one notification forwarded by a gateway for a device this node owns; `copies` says who
+    /// keeps the copy of a receipt decided with nothing stored.
+    pub async fn deliver(&self, notification: Notification, copies: ReceiptCopies) -> DeliverResult {
         let parts = &self.inner.parts;
         let apns_id = notification.apns_id.clone();
         let Some(device) = DeviceId::from_slice(&notification.device_id) else {
@@ -229,7 +242,9 @@ impl Delivery {
         if waiting {
             parts.status.record(device, &notification, Disposition::Accepted, now_ms);
             match parts.registry.hand_off(device, notification.clone()) {
-                Handoff::Sent(serial) => return self.await_ack(device, key, notification, &mut woken, serial).await,
+                Handoff::Sent(serial) => {
+                    return self.await_ack(device, key, notification, &mut woken, serial, copies).await;
+                }
                 Handoff::NotConnected | Handoff::SlowConsumer => {
                     self.awaiting().remove(&key);
                 }
@@ -260,6 +275,7 @@ impl Delivery {
         notification: Arc<Notification>,
         woken: &mut oneshot::Receiver<()>,
         serial: u64,
+        copies: ReceiptCopies,
     ) -> DeliverResult {
         let parts = &self.inner.parts;
         let apns_id = key.1.clone();
@@ -270,12 +286,18 @@ impl Delivery {
         };
         if acked_in_time {
             // Each copy's insert and delete.
-            let copies = parts.replicator.copies_wanted() as u64;
-            metrics::counter!("courier_node_store_writes_elided_total").increment(2 * copies);
-            // Nothing was stored, so the receipt is the only trace. It is queued here and copied to the
-            // successors without the answer waiting for either (`receipt_later`).
-            self.receipt_later(device, event_for(&notification, EventKind::Delivered, None, unix_millis()));
-            return result(&apns_id, DeliverOutcome::Delivered);
+            let wanted = parts.replicator.copies_wanted() as u64;
+            metrics::counter!("courier_node_store_writes_elided_total").increment(2 * wanted);
+            // Nothing was stored, so the receipt is the only trace. It is kept here and copied to the
+            // successors (or to nobody, when the gateway keeps the copy) without the answer waiting
+            // (`receipt_later`).
+            let at_ms = unix_millis();
+            let event = event_for(&notification, EventKind::Delivered, None, at_ms);
+            let mut answer = result(&apns_id, DeliverOutcome::Delivered);
+            if self.receipt_later(device, event, copies) && copies == ReceiptCopies::Sender {
+                answer.timestamp_ms = at_ms;
+            }
+            return answer;
         }
         // Not acked in time: commit, still listening for the ack. The commit runs on its own task so that
         // an ack answering first does not cancel it: the deletes must follow the inserts.
@@ -311,16 +333,15 @@ impl Delivery {
 
     /// Makes a receipt decided with nothing stored durable before the answer that follows it: queued here
     /// and held by the device's other holders, which send it if this node dies first.
-    async fn keep_receipt(&self, device: DeviceId, event: Option<Event>) {
-        let Some(event) = event else { return };
+    /// False when the store failed (logged).
+    async fn keep_receipt(&self, device: DeviceId, event: Option<Event>) -> bool {
+        let Some(event) = event else { return true };
         let parts = &self.inner.parts;
         let (kept, _) = tokio::join!(
             parts.store.keep_receipts(vec![(device, event.clone())], ReceiptRole::Queue),
             parts.replicator.hold_receipts(device, std::slice::from_ref(&event)),
         );
-        if let Err(error) = kept {
-            tracing::error!(%error, "keeping a receipt failed");
-        }
+        kept.inspect_err(|error| tracing::error!(%error, "keeping a receipt failed")).is_ok()
     }
 
     /// Keeps a receipt decided with nothing stored without waiting for it to be written: for the acks of
@@ -328,10 +349,41 @@ impl Delivery {
     /// more commits would cost the provider's answer what ack-before-commit saved. It waits unsaved here
     /// and on the device's other holders (`receipts::unsaved`), which it reaches in the next replication
     /// batch; an owner killed before that batch left loses it.
-    fn receipt_later(&self, device: DeviceId, event: Option<Event>) {
-        let Some(event) = event else { return };
+    /// True when it is kept unsaved (false: there is none, or it was queued).
+    fn receipt_later(&self, device: DeviceId, event: Option<Event>, copies: ReceiptCopies) -> bool {
+        let Some(event) = event else { return false };
         let parts = &self.inner.parts;
-        crate::receipts::unsaved::keep(&parts.unsaved, &parts.store, &parts.replicator, Unsaved::new(device, event));
+        let receipt = match copies {
+            ReceiptCopies::Holders => Unsaved::new(device, event),
+            ReceiptCopies::Sender => Unsaved::held_by_sender(device, event),
+        };
+        crate::receipts::unsaved::keep(&parts.unsaved, &parts.store, &parts.replicator, receipt)
+    }
+
+    /// Takes over a receipt a gateway kept for a node that died or restarted before sending or writing it
+    /// (`ForwardItem.receipt`): queued here and held by the device's other holders, as a receipt decided
+    /// here is, before the answer (`STORED`).
+    pub async fn adopt_receipt(&self, receipt: HeldReceipt) -> DeliverResult {
+        let apns_id = String::new();
+        let Some(device) = DeviceId::from_slice(&receipt.device_id) else {
+            return refused(&apns_id, RefusalReason::BadDeviceId, 0);
+        };
+        let Some((device, event)) = crate::receipts::unsaved::parsed(device, &receipt.event_json) else {
+            return refused(&apns_id, RefusalReason::Unspecified, 0);
+        };
+        let apns_id = event.apns_id.clone();
+        if !self.keep_receipt(device, Some(event)).await {
+            return refused(&apns_id, RefusalReason::StoreFailed, 0);
+        }
+        metrics::counter!("courier_webhook_events_total", "outcome" => "adopted").increment(1);
+        result(&apns_id, DeliverOutcome::Stored)
+    }
+
+    /// The receipts' part of every answer to a gateway that keeps receipt copies: the time before which
+    /// every receipt kept here unsaved has been sent or written, and when this process started.
+    pub fn receipts_safe(&self) -> (u64, u64) {
+        let unsaved = &self.inner.parts.unsaved;
+        (unsaved.safe_before_ms(unix_millis()), unsaved.started_ms())
     }
 
     /// Inserts locally and on the device's ring successors at the same time: done only once both are, on
@@ -374,7 +426,7 @@ impl Delivery {
         }
         // The receipt of one that was on the link only (expiration 0: answered when handed to the link);
         // a stored one's comes with its delete.
-        self.receipt_later(device, unstored);
+        self.receipt_later(device, unstored, ReceiptCopies::Holders);
         self.forget(device, apns_id);
     }
 

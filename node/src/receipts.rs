@@ -336,7 +336,7 @@ async fn post_unsaved(
     timeout: Duration,
 ) -> Result<(), String> {
     let copy_after_ms = shared.unsaved.copy_after().as_millis() as u64;
-    let copy_due_ms = batch.iter().filter(|r| r.copy.is_none()).map(|r| r.event.at_ms + copy_after_ms).min();
+    let copy_due_ms = batch.iter().filter(|r| r.needs_copy()).map(|r| r.event.at_ms + copy_after_ms).min();
     let mut copied_late = Vec::new();
     let posted = {
         let batch: &[Unsaved] = batch;

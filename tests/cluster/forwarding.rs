@@ -178,7 +178,7 @@ impl RawForward {
 
     /// Sends one batch and returns the next answer message.
     async fn ask(&mut self, epoch: u64, items: Vec<ForwardItem>) -> ForwardResults {
-        self.batches.send(ForwardBatch { epoch, items }).expect("the stream is open");
+        self.batches.send(ForwardBatch { epoch, items, holds_receipts: false }).expect("the stream is open");
         tokio::time::timeout(Duration::from_secs(20), self.results.message())
             .await
             .expect("an answer in time")
@@ -196,7 +196,7 @@ fn item(id: u64, device: courier_core::ids::DeviceId) -> ForwardItem {
         payload: b"{}".to_vec(),
         ..Default::default()
     };
-    ForwardItem { id, notification: Some(notification) }
+    ForwardItem { id, notification: Some(notification), receipt: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,7 +276,7 @@ async fn a_gateway_behind_by_an_epoch_is_told_so_and_retries_on_the_right_owner(
 
     // A batch over the bound ends the stream with InvalidArgument.
     let oversize = (0..=courier_core::protocol::MAX_FORWARD_BATCH as u64).map(|id| item(id, kept)).collect();
-    stream.batches.send(ForwardBatch { epoch: 0, items: oversize }).expect("the stream is open");
+    stream.batches.send(ForwardBatch { epoch: 0, items: oversize, holds_receipts: false }).expect("the stream is open");
     let refused = tokio::time::timeout(Duration::from_secs(20), stream.results.message()).await.expect("in time");
     match refused {
         Err(status) => assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}"),

@@ -185,7 +185,8 @@ async fn with_refuse_neither_copy_receives_pushes_until_the_clone_is_cleared() {
     };
     let batch = courier_proto::cluster::ForwardBatch {
         epoch: control.current().epoch.0,
-        items: vec![courier_proto::cluster::ForwardItem { id: 1, notification: Some(notification) }],
+        items: vec![courier_proto::cluster::ForwardItem { id: 1, notification: Some(notification), receipt: None }],
+        holds_receipts: false,
     };
     let answer = gateway
         .client(&cluster.node().cluster_addr.to_string())

@@ -6,7 +6,9 @@
 //! has applied then. A batch stamped with an epoch this node has not applied waits for it up to
 //! `epoch_wait`, then its notifications are refused as EPOCH_AHEAD. Whether this node owns a device is
 //! `delivery`'s question, not this module's. Items that are broadcasts (`channel_id` set) go to
-//! `broadcast` instead, so broadcasts are batched and epoch-stamped like single pushes.
+//! `broadcast` instead, so broadcasts are batched and epoch-stamped like single pushes; items that carry a
+//! receipt a gateway kept for a node that died are taken over (`Delivery::adopt_receipt`). Every answer
+//! tells a gateway that keeps receipt copies which it may drop (`Delivery::receipts_safe`).
 //!
 //! The stream is bounded: at most `MAX_FORWARD_BATCH` items a batch (a larger batch ends the stream with
 //! `InvalidArgument`), and no further batch is read while `MAX_UNANSWERED` items wait for their answers,
@@ -28,7 +30,7 @@ use courier_core::protocol::{MAX_FORWARD_BATCH, MAX_UNANSWERED};
 use courier_core::shutdown::CancellationToken;
 
 use crate::broadcast::Broadcasts;
-use crate::delivery::{Delivery, refused};
+use crate::delivery::{Delivery, ReceiptCopies, refused};
 use crate::raft::state::Epoch;
 
 /// How long a batch stamped with an epoch this node has not applied waits for it (`--epoch-wait-ms`).
@@ -86,7 +88,9 @@ async fn run(stream: Forwarding, mut batches: Streaming<ForwardBatch>) {
                 }
                 unanswered = unanswered.saturating_sub(received);
                 let epoch = stream.delivery.view().get().state.epoch.0;
-                let message = ForwardResults { epoch, results: std::mem::take(&mut ready) };
+                let (receipts_safe_before_ms, started_ms) = stream.delivery.receipts_safe();
+                let results = std::mem::take(&mut ready);
+                let message = ForwardResults { epoch, results, receipts_safe_before_ms, started_ms };
                 if stream.out.send(Ok(message)).await.is_err() {
                     return;
                 }
@@ -162,16 +166,20 @@ async fn deliver_batch(
         }
         return;
     }
+    let copies = if batch.holds_receipts { ReceiptCopies::Sender } else { ReceiptCopies::Holders };
     let mut delivering: FuturesUnordered<_> = batch
         .items
         .into_iter()
-        .map(|ForwardItem { id, notification }| {
+        .map(|ForwardItem { id, notification, receipt }| {
             let (delivery, broadcasts) = (delivery.clone(), broadcasts.clone());
-            // An item without a notification has no 16-byte device id, and is refused as such.
+            // An item with neither a notification nor a receipt has no 16-byte device id, and is refused as
+            // such.
             let notification = notification.unwrap_or_default();
             async move {
-                let result = if notification.channel_id.is_empty() {
-                    delivery.deliver(notification).await
+                let result = if let Some(receipt) = receipt {
+                    delivery.adopt_receipt(receipt).await
+                } else if notification.channel_id.is_empty() {
+                    delivery.deliver(notification, copies).await
                 } else {
                     crate::broadcast::deliver_forwarded(&broadcasts, notification).await
                 };

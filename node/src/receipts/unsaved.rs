@@ -34,6 +34,10 @@ use crate::raft::state::NodeId;
 use crate::replication::{ReceiptCopy, Replicator};
 use crate::store::Store;
 
+/// Beyond `save_after` and the sweep's interval, how long after its outcome a receipt kept here may still
+/// be on its way to the store or the holders (a last request running over, a group commit under load).
+const SAFE_MARGIN: Duration = Duration::from_secs(2);
+
 /// Most unsaved receipts one team may have waiting on a node unless configured otherwise.
 pub const DEFAULT_CAP_PER_TEAM: usize = 100_000;
 
@@ -45,6 +49,9 @@ pub struct Unsaved {
     /// The copy the device's copy holders were sent, if they were (they must be told when it is
     /// released).
     pub copy: Option<Copied>,
+    /// The gateway that forwarded the push keeps a copy instead of the holders (`ForwardBatch`'s
+    /// `holds_receipts`): the receipt is never copied to them.
+    pub held_by_sender: bool,
 }
 
 /// What a receipt's holders were sent: the copy's number, the event as JSON (which the batch body reuses
@@ -65,7 +72,17 @@ impl Copied {
 impl Unsaved {
     /// A receipt not copied yet.
     pub fn new(device: DeviceId, event: Event) -> Self {
-        Unsaved { device, event, copy: None }
+        Unsaved { device, event, copy: None, held_by_sender: false }
+    }
+
+    /// A receipt whose copy the gateway that forwarded its push keeps: never copied to the holders.
+    pub fn held_by_sender(device: DeviceId, event: Event) -> Self {
+        Unsaved { held_by_sender: true, ..Unsaved::new(device, event) }
+    }
+
+    /// Whether the device's copy holders must still be sent a copy.
+    pub fn needs_copy(&self) -> bool {
+        self.copy.is_none() && !self.held_by_sender
     }
 }
 
@@ -99,6 +116,8 @@ pub struct UnsavedReceipts {
     batch_max: usize,
     teams: Mutex<HashMap<String, TeamQueue>>,
     held: Mutex<Held>,
+    /// When this node process started (UNIX ms): what it keeps here began then.
+    started_ms: u64,
     /// The next copy's number.
     next_copy: AtomicU64,
     /// Woken when a team without a queue here gets a receipt, so that its task starts.
@@ -128,6 +147,7 @@ impl UnsavedReceipts {
             batch_max: usize::MAX,
             teams: Mutex::new(HashMap::new()),
             held: Mutex::new(Held::default()),
+            started_ms: unix_millis(),
             next_copy: AtomicU64::new(unix_millis() << 20),
             arrived: tokio::sync::Notify::new(),
             uncopied: tokio::sync::Notify::new(),
@@ -147,6 +167,22 @@ impl UnsavedReceipts {
         self.copy_after
     }
 
+    /// When this node process started (UNIX ms), for gateways that keep receipt copies: a change tells
+    /// them the receipts kept here were lost.
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms
+    }
+
+    /// The time before which every receipt this node decided and kept here has been taken by its endpoint
+    /// or written, by `now_ms` (`ForwardResults.receipts_safe_before_ms`): one is taken out by its team's
+    /// task or the sweep within `save_after` of its outcome (the sweep looks every quarter of it, a request
+    /// of unsaved receipts may run `UNSAVED_MIN_TIMEOUT` past it), and written in the next group commit;
+    /// `SAFE_MARGIN` covers the rest.
+    pub fn safe_before_ms(&self, now_ms: u64) -> u64 {
+        let after = self.save_after + self.save_after / 4 + SAFE_MARGIN;
+        now_ms.saturating_sub(after.as_millis() as u64)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TeamQueue>> {
         self.teams.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -154,7 +190,7 @@ impl UnsavedReceipts {
     /// Numbers `receipt` for its copy and gives the copy, for the holders `holders_of` names for its
     /// device, unless it was copied already.
     fn copy_of(&self, receipt: &Unsaved, holders_of: &impl Fn(DeviceId) -> Vec<NodeId>) -> Option<ReceiptCopy> {
-        if receipt.copy.is_some() {
+        if !receipt.needs_copy() {
             return None;
         }
         let json = Bytes::from(receipt.event.to_json());
@@ -179,8 +215,8 @@ impl UnsavedReceipts {
         if queue.receipts.len() >= self.cap {
             return Some(receipt);
         }
-        let first_uncopied = receipt.copy.is_none() && queue.copied == queue.receipts.len();
-        if receipt.copy.is_some() && queue.copied == queue.receipts.len() {
+        let first_uncopied = receipt.needs_copy() && queue.copied == queue.receipts.len();
+        if !receipt.needs_copy() && queue.copied == queue.receipts.len() {
             queue.copied += 1;
         }
         queue.receipts.push_back(receipt);
@@ -210,6 +246,10 @@ impl UnsavedReceipts {
         let mut next_ms: Option<u64> = None;
         for queue in self.lock().values_mut() {
             while let Some(receipt) = queue.receipts.get_mut(queue.copied) {
+                if !receipt.needs_copy() {
+                    queue.copied += 1;
+                    continue;
+                }
                 let due_ms = receipt.event.at_ms.saturating_add(after_ms);
                 if due_ms > now_ms {
                     next_ms = Some(next_ms.map_or(due_ms, |n| n.min(due_ms)));
@@ -440,7 +480,7 @@ fn held_in_stores(replicator: &Replicator, receipts: Vec<Unsaved>) -> Vec<(Devic
     release(replicator, &receipts);
     receipts
         .into_iter()
-        .map(|Unsaved { device, event, copy }| {
+        .map(|Unsaved { device, event, copy, .. }| {
             let json = match copy {
                 Some(copied) => copied.json.to_vec(),
                 None => event.to_json(),
@@ -477,9 +517,13 @@ pub async fn save_at_stop(store: &Store, replicator: &Replicator, receipts: Vec<
 /// to the device's copy holders by the copier once it is `copy_after` old (at its next turn when that is
 /// zero); or, when keeping is off or full, queued here and copied to the holders' stores in the next group
 /// commit and replication batch.
-pub fn keep(unsaved: &UnsavedReceipts, store: &Store, replicator: &Replicator, receipt: Unsaved) {
-    if let Some(receipt) = unsaved.keep(receipt) {
-        store.queue_receipts(held_in_stores(replicator, vec![receipt]));
+pub fn keep(unsaved: &UnsavedReceipts, store: &Store, replicator: &Replicator, receipt: Unsaved) -> bool {
+    match unsaved.keep(receipt) {
+        Some(receipt) => {
+            store.queue_receipts(held_in_stores(replicator, vec![receipt]));
+            false
+        }
+        None => true,
     }
 }
 
@@ -632,6 +676,33 @@ mod tests {
         assert_eq!(unsaved.copies_due(320, holders), (Vec::new(), Some(335)), "b1's copy is not counted again");
         assert_eq!(copied(&unsaved.copies_due(335, holders).0), ["b2"]);
         assert_eq!(unsaved.take("B", 5).iter().map(|r| r.copy.is_some()).collect::<Vec<_>>(), [true, true]);
+    }
+
+    #[test]
+    fn a_receipt_whose_gateway_keeps_the_copy_is_never_copied_and_does_not_hold_up_the_others() {
+        let unsaved = UnsavedReceipts::new(Duration::from_millis(1000), Duration::from_millis(25), 10);
+        let held = |id: &str, at: u64| {
+            let r = receipt("A", id, at);
+            Unsaved::held_by_sender(r.device, r.event)
+        };
+        let mut uncopied = std::pin::pin!(unsaved.uncopied());
+        assert!(unsaved.keep(held("g1", 100)).is_none());
+        assert!(!woken(uncopied.as_mut()), "nothing to copy: the copier is not woken");
+        assert!(unsaved.keep(receipt("A", "a1", 110)).is_none());
+        assert!(woken(uncopied.as_mut()), "a receipt to copy wakes it");
+        assert!(unsaved.keep(held("g2", 120)).is_none());
+        assert!(unsaved.keep(receipt("A", "a2", 130)).is_none());
+        let holders = |device: DeviceId| vec![device.0 as NodeId + 1];
+        let (due, next) = unsaved.copies_due(200, holders);
+        let copied: Vec<String> =
+            due.iter().map(|c| serde_json::from_slice::<Event>(&c.json).expect("json").apns_id).collect();
+        assert_eq!(copied, ["a1", "a2"], "only the holders' ones");
+        assert_eq!(next, None);
+        let taken = unsaved.take("A", 10);
+        assert_eq!(ids(&taken), ["g1", "a1", "g2", "a2"]);
+        assert_eq!(taken.iter().map(|r| r.copy.is_some()).collect::<Vec<_>>(), [false, true, false, true]);
+        assert!(unsaved.copies_of(&taken, holders).is_empty(), "nor copied by the team's task");
+        assert!(unsaved.safe_before_ms(10_000) < 10_000 - 1_000, "not before save_after has passed");
     }
 
     #[test]
