@@ -30,36 +30,53 @@ use tokio::sync::mpsc;
 /// Most copies kept for one node: several seconds of a node's saturated push rate.
 pub const MAX_HELD_PER_NODE: usize = 500_000;
 
-/// One receipt's copy.
+/// One receipt's copy: what the receipt says, in one allocation (the push it came from is freed with its
+/// answer, as it would be without receipts).
 #[derive(Debug, Clone)]
 pub struct Held {
     pub device: DeviceId,
     /// When the owner kept it (the receipt's time, the owner's clock) and when the owner's process started.
     pub at_ms: u64,
     pub started_ms: u64,
-    /// The push, without its payload: the receipt's team, token, topic, apns-id and acceptance time.
-    pub notification: Notification,
+    accepted_at_ms: u64,
+    /// The team, apns-id, token and topic, one after another; `ends` says where the first three end.
+    text: Box<str>,
+    ends: [usize; 3],
 }
 
 impl Held {
     /// The copy of the receipt of `notification`, which its owner answered DELIVERED at `at_ms`.
-    pub fn of(device: DeviceId, mut notification: Notification, at_ms: u64, started_ms: u64) -> Self {
-        notification.payload = Default::default();
-        Held { device, at_ms, started_ms, notification }
+    pub fn of(device: DeviceId, notification: &Notification, at_ms: u64, started_ms: u64) -> Self {
+        let parts = [&notification.team_id, &notification.apns_id, &notification.token, &notification.topic];
+        let mut text = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        let mut ends = [0; 3];
+        for (i, part) in parts.into_iter().enumerate() {
+            text.push_str(part);
+            if let Some(end) = ends.get_mut(i) {
+                *end = text.len();
+            }
+        }
+        Held { device, at_ms, started_ms, accepted_at_ms: notification.accepted_at_ms, text: text.into(), ends }
+    }
+
+    /// Team, apns-id, token, topic.
+    fn parts(&self) -> [&str; 4] {
+        let [a, b, c] = self.ends;
+        let text = &*self.text;
+        [&text[..a], &text[a..b], &text[b..c], &text[c..]]
+    }
+
+    pub fn apns_id(&self) -> &str {
+        self.parts()[1]
     }
 
     /// The receipt as the owner would have sent it: the same event, so the same event id.
     pub fn receipt(&self) -> HeldReceipt {
-        let n = &self.notification;
-        let of = Receipted {
-            team_id: &n.team_id,
-            apns_id: &n.apns_id,
-            token: &n.token,
-            topic: &n.topic,
-            accepted_at_ms: n.accepted_at_ms,
-        };
+        let [team_id, apns_id, token, topic] = self.parts();
+        let of = Receipted { team_id, apns_id, token, topic, accepted_at_ms: self.accepted_at_ms };
         let event = Event::new(EventKind::Delivered, of, None, self.at_ms);
-        HeldReceipt { device_id: n.device_id.clone(), event_json: event.to_json(), unsaved: false, event_id: event.id }
+        let device_id = self.device.to_bytes().to_vec();
+        HeldReceipt { device_id, event_json: event.to_json(), unsaved: false, event_id: event.id }
     }
 }
 
@@ -185,11 +202,11 @@ mod tests {
             accepted_at_ms: 5,
             ..Default::default()
         };
-        Held::of(DeviceId(7), notification, at_ms, started_ms)
+        Held::of(DeviceId(7), &notification, at_ms, started_ms)
     }
 
     fn ids(batch: &[Held]) -> Vec<&str> {
-        batch.iter().map(|h| h.notification.apns_id.as_str()).collect()
+        batch.iter().map(Held::apns_id).collect()
     }
 
     #[test]
@@ -218,9 +235,7 @@ mod tests {
         assert_eq!(held_receipts.len(), 2);
         // n2 leaves the active members: its copies are handed over; n1's stay.
         held_receipts.keep_only(&HashSet::from(["n1".to_string()]));
-        let handed_over = handed.try_recv().expect("handed over");
-        assert_eq!(ids(&handed_over), ["x"]);
-        assert!(handed_over[0].notification.payload.is_empty(), "kept without the payload");
+        assert_eq!(ids(&handed.try_recv().expect("handed over")), ["x"]);
         assert_eq!(held_receipts.len(), 1);
         // A node of an earlier release (no start time) changes nothing.
         held_receipts.answered("n1", 0, u64::MAX);

@@ -231,7 +231,7 @@ impl NodeRouter {
                     }
                     Ok((done, Answered { kept, .. })) => {
                         if let Some((at_ms, started_ms)) = kept {
-                            self.held.keep(&addr, Held::of(device, notification, at_ms, started_ms));
+                            self.held.keep(&addr, Held::of(device, &notification, at_ms, started_ms));
                         }
                         return done;
                     }
@@ -527,7 +527,7 @@ impl NodeRouter {
     async fn hand_over_one(&self, held: Held) {
         let deadline = Instant::now() + self.timeout;
         let receipt = held.receipt();
-        let apns_id = &held.notification.apns_id;
+        let apns_id = held.apns_id();
         let mut view = self.view.clone();
         loop {
             let target =

@@ -333,10 +333,11 @@ async fn receipts_kept_unsaved_are_never_copied_or_written_when_taken_in_time_an
     gateway_sends_receipts_for(&cluster.gateway, &[&team]).await;
     let (_, mut link, token) = common::registered_device(&cluster.endpoints[0]).await;
     let owner = link.node_addr.to_string();
-    // Pushed, received and acked by the device, answered (DELIVERED, as it was acked before any commit).
-    let mut push_and_ack = async |label: &str| {
+    // Pushed, received and acked by the device, answered (DELIVERED, as it was acked before any commit; SENT
+    // for expiration 0, answered when handed to the link).
+    let mut push_and_ack = async |label: &str, expiration: u64| {
         let answer = tokio::spawn({
-            let (provider, push) = (cluster.provider.clone(), push(&cluster, &token, label, later(), None));
+            let (provider, push) = (cluster.provider.clone(), push(&cluster, &token, label, expiration, None));
             async move { provider.push(&push).await.expect("push") }
         });
         assert_eq!(link.next_notification().await.expect("notification").apns_id, id(label));
@@ -346,7 +347,7 @@ async fn receipts_kept_unsaved_are_never_copied_or_written_when_taken_in_time_an
 
     // Taken by the endpoint at once: sent from memory, never queued in the store.
     for label in ["unsaved-1", "unsaved-2", "unsaved-3"] {
-        push_and_ack(label).await;
+        push_and_ack(label, later()).await;
     }
     eventually(Duration::from_secs(10), "the three receipts", || {
         let events = receiver.accepted_events();
@@ -363,11 +364,15 @@ async fn receipts_kept_unsaved_are_never_copied_or_written_when_taken_in_time_an
     assert_eq!(outcome_count(&cluster, &owner, "queued").await, 0.0, "nothing was written");
     assert_eq!(outcome_count(&cluster, &owner, "saved").await, 0.0);
     assert_eq!(outcome_count(&cluster, &owner, "copied").await, 0.0, "nor sent to the other holders");
+    // Their copies are the gateway's, which forwarded the pushes; the owner says it may drop them only
+    // once the 5 s before a receipt is written (and a margin) have passed.
+    assert_eq!(cluster.gateway.receipt_copies.len(), 3, "the gateway keeps the acked pushes' receipts");
 
-    // Answered after 2 s, past the 1 s it may wait uncopied but inside the 5 s before it is written: its
-    // holders are sent a copy while the request is out, and nothing is written.
+    // Answered after 2 s, past the 1 s it may wait uncopied but inside the 5 s before it is written: the
+    // receipt of a push with expiration 0 (its copy goes to the holders: the gateway heard SENT before the
+    // ack) is copied to them while the request is out, and nothing is written.
     receiver.slow_next(1, Duration::from_secs(2));
-    push_and_ack("slow-1").await;
+    push_and_ack("slow-1", 0).await;
     eventually(Duration::from_secs(10), "the slow receipt copied while its request is out", || async {
         outcome_count(&cluster, &owner, "copied").await == 1.0
     })
@@ -383,7 +388,7 @@ async fn receipts_kept_unsaved_are_never_copied_or_written_when_taken_in_time_an
     // the same message.
     receiver.fail_next(2);
     let before = receiver.requests().len();
-    push_and_ack("refused-1").await;
+    push_and_ack("refused-1", later()).await;
     eventually(Duration::from_secs(30), "the refused receipt, once the endpoint answers", || {
         std::future::ready(event(&receiver.accepted_events(), "refused-1", "delivered").is_some())
     })
