@@ -524,13 +524,17 @@ pub async fn spawn_node_in(
         .args(["--cluster-addr", &format!("{host}:{cluster_port}")])
         .args(["--node-metrics-addr", &format!("{host}:0"), "--open-enrolment"])
         .args(["--raft-heartbeat-ms", "100", "--raft-election-timeout-ms", "500"])
-        .args(["--probe-interval-ms", "200", "--failure-timeout-ms", "1000", "--drain-deadline-secs", "20"])
+        .args(["--probe-interval-ms", "200", "--drain-deadline-secs", "20"])
         .env("RUST_LOG", std::env::var("COURIER_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
     if let Some(seed) = join {
         command.args(["--join", seed]);
+    }
+    // Fast failure detection unless the test asks for its own (a flag may be given once).
+    if !extra.iter().any(|arg| arg.starts_with("--failure-timeout-ms")) {
+        command.args(["--failure-timeout-ms", "1000"]);
     }
     command.args(extra);
     let mut child = command.spawn().expect("spawn courier node");

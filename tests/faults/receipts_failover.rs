@@ -3,7 +3,8 @@
 //! collapse, an unregistered topic), so their receipts sit in its send queue; then it is SIGKILLed. Once
 //! the endpoint answers again, the new owner sends every one of them from the copies it held. And with the
 //! endpoint slow instead, a receipt kept unsaved dies with its owner while its request is out: the gateway
-//! that forwarded the push kept a copy, and hands it to the new owner, which sends it.
+//! that forwarded the push kept a copy, and hands it to the new owner, which sends it; or, when the owner
+//! is back before anyone marked it down, to the restarted owner, told by the start time in its answers.
 
 use crate::ONE_AT_A_TIME;
 use crate::common;
@@ -30,15 +31,13 @@ async fn ack_all(link: &mut DeviceLink, quiet: Duration) -> Vec<String> {
     seen
 }
 
-/// A cluster whose team has its webhook at `receiver` (and whose gateway knows it), its nodes started with
-/// `extra` flags besides a long ack window, so that the device's ack (from the test) is in time to spare
-/// the commit, and a long time unsaved, so that the receipt of that ack waits in memory.
-async fn cluster_with_webhook(receiver: &Receiver, extra: &[&str]) -> ProcessCluster {
-    let ca = receiver.ca_path.to_str().expect("path").to_string();
+/// The node flags of `cluster_with_webhook`.
+fn webhook_flags(receiver: &Receiver, extra: &[&str]) -> Vec<String> {
+    let ca = receiver.ca_path.to_str().expect("path");
     let mut flags = vec![
         "--webhooks-allow-private",
         "--webhook-ca",
-        &ca,
+        ca,
         "--webhook-batch-wait-ms",
         "50",
         "--ack-wait-ms",
@@ -47,6 +46,15 @@ async fn cluster_with_webhook(receiver: &Receiver, extra: &[&str]) -> ProcessClu
         "60000",
     ];
     flags.extend_from_slice(extra);
+    flags.into_iter().map(str::to_string).collect()
+}
+
+/// A cluster whose team has its webhook at `receiver` (and whose gateway knows it), its nodes started with
+/// `extra` flags besides a long ack window, so that the device's ack (from the test) is in time to spare
+/// the commit, and a long time unsaved, so that the receipt of that ack waits in memory.
+async fn cluster_with_webhook(receiver: &Receiver, extra: &[&str]) -> ProcessCluster {
+    let flags = webhook_flags(receiver, extra);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let cluster = ProcessCluster::start(&flags, 10_000).await;
     let team = team_id(cluster.dir.path());
     let node1 = cluster.nodes[0].cluster_addr.parse().expect("address");
@@ -208,6 +216,60 @@ async fn a_receipt_kept_unsaved_is_sent_by_the_new_owner_from_the_copy_the_gatew
     .await;
     let alive: Vec<&common::NodeProcess> = nodes.iter().filter(|n| n.id != victim_id).collect();
     assert!(outcome_total(&alive, "adopted").await >= 1.0, "taken over from the gateway's copy");
+    assert!(gateway.receipt_copies.is_empty(), "handed over, not kept");
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_an_owner_lost_in_a_quick_restart_is_handed_back_to_it_by_the_gateway() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let receiver = Receiver::start().await;
+    receiver.slow_next(1, Duration::from_secs(120));
+    // The owner is back long before anyone would mark it down: the ring never changes, and only the start
+    // time in its answers tells the gateway that the receipt it kept in memory is gone.
+    let extra = ["--webhook-timeout-ms", "60000", "--failure-timeout-ms", "60000"];
+    let ProcessCluster { dir, mut nodes, gateway, provider, signer, endpoints } =
+        cluster_with_webhook(&receiver, &extra).await;
+
+    let (_, mut link, token) = common::registered_device(&endpoints[0]).await;
+    let owner_addr = link.node_addr.to_string();
+    let answer = tokio::spawn({
+        let (provider, push) = (provider.clone(), labelled_push(&signer, &token, "kept", later(), None));
+        async move { provider.push(&push).await.expect("push") }
+    });
+    assert_eq!(ack_all(&mut link, Duration::from_millis(500)).await, [common::webhooks::apns_id("kept")]);
+    assert_eq!(answer.await.expect("push task").status, 200);
+    link.close().await.expect("close");
+    assert_eq!(gateway.receipt_copies.len(), 1, "the gateway keeps the receipt's copy");
+    // Its request has had time to leave: the endpoint holds it, and the owner keeps it in memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(receiver.requests().is_empty(), "no request answered yet");
+
+    let owner = nodes.iter().position(|n| n.device_addr == owner_addr).expect("the owner");
+    let (id, members) = (nodes[owner].id, gateway.view.borrow().as_ref().map(|v| v.ring.members().to_vec()));
+    let port = |addr: &str| addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("port");
+    let ports = (port(&nodes[owner].device_addr), port(&nodes[owner].cluster_addr));
+    nodes[owner].child.start_kill().expect("SIGKILL");
+    let _ = nodes[owner].child.wait().await;
+    let seed = nodes[(owner + 1) % nodes.len()].cluster_addr.clone();
+    let flags = webhook_flags(&receiver, &extra);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    nodes[owner] = common::spawn_node_with(dir.path(), id, Some(&seed), Some(ports), &flags).await;
+
+    // A push to the same device (offline now, so stored) reaches the new process; its answer's start time
+    // has the gateway hand the copy back, and the owner sends it.
+    let stored = provider.push(&labelled_push(&signer, &token, "after", later(), None)).await.expect("push");
+    assert_eq!(stored.status, 200, "{stored:?}");
+    eventually(Duration::from_secs(30), "the receipt from the restarted owner", || {
+        std::future::ready(event(&receiver.accepted_events(), "kept", "delivered").is_some())
+    })
+    .await;
+    assert_eq!(
+        gateway.view.borrow().as_ref().map(|v| v.ring.members().to_vec()),
+        members,
+        "the ring never changed: the start time alone told the gateway"
+    );
+    assert!(outcome_total(&[&nodes[owner]], "adopted").await >= 1.0, "taken over from the gateway's copy");
     assert!(gateway.receipt_copies.is_empty(), "handed over, not kept");
     gateway.shutdown().await;
 }
