@@ -160,6 +160,26 @@ async fn receipts_decided_before_the_owner_was_sigkilled_are_sent_by_the_new_own
     gateway.shutdown().await;
 }
 
+/// A new device, linked through `endpoint` and registered, is pushed `label` and acks it before any commit
+/// (answered 200); then its link closes. Gives its token and its owner's device address.
+async fn acked_push(
+    endpoint: &courier_device::DeviceEndpoint,
+    provider: &courier_gateway::provider::ProviderClient,
+    signer: &courier_gateway::provider::JwtSigner,
+    label: &str,
+) -> (String, String) {
+    let (_, mut link, token) = common::registered_device(endpoint).await;
+    let owner_addr = link.node_addr.to_string();
+    let answer = tokio::spawn({
+        let (provider, push) = (provider.clone(), labelled_push(signer, &token, label, later(), None));
+        async move { provider.push(&push).await.expect("push") }
+    });
+    assert_eq!(ack_all(&mut link, Duration::from_millis(500)).await, [common::webhooks::apns_id(label)]);
+    assert_eq!(answer.await.expect("push task").status, 200);
+    link.close().await.expect("close");
+    (token, owner_addr)
+}
+
 /// The sum of `courier_webhook_events_total{outcome}` over `nodes`' metrics endpoints.
 async fn outcome_total(nodes: &[&common::NodeProcess], outcome: &str) -> f64 {
     let name = format!(r#"courier_webhook_events_total{{outcome="{outcome}"}}"#);
@@ -181,15 +201,7 @@ async fn a_receipt_kept_unsaved_is_sent_by_the_new_owner_from_the_copy_the_gatew
     let ProcessCluster { dir: _dir, mut nodes, gateway, provider, signer, endpoints } =
         cluster_with_webhook(&receiver, &["--webhook-timeout-ms", "60000"]).await;
 
-    let (_, mut link, token) = common::registered_device(&endpoints[0]).await;
-    let owner_addr = link.node_addr.to_string();
-    let answer = tokio::spawn({
-        let (provider, push) = (provider.clone(), labelled_push(&signer, &token, "kept", later(), None));
-        async move { provider.push(&push).await.expect("push") }
-    });
-    assert_eq!(ack_all(&mut link, Duration::from_millis(500)).await, [common::webhooks::apns_id("kept")]);
-    assert_eq!(answer.await.expect("push task").status, 200);
-    link.close().await.expect("close");
+    let (_, owner_addr) = acked_push(&endpoints[0], &provider, &signer, "kept").await;
 
     // Kept by the gateway, which forwarded the push: copied to no other node, and written nowhere.
     let owner = nodes.iter().position(|n| n.device_addr == owner_addr).expect("the owner");
@@ -231,15 +243,7 @@ async fn a_receipt_an_owner_lost_in_a_quick_restart_is_handed_back_to_it_by_the_
     let ProcessCluster { dir, mut nodes, gateway, provider, signer, endpoints } =
         cluster_with_webhook(&receiver, &extra).await;
 
-    let (_, mut link, token) = common::registered_device(&endpoints[0]).await;
-    let owner_addr = link.node_addr.to_string();
-    let answer = tokio::spawn({
-        let (provider, push) = (provider.clone(), labelled_push(&signer, &token, "kept", later(), None));
-        async move { provider.push(&push).await.expect("push") }
-    });
-    assert_eq!(ack_all(&mut link, Duration::from_millis(500)).await, [common::webhooks::apns_id("kept")]);
-    assert_eq!(answer.await.expect("push task").status, 200);
-    link.close().await.expect("close");
+    let (token, owner_addr) = acked_push(&endpoints[0], &provider, &signer, "kept").await;
     assert_eq!(gateway.receipt_copies.len(), 1, "the gateway keeps the receipt's copy");
     // Its request has had time to leave: the endpoint holds it, and the owner keeps it in memory.
     tokio::time::sleep(Duration::from_millis(500)).await;
