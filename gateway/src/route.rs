@@ -12,6 +12,11 @@
 //! until the request's deadline; only then does the provider hear 503. Once the gateway is shutting down it
 //! stops retrying and answers at once, so that draining is not held up. `status` asks the owner for a
 //! notification's delivery status the same way, with a unary call.
+//!
+//! A push answered DELIVERED with the receipt's time leaves a copy of its receipt here (`receipts`); each
+//! answer tells the copies which of them the node no longer needs, and `keep_receipts_safe` hands the
+//! copies of a node that restarted or left the view to the devices' owners, as `Forward` items of their
+//! own.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
