@@ -219,9 +219,9 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         channels: channels.clone(),
     };
     let shutdown = CancellationToken::new();
-    let router = NodeRouter::new(peers, view.clone(), timeout, shutdown.clone());
+    let (router, receipt_handover) = NodeRouter::new(peers, view.clone(), timeout, shutdown.clone());
     tokio::spawn(router.clone().open_streams_ahead());
-    tokio::spawn(router.clone().keep_receipts_safe());
+    tokio::spawn(router.clone().keep_receipts_safe(receipt_handover));
     let receipt_copies = router.held_receipts();
     let limit = |per_sec: f64, burst: u32| Limit { per_sec, burst: f64::from(burst) };
     let service = Arc::new(PushService {

@@ -108,6 +108,14 @@ impl HeldReceipts {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The copies kept for `addr`, an empty entry made on first use.
+    fn node<'a>(nodes: &'a mut HashMap<String, NodeCopies>, addr: &str) -> &'a mut NodeCopies {
+        if !nodes.contains_key(addr) {
+            nodes.insert(addr.to_string(), NodeCopies::default());
+        }
+        nodes.get_mut(addr).expect("inserted above")
+    }
+
     fn hand_over(&self, copies: Vec<Held>) {
         if !copies.is_empty() {
             let _ = self.handover.send(copies);
@@ -118,10 +126,7 @@ impl HeldReceipts {
     /// since (its answer raced a newer process's).
     pub fn keep(&self, addr: &str, held: Held) {
         let mut nodes = self.lock();
-        let node = match nodes.get_mut(addr) {
-            Some(node) => node,
-            None => nodes.entry(addr.to_string()).or_default(),
-        };
+        let node = Self::node(&mut nodes, addr);
         if node.started_ms > held.started_ms {
             drop(nodes);
             self.hand_over(vec![held]);
@@ -142,10 +147,7 @@ impl HeldReceipts {
             return;
         }
         let mut nodes = self.lock();
-        let node = match nodes.get_mut(addr) {
-            Some(node) => node,
-            None => nodes.entry(addr.to_string()).or_default(),
-        };
+        let node = Self::node(&mut nodes, addr);
         // An answer of an earlier process, read late, says nothing of the current one's.
         if started_ms < node.started_ms {
             return;

@@ -117,8 +117,6 @@ pub struct NodeRouter {
     streams: Arc<Mutex<HashMap<String, StreamTask>>>,
     /// Copies of the receipts owners kept unsaved for pushes this gateway forwarded (`receipts`).
     held: Arc<HeldReceipts>,
-    /// Where copies to hand over wait, until `keep_receipts_safe` takes them.
-    handed: Arc<Mutex<Option<mpsc::UnboundedReceiver<Vec<Held>>>>>,
 }
 
 /// How routers reach the task of one node's `Forward` stream.
@@ -183,17 +181,16 @@ struct Answered {
 }
 
 impl NodeRouter {
-    pub fn new(peers: Arc<Peers>, view: ViewReceiver, timeout: Duration, shutdown: CancellationToken) -> Self {
+    /// A router, and where the receipt copies it must hand over arrive (for `keep_receipts_safe`).
+    pub fn new(
+        peers: Arc<Peers>,
+        view: ViewReceiver,
+        timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> (Self, mpsc::UnboundedReceiver<Vec<Held>>) {
         let (held, handed) = HeldReceipts::new(MAX_HELD_PER_NODE);
-        NodeRouter {
-            peers,
-            view,
-            timeout,
-            shutdown,
-            streams: Arc::default(),
-            held: Arc::new(held),
-            handed: Arc::new(Mutex::new(Some(handed))),
-        }
+        let router = NodeRouter { peers, view, timeout, shutdown, streams: Arc::default(), held: Arc::new(held) };
+        (router, handed)
     }
 
     /// The receipt copies this gateway keeps.
@@ -405,9 +402,7 @@ impl NodeRouter {
                     return Broadcasted::Unavailable("no view of the cluster yet".into());
                 };
                 let targets: Vec<(NodeId, String)> = current
-                    .members
-                    .values()
-                    .filter(|m| matches!(m.state, MemberState::Active | MemberState::Draining))
+                    .serving()
                     .filter(|m| !reached.contains(&m.id))
                     .map(|m| (m.id, m.cluster_addr.clone()))
                     .collect();
@@ -467,13 +462,7 @@ impl NodeRouter {
             let members: Vec<String> = view
                 .borrow_and_update()
                 .as_ref()
-                .map(|v| {
-                    v.members
-                        .values()
-                        .filter(|m| matches!(m.state, MemberState::Active | MemberState::Draining))
-                        .map(|m| m.cluster_addr.clone())
-                        .collect()
-                })
+                .map(|v| v.serving().map(|m| m.cluster_addr.clone()).collect())
                 .unwrap_or_default();
             for addr in members {
                 self.stream(&addr).open_now();
@@ -486,11 +475,9 @@ impl NodeRouter {
     }
 
     /// Hands receipt copies to their devices' owners until shutdown: those of a node that restarted (found
-    /// in its answers) and those of a node that left the active members (found here, at each new view).
-    /// Started once; a second call returns at once.
-    pub async fn keep_receipts_safe(self) {
-        let taken = self.handed.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(mut handed) = taken else { return };
+    /// in its answers, arriving on `handed`) and those of a node that left the active members (found here,
+    /// at each new view).
+    pub async fn keep_receipts_safe(self, mut handed: mpsc::UnboundedReceiver<Vec<Held>>) {
         let mut view = self.view.clone();
         loop {
             tokio::select! {
@@ -505,13 +492,8 @@ impl NodeRouter {
                     if changed.is_err() {
                         return;
                     }
-                    let active: Option<HashSet<String>> = view.borrow_and_update().as_ref().map(|v| {
-                        v.members
-                            .values()
-                            .filter(|m| matches!(m.state, MemberState::Active | MemberState::Draining))
-                            .map(|m| m.cluster_addr.clone())
-                            .collect()
-                    });
+                    let active: Option<HashSet<String>> =
+                        view.borrow_and_update().as_ref().map(|v| v.serving().map(|m| m.cluster_addr.clone()).collect());
                     if let Some(active) = active {
                         self.held.keep_only(&active);
                     }

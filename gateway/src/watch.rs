@@ -58,6 +58,12 @@ impl GatewayView {
         }
     }
 
+    /// The members the gateway forwards to: active and draining ones. It keeps a `Forward` stream open to
+    /// each, broadcasts reach each, and it keeps receipt copies only for these.
+    pub fn serving(&self) -> impl Iterator<Item = &Member> {
+        self.members.values().filter(|m| matches!(m.state, MemberState::Active | MemberState::Draining))
+    }
+
     /// Since when the cluster refuses `device` as a clone, if it does.
     pub fn refused_clone(&self, device: DeviceId) -> Option<u64> {
         self.refused_clones.get(&device).copied()
