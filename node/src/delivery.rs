@@ -217,7 +217,7 @@ impl Delivery {
             return match parts.registry.hand_off(device, notification.clone()) {
                 Handoff::Sent(_) => {
                     metrics::counter!("courier_node_notifications_sent_total").increment(1);
-                    parts.status.record(device, &notification, Disposition::Accepted, now_ms);
+                    parts.status.record(device, &notification, Disposition::Sent, now_ms);
                     result(&apns_id, DeliverOutcome::Sent)
                 }
                 Handoff::NotConnected | Handoff::SlowConsumer => {

@@ -44,9 +44,30 @@ struct Entry {
     delivered_at_ms: u64,
     expiration: u64,
     reason: &'static str,
-    /// The team and device token, when the team gets receipts: an ack of a notification never stored
-    /// is told from here.
-    receipt: Option<Box<(String, String)>>,
+    /// The team and device token of a notification sent on the link only, when the team gets receipts:
+    /// its ack is told from here. (None for the others: an entry is kept for every push, and this was
+    /// most of what receipts added to the log's memory.)
+    receipt: Option<ReceiptOf>,
+}
+
+/// A team id and a device token in one allocation (an entry is kept for every push; three allocations for
+/// two short strings made the log grow by pages the kernel had to clear, a cost of receipts).
+#[derive(Debug, Clone)]
+struct ReceiptOf {
+    team_and_token: Box<str>,
+    team_len: usize,
+}
+
+impl ReceiptOf {
+    fn new(team_id: &str, token: &str) -> Self {
+        ReceiptOf { team_and_token: [team_id, token].concat().into_boxed_str(), team_len: team_id.len() }
+    }
+
+    /// (team id, token).
+    fn parts(&self) -> (&str, &str) {
+        // Split where the team id ended: a char boundary, as it was the end of a str.
+        self.team_and_token.split_at(self.team_len)
+    }
 }
 
 #[derive(Default)]
@@ -78,8 +99,10 @@ impl Default for StatusLog {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
     Stored,
-    /// Written to a live link without storing (expiration 0).
+    /// Written to a live link, to be committed unless the device acks it first (ack-before-commit).
     Accepted,
+    /// Written to a live link and never stored (expiration 0).
+    Sent,
     Dropped(&'static str),
 }
 
@@ -118,7 +141,7 @@ impl StatusLog {
         }
         let (state, reason) = match disposition {
             Disposition::Stored => (NotificationState::Stored, ""),
-            Disposition::Accepted => (NotificationState::Accepted, ""),
+            Disposition::Accepted | Disposition::Sent => (NotificationState::Accepted, ""),
             Disposition::Dropped(reason) => (NotificationState::Dropped, reason),
         };
         if disposition == Disposition::Stored {
@@ -134,8 +157,8 @@ impl StatusLog {
             delivered_at_ms: 0,
             expiration: notification.expiration,
             reason,
-            receipt: (!notification.team_id.is_empty())
-                .then(|| Box::new((notification.team_id.clone(), notification.token.clone()))),
+            receipt: (disposition == Disposition::Sent && !notification.team_id.is_empty())
+                .then(|| ReceiptOf::new(&notification.team_id, &notification.token)),
         };
         log.entries.insert(key, entry);
         log.order.push_back((now_ms, device.0, notification.apns_id.clone()));
@@ -164,8 +187,9 @@ impl StatusLog {
         }
     }
 
-    /// The device acked `apns_id` at `now_ms`. Returns the `delivered` receipt when its team gets receipts
-    /// and nothing stored it (it was on the link only): a stored one's comes from the store's delete.
+    /// The device acked `apns_id` at `now_ms`. Returns the `delivered` receipt of one sent on the link only
+    /// (`Disposition::Sent`) when its team gets receipts: a stored one's comes from the store's delete, and
+    /// one acked before its commit has its receipt made by the task that wrote it to the link.
     pub fn delivered(&self, device: DeviceId, apns_id: &str, now_ms: u64) -> Option<Event> {
         let mut log = self.lock(device);
         let entry = log.entries.get_mut(&(device.0, apns_id.to_string()))?;
@@ -177,7 +201,7 @@ impl StatusLog {
         entry.reason = "";
         entry.delivered_at_ms = now_ms;
         entry.updated_at_ms = now_ms;
-        let (team_id, token) = entry.receipt.as_deref().filter(|_| unstored)?;
+        let (team_id, token) = entry.receipt.as_ref().filter(|_| unstored)?.parts();
         let of = Receipted { team_id, apns_id, token, topic: &entry.topic, accepted_at_ms: entry.accepted_at_ms };
         Some(Event::new(EventKind::Delivered, of, None, now_ms))
     }
@@ -292,6 +316,39 @@ mod tests {
         // A later commit of a notification already acked does not turn it back.
         log.record(DeviceId(1), &notification("b", "", 9_999), Disposition::Stored, 3_200);
         assert_eq!(state(&log, "b", 4_000).0, Some(NotificationState::Delivered));
+    }
+
+    #[test]
+    fn an_ack_of_one_sent_on_the_link_only_gives_its_receipt() {
+        let log = StatusLog::new(Duration::from_secs(3600), 100);
+        let of_team = |apns_id| Notification {
+            team_id: "TEAM1".into(),
+            token: "ab12".into(),
+            ..notification(apns_id, "", 9_999)
+        };
+        log.record(DeviceId(1), &of_team("a"), Disposition::Sent, 1_000);
+        log.record(DeviceId(1), &of_team("b"), Disposition::Accepted, 1_000);
+        log.record(DeviceId(1), &of_team("c"), Disposition::Stored, 1_000);
+        assert_eq!(state(&log, "a", 1_500).0, Some(NotificationState::Accepted));
+        let receipt = log.delivered(DeviceId(1), "a", 2_000).expect("a receipt");
+        assert_eq!(
+            (receipt.team_id.as_str(), receipt.token.as_str(), receipt.apns_id.as_str()),
+            ("TEAM1", "ab12", "a")
+        );
+        assert_eq!(
+            (receipt.topic.as_str(), receipt.accepted_at_ms, receipt.delivered_at_ms),
+            ("com.example.app", 1_000, Some(2_000))
+        );
+        // Acked before its commit: the task that wrote it to the link makes the receipt, not the log; the
+        // ack is logged all the same.
+        assert!(log.delivered(DeviceId(1), "b", 2_000).is_none());
+        assert_eq!(state(&log, "b", 2_500).0, Some(NotificationState::Delivered));
+        // A stored one's receipt comes from the store's delete; an ack seen twice gives one receipt.
+        assert!(log.delivered(DeviceId(1), "c", 2_000).is_none());
+        assert!(log.delivered(DeviceId(1), "a", 2_100).is_none());
+        // A team without receipts: none.
+        log.record(DeviceId(1), &notification("d", "", 9_999), Disposition::Sent, 1_000);
+        assert!(log.delivered(DeviceId(1), "d", 2_000).is_none());
     }
 
     #[test]
