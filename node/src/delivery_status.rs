@@ -70,13 +70,49 @@ impl ReceiptOf {
     }
 }
 
+/// An apns-id as the log keys it: the 128 bits of the canonical UUID every gateway sends (it refuses
+/// others, `BadMessageId`, and makes one when the provider gives none), so that an entry costs no string
+/// for it and its hash is of two words; the text for anything else.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ApnsKey {
+    Uuid(u128),
+    Text(Box<str>),
+}
+
+impl ApnsKey {
+    fn of(apns_id: &str) -> Self {
+        canonical_uuid(apns_id).map_or_else(|| ApnsKey::Text(apns_id.into()), ApnsKey::Uuid)
+    }
+}
+
+/// The bits of `text` if it is a UUID in its canonical 8-4-4-4-12 form, in either case (an apns-id read
+/// back in the other case is the same notification, as `uuid` parses it).
+fn canonical_uuid(text: &str) -> Option<u128> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 36 {
+        return None;
+    }
+    let mut bits = 0u128;
+    for (i, &b) in bytes.iter().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if b != b'-' {
+                return None;
+            }
+            continue;
+        }
+        let digit = (b as char).to_digit(16)?;
+        bits = (bits << 4) | u128::from(digit);
+    }
+    Some(bits)
+}
+
 #[derive(Default)]
 struct Log {
-    entries: HashMap<(u128, String), Entry>,
+    entries: HashMap<(u128, ApnsKey), Entry>,
     /// Insertion order with insertion time, for eviction by age and by count.
-    order: VecDeque<(u64, u128, String)>,
+    order: VecDeque<(u64, u128, ApnsKey)>,
     /// (device, topic, collapse id) → apns-id of the newest stored notification with that collapse id.
-    collapse: HashMap<(u128, String, String), String>,
+    collapse: HashMap<(u128, String, String), ApnsKey>,
 }
 
 /// The bounded, time-retained log of notification states on one node.
@@ -130,7 +166,7 @@ impl StatusLog {
     /// becomes stored when it had to be committed before the device acked it.
     pub fn record(&self, device: DeviceId, notification: &Notification, disposition: Disposition, now_ms: u64) {
         let mut log = self.lock(device);
-        let key = (device.0, notification.apns_id.clone());
+        let key = (device.0, ApnsKey::of(&notification.apns_id));
         if let Some(entry) = log.entries.get_mut(&key) {
             if entry.state == NotificationState::Accepted && disposition == Disposition::Stored {
                 entry.state = NotificationState::Stored;
@@ -160,8 +196,8 @@ impl StatusLog {
             receipt: (disposition == Disposition::Sent && !notification.team_id.is_empty())
                 .then(|| ReceiptOf::new(&notification.team_id, &notification.token)),
         };
+        log.order.push_back((now_ms, device.0, key.1.clone()));
         log.entries.insert(key, entry);
-        log.order.push_back((now_ms, device.0, notification.apns_id.clone()));
         // Counted under the shard's lock, so an entry is always counted before it can be evicted.
         self.entries.fetch_add(1, Ordering::Relaxed);
         let evicted = self.evict(&mut log, now_ms);
@@ -176,8 +212,9 @@ impl StatusLog {
             return;
         }
         let collapse_key = (device.0, notification.topic.clone(), notification.collapse_id.clone());
-        if let Some(previous) = log.collapse.insert(collapse_key, notification.apns_id.clone())
-            && previous != notification.apns_id
+        let apns_key = ApnsKey::of(&notification.apns_id);
+        if let Some(previous) = log.collapse.insert(collapse_key, apns_key.clone())
+            && previous != apns_key
             && let Some(old) = log.entries.get_mut(&(device.0, previous))
             && old.state == NotificationState::Stored
         {
@@ -192,7 +229,7 @@ impl StatusLog {
     /// one acked before its commit has its receipt made by the task that wrote it to the link.
     pub fn delivered(&self, device: DeviceId, apns_id: &str, now_ms: u64) -> Option<Event> {
         let mut log = self.lock(device);
-        let entry = log.entries.get_mut(&(device.0, apns_id.to_string()))?;
+        let entry = log.entries.get_mut(&(device.0, ApnsKey::of(apns_id)))?;
         if entry.state == NotificationState::Delivered {
             return None;
         }
@@ -209,7 +246,7 @@ impl StatusLog {
     /// The state of `apns_id` for `device` as of `now_ms`.
     pub fn get(&self, device: DeviceId, apns_id: &str, now_ms: u64) -> NotificationStatusResponse {
         let log = self.lock(device);
-        let Some(entry) = log.entries.get(&(device.0, apns_id.to_string())) else {
+        let Some(entry) = log.entries.get(&(device.0, ApnsKey::of(apns_id))) else {
             return NotificationStatusResponse::default();
         };
         if entry.recorded_at_ms.saturating_add(self.retention_ms) < now_ms {
@@ -242,12 +279,12 @@ impl StatusLog {
             if !too_old && log.entries.len() <= self.capacity {
                 break;
             }
-            let Some((_, device, apns_id)) = log.order.pop_front() else { break };
-            let Some(entry) = log.entries.remove(&(device, apns_id.clone())) else { continue };
+            let Some((_, device, apns_key)) = log.order.pop_front() else { break };
+            let Some(((_, apns_key), entry)) = log.entries.remove_entry(&(device, apns_key)) else { continue };
             evicted += 1;
             if !entry.collapse_id.is_empty() {
                 let key = (device, entry.topic, entry.collapse_id);
-                if log.collapse.get(&key) == Some(&apns_id) {
+                if log.collapse.get(&key) == Some(&apns_key) {
                     log.collapse.remove(&key);
                 }
             }
@@ -349,6 +386,40 @@ mod tests {
         // A team without receipts: none.
         log.record(DeviceId(1), &notification("d", "", 9_999), Disposition::Sent, 1_000);
         assert!(log.delivered(DeviceId(1), "d", 2_000).is_none());
+    }
+
+    #[test]
+    fn apns_ids_are_keyed_by_their_uuid_in_either_case_and_others_by_their_text() {
+        let id = "6E8B3C1A-9F2D-4B7E-A1C3-5D6E7F809A1B";
+        assert_eq!(canonical_uuid(id), Some(0x6E8B3C1A_9F2D_4B7E_A1C3_5D6E7F809A1B));
+        assert_eq!(canonical_uuid(&id.to_lowercase()), canonical_uuid(id));
+        for other in [
+            "",
+            "a",
+            "6E8B3C1A9F2D4B7EA1C35D6E7F809A1B",
+            "6E8B3C1A-9F2D-4B7E-A1C3-5D6E7F809A1G",
+            "6E8B3C1A+9F2D-4B7E-A1C3-5D6E7F809A1B",
+        ] {
+            assert_eq!(canonical_uuid(other), None, "{other}");
+        }
+        let log = StatusLog::new(Duration::from_secs(3600), 100);
+        log.record(DeviceId(1), &notification(id, "", 9_999), Disposition::Stored, 1_000);
+        log.record(DeviceId(1), &notification("not-a-uuid", "", 9_999), Disposition::Stored, 1_000);
+        assert_eq!(state(&log, &id.to_lowercase(), 1_500).0, Some(NotificationState::Stored));
+        assert_eq!(state(&log, "not-a-uuid", 1_500).0, Some(NotificationState::Stored));
+        assert_eq!(state(&log, "NOT-A-UUID", 1_500).0, None);
+        assert_eq!(state(&log, "6E8B3C1A-9F2D-4B7E-A1C3-5D6E7F809A1C", 1_500).0, None);
+        log.delivered(DeviceId(1), &id.to_lowercase(), 2_000);
+        assert_eq!(state(&log, id, 2_500).0, Some(NotificationState::Delivered));
+        // Collapsing and eviction find the keyed entries too.
+        let (a, b) = ("00000000-0000-0000-0000-00000000000a", "00000000-0000-0000-0000-00000000000b");
+        log.record(DeviceId(1), &notification(a, "score", 9_999), Disposition::Stored, 1_000);
+        log.record(DeviceId(1), &notification(b, "score", 9_999), Disposition::Stored, 1_100);
+        assert_eq!(state(&log, a, 1_500), (Some(NotificationState::Dropped), "collapsed".into()));
+        log.record(DeviceId(1), &notification("late", "", 9_999), Disposition::Stored, 3_601_050);
+        // The three recorded at 1,000 went (b, at 1,100, is not a retention window old yet).
+        assert_eq!(log.entries.load(Ordering::Relaxed), 2, "evicted by age");
+        assert_eq!(state(&log, "late", 3_601_060).0, Some(NotificationState::Stored));
     }
 
     #[test]
