@@ -1,7 +1,8 @@
 //! Domain identifiers shared by every part of the cluster.
 //!
 //! A `DeviceId` is minted once, at activation, and is carried in the device certificate's subject
-//! common name as 32 lowercase hex characters. Nothing else here has behaviour beyond formatting.
+//! common name as 32 lowercase hex characters. An `ApnsKey` is an apns-id as a table keys it. Nothing
+//! else here has behaviour beyond formatting and parsing.
 
 use std::fmt;
 use std::str::FromStr;
@@ -71,9 +72,60 @@ pub fn unix_millis() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// An apns-id as a table keys it: a UUID (the form APNs and Courier give every notification; a gateway
+/// refuses others with `BadMessageId`) as its 128 bits, which costs no allocation and hashes in one pass
+/// over 16 bytes, so that its two spellings (upper and lower case) are one key; any other text as it came.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ApnsKey {
+    Uuid(u128),
+    Text(Box<str>),
+}
+
+impl ApnsKey {
+    pub fn of(apns_id: &str) -> Self {
+        uuid_bits(apns_id).map_or_else(|| ApnsKey::Text(apns_id.into()), ApnsKey::Uuid)
+    }
+}
+
+/// The value of a hyphenated UUID (`8-4-4-4-12` hex digits, either case), or `None`.
+pub fn uuid_bits(text: &str) -> Option<u128> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 36 {
+        return None;
+    }
+    let mut value = 0u128;
+    for (i, &byte) in bytes.iter().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if byte != b'-' {
+                return None;
+            }
+            continue;
+        }
+        value = value << 4 | u128::from((byte as char).to_digit(16)?);
+    }
+    Some(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uuids_are_keyed_by_value_in_either_case_and_other_apns_ids_as_text() {
+        let id = "4f3c2a1b-0d9e-4c7b-8a6f-5e4d3c2b1a09";
+        assert_eq!(uuid_bits(id), Some(0x4f3c2a1b_0d9e_4c7b_8a6f_5e4d3c2b1a09));
+        assert_eq!(ApnsKey::of(&id.to_uppercase()), ApnsKey::Uuid(0x4f3c2a1b_0d9e_4c7b_8a6f_5e4d3c2b1a09));
+        for other in [
+            "4f3c2a1b0d9e4c7b8a6f5e4d3c2b1a09",
+            "4f3c2a1b-0d9e-4c7b-8a6f-5e4d3c2b1a0g",
+            "4f3c2a1b+0d9e-4c7b-8a6f-5e4d3c2b1a09",
+            "x",
+            "",
+        ] {
+            assert_eq!(uuid_bits(other), None, "{other:?}");
+            assert_eq!(ApnsKey::of(other), ApnsKey::Text(other.into()));
+        }
+    }
 
     #[test]
     fn device_id_round_trips_through_text_and_bytes() {

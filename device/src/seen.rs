@@ -2,48 +2,17 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use courier_core::ids::ApnsKey;
+
 /// Remembers the last `capacity` apns-ids surfaced, to drop redeliveries. An app keeps one for its whole
 /// life and moves it from link to link (`DeviceLink::seen`), so a redelivery after a reconnect is dropped
 /// too.
 pub struct SeenIds {
-    order: VecDeque<SeenId>,
+    order: VecDeque<ApnsKey>,
     /// Hashed with foldhash (seeded per process) rather than SipHash: the check runs for every notification
     /// the device gets, and its ids come from the node the device trusts.
-    set: HashSet<SeenId, foldhash::fast::RandomState>,
+    set: HashSet<ApnsKey, foldhash::fast::RandomState>,
     capacity: usize,
-}
-
-/// An apns-id as remembered: a UUID (the form APNs and Courier give every notification) as its 128 bits,
-/// which costs no allocation and hashes in one pass over 16 bytes; any other string as it came.
-#[derive(Clone, PartialEq, Eq, Hash)]
-enum SeenId {
-    Uuid(u128),
-    Other(Box<str>),
-}
-
-impl SeenId {
-    fn of(id: &str) -> SeenId {
-        parse_uuid(id).map_or_else(|| SeenId::Other(id.into()), SeenId::Uuid)
-    }
-}
-
-/// The value of a hyphenated UUID (`8-4-4-4-12` hex digits, either case), or `None`.
-fn parse_uuid(id: &str) -> Option<u128> {
-    let bytes = id.as_bytes();
-    if bytes.len() != 36 {
-        return None;
-    }
-    let mut value = 0u128;
-    for (i, &byte) in bytes.iter().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            if byte != b'-' {
-                return None;
-            }
-            continue;
-        }
-        value = value << 4 | u128::from((byte as char).to_digit(16)?);
-    }
-    Some(value)
 }
 
 impl Default for SeenIds {
@@ -72,7 +41,7 @@ impl SeenIds {
     /// `true` if `id` is new (and now remembered). Two spellings of one UUID (upper and lower case) are the
     /// same id.
     pub fn insert(&mut self, id: &str) -> bool {
-        let id = SeenId::of(id);
+        let id = ApnsKey::of(id);
         if self.set.contains(&id) {
             return false;
         }
@@ -121,13 +90,11 @@ mod tests {
     fn uuids_are_remembered_by_value_and_other_ids_as_strings() {
         let mut recent = SeenIds::new(8);
         let id = "4f3c2a1b-0d9e-4c7b-8a6f-5e4d3c2b1a09";
-        assert_eq!(parse_uuid(id), Some(0x4f3c2a1b_0d9e_4c7b_8a6f_5e4d3c2b1a09));
         assert!(recent.insert(id));
         assert!(!recent.insert(id));
         assert!(!recent.insert(&id.to_uppercase()), "the same UUID in capitals");
         assert!(recent.insert("4f3c2a1b-0d9e-4c7b-8a6f-5e4d3c2b1a0a"), "one digit apart");
         for other in ["4f3c2a1b0d9e4c7b8a6f5e4d3c2b1a09", "4f3c2a1b-0d9e-4c7b-8a6f-5e4d3c2b1a0g", "x", ""] {
-            assert_eq!(parse_uuid(other), None, "{other:?}");
             assert!(recent.insert(other), "{other:?}");
             assert!(!recent.insert(other), "{other:?}");
         }

@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use courier_core::ids::ApnsKey;
 use courier_core::webhook::{Event, EventKind, Receipted};
 use courier_proto::cluster::{Notification, NotificationState, NotificationStatusResponse};
 
@@ -68,42 +69,6 @@ impl ReceiptOf {
         // Split where the team id ended: a char boundary, as it was the end of a str.
         self.team_and_token.split_at(self.team_len)
     }
-}
-
-/// An apns-id as the log keys it: the 128 bits of the canonical UUID every gateway sends (it refuses
-/// others, `BadMessageId`, and makes one when the provider gives none), so that an entry costs no string
-/// for it and its hash is of two words; the text for anything else.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum ApnsKey {
-    Uuid(u128),
-    Text(Box<str>),
-}
-
-impl ApnsKey {
-    fn of(apns_id: &str) -> Self {
-        canonical_uuid(apns_id).map_or_else(|| ApnsKey::Text(apns_id.into()), ApnsKey::Uuid)
-    }
-}
-
-/// The bits of `text` if it is a UUID in its canonical 8-4-4-4-12 form, in either case (an apns-id read
-/// back in the other case is the same notification, as `uuid` parses it).
-fn canonical_uuid(text: &str) -> Option<u128> {
-    let bytes = text.as_bytes();
-    if bytes.len() != 36 {
-        return None;
-    }
-    let mut bits = 0u128;
-    for (i, &b) in bytes.iter().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            if b != b'-' {
-                return None;
-            }
-            continue;
-        }
-        let digit = (b as char).to_digit(16)?;
-        bits = (bits << 4) | u128::from(digit);
-    }
-    Some(bits)
 }
 
 #[derive(Default)]
@@ -389,19 +354,8 @@ mod tests {
     }
 
     #[test]
-    fn apns_ids_are_keyed_by_their_uuid_in_either_case_and_others_by_their_text() {
+    fn entries_are_found_by_their_uuid_in_either_case_and_others_by_their_text() {
         let id = "6E8B3C1A-9F2D-4B7E-A1C3-5D6E7F809A1B";
-        assert_eq!(canonical_uuid(id), Some(0x6E8B3C1A_9F2D_4B7E_A1C3_5D6E7F809A1B));
-        assert_eq!(canonical_uuid(&id.to_lowercase()), canonical_uuid(id));
-        for other in [
-            "",
-            "a",
-            "6E8B3C1A9F2D4B7EA1C35D6E7F809A1B",
-            "6E8B3C1A-9F2D-4B7E-A1C3-5D6E7F809A1G",
-            "6E8B3C1A+9F2D-4B7E-A1C3-5D6E7F809A1B",
-        ] {
-            assert_eq!(canonical_uuid(other), None, "{other}");
-        }
         let log = StatusLog::new(Duration::from_secs(3600), 100);
         log.record(DeviceId(1), &notification(id, "", 9_999), Disposition::Stored, 1_000);
         log.record(DeviceId(1), &notification("not-a-uuid", "", 9_999), Disposition::Stored, 1_000);
