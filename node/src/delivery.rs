@@ -30,6 +30,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use courier_core::ids::ApnsKey;
 use courier_core::webhook::{Event, EventKind};
 use courier_proto::cluster::{
     DeliverOutcome, DeliverResult, HeldReceipt, Notification, QueueKey, RefusalReason, ReleasedReceipt, Subscription,
@@ -85,7 +86,7 @@ struct Inner {
     parts: DeliveryParts,
     /// Notifications on a live link whose device has not acked them yet and which are not yet answered
     /// as stored: an ack for one of these is taken here, not by the store.
-    awaiting: Mutex<HashMap<(DeviceId, String), Awaiting>>,
+    awaiting: Mutex<HashMap<(DeviceId, ApnsKey), Awaiting>>,
 }
 
 struct Awaiting {
@@ -178,7 +179,7 @@ impl Delivery {
         &self.inner.parts.view
     }
 
-    fn awaiting(&self) -> std::sync::MutexGuard<'_, HashMap<(DeviceId, String), Awaiting>> {
+    fn awaiting(&self) -> std::sync::MutexGuard<'_, HashMap<(DeviceId, ApnsKey), Awaiting>> {
         self.inner.awaiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -229,7 +230,7 @@ impl Delivery {
                 }
             };
         }
-        let key = (device, apns_id.clone());
+        let key = (device, ApnsKey::of(&apns_id));
         let (wake, mut woken) = oneshot::channel();
         let waiting = {
             let mut awaiting = self.awaiting();
@@ -271,14 +272,14 @@ impl Delivery {
     async fn await_ack(
         &self,
         device: DeviceId,
-        key: (DeviceId, String),
+        key: (DeviceId, ApnsKey),
         notification: Arc<Notification>,
         woken: &mut oneshot::Receiver<()>,
         serial: u64,
         copies: ReceiptCopies,
     ) -> DeliverResult {
         let parts = &self.inner.parts;
-        let apns_id = key.1.clone();
+        let apns_id = notification.apns_id.clone();
         let _ = tokio::time::timeout(parts.ack_wait, &mut *woken).await;
         let acked_in_time = {
             let mut awaiting = self.awaiting();
@@ -308,7 +309,7 @@ impl Delivery {
             let acked = this.awaiting().remove(&key).is_some_and(|a| a.acked);
             match &outcome {
                 // Whatever was stored of it goes again: the device has it.
-                Ok(_) | Err(CommitError::TooFewCopies { .. }) if acked => this.forget(device, &key.1),
+                Ok(_) | Err(CommitError::TooFewCopies { .. }) if acked => this.forget(device, &notification.apns_id),
                 Ok(inserted) if *inserted != Inserted::Duplicate => {
                     this.inner.parts.status.record(device, &notification, Disposition::Stored, unix_millis());
                     // The link it was written to has gone; a newer one gets it from here.
@@ -414,7 +415,7 @@ impl Delivery {
         let unstored = parts.status.delivered(device, apns_id, unix_millis());
         {
             let mut awaiting = self.awaiting();
-            if let Some(waiting) = awaiting.get_mut(&(device, apns_id.to_string())) {
+            if let Some(waiting) = awaiting.get_mut(&(device, ApnsKey::of(apns_id))) {
                 // Not stored yet, or being stored: whoever holds it deletes what it stored, and makes the
                 // receipt.
                 waiting.acked = true;
