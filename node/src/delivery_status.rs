@@ -51,8 +51,9 @@ struct Entry {
     receipt: Option<ReceiptOf>,
 }
 
-/// A team id and a device token in one allocation (an entry is kept for every push; three allocations for
-/// two short strings made the log grow by pages the kernel had to clear, a cost of receipts).
+/// A team id and a device token in one allocation: a provider that sends everything with expiration 0 has
+/// one in every entry, and three allocations for two short strings made the log grow by pages the kernel
+/// had to clear.
 #[derive(Debug, Clone)]
 struct ReceiptOf {
     team_and_token: Box<str>,
@@ -136,7 +137,7 @@ impl StatusLog {
             if entry.state == NotificationState::Accepted && disposition == Disposition::Stored {
                 entry.state = NotificationState::Stored;
                 entry.updated_at_ms = now_ms;
-                Self::collapse(&mut log, device, notification, now_ms);
+                Self::collapse(&mut log, device, &key.1, notification, now_ms);
             }
             return;
         }
@@ -146,7 +147,7 @@ impl StatusLog {
             Disposition::Dropped(reason) => (NotificationState::Dropped, reason),
         };
         if disposition == Disposition::Stored {
-            Self::collapse(&mut log, device, notification, now_ms);
+            Self::collapse(&mut log, device, &key.1, notification, now_ms);
         }
         let entry = Entry {
             topic: notification.topic.clone(),
@@ -172,14 +173,13 @@ impl StatusLog {
     }
 
     /// A stored notification with a collapse id replaces the device's earlier stored one with the same id.
-    fn collapse(log: &mut Log, device: DeviceId, notification: &Notification, now_ms: u64) {
+    fn collapse(log: &mut Log, device: DeviceId, apns_key: &ApnsKey, notification: &Notification, now_ms: u64) {
         if notification.collapse_id.is_empty() {
             return;
         }
         let collapse_key = (device.0, notification.topic.clone(), notification.collapse_id.clone());
-        let apns_key = ApnsKey::of(&notification.apns_id);
         if let Some(previous) = log.collapse.insert(collapse_key, apns_key.clone())
-            && previous != apns_key
+            && previous != *apns_key
             && let Some(old) = log.entries.get_mut(&(device.0, previous))
             && old.state == NotificationState::Stored
         {
