@@ -293,6 +293,39 @@ pub struct Event {
     pub at_ms: u64,
 }
 
+/// A receipt's strings kept in memory in one allocation (a gateway's copy of one, a node's note of the
+/// team and token it needs for one later): one allocation where each string took its own, for something
+/// kept per push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packed<const N: usize> {
+    text: Box<str>,
+    /// Where each string ends in `text`.
+    ends: [usize; N],
+}
+
+impl<const N: usize> Packed<N> {
+    pub fn new(parts: [&str; N]) -> Self {
+        let mut text = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        let mut ends = [0; N];
+        for (end, part) in ends.iter_mut().zip(parts) {
+            text.push_str(part);
+            *end = text.len();
+        }
+        Packed { text: text.into_boxed_str(), ends }
+    }
+
+    /// The strings, as given.
+    pub fn parts(&self) -> [&str; N] {
+        let mut start = 0;
+        // Each end was the end of a str pushed whole: always a char boundary.
+        self.ends.map(|end| {
+            let part = &self.text[start..end];
+            start = end;
+            part
+        })
+    }
+}
+
 /// What a node knows of a notification when its outcome is decided.
 #[derive(Debug, Clone, Copy)]
 pub struct Receipted<'a> {
@@ -591,6 +624,14 @@ mod tests {
                 assert_eq!(serde_json::from_slice::<Event>(&event.to_json()).unwrap(), event);
             }
         }
+    }
+
+    #[test]
+    fn packed_strings_come_back_as_given() {
+        let parts = ["TEAM1", "", "tök€n", "com.例え"];
+        assert_eq!(Packed::new(parts).parts(), parts);
+        assert_eq!(Packed::new(["", ""]).parts(), ["", ""]);
+        assert_ne!(Packed::new(["ab", "c"]), Packed::new(["a", "bc"]), "where each ends is kept");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use courier_core::ids::DeviceId;
-use courier_core::webhook::{Event, EventKind, Receipted};
+use courier_core::webhook::{Event, EventKind, Packed, Receipted};
 use courier_proto::cluster::{HeldReceipt, Notification};
 use tokio::sync::mpsc;
 
@@ -39,40 +39,25 @@ pub struct Held {
     pub at_ms: u64,
     pub started_ms: u64,
     accepted_at_ms: u64,
-    /// The team, apns-id, token and topic, one after another; `ends` says where the first three end.
-    text: Box<str>,
-    ends: [usize; 3],
+    /// The team, apns-id, token and topic.
+    text: Packed<4>,
 }
 
 impl Held {
     /// The copy of the receipt of `notification`, which its owner answered DELIVERED at `at_ms`.
     pub fn of(device: DeviceId, notification: &Notification, at_ms: u64, started_ms: u64) -> Self {
-        let parts = [&notification.team_id, &notification.apns_id, &notification.token, &notification.topic];
-        let mut text = String::with_capacity(parts.iter().map(|p| p.len()).sum());
-        let mut ends = [0; 3];
-        for (i, part) in parts.into_iter().enumerate() {
-            text.push_str(part);
-            if let Some(end) = ends.get_mut(i) {
-                *end = text.len();
-            }
-        }
-        Held { device, at_ms, started_ms, accepted_at_ms: notification.accepted_at_ms, text: text.into(), ends }
-    }
-
-    /// Team, apns-id, token, topic.
-    fn parts(&self) -> [&str; 4] {
-        let [a, b, c] = self.ends;
-        let text = &*self.text;
-        [&text[..a], &text[a..b], &text[b..c], &text[c..]]
+        let text =
+            Packed::new([&notification.team_id, &notification.apns_id, &notification.token, &notification.topic]);
+        Held { device, at_ms, started_ms, accepted_at_ms: notification.accepted_at_ms, text }
     }
 
     pub fn apns_id(&self) -> &str {
-        self.parts()[1]
+        self.text.parts()[1]
     }
 
     /// The receipt as the owner would have sent it: the same event, so the same event id.
     pub fn receipt(&self) -> HeldReceipt {
-        let [team_id, apns_id, token, topic] = self.parts();
+        let [team_id, apns_id, token, topic] = self.text.parts();
         let of = Receipted { team_id, apns_id, token, topic, accepted_at_ms: self.accepted_at_ms };
         let event = Event::new(EventKind::Delivered, of, None, self.at_ms);
         let device_id = self.device.to_bytes().to_vec();

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use courier_core::ids::ApnsKey;
-use courier_core::webhook::{Event, EventKind, Receipted};
+use courier_core::webhook::{Event, EventKind, Packed, Receipted};
 use courier_proto::cluster::{Notification, NotificationState, NotificationStatusResponse};
 
 use crate::ids::DeviceId;
@@ -47,29 +47,9 @@ struct Entry {
     reason: &'static str,
     /// The team and device token of a notification sent on the link only, when the team gets receipts:
     /// its ack is told from here. (None for the others: an entry is kept for every push, and this was
-    /// most of what receipts added to the log's memory.)
-    receipt: Option<ReceiptOf>,
-}
-
-/// A team id and a device token in one allocation: a provider that sends everything with expiration 0 has
-/// one in every entry, and three allocations for two short strings made the log grow by pages the kernel
-/// had to clear.
-#[derive(Debug, Clone)]
-struct ReceiptOf {
-    team_and_token: Box<str>,
-    team_len: usize,
-}
-
-impl ReceiptOf {
-    fn new(team_id: &str, token: &str) -> Self {
-        ReceiptOf { team_and_token: [team_id, token].concat().into_boxed_str(), team_len: team_id.len() }
-    }
-
-    /// (team id, token).
-    fn parts(&self) -> (&str, &str) {
-        // Split where the team id ended: a char boundary, as it was the end of a str.
-        self.team_and_token.split_at(self.team_len)
-    }
+    /// most of what receipts added to the log's memory. One allocation: a provider that sends everything
+    /// with expiration 0 has one in every entry.)
+    receipt: Option<Packed<2>>,
 }
 
 #[derive(Default)]
@@ -160,7 +140,7 @@ impl StatusLog {
             expiration: notification.expiration,
             reason,
             receipt: (disposition == Disposition::Sent && !notification.team_id.is_empty())
-                .then(|| ReceiptOf::new(&notification.team_id, &notification.token)),
+                .then(|| Packed::new([&notification.team_id, &notification.token])),
         };
         log.order.push_back((now_ms, device.0, key.1.clone()));
         log.entries.insert(key, entry);
@@ -203,7 +183,7 @@ impl StatusLog {
         entry.reason = "";
         entry.delivered_at_ms = now_ms;
         entry.updated_at_ms = now_ms;
-        let (team_id, token) = entry.receipt.as_ref().filter(|_| unstored)?.parts();
+        let [team_id, token] = entry.receipt.as_ref().filter(|_| unstored)?.parts();
         let of = Receipted { team_id, apns_id, token, topic: &entry.topic, accepted_at_ms: entry.accepted_at_ms };
         Some(Event::new(EventKind::Delivered, of, None, now_ms))
     }
