@@ -1,8 +1,8 @@
 //! Duplicate suppression: delivery on the wire is at-least-once, to the app it is once.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 
-use courier_core::ids::ApnsKey;
+use courier_core::ids::{ApnsKey, FastSet};
 
 /// Remembers the last `capacity` apns-ids surfaced, to drop redeliveries. An app keeps one for its whole
 /// life and moves it from link to link (`DeviceLink::seen`), so a redelivery after a reconnect is dropped
@@ -11,7 +11,7 @@ pub struct SeenIds {
     order: VecDeque<ApnsKey>,
     /// Hashed with foldhash (seeded per process) rather than SipHash: the check runs for every notification
     /// the device gets, and its ids come from the node the device trusts.
-    set: HashSet<ApnsKey, foldhash::fast::RandomState>,
+    set: FastSet<ApnsKey>,
     capacity: usize,
 }
 
@@ -26,7 +26,7 @@ pub const DEFAULT_SEEN: usize = 4096;
 
 impl SeenIds {
     pub fn new(capacity: usize) -> Self {
-        SeenIds { order: VecDeque::new(), set: HashSet::default(), capacity: capacity.max(1) }
+        SeenIds { order: VecDeque::new(), set: FastSet::default(), capacity: capacity.max(1) }
     }
 
     /// Makes room for `additional` more ids, up to the capacity, so that the next ones are remembered

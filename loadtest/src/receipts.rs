@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use courier_core::ids::FastSet;
 use courier_core::state::{Command, CommandResponse};
 use courier_core::webhook::{self, EventKind, SigningSecret};
 use courier_proto::cluster::ProposeRequest;
@@ -30,7 +31,7 @@ struct Tally {
     /// Event ids seen, as the 128 bits their `evt_` and 32 hex digits spell; any id in another form
     /// (none from Courier) in `other_ids`. Hundreds of thousands a run: SipHashing the strings was a
     /// third of what the receiver cost.
-    ids: HashSet<u128, foldhash::fast::RandomState>,
+    ids: FastSet<u128>,
     other_ids: HashSet<String>,
     by_outcome: BTreeMap<String, u64>,
     first: Option<Instant>,

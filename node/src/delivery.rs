@@ -26,11 +26,10 @@
 //! (`store::receipts`, sent by `receipts`): in the store's commit that decides it, or on its own for an
 //! outcome that stored nothing, and held by the device's other holders for this node's death.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use courier_core::ids::ApnsKey;
+use courier_core::ids::{ApnsKey, FastMap};
 use courier_core::webhook::{Event, EventKind};
 use courier_proto::cluster::{
     DeliverOutcome, DeliverResult, HeldReceipt, Notification, QueueKey, RefusalReason, ReleasedReceipt, Subscription,
@@ -86,7 +85,7 @@ struct Inner {
     parts: DeliveryParts,
     /// Notifications on a live link whose device has not acked them yet and which are not yet answered
     /// as stored: an ack for one of these is taken here, not by the store.
-    awaiting: Mutex<HashMap<(DeviceId, ApnsKey), Awaiting>>,
+    awaiting: Mutex<FastMap<(DeviceId, ApnsKey), Awaiting>>,
 }
 
 struct Awaiting {
@@ -164,7 +163,7 @@ pub(crate) fn refused(apns_id: &str, reason: RefusalReason, timestamp_ms: u64) -
 
 impl Delivery {
     pub fn new(parts: DeliveryParts) -> Self {
-        Delivery { inner: Arc::new(Inner { parts, awaiting: Mutex::new(HashMap::new()) }) }
+        Delivery { inner: Arc::new(Inner { parts, awaiting: Mutex::default() }) }
     }
 
     pub fn store(&self) -> &Store {
@@ -179,7 +178,7 @@ impl Delivery {
         &self.inner.parts.view
     }
 
-    fn awaiting(&self) -> std::sync::MutexGuard<'_, HashMap<(DeviceId, ApnsKey), Awaiting>> {
+    fn awaiting(&self) -> std::sync::MutexGuard<'_, FastMap<(DeviceId, ApnsKey), Awaiting>> {
         self.inner.awaiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 

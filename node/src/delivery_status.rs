@@ -15,12 +15,12 @@
 //! large table stalled every delivery on the node for the copy (p99 latency under load), and one lock was
 //! taken by every push and every ack.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use courier_core::ids::ApnsKey;
+use courier_core::ids::{ApnsKey, FastMap};
 use courier_core::webhook::{Event, EventKind, Packed, Receipted};
 use courier_proto::cluster::{Notification, NotificationState, NotificationStatusResponse};
 
@@ -54,11 +54,11 @@ struct Entry {
 
 #[derive(Default)]
 struct Log {
-    entries: HashMap<(u128, ApnsKey), Entry>,
+    entries: FastMap<(u128, ApnsKey), Entry>,
     /// Insertion order with insertion time, for eviction by age and by count.
     order: VecDeque<(u64, u128, ApnsKey)>,
     /// (device, topic, collapse id) → apns-id of the newest stored notification with that collapse id.
-    collapse: HashMap<(u128, String, String), ApnsKey>,
+    collapse: FastMap<(u128, String, String), ApnsKey>,
 }
 
 /// The bounded, time-retained log of notification states on one node.

@@ -7,12 +7,12 @@
 //! links are closed with `CLONED_IDENTITY` instead. Only this node's links are here; placement across
 //! nodes is the ring's business.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use courier_core::ids::FastMap;
 use courier_proto::cluster::Notification;
 use courier_proto::device::GoodbyeReason;
 use tokio::sync::{mpsc, oneshot};
@@ -84,7 +84,7 @@ pub enum Handoff {
 pub struct RefusedClone;
 
 pub struct Registry {
-    links: Mutex<HashMap<DeviceId, Entry>>,
+    links: Mutex<FastMap<DeviceId, Entry>>,
     next_serial: AtomicU64,
     /// Lock order: `links` first, then this.
     clones: Mutex<CloneDetector>,
@@ -252,7 +252,7 @@ impl Registry {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<DeviceId, Entry>> {
         self.links.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use courier_core::ids::FastMap;
 use courier_core::webhook::Event;
 
 use crate::ids::{DeviceId, unix_millis};
@@ -131,7 +132,7 @@ pub struct UnsavedReceipts {
 /// by a key of two integers from a cluster peer: a fast hash, not SipHash.
 #[derive(Debug, Default)]
 struct Held {
-    copies: HashMap<(NodeId, u64), (DeviceId, Bytes), foldhash::fast::RandomState>,
+    copies: FastMap<(NodeId, u64), (DeviceId, Bytes)>,
     /// (when it came, UNIX ms; owner; number), oldest first; released ones are skipped when met.
     arrivals: VecDeque<(u64, NodeId, u64)>,
 }
