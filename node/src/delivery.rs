@@ -213,23 +213,23 @@ impl Delivery {
         }
         let now_ms = unix_millis();
         let notification = Arc::new(notification);
+        let key = (device, ApnsKey::of(&apns_id));
         if notification.expiration <= now_ms / 1000 {
             return match parts.registry.hand_off(device, notification.clone()) {
                 Handoff::Sent(_) => {
                     metrics::counter!("courier_node_notifications_sent_total").increment(1);
-                    parts.status.record(device, &notification, Disposition::Sent, now_ms);
+                    parts.status.record(device, &key.1, &notification, Disposition::Sent, now_ms);
                     result(&apns_id, DeliverOutcome::Sent)
                 }
                 Handoff::NotConnected | Handoff::SlowConsumer => {
                     metrics::counter!("courier_node_notifications_discarded_total").increment(1);
-                    parts.status.record(device, &notification, Disposition::Dropped("discarded"), now_ms);
+                    parts.status.record(device, &key.1, &notification, Disposition::Dropped("discarded"), now_ms);
                     self.keep_receipt(device, event_for(&notification, EventKind::Dropped, Some("discarded"), now_ms))
                         .await;
                     result(&apns_id, DeliverOutcome::Discarded)
                 }
             };
         }
-        let key = (device, ApnsKey::of(&apns_id));
         let (wake, mut woken) = oneshot::channel();
         let waiting = {
             let mut awaiting = self.awaiting();
@@ -240,7 +240,7 @@ impl Delivery {
             }
         };
         if waiting {
-            parts.status.record(device, &notification, Disposition::Accepted, now_ms);
+            parts.status.record(device, &key.1, &notification, Disposition::Accepted, now_ms);
             match parts.registry.hand_off(device, notification.clone()) {
                 Handoff::Sent(serial) => {
                     return self.await_ack(device, key, notification, &mut woken, serial, copies).await;
@@ -257,7 +257,7 @@ impl Delivery {
                 result(&apns_id, DeliverOutcome::Stored)
             }
             Ok(_) => {
-                parts.status.record(device, &notification, Disposition::Stored, unix_millis());
+                parts.status.record(device, &key.1, &notification, Disposition::Stored, unix_millis());
                 // Durable here and on the replicas; now to the device if it linked meanwhile.
                 parts.registry.hand_off(device, notification);
                 result(&apns_id, DeliverOutcome::Stored)
@@ -310,7 +310,7 @@ impl Delivery {
                 // Whatever was stored of it goes again: the device has it.
                 Ok(_) | Err(CommitError::TooFewCopies { .. }) if acked => this.forget(device, &notification.apns_id),
                 Ok(inserted) if *inserted != Inserted::Duplicate => {
-                    this.inner.parts.status.record(device, &notification, Disposition::Stored, unix_millis());
+                    this.inner.parts.status.record(device, &key.1, &notification, Disposition::Stored, unix_millis());
                     // The link it was written to has gone; a newer one gets it from here.
                     if this.inner.parts.registry.serial(device).is_some_and(|now| now != serial) {
                         this.inner.parts.registry.hand_off(device, notification);
@@ -411,10 +411,11 @@ impl Delivery {
     /// The device acked `apns_id` on a link that carried it.
     pub fn acked(&self, device: DeviceId, apns_id: &str) {
         let parts = &self.inner.parts;
-        let unstored = parts.status.delivered(device, apns_id, unix_millis());
+        let key = (device, ApnsKey::of(apns_id));
+        let unstored = parts.status.delivered(device, apns_id, &key.1, unix_millis());
         {
             let mut awaiting = self.awaiting();
-            if let Some(waiting) = awaiting.get_mut(&(device, ApnsKey::of(apns_id))) {
+            if let Some(waiting) = awaiting.get_mut(&key) {
                 // Not stored yet, or being stored: whoever holds it deletes what it stored, and makes the
                 // receipt.
                 waiting.acked = true;

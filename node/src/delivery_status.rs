@@ -109,10 +109,18 @@ impl StatusLog {
 
     /// Records what the owner did with `notification` at `now_ms`. A provider's retry of an apns-id
     /// already logged for the device changes nothing, except that a notification accepted onto a live link
-    /// becomes stored when it had to be committed before the device acked it.
-    pub fn record(&self, device: DeviceId, notification: &Notification, disposition: Disposition, now_ms: u64) {
+    /// becomes stored when it had to be committed before the device acked it. `apns_key` is the key of
+    /// `notification.apns_id`, which the caller has made already.
+    pub fn record(
+        &self,
+        device: DeviceId,
+        apns_key: &ApnsKey,
+        notification: &Notification,
+        disposition: Disposition,
+        now_ms: u64,
+    ) {
         let mut log = self.lock(device);
-        let key = (device.0, ApnsKey::of(&notification.apns_id));
+        let key = (device.0, apns_key.clone());
         if let Some(entry) = log.entries.get_mut(&key) {
             if entry.state == NotificationState::Accepted && disposition == Disposition::Stored {
                 entry.state = NotificationState::Stored;
@@ -171,10 +179,11 @@ impl StatusLog {
 
     /// The device acked `apns_id` at `now_ms`. Returns the `delivered` receipt of one sent on the link only
     /// (`Disposition::Sent`) when its team gets receipts: a stored one's comes from the store's delete, and
-    /// one acked before its commit has its receipt made by the task that wrote it to the link.
-    pub fn delivered(&self, device: DeviceId, apns_id: &str, now_ms: u64) -> Option<Event> {
+    /// one acked before its commit has its receipt made by the task that wrote it to the link. `apns_key`
+    /// is the key of `apns_id`, which the caller has made already.
+    pub fn delivered(&self, device: DeviceId, apns_id: &str, apns_key: &ApnsKey, now_ms: u64) -> Option<Event> {
         let mut log = self.lock(device);
-        let entry = log.entries.get_mut(&(device.0, ApnsKey::of(apns_id)))?;
+        let entry = log.entries.get_mut(&(device.0, apns_key.clone()))?;
         if entry.state == NotificationState::Delivered {
             return None;
         }
@@ -254,6 +263,14 @@ mod tests {
         }
     }
 
+    fn record(log: &StatusLog, device: DeviceId, notification: &Notification, disposition: Disposition, now: u64) {
+        log.record(device, &ApnsKey::of(&notification.apns_id), notification, disposition, now);
+    }
+
+    fn delivered(log: &StatusLog, device: DeviceId, apns_id: &str, now: u64) -> Option<Event> {
+        log.delivered(device, apns_id, &ApnsKey::of(apns_id), now)
+    }
+
     fn state(log: &StatusLog, apns_id: &str, now: u64) -> (Option<NotificationState>, String) {
         let status = log.get(DeviceId(1), apns_id, now);
         (status.found.then(|| NotificationState::try_from(status.state).unwrap()), status.reason)
@@ -263,40 +280,40 @@ mod tests {
     fn stored_delivered_collapsed_expired_dropped() {
         let log = StatusLog::new(Duration::from_secs(3600), 100);
         let later = 1_000;
-        log.record(DeviceId(1), &notification("a", "", later), Disposition::Stored, 1_000);
+        record(&log, DeviceId(1), &notification("a", "", later), Disposition::Stored, 1_000);
         assert_eq!(state(&log, "a", 2_000).0, Some(NotificationState::Stored));
-        log.delivered(DeviceId(1), "a", 3_000);
+        delivered(&log, DeviceId(1), "a", 3_000);
         let status = log.get(DeviceId(1), "a", 4_000);
         assert_eq!(status.state, NotificationState::Delivered as i32);
         assert_eq!(status.delivered_at_ms, 3_000);
 
-        log.record(DeviceId(1), &notification("b", "score", later), Disposition::Stored, 1_000);
-        log.record(DeviceId(1), &notification("c", "score", later), Disposition::Stored, 1_100);
+        record(&log, DeviceId(1), &notification("b", "score", later), Disposition::Stored, 1_000);
+        record(&log, DeviceId(1), &notification("c", "score", later), Disposition::Stored, 1_100);
         assert_eq!(state(&log, "b", 2_000), (Some(NotificationState::Dropped), "collapsed".into()));
         assert_eq!(state(&log, "c", 2_000).0, Some(NotificationState::Stored));
         // Past its expiration (seconds) and never acked.
         assert_eq!(state(&log, "c", later * 1000 + 1).0, Some(NotificationState::Expired));
 
-        log.record(DeviceId(1), &notification("d", "", 0), Disposition::Dropped("discarded"), 1_000);
+        record(&log, DeviceId(1), &notification("d", "", 0), Disposition::Dropped("discarded"), 1_000);
         assert_eq!(state(&log, "d", 2_000), (Some(NotificationState::Dropped), "discarded".into()));
         assert_eq!(state(&log, "nope", 2_000).0, None);
         // A retry of a logged apns-id changes nothing.
-        log.record(DeviceId(1), &notification("a", "", later), Disposition::Stored, 5_000);
+        record(&log, DeviceId(1), &notification("a", "", later), Disposition::Stored, 5_000);
         assert_eq!(state(&log, "a", 6_000).0, Some(NotificationState::Delivered));
     }
 
     #[test]
     fn an_accepted_notification_becomes_stored_or_delivered() {
         let log = StatusLog::new(Duration::from_secs(3600), 100);
-        log.record(DeviceId(1), &notification("a", "", 9_999), Disposition::Accepted, 1_000);
+        record(&log, DeviceId(1), &notification("a", "", 9_999), Disposition::Accepted, 1_000);
         assert_eq!(state(&log, "a", 1_500).0, Some(NotificationState::Accepted));
-        log.record(DeviceId(1), &notification("a", "", 9_999), Disposition::Stored, 2_000);
+        record(&log, DeviceId(1), &notification("a", "", 9_999), Disposition::Stored, 2_000);
         let status = log.get(DeviceId(1), "a", 2_500);
         assert_eq!((status.state, status.updated_at_ms), (NotificationState::Stored as i32, 2_000));
-        log.record(DeviceId(1), &notification("b", "", 9_999), Disposition::Accepted, 3_000);
-        log.delivered(DeviceId(1), "b", 3_100);
+        record(&log, DeviceId(1), &notification("b", "", 9_999), Disposition::Accepted, 3_000);
+        delivered(&log, DeviceId(1), "b", 3_100);
         // A later commit of a notification already acked does not turn it back.
-        log.record(DeviceId(1), &notification("b", "", 9_999), Disposition::Stored, 3_200);
+        record(&log, DeviceId(1), &notification("b", "", 9_999), Disposition::Stored, 3_200);
         assert_eq!(state(&log, "b", 4_000).0, Some(NotificationState::Delivered));
     }
 
@@ -308,11 +325,11 @@ mod tests {
             token: "ab12".into(),
             ..notification(apns_id, "", 9_999)
         };
-        log.record(DeviceId(1), &of_team("a"), Disposition::Sent, 1_000);
-        log.record(DeviceId(1), &of_team("b"), Disposition::Accepted, 1_000);
-        log.record(DeviceId(1), &of_team("c"), Disposition::Stored, 1_000);
+        record(&log, DeviceId(1), &of_team("a"), Disposition::Sent, 1_000);
+        record(&log, DeviceId(1), &of_team("b"), Disposition::Accepted, 1_000);
+        record(&log, DeviceId(1), &of_team("c"), Disposition::Stored, 1_000);
         assert_eq!(state(&log, "a", 1_500).0, Some(NotificationState::Accepted));
-        let receipt = log.delivered(DeviceId(1), "a", 2_000).expect("a receipt");
+        let receipt = delivered(&log, DeviceId(1), "a", 2_000).expect("a receipt");
         assert_eq!(
             (receipt.team_id.as_str(), receipt.token.as_str(), receipt.apns_id.as_str()),
             ("TEAM1", "ab12", "a")
@@ -323,34 +340,34 @@ mod tests {
         );
         // Acked before its commit: the task that wrote it to the link makes the receipt, not the log; the
         // ack is logged all the same.
-        assert!(log.delivered(DeviceId(1), "b", 2_000).is_none());
+        assert!(delivered(&log, DeviceId(1), "b", 2_000).is_none());
         assert_eq!(state(&log, "b", 2_500).0, Some(NotificationState::Delivered));
         // A stored one's receipt comes from the store's delete; an ack seen twice gives one receipt.
-        assert!(log.delivered(DeviceId(1), "c", 2_000).is_none());
-        assert!(log.delivered(DeviceId(1), "a", 2_100).is_none());
+        assert!(delivered(&log, DeviceId(1), "c", 2_000).is_none());
+        assert!(delivered(&log, DeviceId(1), "a", 2_100).is_none());
         // A team without receipts: none.
-        log.record(DeviceId(1), &notification("d", "", 9_999), Disposition::Sent, 1_000);
-        assert!(log.delivered(DeviceId(1), "d", 2_000).is_none());
+        record(&log, DeviceId(1), &notification("d", "", 9_999), Disposition::Sent, 1_000);
+        assert!(delivered(&log, DeviceId(1), "d", 2_000).is_none());
     }
 
     #[test]
     fn entries_are_found_by_their_uuid_in_either_case_and_others_by_their_text() {
         let id = "6E8B3C1A-9F2D-4B7E-A1C3-5D6E7F809A1B";
         let log = StatusLog::new(Duration::from_secs(3600), 100);
-        log.record(DeviceId(1), &notification(id, "", 9_999), Disposition::Stored, 1_000);
-        log.record(DeviceId(1), &notification("not-a-uuid", "", 9_999), Disposition::Stored, 1_000);
+        record(&log, DeviceId(1), &notification(id, "", 9_999), Disposition::Stored, 1_000);
+        record(&log, DeviceId(1), &notification("not-a-uuid", "", 9_999), Disposition::Stored, 1_000);
         assert_eq!(state(&log, &id.to_lowercase(), 1_500).0, Some(NotificationState::Stored));
         assert_eq!(state(&log, "not-a-uuid", 1_500).0, Some(NotificationState::Stored));
         assert_eq!(state(&log, "NOT-A-UUID", 1_500).0, None);
         assert_eq!(state(&log, "6E8B3C1A-9F2D-4B7E-A1C3-5D6E7F809A1C", 1_500).0, None);
-        log.delivered(DeviceId(1), &id.to_lowercase(), 2_000);
+        delivered(&log, DeviceId(1), &id.to_lowercase(), 2_000);
         assert_eq!(state(&log, id, 2_500).0, Some(NotificationState::Delivered));
         // Collapsing and eviction find the keyed entries too.
         let (a, b) = ("00000000-0000-0000-0000-00000000000a", "00000000-0000-0000-0000-00000000000b");
-        log.record(DeviceId(1), &notification(a, "score", 9_999), Disposition::Stored, 1_000);
-        log.record(DeviceId(1), &notification(b, "score", 9_999), Disposition::Stored, 1_100);
+        record(&log, DeviceId(1), &notification(a, "score", 9_999), Disposition::Stored, 1_000);
+        record(&log, DeviceId(1), &notification(b, "score", 9_999), Disposition::Stored, 1_100);
         assert_eq!(state(&log, a, 1_500), (Some(NotificationState::Dropped), "collapsed".into()));
-        log.record(DeviceId(1), &notification("late", "", 9_999), Disposition::Stored, 3_601_050);
+        record(&log, DeviceId(1), &notification("late", "", 9_999), Disposition::Stored, 3_601_050);
         // The three recorded at 1,000 went (b, at 1,100, is not a retention window old yet).
         assert_eq!(log.entries.load(Ordering::Relaxed), 2, "evicted by age");
         assert_eq!(state(&log, "late", 3_601_060).0, Some(NotificationState::Stored));
@@ -363,7 +380,7 @@ mod tests {
         for device in 0..2_000u128 {
             n.apns_id = format!("id-{device}");
             n.device_id = DeviceId(device * 0x9e37_79b9_7f4a_7c15).to_bytes().to_vec();
-            log.record(DeviceId(device * 0x9e37_79b9_7f4a_7c15), &n, Disposition::Accepted, 1_000);
+            record(&log, DeviceId(device * 0x9e37_79b9_7f4a_7c15), &n, Disposition::Accepted, 1_000);
         }
         let kept = (0..2_000u128)
             .filter(|device| log.get(DeviceId(device * 0x9e37_79b9_7f4a_7c15), &format!("id-{device}"), 1_000).found)
@@ -380,11 +397,11 @@ mod tests {
     fn entries_are_bounded_by_count_and_age() {
         let log = StatusLog::new(Duration::from_secs(10), 3);
         for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
-            log.record(DeviceId(1), &notification(id, "", 0), Disposition::Accepted, 1_000 + i as u64);
+            record(&log, DeviceId(1), &notification(id, "", 0), Disposition::Accepted, 1_000 + i as u64);
         }
         assert_eq!(state(&log, "a", 2_000).0, None, "the oldest beyond capacity is gone");
         assert_eq!(state(&log, "d", 2_000).0, Some(NotificationState::Accepted));
-        log.record(DeviceId(1), &notification("e", "", 0), Disposition::Accepted, 60_000);
+        record(&log, DeviceId(1), &notification("e", "", 0), Disposition::Accepted, 60_000);
         assert_eq!(state(&log, "b", 60_000).0, None, "older than the retention window");
         assert_eq!(state(&log, "d", 60_000).0, None);
         assert_eq!(state(&log, "e", 60_000).0, Some(NotificationState::Accepted));
